@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::future::Future;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,10 +12,10 @@ use std::time::Instant;
 
 use futures::channel::oneshot;
 
-use crate::chunk::{self, ChunkSize};
+use crate::chunk::{ChunkSize, TreeBuilder, TreeWriter};
 use crate::db::{DbError, StateDb, StateView, VisitError};
 use crate::snapshot::archive::{ArchiveWriter, DEFAULT_ZSTD_LEVEL};
-use crate::snapshot::store::{ARCHIVE_FILE, IoAt, OUTBOARD_FILE, now_unix_ms};
+use crate::snapshot::store::{ARCHIVE_FILE, IoAt, OUTBOARD_FILE, WritebackFile, now_unix_ms};
 use crate::snapshot::{FORMAT_VERSION, Manifest, Snapshot, SnapshotStore, StoreError};
 
 /// Default number of slots between two snapshots (the design's `RangeForSnapshot`).
@@ -92,8 +92,18 @@ pub fn create_snapshot(
     let started = Instant::now();
     let staging = store.staging()?;
     let archive_path = staging.path().join(ARCHIVE_FILE);
-    let file = File::create(&archive_path).at(&archive_path)?;
-    let out = BufWriter::with_capacity(1 << 20, file);
+    let outboard_path = staging.path().join(OUTBOARD_FILE);
+    // The archive and its outboard are written in the same pass: the writer thread hashes the
+    // compressed bytes into the BLAKE3 tree as it writes them.
+    let archive = File::create(&archive_path).at(&archive_path)?;
+    let outboard = File::create(&outboard_path).at(&outboard_path)?;
+    let out = TreeWriter {
+        inner: BufWriter::with_capacity(1 << 20, WritebackFile::new(archive)),
+        tree: TreeBuilder::new(
+            options.chunk_size,
+            BufWriter::with_capacity(1 << 16, outboard),
+        ),
+    };
     let mut writer = ArchiveWriter::new(out, slot, options.zstd_level).at(&archive_path)?;
     view.visit(&mut |k, v| writer.push(k, v))
         .map_err(|e| match e {
@@ -103,18 +113,18 @@ pub fn create_snapshot(
             }
             VisitError::Visitor(e) => StoreError::at(&archive_path, e).into(),
         })?;
-    let (mut out, summary) = writer.finish().at(&archive_path)?;
-    out.flush().at(&archive_path)?;
-    let file = out
+    let (out, summary) = writer.finish().at(&archive_path)?;
+    let TreeWriter { inner, tree } = out;
+    let (content_root, archive_size, outboard) = tree.finish().at(&outboard_path)?;
+    let archive = inner
         .into_inner()
         .map_err(|e| StoreError::at(&archive_path, e.into_error()))?;
-    file.sync_all().at(&archive_path)?;
-    drop(file);
-
-    let outboard_path = staging.path().join(OUTBOARD_FILE);
-    let (content_root, archive_size) =
-        chunk::write_outboard(&archive_path, options.chunk_size, &outboard_path)
-            .at(&outboard_path)?;
+    archive.sync().at(&archive_path)?;
+    outboard
+        .into_inner()
+        .map_err(|e| StoreError::at(&outboard_path, e.into_error()))?
+        .sync_all()
+        .at(&outboard_path)?;
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         slot,
