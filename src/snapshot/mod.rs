@@ -15,3 +15,4 @@ pub use create::{
 pub use load::{HashStage, LoadError, LoadReport, load_snapshot};
 pub use manifest::{FORMAT_VERSION, MAX_MANIFEST_BYTES, Manifest, ManifestError};
 pub use store::{ARCHIVE_FILE, MANIFEST_FILE, OUTBOARD_FILE, Snapshot, SnapshotStore, StoreError};
+pub(crate) use store::{IoAt, sync_dir, write_synced};

@@ -37,6 +37,7 @@ pub const MANIFEST_FILE: &str = "manifest.pb";
 const SNAPSHOT_PREFIX: &str = "snapshot-";
 const TMP_PREFIX: &str = ".tmp-";
 const TRASH_PREFIX: &str = ".trash-";
+pub(crate) const PARTIAL_PREFIX: &str = ".partial-";
 
 /// A file-system operation of the snapshot store failed.
 #[derive(Debug, thiserror::Error)]
@@ -355,6 +356,26 @@ impl SnapshotStore {
             .join(format!("{TMP_PREFIX}{}", unique_suffix()));
         fs::create_dir(&path).at(&path)?;
         Ok(StagingDir { path: Some(path) })
+    }
+
+    /// Directory a download of `root` keeps its partial archive in (for resume).
+    pub(crate) fn partial_dir(&self, root: &ContentRoot) -> PathBuf {
+        self.inner
+            .dir
+            .join(format!("{PARTIAL_PREFIX}{}", root.to_hex()))
+    }
+
+    /// Removes the partial downloads of archives other than `keep` (one download at a time).
+    pub(crate) fn remove_other_partials(&self, keep: &ContentRoot) -> Result<(), StoreError> {
+        let keep = format!("{PARTIAL_PREFIX}{}", keep.to_hex());
+        for entry in fs::read_dir(&self.inner.dir).at(&self.inner.dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(PARTIAL_PREFIX) && name != keep {
+                tracing::info!(target: "SNAPSHOT DOWNLOAD", path = %entry.path().display(), "removing an abandoned partial download");
+                remove_path(&entry.path())?;
+            }
+        }
+        Ok(())
     }
 
     /// Publishes the snapshot in `dir` (which holds [`ARCHIVE_FILE`] and [`OUTBOARD_FILE`],

@@ -138,3 +138,94 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }
+
+pub mod relay;
+
+use std::sync::Arc;
+
+use libp2p::identity::Keypair;
+use snapsync::snapshot::{CreateOptions, Snapshot, SnapshotStore, create_snapshot};
+
+/// A node's disk: a state DB and a snapshot store in a temporary directory, and an identity.
+pub struct Node {
+    pub dir: tempfile::TempDir,
+    pub db: RedbState,
+    pub store: SnapshotStore,
+    pub keypair: Keypair,
+}
+
+impl Node {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = RedbState::open(dir.path().join("state.redb")).expect("db");
+        let store = SnapshotStore::open(dir.path().join("snapshots")).expect("store");
+        Self {
+            dir,
+            db,
+            store,
+            keypair: Keypair::generate_ed25519(),
+        }
+    }
+
+    pub fn peer_id(&self) -> libp2p::PeerId {
+        self.keypair.public().to_peer_id()
+    }
+
+    /// Fills the DB with about `kib` KiB of incompressible state at `slot` and snapshots it.
+    pub fn with_snapshot(kib: u64, slot: u64, seed: u64) -> (Self, Arc<Snapshot>) {
+        let node = Self::new();
+        let mut rng = Rng::new(seed);
+        let entries = kib / 4;
+        let mut i = 0;
+        while i < entries {
+            let end = (i + 256).min(entries);
+            node.db
+                .commit_slot(slot, |w| {
+                    for j in i..end {
+                        w.put(&key(j), &rng.bytes(4096))?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            i = end;
+        }
+        let view = node.db.view().unwrap();
+        let snap = create_snapshot(&node.store, view.as_ref(), &CreateOptions::default()).unwrap();
+        (node, snap)
+    }
+
+    /// A node that holds a copy of `snap` (as if it had made or downloaded it).
+    pub fn holding(snap: &Snapshot) -> Self {
+        let node = Self::new();
+        copy_snapshot(snap, node.store.dir());
+        let store = SnapshotStore::open(node.store.dir()).unwrap();
+        Self { store, ..node }
+    }
+}
+
+impl Default for Node {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Copies a published snapshot's directory into another store directory.
+pub fn copy_snapshot(snap: &Snapshot, store_dir: &Path) {
+    let target = store_dir.join(snap.dir().file_name().unwrap());
+    std::fs::create_dir_all(&target).unwrap();
+    for entry in std::fs::read_dir(snap.dir()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), target.join(entry.file_name())).unwrap();
+    }
+}
+
+/// Installs a log subscriber for a test (RUST_LOG applies); repeated calls are harmless.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}

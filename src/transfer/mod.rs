@@ -1,0 +1,79 @@
+//! The QUIC chunk stream: the [`Streamer`] that serves snapshots and the [`Downloader`] that
+//! fetches one snapshot from many peers at once, checking every chunk against its content root.
+//!
+//! Both run over quinn with TLS bound to the node's libp2p identity (see [`TransportTuning`]).
+//! A connection must present the shared [`Token`] (`SNAPSHOT_TOKEN`) before anything is served.
+//! The wire protocol is specified in `docs/FORMAT.md`.
+
+mod downloader;
+mod limit;
+mod partial;
+mod scheduler;
+mod streamer;
+mod tls;
+mod wire;
+
+pub use downloader::{
+    DownloadConfig, DownloadError, DownloadHandle, DownloadTarget, Downloaded, Downloader,
+    PeerProgress, PeerStatus, Progress,
+};
+pub use streamer::{Streamer, StreamerConfig, StreamerError, StreamerStats};
+pub use tls::{EndpointError, TransportTuning};
+pub use wire::FrameError;
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use libp2p::PeerId;
+
+/// Log target of the serving side.
+pub const STREAMER_TARGET: &str = "SNAPSHOT:STREAMER";
+
+/// Log target of the downloading side.
+pub const DOWNLOAD_TARGET: &str = "SNAPSHOT DOWNLOAD";
+
+/// Environment variable holding the shared token.
+pub const TOKEN_ENV: &str = "SNAPSHOT_TOKEN";
+
+/// The shared secret a downloader presents to a streamer (`SNAPSHOT_TOKEN`). Never printed:
+/// its `Debug` shows `Token(<redacted>)`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(Vec<u8>);
+
+impl Token {
+    /// A token of these bytes.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Self(bytes.into())
+    }
+
+    /// The token in `SNAPSHOT_TOKEN`, or `None` when it is unset or empty.
+    pub fn from_env() -> Option<Self> {
+        match std::env::var_os(TOKEN_ENV) {
+            Some(v) if !v.is_empty() => Some(Self(v.into_encoded_bytes())),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub(crate) fn digest(&self) -> blake3::Hash {
+        blake3::hash(&self.0)
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// A peer's chunk stream: who it is and where it listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerAddr {
+    /// The peer's libp2p identity; the TLS handshake fails against anyone else.
+    pub peer_id: PeerId,
+    /// Its streamer's UDP address.
+    pub addr: SocketAddr,
+}

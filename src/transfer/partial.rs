@@ -1,0 +1,164 @@
+//! A download's state on disk, for resume: `.partial-<root>/archive.part` (the archive being
+//! filled in at chunk offsets) and `.partial-<root>/progress` (which chunks are on disk).
+//!
+//! The progress file is only ever written after the archive has been fsynced with every chunk
+//! it marks, and it is replaced atomically (write, fsync, rename), so after a crash every chunk
+//! it marks is on disk and was verified before it was written.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::chunk::ChunkTree;
+use crate::snapshot::{IoAt, StoreError, sync_dir, write_synced};
+
+const MAGIC: &[u8; 8] = b"SNAPPROG";
+const VERSION: u32 = 1;
+const HEADER: usize = 8 + 4 + 32 + 8 + 4 + 8;
+
+/// File names inside a partial directory.
+pub(crate) const PART_FILE: &str = "archive.part";
+const PROGRESS_FILE: &str = "progress";
+
+/// The partial download of one archive.
+#[derive(Debug)]
+pub(crate) struct Partial {
+    dir: PathBuf,
+    tree: ChunkTree,
+    file: File,
+}
+
+impl Partial {
+    /// Opens (or starts) the partial download of `tree` in `dir`. Returns it with the chunks
+    /// already on disk (all false for a new one, or if the saved progress is for another
+    /// archive or unreadable).
+    pub(crate) fn open(dir: PathBuf, tree: ChunkTree) -> Result<(Self, Vec<bool>), StoreError> {
+        fs::create_dir_all(&dir).at(&dir)?;
+        let part = dir.join(PART_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&part)
+            .at(&part)?;
+        let count = tree.chunk_count() as usize;
+        let mut done = read_progress(&dir.join(PROGRESS_FILE), &tree).unwrap_or_default();
+        let len = file.metadata().at(&part)?.len();
+        if done.len() != count || len != tree.size() {
+            done = vec![false; count];
+            file.set_len(0).at(&part)?;
+            file.set_len(tree.size()).at(&part)?;
+        }
+        Ok((Self { dir, tree, file }, done))
+    }
+
+    /// Another handle on the same partial download (for blocking work on another thread).
+    pub(crate) fn reopen(other: &Partial) -> Result<Self, StoreError> {
+        Ok(Self {
+            dir: other.dir.clone(),
+            tree: other.tree,
+            file: other.file.try_clone().at(&other.dir.join(PART_FILE))?,
+        })
+    }
+
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes the archive durable, then records `done` as the chunks on disk.
+    pub(crate) fn persist(&self, done: &[bool]) -> Result<(), StoreError> {
+        let part = self.dir.join(PART_FILE);
+        self.file.sync_data().at(&part)?;
+        let mut bytes = Vec::with_capacity(HEADER + done.len().div_ceil(8));
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&VERSION.to_le_bytes());
+        bytes.extend_from_slice(self.tree.root().as_bytes());
+        bytes.extend_from_slice(&self.tree.size().to_le_bytes());
+        bytes.extend_from_slice(&self.tree.chunk_size().bytes().to_le_bytes());
+        bytes.extend_from_slice(&(done.len() as u64).to_le_bytes());
+        let mut byte = 0u8;
+        for (i, d) in done.iter().enumerate() {
+            if *d {
+                byte |= 1 << (i % 8);
+            }
+            if i % 8 == 7 {
+                bytes.push(byte);
+                byte = 0;
+            }
+        }
+        if !done.len().is_multiple_of(8) {
+            bytes.push(byte);
+        }
+        let tmp = self.dir.join(format!("{PROGRESS_FILE}.tmp"));
+        write_synced(&tmp, &bytes)?;
+        let target = self.dir.join(PROGRESS_FILE);
+        fs::rename(&tmp, &target).at(&target)?;
+        sync_dir(&self.dir)
+    }
+
+    /// Removes the saved progress (before the directory is published as a snapshot).
+    pub(crate) fn forget_progress(&self) -> Result<(), StoreError> {
+        let p = self.dir.join(PROGRESS_FILE);
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StoreError::at(&p, e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn read_progress(path: &Path, tree: &ChunkTree) -> Option<Vec<bool>> {
+    let bytes = fs::read(path).ok()?;
+    if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+        return None;
+    }
+    let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
+    let u64_at = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+    if u32_at(8) != VERSION
+        || bytes[12..44] != tree.root().0
+        || u64_at(44) != tree.size()
+        || u32_at(52) != tree.chunk_size().bytes()
+    {
+        return None;
+    }
+    let count = u64_at(56) as usize;
+    if count != tree.chunk_count() as usize || bytes.len() != HEADER + count.div_ceil(8) {
+        return None;
+    }
+    Some(
+        (0..count)
+            .map(|i| bytes[HEADER + i / 8] & (1 << (i % 8)) != 0)
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ChunkSize, ContentRoot};
+
+    #[test]
+    fn progress_round_trips_and_other_archives_start_over() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tree = ChunkTree::new(100_000, ChunkSize::MIN, ContentRoot([3; 32]));
+        let dir = tmp.path().join("p");
+        let (p, done) = Partial::open(dir.clone(), tree).unwrap();
+        assert_eq!(done, vec![false; 98]);
+        let mut marks = done.clone();
+        for i in [0, 7, 8, 50, 97] {
+            marks[i] = true;
+        }
+        p.persist(&marks).unwrap();
+        drop(p);
+        let (_p, again) = Partial::open(dir.clone(), tree).unwrap();
+        assert_eq!(again, marks);
+        // Another root: the saved progress is not trusted.
+        let other = ChunkTree::new(100_000, ChunkSize::MIN, ContentRoot([4; 32]));
+        let (_p, fresh) = Partial::open(dir, other).unwrap();
+        assert!(fresh.iter().all(|d| !d));
+    }
+}

@@ -1,0 +1,976 @@
+//! Which chunk from which peer: the download scheduler, a pure state machine.
+//!
+//! No sockets, no clocks, no tasks: the downloader's I/O layer tells it what happened
+//! ([`Scheduler::on_success`], [`Scheduler::on_failure`], ...) with the current time, and asks
+//! it what to do next ([`Scheduler::next_action`]). Tests drive it directly.
+//!
+//! The rules:
+//! - **Pull by throughput.** Each connected peer keeps up to its *window* of requests in flight
+//!   and gets a new one as soon as one completes, so a faster peer serves more. The window is the
+//!   peer's measured delivery rate x its best request latency (bandwidth x delay), in requests,
+//!   plus slack; bounded per peer and in total (memory).
+//! - **In order.** Missing pieces are handed out lowest first (sequential disk writes).
+//! - **Hedged tail.** Once nothing is missing but some pieces are still in flight, an idle peer
+//!   also fetches a piece another peer holds, when it would finish sooner or the holder is late.
+//!   The first answer wins; the other request is cancelled.
+//! - **Timeouts.** Once a peer's rate is known, a request gets `max(min_request_timeout,
+//!   4 x expected time)`; past it, it is cancelled and its piece handed out again. (The I/O layer
+//!   also abandons a request that receives nothing for `min_request_timeout`.)
+//! - **Retries with backoff.** A failed request or connection puts the peer in exponential
+//!   backoff (with jitter); after `max_peer_failures` failures in a row it is dropped. Failures
+//!   at the same moment count once.
+//! - **Bans.** A peer that sends a chunk that does not match the content root is banned for the
+//!   download; everything it holds is handed out again.
+//! - **Fails only when stuck.** The download fails when every peer is banned or dropped, or when
+//!   no byte has arrived for `no_progress_timeout`.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+
+/// Index of a peer in the scheduler.
+pub(crate) type PeerIdx = usize;
+
+/// Id of a request.
+pub(crate) type ReqId = u64;
+
+/// Settings of the scheduler (part of [`super::DownloadConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct SchedulerConfig {
+    pub(crate) piece_chunks: u64,
+    pub(crate) chunk_bytes: u64,
+    pub(crate) initial_window: usize,
+    pub(crate) max_window: usize,
+    pub(crate) max_inflight: usize,
+    pub(crate) min_request_timeout: Duration,
+    pub(crate) hedge: bool,
+    pub(crate) backoff_min: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) max_peer_failures: u32,
+    pub(crate) no_progress_timeout: Duration,
+    pub(crate) jitter_seed: Option<u64>,
+}
+
+/// What the I/O layer should do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Open a connection to the peer.
+    Connect(PeerIdx),
+    /// Fetch these chunks from the peer.
+    Request {
+        id: ReqId,
+        peer: PeerIdx,
+        chunks: Range<u64>,
+    },
+    /// Abandon this request (its piece is done elsewhere, it timed out, or its peer is banned).
+    Cancel(ReqId),
+}
+
+/// How a request or connection failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// Worth retrying after a backoff (connection lost, timeout, refused for load).
+    Transient,
+    /// The peer cannot serve this download (unknown snapshot, wrong token, wrong chunk size).
+    Fatal,
+}
+
+/// Why a download cannot go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stuck {
+    /// Every peer is banned or dropped.
+    NoPeers,
+    /// Nothing completed for `no_progress_timeout`.
+    NoProgress,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Conn {
+    Disconnected,
+    Connecting,
+    Connected,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PeerFate {
+    Alive,
+    Banned,
+    Dropped,
+}
+
+#[derive(Debug)]
+struct Peer {
+    conn: Conn,
+    fate: PeerFate,
+    inflight: usize,
+    /// Delivery rate, bytes per second (EWMA).
+    rate: Option<f64>,
+    /// Smallest request latency seen.
+    min_latency: Option<Duration>,
+    last_delivery: Option<Instant>,
+    failures: u32,
+    backoff_until: Option<Instant>,
+    backoff: ExponentialBackoff,
+    bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Request {
+    peer: PeerIdx,
+    piece: usize,
+    chunks: Range<u64>,
+    started: Instant,
+    deadline: Option<Instant>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Piece {
+    done: bool,
+    holders: Vec<ReqId>,
+}
+
+/// Per-peer figures for progress reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct PeerReport {
+    pub(crate) bytes: u64,
+    pub(crate) rate: f64,
+    pub(crate) inflight: usize,
+    pub(crate) fate: PeerFate,
+}
+
+/// The scheduler of one download.
+#[derive(Debug)]
+pub(crate) struct Scheduler {
+    config: SchedulerConfig,
+    chunk_count: u64,
+    size: u64,
+    pieces: Vec<Piece>,
+    /// Chunks done, in the order of `pieces` (for resume).
+    chunk_done: Vec<bool>,
+    cursor: usize,
+    peers: Vec<Peer>,
+    requests: HashMap<ReqId, Request>,
+    next_id: ReqId,
+    done_pieces: usize,
+    done_bytes: u64,
+    last_progress: Instant,
+}
+
+/// EWMA weight of a new rate sample.
+const RATE_ALPHA: f64 = 0.3;
+
+impl Scheduler {
+    /// A scheduler for an archive of `size` bytes in `chunk_count` chunks, of which those in
+    /// `already_done` are on disk.
+    pub(crate) fn new(
+        config: SchedulerConfig,
+        size: u64,
+        chunk_count: u64,
+        already_done: &[bool],
+        now: Instant,
+    ) -> Self {
+        let piece_chunks = config.piece_chunks.max(1);
+        let n = chunk_count.div_ceil(piece_chunks) as usize;
+        let mut chunk_done = vec![false; chunk_count as usize];
+        for (i, d) in already_done.iter().enumerate().take(chunk_count as usize) {
+            chunk_done[i] = *d;
+        }
+        let mut s = Self {
+            config: SchedulerConfig {
+                piece_chunks,
+                ..config
+            },
+            chunk_count,
+            size,
+            pieces: vec![Piece::default(); n],
+            chunk_done,
+            cursor: 0,
+            peers: Vec::new(),
+            requests: HashMap::new(),
+            next_id: 0,
+            done_pieces: 0,
+            done_bytes: 0,
+            last_progress: now,
+        };
+        for p in 0..n {
+            let range = s.piece_chunks(p);
+            if range.clone().all(|c| s.chunk_done[c as usize]) {
+                s.pieces[p].done = true;
+                s.done_pieces += 1;
+                s.done_bytes += s.chunk_bytes(range);
+            }
+        }
+        s
+    }
+
+    fn piece_chunks(&self, piece: usize) -> Range<u64> {
+        let start = piece as u64 * self.config.piece_chunks;
+        start..(start + self.config.piece_chunks).min(self.chunk_count)
+    }
+
+    /// Data bytes of a chunk range.
+    fn chunk_bytes(&self, chunks: Range<u64>) -> u64 {
+        let cb = self.config.chunk_bytes;
+        (chunks.end * cb).min(self.size) - (chunks.start * cb).min(self.size)
+    }
+
+    /// The chunks of `piece` still missing (a sub-range: resumed pieces may be partly done).
+    fn missing_chunks(&self, piece: usize) -> Range<u64> {
+        let r = self.piece_chunks(piece);
+        let first = r
+            .clone()
+            .find(|c| !self.chunk_done[*c as usize])
+            .unwrap_or(r.start);
+        let last = r
+            .clone()
+            .rev()
+            .find(|c| !self.chunk_done[*c as usize])
+            .unwrap_or(r.start);
+        first..last + 1
+    }
+
+    /// Adds a peer; it will be connected by a later [`Action::Connect`].
+    pub(crate) fn add_peer(&mut self) -> PeerIdx {
+        let mut builder = ExponentialBuilder::default()
+            .with_min_delay(self.config.backoff_min)
+            .with_max_delay(self.config.backoff_max)
+            .with_factor(2.0)
+            .without_max_times()
+            .with_jitter();
+        if let Some(seed) = self.config.jitter_seed {
+            builder = builder.with_jitter_seed(seed.wrapping_add(self.peers.len() as u64));
+        }
+        self.peers.push(Peer {
+            conn: Conn::Disconnected,
+            fate: PeerFate::Alive,
+            inflight: 0,
+            rate: None,
+            min_latency: None,
+            last_delivery: None,
+            failures: 0,
+            backoff_until: None,
+            backoff: builder.build(),
+            bytes: 0,
+        });
+        self.peers.len() - 1
+    }
+
+    pub(crate) fn is_complete(&self) -> bool {
+        self.done_pieces == self.pieces.len()
+    }
+
+    pub(crate) fn done_bytes(&self) -> u64 {
+        self.done_bytes
+    }
+
+    pub(crate) fn chunk_done(&self) -> &[bool] {
+        &self.chunk_done
+    }
+
+    pub(crate) fn peer_report(&self, peer: PeerIdx) -> PeerReport {
+        let p = &self.peers[peer];
+        PeerReport {
+            bytes: p.bytes,
+            rate: p.rate.unwrap_or(0.0),
+            inflight: p.inflight,
+            fate: p.fate,
+        }
+    }
+
+    fn window(&self, peer: &Peer) -> usize {
+        let piece_bytes = (self.config.piece_chunks * self.config.chunk_bytes) as f64;
+        let w = match (peer.rate, peer.min_latency) {
+            (Some(rate), Some(latency)) => {
+                (rate * latency.as_secs_f64() / piece_bytes).ceil() as usize + 2
+            }
+            _ => self.config.initial_window,
+        };
+        w.clamp(1, self.config.max_window.max(1))
+    }
+
+    /// Time `peer` is expected to take for one more request, from its rate and queue.
+    fn expected_duration(&self, peer: &Peer) -> Option<Duration> {
+        let piece_bytes = (self.config.piece_chunks * self.config.chunk_bytes) as f64;
+        let rate = peer.rate?;
+        let queued = peer.inflight.max(1) as f64;
+        Some(Duration::from_secs_f64(
+            piece_bytes * queued / rate.max(1.0),
+        ))
+    }
+
+    /// A request's deadline: only once the peer's rate is known (before that, the I/O layer's
+    /// stall detection is what ends a request that receives nothing).
+    fn request_timeout(&self, peer: &Peer) -> Option<Duration> {
+        let expected = self.expected_duration(peer)?;
+        Some(self.config.min_request_timeout.max(expected * 4))
+    }
+
+    fn can_connect(&self, p: &Peer, now: Instant) -> bool {
+        p.fate == PeerFate::Alive
+            && p.conn == Conn::Disconnected
+            && p.backoff_until.is_none_or(|t| t <= now)
+    }
+
+    fn can_request(&self, p: &Peer, now: Instant) -> bool {
+        p.fate == PeerFate::Alive
+            && p.conn == Conn::Connected
+            && p.backoff_until.is_none_or(|t| t <= now)
+            && p.inflight < self.window(p)
+    }
+
+    /// The next thing to do, if any. Call repeatedly until `None`.
+    pub(crate) fn next_action(&mut self, now: Instant) -> Option<Action> {
+        if let Some(i) = (0..self.peers.len()).find(|&i| self.can_connect(&self.peers[i], now)) {
+            self.peers[i].conn = Conn::Connecting;
+            return Some(Action::Connect(i));
+        }
+        if self.is_complete() || self.requests.len() >= self.config.max_inflight {
+            return None;
+        }
+        // The peer with the most room in its window goes first.
+        let peer = (0..self.peers.len())
+            .filter(|&i| self.can_request(&self.peers[i], now))
+            .max_by_key(|&i| self.window(&self.peers[i]) - self.peers[i].inflight)?;
+        if let Some(piece) = self.next_missing() {
+            return Some(self.start(peer, piece, now));
+        }
+        if self.config.hedge
+            && let Some(piece) = self.hedge_candidate(peer, now)
+        {
+            return Some(self.start(peer, piece, now));
+        }
+        None
+    }
+
+    fn next_missing(&mut self) -> Option<usize> {
+        while self.cursor < self.pieces.len() {
+            let p = &self.pieces[self.cursor];
+            if !p.done && p.holders.is_empty() {
+                return Some(self.cursor);
+            }
+            self.cursor += 1;
+        }
+        None
+    }
+
+    /// An in-flight piece worth fetching from `peer` too: one not already held twice or by
+    /// `peer`, whose holder is late or slower than `peer` would be. The oldest goes first.
+    fn hedge_candidate(&self, peer: PeerIdx, now: Instant) -> Option<usize> {
+        let mine = &self.peers[peer];
+        let my_time = self.expected_duration(mine);
+        let mut best: Option<(Instant, usize)> = None;
+        for req in self.requests.values() {
+            let piece = &self.pieces[req.piece];
+            if piece.holders.len() >= 2
+                || piece.holders.iter().any(|h| self.requests[h].peer == peer)
+            {
+                continue;
+            }
+            let holder = &self.peers[req.peer];
+            let age = now.saturating_duration_since(req.started);
+            let worth = match (self.expected_duration(holder), my_time) {
+                // The holder is late: it has taken twice what it should.
+                (Some(theirs), _) if age > theirs * 2 => true,
+                // I would finish before the holder is expected to.
+                (Some(theirs), Some(mine)) => mine < theirs.saturating_sub(age),
+                // Nothing known of the holder yet: give it the minimum timeout's quarter.
+                (None, _) => age > self.config.min_request_timeout / 4,
+                (Some(_), None) => false,
+            };
+            if worth && best.is_none_or(|(t, _)| req.started < t) {
+                best = Some((req.started, req.piece));
+            }
+        }
+        best.map(|(_, piece)| piece)
+    }
+
+    fn start(&mut self, peer: PeerIdx, piece: usize, now: Instant) -> Action {
+        let id = self.next_id;
+        self.next_id += 1;
+        let chunks = self.missing_chunks(piece);
+        let deadline = self.request_timeout(&self.peers[peer]).map(|t| now + t);
+        self.requests.insert(
+            id,
+            Request {
+                peer,
+                piece,
+                chunks: chunks.clone(),
+                started: now,
+                deadline,
+            },
+        );
+        self.pieces[piece].holders.push(id);
+        self.peers[peer].inflight += 1;
+        Action::Request { id, peer, chunks }
+    }
+
+    fn finish_request(&mut self, id: ReqId) -> Option<Request> {
+        let req = self.requests.remove(&id)?;
+        self.peers[req.peer].inflight -= 1;
+        let piece = &mut self.pieces[req.piece];
+        piece.holders.retain(|h| *h != id);
+        if !piece.done && piece.holders.is_empty() {
+            self.cursor = self.cursor.min(req.piece);
+        }
+        Some(req)
+    }
+
+    /// Request `id` delivered its chunks, all verified and written. Returns the duplicates to
+    /// cancel.
+    pub(crate) fn on_success(&mut self, id: ReqId, now: Instant) -> Vec<Action> {
+        let Some(req) = self.finish_request(id) else {
+            return Vec::new();
+        };
+        let bytes = self.chunk_bytes(req.chunks.clone());
+        for c in req.chunks.clone() {
+            self.chunk_done[c as usize] = true;
+        }
+        let peer = &mut self.peers[req.peer];
+        let since = peer
+            .last_delivery
+            .map_or(req.started, |t| t.max(req.started));
+        let interval = now.saturating_duration_since(since).as_secs_f64().max(1e-6);
+        let sample = bytes as f64 / interval;
+        peer.rate = Some(match peer.rate {
+            Some(r) => r + RATE_ALPHA * (sample - r),
+            None => sample,
+        });
+        let latency = now.saturating_duration_since(req.started);
+        peer.min_latency = Some(peer.min_latency.map_or(latency, |m| m.min(latency)));
+        peer.last_delivery = Some(now);
+        peer.bytes += bytes;
+        peer.failures = 0;
+        peer.backoff_until = None;
+        let mut cancels = Vec::new();
+        if !self.pieces[req.piece].done {
+            let full = self.piece_chunks(req.piece);
+            if full.clone().all(|c| self.chunk_done[c as usize]) {
+                self.pieces[req.piece].done = true;
+                self.done_pieces += 1;
+                self.done_bytes += bytes;
+                self.last_progress = now;
+            }
+            for other in std::mem::take(&mut self.pieces[req.piece].holders) {
+                self.pieces[req.piece].holders.push(other);
+                cancels.push(Action::Cancel(other));
+            }
+            for action in &cancels {
+                if let Action::Cancel(other) = action {
+                    self.finish_request(*other);
+                }
+            }
+        }
+        cancels
+    }
+
+    /// Request `id` failed. The piece is handed out again.
+    pub(crate) fn on_failure(&mut self, id: ReqId, failure: Failure, now: Instant) {
+        if let Some(req) = self.finish_request(id) {
+            self.peer_failed(req.peer, failure, now);
+        }
+    }
+
+    /// Request `id` delivered a chunk that does not match the content root: its peer is banned
+    /// and everything it holds is cancelled and handed out again.
+    pub(crate) fn on_corrupt(&mut self, id: ReqId) -> Vec<Action> {
+        let Some(req) = self.finish_request(id) else {
+            return Vec::new();
+        };
+        self.ban(req.peer)
+    }
+
+    /// Bans `peer` for this download. Returns its requests to cancel.
+    pub(crate) fn ban(&mut self, peer: PeerIdx) -> Vec<Action> {
+        self.peers[peer].fate = PeerFate::Banned;
+        self.drop_requests_of(peer)
+    }
+
+    fn drop_requests_of(&mut self, peer: PeerIdx) -> Vec<Action> {
+        let ids: Vec<ReqId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.peer == peer)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .map(|id| {
+                self.finish_request(id);
+                Action::Cancel(id)
+            })
+            .collect()
+    }
+
+    fn peer_failed(&mut self, peer: PeerIdx, failure: Failure, now: Instant) {
+        let max = self.config.max_peer_failures;
+        let p = &mut self.peers[peer];
+        if failure == Failure::Fatal {
+            p.fate = PeerFate::Dropped;
+            return;
+        }
+        // Failures while already backing off (e.g. every request of a lost connection) count
+        // once.
+        if p.backoff_until.is_some_and(|t| t > now) {
+            return;
+        }
+        p.failures += 1;
+        if p.failures >= max {
+            p.fate = PeerFate::Dropped;
+            return;
+        }
+        let delay = p.backoff.next().unwrap_or(self.config.backoff_max);
+        p.backoff_until = Some(now + delay);
+    }
+
+    /// The connection to `peer` is up.
+    pub(crate) fn on_connected(&mut self, peer: PeerIdx) {
+        if self.peers[peer].conn == Conn::Connecting {
+            self.peers[peer].conn = Conn::Connected;
+        }
+    }
+
+    /// Connecting to `peer` failed.
+    pub(crate) fn on_connect_failed(&mut self, peer: PeerIdx, failure: Failure, now: Instant) {
+        self.peers[peer].conn = Conn::Disconnected;
+        self.peer_failed(peer, failure, now);
+    }
+
+    /// The connection to `peer` was lost: its requests are cancelled and handed out again, and
+    /// it will be reconnected after a backoff. Returns the requests to cancel.
+    pub(crate) fn on_disconnected(&mut self, peer: PeerIdx, now: Instant) -> Vec<Action> {
+        self.peers[peer].conn = Conn::Disconnected;
+        let cancels = self.drop_requests_of(peer);
+        if self.peers[peer].fate == PeerFate::Alive {
+            self.peer_failed(peer, Failure::Transient, now);
+        }
+        cancels
+    }
+
+    /// Requests past their deadline: cancelled, counted as failures, handed out again.
+    pub(crate) fn poll_timeouts(&mut self, now: Instant) -> Vec<Action> {
+        let late: Vec<ReqId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.deadline.is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        late.into_iter()
+            .map(|id| {
+                self.on_failure(id, Failure::Transient, now);
+                Action::Cancel(id)
+            })
+            .collect()
+    }
+
+    /// Bytes arrived (not yet a whole request): the download is making progress.
+    pub(crate) fn note_activity(&mut self, now: Instant) {
+        self.last_progress = self.last_progress.max(now);
+    }
+
+    /// Whether the download cannot go on.
+    pub(crate) fn stuck(&self, now: Instant) -> Option<Stuck> {
+        if self.is_complete() {
+            return None;
+        }
+        if self.peers.iter().all(|p| p.fate != PeerFate::Alive) {
+            return Some(Stuck::NoPeers);
+        }
+        if now.saturating_duration_since(self.last_progress) >= self.config.no_progress_timeout {
+            return Some(Stuck::NoProgress);
+        }
+        None
+    }
+
+    /// The next moment something changes without an event: a deadline, a backoff ending, a
+    /// hedge becoming worth it, the no-progress limit.
+    pub(crate) fn next_deadline(&self, now: Instant) -> Instant {
+        let mut next = self.last_progress + self.config.no_progress_timeout;
+        for d in self.requests.values().filter_map(|r| r.deadline) {
+            next = next.min(d);
+        }
+        for p in &self.peers {
+            if p.fate == PeerFate::Alive
+                && let Some(t) = p.backoff_until
+                && t > now
+            {
+                next = next.min(t);
+            }
+        }
+        if self.config.hedge && self.cursor >= self.pieces.len() && !self.requests.is_empty() {
+            // In the tail, look again soon for stragglers worth hedging.
+            next = next.min(now + Duration::from_millis(20));
+        }
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNK: u64 = 16 * 1024;
+
+    fn config() -> SchedulerConfig {
+        SchedulerConfig {
+            piece_chunks: 4,
+            chunk_bytes: CHUNK,
+            initial_window: 2,
+            max_window: 8,
+            max_inflight: 64,
+            min_request_timeout: Duration::from_secs(2),
+            hedge: true,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            max_peer_failures: 3,
+            no_progress_timeout: Duration::from_secs(30),
+            jitter_seed: Some(1),
+        }
+    }
+
+    fn sched(chunks: u64) -> (Scheduler, Instant) {
+        let now = Instant::now();
+        (
+            Scheduler::new(config(), chunks * CHUNK, chunks, &[], now),
+            now,
+        )
+    }
+
+    fn drain(s: &mut Scheduler, now: Instant) -> Vec<Action> {
+        std::iter::from_fn(|| s.next_action(now)).collect()
+    }
+
+    fn requests(actions: &[Action]) -> Vec<(ReqId, PeerIdx, Range<u64>)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Request { id, peer, chunks } => Some((*id, *peer, chunks.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn connect_all(s: &mut Scheduler, n: usize, now: Instant) {
+        for _ in 0..n {
+            s.add_peer();
+        }
+        let actions = drain(s, now);
+        for a in &actions {
+            if let Action::Connect(p) = a {
+                s.on_connected(*p);
+            }
+        }
+    }
+
+    #[test]
+    fn connects_then_requests_in_order_within_the_window() {
+        let (mut s, now) = sched(40);
+        s.add_peer();
+        assert_eq!(s.next_action(now), Some(Action::Connect(0)));
+        assert_eq!(s.next_action(now), None, "nothing until connected");
+        s.on_connected(0);
+        let reqs = requests(&drain(&mut s, now));
+        assert_eq!(reqs.len(), 2, "initial window");
+        assert_eq!(reqs[0].2, 0..4);
+        assert_eq!(reqs[1].2, 4..8);
+    }
+
+    #[test]
+    fn completes_and_reports_bytes() {
+        let (mut s, mut now) = sched(10);
+        connect_all(&mut s, 1, now);
+        while !s.is_complete() {
+            let reqs = requests(&drain(&mut s, now));
+            assert!(!reqs.is_empty());
+            now += Duration::from_millis(10);
+            for (id, ..) in reqs {
+                assert!(s.on_success(id, now).is_empty());
+            }
+        }
+        assert_eq!(s.done_bytes(), 10 * CHUNK);
+        assert_eq!(s.peer_report(0).bytes, 10 * CHUNK);
+        assert!(s.chunk_done().iter().all(|d| *d));
+        assert_eq!(s.stuck(now), None);
+    }
+
+    #[test]
+    fn a_faster_peer_gets_more_pieces() {
+        let (mut s, start) = sched(400);
+        connect_all(&mut s, 2, start);
+        // Peer 0 answers in 1 ms, peer 1 in 10 ms; simulate in 1 ms steps.
+        let mut inflight: Vec<(ReqId, PeerIdx, Instant)> = Vec::new();
+        let mut now = start;
+        while !s.is_complete() {
+            for (id, peer, _) in requests(&drain(&mut s, now)) {
+                inflight.push((id, peer, now));
+            }
+            now += Duration::from_millis(1);
+            let (due, rest): (Vec<_>, Vec<_>) = inflight.into_iter().partition(|(_, p, t)| {
+                let latency = if *p == 0 { 1 } else { 10 };
+                now.duration_since(*t) >= Duration::from_millis(latency)
+            });
+            inflight = rest;
+            for (id, ..) in due {
+                for c in s.on_success(id, now) {
+                    if let Action::Cancel(c) = c {
+                        inflight.retain(|(i, ..)| *i != c);
+                    }
+                }
+            }
+        }
+        let fast = s.peer_report(0).bytes;
+        let slow = s.peer_report(1).bytes;
+        assert!(slow > 0, "both serve");
+        assert!(fast > 3 * slow, "fast {fast} slow {slow}");
+        assert!(s.peer_report(0).rate > s.peer_report(1).rate);
+    }
+
+    #[test]
+    fn the_window_follows_bandwidth_times_delay() {
+        let (mut s, mut now) = sched(4000);
+        connect_all(&mut s, 1, now);
+        // A peer delivering 64 KiB pieces every 50 ms with 200 ms latency: ~1.3 MB/s x 0.2 s,
+        // about 4 pieces in flight to fill the pipe.
+        let mut inflight = std::collections::VecDeque::new();
+        for _ in 0..200 {
+            for (id, ..) in requests(&drain(&mut s, now)) {
+                inflight.push_back((id, now));
+            }
+            now += Duration::from_millis(50);
+            if let Some((id, t)) = inflight.front().copied()
+                && now.duration_since(t) >= Duration::from_millis(200)
+            {
+                inflight.pop_front();
+                s.on_success(id, now);
+            }
+        }
+        let w = s.window(&s.peers[0]);
+        assert!((4..=8).contains(&w), "window {w}");
+        assert!(s.peer_report(0).inflight >= 4);
+    }
+
+    #[test]
+    fn total_inflight_is_bounded() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                max_inflight: 3,
+                ..config()
+            },
+            1000 * CHUNK,
+            1000,
+            &[],
+            now,
+        );
+        connect_all(&mut s, 4, now);
+        assert_eq!(requests(&drain(&mut s, now)).len(), 3);
+    }
+
+    #[test]
+    fn a_failed_request_is_retried_elsewhere_and_the_peer_backs_off() {
+        let (mut s, now) = sched(8);
+        connect_all(&mut s, 2, now);
+        let reqs = requests(&drain(&mut s, now));
+        let (id, peer, chunks) = reqs.iter().find(|r| r.1 == 0).cloned().unwrap();
+        s.on_failure(id, Failure::Transient, now);
+        let again = requests(&drain(&mut s, now));
+        assert_eq!(again.len(), 1, "{again:?}");
+        assert_eq!(again[0].2, chunks, "same chunks handed out again");
+        assert_ne!(
+            again[0].1, peer,
+            "to the other peer: the failed one backs off"
+        );
+        // After its backoff the failed peer is used again.
+        let later = now + Duration::from_secs(3);
+        assert!(s.next_deadline(now) <= now + Duration::from_millis(200));
+        let others: Vec<_> = reqs.iter().filter(|r| r.1 == 0 && r.0 != id).collect();
+        for r in others {
+            s.on_success(r.0, now);
+        }
+        let _ = drain(&mut s, later);
+        assert!(s.peer_report(0).inflight > 0 || s.is_complete());
+    }
+
+    #[test]
+    fn repeated_failures_drop_a_peer_and_simultaneous_ones_count_once() {
+        let (mut s, mut now) = sched(100);
+        connect_all(&mut s, 1, now);
+        // Two requests failing at once count as one failure.
+        let reqs = requests(&drain(&mut s, now));
+        for (id, ..) in &reqs {
+            s.on_failure(*id, Failure::Transient, now);
+        }
+        assert_eq!(s.peers[0].failures, 1);
+        for _ in 0..2 {
+            now += Duration::from_secs(5);
+            let reqs = requests(&drain(&mut s, now));
+            assert!(!reqs.is_empty());
+            s.on_failure(reqs[0].0, Failure::Transient, now);
+        }
+        assert_eq!(s.peer_report(0).fate, PeerFate::Dropped);
+        assert_eq!(s.stuck(now), Some(Stuck::NoPeers));
+    }
+
+    #[test]
+    fn a_fatal_failure_drops_the_peer_at_once() {
+        let (mut s, now) = sched(8);
+        s.add_peer();
+        assert_eq!(s.next_action(now), Some(Action::Connect(0)));
+        s.on_connect_failed(0, Failure::Fatal, now);
+        assert_eq!(s.next_action(now), None);
+        assert_eq!(s.stuck(now), Some(Stuck::NoPeers));
+    }
+
+    #[test]
+    fn a_corrupt_chunk_bans_the_peer_and_reassigns_all_it_held() {
+        let (mut s, now) = sched(40);
+        connect_all(&mut s, 2, now);
+        let reqs = requests(&drain(&mut s, now));
+        let bad: Vec<_> = reqs.iter().filter(|r| r.1 == 1).cloned().collect();
+        assert!(bad.len() >= 2);
+        let cancels = s.on_corrupt(bad[0].0);
+        assert_eq!(
+            cancels.len(),
+            bad.len() - 1,
+            "its other requests are cancelled"
+        );
+        assert_eq!(s.peer_report(1).fate, PeerFate::Banned);
+        assert_eq!(s.peer_report(1).inflight, 0);
+        // Everything goes to peer 0 from now on, starting with what peer 1 held.
+        let mut now = now;
+        for r in reqs.iter().filter(|r| r.1 == 0) {
+            s.on_success(r.0, now);
+        }
+        let mut first = true;
+        while !s.is_complete() {
+            let reqs = requests(&drain(&mut s, now));
+            if first {
+                assert_eq!(reqs[0].2, bad[0].2, "the banned peer's piece comes first");
+                first = false;
+            }
+            assert!(reqs.iter().all(|r| r.1 == 0));
+            now += Duration::from_millis(5);
+            for (id, ..) in reqs {
+                s.on_success(id, now);
+            }
+        }
+    }
+
+    #[test]
+    fn a_lost_connection_hands_out_its_pieces_and_reconnects_after_backoff() {
+        let (mut s, now) = sched(40);
+        connect_all(&mut s, 2, now);
+        let reqs = requests(&drain(&mut s, now));
+        let held: Vec<_> = reqs.iter().filter(|r| r.1 == 0).cloned().collect();
+        let cancels = s.on_disconnected(0, now);
+        assert_eq!(cancels.len(), held.len());
+        // Peer 1 gets them (within its window), peer 0 does not reconnect yet.
+        let next = drain(&mut s, now + Duration::from_millis(1));
+        assert!(!next.contains(&Action::Connect(0)));
+        let reqs1 = requests(&next);
+        // Peer 1's window is full until it completes something.
+        for (id, ..) in requests(&drain(&mut s, now)).into_iter().chain(reqs1) {
+            s.on_success(id, now + Duration::from_millis(2));
+        }
+        for r in reqs.iter().filter(|r| r.1 == 1) {
+            s.on_success(r.0, now + Duration::from_millis(2));
+        }
+        let after = drain(&mut s, now + Duration::from_secs(3));
+        assert!(after.contains(&Action::Connect(0)), "{after:?}");
+        let reassigned = requests(&after);
+        assert!(
+            reassigned.iter().any(|r| r.2 == held[0].2) || s.chunk_done()[held[0].2.start as usize]
+        );
+    }
+
+    #[test]
+    fn a_stalled_request_times_out_and_is_handed_out_again() {
+        let (mut s, now) = sched(40);
+        connect_all(&mut s, 2, now);
+        // Both peers answer at first, so their rates are known...
+        let mut t = now;
+        for r in requests(&drain(&mut s, now)) {
+            t += Duration::from_millis(1);
+            s.on_success(r.0, t);
+        }
+        // ...then peer 1 stops answering; peer 0 goes on.
+        let reqs = requests(&drain(&mut s, t));
+        let stalled: Vec<_> = reqs.iter().filter(|r| r.1 == 1).cloned().collect();
+        assert!(!stalled.is_empty());
+        for r in reqs.iter().filter(|r| r.1 == 0) {
+            t += Duration::from_millis(1);
+            s.on_success(r.0, t);
+        }
+        let deadline = s.next_deadline(t);
+        assert!(deadline <= t + Duration::from_secs(2), "{:?}", deadline - t);
+        let cancels = s.poll_timeouts(t + Duration::from_secs(2));
+        assert_eq!(cancels.len(), stalled.len());
+        // The stalled pieces go to the peer that answers.
+        let mut t = t + Duration::from_secs(2);
+        while !s.is_complete() {
+            let reqs = requests(&drain(&mut s, t));
+            assert!(reqs.iter().all(|r| r.1 == 0), "{reqs:?}");
+            t += Duration::from_millis(1);
+            for (id, ..) in reqs {
+                s.on_success(id, t);
+            }
+        }
+    }
+
+    #[test]
+    fn the_tail_is_hedged_and_the_loser_cancelled() {
+        let (mut s, now) = sched(8);
+        connect_all(&mut s, 2, now);
+        // Teach the scheduler that peer 0 is fast: complete its requests quickly.
+        let reqs = requests(&drain(&mut s, now));
+        let slow_piece = reqs.iter().find(|r| r.1 == 1).cloned().unwrap();
+        let mut t = now;
+        for r in reqs.iter().filter(|r| r.1 == 0) {
+            t += Duration::from_millis(1);
+            s.on_success(r.0, t);
+        }
+        // Nothing is missing any more; peer 1 still holds its pieces. Peer 0 hedges.
+        let hedges = requests(&drain(&mut s, t + Duration::from_millis(600)));
+        assert!(!hedges.is_empty(), "no hedge");
+        assert!(hedges.iter().all(|h| h.1 == 0));
+        let hedge = hedges
+            .iter()
+            .find(|h| h.2 == slow_piece.2)
+            .cloned()
+            .unwrap();
+        // The hedge wins; the slow request is cancelled.
+        let before = s.peer_report(1).inflight;
+        let cancels = s.on_success(hedge.0, t + Duration::from_millis(601));
+        assert_eq!(cancels, vec![Action::Cancel(slow_piece.0)]);
+        assert_eq!(s.peer_report(1).inflight, before - 1);
+        assert!(s.chunk_done()[slow_piece.2.start as usize]);
+    }
+
+    #[test]
+    fn no_progress_for_too_long_is_stuck_and_resume_skips_done_chunks() {
+        let now = Instant::now();
+        let mut done = vec![false; 12];
+        for d in done.iter_mut().take(8) {
+            *d = true;
+        }
+        done[9] = true;
+        let mut s = Scheduler::new(config(), 12 * CHUNK, 12, &done, now);
+        assert_eq!(s.done_bytes(), 8 * CHUNK);
+        connect_all(&mut s, 1, now);
+        let reqs = requests(&drain(&mut s, now));
+        assert_eq!(reqs.len(), 1, "only the last piece is missing");
+        assert_eq!(reqs[0].2, 8..12, "from its first to its last missing chunk");
+        assert_eq!(s.stuck(now + Duration::from_secs(29)), None);
+        assert_eq!(
+            s.stuck(now + Duration::from_secs(30)),
+            Some(Stuck::NoProgress)
+        );
+        // Bytes arriving count as progress, even before a request completes.
+        s.note_activity(now + Duration::from_secs(25));
+        assert_eq!(s.stuck(now + Duration::from_secs(30)), None);
+        assert_eq!(
+            s.stuck(now + Duration::from_secs(55)),
+            Some(Stuck::NoProgress)
+        );
+    }
+}

@@ -1,0 +1,720 @@
+//! The serving side of the chunk stream: [`Streamer`] (log target `SNAPSHOT:STREAMER`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::limit::ByteLimiter;
+use super::tls::{self, EndpointError, TransportTuning};
+use super::wire::{self, FrameError, MAX_FRAME, PROTOCOL_VERSION, close};
+use super::{STREAMER_TARGET, Token};
+use crate::chunk::{ChunkError, ChunkSource};
+use crate::hash::ContentRoot;
+use crate::proto;
+use crate::snapshot::SnapshotStore;
+
+/// Settings of a [`Streamer`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StreamerConfig {
+    /// UDP address to listen on (default `0.0.0.0:0`: every interface, a port the OS picks;
+    /// [`Streamer::local_addr`] tells which).
+    pub listen: SocketAddr,
+    /// Token every downloader must present (`SNAPSHOT_TOKEN`); `None` serves anyone.
+    pub token: Option<Token>,
+    /// Most connections served at once (default 64). Beyond it, new ones are refused at once.
+    pub max_connections: usize,
+    /// Most connections from one peer at once (default 4).
+    pub max_connections_per_peer: usize,
+    /// Most concurrent requests (streams) per connection (default 32).
+    pub max_streams_per_connection: u32,
+    /// Largest chunk range served by one request, in bytes of data (default 8 MiB). Bounds the
+    /// memory one request can take.
+    pub max_request_bytes: u64,
+    /// Memory for responses being prepared and sent, across all connections (default 32 MiB).
+    /// Requests wait for their share, so memory stays bounded whatever the number of clients.
+    pub response_memory: u64,
+    /// Serving rate cap across all peers, bytes per second (default none).
+    pub rate_limit: Option<u64>,
+    /// Serving rate cap per peer, bytes per second (default none).
+    pub rate_limit_per_peer: Option<u64>,
+    /// How long a new connection may take to present its token (default 5 s).
+    pub auth_timeout: Duration,
+    /// How long a request may take to arrive once its stream is open (default 10 s).
+    pub request_timeout: Duration,
+    /// QUIC transport settings.
+    pub transport: TransportTuning,
+}
+
+impl Default for StreamerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+            token: None,
+            max_connections: 64,
+            max_connections_per_peer: 4,
+            max_streams_per_connection: 32,
+            max_request_bytes: 8 << 20,
+            response_memory: 32 << 20,
+            rate_limit: None,
+            rate_limit_per_peer: None,
+            auth_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            transport: TransportTuning::default(),
+        }
+    }
+}
+
+impl StreamerConfig {
+    /// Sets the listen address.
+    pub fn with_listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// Sets the token.
+    pub fn with_token(mut self, token: Option<Token>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// Sets the connection limit.
+    pub fn with_max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// Sets the per-peer connection limit.
+    pub fn with_max_connections_per_peer(mut self, n: usize) -> Self {
+        self.max_connections_per_peer = n.max(1);
+        self
+    }
+
+    /// Sets the per-connection stream limit.
+    pub fn with_max_streams_per_connection(mut self, n: u32) -> Self {
+        self.max_streams_per_connection = n.max(1);
+        self
+    }
+
+    /// Sets the largest request served.
+    pub fn with_max_request_bytes(mut self, bytes: u64) -> Self {
+        self.max_request_bytes = bytes.max(1024);
+        self
+    }
+
+    /// Sets the response memory budget.
+    pub fn with_response_memory(mut self, bytes: u64) -> Self {
+        self.response_memory = bytes.max(1 << 20);
+        self
+    }
+
+    /// Sets the global serving rate cap, bytes per second.
+    pub fn with_rate_limit(mut self, bytes_per_sec: Option<u64>) -> Self {
+        self.rate_limit = bytes_per_sec;
+        self
+    }
+
+    /// Sets the per-peer serving rate cap, bytes per second.
+    pub fn with_rate_limit_per_peer(mut self, bytes_per_sec: Option<u64>) -> Self {
+        self.rate_limit_per_peer = bytes_per_sec;
+        self
+    }
+
+    /// Sets the authentication timeout.
+    pub fn with_auth_timeout(mut self, timeout: Duration) -> Self {
+        self.auth_timeout = timeout;
+        self
+    }
+
+    /// Sets the QUIC transport settings.
+    pub fn with_transport(mut self, transport: TransportTuning) -> Self {
+        self.transport = transport;
+        self
+    }
+}
+
+/// Counters of a [`Streamer`] since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamerStats {
+    /// Connections that presented a valid token.
+    pub connections_accepted: u64,
+    /// Connections refused for a wrong or missing token.
+    pub refused_unauthorized: u64,
+    /// Connections refused because a limit was reached.
+    pub refused_busy: u64,
+    /// Connections open now.
+    pub connections_open: u64,
+    /// Requests answered successfully.
+    pub requests_served: u64,
+    /// Requests answered with an error status.
+    pub requests_refused: u64,
+    /// Chunks sent.
+    pub chunks_served: u64,
+    /// Archive data bytes sent (not counting proofs and headers).
+    pub bytes_served: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    connections_accepted: AtomicU64,
+    refused_unauthorized: AtomicU64,
+    refused_busy: AtomicU64,
+    requests_served: AtomicU64,
+    requests_refused: AtomicU64,
+    chunks_served: AtomicU64,
+    bytes_served: AtomicU64,
+}
+
+/// Open chunk sources, so that a download keeps going from the same open files even if
+/// retention deletes the snapshot meanwhile, and files are not reopened per request.
+const OPEN_SOURCES: usize = 4;
+
+struct Shared {
+    store: SnapshotStore,
+    token_hash: Option<blake3::Hash>,
+    config: StreamerConfig,
+    counters: Counters,
+    connections: AtomicUsize,
+    global_limit: Option<ByteLimiter>,
+    per_peer: Mutex<HashMap<PeerId, PeerSlot>>,
+    sources: Mutex<Vec<(ContentRoot, Arc<ChunkSource>)>>,
+    /// Response memory, in KiB permits.
+    memory: Semaphore,
+    memory_kib: u32,
+}
+
+struct PeerSlot {
+    connections: usize,
+    limit: Option<Arc<ByteLimiter>>,
+}
+
+/// Why a [`Streamer`] could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamerError {
+    /// Setting up the QUIC endpoint failed (address in use, bind error, certificate).
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// The endpoint could not be created on the bound socket.
+    #[error("cannot start the QUIC endpoint: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves the snapshots of a [`SnapshotStore`] over QUIC to downloaders that present the token.
+///
+/// Serves, per request, a snapshot's manifest or a range of its chunks encoded with the BLAKE3
+/// tree proof the downloader checks each chunk with. Runs on the current tokio runtime until
+/// dropped or [`Streamer::shutdown`].
+pub struct Streamer {
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Streamer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streamer")
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+impl Streamer {
+    /// Binds the streamer on `config.listen` with the node's identity and starts serving.
+    /// Must be called within a tokio runtime.
+    pub fn bind(
+        keypair: &Keypair,
+        store: SnapshotStore,
+        config: StreamerConfig,
+    ) -> Result<Self, StreamerError> {
+        let server = tls::server_config(
+            keypair,
+            &config.transport,
+            config.max_streams_per_connection,
+        )?;
+        let socket = tls::bind_socket(config.listen, &config.transport)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let local_addr = endpoint.local_addr()?;
+        let memory_kib =
+            (config.response_memory / 1024).clamp(1024, u64::from(u32::MAX >> 3)) as u32;
+        if config.token.is_none() {
+            tracing::warn!(target: STREAMER_TARGET, %local_addr, "no SNAPSHOT_TOKEN configured: serving snapshots to any peer");
+        }
+        let shared = Arc::new(Shared {
+            token_hash: config.token.as_ref().map(Token::digest),
+            global_limit: config.rate_limit.map(ByteLimiter::new),
+            store,
+            counters: Counters::default(),
+            connections: AtomicUsize::new(0),
+            per_peer: Mutex::new(HashMap::new()),
+            sources: Mutex::new(Vec::new()),
+            memory: Semaphore::new(memory_kib as usize),
+            memory_kib,
+            config,
+        });
+        tracing::info!(target: STREAMER_TARGET, %local_addr, "chunk streamer listening");
+        let task = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+        Ok(Self {
+            endpoint,
+            local_addr,
+            shared,
+            task,
+        })
+    }
+
+    /// The address the streamer listens on (with the port the OS picked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> StreamerStats {
+        let c = &self.shared.counters;
+        StreamerStats {
+            connections_accepted: c.connections_accepted.load(Ordering::Relaxed),
+            refused_unauthorized: c.refused_unauthorized.load(Ordering::Relaxed),
+            refused_busy: c.refused_busy.load(Ordering::Relaxed),
+            connections_open: self.shared.connections.load(Ordering::Relaxed) as u64,
+            requests_served: c.requests_served.load(Ordering::Relaxed),
+            requests_refused: c.requests_refused.load(Ordering::Relaxed),
+            chunks_served: c.chunks_served.load(Ordering::Relaxed),
+            bytes_served: c.bytes_served.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Closes every connection and stops serving.
+    pub async fn shutdown(self) {
+        self.endpoint.close(close::SHUTDOWN, b"shutting down");
+        self.task.abort();
+        self.endpoint.wait_idle().await;
+    }
+}
+
+impl Drop for Streamer {
+    fn drop(&mut self) {
+        self.endpoint.close(close::SHUTDOWN, b"shutting down");
+        self.task.abort();
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                if shared.connections.load(Ordering::Acquire) >= shared.config.max_connections {
+                    shared.counters.refused_busy.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(target: STREAMER_TARGET, remote = %incoming.remote_address(), "connection limit reached; refusing");
+                    incoming.refuse();
+                    continue;
+                }
+                shared.connections.fetch_add(1, Ordering::AcqRel);
+                let shared = shared.clone();
+                connections.spawn(async move {
+                    let remote = incoming.remote_address();
+                    if let Err(e) = serve_connection(incoming, &shared).await {
+                        tracing::debug!(target: STREAMER_TARGET, %remote, error = %e, "connection ended");
+                    }
+                    shared.connections.fetch_sub(1, Ordering::AcqRel);
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// Why a connection or request ended early (logged, never sent as snapshot data).
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("handshake: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("no token within the auth timeout")]
+    AuthTimeout,
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream closed: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+    #[error("refused: {0}")]
+    Refused(&'static str),
+}
+
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    shared: &Arc<Shared>,
+) -> Result<(), ServeError> {
+    let conn = incoming.accept()?.await?;
+    let Some(peer) = tls::remote_peer_id(&conn) else {
+        conn.close(close::PROTOCOL, b"no libp2p certificate");
+        return Err(ServeError::Refused("no libp2p certificate"));
+    };
+    // Authenticate on the client's first stream before anything else is read.
+    let hello = tokio::time::timeout(shared.config.auth_timeout, async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let hello: proto::Hello = wire::read_frame(&mut recv, 1024).await?;
+        Ok::<_, ServeError>((send, hello))
+    })
+    .await;
+    let (mut send, hello) = match hello {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            conn.close(close::PROTOCOL, b"bad hello");
+            return Err(e);
+        }
+        Err(_) => {
+            conn.close(close::PROTOCOL, b"no hello in time");
+            return Err(ServeError::AuthTimeout);
+        }
+    };
+    if hello.protocol_version != PROTOCOL_VERSION {
+        conn.close(
+            close::PROTOCOL,
+            b"unsupported chunk-stream protocol version",
+        );
+        return Err(ServeError::Refused("protocol version"));
+    }
+    if let Some(expected) = shared.token_hash {
+        // blake3::Hash compares in constant time, and hashing first hides the length too.
+        if blake3::hash(&hello.token) != expected {
+            shared
+                .counters
+                .refused_unauthorized
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(target: STREAMER_TARGET, %peer, "refused: wrong or missing SNAPSHOT_TOKEN");
+            conn.close(
+                close::UNAUTHORIZED,
+                b"unauthorized: wrong or missing SNAPSHOT_TOKEN",
+            );
+            return Err(ServeError::Refused("unauthorized"));
+        }
+    }
+    let Some(peer_limit) = enter_peer(shared, peer) else {
+        shared.counters.refused_busy.fetch_add(1, Ordering::Relaxed);
+        conn.close(close::BUSY, b"too many connections from this peer");
+        return Err(ServeError::Refused("too many connections from this peer"));
+    };
+    let _leave = PeerGuard { shared, peer };
+    shared
+        .counters
+        .connections_accepted
+        .fetch_add(1, Ordering::Relaxed);
+    wire::write_frame(
+        &mut send,
+        &proto::Welcome {
+            protocol_version: PROTOCOL_VERSION,
+        },
+    )
+    .await?;
+    send.finish()?;
+    tracing::debug!(target: STREAMER_TARGET, %peer, remote = %conn.remote_address(), "downloader connected");
+
+    let mut requests = JoinSet::new();
+    loop {
+        tokio::select! {
+            stream = conn.accept_bi() => {
+                let (send, recv) = match stream {
+                    Ok(s) => s,
+                    Err(quinn::ConnectionError::ApplicationClosed(_))
+                    | Err(quinn::ConnectionError::LocallyClosed) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                };
+                let shared = shared.clone();
+                let limit = peer_limit.clone();
+                requests.spawn(async move {
+                    if let Err(e) = serve_request(send, recv, &shared, limit.as_deref()).await {
+                        tracing::debug!(target: STREAMER_TARGET, %peer, error = %e, "request ended");
+                    }
+                });
+            }
+            Some(_) = requests.join_next(), if !requests.is_empty() => {}
+        }
+    }
+}
+
+/// Registers a connection of `peer`; `None` when it has too many.
+fn enter_peer(shared: &Shared, peer: PeerId) -> Option<Option<Arc<ByteLimiter>>> {
+    let mut peers = shared.per_peer.lock().unwrap_or_else(|p| p.into_inner());
+    let slot = peers.entry(peer).or_insert_with(|| PeerSlot {
+        connections: 0,
+        limit: shared
+            .config
+            .rate_limit_per_peer
+            .map(|r| Arc::new(ByteLimiter::new(r))),
+    });
+    if slot.connections >= shared.config.max_connections_per_peer {
+        return None;
+    }
+    slot.connections += 1;
+    Some(slot.limit.clone())
+}
+
+struct PeerGuard<'a> {
+    shared: &'a Shared,
+    peer: PeerId,
+}
+
+impl Drop for PeerGuard<'_> {
+    fn drop(&mut self) {
+        let mut peers = self
+            .shared
+            .per_peer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = peers.get_mut(&self.peer) {
+            slot.connections -= 1;
+            if slot.connections == 0 {
+                peers.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// A request the streamer answers with an error status.
+struct Refusal {
+    status: proto::Status,
+    message: String,
+}
+
+impl Refusal {
+    fn header(self) -> proto::ResponseHeader {
+        proto::ResponseHeader {
+            status: self.status as i32,
+            message: self.message,
+            manifest: None,
+            encoded_len: 0,
+        }
+    }
+}
+
+fn refusal(status: proto::Status, message: impl Into<String>) -> Refusal {
+    Refusal {
+        status,
+        message: message.into(),
+    }
+}
+
+impl Shared {
+    fn source(&self, root: &ContentRoot) -> Result<Arc<ChunkSource>, Refusal> {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = sources.iter().position(|(r, _)| r == root) {
+            let entry = sources.remove(i);
+            let source = entry.1.clone();
+            sources.push(entry);
+            return Ok(source);
+        }
+        let snap = self.store.get(root).ok_or_else(|| {
+            refusal(
+                proto::Status::UnknownSnapshot,
+                "no snapshot with this content root",
+            )
+        })?;
+        let source = Arc::new(snap.chunk_source().map_err(|e| {
+            tracing::warn!(target: STREAMER_TARGET, root = %root.short(), error = %e, "cannot open snapshot files");
+            refusal(proto::Status::UnknownSnapshot, "snapshot files unavailable")
+        })?);
+        if sources.len() >= OPEN_SOURCES {
+            sources.remove(0);
+        }
+        sources.push((*root, source.clone()));
+        Ok(source)
+    }
+}
+
+async fn serve_request(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    shared: &Shared,
+    peer_limit: Option<&ByteLimiter>,
+) -> Result<(), ServeError> {
+    let request = tokio::time::timeout(
+        shared.config.request_timeout,
+        wire::read_frame::<proto::Request>(&mut recv, MAX_FRAME),
+    )
+    .await;
+    let request = match request {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            shared
+                .counters
+                .requests_refused
+                .fetch_add(1, Ordering::Relaxed);
+            let header =
+                refusal(proto::Status::BadRequest, format!("malformed request: {e}")).header();
+            wire::write_frame(&mut send, &header).await?;
+            send.finish()?;
+            return Err(e.into());
+        }
+        Err(_) => {
+            let _ = send.reset(wire::CANCELLED);
+            return Err(ServeError::Refused("request timed out"));
+        }
+    };
+    match request.kind {
+        Some(proto::request::Kind::Manifest(get)) => {
+            let header = match ContentRoot::from_slice(&get.content_root) {
+                Err(_) => {
+                    refusal(proto::Status::BadRequest, "content root must be 32 bytes").header()
+                }
+                Ok(root) => match shared.store.get(&root) {
+                    None => refusal(
+                        proto::Status::UnknownSnapshot,
+                        "no snapshot with this content root",
+                    )
+                    .header(),
+                    Some(snap) => proto::ResponseHeader {
+                        status: proto::Status::Ok as i32,
+                        message: String::new(),
+                        manifest: Some(snap.manifest().to_proto()),
+                        encoded_len: 0,
+                    },
+                },
+            };
+            count_response(shared, &header);
+            wire::write_frame(&mut send, &header).await?;
+            send.finish()?;
+        }
+        Some(proto::request::Kind::Chunks(get)) => {
+            serve_chunks(&mut send, get, shared, peer_limit).await?;
+        }
+        None => {
+            shared
+                .counters
+                .requests_refused
+                .fetch_add(1, Ordering::Relaxed);
+            let header = refusal(proto::Status::BadRequest, "empty request").header();
+            wire::write_frame(&mut send, &header).await?;
+            send.finish()?;
+        }
+    }
+    Ok(())
+}
+
+fn count_response(shared: &Shared, header: &proto::ResponseHeader) {
+    let counter = if header.status == proto::Status::Ok as i32 {
+        &shared.counters.requests_served
+    } else {
+        &shared.counters.requests_refused
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Pieces a response is sent in, each paced by the rate limits.
+const SEND_PIECE: usize = 64 << 10;
+
+async fn serve_chunks(
+    send: &mut quinn::SendStream,
+    get: proto::GetChunks,
+    shared: &Shared,
+    peer_limit: Option<&ByteLimiter>,
+) -> Result<(), ServeError> {
+    let prepared = prepare_chunks(&get, shared);
+    let (source, range, encoded_len, data_bytes) = match prepared {
+        Ok(v) => v,
+        Err(refused) => {
+            let header = refused.header();
+            count_response(shared, &header);
+            wire::write_frame(send, &header).await?;
+            send.finish()?;
+            return Ok(());
+        }
+    };
+    // Wait for a share of the response memory before allocating it.
+    let kib = (encoded_len.div_ceil(1024) as u32).min(shared.memory_kib);
+    let _permit = shared
+        .memory
+        .acquire_many(kib)
+        .await
+        .map_err(|_| ServeError::Refused("shutting down"))?;
+    let encode_range = range.clone();
+    let encoded = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::with_capacity(encoded_len as usize);
+        source.encode(encode_range, &mut out).map(|()| out)
+    })
+    .await
+    .map_err(|_| ServeError::Refused("encoder panicked"))?;
+    let encoded = match encoded {
+        Ok(e) if e.len() as u64 == encoded_len => e,
+        Ok(_) | Err(_) => {
+            let header = refusal(proto::Status::Internal, "cannot read the snapshot").header();
+            count_response(shared, &header);
+            wire::write_frame(send, &header).await?;
+            send.finish()?;
+            return Ok(());
+        }
+    };
+    let header = proto::ResponseHeader {
+        status: proto::Status::Ok as i32,
+        message: String::new(),
+        manifest: None,
+        encoded_len,
+    };
+    wire::write_frame(send, &header).await?;
+    for piece in encoded.chunks(SEND_PIECE) {
+        if let Some(limit) = &shared.global_limit {
+            limit.take(piece.len()).await;
+        }
+        if let Some(limit) = peer_limit {
+            limit.take(piece.len()).await;
+        }
+        send.write_all(piece).await?;
+    }
+    send.finish()?;
+    let c = &shared.counters;
+    c.requests_served.fetch_add(1, Ordering::Relaxed);
+    c.chunks_served
+        .fetch_add(range.end - range.start, Ordering::Relaxed);
+    c.bytes_served.fetch_add(data_bytes, Ordering::Relaxed);
+    Ok(())
+}
+
+/// A validated chunk request: the source, the chunk range, the encoded and the data length.
+type Prepared = (Arc<ChunkSource>, std::ops::Range<u64>, u64, u64);
+
+/// Validates a chunk request: a known snapshot, the same chunk size, a range within it and
+/// within the size limit.
+fn prepare_chunks(get: &proto::GetChunks, shared: &Shared) -> Result<Prepared, Refusal> {
+    let root = ContentRoot::from_slice(&get.content_root)
+        .map_err(|_| refusal(proto::Status::BadRequest, "content root must be 32 bytes"))?;
+    let source = shared.source(&root)?;
+    let tree = *source.tree();
+    if get.chunk_size != tree.chunk_size().bytes() {
+        return Err(refusal(
+            proto::Status::ChunkSizeMismatch,
+            format!(
+                "this snapshot is served in chunks of {}",
+                tree.chunk_size().bytes()
+            ),
+        ));
+    }
+    let range = get.start_chunk..get.end_chunk;
+    let data = tree.byte_range(range.clone());
+    if range.end > range.start && data.end - data.start > shared.config.max_request_bytes {
+        return Err(refusal(
+            proto::Status::TooLarge,
+            format!(
+                "at most {} bytes per request",
+                shared.config.max_request_bytes
+            ),
+        ));
+    }
+    let encoded_len = tree.encoded_len(range.clone()).map_err(|e| match e {
+        ChunkError::OutOfRange { .. } => refusal(proto::Status::OutOfRange, e.to_string()),
+        other => refusal(proto::Status::Internal, other.to_string()),
+    })?;
+    Ok((source, range, encoded_len, data.end - data.start))
+}

@@ -1,0 +1,485 @@
+//! The QUIC chunk stream over real sockets on 127.0.0.1: streamer and multi-peer downloader.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::relay::{Impairment, Relay};
+use common::*;
+use snapsync::db::StateDb;
+use snapsync::snapshot::{Snapshot, load_snapshot};
+use snapsync::transfer::{
+    DownloadConfig, DownloadError, DownloadTarget, Downloaded, Downloader, EndpointError, PeerAddr,
+    PeerStatus, Streamer, StreamerConfig, StreamerError, Token,
+};
+
+fn local() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn serve(node: &Node, config: StreamerConfig) -> Streamer {
+    Streamer::bind(
+        &node.keypair,
+        node.store.clone(),
+        config.with_listen(local()),
+    )
+    .unwrap()
+}
+
+fn peer(node: &Node, streamer: &Streamer) -> PeerAddr {
+    PeerAddr {
+        peer_id: node.peer_id(),
+        addr: streamer.local_addr(),
+    }
+}
+
+/// Download settings for tests: quick retries and timeouts.
+fn fast() -> DownloadConfig {
+    DownloadConfig::default()
+        .with_bind(local())
+        .with_backoff_min(Duration::from_millis(50))
+        .with_backoff_max(Duration::from_millis(500))
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_min_request_timeout(Duration::from_secs(3))
+        .with_no_progress_timeout(Duration::from_secs(20))
+}
+
+fn downloader(node: &Node, config: DownloadConfig) -> Downloader {
+    Downloader::new(node.keypair.clone(), node.store.clone(), config).unwrap()
+}
+
+/// The download is the snapshot, byte for byte, and it loads to the same bank hash.
+fn assert_exact(got: &Downloaded, want: &Snapshot, into: &Node) {
+    assert_eq!(
+        got.snapshot.manifest().content_root,
+        want.manifest().content_root
+    );
+    assert_eq!(
+        std::fs::read(got.snapshot.archive_path()).unwrap(),
+        std::fs::read(want.archive_path()).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(got.snapshot.outboard_path()).unwrap(),
+        std::fs::read(want.outboard_path()).unwrap()
+    );
+    let report = load_snapshot(
+        &into.db,
+        &got.snapshot.archive_path(),
+        got.snapshot.manifest(),
+    )
+    .unwrap();
+    assert_eq!(report.bank_hash, want.manifest().bank_hash);
+    assert_eq!(into.db.slot().unwrap(), Some(want.manifest().slot));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer() {
+    init_tracing();
+    let (server, snap) = Node::with_snapshot(2048, 50, 1);
+    let streamer = serve(&server, StreamerConfig::default());
+    let client = Node::new();
+    let got = downloader(&client, fast())
+        .download(
+            DownloadTarget::from_manifest(snap.manifest()),
+            vec![peer(&server, &streamer)],
+        )
+        .await
+        .unwrap();
+    assert_exact(&got, &snap, &client);
+    assert_eq!(got.fetched_bytes, snap.manifest().archive_size);
+    assert_eq!(got.resumed_bytes, 0);
+    let stats = streamer.stats();
+    assert_eq!(stats.bytes_served, snap.manifest().archive_size);
+    assert!(stats.chunks_served >= snap.manifest().chunk_tree().chunk_count());
+    // The published snapshot is found again after a restart of the store.
+    let store = snapsync::snapshot::SnapshotStore::open(client.store.dir()).unwrap();
+    assert_eq!(store.latest().unwrap().manifest(), snap.manifest());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_capped_peers_all_serve() {
+    init_tracing();
+    let (a, snap) = Node::with_snapshot(4096, 50, 2);
+    let (b, c) = (Node::holding(&snap), Node::holding(&snap));
+    let cap = Some(1_500_000);
+    let streamers: Vec<Streamer> = [&a, &b, &c]
+        .iter()
+        .map(|n| serve(n, StreamerConfig::default().with_rate_limit(cap)))
+        .collect();
+    let peers = vec![
+        peer(&a, &streamers[0]),
+        peer(&b, &streamers[1]),
+        peer(&c, &streamers[2]),
+    ];
+    let client = Node::new();
+    let started = Instant::now();
+    let handle =
+        downloader(&client, fast()).start(DownloadTarget::from_manifest(snap.manifest()), peers);
+    let progress = handle.progress();
+    let got = handle.wait().await.unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    assert_exact(&got, &snap, &client);
+    for (peer, bytes) in &got.per_peer {
+        assert!(*bytes > 0, "peer {peer} served nothing: {:?}", got.per_peer);
+    }
+    for s in &streamers {
+        assert!(s.stats().bytes_served > 0);
+    }
+    // Three peers at 1.5 MB/s each: clearly faster than one could be.
+    let size = snap.manifest().archive_size as f64;
+    assert!(secs < size / 1_500_000.0, "{secs} s for {size} bytes");
+    let last = progress.borrow().clone();
+    assert!(last.finished);
+    assert_eq!(last.done_bytes, snap.manifest().archive_size);
+    assert_eq!(last.peers.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_killed_mid_transfer() {
+    init_tracing();
+    let (a, snap) = Node::with_snapshot(4096, 50, 3);
+    let (b, c) = (Node::holding(&snap), Node::holding(&snap));
+    let cap = Some(1_000_000);
+    let sa = serve(&a, StreamerConfig::default().with_rate_limit(cap));
+    let sb = serve(&b, StreamerConfig::default().with_rate_limit(cap));
+    let sc = serve(&c, StreamerConfig::default().with_rate_limit(cap));
+    let peers = vec![peer(&a, &sa), peer(&b, &sb), peer(&c, &sc)];
+    let client = Node::new();
+    let handle =
+        downloader(&client, fast()).start(DownloadTarget::from_manifest(snap.manifest()), peers);
+    let mut progress = handle.progress();
+    let total = snap.manifest().archive_size;
+    while progress.borrow().done_bytes < total / 4 {
+        progress.changed().await.unwrap();
+    }
+    let served_before = sb.stats().bytes_served;
+    assert!(served_before > 0);
+    drop(sb); // peer B dies
+    let got = handle.wait().await.unwrap();
+    assert_exact(&got, &snap, &client);
+    let b_bytes = got
+        .per_peer
+        .iter()
+        .find(|(p, _)| *p == b.peer_id())
+        .unwrap()
+        .1;
+    assert!(b_bytes <= served_before, "B served after it died");
+    assert!(b_bytes < total / 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_serving_corrupt_chunks_is_caught_and_banned() {
+    init_tracing();
+    let (a, snap) = Node::with_snapshot(3072, 50, 4);
+    let bad = Node::holding(&snap);
+    // Corrupt bad's archive in several places; its manifest and outboard stay honest-looking.
+    let bad_snap = bad.store.latest().unwrap();
+    let mut bytes = std::fs::read(bad_snap.archive_path()).unwrap();
+    for pos in (1000..bytes.len()).step_by(200_000) {
+        bytes[pos] ^= 0xFF;
+    }
+    std::fs::write(bad_snap.archive_path(), &bytes).unwrap();
+    let sa = serve(
+        &a,
+        StreamerConfig::default().with_rate_limit(Some(2_000_000)),
+    );
+    let sbad = serve(&bad, StreamerConfig::default());
+    let client = Node::new();
+    let handle = downloader(&client, fast()).start(
+        DownloadTarget::from_manifest(snap.manifest()),
+        vec![peer(&bad, &sbad), peer(&a, &sa)],
+    );
+    let progress = handle.progress();
+    let got = handle.wait().await.unwrap();
+    assert_exact(&got, &snap, &client);
+    let report = progress.borrow().clone();
+    let bad_report = report
+        .peers
+        .iter()
+        .find(|p| p.peer_id == bad.peer_id())
+        .unwrap();
+    assert_eq!(bad_report.status, PeerStatus::Banned);
+    assert!(
+        sbad.stats().requests_served >= 1,
+        "the bad peer did send data"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_or_missing_token_is_refused_with_no_data_sent() {
+    init_tracing();
+    let (server, snap) = Node::with_snapshot(256, 50, 5);
+    let streamer = serve(
+        &server,
+        StreamerConfig::default().with_token(Some(Token::new("correct horse"))),
+    );
+    let target = DownloadTarget::from_manifest(snap.manifest());
+    for token in [Some(Token::new("battery staple")), None] {
+        let client = Node::new();
+        let err = downloader(&client, fast().with_token(token))
+            .download(target, vec![peer(&server, &streamer)])
+            .await
+            .unwrap_err();
+        assert!(err.is_unauthorized(), "{err}");
+        assert!(err.to_string().contains("SNAPSHOT_TOKEN"), "{err}");
+        assert!(client.store.latest().is_none());
+    }
+    let stats = streamer.stats();
+    assert_eq!(stats.refused_unauthorized, 2);
+    assert_eq!(stats.connections_accepted, 0);
+    assert_eq!(stats.requests_served, 0);
+    assert_eq!(stats.bytes_served, 0);
+    // The right token works.
+    let client = Node::new();
+    let got = downloader(
+        &client,
+        fast().with_token(Some(Token::new("correct horse"))),
+    )
+    .download(target, vec![peer(&server, &streamer)])
+    .await
+    .unwrap();
+    assert_exact(&got, &snap, &client);
+    assert_eq!(format!("{:?}", Token::new("secret")), "Token(<redacted>)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_snapshot_fails_with_a_typed_error() {
+    init_tracing();
+    let (server, snap) = Node::with_snapshot(128, 50, 6);
+    let streamer = serve(&server, StreamerConfig::default());
+    let mut target = DownloadTarget::from_manifest(snap.manifest());
+    target.content_root.0[0] ^= 1;
+    let client = Node::new();
+    let err = downloader(&client, fast())
+        .download(target, vec![peer(&server, &streamer)])
+        .await
+        .unwrap_err();
+    match &err {
+        DownloadError::NoPeers { reasons, .. } => {
+            assert!(reasons.contains("UNKNOWN_SNAPSHOT"), "{reasons}")
+        }
+        other => panic!("unexpected {other}"),
+    }
+    // A peer advertising the right root but another bank hash is not used either.
+    let mut lying = DownloadTarget::from_manifest(snap.manifest());
+    lying.bank_hash.as_mut().unwrap().0[0] ^= 1;
+    let err = downloader(&client, fast())
+        .download(lying, vec![peer(&server, &streamer)])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("bank hash"), "{err}");
+}
+
+/// A QUIC server with a libp2p identity that accepts connections and streams and never
+/// answers.
+async fn stalled_server() -> (libp2p::PeerId, SocketAddr, tokio::task::JoinHandle<()>) {
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let mut tls = libp2p_tls::make_server_config(&keypair).unwrap();
+    tls.alpn_protocols = vec![b"snapsync/chunks/1".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let endpoint = quinn::Endpoint::server(config, local()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Some(incoming) = endpoint.accept().await {
+            if let Ok(conn) = incoming.await {
+                let conn2 = conn.clone();
+                held.push(conn);
+                tokio::spawn(async move {
+                    let mut streams = Vec::new();
+                    while let Ok(s) = conn2.accept_bi().await {
+                        streams.push(s); // read nothing, answer nothing
+                    }
+                });
+            }
+        }
+    });
+    (keypair.public().to_peer_id(), addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_peer_does_not_stop_the_download_and_alone_fails_in_time() {
+    init_tracing();
+    let (server, snap) = Node::with_snapshot(1024, 50, 7);
+    let streamer = serve(&server, StreamerConfig::default());
+    let (stalled_id, stalled_addr, _task) = stalled_server().await;
+    let stalled = PeerAddr {
+        peer_id: stalled_id,
+        addr: stalled_addr,
+    };
+    let target = DownloadTarget::from_manifest(snap.manifest());
+    let config = fast()
+        .with_connect_timeout(Duration::from_millis(500))
+        .with_max_peer_failures(3);
+    // With an honest peer beside it: completes.
+    let client = Node::new();
+    let got = downloader(&client, config.clone())
+        .download(target, vec![stalled, peer(&server, &streamer)])
+        .await
+        .unwrap();
+    assert_exact(&got, &snap, &client);
+    // Alone: fails, typed, without hanging.
+    let client = Node::new();
+    let started = Instant::now();
+    let err = downloader(&client, config)
+        .download(target, vec![stalled])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DownloadError::NoPeers { .. }), "{err}");
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_lossy_slow_network() {
+    init_tracing();
+    let (server, snap) = Node::with_snapshot(1024, 50, 8);
+    let streamer = serve(&server, StreamerConfig::default());
+    // 5% loss and 20 ms each way, with some reordering (2 ms jitter), duplication and a
+    // rate limit with a bounded queue on top.
+    let relay = Relay::start(
+        streamer.local_addr(),
+        Impairment {
+            loss: 0.05,
+            delay: Duration::from_millis(20),
+            jitter: Duration::from_millis(2),
+            duplicate: 0.01,
+            rate: Some(8_000_000),
+            ..Impairment::default()
+        },
+        42,
+    )
+    .await;
+    let client = Node::new();
+    let got = downloader(&client, fast())
+        .download(
+            DownloadTarget::from_manifest(snap.manifest()),
+            vec![PeerAddr {
+                peer_id: server.peer_id(),
+                addr: relay.addr,
+            }],
+        )
+        .await
+        .unwrap();
+    assert_exact(&got, &snap, &client);
+    let dropped = relay
+        .stats
+        .dropped
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let duplicated = relay
+        .stats
+        .duplicated
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(dropped > 10, "the relay dropped only {dropped} datagrams");
+    assert!(duplicated > 0, "the relay duplicated nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_in_use_is_a_typed_error_naming_the_address() {
+    let node = Node::new();
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let err = Streamer::bind(
+        &node.keypair,
+        node.store.clone(),
+        StreamerConfig::default().with_listen(addr),
+    )
+    .unwrap_err();
+    match &err {
+        StreamerError::Endpoint(EndpointError::AddrInUse { addr: a }) => assert_eq!(*a, addr),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    assert!(err.to_string().contains("already in use"), "{err}");
+}
+
+/// Run as a child process by `a_killed_downloader_resumes_where_it_was`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "child process of a_killed_downloader_resumes_where_it_was"]
+async fn child_download() {
+    let var = |k: &str| std::env::var(k).expect("run by the parent test");
+    let store = snapsync::snapshot::SnapshotStore::open(var("SNAPSYNC_CHILD_STORE")).unwrap();
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let target = DownloadTarget {
+        content_root: var("SNAPSYNC_CHILD_ROOT").parse().unwrap(),
+        archive_size: var("SNAPSYNC_CHILD_SIZE").parse().unwrap(),
+        chunk_size: snapsync::ChunkSize::DEFAULT,
+        slot: None,
+        bank_hash: None,
+    };
+    let peer = PeerAddr {
+        peer_id: var("SNAPSYNC_CHILD_PEER").parse().unwrap(),
+        addr: var("SNAPSYNC_CHILD_ADDR").parse().unwrap(),
+    };
+    let d = Downloader::new(
+        keypair,
+        store,
+        fast().with_persist_interval(Duration::from_millis(200)),
+    )
+    .unwrap();
+    d.download(target, vec![peer]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_downloader_resumes_where_it_was() {
+    init_tracing();
+    let (server, snap) = Node::with_snapshot(4096, 50, 9);
+    let streamer = serve(
+        &server,
+        StreamerConfig::default().with_rate_limit(Some(2_000_000)),
+    );
+    let client = Node::new();
+    let m = snap.manifest();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["child_download", "--exact", "--ignored", "--nocapture"])
+        .env("SNAPSYNC_CHILD_STORE", client.store.dir())
+        .env("SNAPSYNC_CHILD_ROOT", m.content_root.to_hex())
+        .env("SNAPSYNC_CHILD_SIZE", m.archive_size.to_string())
+        .env("SNAPSYNC_CHILD_PEER", server.peer_id().to_string())
+        .env("SNAPSYNC_CHILD_ADDR", streamer.local_addr().to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once about half has been served.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while streamer.stats().bytes_served < m.archive_size / 2 {
+        assert!(Instant::now() < deadline, "child made no progress");
+        assert!(child.try_wait().unwrap().is_none(), "child ended early");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let served_to_child = streamer.stats().bytes_served;
+    assert!(
+        served_to_child < m.archive_size,
+        "child finished before it was killed"
+    );
+
+    // Restart: only what was not yet durable is fetched again.
+    let got = downloader(&client, fast())
+        .download(
+            DownloadTarget::from_manifest(m),
+            vec![peer(&server, &streamer)],
+        )
+        .await
+        .unwrap();
+    assert_exact(&got, &snap, &client);
+    assert!(got.resumed_bytes > 0, "nothing resumed");
+    assert_eq!(got.resumed_bytes + got.fetched_bytes, m.archive_size);
+    let refetched = served_to_child - got.resumed_bytes;
+    println!(
+        "served before the kill {served_to_child}, resumed {}, fetched after {}, re-fetched {refetched}",
+        got.resumed_bytes, got.fetched_bytes
+    );
+    // At most what one persist interval plus the requests in flight hold (2 MB/s x 0.2 s +
+    // 16 MiB of windows, far less in practice at this rate).
+    assert!(
+        refetched < m.archive_size / 4,
+        "re-fetched {refetched} of {}",
+        m.archive_size
+    );
+}
