@@ -673,12 +673,13 @@ async fn serve_chunks(
         }
         send.write_all(piece).await?;
     }
-    send.finish()?;
+    // Counted once all is handed to QUIC, before the end of the stream can reach the client.
     let c = &shared.counters;
     c.requests_served.fetch_add(1, Ordering::Relaxed);
     c.chunks_served
         .fetch_add(range.end - range.start, Ordering::Relaxed);
     c.bytes_served.fetch_add(data_bytes, Ordering::Relaxed);
+    send.finish()?;
     Ok(())
 }
 
@@ -717,4 +718,263 @@ fn prepare_chunks(get: &proto::GetChunks, shared: &Shared) -> Result<Prepared, R
         other => refusal(proto::Status::Internal, other.to_string()),
     })?;
     Ok((source, range, encoded_len, data.end - data.start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::{RedbState, StateDb};
+    use crate::snapshot::{CreateOptions, Snapshot, create_snapshot};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        keypair: Keypair,
+        snap: Arc<Snapshot>,
+        streamer: Streamer,
+    }
+
+    async fn fixture(config: StreamerConfig) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let db = RedbState::open(dir.path().join("db.redb")).unwrap();
+        db.commit_slot(9, |w| {
+            for i in 0..500u32 {
+                w.put(
+                    &i.to_be_bytes(),
+                    &blake3::hash(&i.to_le_bytes()).as_bytes().repeat(8),
+                )?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let store = SnapshotStore::open(dir.path().join("snaps")).unwrap();
+        let view = db.view().unwrap();
+        let options = CreateOptions::default().with_chunk_size(crate::ChunkSize::MIN);
+        let snap = create_snapshot(&store, view.as_ref(), &options).unwrap();
+        let keypair = Keypair::generate_ed25519();
+        let streamer = Streamer::bind(
+            &keypair,
+            store,
+            config.with_listen("127.0.0.1:0".parse().unwrap()),
+        )
+        .unwrap();
+        Fixture {
+            _dir: dir,
+            keypair,
+            snap,
+            streamer,
+        }
+    }
+
+    async fn connect(
+        f: &Fixture,
+        token: &[u8],
+    ) -> Result<quinn::Connection, quinn::ConnectionError> {
+        let me = Keypair::generate_ed25519();
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let config = tls::client_config(
+            &me,
+            f.keypair.public().to_peer_id(),
+            &TransportTuning::default(),
+        )
+        .unwrap();
+        let conn = endpoint
+            .connect_with(config, f.streamer.local_addr(), "x")
+            .unwrap()
+            .await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let hello = proto::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            token: token.to_vec().into(),
+        };
+        wire::write_frame(&mut send, &hello).await.unwrap();
+        send.finish().unwrap();
+        match wire::read_frame::<proto::Welcome>(&mut recv, 1024).await {
+            Ok(_) => Ok(conn),
+            Err(FrameError::Read(quinn::ReadExactError::ReadError(
+                quinn::ReadError::ConnectionLost(e),
+            ))) => Err(e),
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+
+    async fn ask(conn: &quinn::Connection, kind: proto::request::Kind) -> proto::ResponseHeader {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        wire::write_frame(&mut send, &proto::Request { kind: Some(kind) })
+            .await
+            .unwrap();
+        send.finish().unwrap();
+        wire::read_frame(&mut recv, MAX_FRAME).await.unwrap()
+    }
+
+    fn chunks(snap: &Snapshot, start: u64, end: u64, chunk_size: u32) -> proto::request::Kind {
+        proto::request::Kind::Chunks(proto::GetChunks {
+            content_root: snap.manifest().content_root.0.to_vec().into(),
+            start_chunk: start,
+            end_chunk: end,
+            chunk_size,
+        })
+    }
+
+    fn status(h: &proto::ResponseHeader) -> proto::Status {
+        proto::Status::try_from(h.status).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_requests_get_typed_refusals_and_the_connection_survives() {
+        let f = fixture(StreamerConfig::default().with_max_request_bytes(4096)).await;
+        let conn = connect(&f, b"").await.unwrap();
+        let cs = f.snap.manifest().chunk_size.bytes();
+        let count = f.snap.manifest().chunk_tree().chunk_count();
+
+        let unknown = proto::request::Kind::Manifest(proto::GetManifest {
+            content_root: vec![7u8; 32].into(),
+        });
+        assert_eq!(
+            status(&ask(&conn, unknown).await),
+            proto::Status::UnknownSnapshot
+        );
+        // An id that tries to name a path is not a content root at all.
+        let path = proto::request::Kind::Chunks(proto::GetChunks {
+            content_root: b"../../../../etc/passwd".to_vec().into(),
+            start_chunk: 0,
+            end_chunk: 1,
+            chunk_size: cs,
+        });
+        assert_eq!(status(&ask(&conn, path).await), proto::Status::BadRequest);
+        let out = chunks(&f.snap, count, count + 1, cs);
+        assert_eq!(status(&ask(&conn, out).await), proto::Status::OutOfRange);
+        let empty = chunks(&f.snap, 3, 3, cs);
+        assert_eq!(status(&ask(&conn, empty).await), proto::Status::OutOfRange);
+        let too_big = chunks(&f.snap, 0, 5, cs);
+        assert_eq!(status(&ask(&conn, too_big).await), proto::Status::TooLarge);
+        let wrong_size = chunks(&f.snap, 0, 1, cs * 2);
+        assert_eq!(
+            status(&ask(&conn, wrong_size).await),
+            proto::Status::ChunkSizeMismatch
+        );
+
+        // Garbage instead of a request: a refusal, not a crash.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff])
+            .await
+            .unwrap();
+        send.finish().unwrap();
+        let h: proto::ResponseHeader = wire::read_frame(&mut recv, MAX_FRAME).await.unwrap();
+        assert_eq!(status(&h), proto::Status::BadRequest);
+        // An absurd frame length is refused without allocating it.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[0xff, 0xff, 0xff, 0xff]).await.unwrap();
+        send.finish().unwrap();
+        let h: proto::ResponseHeader = wire::read_frame(&mut recv, MAX_FRAME).await.unwrap();
+        assert_eq!(status(&h), proto::Status::BadRequest);
+
+        // Still serving on the same connection, data that checks out.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let request = proto::Request {
+            kind: Some(chunks(&f.snap, 0, 2, cs)),
+        };
+        wire::write_frame(&mut send, &request).await.unwrap();
+        send.finish().unwrap();
+        let ok: proto::ResponseHeader = wire::read_frame(&mut recv, MAX_FRAME).await.unwrap();
+        assert_eq!(status(&ok), proto::Status::Ok);
+        let tree = f.snap.manifest().chunk_tree();
+        assert_eq!(ok.encoded_len, tree.encoded_len(0..2).unwrap());
+        let body = recv.read_to_end(1 << 20).await.unwrap();
+        assert_eq!(body.len() as u64, ok.encoded_len);
+        let mut data = Vec::new();
+        tree.decode(0..2, &body, |_, d| {
+            data.extend_from_slice(d);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(data.len(), 2 * cs as usize);
+        let stats = f.streamer.stats();
+        assert_eq!(stats.requests_refused, 8);
+        assert_eq!(stats.requests_served, 1);
+        assert_eq!(stats.bytes_served, 2 * u64::from(cs));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connection_limits_refuse_the_excess() {
+        let f = fixture(
+            StreamerConfig::default()
+                .with_max_connections(8)
+                .with_max_connections_per_peer(1),
+        )
+        .await;
+        // One peer, two connections: the second is refused as busy.
+        let me = Keypair::generate_ed25519();
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let open = || async {
+            let config = tls::client_config(
+                &me,
+                f.keypair.public().to_peer_id(),
+                &TransportTuning::default(),
+            )
+            .unwrap();
+            let conn = endpoint
+                .connect_with(config, f.streamer.local_addr(), "x")
+                .unwrap()
+                .await
+                .unwrap();
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            wire::write_frame(
+                &mut send,
+                &proto::Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    token: Default::default(),
+                },
+            )
+            .await
+            .unwrap();
+            send.finish().unwrap();
+            let welcome = wire::read_frame::<proto::Welcome>(&mut recv, 1024).await;
+            (conn, welcome.is_ok())
+        };
+        let (_first, ok1) = open().await;
+        let (second, ok2) = open().await;
+        assert!(ok1);
+        assert!(!ok2);
+        match second.closed().await {
+            quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(c.error_code, close::BUSY),
+            other => panic!("unexpected {other}"),
+        }
+        assert_eq!(f.streamer.stats().refused_busy, 1);
+
+        // Global limit: with one slot, a second client's connection is refused outright.
+        let g = fixture(StreamerConfig::default().with_max_connections(1)).await;
+        let _held = connect(&g, b"").await.unwrap();
+        let refused = connect(&g, b"").await;
+        assert!(refused.is_err(), "second connection accepted");
+        assert_eq!(g.streamer.stats().refused_busy, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_never_says_hello_is_dropped() {
+        let f =
+            fixture(StreamerConfig::default().with_auth_timeout(Duration::from_millis(300))).await;
+        let me = Keypair::generate_ed25519();
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let config = tls::client_config(
+            &me,
+            f.keypair.public().to_peer_id(),
+            &TransportTuning::default(),
+        )
+        .unwrap();
+        let conn = endpoint
+            .connect_with(config, f.streamer.local_addr(), "x")
+            .unwrap()
+            .await
+            .unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+            .await
+            .expect("the streamer closes the connection");
+        match closed {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(c.error_code, close::PROTOCOL)
+            }
+            other => panic!("unexpected {other}"),
+        }
+        assert_eq!(f.streamer.stats().connections_accepted, 0);
+    }
 }
