@@ -26,7 +26,7 @@ use super::scheduler::{
 use super::tls::{self, EndpointError, TransportTuning};
 use super::wire::{self, FrameError, PROTOCOL_VERSION, close};
 use super::{DOWNLOAD_TARGET, PeerAddr, Token};
-use crate::chunk::{self, ChunkError, ChunkSize, ChunkTree};
+use crate::chunk::{ChunkError, ChunkSize, ChunkTree};
 use crate::hash::{BankHash, ContentRoot};
 use crate::proto;
 use crate::snapshot::{ARCHIVE_FILE, Manifest, OUTBOARD_FILE, Snapshot, SnapshotStore, StoreError};
@@ -326,14 +326,13 @@ pub enum DownloadError {
     /// Nothing arrived for the configured time.
     #[error("no chunk arrived for {0:?}; giving up")]
     NoProgress(Duration),
-    /// The assembled archive does not hash to the content root (local disk corruption: every
-    /// chunk was checked before it was written). The partial download is discarded.
-    #[error("assembled archive hashes to {actual}, expected {expected}; discarded")]
+    /// The assembled download does not add up to the content root (local disk corruption:
+    /// every chunk and proof was checked before it was written). The partial download is
+    /// discarded.
+    #[error("the assembled download does not match content root {expected}; discarded")]
     Corrupted {
         /// The root asked for.
         expected: ContentRoot,
-        /// The root of the file.
-        actual: ContentRoot,
     },
     /// The download was cancelled; chunks on disk are kept for resume.
     #[error("download cancelled")]
@@ -425,7 +424,7 @@ impl Downloader {
     ) -> Result<Self, DownloadError> {
         let socket = tls::bind_socket(config.bind, &config.transport)?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            tls::endpoint_config(&config.transport),
             None,
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -583,6 +582,19 @@ async fn connect(
     let welcome: proto::Welcome = wire::read_frame(&mut recv, 1024)
         .await
         .map_err(frame_to_connect)?;
+    let refused = match proto::Refusal::try_from(welcome.refused) {
+        Ok(proto::Refusal::None) => None,
+        Ok(proto::Refusal::Unauthorized) => Some((ConnectError::Unauthorized, close::UNAUTHORIZED)),
+        Ok(proto::Refusal::Busy) => Some((ConnectError::Busy, close::BUSY)),
+        _ => Some((
+            ConnectError::Status(welcome.message.clone()),
+            close::PROTOCOL,
+        )),
+    };
+    if let Some((error, code)) = refused {
+        conn.close(code, b"refused");
+        return Err(error);
+    }
     if welcome.protocol_version != PROTOCOL_VERSION {
         return Err(ConnectError::Status(format!(
             "speaks chunk-stream version {}",
@@ -651,12 +663,65 @@ enum FetchError {
 }
 
 /// Fetches chunks `chunks`, checks each against the root and writes it at its offset.
+/// How often the writeback thread asks the kernel to start writing what has arrived.
+const WRITEBACK_EVERY: Duration = Duration::from_millis(100);
+
+/// A thread that keeps asking the kernel to start writing the archive's dirty pages to disk
+/// (Linux `sync_file_range`, which may block, hence its own thread), so the disk works while the
+/// rest arrives and the final fsync has little left to do. Stops when dropped.
+struct Writeback {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Writeback {
+    fn start(file: std::fs::File) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        #[cfg(target_os = "linux")]
+        {
+            let flag = stop.clone();
+            let _ = std::thread::Builder::new()
+                .name("snapsync-writeback".into())
+                .spawn(move || {
+                    use std::os::fd::AsRawFd;
+                    while !flag.load(Ordering::Relaxed) {
+                        // SAFETY: only integer arguments; a failure just leaves the work to
+                        // the final fsync.
+                        unsafe {
+                            libc::sync_file_range(
+                                file.as_raw_fd(),
+                                0,
+                                0,
+                                libc::SYNC_FILE_RANGE_WRITE,
+                            );
+                        }
+                        std::thread::sleep(WRITEBACK_EVERY);
+                    }
+                });
+        }
+        #[cfg(not(target_os = "linux"))]
+        drop(file);
+        Self { stop }
+    }
+}
+
+impl Drop for Writeback {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Where a download's verified bytes go.
+struct Sink {
+    archive: std::fs::File,
+    outboard: std::fs::File,
+    dir: std::path::PathBuf,
+}
+
 async fn fetch(
     conn: quinn::Connection,
     tree: ChunkTree,
     chunks: Range<u64>,
-    file: Arc<std::fs::File>,
-    part: Arc<std::path::PathBuf>,
+    sink: Arc<Sink>,
     stall: Duration,
     activity: Arc<AtomicU64>,
 ) -> Result<u64, FetchError> {
@@ -688,40 +753,65 @@ async fn fetch(
             header.encoded_len
         )));
     }
-    let mut encoded = vec![0u8; expected as usize];
-    let mut filled = 0;
-    while filled < encoded.len() {
-        match tokio::time::timeout(stall, recv.read(&mut encoded[filled..])).await {
+    // Every piece is checked as it arrives; verified chunks and proof nodes go straight to
+    // their offsets on disk, so a request holds at most one chunk in memory.
+    // Which file a local write failed on (the decoder's error does not say).
+    let write_error = std::sync::Mutex::new(None);
+    let failed = |file: &'static str, e: &std::io::Error| {
+        if let Ok(mut slot) = write_error.lock() {
+            *slot = Some((file, std::io::Error::new(e.kind(), e.to_string())));
+        }
+    };
+    let mut to_archive = |offset: u64, data: &[u8]| {
+        sink.archive
+            .write_all_at(data, offset)
+            .inspect_err(|e| failed(PART_FILE, e))
+    };
+    let mut to_outboard = |offset: u64, pair: &[u8]| {
+        sink.outboard
+            .write_all_at(pair, offset)
+            .inspect_err(|e| failed(OUTBOARD_FILE, e))
+    };
+    let mut decoder = tree
+        .range_decoder(chunks.clone())
+        .map_err(|e| FetchError::Protocol(e.to_string()))?;
+    let mut received = 0u64;
+    let result = loop {
+        if received == expected {
+            break decoder.finish();
+        }
+        let want = (expected - received) as usize;
+        match tokio::time::timeout(stall, recv.read_chunk(want, true)).await {
             Err(_) => return Err(FetchError::Stalled(stall)),
-            Ok(Ok(Some(n))) => {
-                filled += n;
-                activity.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(Ok(Some(piece))) => {
+                received += piece.bytes.len() as u64;
+                activity.fetch_add(piece.bytes.len() as u64, Ordering::Relaxed);
+                if let Err(e) = decoder.feed(&piece.bytes, &mut to_archive, &mut to_outboard) {
+                    break Err(e);
+                }
             }
             // A stream that ends early is as bad as a bad chunk: the data does not check out.
-            Ok(Ok(None)) => {
-                return Err(FetchError::Corrupt(ChunkError::Truncated {
-                    chunk: chunks.start + (filled as u64 / u64::from(tree.chunk_size().bytes())),
-                }));
-            }
+            Ok(Ok(None)) => break decoder.finish(),
             Ok(Err(e)) => return Err(e.into()),
         }
-    }
-    let mut write_error = None;
-    let result = tree.decode(chunks.clone(), &encoded, |offset, data| {
-        file.write_all_at(data, offset).inspect_err(|e| {
-            write_error = Some(std::io::Error::new(e.kind(), e.to_string()));
-        })
-    });
+    };
     match result {
         Ok(()) => {
             let bytes = tree.byte_range(chunks);
             Ok(bytes.end - bytes.start)
         }
         Err(e) if e.is_corrupt_data() => Err(FetchError::Corrupt(e)),
-        Err(e) => Err(FetchError::Local(StoreError::at(
-            &part,
-            write_error.unwrap_or_else(|| std::io::Error::other(e.to_string())),
-        ))),
+        Err(e) => {
+            let (file, error) = write_error
+                .into_inner()
+                .ok()
+                .flatten()
+                .unwrap_or((PART_FILE, std::io::Error::other(e.to_string())));
+            Err(FetchError::Local(StoreError::at(
+                &sink.dir.join(file),
+                error,
+            )))
+        }
     }
 }
 
@@ -759,8 +849,7 @@ struct Run {
     target: DownloadTarget,
     tree: ChunkTree,
     partial: Partial,
-    file: Arc<std::fs::File>,
-    part_path: Arc<std::path::PathBuf>,
+    sink: Arc<Sink>,
     sched: Scheduler,
     peers: Vec<PeerSlot>,
     manifest: Option<Manifest>,
@@ -773,10 +862,13 @@ struct Run {
     resumed_bytes: u64,
     fetched_bytes: u64,
     persisted_done: u64,
+    /// A background persist under way, giving the done bytes it recorded.
+    persisting: Option<tokio::task::JoinHandle<Result<u64, StoreError>>>,
     rate: f64,
     last_tick: (Instant, u64),
     /// Bytes received by all requests so far, complete or not (liveness, not progress).
     activity: Arc<AtomicU64>,
+    _writeback: Writeback,
     activity_seen: u64,
 }
 
@@ -806,21 +898,31 @@ impl Run {
             now,
         );
         let resumed_bytes = sched.done_bytes();
-        let file = Arc::new(
+        let writeback = Writeback::start(
             partial
                 .file()
                 .try_clone()
                 .map_err(|e| StoreError::at(&dir, e))?,
         );
+        let sink = Arc::new(Sink {
+            archive: partial
+                .file()
+                .try_clone()
+                .map_err(|e| StoreError::at(&dir, e))?,
+            outboard: partial
+                .outboard()
+                .try_clone()
+                .map_err(|e| StoreError::at(&dir, e))?,
+            dir: dir.clone(),
+        });
         let capacity = inner.config.max_inflight + 4 * peers.len() + 64;
         let (events_tx, events_rx) = mpsc::channel(capacity);
         let mut run = Self {
-            part_path: Arc::new(dir.join(PART_FILE)),
             inner,
             target,
             tree,
             partial,
-            file,
+            sink,
             sched,
             peers: Vec::new(),
             manifest: None,
@@ -833,10 +935,12 @@ impl Run {
             resumed_bytes,
             fetched_bytes: 0,
             persisted_done: resumed_bytes,
+            persisting: None,
             rate: 0.0,
             last_tick: (now, resumed_bytes),
             activity: Arc::new(AtomicU64::new(0)),
             activity_seen: 0,
+            _writeback: writeback,
         };
         for p in peers {
             run.add_peer(p);
@@ -909,7 +1013,12 @@ impl Run {
                         self.apply(action);
                     }
                 }
-                _ = persist.tick() => self.persist().await?,
+                _ = persist.tick() => self.start_persist()?,
+                done = async { self.persisting.as_mut().expect("guarded").await }, if self.persisting.is_some() => {
+                    self.persisting = None;
+                    let done = done.map_err(|_| DownloadError::Cancelled)??;
+                    self.persisted_done = self.persisted_done.max(done);
+                }
                 _ = progress.tick() => self.publish_progress(false),
             }
         }
@@ -946,11 +1055,11 @@ impl Run {
                     return;
                 };
                 let events = self.events_tx.clone();
-                let (tree, file, part) = (self.tree, self.file.clone(), self.part_path.clone());
+                let (tree, sink) = (self.tree, self.sink.clone());
                 let stall = self.inner.config.min_request_timeout;
                 let activity = self.activity.clone();
                 let handle = self.tasks.spawn(async move {
-                    let result = fetch(conn, tree, chunks, file, part, stall, activity).await;
+                    let result = fetch(conn, tree, chunks, sink, stall, activity).await;
                     let _ = events.send(Event::Fetched { id, result }).await;
                 });
                 self.requests.insert(id, (peer, handle));
@@ -1074,19 +1183,34 @@ impl Run {
         }
     }
 
-    /// Makes the chunks on disk durable and records them for resume.
-    async fn persist(&mut self) -> Result<(), DownloadError> {
+    /// Starts making the chunks on disk durable and recording them for resume, in the
+    /// background, unless that is already under way or nothing is new. The download goes on
+    /// meanwhile.
+    fn start_persist(&mut self) -> Result<(), DownloadError> {
         let done = self.sched.done_bytes();
-        if done == self.persisted_done {
+        if self.persisting.is_some() || done == self.persisted_done {
             return Ok(());
         }
-        // Snapshot the marks first: every chunk marked now was written before the fsync below.
+        // Snapshot the marks first: every chunk marked now was written before the fsync.
         let marks = self.sched.chunk_done().to_vec();
         let partial = Partial::reopen(&self.partial)?;
-        tokio::task::spawn_blocking(move || partial.persist(&marks))
-            .await
-            .map_err(|_| DownloadError::Cancelled)??;
-        self.persisted_done = done;
+        self.persisting = Some(tokio::task::spawn_blocking(move || {
+            partial.persist(&marks).map(|()| done)
+        }));
+        Ok(())
+    }
+
+    /// Makes the chunks on disk durable and records them for resume, and waits for it.
+    async fn persist(&mut self) -> Result<(), DownloadError> {
+        if let Some(running) = self.persisting.take() {
+            let done = running.await.map_err(|_| DownloadError::Cancelled)??;
+            self.persisted_done = self.persisted_done.max(done);
+        }
+        self.start_persist()?;
+        if let Some(running) = self.persisting.take() {
+            let done = running.await.map_err(|_| DownloadError::Cancelled)??;
+            self.persisted_done = self.persisted_done.max(done);
+        }
         Ok(())
     }
 
@@ -1136,12 +1260,25 @@ impl Run {
         self.progress_tx.send_replace(p);
     }
 
-    /// Every chunk is in: check the whole archive, build its outboard, publish it.
+    /// Every chunk is in, each checked against the root, and the proofs' nodes make the
+    /// outboard: check the outboard is whole, make it all durable and publish it. (The loader
+    /// hashes the whole archive once more before anything is loaded.)
     async fn finish(mut self) -> Result<Downloaded, DownloadError> {
+        let finish_started = Instant::now();
         // Stop the remaining (hedged) requests and close the connections.
         self.tasks.abort_all();
         for slot in &self.peers {
             if let Some(conn) = &slot.conn {
+                let path = conn.stats().path;
+                tracing::debug!(
+                    target: DOWNLOAD_TARGET,
+                    peer = %slot.addr.peer_id,
+                    mtu = path.current_mtu,
+                    rtt_us = path.rtt.as_micros() as u64,
+                    cwnd = path.cwnd,
+                    lost_packets = path.lost_packets,
+                    "connection figures"
+                );
                 conn.close(close::DONE, b"done");
             }
         }
@@ -1157,18 +1294,15 @@ impl Run {
         let snapshot =
             tokio::task::spawn_blocking(move || -> Result<Arc<Snapshot>, DownloadError> {
                 let part = dir.join(PART_FILE);
-                partial
-                    .file()
-                    .sync_all()
-                    .map_err(|e| StoreError::at(&part, e))?;
                 let outboard = dir.join(OUTBOARD_FILE);
-                let (root, _) = chunk::write_outboard(&part, tree.chunk_size(), &outboard)
+                partial.sync()?;
+                let complete = tree
+                    .outboard_is_complete(&outboard)
                     .map_err(|e| StoreError::at(&outboard, e))?;
-                if root != tree.root() {
+                if !complete {
                     let _ = std::fs::remove_dir_all(&dir);
                     return Err(DownloadError::Corrupted {
                         expected: tree.root(),
-                        actual: root,
                     });
                 }
                 let archive = dir.join(ARCHIVE_FILE);
@@ -1182,6 +1316,12 @@ impl Run {
             .map(|i| (self.peers[i].addr.peer_id, self.sched.peer_report(i).bytes))
             .collect();
         let elapsed = self.started.elapsed();
+        tracing::debug!(
+            target: DOWNLOAD_TARGET,
+            finish_secs = finish_started.elapsed().as_secs_f64(),
+            received = self.activity.load(Ordering::Relaxed),
+            "made durable and published"
+        );
         self.publish_progress(true);
         tracing::info!(
             target: DOWNLOAD_TARGET,

@@ -1,16 +1,18 @@
 //! A download's state on disk, for resume: `.partial-<root>/archive.part` (the archive being
-//! filled in at chunk offsets) and `.partial-<root>/progress` (which chunks are on disk).
+//! filled in at chunk offsets), `.partial-<root>/outboard.bao` (the tree nodes that came with
+//! the chunks' proofs) and `.partial-<root>/progress` (which chunks are on disk).
 //!
-//! The progress file is only ever written after the archive has been fsynced with every chunk
-//! it marks, and it is replaced atomically (write, fsync, rename), so after a crash every chunk
-//! it marks is on disk and was verified before it was written.
+//! Both files are preallocated, so a disk too small fails at once rather than half-way. The
+//! progress file is only ever written after both files have been fsynced with every chunk it
+//! marks, and it is replaced atomically (write, fsync, rename), so after a crash every chunk it
+//! marks is on disk, with its proof nodes, and was verified before it was written.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::chunk::ChunkTree;
-use crate::snapshot::{IoAt, StoreError, sync_dir, write_synced};
+use crate::snapshot::{IoAt, OUTBOARD_FILE, StoreError, sync_dir, write_synced};
 
 const MAGIC: &[u8; 8] = b"SNAPPROG";
 const VERSION: u32 = 1;
@@ -26,6 +28,40 @@ pub(crate) struct Partial {
     dir: PathBuf,
     tree: ChunkTree,
     file: File,
+    outboard: File,
+}
+
+fn open_rw(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .at(path)
+}
+
+/// Gives `file` exactly `len` bytes, with the disk space reserved where the file system allows.
+fn preallocate(file: &File, path: &Path, len: u64) -> Result<(), StoreError> {
+    file.set_len(0).at(path)?;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        if len > 0 {
+            // SAFETY: fallocate only reads its integer arguments.
+            let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+            if rc != 0 {
+                let e = io::Error::last_os_error();
+                // File systems without fallocate get a sparse file; a full disk is an error.
+                if e.kind() != io::ErrorKind::Unsupported
+                    && e.raw_os_error() != Some(libc::EOPNOTSUPP)
+                {
+                    return Err(StoreError::at(path, e));
+                }
+            }
+        }
+    }
+    file.set_len(len).at(path)
 }
 
 impl Partial {
@@ -35,22 +71,27 @@ impl Partial {
     pub(crate) fn open(dir: PathBuf, tree: ChunkTree) -> Result<(Self, Vec<bool>), StoreError> {
         fs::create_dir_all(&dir).at(&dir)?;
         let part = dir.join(PART_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&part)
-            .at(&part)?;
+        let ob = dir.join(OUTBOARD_FILE);
+        let file = open_rw(&part)?;
+        let outboard = open_rw(&ob)?;
         let count = tree.chunk_count() as usize;
         let mut done = read_progress(&dir.join(PROGRESS_FILE), &tree).unwrap_or_default();
         let len = file.metadata().at(&part)?.len();
-        if done.len() != count || len != tree.size() {
+        let ob_len = outboard.metadata().at(&ob)?.len();
+        if done.len() != count || len != tree.size() || ob_len != tree.outboard_size() {
             done = vec![false; count];
-            file.set_len(0).at(&part)?;
-            file.set_len(tree.size()).at(&part)?;
+            preallocate(&file, &part, tree.size())?;
+            preallocate(&outboard, &ob, tree.outboard_size())?;
         }
-        Ok((Self { dir, tree, file }, done))
+        Ok((
+            Self {
+                dir,
+                tree,
+                file,
+                outboard,
+            },
+            done,
+        ))
     }
 
     /// Another handle on the same partial download (for blocking work on another thread).
@@ -59,7 +100,21 @@ impl Partial {
             dir: other.dir.clone(),
             tree: other.tree,
             file: other.file.try_clone().at(&other.dir.join(PART_FILE))?,
+            outboard: other
+                .outboard
+                .try_clone()
+                .at(&other.dir.join(OUTBOARD_FILE))?,
         })
+    }
+
+    pub(crate) fn outboard(&self) -> &File {
+        &self.outboard
+    }
+
+    /// Makes both files durable.
+    pub(crate) fn sync(&self) -> Result<(), StoreError> {
+        self.file.sync_data().at(&self.dir.join(PART_FILE))?;
+        self.outboard.sync_data().at(&self.dir.join(OUTBOARD_FILE))
     }
 
     pub(crate) fn file(&self) -> &File {
@@ -72,8 +127,7 @@ impl Partial {
 
     /// Makes the archive durable, then records `done` as the chunks on disk.
     pub(crate) fn persist(&self, done: &[bool]) -> Result<(), StoreError> {
-        let part = self.dir.join(PART_FILE);
-        self.file.sync_data().at(&part)?;
+        self.sync()?;
         let mut bytes = Vec::with_capacity(HEADER + done.len().div_ceil(8));
         bytes.extend_from_slice(MAGIC);
         bytes.extend_from_slice(&VERSION.to_le_bytes());
@@ -156,6 +210,12 @@ mod tests {
         drop(p);
         let (_p, again) = Partial::open(dir.clone(), tree).unwrap();
         assert_eq!(again, marks);
+        assert_eq!(
+            std::fs::metadata(tmp.path().join("p").join(OUTBOARD_FILE))
+                .unwrap()
+                .len(),
+            tree.outboard_size()
+        );
         // Another root: the saved progress is not trusted.
         let other = ChunkTree::new(100_000, ChunkSize::MIN, ContentRoot([4; 32]));
         let (_p, fresh) = Partial::open(dir, other).unwrap();

@@ -242,7 +242,7 @@ impl Streamer {
         )?;
         let socket = tls::bind_socket(config.listen, &config.transport)?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            tls::endpoint_config(&config.transport),
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -381,45 +381,59 @@ async fn serve_connection(
             return Err(ServeError::AuthTimeout);
         }
     };
-    if hello.protocol_version != PROTOCOL_VERSION {
-        conn.close(
+    let refusal = if hello.protocol_version != PROTOCOL_VERSION {
+        Some((
+            proto::Refusal::Version,
             close::PROTOCOL,
-            b"unsupported chunk-stream protocol version",
-        );
-        return Err(ServeError::Refused("protocol version"));
-    }
-    if let Some(expected) = shared.token_hash {
+            "unsupported chunk-stream protocol version",
+        ))
+    } else if shared
+        .token_hash
         // blake3::Hash compares in constant time, and hashing first hides the length too.
-        if blake3::hash(&hello.token) != expected {
-            shared
-                .counters
-                .refused_unauthorized
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(target: STREAMER_TARGET, %peer, "refused: wrong or missing SNAPSHOT_TOKEN");
-            conn.close(
-                close::UNAUTHORIZED,
-                b"unauthorized: wrong or missing SNAPSHOT_TOKEN",
-            );
-            return Err(ServeError::Refused("unauthorized"));
+        .is_some_and(|expected| blake3::hash(&hello.token) != expected)
+    {
+        shared
+            .counters
+            .refused_unauthorized
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(target: STREAMER_TARGET, %peer, "refused: wrong or missing SNAPSHOT_TOKEN");
+        Some((
+            proto::Refusal::Unauthorized,
+            close::UNAUTHORIZED,
+            "unauthorized: wrong or missing SNAPSHOT_TOKEN",
+        ))
+    } else {
+        None
+    };
+    let peer_limit = match refusal {
+        Some(refused) => None.ok_or(refused),
+        None => enter_peer(shared, peer).ok_or_else(|| {
+            shared.counters.refused_busy.fetch_add(1, Ordering::Relaxed);
+            (
+                proto::Refusal::Busy,
+                close::BUSY,
+                "too many connections from this peer",
+            )
+        }),
+    };
+    let peer_limit = match peer_limit {
+        Ok(limit) => limit,
+        Err((refused, code, message)) => {
+            refuse(&conn, send, refused, code, message).await;
+            return Err(ServeError::Refused(message));
         }
-    }
-    let Some(peer_limit) = enter_peer(shared, peer) else {
-        shared.counters.refused_busy.fetch_add(1, Ordering::Relaxed);
-        conn.close(close::BUSY, b"too many connections from this peer");
-        return Err(ServeError::Refused("too many connections from this peer"));
     };
     let _leave = PeerGuard { shared, peer };
     shared
         .counters
         .connections_accepted
         .fetch_add(1, Ordering::Relaxed);
-    wire::write_frame(
-        &mut send,
-        &proto::Welcome {
-            protocol_version: PROTOCOL_VERSION,
-        },
-    )
-    .await?;
+    let welcome = proto::Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        refused: proto::Refusal::None as i32,
+        message: String::new(),
+    };
+    wire::write_frame(&mut send, &welcome).await?;
     send.finish()?;
     tracing::debug!(target: STREAMER_TARGET, %peer, remote = %conn.remote_address(), "downloader connected");
 
@@ -444,6 +458,31 @@ async fn serve_connection(
             Some(_) = requests.join_next(), if !requests.is_empty() => {}
         }
     }
+}
+
+/// How long a refused client is given to read its refusal and close before the streamer closes
+/// the connection itself.
+const REFUSAL_GRACE: Duration = Duration::from_secs(2);
+
+/// Refuses a connection in band (the client reads why on its hello stream), then closes it.
+/// The refusal goes out as stream data rather than only as a connection close, so it reaches
+/// the client even when a close would be lost or held back.
+async fn refuse(
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    refused: proto::Refusal,
+    code: quinn::VarInt,
+    message: &'static str,
+) {
+    let welcome = proto::Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        refused: refused as i32,
+        message: message.into(),
+    };
+    if wire::write_frame(&mut send, &welcome).await.is_ok() && send.finish().is_ok() {
+        let _ = tokio::time::timeout(REFUSAL_GRACE, conn.closed()).await;
+    }
+    conn.close(code, message.as_bytes());
 }
 
 /// Registers a connection of `peer`; `None` when it has too many.
@@ -664,14 +703,19 @@ async fn serve_chunks(
         encoded_len,
     };
     wire::write_frame(send, &header).await?;
-    for piece in encoded.chunks(SEND_PIECE) {
+    // Handed to QUIC without another copy: each piece is a view of the same buffer.
+    let encoded = prost::bytes::Bytes::from(encoded);
+    let mut at = 0;
+    while at < encoded.len() {
+        let end = (at + SEND_PIECE).min(encoded.len());
         if let Some(limit) = &shared.global_limit {
-            limit.take(piece.len()).await;
+            limit.take(end - at).await;
         }
         if let Some(limit) = peer_limit {
-            limit.take(piece.len()).await;
+            limit.take(end - at).await;
         }
-        send.write_all(piece).await?;
+        send.write_chunk(encoded.slice(at..end)).await?;
+        at = end;
     }
     // Counted once all is handed to QUIC, before the end of the stream can reach the client.
     let c = &shared.counters;
@@ -789,7 +833,11 @@ mod tests {
         wire::write_frame(&mut send, &hello).await.unwrap();
         send.finish().unwrap();
         match wire::read_frame::<proto::Welcome>(&mut recv, 1024).await {
-            Ok(_) => Ok(conn),
+            Ok(w) if w.refused == proto::Refusal::None as i32 => Ok(conn),
+            Ok(_) => {
+                conn.close(close::DONE, b"refused");
+                Err(conn.close_reason().expect("closed"))
+            }
             Err(FrameError::Read(quinn::ReadExactError::ReadError(
                 quinn::ReadError::ConnectionLost(e),
             ))) => Err(e),
@@ -928,13 +976,16 @@ mod tests {
             .await
             .unwrap();
             send.finish().unwrap();
-            let welcome = wire::read_frame::<proto::Welcome>(&mut recv, 1024).await;
-            (conn, welcome.is_ok())
+            let welcome = wire::read_frame::<proto::Welcome>(&mut recv, 1024)
+                .await
+                .unwrap();
+            (conn, welcome)
         };
-        let (_first, ok1) = open().await;
-        let (second, ok2) = open().await;
-        assert!(ok1);
-        assert!(!ok2);
+        let (_first, w1) = open().await;
+        let (second, w2) = open().await;
+        assert_eq!(w1.refused, proto::Refusal::None as i32);
+        assert_eq!(w2.refused, proto::Refusal::Busy as i32);
+        // Without an answer from the client, the streamer closes the connection itself.
         match second.closed().await {
             quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(c.error_code, close::BUSY),
             other => panic!("unexpected {other}"),

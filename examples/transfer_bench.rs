@@ -1,0 +1,700 @@
+//! Transfer benchmark: the same 1 GiB snapshot over loopback, landed on disk with fsync, by
+//!
+//! - (a) snapsync from 1 peer,
+//! - (b) snapsync from 4 peers, each capped at 1/4 of (a)'s rate,
+//! - (c) a plain TCP copy (tokio, no TLS, no checks),
+//! - (d) a minimal quinn single-stream copy (default transport settings, no checks),
+//!
+//! with MiB/s, client CPU seconds and client peak RSS for each, then the ratios. Servers and
+//! clients run as separate processes, so each client's CPU and memory are its own.
+//!
+//! ```text
+//! cargo run --release --example transfer_bench [-- --mib 1024]
+//! ```
+//!
+//! The last line printed is one JSON object with every figure.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::identity::Keypair;
+use snapsync::snapshot::{FORMAT_VERSION, Manifest, SnapshotStore};
+use snapsync::transfer::{
+    DownloadConfig, DownloadTarget, Downloader, PeerAddr, Streamer, StreamerConfig,
+};
+use snapsync::{BankHash, ChunkSize};
+use support::{field, mib, usage};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn local() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// Writes a published snapshot of `bytes` pseudo-random bytes into `store_dir` (the transfer
+/// does not care what the archive holds) and returns its manifest.
+fn make_snapshot(store_dir: &Path, bytes: u64) -> Manifest {
+    let staging = store_dir.join("bench-staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let archive = staging.join(snapsync::snapshot::ARCHIVE_FILE);
+    let mut out =
+        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&archive).unwrap());
+    let mut xof = blake3::Hasher::new()
+        .update(b"transfer bench")
+        .finalize_xof();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        xof.fill(&mut buf[..n]);
+        out.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    out.into_inner().unwrap().sync_all().unwrap();
+    let (root, size) = snapsync::chunk::write_outboard(
+        &archive,
+        ChunkSize::DEFAULT,
+        &staging.join(snapsync::snapshot::OUTBOARD_FILE),
+    )
+    .unwrap();
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        slot: 1,
+        bank_hash: BankHash([0; 32]),
+        content_root: root,
+        archive_size: size,
+        chunk_size: ChunkSize::DEFAULT,
+        created_unix_ms: 0,
+        entry_count: 0,
+        state_bytes: size,
+        zstd_level: 1,
+    };
+    std::fs::write(
+        staging.join(snapsync::snapshot::MANIFEST_FILE),
+        manifest.encode(),
+    )
+    .unwrap();
+    let name = format!("snapshot-{:020}-{}", 1, &root.to_hex()[..16]);
+    std::fs::rename(&staging, store_dir.join(name)).unwrap();
+    manifest
+}
+
+/// Server roles print one line per listener (JSON) and serve until killed.
+async fn serve_snapsync(store: &Path, count: usize, cap: Option<u64>) {
+    let store = SnapshotStore::open(store).unwrap();
+    let mut streamers = Vec::new();
+    for _ in 0..count {
+        let keypair = Keypair::generate_ed25519();
+        let config = StreamerConfig::default()
+            .with_listen(local())
+            .with_rate_limit(cap);
+        let s = Streamer::bind(&keypair, store.clone(), config).unwrap();
+        println!(
+            "{{\"peer_id\":\"{}\",\"addr\":\"{}\"}}",
+            keypair.public().to_peer_id(),
+            s.local_addr()
+        );
+        streamers.push(s);
+    }
+    std::io::stdout().flush().unwrap();
+    std::future::pending::<()>().await;
+}
+
+async fn serve_tcp(file: &Path) {
+    let listener = tokio::net::TcpListener::bind(local()).await.unwrap();
+    println!("{{\"addr\":\"{}\"}}", listener.local_addr().unwrap());
+    std::io::stdout().flush().unwrap();
+    loop {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut f = std::fs::File::open(file).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut f, &mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            sock.write_all(&buf[..n]).await.unwrap();
+        }
+        sock.shutdown().await.unwrap();
+    }
+}
+
+/// quinn settings with snapsync's tuning (for the tuned baseline): its windows, datagram size
+/// and AES-GCM first.
+mod tuned {
+    use std::sync::Arc;
+
+    use libp2p::identity::Keypair;
+    use snapsync::transfer::TransportTuning;
+
+    pub fn endpoint() -> quinn::EndpointConfig {
+        let mut c = quinn::EndpointConfig::default();
+        c.max_udp_payload_size(TransportTuning::default().max_udp_payload)
+            .unwrap();
+        c
+    }
+
+    pub fn transport() -> Arc<quinn::TransportConfig> {
+        let t = TransportTuning::default();
+        let mut c = quinn::TransportConfig::default();
+        c.stream_receive_window(quinn::VarInt::from_u64(t.stream_window).unwrap())
+            .receive_window(quinn::VarInt::from_u64(t.connection_window).unwrap())
+            .send_window(t.send_window);
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(t.max_udp_payload);
+        c.mtu_discovery_config(Some(mtu));
+        Arc::new(c)
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        use rustls::crypto::aws_lc_rs::cipher_suite::*;
+        let mut p = rustls::crypto::aws_lc_rs::default_provider();
+        p.cipher_suites = vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384];
+        Arc::new(p)
+    }
+
+    fn identity(
+        keypair: &Keypair,
+        p: &rustls::crypto::CryptoProvider,
+    ) -> Arc<rustls::sign::SingleCertAndKey> {
+        let (cert, key) = libp2p_tls::certificate::generate(keypair).unwrap();
+        let key = p.key_provider.load_private_key(key).unwrap();
+        Arc::new(rustls::sign::CertifiedKey::new(vec![cert], key).into())
+    }
+
+    /// No certificate checks: a bare copy.
+    #[derive(Debug)]
+    struct AnyCert;
+
+    impl rustls::client::danger::ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::aws_lc_rs::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    pub fn server(keypair: &Keypair) -> quinn::ServerConfig {
+        let p = provider();
+        let id = identity(keypair, &p);
+        let mut tls = rustls::ServerConfig::builder_with_provider(p)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(id);
+        tls.alpn_protocols = vec![b"bench".to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+        let mut c = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        c.transport_config(transport());
+        c
+    }
+
+    pub fn client() -> quinn::ClientConfig {
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert))
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"bench".to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let mut c = quinn::ClientConfig::new(Arc::new(crypto));
+        c.transport_config(transport());
+        c
+    }
+}
+
+fn quinn_endpoint(server: Option<quinn::ServerConfig>, tuned: bool) -> quinn::Endpoint {
+    let socket = std::net::UdpSocket::bind(local()).unwrap();
+    let config = if tuned {
+        tuned::endpoint()
+    } else {
+        quinn::EndpointConfig::default()
+    };
+    quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime)).unwrap()
+}
+
+/// A minimal quinn server: one stream carrying the file; default settings and libp2p-tls's
+/// configs, or (tuned) snapsync's transport settings.
+async fn serve_quinn(file: &Path, tuned: bool) {
+    let keypair = Keypair::generate_ed25519();
+    let config = if tuned {
+        tuned::server(&keypair)
+    } else {
+        let mut tls = libp2p_tls::make_server_config(&keypair).unwrap();
+        tls.alpn_protocols = vec![b"bench".to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+        quinn::ServerConfig::with_crypto(Arc::new(crypto))
+    };
+    let endpoint = quinn_endpoint(Some(config), tuned);
+    println!(
+        "{{\"peer_id\":\"{}\",\"addr\":\"{}\"}}",
+        keypair.public().to_peer_id(),
+        endpoint.local_addr().unwrap()
+    );
+    std::io::stdout().flush().unwrap();
+    while let Some(incoming) = endpoint.accept().await {
+        let conn = incoming.await.unwrap();
+        let mut send = conn.open_uni().await.unwrap();
+        let mut f = std::fs::File::open(file).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut f, &mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            send.write_all(&buf[..n]).await.unwrap();
+        }
+        send.finish().unwrap();
+        conn.closed().await;
+    }
+}
+
+fn report(started: Instant, before: support::Usage, bytes: u64) {
+    let secs = started.elapsed().as_secs_f64();
+    let after = usage();
+    println!(
+        "{{\"secs\":{secs},\"mibs\":{},\"cpu\":{},\"peak_rss_mib\":{}}}",
+        mib(bytes) / secs,
+        (after.cpu - before.cpu).as_secs_f64(),
+        after.peak_rss_mib
+    );
+}
+
+async fn get_snapsync(store: &Path, peers: Vec<PeerAddr>, manifest: &Manifest) {
+    let store = SnapshotStore::open(store).unwrap();
+    let downloader = Downloader::new(
+        Keypair::generate_ed25519(),
+        store,
+        DownloadConfig::default().with_bind(local()),
+    )
+    .unwrap();
+    let before = usage();
+    let started = Instant::now();
+    let got = downloader
+        .download(DownloadTarget::from_manifest(manifest), peers)
+        .await
+        .unwrap();
+    report(started, before, manifest.archive_size);
+    let served: Vec<String> = got
+        .per_peer
+        .iter()
+        .map(|(_, b)| format!("{:.0}", mib(*b)))
+        .collect();
+    eprintln!("    MiB per peer: {}", served.join(", "));
+}
+
+async fn get_tcp(addr: SocketAddr, out: &Path, size: u64) {
+    let before = usage();
+    let started = Instant::now();
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut f = std::fs::File::create(out).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        // Fill a 1 MiB buffer, then write it (plain blocking writes: this process does
+        // nothing else).
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = sock.read(&mut buf[filled..]).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        f.write_all(&buf[..filled]).unwrap();
+        total += filled as u64;
+    }
+    f.sync_all().unwrap();
+    assert_eq!(total, size);
+    report(started, before, size);
+}
+
+async fn get_quinn(peer: PeerAddr, out: &Path, size: u64, tuned: bool) {
+    let before = usage();
+    let started = Instant::now();
+    let config = if tuned {
+        tuned::client()
+    } else {
+        let keypair = Keypair::generate_ed25519();
+        let mut tls = libp2p_tls::make_client_config(&keypair, Some(peer.peer_id)).unwrap();
+        tls.alpn_protocols = vec![b"bench".to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        quinn::ClientConfig::new(Arc::new(crypto))
+    };
+    let endpoint = quinn_endpoint(None, tuned);
+    let conn = endpoint
+        .connect_with(config, peer.addr, "x")
+        .unwrap()
+        .await
+        .unwrap();
+    let mut recv = conn.accept_uni().await.unwrap();
+    let mut f = std::fs::File::create(out).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match recv.read(&mut buf[filled..]).await.unwrap() {
+                Some(n) => filled += n,
+                None => break,
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        f.write_all(&buf[..filled]).unwrap();
+        total += filled as u64;
+    }
+    f.sync_all().unwrap();
+    assert_eq!(total, size);
+    conn.close(0u32.into(), b"done");
+    report(started, before, size);
+}
+
+/// Starts a server role and reads its listener lines.
+fn start_server(args: &[&str], lines: usize) -> (Child, Vec<String>) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut got = Vec::new();
+    for _ in 0..lines {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        got.push(line.trim().to_string());
+    }
+    (child, got)
+}
+
+fn text(json: &str, name: &str) -> String {
+    let pat = format!("\"{name}\":\"");
+    let start = json.find(&pat).unwrap() + pat.len();
+    json[start..json[start..].find('"').unwrap() + start].to_string()
+}
+
+fn peers_arg(lines: &[String]) -> String {
+    lines
+        .iter()
+        .map(|l| format!("{}@{}", text(l, "peer_id"), text(l, "addr")))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn parse_peers(s: &str) -> Vec<PeerAddr> {
+    s.split(',')
+        .map(|p| {
+            let (id, addr) = p.split_once('@').unwrap();
+            PeerAddr {
+                peer_id: id.parse().unwrap(),
+                addr: addr.parse().unwrap(),
+            }
+        })
+        .collect()
+}
+
+fn client(args: &[&str]) -> String {
+    support::run_phase(args)
+}
+
+fn main() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    if let Some(role) = arg("--role") {
+        let path = |name: &str| PathBuf::from(arg(name).unwrap());
+        rt.block_on(async {
+            match role.as_str() {
+                "serve-snapsync" => {
+                    let cap = arg("--cap").map(|c| c.parse().unwrap()).filter(|c| *c > 0);
+                    serve_snapsync(
+                        &path("--store"),
+                        arg("--count").unwrap().parse().unwrap(),
+                        cap,
+                    )
+                    .await
+                }
+                "make-snapshot" => {
+                    let mib: u64 = arg("--mib").unwrap().parse().unwrap();
+                    let m = make_snapshot(&path("--store"), mib << 20);
+                    println!("{{\"root\":\"{}\"}}", m.content_root);
+                }
+                "serve-tcp" => serve_tcp(&path("--file")).await,
+                "serve-quinn" => serve_quinn(&path("--file"), arg("--tuned").is_some()).await,
+                "get-snapsync" => {
+                    let server = SnapshotStore::open(path("--server-store")).unwrap();
+                    let manifest = server.latest().unwrap().manifest().clone();
+                    get_snapsync(
+                        &path("--store"),
+                        parse_peers(&arg("--peers").unwrap()),
+                        &manifest,
+                    )
+                    .await
+                }
+                "get-tcp" => {
+                    get_tcp(
+                        arg("--addr").unwrap().parse().unwrap(),
+                        &path("--out"),
+                        arg("--size").unwrap().parse().unwrap(),
+                    )
+                    .await
+                }
+                "get-quinn" => {
+                    let peer = parse_peers(&arg("--peers").unwrap())[0];
+                    get_quinn(
+                        peer,
+                        &path("--out"),
+                        arg("--size").unwrap().parse().unwrap(),
+                        arg("--tuned").is_some(),
+                    )
+                    .await
+                }
+                other => panic!("unknown role {other}"),
+            }
+        });
+        return;
+    }
+
+    let size_mib: u64 = arg("--mib").map(|m| m.parse().unwrap()).unwrap_or(1024);
+    let tmp = tempfile::tempdir().unwrap();
+    let server_store = tmp.path().join("server");
+    std::fs::create_dir_all(&server_store).unwrap();
+    eprintln!("writing a {size_mib} MiB snapshot ...");
+    let manifest = make_snapshot(&server_store, size_mib << 20);
+    let store = SnapshotStore::open(&server_store).unwrap();
+    let archive = store.latest().unwrap().archive_path();
+    let archive_s = archive.to_str().unwrap().to_string();
+    let server_s = server_store.to_str().unwrap().to_string();
+    let size_s = manifest.archive_size.to_string();
+    let client_dir = tmp.path().join("client");
+    let client_s = client_dir.to_str().unwrap().to_string();
+    let out_s = tmp.path().join("copy.bin").to_str().unwrap().to_string();
+    let fresh = || {
+        let _ = std::fs::remove_dir_all(&client_dir);
+        let _ = std::fs::remove_file(tmp.path().join("copy.bin"));
+    };
+
+    // (d) bare quinn
+    fresh();
+    let (mut server, lines) = start_server(&["--role", "serve-quinn", "--file", &archive_s], 1);
+    let quinn = client(&[
+        "--role",
+        "get-quinn",
+        "--peers",
+        &peers_arg(&lines),
+        "--out",
+        &out_s,
+        "--size",
+        &size_s,
+    ]);
+    server.kill().unwrap();
+    server.wait().unwrap();
+    eprintln!("(d) quinn single stream: {quinn}");
+
+    // (d') quinn with snapsync's transport tuning
+    fresh();
+    let (mut server, lines) = start_server(
+        &[
+            "--role",
+            "serve-quinn",
+            "--file",
+            &archive_s,
+            "--tuned",
+            "1",
+        ],
+        1,
+    );
+    let quinn_tuned = client(&[
+        "--role",
+        "get-quinn",
+        "--peers",
+        &peers_arg(&lines),
+        "--out",
+        &out_s,
+        "--size",
+        &size_s,
+        "--tuned",
+        "1",
+    ]);
+    server.kill().unwrap();
+    server.wait().unwrap();
+    eprintln!("(d') quinn single stream, tuned: {quinn_tuned}");
+
+    // (c) plain TCP
+    fresh();
+    let (mut server, lines) = start_server(&["--role", "serve-tcp", "--file", &archive_s], 1);
+    let tcp = client(&[
+        "--role",
+        "get-tcp",
+        "--addr",
+        &text(&lines[0], "addr"),
+        "--out",
+        &out_s,
+        "--size",
+        &size_s,
+    ]);
+    server.kill().unwrap();
+    server.wait().unwrap();
+    eprintln!("(c) plain TCP: {tcp}");
+
+    // (a) snapsync, one peer
+    fresh();
+    let (mut server, lines) = start_server(
+        &[
+            "--role",
+            "serve-snapsync",
+            "--store",
+            &server_s,
+            "--count",
+            "1",
+        ],
+        1,
+    );
+    let one = client(&[
+        "--role",
+        "get-snapsync",
+        "--server-store",
+        &server_s,
+        "--store",
+        &client_s,
+        "--peers",
+        &peers_arg(&lines),
+    ]);
+    server.kill().unwrap();
+    server.wait().unwrap();
+    eprintln!("(a) snapsync, 1 peer: {one}");
+
+    // (b) snapsync, four peers capped at a quarter of (a) each
+    fresh();
+    let one_rate = field(&one, "mibs") * 1024.0 * 1024.0;
+    let cap = (one_rate / 4.0) as u64;
+    let cap_s = cap.to_string();
+    let (mut server, lines) = start_server(
+        &[
+            "--role",
+            "serve-snapsync",
+            "--store",
+            &server_s,
+            "--count",
+            "4",
+            "--cap",
+            &cap_s,
+        ],
+        4,
+    );
+    let four = client(&[
+        "--role",
+        "get-snapsync",
+        "--server-store",
+        &server_s,
+        "--store",
+        &client_s,
+        "--peers",
+        &peers_arg(&lines),
+    ]);
+    server.kill().unwrap();
+    server.wait().unwrap();
+    eprintln!("(b) snapsync, 4 capped peers: {four}");
+    fresh();
+
+    let cap_sum_mibs = mib(cap) * 4.0;
+    println!("{size_mib} MiB over loopback, landed on disk with fsync");
+    println!(
+        "{:<36} {:>9} {:>9} {:>13}",
+        "", "MiB/s", "client CPU s", "peak RSS MiB"
+    );
+    for (name, r) in [
+        ("(a) snapsync, 1 peer", &one),
+        ("(b) snapsync, 4 peers capped", &four),
+        ("(c) plain TCP copy", &tcp),
+        ("(d) quinn single stream copy", &quinn),
+        ("(d') same, snapsync's QUIC tuning", &quinn_tuned),
+    ] {
+        println!(
+            "{:<36} {:>9.0} {:>9.2} {:>13.0}",
+            name,
+            field(r, "mibs"),
+            field(r, "cpu"),
+            field(r, "peak_rss_mib")
+        );
+    }
+    let a_vs_d = field(&one, "mibs") / field(&quinn, "mibs");
+    let b_vs_caps = field(&four, "mibs") / cap_sum_mibs;
+    println!("(a) / (d) = {a_vs_d:.2}x (goal >= 1.0)");
+    println!("(b) / sum of caps ({cap_sum_mibs:.0} MiB/s) = {b_vs_caps:.2}x (goal >= 0.9)");
+    println!(
+        "(a) / (c) = {:.2}x",
+        field(&one, "mibs") / field(&tcp, "mibs")
+    );
+    println!(
+        "(a) / (d') = {:.2}x (what the checks and multi-peer machinery cost over equally tuned quinn)",
+        field(&one, "mibs") / field(&quinn_tuned, "mibs")
+    );
+    let peak = field(&one, "peak_rss_mib").max(field(&four, "peak_rss_mib"));
+    println!(
+        "{{\"one_peer_mibs\":{:.1},\"four_peer_mibs\":{:.1},\"cap_sum_mibs\":{cap_sum_mibs:.1},\"tcp_mibs\":{:.1},\"quinn_mibs\":{:.1},\"quinn_tuned_mibs\":{:.1},\"peak_rss_mib\":{peak:.1},\"one_peer_cpu_s\":{:.2},\"four_peer_cpu_s\":{:.2},\"tcp_cpu_s\":{:.2},\"quinn_cpu_s\":{:.2},\"one_vs_quinn\":{a_vs_d:.3},\"four_vs_caps\":{b_vs_caps:.3},\"size_mib\":{size_mib}}}",
+        field(&one, "mibs"),
+        field(&four, "mibs"),
+        field(&tcp, "mibs"),
+        field(&quinn, "mibs"),
+        field(&quinn_tuned, "mibs"),
+        field(&one, "cpu"),
+        field(&four, "cpu"),
+        field(&tcp, "cpu"),
+        field(&quinn, "cpu"),
+    );
+    let _ = Duration::ZERO;
+}
