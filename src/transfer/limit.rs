@@ -16,10 +16,10 @@ pub(crate) struct ByteLimiter {
 
 impl ByteLimiter {
     /// A limiter of `bytes_per_sec` (at least 1 KiB/s), allowing bursts of a tenth of a second
-    /// (at least 64 KiB) so that pacing stays smooth without starving a single stream.
+    /// (at least one 256 KiB send piece) so that pacing stays smooth without starving a stream.
     pub(crate) fn new(bytes_per_sec: u64) -> Self {
         let per_sec = (bytes_per_sec / CELL).clamp(1, u64::from(u32::MAX)) as u32;
-        let burst_cells = (per_sec / 10).max(64);
+        let burst_cells = (per_sec / 10).max(256);
         let quota = Quota::per_second(NonZeroU32::new(per_sec).expect("at least 1"))
             .allow_burst(NonZeroU32::new(burst_cells).expect("at least 64"));
         Self {

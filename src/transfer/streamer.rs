@@ -652,8 +652,9 @@ fn count_response(shared: &Shared, header: &proto::ResponseHeader) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Pieces a response is sent in, each paced by the rate limits.
-const SEND_PIECE: usize = 64 << 10;
+/// Pieces a response is sent in, each paced by the rate limits. 256 KiB keeps QUIC's send
+/// batches large under a cap (measured: steadier and a few percent faster than 64 KiB).
+const SEND_PIECE: usize = 256 << 10;
 
 async fn serve_chunks(
     send: &mut quinn::SendStream,
