@@ -17,6 +17,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod bank_hash;
+mod behaviour;
 pub mod chunk;
 pub mod db;
 mod hash;
@@ -29,5 +30,9 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/snapsync.v1.rs"));
 }
 
+pub use behaviour::{
+    Advert, Behaviour, BehaviourError, Config, Conflict, DiscoveryStats, Event, MessageError,
+    Phase, SnapshotKey, Status, SyncError, TARGET as DISCOVERY_TARGET,
+};
 pub use chunk::{CHUNK_SIZE_ENV, ChunkSize, ChunkSizeError};
 pub use hash::{BankHash, ContentRoot, DigestError};

@@ -400,11 +400,22 @@ impl DownloadHandle {
         }
     }
 
-    /// Waits for the download to end.
-    pub async fn wait(mut self) -> Result<Downloaded, DownloadError> {
-        let result = (&mut self.task).await;
-        self.cancel = None;
-        result.unwrap_or(Err(DownloadError::Cancelled))
+    /// Waits for the download to end (the handle is also a future of the same).
+    pub async fn wait(self) -> Result<Downloaded, DownloadError> {
+        self.await
+    }
+}
+
+impl std::future::Future for DownloadHandle {
+    type Output = Result<Downloaded, DownloadError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.task)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(DownloadError::Cancelled)))
     }
 }
 

@@ -139,6 +139,7 @@ impl Drop for Tmpfs {
     }
 }
 
+pub mod net;
 pub mod relay;
 
 use std::sync::Arc;
