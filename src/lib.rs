@@ -21,6 +21,7 @@ mod behaviour;
 pub mod chunk;
 pub mod db;
 mod hash;
+pub mod metrics;
 pub mod snapshot;
 pub mod transfer;
 
@@ -36,3 +37,4 @@ pub use behaviour::{
 };
 pub use chunk::{CHUNK_SIZE_ENV, ChunkSize, ChunkSizeError};
 pub use hash::{BankHash, ContentRoot, DigestError};
+pub use metrics::Metrics;

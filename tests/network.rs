@@ -249,8 +249,12 @@ async fn no_snapshot_anywhere_is_reported_and_a_later_one_is_taken() {
 async fn a_wrong_token_fails_clearly_and_accepts_no_data() {
     init_tracing();
     let mut events = Events::new();
-    let (p, _) = producer(&mut events, 256, |c| {
-        c.with_token(Some(Token::new("right")))
+    let metrics = snapsync::Metrics::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let m = metrics.clone();
+    let (p, _) = producer(&mut events, 256, move |c| {
+        c.with_token(Some(Token::new("right"))).with_metrics(m)
     })
     .await;
     let (dir, db) = node_dir(0, 0, 0);
@@ -275,6 +279,17 @@ async fn a_wrong_token_fails_clearly_and_accepts_no_data() {
     let served = p.query(|s| s.behaviour().snapsync.streamer_stats()).await;
     assert_eq!(served.bytes_served, 0);
     assert!(served.refused_unauthorized >= 1);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("snapsync_refused_connections_total{reason=\"Unauthorized\"}"),
+        "{text}"
+    );
+    assert!(text.contains("snapsync_bytes_served_total 0"), "{text}");
+    assert!(
+        text.contains("snapsync_snapshots_created_total 1"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

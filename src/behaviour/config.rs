@@ -68,6 +68,8 @@ pub struct Config {
     pub streamer: StreamerConfig,
     /// The downloading side of the chunk stream.
     pub download: DownloadConfig,
+    /// Where to count what the node does (see [`crate::Metrics::register`]).
+    pub metrics: crate::Metrics,
 }
 
 impl Config {
@@ -95,6 +97,7 @@ impl Config {
             creator: CreatorConfig::default(),
             streamer: StreamerConfig::default(),
             download: DownloadConfig::default(),
+            metrics: crate::Metrics::default(),
         }
     }
 
@@ -220,6 +223,12 @@ impl Config {
     /// Sets the downloading side of the chunk stream.
     pub fn with_download(mut self, download: DownloadConfig) -> Self {
         self.download = download;
+        self
+    }
+
+    /// Sets where to count what the node does.
+    pub fn with_metrics(mut self, metrics: crate::Metrics) -> Self {
+        self.metrics = metrics;
         self
     }
 

@@ -76,6 +76,7 @@ use self::protocol::{
 };
 use crate::db::{DbError, StateDb};
 use crate::hash::BankHash;
+use crate::metrics::MessageKind;
 use crate::proto;
 use crate::snapshot::{
     CreateError, CreationTask, Creator, LoadError, LoadReport, Manifest, SnapshotStore, StoreError,
@@ -363,12 +364,20 @@ impl Behaviour {
         let streamer = Streamer::bind(
             keypair,
             store.clone(),
-            config.streamer.clone().with_token(config.token.clone()),
+            config
+                .streamer
+                .clone()
+                .with_token(config.token.clone())
+                .with_metrics(config.metrics.clone()),
         )?;
         let downloader = Downloader::new(
             keypair.clone(),
             store.clone(),
-            config.download.clone().with_token(config.token.clone()),
+            config
+                .download
+                .clone()
+                .with_token(config.token.clone())
+                .with_metrics(config.metrics.clone()),
         )?;
         let creator = Creator::new(store.clone(), db.clone(), config.creator);
 
@@ -652,6 +661,7 @@ impl Behaviour {
         {
             Ok(_) => {
                 self.stats.requests_published += 1;
+                self.config.metrics.message(MessageKind::RequestSent);
                 self.last_request = Some(now);
             }
             // Normal at start: the next tick, or the next peer to join the topic, asks again.
@@ -678,6 +688,7 @@ impl Behaviour {
         let local_slot = self.local_slot();
         self.round += 1;
         self.stats.rounds += 1;
+        self.config.metrics.discovery_rounds.inc();
         tracing::info!(target: TARGET, round = self.round, ?local_slot, "asking peers for snapshots");
         self.state = State::Collecting {
             round: self.round,
@@ -795,6 +806,7 @@ impl Behaviour {
         {
             Ok(_) => {
                 self.stats.announcements_published += 1;
+                self.config.metrics.message(MessageKind::AnnouncementSent);
                 tracing::info!(target: TARGET, waiting = self.waiting.len(), "announced a new snapshot");
             }
             Err(e) => tracing::debug!(target: TARGET, error = %e, "cannot announce"),
@@ -803,6 +815,7 @@ impl Behaviour {
 
     fn strike(&mut self, peer: PeerId, error: &dyn std::fmt::Display) {
         self.stats.malformed += 1;
+        self.config.metrics.message(MessageKind::Malformed);
         let strikes = self.strikes.get(&peer).copied().unwrap_or(0) + 1;
         remember(&mut self.strikes, peer, strikes, |_| Instant::now());
         tracing::debug!(target: TARGET, %peer, %error, strikes, "dropped a bad message");
@@ -823,6 +836,7 @@ impl Behaviour {
 
     fn on_request(&mut self, source: PeerId, request: InfoRequest) {
         self.stats.requests_received += 1;
+        self.config.metrics.message(MessageKind::RequestReceived);
         let now = Instant::now();
         remember(&mut self.waiting, source, now, |t| *t);
         let Some(latest) = self.store.latest() else {
@@ -846,6 +860,7 @@ impl Behaviour {
             .answers
             .send_request_with_addresses(&source, answer, request.addrs);
         self.stats.answers_sent += 1;
+        self.config.metrics.message(MessageKind::AnswerSent);
         tracing::debug!(target: TARGET, requester = %source, slot = latest.manifest().slot, "answered a snapshot request");
     }
 
@@ -937,6 +952,9 @@ impl Behaviour {
                 match protocol::check_advert(&a, source, self.config.max_archive_bytes) {
                     Ok(advert) => {
                         self.stats.announcements_received += 1;
+                        self.config
+                            .metrics
+                            .message(MessageKind::AnnouncementReceived);
                         self.on_advert(advert);
                         Accept
                     }
@@ -973,6 +991,7 @@ impl Behaviour {
                 match protocol::check_advert(&request, peer, self.config.max_archive_bytes) {
                     Ok(advert) => {
                         self.stats.answers_received += 1;
+                        self.config.metrics.message(MessageKind::AnswerReceived);
                         self.on_advert(advert);
                     }
                     Err(e) => self.strike(peer, &e),
@@ -1017,6 +1036,7 @@ impl Behaviour {
             self.creating = None;
             match result {
                 Ok(snap) => {
+                    self.config.metrics.snapshots_created.inc();
                     self.push_event(Event::SnapshotCreated {
                         manifest: snap.manifest().clone(),
                     });
@@ -1084,6 +1104,7 @@ impl Behaviour {
                 }
                 Err(e) => {
                     tracing::warn!(target: TARGET, slot = key.slot, error = %e, "snapshot download failed");
+                    self.config.metrics.sync_failures.inc();
                     self.state = State::Idle;
                     self.push_event(Event::SyncFailed {
                         key,
@@ -1108,6 +1129,7 @@ impl Behaviour {
             self.state = State::Idle;
             match result {
                 Ok(Ok(report)) => {
+                    self.config.metrics.snapshots_synced.inc();
                     tracing::info!(target: TARGET, slot = report.slot, bank_hash = %report.bank_hash.short(), secs = elapsed.as_secs_f64(), "snapshot synced and loaded");
                     self.push_event(Event::SnapshotSynced {
                         slot: report.slot,
@@ -1120,6 +1142,7 @@ impl Behaviour {
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(target: TARGET, slot = key.slot, error = %e, "snapshot load failed");
+                    self.config.metrics.sync_failures.inc();
                     // A snapshot that does not load must not be served either.
                     if let Some(snap) = self.store.get(&key.content_root) {
                         let _ = self.store.remove(&snap);

@@ -70,6 +70,8 @@ pub struct DownloadConfig {
     pub progress_interval: Duration,
     /// QUIC transport settings.
     pub transport: TransportTuning,
+    /// Where to count what is downloaded, failed and banned.
+    pub metrics: crate::Metrics,
 }
 
 impl Default for DownloadConfig {
@@ -91,6 +93,7 @@ impl Default for DownloadConfig {
             persist_interval: Duration::from_secs(1),
             progress_interval: Duration::from_millis(250),
             transport: TransportTuning::default(),
+            metrics: crate::Metrics::default(),
         }
     }
 }
@@ -169,6 +172,10 @@ impl DownloadConfig {
     setter!(
         /// Sets the QUIC transport settings.
         with_transport, transport: TransportTuning
+    );
+    setter!(
+        /// Sets where to count what is downloaded.
+        with_metrics, metrics: crate::Metrics
     );
 
     fn scheduler(&self, chunk_size: ChunkSize) -> SchedulerConfig {
@@ -469,6 +476,11 @@ impl Downloader {
         let (cancel_tx, cancel_rx) = oneshot::channel();
         let inner = self.inner.clone();
         let task = tokio::spawn(async move {
+            let active = inner.config.metrics.active_downloads.clone();
+            active.inc();
+            let _active = scopeguard(move || {
+                active.dec();
+            });
             let result = Run::start(inner, target, peers, progress_tx.clone())
                 .await?
                 .run(peers_rx, cancel_rx)
@@ -492,6 +504,19 @@ impl Downloader {
     ) -> Result<Downloaded, DownloadError> {
         self.start(target, peers).wait().await
     }
+}
+
+/// Runs `f` when dropped (also when the task is aborted).
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 /// Why connecting to a peer failed.
@@ -1133,11 +1158,15 @@ impl Run {
                 match result {
                     Ok(bytes) => {
                         self.fetched_bytes += bytes;
+                        self.inner.config.metrics.bytes_downloaded.inc_by(bytes);
                         for action in self.sched.on_success(id, now) {
                             self.apply(action);
                         }
                     }
                     Err(FetchError::Corrupt(e)) => {
+                        let m = &self.inner.config.metrics;
+                        m.verification_failures.inc();
+                        m.peer_bans.inc();
                         let slot = &mut self.peers[peer];
                         tracing::warn!(target: DOWNLOAD_TARGET, peer = %slot.addr.peer_id, error = %e, "peer sent a chunk that does not match the content root; banned for this download");
                         slot.last_error = Some(format!("banned: {e}"));

@@ -17,6 +17,7 @@ use super::wire::{self, FrameError, MAX_FRAME, PROTOCOL_VERSION, close};
 use super::{STREAMER_TARGET, Token};
 use crate::chunk::{ChunkError, ChunkSource};
 use crate::hash::ContentRoot;
+use crate::metrics::RefusedReason;
 use crate::proto;
 use crate::snapshot::SnapshotStore;
 
@@ -51,6 +52,8 @@ pub struct StreamerConfig {
     pub request_timeout: Duration,
     /// QUIC transport settings.
     pub transport: TransportTuning,
+    /// Where to count what is served and refused.
+    pub metrics: crate::Metrics,
 }
 
 impl Default for StreamerConfig {
@@ -68,6 +71,7 @@ impl Default for StreamerConfig {
             auth_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             transport: TransportTuning::default(),
+            metrics: crate::Metrics::default(),
         }
     }
 }
@@ -136,6 +140,12 @@ impl StreamerConfig {
     /// Sets the QUIC transport settings.
     pub fn with_transport(mut self, transport: TransportTuning) -> Self {
         self.transport = transport;
+        self
+    }
+
+    /// Sets where to count what is served and refused.
+    pub fn with_metrics(mut self, metrics: crate::Metrics) -> Self {
+        self.metrics = metrics;
         self
     }
 }
@@ -317,7 +327,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 if shared.connections.load(Ordering::Acquire) >= shared.config.max_connections {
-                    shared.counters.refused_busy.fetch_add(1, Ordering::Relaxed);
+                    shared.count_refused(RefusedReason::Busy);
                     tracing::debug!(target: STREAMER_TARGET, remote = %incoming.remote_address(), "connection limit reached; refusing");
                     incoming.refuse();
                     continue;
@@ -392,10 +402,7 @@ async fn serve_connection(
         // blake3::Hash compares in constant time, and hashing first hides the length too.
         .is_some_and(|expected| blake3::hash(&hello.token) != expected)
     {
-        shared
-            .counters
-            .refused_unauthorized
-            .fetch_add(1, Ordering::Relaxed);
+        shared.count_refused(RefusedReason::Unauthorized);
         tracing::warn!(target: STREAMER_TARGET, %peer, "refused: wrong or missing SNAPSHOT_TOKEN");
         Some((
             proto::Refusal::Unauthorized,
@@ -408,7 +415,7 @@ async fn serve_connection(
     let peer_limit = match refusal {
         Some(refused) => None.ok_or(refused),
         None => enter_peer(shared, peer).ok_or_else(|| {
-            shared.counters.refused_busy.fetch_add(1, Ordering::Relaxed);
+            shared.count_refused(RefusedReason::Busy);
             (
                 proto::Refusal::Busy,
                 close::BUSY,
@@ -428,6 +435,7 @@ async fn serve_connection(
         .counters
         .connections_accepted
         .fetch_add(1, Ordering::Relaxed);
+    shared.config.metrics.active_transfers.inc();
     let welcome = proto::Welcome {
         protocol_version: PROTOCOL_VERSION,
         refused: proto::Refusal::None as i32,
@@ -509,6 +517,7 @@ struct PeerGuard<'a> {
 
 impl Drop for PeerGuard<'_> {
     fn drop(&mut self) {
+        self.shared.config.metrics.active_transfers.dec();
         let mut peers = self
             .shared
             .per_peer
@@ -548,6 +557,15 @@ fn refusal(status: proto::Status, message: impl Into<String>) -> Refusal {
 }
 
 impl Shared {
+    fn count_refused(&self, reason: RefusedReason) {
+        let counter = match reason {
+            RefusedReason::Unauthorized => &self.counters.refused_unauthorized,
+            RefusedReason::Busy => &self.counters.refused_busy,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.config.metrics.refused(reason);
+    }
+
     fn source(&self, root: &ContentRoot) -> Result<Arc<ChunkSource>, Refusal> {
         let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = sources.iter().position(|(r, _)| r == root) {
@@ -724,6 +742,9 @@ async fn serve_chunks(
     c.chunks_served
         .fetch_add(range.end - range.start, Ordering::Relaxed);
     c.bytes_served.fetch_add(data_bytes, Ordering::Relaxed);
+    let m = &shared.config.metrics;
+    m.bytes_served.inc_by(data_bytes);
+    m.chunks_served.inc_by(range.end - range.start);
     send.finish()?;
     Ok(())
 }
