@@ -35,6 +35,11 @@ pub use behaviour::{
     Advert, Behaviour, BehaviourError, Config, Conflict, DiscoveryStats, Event, MessageError,
     Phase, SnapshotKey, Status, SyncError, TARGET as DISCOVERY_TARGET,
 };
+/// The README's code, compiled as a doc test.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 pub use chunk::{CHUNK_SIZE_ENV, ChunkSize, ChunkSizeError};
 pub use hash::{BankHash, ContentRoot, DigestError};
 pub use metrics::Metrics;

@@ -1,0 +1,171 @@
+//! The headless node example, driven as processes: a producer and a fresh node with
+//! `--exit-after-sync` reach the same bank hash; a wrong token ends in a non-zero exit and a
+//! clear message.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The `node` example binary, built by `cargo test` beside this test.
+fn node_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("examples").join("node");
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo test` builds the examples",
+        bin.display()
+    );
+    bin
+}
+
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<serde_json::Value>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Proc {
+    fn start(args: &[&str], token: &str) -> Self {
+        let mut child = Command::new(node_bin())
+            .args(args)
+            .env("SNAPSHOT_TOKEN", token)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                let v: serde_json::Value =
+                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let err = BufReader::new(child.stderr.take().unwrap());
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in err.lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Self {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    fn wait_event(&self, name: &str) -> serde_json::Value {
+        loop {
+            let v = self
+                .lines
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| {
+                    panic!("no {name} event; stderr:\n{}", self.stderr.lock().unwrap())
+                });
+            if v["event"] == name {
+                return v;
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn producer(dir: &std::path::Path, token: &str) -> (Proc, String) {
+    let p = Proc::start(
+        &[
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+            "--streamer",
+            "127.0.0.1:0",
+            "--produce",
+            "--state-mib",
+            "2",
+            "--slot-ms",
+            "20",
+            "--range-for-snapshot",
+            "25",
+        ],
+        token,
+    );
+    let listening = p.wait_event("listening");
+    let addr = listening["addrs"][0].as_str().unwrap().to_string();
+    p.wait_event("snapshot_created");
+    (p, addr)
+}
+
+fn syncer(dir: &std::path::Path, peer: &str, token: &str) -> Proc {
+    Proc::start(
+        &[
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+            "--streamer",
+            "127.0.0.1:0",
+            "--peer",
+            peer,
+            "--exit-after-sync",
+            "--timeout",
+            "60",
+        ],
+        token,
+    )
+}
+
+#[test]
+fn a_fresh_node_syncs_the_producers_state_and_exits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (producer, addr) = producer(&tmp.path().join("producer"), "shared secret");
+    let mut fresh = syncer(&tmp.path().join("fresh"), &addr, "shared secret");
+    let synced = fresh.wait_event("synced");
+    let status = fresh.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let slot = synced["slot"].as_u64().unwrap();
+    assert!(synced["bytes"].as_u64().unwrap() > 1 << 20);
+    assert_eq!(synced["peers"].as_u64(), Some(1));
+    // The producer made that very snapshot: same slot, same bank hash.
+    let made = loop {
+        let v = producer.wait_event("snapshot_created");
+        if v["slot"].as_u64() == Some(slot) {
+            break v;
+        }
+        assert!(
+            v["slot"].as_u64().unwrap() < slot + 100,
+            "never saw slot {slot}"
+        );
+    };
+    assert_eq!(made["bank_hash"], synced["bank_hash"]);
+}
+
+#[test]
+fn a_wrong_token_exits_non_zero_with_a_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_producer, addr) = producer(&tmp.path().join("producer"), "right");
+    let mut fresh = syncer(&tmp.path().join("fresh"), &addr, "wrong");
+    let status = fresh.child.wait().unwrap();
+    assert_eq!(status.code(), Some(2));
+    // Let the stderr reader finish.
+    std::thread::sleep(Duration::from_millis(200));
+    let err = fresh.stderr.lock().unwrap().clone();
+    assert!(err.contains("error: cannot sync"), "{err}");
+    assert!(err.contains("SNAPSHOT_TOKEN"), "{err}");
+}
