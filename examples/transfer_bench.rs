@@ -438,10 +438,6 @@ fn parse_peers(s: &str) -> Vec<PeerAddr> {
         .collect()
 }
 
-fn client(args: &[&str]) -> String {
-    support::run_phase(args)
-}
-
 fn main() {
     if std::env::var_os("RUST_LOG").is_some() {
         tracing_subscriber::fmt()
@@ -522,31 +518,44 @@ fn main() {
     let client_dir = tmp.path().join("client");
     let client_s = client_dir.to_str().unwrap().to_string();
     let out_s = tmp.path().join("copy.bin").to_str().unwrap().to_string();
-    let fresh = || {
+
+    // One scenario: a server process, a client process built from the server's listener lines,
+    // then the server stopped. Each client starts from an empty directory.
+    let scenario = |name: &str,
+                    server: &[&str],
+                    listeners: usize,
+                    client: &dyn Fn(&[String]) -> Vec<String>| {
         let _ = std::fs::remove_dir_all(&client_dir);
         let _ = std::fs::remove_file(tmp.path().join("copy.bin"));
+        let (mut child, lines) = start_server(server, listeners);
+        let args = client(&lines);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let result = support::run_phase(&refs);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        eprintln!("{name}: {result}");
+        result
     };
-
-    // (d) bare quinn
-    fresh();
-    let (mut server, lines) = start_server(&["--role", "serve-quinn", "--file", &archive_s], 1);
-    let quinn = client(&[
-        "--role",
-        "get-quinn",
-        "--peers",
-        &peers_arg(&lines),
-        "--out",
-        &out_s,
-        "--size",
-        &size_s,
-    ]);
-    server.kill().unwrap();
-    server.wait().unwrap();
-    eprintln!("(d) quinn single stream: {quinn}");
-
-    // (d') quinn with snapsync's transport tuning
-    fresh();
-    let (mut server, lines) = start_server(
+    let owned = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let quinn = scenario(
+        "(d) quinn single stream",
+        &["--role", "serve-quinn", "--file", &archive_s],
+        1,
+        &|l| {
+            owned(&[
+                "--role",
+                "get-quinn",
+                "--peers",
+                &peers_arg(l),
+                "--out",
+                &out_s,
+                "--size",
+                &size_s,
+            ])
+        },
+    );
+    let quinn_tuned = scenario(
+        "(d') quinn single stream, tuned",
         &[
             "--role",
             "serve-quinn",
@@ -556,43 +565,52 @@ fn main() {
             "1",
         ],
         1,
+        &|l| {
+            owned(&[
+                "--role",
+                "get-quinn",
+                "--peers",
+                &peers_arg(l),
+                "--out",
+                &out_s,
+                "--size",
+                &size_s,
+                "--tuned",
+                "1",
+            ])
+        },
     );
-    let quinn_tuned = client(&[
-        "--role",
-        "get-quinn",
-        "--peers",
-        &peers_arg(&lines),
-        "--out",
-        &out_s,
-        "--size",
-        &size_s,
-        "--tuned",
-        "1",
-    ]);
-    server.kill().unwrap();
-    server.wait().unwrap();
-    eprintln!("(d') quinn single stream, tuned: {quinn_tuned}");
-
-    // (c) plain TCP
-    fresh();
-    let (mut server, lines) = start_server(&["--role", "serve-tcp", "--file", &archive_s], 1);
-    let tcp = client(&[
-        "--role",
-        "get-tcp",
-        "--addr",
-        &text(&lines[0], "addr"),
-        "--out",
-        &out_s,
-        "--size",
-        &size_s,
-    ]);
-    server.kill().unwrap();
-    server.wait().unwrap();
-    eprintln!("(c) plain TCP: {tcp}");
-
-    // (a) snapsync, one peer
-    fresh();
-    let (mut server, lines) = start_server(
+    let tcp = scenario(
+        "(c) plain TCP",
+        &["--role", "serve-tcp", "--file", &archive_s],
+        1,
+        &|l| {
+            owned(&[
+                "--role",
+                "get-tcp",
+                "--addr",
+                &text(&l[0], "addr"),
+                "--out",
+                &out_s,
+                "--size",
+                &size_s,
+            ])
+        },
+    );
+    let get_snapsync = |l: &[String]| {
+        owned(&[
+            "--role",
+            "get-snapsync",
+            "--server-store",
+            &server_s,
+            "--store",
+            &client_s,
+            "--peers",
+            &peers_arg(l),
+        ])
+    };
+    let one = scenario(
+        "(a) snapsync, 1 peer",
         &[
             "--role",
             "serve-snapsync",
@@ -602,27 +620,13 @@ fn main() {
             "1",
         ],
         1,
+        &get_snapsync,
     );
-    let one = client(&[
-        "--role",
-        "get-snapsync",
-        "--server-store",
-        &server_s,
-        "--store",
-        &client_s,
-        "--peers",
-        &peers_arg(&lines),
-    ]);
-    server.kill().unwrap();
-    server.wait().unwrap();
-    eprintln!("(a) snapsync, 1 peer: {one}");
-
-    // (b) snapsync, four peers capped at a quarter of (a) each
-    fresh();
-    let one_rate = field(&one, "mibs") * 1024.0 * 1024.0;
-    let cap = (one_rate / 4.0) as u64;
+    // Four peers, each capped at a quarter of what one peer reached.
+    let cap = (field(&one, "mibs") * 1024.0 * 1024.0 / 4.0) as u64;
     let cap_s = cap.to_string();
-    let (mut server, lines) = start_server(
+    let four = scenario(
+        "(b) snapsync, 4 capped peers",
         &[
             "--role",
             "serve-snapsync",
@@ -634,21 +638,9 @@ fn main() {
             &cap_s,
         ],
         4,
+        &get_snapsync,
     );
-    let four = client(&[
-        "--role",
-        "get-snapsync",
-        "--server-store",
-        &server_s,
-        "--store",
-        &client_s,
-        "--peers",
-        &peers_arg(&lines),
-    ]);
-    server.kill().unwrap();
-    server.wait().unwrap();
-    eprintln!("(b) snapsync, 4 capped peers: {four}");
-    fresh();
+    let _ = std::fs::remove_dir_all(&client_dir);
 
     let cap_sum_mibs = mib(cap) * 4.0;
     println!("{size_mib} MiB over loopback, landed on disk with fsync");

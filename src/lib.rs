@@ -21,6 +21,7 @@ mod behaviour;
 pub mod chunk;
 pub mod db;
 mod hash;
+mod macros;
 pub mod metrics;
 pub mod snapshot;
 pub mod transfer;

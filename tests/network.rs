@@ -58,17 +58,12 @@ async fn a_five_node_network_syncs_and_a_late_joiner_uses_several_peers() {
     }
     let mut synced = HashMap::new();
     while synced.len() < 3 {
-        let (i, slot, hash) = events
-            .wait(LONG, "three nodes synced", |i, e| match e {
-                Ev::Snap(Event::SnapshotSynced {
-                    slot, bank_hash, ..
-                }) => Some((i, *slot, *bank_hash)),
-                Ev::Snap(Event::SyncFailed { error, .. }) => panic!("node {i}: {error}"),
-                _ => None,
-            })
-            .await;
-        assert_eq!((slot, hash), (manifest.slot, manifest.bank_hash));
-        synced.insert(i, ());
+        let done = events.synced(None).await;
+        assert_eq!(
+            (done.slot, done.bank_hash),
+            (manifest.slot, manifest.bank_hash)
+        );
+        synced.insert(done.index, ());
     }
     for n in &nodes {
         assert_eq!(
@@ -93,20 +88,9 @@ async fn a_five_node_network_syncs_and_a_late_joiner_uses_several_peers() {
     for n in nodes.iter().chain([&p]) {
         late.dial(n.addr.clone());
     }
-    let per_peer = events
-        .wait(LONG, "the late joiner synced", |i, e| match e {
-            Ev::Snap(Event::SnapshotSynced {
-                per_peer,
-                bank_hash,
-                ..
-            }) if i == 9 => {
-                assert_eq!(*bank_hash, manifest.bank_hash);
-                Some(per_peer.clone())
-            }
-            Ev::Snap(Event::SyncFailed { error, .. }) if i == 9 => panic!("late joiner: {error}"),
-            _ => None,
-        })
-        .await;
+    let done = events.synced(Some(9)).await;
+    assert_eq!(done.bank_hash, manifest.bank_hash);
+    let per_peer = done.per_peer;
     let serving = per_peer.iter().filter(|(_, b)| *b > 0).count();
     println!("late joiner: bytes per peer {per_peer:?}");
     assert!(
@@ -177,20 +161,9 @@ async fn the_busiest_peer_stopping_mid_sync_does_not_stop_it() {
         .await;
     let stopped = holders.iter().find(|h| h.peer_id == busiest).unwrap();
     stopped.stop();
-    let per_peer = events
-        .wait(LONG, "the sync to complete", |i, e| match e {
-            Ev::Snap(Event::SnapshotSynced {
-                per_peer,
-                bank_hash,
-                ..
-            }) if i == 5 => {
-                assert_eq!(*bank_hash, manifest.bank_hash);
-                Some(per_peer.clone())
-            }
-            Ev::Snap(Event::SyncFailed { error, .. }) if i == 5 => panic!("{error}"),
-            _ => None,
-        })
-        .await;
+    let done = events.synced(Some(5)).await;
+    assert_eq!(done.bank_hash, manifest.bank_hash);
+    let per_peer = done.per_peer;
     println!("stopped {busiest}; bytes per peer {per_peer:?}");
     assert_eq!(n.db.slot().unwrap(), Some(manifest.slot));
 }
@@ -230,14 +203,8 @@ async fn no_snapshot_anywhere_is_reported_and_a_later_one_is_taken() {
     }
     // The peer makes one: it announces it (someone is waiting) and the node takes it.
     p.run(|s| s.behaviour_mut().snapsync.create_snapshot_now());
-    let (slot, hash) = events
-        .wait(LONG, "the sync", |i, e| match e {
-            Ev::Snap(Event::SnapshotSynced {
-                slot, bank_hash, ..
-            }) if i == 1 => Some((*slot, *bank_hash)),
-            _ => None,
-        })
-        .await;
+    let done = events.synced(Some(1)).await;
+    let (slot, hash) = (done.slot, done.bank_hash);
     assert_eq!(slot, 10);
     assert_eq!(state_id(&n.db), state_id(&p.db));
     assert_eq!(hash, state_id(&p.db).1);
@@ -634,15 +601,7 @@ async fn a_discovery_round_costs_messages_linear_in_the_nodes() {
     let r = start_node(1, dir.clone(), db, cfg, events.tx.clone()).await;
     r.dial(holders[0].addr.clone());
     r.dial(holders[10].addr.clone());
-    events
-        .wait(LONG, "the sync", |i, e| match e {
-            Ev::Snap(Event::SnapshotSynced { bank_hash, .. }) if i == 1 => {
-                assert_eq!(*bank_hash, manifest.bank_hash);
-                Some(())
-            }
-            _ => None,
-        })
-        .await;
+    assert_eq!(events.synced(Some(1)).await.bank_hash, manifest.bank_hash);
     let mine = r.query(|s| s.behaviour().snapsync.stats()).await;
     let mut received = 0;
     let mut answered = 0;
@@ -671,4 +630,42 @@ async fn a_discovery_round_costs_messages_linear_in_the_nodes() {
         "answers reached the requester"
     );
     assert!(total <= 3 * nodes, "{total} messages for {nodes} nodes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_falls_behind_syncs_again_and_keeps_only_the_newest() {
+    init_tracing();
+    let mut events = Events::new();
+    let (p, first) = producer(&mut events, 256, |c| c).await;
+    let (dir, db) = node_dir(0, 0, 0);
+    let cfg = test_config(dir.path()).with_behind_threshold(5);
+    let f = start_node(1, dir.clone(), db, cfg, events.tx.clone()).await;
+    f.dial(p.addr.clone());
+    let mut slots = vec![events.synced(Some(1)).await.slot];
+    assert_eq!(slots[0], first.slot);
+    // The producer moves on; each new snapshot is announced and taken.
+    for round in 1..=3u64 {
+        let target = first.slot + 10 * round;
+        let db = p.db.clone();
+        p.run(move |s| {
+            for slot in target - 9..=target {
+                db.commit_slot(slot, |w| w.put(format!("k{slot}").as_bytes(), b"v"))
+                    .unwrap();
+                s.behaviour_mut().snapsync.on_slot(slot);
+            }
+        });
+        let done = events.synced(Some(1)).await;
+        assert_eq!(done.slot, target);
+        slots.push(done.slot);
+    }
+    assert_eq!(slots, vec![10, 20, 30, 40]);
+    assert_eq!(state_id(&f.db), state_id(&p.db));
+    // Retention (2 by default) applies to synced snapshots too.
+    let kept: Vec<u64> = snapsync::snapshot::SnapshotStore::open(f.dir.path().join("snapshots"))
+        .unwrap()
+        .list()
+        .iter()
+        .map(|s| s.manifest().slot)
+        .collect();
+    assert_eq!(kept, vec![30, 40]);
 }

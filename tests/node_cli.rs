@@ -29,9 +29,13 @@ struct Proc {
 
 impl Proc {
     fn start(args: &[&str], token: &str) -> Self {
+        Self::start_with(args, &[("SNAPSHOT_TOKEN", token)])
+    }
+
+    fn start_with(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(node_bin())
             .args(args)
-            .env("SNAPSHOT_TOKEN", token)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -168,4 +172,71 @@ fn a_wrong_token_exits_non_zero_with_a_clear_message() {
     let err = fresh.stderr.lock().unwrap().clone();
     assert!(err.contains("error: cannot sync"), "{err}");
     assert!(err.contains("SNAPSHOT_TOKEN"), "{err}");
+}
+
+#[test]
+fn a_bad_chunk_size_is_refused_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut node = Proc::start_with(
+        &[
+            "--data-dir",
+            tmp.path().to_str().unwrap(),
+            "--peer",
+            "/ip4/127.0.0.1/udp/9/quic-v1",
+        ],
+        &[("SNAPSHOT_CHUNK_SIZE", "3000")],
+    );
+    let status = node.child.wait().unwrap();
+    assert_eq!(status.code(), Some(2));
+    std::thread::sleep(Duration::from_millis(200));
+    let err = node.stderr.lock().unwrap().clone();
+    assert!(
+        err.contains("chunk size 3000 is not a power of two"),
+        "{err}"
+    );
+}
+
+#[test]
+fn metrics_are_served_over_http() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let p = Proc::start(
+        &[
+            "--data-dir",
+            tmp.path().to_str().unwrap(),
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+            "--streamer",
+            "127.0.0.1:0",
+            "--produce",
+            "--slot-ms",
+            "10",
+            "--range-for-snapshot",
+            "10",
+            "--metrics",
+            &metrics,
+        ],
+        "",
+    );
+    p.wait_event("snapshot_created");
+    let mut sock = std::net::TcpStream::connect(&metrics).unwrap();
+    sock.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    sock.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    assert!(body.contains("snapsync_snapshots_created_total"), "{body}");
+    let created: u64 = body
+        .lines()
+        .find(|l| l.starts_with("snapsync_snapshots_created_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(created >= 1, "{body}");
 }

@@ -1,5 +1,6 @@
 //! [`Config`] of the snapsync [`Behaviour`](super::Behaviour).
 
+use crate::macros::setter;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -112,41 +113,35 @@ impl Config {
         Ok(config)
     }
 
-    /// Sets the network name.
-    pub fn with_network(mut self, network: impl Into<String>) -> Self {
-        self.network = network.into();
-        self
-    }
+    setter!(
+        /// Sets the network name.
+        with_network, network: impl Into<String>, |network| network.into()
+    );
 
-    /// Sets the discovery interval.
-    pub fn with_discovery_interval(mut self, interval: Duration) -> Self {
-        self.discovery_interval = interval.max(Duration::from_millis(10));
-        self
-    }
+    setter!(
+        /// Sets the discovery interval.
+        with_discovery_interval, discovery_interval: Duration, |interval| interval.max(Duration::from_millis(10))
+    );
 
-    /// Sets the answer window.
-    pub fn with_answer_window(mut self, window: Duration) -> Self {
-        self.answer_window = window;
-        self
-    }
+    setter!(
+        /// Sets the answer window.
+        with_answer_window, answer_window: Duration
+    );
 
-    /// Sets how far behind (in slots) the node may fall before it needs a snapshot.
-    pub fn with_behind_threshold(mut self, slots: u64) -> Self {
-        self.behind_threshold = slots;
-        self
-    }
+    setter!(
+        /// Sets how far behind (in slots) the node may fall before it needs a snapshot.
+        with_behind_threshold, behind_threshold: u64
+    );
 
-    /// Sets how many peers must agree on a snapshot.
-    pub fn with_min_agreeing_peers(mut self, n: usize) -> Self {
-        self.min_agreeing_peers = n.max(1);
-        self
-    }
+    setter!(
+        /// Sets how many peers must agree on a snapshot.
+        with_min_agreeing_peers, min_agreeing_peers: usize, |n| n.max(1)
+    );
 
-    /// Sets the trusted peers.
-    pub fn with_trusted_peers(mut self, peers: impl IntoIterator<Item = PeerId>) -> Self {
-        self.trusted_peers = peers.into_iter().collect();
-        self
-    }
+    setter!(
+        /// Sets the trusted peers.
+        with_trusted_peers, trusted_peers: impl IntoIterator<Item = PeerId>, |peers| peers.into_iter().collect()
+    );
 
     /// Sets the trusted snapshot.
     pub fn with_trusted_snapshot(mut self, snapshot: Option<(u64, BankHash)>) -> Self {
@@ -154,83 +149,70 @@ impl Config {
         self
     }
 
-    /// Turns downloading on or off.
-    pub fn with_sync_enabled(mut self, enabled: bool) -> Self {
-        self.sync_enabled = enabled;
-        self
-    }
+    setter!(
+        /// Turns downloading on or off.
+        with_sync_enabled, sync_enabled: bool
+    );
 
-    /// Sets the announce window.
-    pub fn with_announce_window(mut self, window: Duration) -> Self {
-        self.announce_window = window;
-        self
-    }
+    setter!(
+        /// Sets the announce window.
+        with_announce_window, announce_window: Duration
+    );
 
-    /// Sets the per-requester answer cooldown.
-    pub fn with_answer_cooldown(mut self, cooldown: Duration) -> Self {
-        self.answer_cooldown = cooldown;
-        self
-    }
+    setter!(
+        /// Sets the per-requester answer cooldown.
+        with_answer_cooldown, answer_cooldown: Duration
+    );
 
-    /// Sets the shortest time between two requests.
-    pub fn with_min_request_interval(mut self, interval: Duration) -> Self {
-        self.min_request_interval = interval;
-        self
-    }
+    setter!(
+        /// Sets the shortest time between two requests.
+        with_min_request_interval, min_request_interval: Duration
+    );
 
-    /// Sets the strikes after which a peer is ignored.
-    pub fn with_max_strikes(mut self, strikes: u32) -> Self {
-        self.max_strikes = strikes.max(1);
-        self
-    }
+    setter!(
+        /// Sets the strikes after which a peer is ignored.
+        with_max_strikes, max_strikes: u32, |strikes| strikes.max(1)
+    );
 
-    /// Sets the largest archive an advertisement may claim.
-    pub fn with_max_archive_bytes(mut self, bytes: u64) -> Self {
-        self.max_archive_bytes = bytes;
-        self
-    }
+    setter!(
+        /// Sets the largest archive an advertisement may claim.
+        with_max_archive_bytes, max_archive_bytes: u64
+    );
 
-    /// Sets the gossipsub heartbeat interval.
-    pub fn with_heartbeat_interval(mut self, interval: Duration) -> Self {
-        self.heartbeat_interval = interval.max(Duration::from_millis(10));
-        self
-    }
+    setter!(
+        /// Sets the gossipsub heartbeat interval.
+        with_heartbeat_interval, heartbeat_interval: Duration, |interval| interval.max(Duration::from_millis(10))
+    );
 
-    /// Sets the chunk-stream addresses to advertise.
-    pub fn with_advertise_addrs(mut self, addrs: Vec<SocketAddr>) -> Self {
-        self.advertise_addrs = addrs;
-        self
-    }
+    setter!(
+        /// Sets the chunk-stream addresses to advertise.
+        with_advertise_addrs, advertise_addrs: Vec<SocketAddr>
+    );
 
-    /// Sets the shared token, for serving and downloading.
-    pub fn with_token(mut self, token: Option<Token>) -> Self {
-        self.token = token;
-        self
-    }
+    setter!(
+        /// Sets the shared token, for serving and downloading.
+        with_token, token: Option<Token>
+    );
 
-    /// Sets snapshot creation.
-    pub fn with_creator(mut self, creator: CreatorConfig) -> Self {
-        self.creator = creator;
-        self
-    }
+    setter!(
+        /// Sets snapshot creation.
+        with_creator, creator: CreatorConfig
+    );
 
-    /// Sets the serving side of the chunk stream.
-    pub fn with_streamer(mut self, streamer: StreamerConfig) -> Self {
-        self.streamer = streamer;
-        self
-    }
+    setter!(
+        /// Sets the serving side of the chunk stream.
+        with_streamer, streamer: StreamerConfig
+    );
 
-    /// Sets the downloading side of the chunk stream.
-    pub fn with_download(mut self, download: DownloadConfig) -> Self {
-        self.download = download;
-        self
-    }
+    setter!(
+        /// Sets the downloading side of the chunk stream.
+        with_download, download: DownloadConfig
+    );
 
-    /// Sets where to count what the node does.
-    pub fn with_metrics(mut self, metrics: crate::Metrics) -> Self {
-        self.metrics = metrics;
-        self
-    }
+    setter!(
+        /// Sets where to count what the node does.
+        with_metrics, metrics: crate::Metrics
+    );
 
     /// The gossip topic of this network.
     pub fn topic(&self) -> String {

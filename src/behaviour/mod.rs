@@ -60,6 +60,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
+
 use libp2p::core::transport::PortUse;
 use libp2p::core::{Endpoint, Multiaddr, multiaddr::Protocol};
 use libp2p::identity::Keypair;
@@ -502,11 +503,14 @@ impl Behaviour {
 
     /// Call after committing `slot` to the DB: starts a background snapshot when one is due.
     pub fn on_slot(&mut self, slot: u64) {
-        if self.creating.is_none()
-            && let Some(task) = self.creator.on_slot(slot)
-        {
-            self.creating = Some(task);
+        if !self.creator.is_due(slot) {
+            return;
         }
+        if self.creating.is_some() {
+            tracing::warn!(target: TARGET, slot, "snapshot creation still in progress; skipping this one");
+            return;
+        }
+        self.creating = self.creator.on_slot(slot);
     }
 
     /// Starts a snapshot of the current state now (unless one is being made).
@@ -625,6 +629,18 @@ impl Behaviour {
             streamer_addrs: addrs.iter().map(|a| a.to_string()).collect(),
             request_nonce,
         })
+    }
+
+    /// Publishes a discovery message on the topic.
+    fn publish(
+        &mut self,
+        body: proto::discovery_message::Body,
+    ) -> Result<(), gossipsub::PublishError> {
+        let msg = proto::DiscoveryMessage { body: Some(body) };
+        self.inner
+            .gossipsub
+            .publish(self.topic.clone(), msg.encode_to_vec())
+            .map(|_| ())
     }
 
     /// Publishes a request now, or, if the last one was too recent, as soon as allowed.
@@ -762,14 +778,7 @@ impl Behaviour {
             })
             .collect();
         let handle = self.downloader.start(target, addrs);
-        let progress = futures::stream::unfold(handle.progress(), |mut rx| async move {
-            rx.changed().await.ok()?;
-            let p = rx.borrow_and_update().clone();
-            Some((p, rx))
-        })
-        // Polled again after it ends (the download ends a moment later): fused.
-        .fuse()
-        .boxed();
+        let progress = handle.progress_stream();
         self.stats.downloads += 1;
         self.push_event(Event::DownloadStarted {
             key,
@@ -796,14 +805,7 @@ impl Behaviour {
         let Some(advert) = self.own_advert(0) else {
             return;
         };
-        let msg = proto::DiscoveryMessage {
-            body: Some(proto::discovery_message::Body::Announcement(advert)),
-        };
-        match self
-            .inner
-            .gossipsub
-            .publish(self.topic.clone(), msg.encode_to_vec())
-        {
+        match self.publish(proto::discovery_message::Body::Announcement(advert)) {
             Ok(_) => {
                 self.stats.announcements_published += 1;
                 self.config.metrics.message(MessageKind::AnnouncementSent);
@@ -1130,6 +1132,10 @@ impl Behaviour {
             match result {
                 Ok(Ok(report)) => {
                     self.config.metrics.snapshots_synced.inc();
+                    // Synced snapshots count against the retention like created ones.
+                    if let Err(e) = self.store.retain(self.config.creator.retain) {
+                        tracing::warn!(target: TARGET, error = %e, "could not delete old snapshots");
+                    }
                     tracing::info!(target: TARGET, slot = report.slot, bank_hash = %report.bank_hash.short(), secs = elapsed.as_secs_f64(), "snapshot synced and loaded");
                     self.push_event(Event::SnapshotSynced {
                         slot: report.slot,

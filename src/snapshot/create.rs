@@ -1,6 +1,7 @@
 //! Creating snapshots: [`create_snapshot`] (one, now) and [`Creator`] (every
 //! `range_for_snapshot` slots, in the background, with retention).
 
+use crate::macros::setter;
 use std::fs::File;
 use std::future::Future;
 use std::io::{self, BufWriter};
@@ -64,17 +65,15 @@ impl Default for CreateOptions {
 }
 
 impl CreateOptions {
-    /// Sets the chunk size.
-    pub fn with_chunk_size(mut self, chunk_size: ChunkSize) -> Self {
-        self.chunk_size = chunk_size;
-        self
-    }
+    setter!(
+        /// Sets the chunk size.
+        with_chunk_size, chunk_size: ChunkSize
+    );
 
-    /// Sets the zstd level.
-    pub fn with_zstd_level(mut self, level: i32) -> Self {
-        self.zstd_level = level;
-        self
-    }
+    setter!(
+        /// Sets the zstd level.
+        with_zstd_level, zstd_level: i32
+    );
 }
 
 /// Writes a snapshot of `view` into `store` and publishes it atomically (see
@@ -175,23 +174,20 @@ impl Default for CreatorConfig {
 }
 
 impl CreatorConfig {
-    /// Sets the number of slots between snapshots (at least 1).
-    pub fn with_range_for_snapshot(mut self, slots: u64) -> Self {
-        self.range_for_snapshot = slots.max(1);
-        self
-    }
+    setter!(
+        /// Sets the number of slots between snapshots (at least 1).
+        with_range_for_snapshot, range_for_snapshot: u64, |slots| slots.max(1)
+    );
 
-    /// Sets how many snapshots are kept (at least 1).
-    pub fn with_retain(mut self, keep: usize) -> Self {
-        self.retain = keep.max(1);
-        self
-    }
+    setter!(
+        /// Sets how many snapshots are kept (at least 1).
+        with_retain, retain: usize, |keep| keep.max(1)
+    );
 
-    /// Sets how archives are written.
-    pub fn with_options(mut self, options: CreateOptions) -> Self {
-        self.options = options;
-        self
-    }
+    setter!(
+        /// Sets how archives are written.
+        with_options, options: CreateOptions
+    );
 }
 
 /// Creates a snapshot every `range_for_snapshot` slots, in the background.

@@ -6,6 +6,7 @@
 //! resume, and reports progress. When every chunk is in, it checks the whole archive against the
 //! root once more, builds the outboard and publishes the snapshot in the store.
 
+use crate::macros::setter;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -96,16 +97,6 @@ impl Default for DownloadConfig {
             metrics: crate::Metrics::default(),
         }
     }
-}
-
-macro_rules! setter {
-    ($(#[$doc:meta])* $name:ident, $field:ident: $ty:ty) => {
-        $(#[$doc])*
-        pub fn $name(mut self, value: $ty) -> Self {
-            self.$field = value;
-            self
-        }
-    };
 }
 
 impl DownloadConfig {
@@ -393,6 +384,19 @@ impl DownloadHandle {
     /// Progress updates (the latest value; a UI renders it on change).
     pub fn progress(&self) -> watch::Receiver<Progress> {
         self.progress.clone()
+    }
+
+    /// Progress updates as a stream (each change once; it ends with the download).
+    pub fn progress_stream(&self) -> futures::stream::BoxStream<'static, Progress> {
+        use futures::StreamExt;
+        futures::stream::unfold(self.progress(), |mut rx| async move {
+            rx.changed().await.ok()?;
+            let p = rx.borrow_and_update().clone();
+            Some((p, rx))
+        })
+        // A stream polled again after it ends must not panic.
+        .fuse()
+        .boxed()
     }
 
     /// Adds a peer to the download (one that advertised the same snapshot later).

@@ -1,5 +1,6 @@
 //! The serving side of the chunk stream: [`Streamer`] (log target `SNAPSHOT:STREAMER`).
 
+use crate::macros::setter;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -77,77 +78,65 @@ impl Default for StreamerConfig {
 }
 
 impl StreamerConfig {
-    /// Sets the listen address.
-    pub fn with_listen(mut self, addr: SocketAddr) -> Self {
-        self.listen = addr;
-        self
-    }
+    setter!(
+        /// Sets the listen address.
+        with_listen, listen: SocketAddr
+    );
 
-    /// Sets the token.
-    pub fn with_token(mut self, token: Option<Token>) -> Self {
-        self.token = token;
-        self
-    }
+    setter!(
+        /// Sets the token.
+        with_token, token: Option<Token>
+    );
 
-    /// Sets the connection limit.
-    pub fn with_max_connections(mut self, n: usize) -> Self {
-        self.max_connections = n.max(1);
-        self
-    }
+    setter!(
+        /// Sets the connection limit.
+        with_max_connections, max_connections: usize, |n| n.max(1)
+    );
 
-    /// Sets the per-peer connection limit.
-    pub fn with_max_connections_per_peer(mut self, n: usize) -> Self {
-        self.max_connections_per_peer = n.max(1);
-        self
-    }
+    setter!(
+        /// Sets the per-peer connection limit.
+        with_max_connections_per_peer, max_connections_per_peer: usize, |n| n.max(1)
+    );
 
-    /// Sets the per-connection stream limit.
-    pub fn with_max_streams_per_connection(mut self, n: u32) -> Self {
-        self.max_streams_per_connection = n.max(1);
-        self
-    }
+    setter!(
+        /// Sets the per-connection stream limit.
+        with_max_streams_per_connection, max_streams_per_connection: u32, |n| n.max(1)
+    );
 
-    /// Sets the largest request served.
-    pub fn with_max_request_bytes(mut self, bytes: u64) -> Self {
-        self.max_request_bytes = bytes.max(1024);
-        self
-    }
+    setter!(
+        /// Sets the largest request served.
+        with_max_request_bytes, max_request_bytes: u64, |bytes| bytes.max(1024)
+    );
 
-    /// Sets the response memory budget.
-    pub fn with_response_memory(mut self, bytes: u64) -> Self {
-        self.response_memory = bytes.max(1 << 20);
-        self
-    }
+    setter!(
+        /// Sets the response memory budget.
+        with_response_memory, response_memory: u64, |bytes| bytes.max(1 << 20)
+    );
 
-    /// Sets the global serving rate cap, bytes per second.
-    pub fn with_rate_limit(mut self, bytes_per_sec: Option<u64>) -> Self {
-        self.rate_limit = bytes_per_sec;
-        self
-    }
+    setter!(
+        /// Sets the global serving rate cap, bytes per second.
+        with_rate_limit, rate_limit: Option<u64>
+    );
 
-    /// Sets the per-peer serving rate cap, bytes per second.
-    pub fn with_rate_limit_per_peer(mut self, bytes_per_sec: Option<u64>) -> Self {
-        self.rate_limit_per_peer = bytes_per_sec;
-        self
-    }
+    setter!(
+        /// Sets the per-peer serving rate cap, bytes per second.
+        with_rate_limit_per_peer, rate_limit_per_peer: Option<u64>
+    );
 
-    /// Sets the authentication timeout.
-    pub fn with_auth_timeout(mut self, timeout: Duration) -> Self {
-        self.auth_timeout = timeout;
-        self
-    }
+    setter!(
+        /// Sets the authentication timeout.
+        with_auth_timeout, auth_timeout: Duration
+    );
 
-    /// Sets the QUIC transport settings.
-    pub fn with_transport(mut self, transport: TransportTuning) -> Self {
-        self.transport = transport;
-        self
-    }
+    setter!(
+        /// Sets the QUIC transport settings.
+        with_transport, transport: TransportTuning
+    );
 
-    /// Sets where to count what is served and refused.
-    pub fn with_metrics(mut self, metrics: crate::Metrics) -> Self {
-        self.metrics = metrics;
-        self
-    }
+    setter!(
+        /// Sets where to count what is served and refused.
+        with_metrics, metrics: crate::Metrics
+    );
 }
 
 /// Counters of a [`Streamer`] since it started.

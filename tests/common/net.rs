@@ -251,3 +251,36 @@ pub fn node_dir(kib: u64, slot: u64, seed: u64) -> (Arc<tempfile::TempDir>, Redb
     }
     (dir, db)
 }
+
+/// A node's `SnapshotSynced`.
+#[derive(Debug, Clone)]
+pub struct Synced {
+    pub index: usize,
+    pub slot: u64,
+    pub bank_hash: snapsync::BankHash,
+    pub per_peer: Vec<(PeerId, u64)>,
+}
+
+impl Events {
+    /// Waits for node `node` (any node for `None`) to sync; its sync failing fails the test.
+    pub async fn synced(&mut self, node: Option<usize>) -> Synced {
+        self.wait(Duration::from_secs(60), "a sync", |i, e| match e {
+            Ev::Snap(snapsync::Event::SnapshotSynced {
+                slot,
+                bank_hash,
+                per_peer,
+                ..
+            }) if node.is_none_or(|n| n == i) => Some(Synced {
+                index: i,
+                slot: *slot,
+                bank_hash: *bank_hash,
+                per_peer: per_peer.clone(),
+            }),
+            Ev::Snap(snapsync::Event::SyncFailed { error, .. }) if node.is_none_or(|n| n == i) => {
+                panic!("node {i}: {error}")
+            }
+            _ => None,
+        })
+        .await
+    }
+}
