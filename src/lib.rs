@@ -1,19 +1,25 @@
 //! # snapsync
 //!
-//! Peer-to-peer state snapshot sync for libp2p nodes. A node's state lives in a key-value DB
-//! that advances in numbered slots; snapsync lets nodes bootstrap from each other's snapshots
-//! with no bootstrap node:
+//! Peer-to-peer state snapshot sync for libp2p nodes, with no bootstrap node. A node's state
+//! lives in a key-value DB that advances in numbered slots; snapsync lets nodes bootstrap from
+//! each other's snapshots:
 //!
 //! - **Create** ([`snapshot::Creator`]): every `range_for_snapshot` slots, a snapshot of a
 //!   consistent view of the DB is written in the background, its [`BankHash`] computed, and it is
 //!   published atomically; old ones are deleted.
-//! - **Verify** ([`chunk`]): an archive is checked in chunks against its [`ContentRoot`], the
-//!   BLAKE3 hash of the archive, with tree proofs, so no serving peer can forge a chunk.
+//! - **Discover and decide** ([`Behaviour`]): a [`NetworkBehaviour`](libp2p::swarm::NetworkBehaviour)
+//!   that composes into any swarm. A node that needs a snapshot asks over its own gossipsub
+//!   topic, peers answer directly, and the newest snapshot enough peers agree on is chosen.
+//! - **Transfer** ([`transfer`]): a QUIC chunk stream; the [`transfer::Downloader`] fetches one
+//!   snapshot from many peers at once and checks every chunk against the snapshot's
+//!   [`ContentRoot`] (the BLAKE3 hash of the archive) with a tree proof ([`chunk`]), so no
+//!   serving peer can forge a chunk; it resumes after a restart.
 //! - **Load** ([`snapshot::load_snapshot`]): the archive is imported into a fresh DB, its bank
 //!   hash recomputed and compared, and only then swapped in atomically.
 //!
 //! The DB is reached only through the [`db::StateDb`] trait; [`db::RedbState`] is the embedded
-//! default.
+//! default. Formats and protocols are specified in `docs/FORMAT.md`; the README shows how to
+//! compose [`Behaviour`] into a swarm, every setting, and the benchmarks.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod bank_hash;

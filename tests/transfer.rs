@@ -483,3 +483,42 @@ async fn a_killed_downloader_resumes_where_it_was() {
         m.archive_size
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_found_complete_on_disk_only_fetches_the_manifest() {
+    init_tracing();
+    let (server, snap) = Node::with_snapshot(512, 50, 11);
+    let streamer = serve(&server, StreamerConfig::default());
+    let client = Node::new();
+    let m = snap.manifest();
+    // What a crash right after the last chunk, before publishing, leaves: every chunk and
+    // proof node on disk and a progress file marking them all (docs/FORMAT.md, section 8).
+    let partial = client
+        .store
+        .dir()
+        .join(format!(".partial-{}", m.content_root.to_hex()));
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::copy(snap.archive_path(), partial.join("archive.part")).unwrap();
+    std::fs::copy(snap.outboard_path(), partial.join("outboard.bao")).unwrap();
+    let count = m.chunk_tree().chunk_count();
+    let mut progress = b"SNAPPROG".to_vec();
+    progress.extend_from_slice(&1u32.to_le_bytes());
+    progress.extend_from_slice(m.content_root.as_bytes());
+    progress.extend_from_slice(&m.archive_size.to_le_bytes());
+    progress.extend_from_slice(&m.chunk_size.bytes().to_le_bytes());
+    progress.extend_from_slice(&count.to_le_bytes());
+    progress.extend(std::iter::repeat_n(0xffu8, count.div_ceil(8) as usize));
+    std::fs::write(partial.join("progress"), &progress).unwrap();
+
+    let got = downloader(&client, fast())
+        .download(
+            DownloadTarget::from_manifest(m),
+            vec![peer(&server, &streamer)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.fetched_bytes, 0);
+    assert_eq!(got.resumed_bytes, m.archive_size);
+    assert_eq!(streamer.stats().bytes_served, 0);
+    assert_exact(&got, &snap, &client);
+}

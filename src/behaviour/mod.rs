@@ -1,46 +1,5 @@
-//! [`Behaviour`]: snapsync as a libp2p [`NetworkBehaviour`], a building block a node composes
-//! into its own swarm next to whatever else it runs.
-//!
-//! - **Discovery** (log target `NETWORK:SNAPSHOT`): every `discovery_interval` (first tick at
-//!   once), and as soon as a peer that speaks snapsync joins the topic, a node that needs a
-//!   snapshot (empty DB, or too far behind the best snapshot it knows of) publishes a
-//!   `snapshot_info_request` on snapsync's own gossipsub topic. Peers holding a newer snapshot
-//!   answer the requester directly over request-response, not on the topic, so a round costs a
-//!   number of messages linear in the number of nodes. A node that makes or loads a snapshot
-//!   while others are waiting announces it on the topic.
-//! - **Decision**: answers are collected for `answer_window`; the highest slot that enough
-//!   peers (or a trusted peer, or a trusted hash) agree on is chosen. Conflicting claims for
-//!   one slot are reported.
-//! - **Download and load**: one download at a time, from every peer that advertised the chosen
-//!   snapshot, over the QUIC chunk stream; then the snapshot is loaded into the DB, served and
-//!   announced.
-//!
-//! snapsync's gossipsub uses its own protocol id prefix (`/snapsync/meshsub`), so a node's own
-//! gossipsub (chat, blocks, ...) in the same swarm never sees its messages, nor it theirs.
-//!
-//! # Example
-//!
-//! ```no_run
-//! use std::sync::Arc;
-//! use libp2p::{gossipsub, swarm::NetworkBehaviour};
-//!
-//! #[derive(NetworkBehaviour)]
-//! struct Node {
-//!     chat: gossipsub::Behaviour,
-//!     snapsync: snapsync::Behaviour,
-//! }
-//!
-//! # async fn run(keypair: libp2p::identity::Keypair, chat: gossipsub::Behaviour) -> Result<(), Box<dyn std::error::Error>> {
-//! let db = Arc::new(snapsync::db::RedbState::open("data/state.redb")?);
-//! let config = snapsync::Config::from_env("data/snapshots")?;
-//! let node = Node {
-//!     chat,
-//!     snapsync: snapsync::Behaviour::new(&keypair, db, config)?,
-//! };
-//! # let _ = node;
-//! # Ok(())
-//! # }
-//! ```
+//! [`Behaviour`]: snapsync as a libp2p [`NetworkBehaviour`]; discovery, decision, download
+//! and load tasks.
 
 mod config;
 mod decide;
@@ -297,7 +256,49 @@ enum State {
     },
 }
 
-/// The snapsync network behaviour. See the [module docs](self).
+/// snapsync as a libp2p [`NetworkBehaviour`], a building block a node composes into its own
+/// swarm next to whatever else it runs.
+///
+/// - **Discovery** (log target `NETWORK:SNAPSHOT`): every `discovery_interval` (first tick at
+///   once), and as soon as a peer that speaks snapsync joins the topic, a node that needs a
+///   snapshot (empty DB, or too far behind the best snapshot it knows of) publishes a
+///   `snapshot_info_request` on snapsync's own gossipsub topic. Peers holding a newer snapshot
+///   answer the requester directly over request-response, not on the topic, so a round costs a
+///   number of messages linear in the number of nodes. A node that makes or loads a snapshot
+///   while others are waiting announces it on the topic.
+/// - **Decision**: answers are collected for `answer_window`; the highest slot that enough
+///   peers (or a trusted peer, or a trusted hash) agree on is chosen. Conflicting claims for
+///   one slot are reported.
+/// - **Download and load**: one download at a time, from every peer that advertised the chosen
+///   snapshot, over the QUIC chunk stream; then the snapshot is loaded into the DB, served and
+///   announced.
+///
+/// snapsync's gossipsub uses its own protocol id prefix (`/snapsync/meshsub`), so a node's own
+/// gossipsub (chat, blocks, ...) in the same swarm never sees its messages, nor it theirs.
+///
+/// # Example
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use libp2p::{gossipsub, swarm::NetworkBehaviour};
+///
+/// #[derive(NetworkBehaviour)]
+/// struct Node {
+///     chat: gossipsub::Behaviour,
+///     snapsync: snapsync::Behaviour,
+/// }
+///
+/// # async fn run(keypair: libp2p::identity::Keypair, chat: gossipsub::Behaviour) -> Result<(), Box<dyn std::error::Error>> {
+/// let db = Arc::new(snapsync::db::RedbState::open("data/state.redb")?);
+/// let config = snapsync::Config::from_env("data/snapshots")?;
+/// let node = Node {
+///     chat,
+///     snapsync: snapsync::Behaviour::new(&keypair, db, config)?,
+/// };
+/// # let _ = node;
+/// # Ok(())
+/// # }
+/// ```
 pub struct Behaviour {
     inner: Inner,
     config: Config,

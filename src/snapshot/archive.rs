@@ -63,7 +63,7 @@ pub enum ArchiveError {
     /// The stream ended before its end marker and trailer.
     #[error("archive is truncated")]
     Truncated,
-    /// A key longer than [`bank_hash::MAX_KEY_LEN`].
+    /// A key longer than [`crate::bank_hash::MAX_KEY_LEN`].
     #[error("entry {index}: key of {len} bytes exceeds the limit")]
     KeyTooLong {
         /// Entry number.
@@ -71,7 +71,7 @@ pub enum ArchiveError {
         /// Length claimed.
         len: u64,
     },
-    /// A value longer than [`bank_hash::MAX_VALUE_LEN`].
+    /// A value longer than [`crate::bank_hash::MAX_VALUE_LEN`].
     #[error("entry {index}: value of {len} bytes exceeds the limit")]
     ValueTooLong {
         /// Entry number.

@@ -1023,7 +1023,9 @@ impl Run {
             while let Some(action) = self.sched.next_action(now) {
                 self.apply(action);
             }
-            if self.sched.is_complete() {
+            // Every chunk may be on disk already (a resumed download that was complete): the
+            // manifest still has to come from a peer.
+            if self.sched.is_complete() && self.manifest.is_some() {
                 break;
             }
             let received = self.activity.load(Ordering::Relaxed);

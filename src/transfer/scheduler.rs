@@ -568,13 +568,14 @@ impl Scheduler {
         self.last_progress = self.last_progress.max(now);
     }
 
-    /// Whether the download cannot go on.
+    /// Whether the download cannot go on: no peer left, or nothing arrived for too long. (A
+    /// complete download can still be stuck without peers: its manifest comes from one.)
     pub(crate) fn stuck(&self, now: Instant) -> Option<Stuck> {
-        if self.is_complete() {
-            return None;
-        }
         if self.peers.iter().all(|p| p.fate != PeerFate::Alive) {
             return Some(Stuck::NoPeers);
+        }
+        if self.is_complete() {
+            return None;
         }
         if now.saturating_duration_since(self.last_progress) >= self.config.no_progress_timeout {
             return Some(Stuck::NoProgress);

@@ -44,7 +44,7 @@ pub enum FrameError {
     /// The stream failed while writing.
     #[error("writing: {0}")]
     Write(#[from] quinn::WriteError),
-    /// The frame announced more than [`MAX_FRAME`] bytes.
+    /// The frame announced more than the limit (16 KiB).
     #[error("frame of {0} bytes exceeds the limit")]
     TooLarge(usize),
     /// The frame is not the expected protobuf message.
