@@ -1238,7 +1238,7 @@ impl Run {
             return Ok(());
         }
         // Snapshot the marks first: every chunk marked now was written before the fsync.
-        let marks = self.sched.chunk_done().to_vec();
+        let marks = self.sched.chunk_done().clone();
         let partial = Partial::reopen(&self.partial)?;
         self.persisting = Some(tokio::task::spawn_blocking(move || {
             partial.persist(&marks).map(|()| done)

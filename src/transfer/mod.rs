@@ -5,6 +5,7 @@
 //! A connection must present the shared [`Token`] (`SNAPSHOT_TOKEN`) before anything is served.
 //! The wire protocol is specified in `docs/FORMAT.md`.
 
+mod bits;
 mod downloader;
 mod limit;
 mod partial;

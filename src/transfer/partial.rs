@@ -11,6 +11,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
+use super::bits::Bits;
 use crate::chunk::ChunkTree;
 use crate::snapshot::{IoAt, OUTBOARD_FILE, StoreError, sync_dir, write_synced};
 
@@ -68,18 +69,19 @@ impl Partial {
     /// Opens (or starts) the partial download of `tree` in `dir`. Returns it with the chunks
     /// already on disk (all false for a new one, or if the saved progress is for another
     /// archive or unreadable).
-    pub(crate) fn open(dir: PathBuf, tree: ChunkTree) -> Result<(Self, Vec<bool>), StoreError> {
+    pub(crate) fn open(dir: PathBuf, tree: ChunkTree) -> Result<(Self, Bits), StoreError> {
         fs::create_dir_all(&dir).at(&dir)?;
         let part = dir.join(PART_FILE);
         let ob = dir.join(OUTBOARD_FILE);
         let file = open_rw(&part)?;
         let outboard = open_rw(&ob)?;
         let count = tree.chunk_count() as usize;
-        let mut done = read_progress(&dir.join(PROGRESS_FILE), &tree).unwrap_or_default();
+        let saved = read_progress(&dir.join(PROGRESS_FILE), &tree);
         let len = file.metadata().at(&part)?.len();
         let ob_len = outboard.metadata().at(&ob)?.len();
-        if done.len() != count || len != tree.size() || ob_len != tree.outboard_size() {
-            done = vec![false; count];
+        let mut done = saved.unwrap_or_else(|| Bits::new(count));
+        if done.ones() == 0 || len != tree.size() || ob_len != tree.outboard_size() {
+            done = Bits::new(count);
             preallocate(&file, &part, tree.size())?;
             preallocate(&outboard, &ob, tree.outboard_size())?;
         }
@@ -126,7 +128,7 @@ impl Partial {
     }
 
     /// Makes the archive durable, then records `done` as the chunks on disk.
-    pub(crate) fn persist(&self, done: &[bool]) -> Result<(), StoreError> {
+    pub(crate) fn persist(&self, done: &Bits) -> Result<(), StoreError> {
         self.sync()?;
         let mut bytes = Vec::with_capacity(HEADER + done.len().div_ceil(8));
         bytes.extend_from_slice(MAGIC);
@@ -135,19 +137,7 @@ impl Partial {
         bytes.extend_from_slice(&self.tree.size().to_le_bytes());
         bytes.extend_from_slice(&self.tree.chunk_size().bytes().to_le_bytes());
         bytes.extend_from_slice(&(done.len() as u64).to_le_bytes());
-        let mut byte = 0u8;
-        for (i, d) in done.iter().enumerate() {
-            if *d {
-                byte |= 1 << (i % 8);
-            }
-            if i % 8 == 7 {
-                bytes.push(byte);
-                byte = 0;
-            }
-        }
-        if !done.len().is_multiple_of(8) {
-            bytes.push(byte);
-        }
+        bytes.extend_from_slice(&done.to_bytes());
         let tmp = self.dir.join(format!("{PROGRESS_FILE}.tmp"));
         write_synced(&tmp, &bytes)?;
         let target = self.dir.join(PROGRESS_FILE);
@@ -165,7 +155,7 @@ impl Partial {
     }
 }
 
-fn read_progress(path: &Path, tree: &ChunkTree) -> Option<Vec<bool>> {
+fn read_progress(path: &Path, tree: &ChunkTree) -> Option<Bits> {
     let bytes = fs::read(path).ok()?;
     if bytes.len() < HEADER || &bytes[..8] != MAGIC {
         return None;
@@ -180,14 +170,10 @@ fn read_progress(path: &Path, tree: &ChunkTree) -> Option<Vec<bool>> {
         return None;
     }
     let count = u64_at(56) as usize;
-    if count != tree.chunk_count() as usize || bytes.len() != HEADER + count.div_ceil(8) {
+    if count != tree.chunk_count() as usize {
         return None;
     }
-    Some(
-        (0..count)
-            .map(|i| bytes[HEADER + i / 8] & (1 << (i % 8)) != 0)
-            .collect(),
-    )
+    Bits::from_bytes(&bytes[HEADER..], count)
 }
 
 #[cfg(test)]
@@ -201,10 +187,10 @@ mod tests {
         let tree = ChunkTree::new(100_000, ChunkSize::MIN, ContentRoot([3; 32]));
         let dir = tmp.path().join("p");
         let (p, done) = Partial::open(dir.clone(), tree).unwrap();
-        assert_eq!(done, vec![false; 98]);
+        assert_eq!(done, Bits::new(98));
         let mut marks = done.clone();
         for i in [0, 7, 8, 50, 97] {
-            marks[i] = true;
+            marks.set(i);
         }
         p.persist(&marks).unwrap();
         drop(p);
@@ -219,6 +205,6 @@ mod tests {
         // Another root: the saved progress is not trusted.
         let other = ChunkTree::new(100_000, ChunkSize::MIN, ContentRoot([4; 32]));
         let (_p, fresh) = Partial::open(dir, other).unwrap();
-        assert!(fresh.iter().all(|d| !d));
+        assert_eq!(fresh.ones(), 0);
     }
 }

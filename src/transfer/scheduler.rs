@@ -30,6 +30,8 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
+use super::bits::Bits;
+
 /// Index of a peer in the scheduler.
 pub(crate) type PeerIdx = usize;
 
@@ -125,12 +127,6 @@ struct Request {
     deadline: Option<Instant>,
 }
 
-#[derive(Debug, Default, Clone)]
-struct Piece {
-    done: bool,
-    holders: Vec<ReqId>,
-}
-
 /// Per-peer figures for progress reports.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct PeerReport {
@@ -146,14 +142,16 @@ pub(crate) struct Scheduler {
     config: SchedulerConfig,
     chunk_count: u64,
     size: u64,
-    pieces: Vec<Piece>,
-    /// Chunks done, in the order of `pieces` (for resume).
-    chunk_done: Vec<bool>,
+    /// Pieces done.
+    piece_done: Bits,
+    /// Requests in flight for each piece that has any.
+    holders: HashMap<usize, Vec<ReqId>>,
+    /// Chunks on disk (for resume).
+    chunk_done: Bits,
     cursor: usize,
     peers: Vec<Peer>,
     requests: HashMap<ReqId, Request>,
     next_id: ReqId,
-    done_pieces: usize,
     done_bytes: u64,
     last_progress: Instant,
 }
@@ -168,14 +166,16 @@ impl Scheduler {
         config: SchedulerConfig,
         size: u64,
         chunk_count: u64,
-        already_done: &[bool],
+        already_done: &Bits,
         now: Instant,
     ) -> Self {
         let piece_chunks = config.piece_chunks.max(1);
         let n = chunk_count.div_ceil(piece_chunks) as usize;
-        let mut chunk_done = vec![false; chunk_count as usize];
-        for (i, d) in already_done.iter().enumerate().take(chunk_count as usize) {
-            chunk_done[i] = *d;
+        let mut chunk_done = Bits::new(chunk_count as usize);
+        for i in 0..chunk_count as usize {
+            if already_done.get(i) {
+                chunk_done.set(i);
+            }
         }
         let mut s = Self {
             config: SchedulerConfig {
@@ -184,21 +184,20 @@ impl Scheduler {
             },
             chunk_count,
             size,
-            pieces: vec![Piece::default(); n],
+            piece_done: Bits::new(n),
+            holders: HashMap::new(),
             chunk_done,
             cursor: 0,
             peers: Vec::new(),
             requests: HashMap::new(),
             next_id: 0,
-            done_pieces: 0,
             done_bytes: 0,
             last_progress: now,
         };
         for p in 0..n {
             let range = s.piece_chunks(p);
-            if range.clone().all(|c| s.chunk_done[c as usize]) {
-                s.pieces[p].done = true;
-                s.done_pieces += 1;
+            if range.clone().all(|c| s.chunk_done.get(c as usize)) {
+                s.piece_done.set(p);
                 s.done_bytes += s.chunk_bytes(range);
             }
         }
@@ -221,12 +220,12 @@ impl Scheduler {
         let r = self.piece_chunks(piece);
         let first = r
             .clone()
-            .find(|c| !self.chunk_done[*c as usize])
+            .find(|c| !self.chunk_done.get(*c as usize))
             .unwrap_or(r.start);
         let last = r
             .clone()
             .rev()
-            .find(|c| !self.chunk_done[*c as usize])
+            .find(|c| !self.chunk_done.get(*c as usize))
             .unwrap_or(r.start);
         first..last + 1
     }
@@ -258,15 +257,19 @@ impl Scheduler {
     }
 
     pub(crate) fn is_complete(&self) -> bool {
-        self.done_pieces == self.pieces.len()
+        self.piece_done.ones() == self.piece_done.len()
     }
 
     pub(crate) fn done_bytes(&self) -> u64 {
         self.done_bytes
     }
 
-    pub(crate) fn chunk_done(&self) -> &[bool] {
+    pub(crate) fn chunk_done(&self) -> &Bits {
         &self.chunk_done
+    }
+
+    fn holders_of(&self, piece: usize) -> &[ReqId] {
+        self.holders.get(&piece).map_or(&[], |h| h.as_slice())
     }
 
     pub(crate) fn peer_report(&self, peer: PeerIdx) -> PeerReport {
@@ -345,9 +348,8 @@ impl Scheduler {
     }
 
     fn next_missing(&mut self) -> Option<usize> {
-        while self.cursor < self.pieces.len() {
-            let p = &self.pieces[self.cursor];
-            if !p.done && p.holders.is_empty() {
+        while self.cursor < self.piece_done.len() {
+            if !self.piece_done.get(self.cursor) && self.holders_of(self.cursor).is_empty() {
                 return Some(self.cursor);
             }
             self.cursor += 1;
@@ -362,10 +364,8 @@ impl Scheduler {
         let my_time = self.expected_duration(mine);
         let mut best: Option<(Instant, usize)> = None;
         for req in self.requests.values() {
-            let piece = &self.pieces[req.piece];
-            if piece.holders.len() >= 2
-                || piece.holders.iter().any(|h| self.requests[h].peer == peer)
-            {
+            let holders = self.holders_of(req.piece);
+            if holders.len() >= 2 || holders.iter().any(|h| self.requests[h].peer == peer) {
                 continue;
             }
             let holder = &self.peers[req.peer];
@@ -401,7 +401,7 @@ impl Scheduler {
                 deadline,
             },
         );
-        self.pieces[piece].holders.push(id);
+        self.holders.entry(piece).or_default().push(id);
         self.peers[peer].inflight += 1;
         Action::Request { id, peer, chunks }
     }
@@ -409,9 +409,12 @@ impl Scheduler {
     fn finish_request(&mut self, id: ReqId) -> Option<Request> {
         let req = self.requests.remove(&id)?;
         self.peers[req.peer].inflight -= 1;
-        let piece = &mut self.pieces[req.piece];
-        piece.holders.retain(|h| *h != id);
-        if !piece.done && piece.holders.is_empty() {
+        let holders = self.holders.entry(req.piece).or_default();
+        holders.retain(|h| *h != id);
+        if holders.is_empty() {
+            self.holders.remove(&req.piece);
+        }
+        if !self.piece_done.get(req.piece) && self.holders_of(req.piece).is_empty() {
             self.cursor = self.cursor.min(req.piece);
         }
         Some(req)
@@ -425,7 +428,7 @@ impl Scheduler {
         };
         let bytes = self.chunk_bytes(req.chunks.clone());
         for c in req.chunks.clone() {
-            self.chunk_done[c as usize] = true;
+            self.chunk_done.set(c as usize);
         }
         let peer = &mut self.peers[req.peer];
         let since = peer
@@ -444,16 +447,14 @@ impl Scheduler {
         peer.failures = 0;
         peer.backoff_until = None;
         let mut cancels = Vec::new();
-        if !self.pieces[req.piece].done {
+        if !self.piece_done.get(req.piece) {
             let full = self.piece_chunks(req.piece);
-            if full.clone().all(|c| self.chunk_done[c as usize]) {
-                self.pieces[req.piece].done = true;
-                self.done_pieces += 1;
+            if full.clone().all(|c| self.chunk_done.get(c as usize)) {
+                self.piece_done.set(req.piece);
                 self.done_bytes += bytes;
                 self.last_progress = now;
             }
-            for other in std::mem::take(&mut self.pieces[req.piece].holders) {
-                self.pieces[req.piece].holders.push(other);
+            for other in self.holders_of(req.piece).to_vec() {
                 cancels.push(Action::Cancel(other));
             }
             for action in &cancels {
@@ -598,7 +599,7 @@ impl Scheduler {
                 next = next.min(t);
             }
         }
-        if self.config.hedge && self.cursor >= self.pieces.len() && !self.requests.is_empty() {
+        if self.config.hedge && self.cursor >= self.piece_done.len() && !self.requests.is_empty() {
             // In the tail, look again soon for stragglers worth hedging.
             next = next.min(now + Duration::from_millis(20));
         }
@@ -632,7 +633,7 @@ mod tests {
     fn sched(chunks: u64) -> (Scheduler, Instant) {
         let now = Instant::now();
         (
-            Scheduler::new(config(), chunks * CHUNK, chunks, &[], now),
+            Scheduler::new(config(), chunks * CHUNK, chunks, &Bits::new(0), now),
             now,
         )
     }
@@ -690,7 +691,7 @@ mod tests {
         }
         assert_eq!(s.done_bytes(), 10 * CHUNK);
         assert_eq!(s.peer_report(0).bytes, 10 * CHUNK);
-        assert!(s.chunk_done().iter().all(|d| *d));
+        assert_eq!(s.chunk_done().ones(), 10);
         assert_eq!(s.stuck(now), None);
     }
 
@@ -760,7 +761,7 @@ mod tests {
             },
             1000 * CHUNK,
             1000,
-            &[],
+            &Bits::new(0),
             now,
         );
         connect_all(&mut s, 4, now);
@@ -880,7 +881,8 @@ mod tests {
         assert!(after.contains(&Action::Connect(0)), "{after:?}");
         let reassigned = requests(&after);
         assert!(
-            reassigned.iter().any(|r| r.2 == held[0].2) || s.chunk_done()[held[0].2.start as usize]
+            reassigned.iter().any(|r| r.2 == held[0].2)
+                || s.chunk_done().get(held[0].2.start as usize)
         );
     }
 
@@ -944,17 +946,17 @@ mod tests {
         let cancels = s.on_success(hedge.0, t + Duration::from_millis(601));
         assert_eq!(cancels, vec![Action::Cancel(slow_piece.0)]);
         assert_eq!(s.peer_report(1).inflight, before - 1);
-        assert!(s.chunk_done()[slow_piece.2.start as usize]);
+        assert!(s.chunk_done().get(slow_piece.2.start as usize));
     }
 
     #[test]
     fn no_progress_for_too_long_is_stuck_and_resume_skips_done_chunks() {
         let now = Instant::now();
-        let mut done = vec![false; 12];
-        for d in done.iter_mut().take(8) {
-            *d = true;
+        let mut done = Bits::new(12);
+        for i in 0..8 {
+            done.set(i);
         }
-        done[9] = true;
+        done.set(9);
         let mut s = Scheduler::new(config(), 12 * CHUNK, 12, &done, now);
         assert_eq!(s.done_bytes(), 8 * CHUNK);
         connect_all(&mut s, 1, now);

@@ -1,0 +1,84 @@
+//! [`Bits`]: one bit per chunk or piece, so a download's bookkeeping is 1/131,072 of the
+//! archive at 16 KiB chunks.
+
+/// A fixed-length set of bits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Bits {
+    words: Vec<u64>,
+    len: usize,
+    ones: usize,
+}
+
+impl Bits {
+    /// `len` bits, all clear.
+    pub(crate) fn new(len: usize) -> Self {
+        Self {
+            words: vec![0; len.div_ceil(64)],
+            len,
+            ones: 0,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Number of bits set.
+    pub(crate) fn ones(&self) -> usize {
+        self.ones
+    }
+
+    pub(crate) fn get(&self, i: usize) -> bool {
+        i < self.len && self.words[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    pub(crate) fn set(&mut self, i: usize) {
+        if i < self.len && !self.get(i) {
+            self.words[i / 64] |= 1 << (i % 64);
+            self.ones += 1;
+        }
+    }
+
+    /// The bits as bytes: bit `i` is bit `i % 8` of byte `i / 8`.
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        bytes.truncate(self.len.div_ceil(8));
+        bytes
+    }
+
+    /// The inverse of [`Bits::to_bytes`]; `None` when `bytes` is not `len` bits long.
+    pub(crate) fn from_bytes(bytes: &[u8], len: usize) -> Option<Self> {
+        if bytes.len() != len.div_ceil(8) {
+            return None;
+        }
+        let mut bits = Self::new(len);
+        for i in 0..len {
+            if bytes[i / 8] & (1 << (i % 8)) != 0 {
+                bits.set(i);
+            }
+        }
+        Some(bits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_get_and_bytes() {
+        let mut b = Bits::new(130);
+        for i in [0, 7, 63, 64, 129] {
+            b.set(i);
+        }
+        b.set(7);
+        b.set(500); // out of range: ignored
+        assert_eq!(b.ones(), 5);
+        assert!(b.get(63) && b.get(64) && !b.get(65) && !b.get(500));
+        let bytes = b.to_bytes();
+        assert_eq!(bytes.len(), 17);
+        assert_eq!(bytes[0], 0b1000_0001);
+        assert_eq!(Bits::from_bytes(&bytes, 130), Some(b));
+        assert_eq!(Bits::from_bytes(&bytes, 200), None);
+    }
+}
