@@ -323,6 +323,8 @@ pub struct Behaviour {
     answered: HashMap<PeerId, Instant>,
     strikes: HashMap<PeerId, u32>,
     listen_addrs: Vec<Multiaddr>,
+    /// The IP each connected peer is reached on, to pick its chunk-stream address.
+    peer_ips: HashMap<PeerId, (IpAddr, Instant)>,
     stats: DiscoveryStats,
 }
 
@@ -442,6 +444,7 @@ impl Behaviour {
             answered: HashMap::new(),
             strikes: HashMap::new(),
             listen_addrs: Vec::new(),
+            peer_ips: HashMap::new(),
             stats: DiscoveryStats::default(),
             config,
         })
@@ -602,10 +605,19 @@ impl Behaviour {
                 }
             }
         }
+        // Loopback last: peers on other hosts cannot use it.
+        ips.sort_by_key(|ip| ip.is_loopback());
         ips.truncate(protocol::MAX_ADDRS);
         ips.into_iter()
             .map(|ip| SocketAddr::new(ip, bound.port()))
             .collect()
+    }
+
+    fn pick_addr(&self, advert: &Advert) -> SocketAddr {
+        pick_addr(
+            &advert.streamer_addrs,
+            self.peer_ips.get(&advert.peer).map(|(ip, _)| *ip),
+        )
     }
 
     /// This node's advertisement of its newest snapshot, if it has one.
@@ -775,7 +787,7 @@ impl Behaviour {
             .iter()
             .map(|a| PeerAddr {
                 peer_id: a.peer,
-                addr: a.streamer_addrs[0],
+                addr: self.pick_addr(a),
             })
             .collect();
         let handle = self.downloader.start(target, addrs);
@@ -871,6 +883,7 @@ impl Behaviour {
         let now = Instant::now();
         self.best_known_slot = self.best_known_slot.max(Some(advert.slot));
         let key = SnapshotKey::of(&advert);
+        let pick = self.pick_addr(&advert);
         if let State::Downloading {
             key: current,
             handle,
@@ -882,7 +895,7 @@ impl Behaviour {
         {
             handle.add_peer(PeerAddr {
                 peer_id: advert.peer,
-                addr: advert.streamer_addrs[0],
+                addr: pick,
             });
         }
         remember(&mut self.adverts, advert.peer, (advert, now), |(_, t)| *t);
@@ -1169,6 +1182,17 @@ impl Behaviour {
     }
 }
 
+/// Which of a peer's chunk-stream addresses (never empty) to use: the one on the IP the node is
+/// connected to the peer on, else the first that is not loopback, else the first.
+fn pick_addr(addrs: &[SocketAddr], connected: Option<IpAddr>) -> SocketAddr {
+    addrs
+        .iter()
+        .find(|a| Some(a.ip()) == connected)
+        .or_else(|| addrs.iter().find(|a| !a.ip().is_loopback()))
+        .copied()
+        .unwrap_or(addrs[0])
+}
+
 impl NetworkBehaviour for Behaviour {
     type ConnectionHandler = <Inner as NetworkBehaviour>::ConnectionHandler;
     type ToSwarm = Event;
@@ -1239,6 +1263,25 @@ impl NetworkBehaviour for Behaviour {
                 self.listen_addrs.insert(0, e.addr.clone());
             }
             FromSwarm::ExpiredListenAddr(e) => self.listen_addrs.retain(|a| a != e.addr),
+            FromSwarm::ConnectionEstablished(e) => {
+                let ip = e
+                    .endpoint
+                    .get_remote_address()
+                    .iter()
+                    .find_map(|p| match p {
+                        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+                        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+                        _ => None,
+                    });
+                if let Some(ip) = ip {
+                    remember(
+                        &mut self.peer_ips,
+                        e.peer_id,
+                        (ip, Instant::now()),
+                        |(_, t)| *t,
+                    );
+                }
+            }
             FromSwarm::ExternalAddrExpired(e) => self.listen_addrs.retain(|a| a != e.addr),
             _ => {}
         }
@@ -1283,5 +1326,25 @@ impl NetworkBehaviour for Behaviour {
             }
             return Poll::Pending;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chunk_stream_address_follows_the_connection() {
+        let addrs: Vec<SocketAddr> = vec![
+            "127.0.0.1:9".parse().unwrap(),
+            "10.0.0.5:9".parse().unwrap(),
+            "192.0.2.7:9".parse().unwrap(),
+        ];
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(pick_addr(&addrs, ip("192.0.2.7")), addrs[2]);
+        assert_eq!(pick_addr(&addrs, ip("127.0.0.1")), addrs[0]);
+        assert_eq!(pick_addr(&addrs, None), addrs[1], "not loopback");
+        assert_eq!(pick_addr(&addrs, ip("203.0.113.1")), addrs[1]);
+        assert_eq!(pick_addr(&addrs[..1], None), addrs[0]);
     }
 }
