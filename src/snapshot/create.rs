@@ -85,6 +85,7 @@ pub fn create_snapshot(
     options: &CreateOptions,
 ) -> Result<Arc<Snapshot>, CreateError> {
     let slot = view.slot().ok_or(CreateError::NoState)?;
+    let _span = tracing::info_span!(target: "NETWORK:SNAPSHOT", "create_snapshot", slot).entered();
     if let Some(existing) = store.list().into_iter().find(|s| s.manifest().slot == slot) {
         return Ok(existing);
     }

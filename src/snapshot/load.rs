@@ -127,6 +127,9 @@ pub fn load_snapshot(
     manifest: &Manifest,
 ) -> Result<LoadReport, LoadError> {
     let started = Instant::now();
+    let _span =
+        tracing::info_span!(target: "NETWORK:SNAPSHOT", "load_snapshot", slot = manifest.slot)
+            .entered();
     let io_err = |source| LoadError::Io {
         path: archive.to_path_buf(),
         source,

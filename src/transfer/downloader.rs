@@ -479,19 +479,23 @@ impl Downloader {
         let (peers_tx, peers_rx) = mpsc::channel(64);
         let (cancel_tx, cancel_rx) = oneshot::channel();
         let inner = self.inner.clone();
-        let task = tokio::spawn(async move {
-            let active = inner.config.metrics.active_downloads.clone();
-            active.inc();
-            let _active = scopeguard(move || {
-                active.dec();
-            });
-            let result = Run::start(inner, target, peers, progress_tx.clone())
-                .await?
-                .run(peers_rx, cancel_rx)
-                .await;
-            progress_tx.send_modify(|p| p.finished = true);
-            result
-        });
+        let span = tracing::info_span!(target: DOWNLOAD_TARGET, "download", root = %target.content_root.short());
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let active = inner.config.metrics.active_downloads.clone();
+                active.inc();
+                let _active = scopeguard(move || {
+                    active.dec();
+                });
+                let result = Run::start(inner, target, peers, progress_tx.clone())
+                    .await?
+                    .run(peers_rx, cancel_rx)
+                    .await;
+                progress_tx.send_modify(|p| p.finished = true);
+                result
+            },
+            span,
+        ));
         DownloadHandle {
             progress,
             peers: peers_tx,

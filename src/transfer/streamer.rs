@@ -323,13 +323,14 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
                 }
                 shared.connections.fetch_add(1, Ordering::AcqRel);
                 let shared = shared.clone();
-                connections.spawn(async move {
-                    let remote = incoming.remote_address();
+                let remote = incoming.remote_address();
+                let span = tracing::debug_span!(target: STREAMER_TARGET, "connection", %remote);
+                connections.spawn(tracing::Instrument::instrument(async move {
                     if let Err(e) = serve_connection(incoming, &shared).await {
-                        tracing::debug!(target: STREAMER_TARGET, %remote, error = %e, "connection ended");
+                        tracing::debug!(target: STREAMER_TARGET, error = %e, "connection ended");
                     }
                     shared.connections.fetch_sub(1, Ordering::AcqRel);
-                });
+                }, span));
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
