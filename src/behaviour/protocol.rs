@@ -97,20 +97,32 @@ fn usable(addr: &SocketAddr) -> bool {
     !addr.ip().is_unspecified() && !addr.ip().is_multicast() && addr.port() != 0
 }
 
+/// The fields every discovery message opens with: its type, and the peer it claims to come
+/// from, which must be the peer it did come from.
+fn check_header(
+    ty: &str,
+    expected: &str,
+    claimed: &str,
+    actual: PeerId,
+) -> Result<(), MessageError> {
+    if ty != expected {
+        return Err(MessageError::WrongType(ty.to_owned()));
+    }
+    if claimed != actual.to_string() {
+        return Err(MessageError::Spoofed {
+            claimed: claimed.chars().take(64).collect(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
 /// Checks a request published by `source` (the gossip message's signed author).
 pub(crate) fn check_request(
     msg: &proto::SnapshotInfoRequest,
     source: PeerId,
 ) -> Result<InfoRequest, MessageError> {
-    if msg.r#type != REQUEST_TYPE {
-        return Err(MessageError::WrongType(msg.r#type.clone()));
-    }
-    if msg.requester_id != source.to_string() {
-        return Err(MessageError::Spoofed {
-            claimed: msg.requester_id.chars().take(64).collect(),
-            actual: source,
-        });
-    }
+    check_header(&msg.r#type, REQUEST_TYPE, &msg.requester_id, source)?;
     if msg.requester_addrs.len() > MAX_ADDRS {
         return Err(MessageError::TooManyAddresses(msg.requester_addrs.len()));
     }
@@ -135,15 +147,7 @@ pub(crate) fn check_advert(
     sender: PeerId,
     max_archive_bytes: u64,
 ) -> Result<Advert, MessageError> {
-    if msg.r#type != RESPONSE_TYPE {
-        return Err(MessageError::WrongType(msg.r#type.clone()));
-    }
-    if msg.peer_id != sender.to_string() {
-        return Err(MessageError::Spoofed {
-            claimed: msg.peer_id.chars().take(64).collect(),
-            actual: sender,
-        });
-    }
+    check_header(&msg.r#type, RESPONSE_TYPE, &msg.peer_id, sender)?;
     if !msg.has_snapshot {
         return Err(MessageError::Empty);
     }

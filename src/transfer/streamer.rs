@@ -821,22 +821,26 @@ mod tests {
         }
     }
 
-    async fn connect(
-        f: &Fixture,
-        token: &[u8],
-    ) -> Result<quinn::Connection, quinn::ConnectionError> {
-        let me = Keypair::generate_ed25519();
+    /// A QUIC connection to the fixture's streamer, with no hello sent yet.
+    async fn dial(f: &Fixture, me: &Keypair) -> Result<quinn::Connection, quinn::ConnectionError> {
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         let config = tls::client_config(
-            &me,
+            me,
             f.keypair.public().to_peer_id(),
             &TransportTuning::default(),
         )
         .unwrap();
-        let conn = endpoint
+        endpoint
             .connect_with(config, f.streamer.local_addr(), "x")
             .unwrap()
-            .await?;
+            .await
+    }
+
+    async fn connect(
+        f: &Fixture,
+        token: &[u8],
+    ) -> Result<quinn::Connection, quinn::ConnectionError> {
+        let conn = dial(f, &Keypair::generate_ed25519()).await?;
         let (mut send, mut recv) = conn.open_bi().await?;
         let hello = proto::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -964,19 +968,8 @@ mod tests {
         .await;
         // One peer, two connections: the second is refused as busy.
         let me = Keypair::generate_ed25519();
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         let open = || async {
-            let config = tls::client_config(
-                &me,
-                f.keypair.public().to_peer_id(),
-                &TransportTuning::default(),
-            )
-            .unwrap();
-            let conn = endpoint
-                .connect_with(config, f.streamer.local_addr(), "x")
-                .unwrap()
-                .await
-                .unwrap();
+            let conn = dial(&f, &me).await.unwrap();
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
             wire::write_frame(
                 &mut send,
@@ -1016,19 +1009,7 @@ mod tests {
     async fn a_client_that_never_says_hello_is_dropped() {
         let f =
             fixture(StreamerConfig::default().with_auth_timeout(Duration::from_millis(300))).await;
-        let me = Keypair::generate_ed25519();
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let config = tls::client_config(
-            &me,
-            f.keypair.public().to_peer_id(),
-            &TransportTuning::default(),
-        )
-        .unwrap();
-        let conn = endpoint
-            .connect_with(config, f.streamer.local_addr(), "x")
-            .unwrap()
-            .await
-            .unwrap();
+        let conn = dial(&f, &Keypair::generate_ed25519()).await.unwrap();
         let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
             .await
             .expect("the streamer closes the connection");
