@@ -59,7 +59,7 @@ pub enum LoadError {
     /// The archive is malformed.
     #[error("archive is invalid: {0}")]
     Archive(#[from] ArchiveError),
-    /// The archive holds another slot than the manifest says.
+    /// The archive (or the DB imported from it) holds another slot than the manifest says.
     #[error("archive holds slot {actual}, the manifest says {expected}")]
     SlotMismatch {
         /// Slot in the manifest.
@@ -199,8 +199,14 @@ pub fn load_snapshot(
 
     let staged = import.finish()?;
     let view = staged.view()?;
+    if view.slot() != Some(manifest.slot) {
+        return Err(LoadError::SlotMismatch {
+            expected: manifest.slot,
+            actual: view.slot().unwrap_or_default(),
+        });
+    }
     let bank_hash = view.bank_hash()?;
-    if bank_hash != manifest.bank_hash || view.slot() != Some(manifest.slot) {
+    if bank_hash != manifest.bank_hash {
         return Err(LoadError::BankHashMismatch {
             stage: HashStage::ImportedDb,
             expected: manifest.bank_hash,
