@@ -638,7 +638,11 @@ async fn a_follower_that_falls_behind_syncs_again_and_keeps_only_the_newest() {
     let mut events = Events::new();
     let (p, first) = producer(&mut events, 256, |c| c).await;
     let (dir, db) = node_dir(0, 0, 0);
-    let cfg = test_config(dir.path()).with_behind_threshold(5);
+    // No second tick during the test: after the first sync, only announcements can tell the
+    // follower that it fell behind.
+    let cfg = test_config(dir.path())
+        .with_behind_threshold(5)
+        .with_discovery_interval(Duration::from_secs(3600));
     let f = start_node(1, dir.clone(), db, cfg, events.tx.clone()).await;
     f.dial(p.addr.clone());
     let mut slots = vec![events.synced(Some(1)).await.slot];
