@@ -673,3 +673,81 @@ async fn a_follower_that_falls_behind_syncs_again_and_keeps_only_the_newest() {
         .collect();
     assert_eq!(kept, vec![30, 40]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_mid_download_closes_its_streams_and_resumes_after_restart() {
+    init_tracing();
+    let mut events = Events::new();
+    let (p, manifest) = producer(&mut events, 3072, capped(600_000)).await;
+    let (dir, db) = node_dir(0, 0, 0);
+    let n = start_node(
+        1,
+        dir.clone(),
+        db.clone(),
+        test_config(dir.path()),
+        events.tx.clone(),
+    )
+    .await;
+    n.dial(p.addr.clone());
+    // Stop the node once part of the snapshot is durable (persisted every second).
+    events
+        .wait(LONG, "part of the download", |i, e| match e {
+            Ev::Snap(Event::DownloadProgress(pr))
+                if i == 1 && pr.done_bytes * 2 >= pr.total_bytes =>
+            {
+                Some(())
+            }
+            _ => None,
+        })
+        .await;
+    assert!(
+        p.query(|s| s.behaviour().snapsync.streamer_stats().connections_open)
+            .await
+            >= 1
+    );
+    n.stop();
+    drop(n);
+    // The download is cancelled with its node: its connection closes at once, not after the
+    // streamer's idle timeout.
+    let stopped = Instant::now();
+    loop {
+        let open = p
+            .query(|s| s.behaviour().snapsync.streamer_stats().connections_open)
+            .await;
+        if open == 0 {
+            break;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(5),
+            "{open} connections still open after the downloader stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("connection closed {:?} after the stop", stopped.elapsed());
+    // Nothing was loaded: the live DB is as it was.
+    assert_eq!(db.slot().unwrap(), None);
+
+    // Restarted on the same directory, it resumes and fetches only the rest.
+    let n = start_node(
+        2,
+        dir.clone(),
+        db.clone(),
+        test_config(dir.path()),
+        events.tx.clone(),
+    )
+    .await;
+    n.dial(p.addr.clone());
+    let done = events.synced(Some(2)).await;
+    assert_eq!(done.bank_hash, manifest.bank_hash);
+    let fetched: u64 = done.per_peer.iter().map(|(_, b)| b).sum();
+    println!(
+        "fetched {fetched} of {} after the restart",
+        manifest.archive_size
+    );
+    assert!(
+        fetched < manifest.archive_size,
+        "fetched {fetched} of {} again",
+        manifest.archive_size
+    );
+    assert_eq!(state_id(&db), state_id(&p.db));
+}
