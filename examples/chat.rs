@@ -3,26 +3,30 @@
 //! composed beside `snapsync::Behaviour`, and syncs state snapshots with the others.
 //!
 //! ```text
-//! cargo run --release --example chat -- --produce --state-mib 32   # a producer
-//! cargo run --release --example chat                               # a peer that syncs
+//! cargo run --example chat -- --produce --state-mib 32   # a producer
+//! cargo run --example chat                               # a peer that syncs
 //! ```
 //!
-//! A producer advances slots: chat lines become part of its state, beside synthetic state of
-//! `--state-mib` MiB, and it makes a snapshot every `--range-for-snapshot` slots. A node
-//! started later syncs that state, with a progress bar, then shows the loaded slot and bank
-//! hash. Commands: `/peers`, `/snapshots`, `/sync`, `/status`, `/quit`.
+//! A producer executes a chain: chat lines become part of its state, beside synthetic state of
+//! `--state-mib` MiB, and it makes a snapshot every `--range-for-snapshot` slots, a full one
+//! every `--full-interval` slots and incremental ones between. A node started later syncs the
+//! full snapshot and the newest incremental one, with a progress bar per download; later it
+//! catches up by incremental snapshots only. Commands: `/peers`, `/snapshots`, `/sync`,
+//! `/status`, `/quit`. With `--trust-peer ID` (repeatable) and `--trust-quorum K` it takes only
+//! what K of those peers advertise alike: the validator-set case.
 
 #[path = "support/node.rs"]
 mod node;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
-use libp2p::Multiaddr;
-use node::{NodeEvent, Options};
-use snapsync::Event;
+use libp2p::{Multiaddr, PeerId};
+use node::{Chain, NodeEvent, Options, human_bytes, plural};
+use snapsync::{ContentRoot, Event, Phase, TrustPolicy};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// A chat-style snapsync peer.
@@ -34,10 +38,10 @@ struct Args {
     /// A peer to dial (repeatable); mDNS finds peers on the LAN either way.
     #[arg(long)]
     peer: Vec<Multiaddr>,
-    /// Advance slots and make snapshots.
+    /// Execute the chain and make snapshots.
     #[arg(long)]
     produce: bool,
-    /// Synthetic state to write before producing, in MiB.
+    /// The chain's initial state, in MiB.
     #[arg(long, default_value_t = 16)]
     state_mib: u64,
     /// Milliseconds per slot when producing.
@@ -46,9 +50,35 @@ struct Args {
     /// Slots between snapshots (RangeForSnapshot).
     #[arg(long, default_value_t = 50)]
     range_for_snapshot: u64,
-    /// Serve Prometheus metrics on this address.
+    /// Slots between full snapshots.
+    #[arg(long, default_value_t = 500)]
+    full_interval: u64,
+    /// A trusted peer (repeatable).
+    #[arg(long)]
+    trust_peer: Vec<PeerId>,
+    /// How many trusted peers must advertise the same snapshot.
+    #[arg(long, default_value_t = 1)]
+    trust_quorum: usize,
+    /// Serve Prometheus metrics on this address (at /metrics).
     #[arg(long)]
     metrics: Option<SocketAddr>,
+}
+
+fn phase_words(p: Phase) -> &'static str {
+    match p {
+        Phase::Idle => "idle",
+        Phase::Collecting => "collecting answers",
+        Phase::Downloading => "downloading",
+        Phase::Loading => "loading",
+        _ => "busy",
+    }
+}
+
+/// One download's bar and figures.
+struct Bar {
+    bar: indicatif::ProgressBar,
+    started: Instant,
+    resumed: u64,
 }
 
 #[tokio::main]
@@ -77,21 +107,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     ];
     opts.peers = args.peer.clone();
     opts.mdns = true;
-    opts.produce_slot_ms = args.produce.then_some(args.slot_ms);
-    opts.state_mib = args.state_mib;
+    opts.chain = args.produce.then(|| Chain {
+        seed: 1,
+        state_mib: args.state_mib,
+        slot_ms: args.slot_ms,
+        genesis_unix_ms: node::now_unix_ms(),
+    });
     opts.range_for_snapshot = args.range_for_snapshot;
+    opts.full_interval = args.full_interval;
     opts.discovery_interval = Duration::from_secs(10);
     opts.metrics = args.metrics;
+    if !args.trust_peer.is_empty() {
+        opts.trust = TrustPolicy::TrustedPeers {
+            peers: args.trust_peer.iter().copied().collect(),
+            quorum: args.trust_quorum,
+        };
+    }
     let mut node = node::start(opts).await?;
     println!("peer {} ({})", node.peer_id, data_dir.display());
     println!("type a line to chat; /peers /snapshots /sync /status /quit");
 
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-    let mut bar: Option<indicatif::ProgressBar> = None;
-    let say = |bar: &Option<indicatif::ProgressBar>, line: String| match bar {
-        Some(b) => b.println(line),
-        None => println!("{line}"),
-    };
+    let bars = indicatif::MultiProgress::new();
+    let mut downloads: HashMap<ContentRoot, Bar> = HashMap::new();
+    let mut asked_to_sync = false;
+    let say = |line: String| bars.suspend(|| println!("{line}"));
     loop {
         tokio::select! {
             line = stdin.next_line() => {
@@ -105,29 +145,57 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                             .query(|s, _| (s.connected_peers().copied().collect::<Vec<_>>(), s.behaviour().snapsync.status()))
                             .await
                             .ok_or("node stopped")?;
-                        say(&bar, format!("{} connected peers", peers.len()));
+                        say(format!("{} connected", plural(peers.len(), "peer")));
                         for p in peers {
                             let advert = status.adverts.iter().find(|a| a.peer == p);
-                            let snap = advert.map(|a| format!("snapshot at slot {} ({} bytes)", a.slot, a.archive_size)).unwrap_or_else(|| "no snapshot heard of".into());
-                            say(&bar, format!("  {p}: {snap}"));
+                            let snap = advert
+                                .and_then(|a| a.newest())
+                                .map(|s| format!("{} snapshot at slot {} ({})", s.key.kind, s.key.slot, human_bytes(s.key.archive_size)))
+                                .unwrap_or_else(|| "no snapshot heard of".into());
+                            say(format!("  {p}  {snap}"));
                         }
                     }
                     "/snapshots" => {
                         let status = node.query(|s, _| s.behaviour().snapsync.status()).await.ok_or("node stopped")?;
-                        say(&bar, format!("local slot {:?}, best known snapshot slot {:?}", status.local_slot, status.best_known_slot));
-                        for m in status.snapshots {
-                            say(&bar, format!("  slot {}: bank hash {}, {} bytes, root {}", m.slot, m.bank_hash.short(), m.archive_size, m.content_root.short()));
+                        let slot = status.local_slot.map_or("empty".to_string(), |s| format!("at slot {s}"));
+                        let best = status.best_known_slot.map_or("none heard of".to_string(), |s| format!("newest heard of at slot {s}"));
+                        say(format!("state {slot}; snapshots: {best}"));
+                        if status.snapshots.is_empty() {
+                            say("  this node holds no snapshot".into());
+                        } else {
+                            say(format!("  {:<12} {:>10} {:>10}  {:<8}  {:<8}", "kind", "slot", "size", "bank", "root"));
+                            for m in status.snapshots {
+                                say(format!(
+                                    "  {:<12} {:>10} {:>10}  {:<8}  {:<8}",
+                                    m.kind.as_str(),
+                                    m.slot,
+                                    human_bytes(m.archive_size),
+                                    m.bank_hash.short(),
+                                    m.content_root.short()
+                                ));
+                            }
                         }
                     }
                     "/sync" => {
+                        asked_to_sync = true;
                         node.query(|s, _| s.behaviour_mut().snapsync.sync_now()).await;
-                        say(&bar, "asking peers for snapshots".into());
+                        say("asking peers for newer snapshots".into());
                     }
                     "/status" => {
                         let status = node.query(|s, _| s.behaviour().snapsync.status()).await.ok_or("node stopped")?;
-                        say(&bar, format!("{:?}, chunk stream on {:?}, {:?}", status.phase, status.streamer_addrs, status.stats));
+                        let addrs: Vec<String> = status.streamer_addrs.iter().map(|a| a.to_string()).collect();
+                        say(format!("{}; chunk stream on {}", phase_words(status.phase), addrs.join(", ")));
+                        let st = status.stats;
+                        say(format!(
+                            "  {}, {} sent, {} received; {} received; {} dropped as malformed",
+                            plural(st.rounds as usize, "discovery round"),
+                            plural(st.requests_published as usize, "request"),
+                            plural(st.answers_received as usize, "answer"),
+                            plural(st.announcements_received as usize, "announcement"),
+                            plural(st.malformed as usize, "message"),
+                        ));
                     }
-                    text if text.starts_with('/') => say(&bar, format!("unknown command {text}")),
+                    text if text.starts_with('/') => say(format!("unknown command {text}")),
                     text => node.chat(text.to_string()).await,
                 }
             }
@@ -136,46 +204,88 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 match event {
                     NodeEvent::Listening { addrs } => {
                         for a in addrs {
-                            say(&bar, format!("listening on {a}"));
+                            say(format!("listening on {a}"));
                         }
                     }
-                    NodeEvent::Chat { from, text } => say(&bar, format!("<{}> {text}", node::short(&from))),
-                    NodeEvent::Connected(p) => say(&bar, format!("* connected to {p}")),
-                    NodeEvent::Disconnected(p) => say(&bar, format!("* disconnected from {p}")),
+                    NodeEvent::Chat { from, text } => say(format!("<{}> {text}", node::short(&from))),
+                    NodeEvent::Connected(p) => say(format!("* connected to {p}")),
+                    NodeEvent::Disconnected(p) => say(format!("* disconnected from {p}")),
                     NodeEvent::Slot(_) => {}
                     NodeEvent::Snap(event) => match event {
-                        Event::SnapshotCreated { manifest } => say(&bar, format!("* snapshot at slot {}: bank hash {}, {} bytes", manifest.slot, manifest.bank_hash.short(), manifest.archive_size)),
-                        Event::SnapshotFound { key, peers } => say(&bar, format!("* found a snapshot at slot {} on {} peers", key.slot, peers.len())),
-                        Event::NoSnapshotAvailable { .. } => say(&bar, "* no snapshot to sync yet".into()),
-                        Event::DownloadStarted { key, .. } => bar = Some(node::progress_bar(key.archive_size)),
-                        Event::DownloadProgress(p) => {
-                            if let Some(b) = &bar {
-                                node::update_bar(b, &p);
+                        Event::SnapshotCreated { manifest } => say(format!(
+                            "* made a {} snapshot at slot {}: {}, bank hash {}",
+                            manifest.kind.as_str(),
+                            manifest.slot,
+                            human_bytes(manifest.archive_size),
+                            manifest.bank_hash.short()
+                        )),
+                        Event::SnapshotFound { key, full, peers, bytes } => {
+                            let what = match full {
+                                Some(f) if f != key => format!("the full snapshot at slot {} and the incremental one at slot {}", f.slot, key.slot),
+                                Some(_) => format!("the full snapshot at slot {}", key.slot),
+                                None => format!("the incremental snapshot at slot {} (the full base is already here)", key.slot),
+                            };
+                            say(format!("* fetching {what}: {} from {}", human_bytes(bytes), plural(peers.len(), "peer")));
+                        }
+                        // The answer to `/sync`, when nothing newer is offered.
+                        Event::NoSnapshotAvailable { .. } if std::mem::take(&mut asked_to_sync) => {
+                            let status = node.query(|s, _| s.behaviour().snapsync.status()).await.ok_or("node stopped")?;
+                            match status.local_slot {
+                                Some(s) => say(format!("* up to date: no snapshot newer than slot {s} is offered")),
+                                None => say("* no snapshot offered yet".into()),
                             }
                         }
-                        Event::SnapshotSynced { slot, bank_hash, bytes, elapsed, per_peer } => {
-                            if let Some(b) = bar.take() {
-                                b.finish_and_clear();
+                        Event::DownloadStarted { key, resumed_bytes, .. } => {
+                            let bar = bars.add(node::progress_bar(key.archive_size));
+                            bar.set_prefix(key.kind.as_str().to_string());
+                            downloads.insert(key.content_root, Bar { bar, started: Instant::now(), resumed: resumed_bytes });
+                        }
+                        Event::DownloadProgress(p) => {
+                            if let Some(b) = downloads.get(&p.root) {
+                                node::update_bar(&b.bar, &p);
+                                if p.finished {
+                                    let took = b.started.elapsed().as_secs_f64().max(1e-3);
+                                    let rate = (p.done_bytes - b.resumed) as f64 / took;
+                                    b.bar.finish_with_message(format!("{}/s on average", human_bytes(rate as u64)));
+                                }
                             }
-                            say(&bar, format!("* synced slot {slot}: bank hash {bank_hash}, {bytes} bytes in {:.2} s, verified and loaded", elapsed.as_secs_f64()));
+                        }
+                        Event::SnapshotSynced { slot, bank_hash, kind, with_full, fetched_bytes, elapsed, per_peer, .. } => {
+                            for (_, b) in downloads.drain() {
+                                b.bar.finish_and_clear();
+                            }
+                            let how = if with_full { "full + incremental" } else { kind.as_str() };
+                            say(format!(
+                                "* synced slot {slot} ({how}): fetched {} in {:.2} s ({}/s), every chunk verified, bank hash {} recomputed and matching",
+                                human_bytes(fetched_bytes),
+                                elapsed.as_secs_f64(),
+                                human_bytes((fetched_bytes as f64 / elapsed.as_secs_f64().max(1e-3)) as u64),
+                                bank_hash.short()
+                            ));
                             for (p, b) in per_peer.iter().filter(|(_, b)| *b > 0) {
-                                say(&bar, format!("    {b} bytes from {p}"));
+                                say(format!("    {:>10} from {p}", human_bytes(*b)));
                             }
                         }
                         Event::SyncFailed { error, .. } => {
-                            if let Some(b) = bar.take() {
-                                b.abandon();
+                            for (_, b) in downloads.drain() {
+                                b.bar.abandon();
                             }
-                            say(&bar, format!("* sync failed: {error}"));
+                            say(format!("* sync failed: {error}; trying again at the next round"));
                         }
-                        Event::ConflictingSnapshots(c) => say(&bar, format!("* peers disagree about slot {}", c.slot)),
-                        Event::PeerMisbehaved { peer, reason } => say(&bar, format!("* ignoring {peer}: {reason}")),
-                        Event::CreationFailed(e) => say(&bar, format!("* snapshot failed: {e}")),
-                        Event::DiscoveryStarted { .. } => {}
+                        Event::ConflictingSnapshots(c) => say(format!("* peers disagree about slot {}: {} different states offered", c.slot, c.variants.len())),
+                        Event::PeerMisbehaved { peer, reason } => say(format!("* ignoring {peer}: {reason}")),
+                        Event::PeerUnreachable { addresses, .. } => {
+                            for (a, why) in addresses {
+                                say(format!("* cannot reach {a}: {why}"));
+                            }
+                        }
+                        Event::CreationFailed(e) => say(format!("* snapshot failed: {e}")),
+                        _ => {}
                     },
                 }
             }
         }
     }
+    node.shutdown().await;
     Ok(())
 }

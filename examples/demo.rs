@@ -1,10 +1,11 @@
 //! The quick start: a small snapsync network on 127.0.0.1 in one process, showing the whole
-//! flow. A producer writes some state and makes a snapshot; three peers discover it over
-//! gossipsub and sync it; then a late joiner discovers all four and syncs from all of them at
-//! once, with a progress bar, and prints a summary.
+//! flow. A producer executes a chain and makes a full snapshot; three peers discover it over
+//! gossipsub and sync it; a late joiner discovers all four and syncs from all of them at once,
+//! with a progress bar. Then the chain moves on, the producer makes an incremental snapshot,
+//! and every node catches up by fetching only what changed. A summary closes.
 //!
 //! ```text
-//! cargo run --release --example demo [-- --state-mib 128 --peers 3 --cap-mibs 25]
+//! cargo run --example demo [-- --state-mib 128 --peers 3 --cap-mibs 25]
 //! ```
 
 #[path = "support/node.rs"]
@@ -15,14 +16,14 @@ use std::time::Instant;
 
 use clap::Parser;
 use libp2p::{Multiaddr, PeerId};
-use node::{NodeEvent, NodeHandle, Options};
-use snapsync::Event;
+use node::{Chain, NodeEvent, NodeHandle, Options, human_bytes, plural};
+use snapsync::{ContentRoot, Event};
 use tokio::sync::mpsc;
 
 /// A small snapsync network on loopback.
 #[derive(Parser, Debug)]
 struct Args {
-    /// State the producer writes, in MiB.
+    /// The chain's initial state, in MiB.
     #[arg(long, default_value_t = 128)]
     state_mib: u64,
     /// Peers that sync from the producer before the late joiner comes.
@@ -34,6 +35,9 @@ struct Args {
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
+
+/// Slots between snapshots in the demo; the first snapshot (the chain's genesis base) is full.
+const RANGE: u64 = 50;
 
 struct Net {
     names: HashMap<PeerId, String>,
@@ -82,7 +86,143 @@ fn options(dir: &std::path::Path, cap_mibs: u64) -> Options {
     o.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
     o.streamer = "127.0.0.1:0".parse().unwrap();
     o.rate_limit_per_peer = Some(cap_mibs << 20);
+    o.range_for_snapshot = RANGE;
+    o.full_interval = 100 * RANGE;
+    o.behind_threshold = RANGE / 2;
     o
+}
+
+/// What one sync did, for the summary.
+struct Synced {
+    slot: u64,
+    bank_hash: snapsync::BankHash,
+    kind: &'static str,
+    fetched: u64,
+    secs: f64,
+    download_secs: f64,
+    per_peer: Vec<(PeerId, u64)>,
+}
+
+/// Follows the syncs of the nodes `names` (index, name) to their ends, with a progress bar per
+/// download; returns what each did.
+/// The next snapshot the producer (node 0) makes.
+async fn created_by_producer(net: &mut Net) -> snapsync::snapshot::Manifest {
+    net.wait(|i, e| match e {
+        NodeEvent::Snap(Event::SnapshotCreated { manifest }) if i == 0 => Some(manifest.clone()),
+        _ => None,
+    })
+    .await
+}
+
+async fn follow(net: &mut Net, names: &[(usize, String)]) -> HashMap<usize, Synced> {
+    let bars = indicatif::MultiProgress::new();
+    let mut progress: HashMap<(usize, ContentRoot), indicatif::ProgressBar> = HashMap::new();
+    let mut started: HashMap<usize, Instant> = HashMap::new();
+    let mut downloaded_at: HashMap<usize, Instant> = HashMap::new();
+    let mut done = HashMap::new();
+    while done.len() < names.len() {
+        let (i, e) = net.events.recv().await.expect("nodes alive");
+        let Some((_, name)) = names.iter().find(|(n, _)| *n == i) else {
+            continue;
+        };
+        if done.contains_key(&i) {
+            continue;
+        }
+        match e {
+            NodeEvent::Snap(Event::SnapshotFound {
+                key,
+                full,
+                peers,
+                bytes,
+            }) => {
+                let from: Vec<String> = peers.iter().map(|p| net.name(p)).collect();
+                let what = match full {
+                    Some(f) if f != key => format!(
+                        "full snapshot at slot {} + incremental at {}",
+                        f.slot, key.slot
+                    ),
+                    Some(_) => format!("full snapshot at slot {}", key.slot),
+                    None => format!(
+                        "incremental snapshot at slot {} (its full base is already here)",
+                        key.slot
+                    ),
+                };
+                bars.suspend(|| {
+                    println!(
+                        "[{name}] found the {what}: {} from {}: {}",
+                        human_bytes(bytes),
+                        plural(peers.len(), "peer"),
+                        from.join(", ")
+                    )
+                });
+            }
+            NodeEvent::Snap(Event::DownloadStarted { key, .. }) => {
+                started.entry(i).or_insert_with(Instant::now);
+                let bar = bars.add(node::progress_bar(key.archive_size));
+                bar.set_prefix(format!("{name} {}", key.kind.as_str()));
+                progress.insert((i, key.content_root), bar);
+            }
+            NodeEvent::Snap(Event::DownloadProgress(p)) => {
+                if let Some(bar) = progress.get(&(i, p.root)) {
+                    node::update_bar(bar, &p);
+                }
+                if p.finished {
+                    downloaded_at.insert(i, Instant::now());
+                }
+            }
+            NodeEvent::Snap(Event::SnapshotSynced {
+                slot,
+                bank_hash,
+                kind,
+                with_full,
+                fetched_bytes,
+                elapsed,
+                per_peer,
+                ..
+            }) => {
+                progress.retain(|(n, _), bar| {
+                    if *n == i {
+                        bar.finish_and_clear();
+                    }
+                    *n != i
+                });
+                let secs = elapsed.as_secs_f64();
+                let download_secs = match (started.get(&i), downloaded_at.get(&i)) {
+                    (Some(s), Some(d)) => d.duration_since(*s).as_secs_f64(),
+                    _ => secs,
+                };
+                let kind = if with_full {
+                    "full + incremental"
+                } else {
+                    kind.as_str()
+                };
+                bars.suspend(|| println!(
+                    "[{name}] synced slot {slot} ({kind}) in {secs:.2} s: {} fetched, every chunk checked against its content root, bank hash {} recomputed and matching",
+                    human_bytes(fetched_bytes),
+                    bank_hash.short()
+                ));
+                done.insert(
+                    i,
+                    Synced {
+                        slot,
+                        bank_hash,
+                        kind,
+                        fetched: fetched_bytes,
+                        secs,
+                        download_secs,
+                        per_peer,
+                    },
+                );
+            }
+            NodeEvent::Snap(Event::SyncFailed { error, .. }) => {
+                bars.suspend(|| {
+                    println!("[{name}] sync failed: {error}; retrying at the next round")
+                });
+            }
+            _ => {}
+        }
+    }
+    done
 }
 
 #[tokio::main]
@@ -103,29 +243,27 @@ async fn main() {
         tx,
     };
     println!(
-        "snapsync demo: a producer, {} peers and a late joiner on 127.0.0.1 (data in {})\n",
-        args.peers,
+        "snapsync demo: a producer, {} and a late joiner on 127.0.0.1 (data in {})\n",
+        plural(args.peers, "peer"),
         tmp.path().display()
     );
 
-    // The producer: state, then slots up to the first snapshot.
+    // The producer: the chain's state, then slots up to the first snapshot.
     println!("[producer] writing {} MiB of state ...", args.state_mib);
     let mut p = options(&tmp.path().join("producer"), args.cap_mibs);
-    p.produce_slot_ms = Some(10);
-    p.state_mib = args.state_mib;
-    p.stop_at_slot = Some(snapsync::snapshot::DEFAULT_RANGE_FOR_SNAPSHOT);
-    let (_producer, producer_addr) = net.start(0, "producer", p).await;
-    let manifest = net
-        .wait(|i, e| match e {
-            NodeEvent::Snap(Event::SnapshotCreated { manifest }) if i == 0 => {
-                Some(manifest.clone())
-            }
-            _ => None,
-        })
-        .await;
+    p.chain = Some(Chain {
+        seed: 1,
+        state_mib: args.state_mib,
+        slot_ms: 10,
+        genesis_unix_ms: node::now_unix_ms(),
+    });
+    p.stop_at_slot = Some(RANGE);
+    let (producer, producer_addr) = net.start(0, "producer", p).await;
+    let manifest = created_by_producer(&mut net).await;
     println!(
-        "[producer] slot {}: snapshot made, bank hash {}, {:.1} MiB archive ({:.1} MiB of state), content root {}\n",
+        "[producer] slot {}: {} snapshot made, bank hash {}, {:.1} MiB archive ({:.1} MiB of state), content root {}\n",
         manifest.slot,
+        manifest.kind.as_str(),
         manifest.bank_hash.short(),
         manifest.archive_size as f64 / MIB,
         manifest.state_bytes as f64 / MIB,
@@ -133,7 +271,6 @@ async fn main() {
     );
 
     // Peers join; each discovers the producer's snapshot and syncs it.
-    let bars = indicatif::MultiProgress::new();
     let mut peers = Vec::new();
     let mut addrs = vec![producer_addr.clone()];
     for i in 1..=args.peers {
@@ -143,147 +280,79 @@ async fn main() {
         peers.push(h);
         addrs.push(addr);
     }
-    let mut progress: HashMap<usize, indicatif::ProgressBar> = HashMap::new();
-    let mut synced = 0;
-    while synced < args.peers {
-        let (i, e) = net.events.recv().await.expect("nodes alive");
-        let name = if i == 0 {
-            "producer".into()
-        } else {
-            format!("peer-{i}")
-        };
-        match e {
-            NodeEvent::Snap(Event::DiscoveryStarted { .. }) => {
-                bars.suspend(|| println!("[{name}] asking peers for snapshots"));
-            }
-            NodeEvent::Snap(Event::SnapshotFound { key, peers }) => {
-                let from: Vec<String> = peers.iter().map(|p| net.name(p)).collect();
-                bars.suspend(|| {
-                    println!(
-                        "[{name}] found slot {} on {}: downloading",
-                        key.slot,
-                        from.join(", ")
-                    )
-                });
-                let bar = bars.add(node::progress_bar(key.archive_size));
-                bar.set_prefix(name.clone());
-                progress.insert(i, bar);
-            }
-            NodeEvent::Snap(Event::DownloadProgress(p)) => {
-                if let Some(bar) = progress.get(&i) {
-                    node::update_bar(bar, &p);
-                }
-            }
-            NodeEvent::Snap(Event::SnapshotSynced {
-                slot,
-                bank_hash,
-                elapsed,
-                ..
-            }) => {
-                if let Some(bar) = progress.remove(&i) {
-                    bar.finish_and_clear();
-                }
-                bars.suspend(|| println!(
-                    "[{name}] synced slot {slot} in {:.2} s: every chunk checked against the content root, bank hash {} recomputed from the loaded DB",
-                    elapsed.as_secs_f64(),
-                    bank_hash.short()
-                ));
-                synced += 1;
-            }
-            NodeEvent::Snap(Event::SyncFailed { error, .. }) => {
-                bars.suspend(|| {
-                    println!("[{name}] sync failed: {error}; retrying at the next tick")
-                });
-            }
-            _ => {}
-        }
-    }
+    let names: Vec<(usize, String)> = (1..=args.peers).map(|i| (i, format!("peer-{i}"))).collect();
+    follow(&mut net, &names).await;
 
     // The late joiner: connected to everyone, it fetches from all of them at once.
     println!(
-        "\n[late-joiner] joining, connected to the producer and {} peers",
-        args.peers
+        "\n[late-joiner] joining, connected to the producer and {}",
+        plural(args.peers, "peer")
     );
     let mut o = options(&tmp.path().join("late-joiner"), args.cap_mibs);
     o.peers = addrs;
     let late_index = 99;
     let (late, _) = net.start(late_index, "late-joiner", o).await;
-    let mut bar = None;
-    let mut download_started = Instant::now();
-    let mut downloaded_at = None;
-    let (slot, bank_hash, bytes, secs, per_peer) = loop {
-        let (i, e) = net.events.recv().await.expect("nodes alive");
-        if i != late_index {
-            continue;
-        }
-        match e {
-            NodeEvent::Snap(Event::SnapshotFound { key, peers }) => {
-                let from: Vec<String> = peers.iter().map(|p| net.name(p)).collect();
-                println!(
-                    "[late-joiner] found slot {} on {} peers: {}",
-                    key.slot,
-                    peers.len(),
-                    from.join(", ")
-                );
-                download_started = Instant::now();
-                let b = node::progress_bar(key.archive_size);
-                b.set_prefix("late-joiner");
-                bar = Some(b);
-            }
-            NodeEvent::Snap(Event::DownloadProgress(p)) => {
-                if let Some(b) = &bar {
-                    node::update_bar(b, &p);
-                }
-                if p.done_bytes == p.total_bytes && downloaded_at.is_none() {
-                    downloaded_at = Some(Instant::now());
-                }
-            }
-            NodeEvent::Snap(Event::SnapshotSynced {
-                slot,
-                bank_hash,
-                bytes,
-                elapsed,
-                per_peer,
-            }) => {
-                if let Some(b) = bar.take() {
-                    b.finish();
-                }
-                println!(
-                    "[late-joiner] verified every chunk, loaded, recomputed the bank hash: it matches"
-                );
-                break (slot, bank_hash, bytes, elapsed.as_secs_f64(), per_peer);
-            }
-            NodeEvent::Snap(Event::SyncFailed { error, .. }) => {
-                println!("[late-joiner] sync failed: {error}; retrying at the next tick");
-            }
-            _ => {}
-        }
-    };
-    let download_secs = downloaded_at
-        .map(|t| t.duration_since(download_started).as_secs_f64())
-        .unwrap_or(secs);
-    assert_eq!(bank_hash, manifest.bank_hash);
+    let late_name = vec![(late_index, "late-joiner".to_string())];
+    let first = follow(&mut net, &late_name)
+        .await
+        .remove(&late_index)
+        .expect("synced");
+    assert_eq!(first.bank_hash, manifest.bank_hash);
+
+    // The chain moves on: the next snapshot is incremental, and everyone catches up with it.
+    println!("\n[producer] the chain moves on to slot {}", 2 * RANGE);
+    producer
+        .query(|_, p| p.stop_at = 2 * RANGE)
+        .await
+        .expect("producer alive");
+    let incremental = created_by_producer(&mut net).await;
+    println!(
+        "[producer] slot {}: {} snapshot made: {} (the full one is {})",
+        incremental.slot,
+        incremental.kind.as_str(),
+        human_bytes(incremental.archive_size),
+        human_bytes(manifest.archive_size)
+    );
+    let catch_up = follow(&mut net, &late_name)
+        .await
+        .remove(&late_index)
+        .expect("synced");
+    assert_eq!(catch_up.bank_hash, incremental.bank_hash);
     let loaded = snapsync::db::StateDb::view(&late.db)
         .and_then(|v| v.bank_hash())
         .expect("read the loaded state");
-    assert_eq!(loaded, manifest.bank_hash);
+    assert_eq!(loaded, incremental.bank_hash);
+
     println!("\nsummary (late joiner)");
-    println!("  slot           {slot}");
-    println!("  bank hash      {bank_hash}");
-    println!("  bytes          {bytes} ({:.1} MiB)", bytes as f64 / MIB);
-    println!(
-        "  seconds        {secs:.2} ({download_secs:.2} downloading and checking, {:.2} loading)",
-        secs - download_secs
-    );
-    println!(
-        "  MiB/s          {:.1} (download)",
-        bytes as f64 / MIB / download_secs
-    );
-    println!("  bytes per peer");
-    let mut per_peer = per_peer;
-    per_peer.sort_by_key(|(_, b)| std::cmp::Reverse(*b));
-    for (p, b) in per_peer {
-        println!("    {:<12} {:>6.1} MiB", net.name(&p), b as f64 / MIB);
+    for (label, s) in [("first sync", &first), ("catch-up", &catch_up)] {
+        println!("  {label}");
+        println!("    slot           {} ({})", s.slot, s.kind);
+        println!("    bank hash      {}", s.bank_hash);
+        println!(
+            "    fetched        {} ({:.1} MiB)",
+            s.fetched,
+            s.fetched as f64 / MIB
+        );
+        println!(
+            "    seconds        {:.2} ({:.2} downloading and checking, loading alongside)",
+            s.secs, s.download_secs
+        );
+        println!(
+            "    MiB/s          {:.1} (download)",
+            s.fetched as f64 / MIB / s.download_secs.max(1e-3)
+        );
+        let mut per_peer = s.per_peer.clone();
+        per_peer.sort_by_key(|(_, b)| std::cmp::Reverse(*b));
+        println!("    bytes per peer");
+        for (p, b) in per_peer.iter().filter(|(_, b)| *b > 0) {
+            println!("      {:<12} {:>10}", net.name(p), human_bytes(*b));
+        }
     }
+    println!(
+        "\nthe catch-up fetched {:.2}% of what the first sync did",
+        100.0 * catch_up.fetched as f64 / first.fetched.max(1) as f64
+    );
     drop(peers);
+    late.shutdown().await;
+    producer.shutdown().await;
 }

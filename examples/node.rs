@@ -1,27 +1,33 @@
 //! A headless snapsync node for scripts: one JSON object per line on stdout for each event a
-//! script needs, human logs on stderr.
+//! script needs (`listening` always first), human logs on stderr.
 //!
 //! ```text
-//! cargo run --release --example node -- --data-dir /tmp/a --produce --state-mib 64
-//! cargo run --release --example node -- --data-dir /tmp/b --peer /ip4/127.0.0.1/udp/PORT/quic-v1 --exit-after-sync
+//! # a producer executing a chain (several producers with the same --genesis-unix-ms and
+//! # --state-mib execute the same chain and make byte-identical snapshots)
+//! cargo run --example node -- --data-dir /tmp/a --produce --state-mib 64
+//! # a node that syncs from it and exits
+//! cargo run --example node -- --data-dir /tmp/b --peer /ip4/127.0.0.1/udp/PORT/quic-v1/p2p/ID --exit-after-sync
 //! ```
 //!
 //! `SNAPSHOT_TOKEN` and `SNAPSHOT_CHUNK_SIZE` are read from the environment. With
 //! `--exit-after-sync` the node exits 0 right after its `synced` event, and 2 with a message on
-//! stderr when syncing is impossible (a wrong token, or nothing to sync before `--timeout`).
+//! stderr when syncing is impossible (a wrong token, or nothing to sync before `--timeout`: the
+//! message then names the peers that could not be reached). SIGINT and SIGTERM shut it down
+//! gracefully: the download's progress is made durable and every connection closed.
 
 #[path = "support/node.rs"]
 mod node;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use libp2p::Multiaddr;
-use node::{NodeEvent, Options};
+use libp2p::{Multiaddr, PeerId};
+use node::{Chain, NodeEvent, Options};
 use serde_json::json;
-use snapsync::{Event, SyncError};
+use snapsync::{Event, SyncError, TrustPolicy};
 
 /// A headless snapsync node.
 #[derive(Parser, Debug)]
@@ -38,31 +44,53 @@ struct Args {
     /// A peer to dial (repeatable); without any, peers are found on the LAN by mDNS.
     #[arg(long)]
     peer: Vec<Multiaddr>,
-    /// Advance slots and make snapshots (a producer does not sync).
+    /// Execute the chain and make snapshots (a producer does not sync).
     #[arg(long)]
     produce: bool,
-    /// Synthetic state to write before producing, in MiB.
+    /// The chain's initial state, in MiB.
     #[arg(long, default_value_t = 0)]
     state_mib: u64,
-    /// Milliseconds per slot when producing.
+    /// Milliseconds per slot.
     #[arg(long, default_value_t = 400)]
     slot_ms: u64,
+    /// When the chain's slot 0 was, milliseconds since the Unix epoch (default: now). Producers
+    /// of one chain must agree on it.
+    #[arg(long)]
+    genesis_unix_ms: Option<u64>,
+    /// What the chain's writes derive from.
+    #[arg(long, default_value_t = 1)]
+    chain_seed: u64,
+    /// Stop producing at this slot.
+    #[arg(long)]
+    stop_at_slot: Option<u64>,
     /// Slots between snapshots (RangeForSnapshot).
     #[arg(long, default_value_t = 50)]
     range_for_snapshot: u64,
+    /// Slots between full snapshots (the snapshots between are incremental).
+    #[arg(long, default_value_t = snapsync::snapshot::DEFAULT_FULL_INTERVAL)]
+    full_interval: u64,
     /// Serving cap per downloading peer, bytes per second.
     #[arg(long)]
     rate_limit_per_peer: Option<u64>,
     /// Discovery interval in seconds.
     #[arg(long, default_value_t = 30)]
     discovery_secs: u64,
+    /// A trusted peer (repeatable): only snapshots `--trust-quorum` of them advertise are taken.
+    #[arg(long)]
+    trust_peer: Vec<PeerId>,
+    /// How many trusted peers must advertise the same snapshot (default 1).
+    #[arg(long, default_value_t = 1)]
+    trust_quorum: usize,
+    /// Without trusted peers: how many distinct peers must advertise the same snapshot.
+    #[arg(long, default_value_t = 1)]
+    min_agreeing: usize,
     /// Exit right after the first successful sync.
     #[arg(long)]
     exit_after_sync: bool,
     /// With --exit-after-sync: give up after this many seconds.
     #[arg(long)]
     timeout: Option<u64>,
-    /// Serve Prometheus metrics on this address.
+    /// Serve Prometheus metrics on this address (at /metrics).
     #[arg(long)]
     metrics: Option<SocketAddr>,
 }
@@ -75,6 +103,25 @@ fn fail(message: &str) -> ! {
     eprintln!("error: {message}");
     emit(json!({"event": "error", "message": message}));
     std::process::exit(2);
+}
+
+/// Seconds, to the millisecond.
+fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
+}
+
+fn kind_of(full: bool) -> &'static str {
+    if full { "full" } else { "incremental" }
+}
+
+/// Waits for SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 #[tokio::main]
@@ -92,11 +139,27 @@ async fn main() {
     opts.streamer = args.streamer;
     opts.peers = args.peer.clone();
     opts.mdns = args.peer.is_empty();
-    opts.produce_slot_ms = args.produce.then_some(args.slot_ms);
-    opts.state_mib = args.state_mib;
+    opts.chain = args.produce.then(|| Chain {
+        seed: args.chain_seed,
+        state_mib: args.state_mib,
+        slot_ms: args.slot_ms,
+        genesis_unix_ms: args.genesis_unix_ms.unwrap_or_else(node::now_unix_ms),
+    });
+    opts.stop_at_slot = args.stop_at_slot;
     opts.range_for_snapshot = args.range_for_snapshot;
+    opts.full_interval = args.full_interval;
     opts.rate_limit_per_peer = args.rate_limit_per_peer;
     opts.discovery_interval = Duration::from_secs(args.discovery_secs.max(1));
+    opts.trust = if args.trust_peer.is_empty() {
+        TrustPolicy::Untrusted {
+            min_agreeing_peers: args.min_agreeing,
+        }
+    } else {
+        TrustPolicy::TrustedPeers {
+            peers: args.trust_peer.iter().copied().collect(),
+            quorum: args.trust_quorum,
+        }
+    };
     opts.metrics = args.metrics;
     let mut node = match node::start(opts).await {
         Ok(n) => n,
@@ -107,6 +170,9 @@ async fn main() {
         .map(|t| tokio::time::Instant::now() + Duration::from_secs(t));
     let mut sync_started: Option<Instant> = None;
     let mut last_progress = Instant::now();
+    let mut unreachable: BTreeMap<String, String> = BTreeMap::new();
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
     loop {
         let next = async {
             match deadline {
@@ -114,8 +180,24 @@ async fn main() {
                 None => Some(node.events.recv().await),
             }
         };
-        let Some(event) = next.await else {
-            fail("timed out before a snapshot was synced");
+        let event = tokio::select! {
+            _ = &mut signal => {
+                node.shutdown().await;
+                emit(json!({"event": "shutdown"}));
+                std::process::exit(0);
+            }
+            event = next => event,
+        };
+        let Some(event) = event else {
+            let mut message = "timed out before a snapshot was synced".to_string();
+            if !unreachable.is_empty() {
+                let list: Vec<String> = unreachable
+                    .iter()
+                    .map(|(a, why)| format!("{a} ({why})"))
+                    .collect();
+                message.push_str(&format!("; could not reach: {}", list.join(", ")));
+            }
+            fail(&message);
         };
         let Some(event) = event else { return };
         match event {
@@ -141,9 +223,11 @@ async fn main() {
             NodeEvent::Snap(event) => match event {
                 Event::SnapshotCreated { manifest } => emit(json!({
                     "event": "snapshot_created",
+                    "kind": manifest.kind.as_str(),
                     "slot": manifest.slot,
                     "bank_hash": manifest.bank_hash.to_hex(),
                     "content_root": manifest.content_root.to_hex(),
+                    "base_slot": manifest.base.map(|b| b.slot),
                     "bytes": manifest.archive_size,
                 })),
                 Event::DiscoveryStarted { round, local_slot } => emit(json!({
@@ -152,60 +236,85 @@ async fn main() {
                 Event::NoSnapshotAvailable { round, adverts } => emit(json!({
                     "event": "no_snapshot", "round": round, "adverts": adverts,
                 })),
-                Event::SnapshotFound { key, peers } => emit(json!({
+                Event::SnapshotFound {
+                    key,
+                    full,
+                    peers,
+                    bytes,
+                } => emit(json!({
                     "event": "snapshot_found",
+                    "kind": key.kind.as_str(),
                     "slot": key.slot,
                     "bank_hash": key.bank_hash.to_hex(),
-                    "bytes": key.archive_size,
+                    "with_full_slot": full.map(|f| f.slot),
+                    "bytes": bytes,
                     "peers": peers.len(),
                 })),
-                Event::DownloadStarted { key, peers } => {
-                    sync_started = Some(Instant::now());
-                    emit(
-                        json!({"event": "download_started", "slot": key.slot, "peers": peers.len()}),
-                    );
+                Event::DownloadStarted {
+                    key,
+                    peers,
+                    resumed_bytes,
+                } => {
+                    sync_started.get_or_insert_with(Instant::now);
+                    emit(json!({
+                        "event": "download_started",
+                        "kind": key.kind.as_str(),
+                        "slot": key.slot,
+                        "bytes": key.archive_size,
+                        "resumed_bytes": resumed_bytes,
+                        "peers": peers.len(),
+                    }));
                 }
-                Event::DownloadProgress(p) => {
-                    if last_progress.elapsed() >= Duration::from_secs(1) || p.finished {
-                        last_progress = Instant::now();
-                        emit(json!({
-                            "event": "progress",
-                            "done": p.done_bytes,
-                            "total": p.total_bytes,
-                            "rate": p.rate as u64,
-                            "eta_secs": p.eta.map(|e| e.as_secs_f64()),
-                            "peers": p.peers.iter().map(|pp| json!({"peer_id": pp.peer_id.to_string(), "bytes": pp.bytes})).collect::<Vec<_>>(),
-                        }));
-                    }
+                Event::DownloadProgress(p)
+                    if last_progress.elapsed() >= Duration::from_secs(1) || p.finished =>
+                {
+                    last_progress = Instant::now();
+                    emit(json!({
+                        "event": "progress",
+                        "root": p.root.to_hex(),
+                        "done": p.done_bytes,
+                        "total": p.total_bytes,
+                        "rate": p.rate as u64,
+                        "eta_secs": p.eta.map(secs),
+                        "peers": p.peers.iter().map(|pp| json!({"peer_id": pp.peer_id.to_string(), "bytes": pp.bytes})).collect::<Vec<_>>(),
+                    }));
                 }
                 Event::SnapshotSynced {
                     slot,
                     bank_hash,
+                    kind,
+                    with_full,
                     bytes,
+                    fetched_bytes,
                     elapsed,
                     per_peer,
                 } => {
-                    let secs = sync_started
-                        .map(|s| s.elapsed())
-                        .unwrap_or(elapsed)
-                        .as_secs_f64();
+                    let took = sync_started.take().map(|s| s.elapsed()).unwrap_or(elapsed);
                     emit(json!({
                         "event": "synced",
                         "slot": slot,
                         "bank_hash": bank_hash.to_hex(),
+                        "kind": kind.as_str(),
+                        "fetched": if with_full { "full+incremental" } else { kind_of(false) },
+                        "with_full": with_full,
                         "bytes": bytes,
-                        "secs": secs,
+                        "fetched_bytes": fetched_bytes,
+                        "secs": secs(took),
                         "peers": per_peer.iter().filter(|(_, b)| *b > 0).count(),
                         "per_peer": per_peer.iter().map(|(p, b)| json!({"peer_id": p.to_string(), "bytes": b})).collect::<Vec<_>>(),
                     }));
                     if args.exit_after_sync {
+                        node.shutdown().await;
                         std::process::exit(0);
                     }
                 }
                 Event::SyncFailed { key, error } => {
-                    emit(
-                        json!({"event": "sync_failed", "slot": key.slot, "error": error.to_string()}),
-                    );
+                    emit(json!({
+                        "event": "sync_failed",
+                        "kind": key.kind.as_str(),
+                        "slot": key.slot,
+                        "error": error.to_string(),
+                    }));
                     let unauthorized =
                         matches!(&error, SyncError::Download(e) if e.is_unauthorized());
                     if args.exit_after_sync && unauthorized {
@@ -221,6 +330,17 @@ async fn main() {
                 Event::PeerMisbehaved { peer, reason } => emit(json!({
                     "event": "peer_misbehaved", "peer_id": peer.to_string(), "reason": reason,
                 })),
+                Event::PeerUnreachable { peer, addresses } => {
+                    for (addr, why) in &addresses {
+                        unreachable.insert(addr.to_string(), why.clone());
+                    }
+                    emit(json!({
+                        "event": "dial_failed",
+                        "peer_id": peer.map(|p| p.to_string()),
+                        "addresses": addresses.iter().map(|(a, why)| json!({"addr": a.to_string(), "error": why})).collect::<Vec<_>>(),
+                    }));
+                }
+                _ => {}
             },
         }
     }

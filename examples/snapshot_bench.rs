@@ -3,8 +3,12 @@
 //! single-threaded, from memory-cached input to nowhere.
 //!
 //! ```text
-//! cargo run --release --example snapshot_bench [-- --mib 1024]
+//! cargo run --release --example snapshot_bench [-- --mib 1024 --rounds 3 --dir DIR]
 //! ```
+//!
+//! It then touches 1% of the entries over 50 slots and measures an incremental snapshot on the
+//! full one: its creation and load times as ratios to the full one's, and its size beside the
+//! touched records compressed alone.
 //!
 //! Each phase runs as its own process so its CPU time and peak RSS are its own. The last line
 //! printed is one JSON object with every figure.
@@ -18,43 +22,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use snapsync::db::{RedbState, StateDb};
+use snapsync::db::{LmdbState, StateDb};
 use snapsync::snapshot::archive::{ArchiveReader, DEFAULT_ZSTD_LEVEL};
-use snapsync::snapshot::{CreateOptions, SnapshotStore, create_snapshot, load_snapshot};
+use snapsync::snapshot::{
+    CreateOptions, SnapshotStore, create_incremental, create_snapshot, load_snapshot,
+};
+use support::state::{VALUE_LEN, entries_for, key, open_db, populate, value};
 use support::{field, mib, run_phase, usage};
-
-const VALUE_LEN: usize = 1000;
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1).cloned())
-}
-
-/// Key `i`: 8 bytes of `i` (ascending) and 24 pseudo-random bytes, like an account address.
-fn key(i: u64) -> [u8; 32] {
-    let mut k = [0u8; 32];
-    k[..8].copy_from_slice(&i.to_be_bytes());
-    let h = blake3::hash(&i.to_le_bytes());
-    k[8..].copy_from_slice(&h.as_bytes()[..24]);
-    k
-}
-
-/// Value of `i`: 40% random (balances, hashes), 60% structured (small integers, padding).
-fn value(i: u64, out: &mut Vec<u8>) {
-    out.clear();
-    let mut xof = blake3::Hasher::new()
-        .update(&i.to_le_bytes())
-        .finalize_xof();
-    let mut random = [0u8; VALUE_LEN * 2 / 5];
-    xof.fill(&mut random);
-    out.extend_from_slice(&random);
-    while out.len() < VALUE_LEN {
-        let n = out.len() as u64;
-        out.extend_from_slice(&((i * 7 + n) % 97).to_le_bytes()[..4]);
-    }
-    out.truncate(VALUE_LEN);
 }
 
 /// The zstd level under test (`--level`, default the crate's default).
@@ -64,54 +44,107 @@ fn level() -> i32 {
         .unwrap_or(DEFAULT_ZSTD_LEVEL)
 }
 
-fn populate(dir: &Path, target_mib: u64) {
-    let db = RedbState::open(dir.join("state.redb")).unwrap();
-    let entries = (target_mib << 20) / (32 + VALUE_LEN as u64 + 8);
+/// The slot of the full base.
+const BASE_SLOT: u64 = 1_000;
+/// The slot of the incremental snapshot.
+const INCR_SLOT: u64 = 1_050;
+
+/// Touches 1% of the entries over 50 slots after the base: values changed (most), keys deleted
+/// and new keys created. Returns the records an incremental holds, as the archive encodes them,
+/// for the compressed-size comparison.
+fn touch(dir: &Path, target_mib: u64) -> Vec<u8> {
+    let db = open_db(dir);
+    let entries = entries_for(target_mib);
+    let touched = (entries / 100).max(1);
     let mut v = Vec::with_capacity(VALUE_LEN);
-    let mut i = 0;
-    let started = Instant::now();
-    while i < entries {
-        let end = (i + 20_000).min(entries);
-        db.commit_slot(1_000, |w| {
-            for j in i..end {
-                value(j, &mut v);
-                w.put(&key(j), &v)?;
+    let mut records: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>> = Default::default();
+    let per_slot = touched.div_ceil(INCR_SLOT - BASE_SLOT);
+    let mut n = 0u64;
+    for slot in BASE_SLOT + 1..=INCR_SLOT {
+        db.commit_slot(slot, |w| {
+            for _ in 0..per_slot {
+                if n >= touched {
+                    break;
+                }
+                let i = (n.wrapping_mul(0x9E37_79B9) ^ slot) % entries;
+                match n % 10 {
+                    // A deletion.
+                    0 => {
+                        w.delete(&key(i))?;
+                        records.insert(key(i).to_vec(), None);
+                    }
+                    // A new key.
+                    1 => {
+                        let k = key(entries + n);
+                        value(entries + n, &mut v);
+                        w.put(&k, &v)?;
+                        records.insert(k.to_vec(), Some(v.clone()));
+                    }
+                    _ => {
+                        value(i ^ (slot << 32), &mut v);
+                        w.put(&key(i), &v)?;
+                        records.insert(key(i).to_vec(), Some(v.clone()));
+                    }
+                }
+                n += 1;
             }
             Ok(())
         })
         .unwrap();
-        i = end;
     }
-    eprintln!(
-        "populated {entries} entries in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    let mut raw = Vec::new();
+    for (k, val) in &records {
+        raw.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        raw.extend_from_slice(k);
+        match val {
+            Some(val) => {
+                raw.extend_from_slice(&(val.len() as u32).to_le_bytes());
+                raw.extend_from_slice(val);
+            }
+            None => raw.extend_from_slice(&u32::MAX.to_le_bytes()),
+        }
+    }
+    raw
 }
 
-fn phase_create(dir: &Path) {
-    let db = RedbState::open(dir.join("state.redb")).unwrap();
+fn phase_create(dir: &Path, incremental: bool) {
+    let db = open_db(dir);
     let store = SnapshotStore::open(dir.join("snapshots")).unwrap();
+    let options = CreateOptions::default().with_zstd_level(level());
+    let base = store.latest_full();
+    if incremental {
+        // A round starts from the full base alone.
+        for s in store.list() {
+            if !s.manifest().is_full() {
+                store.remove(&s).unwrap();
+            }
+        }
+    }
     let before = usage();
     let started = Instant::now();
     let view = db.view().unwrap();
-    let options = CreateOptions::default().with_zstd_level(level());
-    let snap = create_snapshot(&store, view.as_ref(), &options).unwrap();
+    let snap = if incremental {
+        create_incremental(&store, view.as_ref(), &base.expect("a full base"), &options).unwrap()
+    } else {
+        create_snapshot(&store, view.as_ref(), &options).unwrap()
+    };
     let secs = started.elapsed().as_secs_f64();
     let after = usage();
     let m = snap.manifest();
     println!(
-        "{{\"secs\":{secs},\"cpu\":{},\"peak_rss_mib\":{},\"state_bytes\":{},\"archive_bytes\":{}}}",
+        "{{\"secs\":{secs},\"cpu\":{},\"peak_rss_mib\":{},\"state_bytes\":{},\"archive_bytes\":{},\"entries\":{}}}",
         (after.cpu - before.cpu).as_secs_f64(),
         after.peak_rss_mib,
         m.state_bytes,
-        m.archive_size
+        m.archive_size,
+        m.entry_count
     );
 }
 
-/// Writes the uncompressed record stream of the snapshot to `raw` (the baseline's input).
+/// Writes the uncompressed record stream of the full snapshot to `raw` (the baseline's input).
 fn phase_raw(dir: &Path, raw: &Path) {
     let store = SnapshotStore::open(dir.join("snapshots")).unwrap();
-    let snap = store.latest().unwrap();
+    let snap = store.latest_full().unwrap();
     let input = BufReader::new(File::open(snap.archive_path()).unwrap());
     let mut decoder = zstd::stream::read::Decoder::with_buffer(input).unwrap();
     let mut out = BufWriter::new(File::create(raw).unwrap());
@@ -120,7 +153,7 @@ fn phase_raw(dir: &Path, raw: &Path) {
     // Check the stream is the archive's.
     let mut r =
         ArchiveReader::new(BufReader::new(File::open(snap.archive_path()).unwrap())).unwrap();
-    while r.next_entry().unwrap().is_some() {}
+    while r.next_record().unwrap().is_some() {}
     println!("{{\"ok\":1}}");
 }
 
@@ -154,10 +187,16 @@ fn phase_baseline(raw: &Path) {
     );
 }
 
-fn phase_load(dir: &Path) {
+/// Loads the full snapshot into a fresh DB (`loaded`), or the incremental one onto it.
+fn phase_load(dir: &Path, incremental: bool) {
     let store = SnapshotStore::open(dir.join("snapshots")).unwrap();
-    let snap = store.latest().unwrap();
-    let target = Arc::new(RedbState::open(dir.join("loaded.redb")).unwrap());
+    let snap = if incremental {
+        store.latest().unwrap()
+    } else {
+        store.latest_full().unwrap()
+    };
+    assert_eq!(snap.manifest().is_full(), !incremental);
+    let target = Arc::new(LmdbState::open(dir.join("loaded")).unwrap());
     let before = usage();
     let started = Instant::now();
     let report = load_snapshot(target.as_ref(), &snap.archive_path(), snap.manifest()).unwrap();
@@ -176,35 +215,22 @@ fn main() {
     if let Some(phase) = arg("--phase") {
         let dir = PathBuf::from(arg("--dir").expect("--dir"));
         match phase.as_str() {
-            "create" => phase_create(&dir),
+            "create" => phase_create(&dir, false),
+            "create-incremental" => phase_create(&dir, true),
             "raw" => phase_raw(&dir, &dir.join("raw.bin")),
             "baseline" => phase_baseline(&dir.join("raw.bin")),
-            "load" => phase_load(&dir),
+            "load" => phase_load(&dir, false),
+            "load-incremental" => phase_load(&dir, true),
             other => panic!("unknown phase {other}"),
         }
         return;
     }
     let target_mib: u64 = arg("--mib").map(|m| m.parse().unwrap()).unwrap_or(1024);
-    // `--reuse DIR` keeps the state between runs (for profiling); by default a temporary
-    // directory is used and removed.
-    let (_tmp, root) = match arg("--reuse") {
-        Some(dir) => (None, PathBuf::from(dir)),
-        None => {
-            let tmp = tempfile::tempdir().unwrap();
-            let root = tmp.path().to_path_buf();
-            (Some(tmp), root)
-        }
-    };
+    let tmp = tempfile::tempdir_in(arg("--dir").unwrap_or_else(|| ".".into())).unwrap();
+    let root = tmp.path().to_path_buf();
     let dir = root.to_str().unwrap().to_string();
-    if !root.join("state.redb").exists() {
-        eprintln!("building a ~{target_mib} MiB state in {dir} ...");
-        std::fs::create_dir_all(&root).unwrap();
-        populate(&root, target_mib);
-    }
-    for stale in ["snapshots", "loaded.redb"] {
-        let _ = std::fs::remove_dir_all(root.join(stale));
-        let _ = std::fs::remove_file(root.join(stale));
-    }
+    eprintln!("building a ~{target_mib} MiB state in {dir} ...");
+    populate(&root, target_mib, BASE_SLOT);
 
     // Creation and baseline alternate for a few rounds; the medians are reported, so one
     // noisy moment on a shared machine does not decide the figures.
@@ -223,7 +249,27 @@ fn main() {
         creates.push(create);
         baselines.push(baseline);
     }
+    let _ = std::fs::remove_file(root.join("raw.bin"));
     let load = run_phase(&["--phase", "load", "--dir", &dir]);
+
+    // The incremental case: 1% of the entries touched since the base.
+    let touched = touch(&root, target_mib);
+    let touched_compressed = zstd::bulk::compress(&touched, level()).unwrap().len() as u64;
+    let mut incr_creates = Vec::new();
+    for round in 0..rounds {
+        let c = run_phase(&[
+            "--phase",
+            "create-incremental",
+            "--dir",
+            &dir,
+            "--level",
+            &level_arg,
+        ]);
+        eprintln!("round {round}: incremental create {c}");
+        incr_creates.push(c);
+    }
+    let incr_load = run_phase(&["--phase", "load-incremental", "--dir", &dir]);
+
     let median = |runs: &[String]| {
         let mut sorted: Vec<&String> = runs.iter().collect();
         sorted.sort_by(|a, b| field(a, "secs").total_cmp(&field(b, "secs")));
@@ -231,16 +277,22 @@ fn main() {
     };
     let create = median(&creates);
     let baseline = median(&baselines);
+    let incr = median(&incr_creates);
 
     let state_bytes = field(&create, "state_bytes") as u64;
     let archive_bytes = field(&create, "archive_bytes") as u64;
     let create_mibs = mib(state_bytes) / field(&create, "secs");
     let baseline_mibs = mib(field(&baseline, "bytes") as u64) / field(&baseline, "secs");
     let load_mibs = mib(state_bytes) / field(&load, "secs");
+    let incr_create_ratio = field(&incr, "secs") / field(&create, "secs");
+    let incr_load_ratio = field(&incr_load, "secs") / field(&load, "secs");
+    let incr_bytes = field(&incr, "archive_bytes") as u64;
     let peak = creates
         .iter()
+        .chain(&incr_creates)
         .map(|c| field(c, "peak_rss_mib"))
-        .fold(field(&load, "peak_rss_mib"), f64::max);
+        .fold(field(&load, "peak_rss_mib"), f64::max)
+        .max(field(&incr_load, "peak_rss_mib"));
     let level = level();
     println!(
         "state: {:.0} MiB uncompressed, archive {:.0} MiB (zstd level {level}); medians of {rounds} rounds",
@@ -248,42 +300,64 @@ fn main() {
         mib(archive_bytes)
     );
     println!(
-        "{:<28} {:>10} {:>10} {:>12}",
-        "", "MiB/s", "CPU s", "peak RSS MiB"
+        "{:<36} {:>10} {:>10} {:>10} {:>12}",
+        "", "secs", "MiB/s", "CPU s", "peak RSS MiB"
     );
     println!(
-        "{:<28} {:>10.0} {:>10.2} {:>12.0}",
-        "create (DB -> published)",
+        "{:<36} {:>10.2} {:>10.0} {:>10.2} {:>12.0}",
+        "full create (DB -> published)",
+        field(&create, "secs"),
         create_mibs,
         field(&create, "cpu"),
         field(&create, "peak_rss_mib")
     );
     println!(
-        "{:<28} {:>10.0} {:>10.2} {:>12}",
+        "{:<36} {:>10.2} {:>10.0} {:>10.2} {:>12}",
         "baseline (zstd + BLAKE3)",
+        field(&baseline, "secs"),
         baseline_mibs,
         field(&baseline, "cpu"),
         "-"
     );
     println!(
-        "{:<28} {:>10.0} {:>10.2} {:>12.0}",
-        "load (archive -> live DB)",
+        "{:<36} {:>10.2} {:>10.0} {:>10.2} {:>12.0}",
+        "full load (archive -> live DB)",
+        field(&load, "secs"),
         load_mibs,
         field(&load, "cpu"),
         field(&load, "peak_rss_mib")
     );
     println!(
-        "create / baseline = {:.2}x (goal >= 0.80x)",
+        "{:<36} {:>10.3} {:>10} {:>10.2} {:>12.0}",
+        format!("incremental create ({} records)", field(&incr, "entries")),
+        field(&incr, "secs"),
+        "-",
+        field(&incr, "cpu"),
+        field(&incr, "peak_rss_mib")
+    );
+    println!(
+        "{:<36} {:>10.3} {:>10} {:>10.2} {:>12.0}",
+        "incremental load (apply + check)",
+        field(&incr_load, "secs"),
+        "-",
+        field(&incr_load, "cpu"),
+        field(&incr_load, "peak_rss_mib")
+    );
+    println!(
+        "create / baseline = {:.2}x (goal >= 0.80x); incremental / full: create {incr_create_ratio:.3}x, load {incr_load_ratio:.3}x (goal <= 0.05x)",
         create_mibs / baseline_mibs
     );
     println!(
-        "{{\"create_mibs\":{create_mibs:.1},\"baseline_mibs\":{baseline_mibs:.1},\"create_vs_baseline\":{:.3},\"load_mibs\":{load_mibs:.1},\"peak_rss_mib\":{peak:.1},\"create_cpu_s\":{:.2},\"baseline_cpu_s\":{:.2},\"load_cpu_s\":{:.2},\"state_mib\":{:.1},\"archive_mib\":{:.1},\"zstd_level\":{level},\"db_cache_mib\":{}}}",
+        "incremental archive {incr_bytes} bytes; the touched records alone, zstd {level}: {touched_compressed} bytes ({:.2}x)",
+        incr_bytes as f64 / touched_compressed as f64
+    );
+    println!(
+        "{{\"create_mibs\":{create_mibs:.1},\"baseline_mibs\":{baseline_mibs:.1},\"create_vs_baseline\":{:.3},\"load_mibs\":{load_mibs:.1},\"peak_rss_mib\":{peak:.1},\"create_cpu_s\":{:.2},\"baseline_cpu_s\":{:.2},\"load_cpu_s\":{:.2},\"state_mib\":{:.1},\"archive_mib\":{:.1},\"zstd_level\":{level},\"incr_create_ratio\":{incr_create_ratio:.4},\"incr_load_ratio\":{incr_load_ratio:.4},\"incr_bytes\":{incr_bytes},\"touched_compressed_bytes\":{touched_compressed}}}",
         create_mibs / baseline_mibs,
         field(&create, "cpu"),
         field(&baseline, "cpu"),
         field(&load, "cpu"),
         mib(state_bytes),
         mib(archive_bytes),
-        snapsync::db::DEFAULT_CACHE_BYTES >> 20
     );
 }

@@ -17,19 +17,18 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::identity::Keypair;
-use snapsync::snapshot::{FORMAT_VERSION, Manifest, SnapshotStore};
+use snapsync::Metrics;
+use snapsync::snapshot::{Manifest, SnapshotStore};
 use snapsync::transfer::{
     DownloadConfig, DownloadTarget, Downloader, PeerAddr, Streamer, StreamerConfig,
 };
-use snapsync::{BankHash, ChunkSize};
 use support::{field, mib, usage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -44,54 +43,6 @@ fn local() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
-/// Writes a published snapshot of `bytes` pseudo-random bytes into `store_dir` (the transfer
-/// does not care what the archive holds) and returns its manifest.
-fn make_snapshot(store_dir: &Path, bytes: u64) -> Manifest {
-    let staging = store_dir.join("bench-staging");
-    std::fs::create_dir_all(&staging).unwrap();
-    let archive = staging.join(snapsync::snapshot::ARCHIVE_FILE);
-    let mut out =
-        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&archive).unwrap());
-    let mut xof = blake3::Hasher::new()
-        .update(b"transfer bench")
-        .finalize_xof();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        xof.fill(&mut buf[..n]);
-        out.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-    }
-    out.into_inner().unwrap().sync_all().unwrap();
-    let (root, size) = snapsync::chunk::write_outboard(
-        &archive,
-        ChunkSize::DEFAULT,
-        &staging.join(snapsync::snapshot::OUTBOARD_FILE),
-    )
-    .unwrap();
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        slot: 1,
-        bank_hash: BankHash([0; 32]),
-        content_root: root,
-        archive_size: size,
-        chunk_size: ChunkSize::DEFAULT,
-        created_unix_ms: 0,
-        entry_count: 0,
-        state_bytes: size,
-        zstd_level: 1,
-    };
-    std::fs::write(
-        staging.join(snapsync::snapshot::MANIFEST_FILE),
-        manifest.encode(),
-    )
-    .unwrap();
-    let name = format!("snapshot-{:020}-{}", 1, &root.to_hex()[..16]);
-    std::fs::rename(&staging, store_dir.join(name)).unwrap();
-    manifest
-}
-
 /// Server roles print one line per listener (JSON) and serve until killed.
 async fn serve_snapsync(store: &Path, count: usize, cap: Option<u64>) {
     let store = SnapshotStore::open(store).unwrap();
@@ -101,7 +52,7 @@ async fn serve_snapsync(store: &Path, count: usize, cap: Option<u64>) {
         let config = StreamerConfig::default()
             .with_listen(local())
             .with_rate_limit(cap);
-        let s = Streamer::bind(&keypair, store.clone(), config).unwrap();
+        let s = Streamer::bind(&keypair, store.clone(), config, None, Metrics::new()).unwrap();
         println!(
             "{{\"peer_id\":\"{}\",\"addr\":\"{}\"}}",
             keypair.public().to_peer_id(),
@@ -306,6 +257,8 @@ async fn get_snapsync(store: &Path, peers: Vec<PeerAddr>, manifest: &Manifest) {
         Keypair::generate_ed25519(),
         store,
         DownloadConfig::default().with_bind(local()),
+        None,
+        Metrics::new(),
     )
     .unwrap();
     let before = usage();
@@ -394,34 +347,16 @@ async fn get_quinn(peer: PeerAddr, out: &Path, size: u64, tuned: bool) {
     report(started, before, size);
 }
 
-/// Starts a server role and reads its listener lines.
-fn start_server(args: &[&str], lines: usize) -> (Child, Vec<String>) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut got = Vec::new();
-    for _ in 0..lines {
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        got.push(line.trim().to_string());
-    }
-    (child, got)
-}
-
-fn text(json: &str, name: &str) -> String {
-    let pat = format!("\"{name}\":\"");
-    let start = json.find(&pat).unwrap() + pat.len();
-    json[start..json[start..].find('"').unwrap() + start].to_string()
-}
-
 fn peers_arg(lines: &[String]) -> String {
     lines
         .iter()
-        .map(|l| format!("{}@{}", text(l, "peer_id"), text(l, "addr")))
+        .map(|l| {
+            format!(
+                "{}@{}",
+                support::text(l, "peer_id"),
+                support::text(l, "addr")
+            )
+        })
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -465,7 +400,7 @@ fn main() {
                 }
                 "make-snapshot" => {
                     let mib: u64 = arg("--mib").unwrap().parse().unwrap();
-                    let m = make_snapshot(&path("--store"), mib << 20);
+                    let m = support::random_snapshot(&path("--store"), mib << 20);
                     println!("{{\"root\":\"{}\"}}", m.content_root);
                 }
                 "serve-tcp" => serve_tcp(&path("--file")).await,
@@ -509,7 +444,7 @@ fn main() {
     let server_store = tmp.path().join("server");
     std::fs::create_dir_all(&server_store).unwrap();
     eprintln!("writing a {size_mib} MiB snapshot ...");
-    let manifest = make_snapshot(&server_store, size_mib << 20);
+    let manifest = support::random_snapshot(&server_store, size_mib << 20);
     let store = SnapshotStore::open(&server_store).unwrap();
     let archive = store.latest().unwrap().archive_path();
     let archive_s = archive.to_str().unwrap().to_string();
@@ -527,7 +462,7 @@ fn main() {
                     client: &dyn Fn(&[String]) -> Vec<String>| {
         let _ = std::fs::remove_dir_all(&client_dir);
         let _ = std::fs::remove_file(tmp.path().join("copy.bin"));
-        let (mut child, lines) = start_server(server, listeners);
+        let (mut child, lines) = support::start_server(server, listeners);
         let args = client(&lines);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let result = support::run_phase(&refs);
@@ -589,7 +524,7 @@ fn main() {
                 "--role",
                 "get-tcp",
                 "--addr",
-                &text(&l[0], "addr"),
+                &support::text(&l[0], "addr"),
                 "--out",
                 &out_s,
                 "--size",

@@ -1,26 +1,40 @@
-//! The bank hash: a deterministic commitment to the state at a slot.
+//! The bank hash: a deterministic commitment to the state at a slot, kept up to date in time
+//! proportional to the changes.
 //!
-//! # Definition (version 1)
+//! # Definition (version 2)
 //!
-//! The state is an ordered map from byte-string keys to byte-string values. Its bank hash at
-//! slot `s` is
+//! The state is an ordered map from byte-string keys to byte-string values. Each entry maps to
+//! an element of the lattice `(Z / 2^16)^1024`:
 //!
 //! ```text
-//! bank_hash = BLAKE3-derive_key("snapsync 2026-11 bank hash v1",
-//!                               u64_le(s) || record(k1, v1) || record(k2, v2) || ...)
-//! record(k, v) = u32_le(len(k)) || k || u32_le(len(v)) || v
+//! element(k, v) = BLAKE3-XOF(derive_key("snapsync 2026-11 lattice entry v2",
+//!                                        u32_le(len(k)) || k || u32_le(len(v)) || v)),
+//!                 first 2048 bytes, read as 1024 little-endian u16
+//! lattice(state) = sum of element(k, v) over every entry, each u16 coordinate modulo 2^16
+//! bank_hash(slot, state) = BLAKE3-derive_key("snapsync 2026-11 bank hash v2",
+//!                                            u64_le(slot) || lattice as 1024 u16_le)
 //! ```
 //!
-//! where `k1 < k2 < ...` in plain byte-wise (lexicographic) order. The encoding is
-//! prefix-free, so different states never feed the hash the same bytes. Because the entries are
-//! taken in key order, the hash depends only on the entries and the slot, never on the order the
-//! writes came in. The same `record` encoding is what the snapshot archive stores (see
-//! `docs/FORMAT.md`), so a creator hashes the very bytes it compresses.
+//! This is the lattice hash (LtHash, n = 1024, d = 16) that Solana's accounts lattice hash
+//! (SIMD-0215) uses. A sum does not depend on the order of its terms, so the bank hash depends
+//! only on the entries and the slot. It is *homomorphic*: changing the value of `k` from `a` to
+//! `b` changes the lattice by `element(k, b) - element(k, a)`, so a DB keeps it up to date per
+//! write, and a node applying an incremental snapshot checks the resulting state by updating
+//! its own lattice with the changed entries only, never rescanning the state. Finding two
+//! different states with one lattice reduces to a short-integer-solution lattice problem
+//! believed to need well over 2^128 work at these parameters.
+//!
+//! The empty state's lattice is all zeros.
+
+use std::fmt;
 
 use crate::hash::BankHash;
 
-/// The `blake3::derive_key` context of bank hash version 1.
-pub const CONTEXT: &str = "snapsync 2026-11 bank hash v1";
+/// The `blake3::derive_key` context of a lattice element.
+pub const ELEMENT_CONTEXT: &str = "snapsync 2026-11 lattice entry v2";
+
+/// The `blake3::derive_key` context of the bank hash.
+pub const CONTEXT: &str = "snapsync 2026-11 bank hash v2";
 
 /// Largest key a state may hold (1 MiB). Bounds what a loader holds in memory per entry.
 pub const MAX_KEY_LEN: usize = 1 << 20;
@@ -28,145 +42,206 @@ pub const MAX_KEY_LEN: usize = 1 << 20;
 /// Largest value a state may hold (64 MiB). Bounds what a loader holds in memory per entry.
 pub const MAX_VALUE_LEN: usize = 64 << 20;
 
-/// Records are gathered into a buffer of this size before they are hashed, so that BLAKE3 hashes
-/// many 1 KiB chunks at once (SIMD) instead of one small entry at a time.
-const HASH_BUFFER: usize = 64 << 10;
+/// Number of 16-bit coordinates of a [`Lattice`].
+pub const LATTICE_LEN: usize = 1024;
 
-/// Computes a bank hash over entries given in ascending key order.
-#[derive(Debug, Clone)]
-pub struct BankHasher {
-    hasher: blake3::Hasher,
-    buf: Vec<u8>,
-    entries: u64,
+/// The lattice hash of a state: 1024 coordinates modulo 2^16 (see the module docs).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Lattice([u16; LATTICE_LEN]);
+
+impl Default for Lattice {
+    fn default() -> Self {
+        Self([0; LATTICE_LEN])
+    }
 }
 
-impl BankHasher {
-    /// Starts the bank hash of the state at `slot`.
-    pub fn new(slot: u64) -> Self {
+impl fmt::Debug for Lattice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let digest = blake3::hash(&self.to_bytes());
+        write!(f, "Lattice({})", &digest.to_hex()[..8])
+    }
+}
+
+impl Lattice {
+    /// The lattice of the empty state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The lattice element of one entry.
+    pub fn element(key: &[u8], value: &[u8]) -> Self {
+        let mut hasher = blake3::Hasher::new_derive_key(ELEMENT_CONTEXT);
+        hasher.update(&(key.len() as u32).to_le_bytes());
+        hasher.update(key);
+        hasher.update(&(value.len() as u32).to_le_bytes());
+        hasher.update(value);
+        let mut bytes = [0u8; LATTICE_LEN * 2];
+        hasher.finalize_xof().fill(&mut bytes);
+        let mut out = [0u16; LATTICE_LEN];
+        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+            *o = u16::from_le_bytes([c[0], c[1]]);
+        }
+        Self(out)
+    }
+
+    /// Adds the element of an entry (the entry joins the state).
+    pub fn insert(&mut self, key: &[u8], value: &[u8]) {
+        self.add(&Self::element(key, value));
+    }
+
+    /// Subtracts the element of an entry (the entry leaves the state).
+    pub fn remove(&mut self, key: &[u8], value: &[u8]) {
+        self.sub(&Self::element(key, value));
+    }
+
+    /// Accounts for `key` changing from `old` to `new` (`None`: absent).
+    pub fn replace(&mut self, key: &[u8], old: Option<&[u8]>, new: Option<&[u8]>) {
+        if old == new {
+            return;
+        }
+        if let Some(old) = old {
+            self.remove(key, old);
+        }
+        if let Some(new) = new {
+            self.insert(key, new);
+        }
+    }
+
+    /// Adds another lattice, coordinate by coordinate.
+    pub fn add(&mut self, other: &Lattice) {
+        for (a, b) in self.0.iter_mut().zip(other.0.iter()) {
+            *a = a.wrapping_add(*b);
+        }
+    }
+
+    /// Subtracts another lattice, coordinate by coordinate.
+    pub fn sub(&mut self, other: &Lattice) {
+        for (a, b) in self.0.iter_mut().zip(other.0.iter()) {
+            *a = a.wrapping_sub(*b);
+        }
+    }
+
+    /// The 2048-byte encoding: each coordinate as u16 little-endian.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.iter().flat_map(|c| c.to_le_bytes()).collect()
+    }
+
+    /// The inverse of [`Lattice::to_bytes`]; `None` when `bytes` is not 2048 bytes long.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != LATTICE_LEN * 2 {
+            return None;
+        }
+        let mut out = [0u16; LATTICE_LEN];
+        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+            *o = u16::from_le_bytes([c[0], c[1]]);
+        }
+        Some(Self(out))
+    }
+
+    /// The bank hash of a state with this lattice at `slot`.
+    pub fn bank_hash(&self, slot: u64) -> BankHash {
         let mut hasher = blake3::Hasher::new_derive_key(CONTEXT);
         hasher.update(&slot.to_le_bytes());
-        Self {
-            hasher,
-            buf: Vec::new(),
-            entries: 0,
-        }
-    }
-
-    /// Adds one entry. Entries must come in strictly ascending key order; the caller checks it.
-    pub fn update(&mut self, key: &[u8], value: &[u8]) {
-        if self.buf.capacity() == 0 {
-            self.buf.reserve_exact(HASH_BUFFER + 1024);
-        }
-        if key.len() + value.len() + 8 > HASH_BUFFER - self.buf.len() {
-            self.hasher.update(&self.buf);
-            self.buf.clear();
-        }
-        if key.len() + value.len() + 8 > HASH_BUFFER {
-            // Large entries go straight to the hasher.
-            self.hasher.update(&(key.len() as u32).to_le_bytes());
-            self.hasher.update(key);
-            self.hasher.update(&(value.len() as u32).to_le_bytes());
-            self.hasher.update(value);
-        } else {
-            encode_record(&mut self.buf, key, value);
-        }
-        self.entries += 1;
-    }
-
-    /// Adds already encoded record bytes (`record(k, v)` above, possibly a part of one); the
-    /// caller counts the entries.
-    pub(crate) fn update_raw(&mut self, records: &[u8]) {
-        if !self.buf.is_empty() {
-            self.hasher.update(&self.buf);
-            self.buf.clear();
-        }
-        self.hasher.update(records);
-    }
-
-    /// Number of entries added so far.
-    pub fn entries(&self) -> u64 {
-        self.entries
-    }
-
-    /// The bank hash of the entries added so far.
-    pub fn finalize(&self) -> BankHash {
-        let mut hasher = self.hasher.clone();
-        hasher.update(&self.buf);
+        hasher.update(&self.to_bytes());
         BankHash::from(hasher.finalize())
     }
 }
 
-/// Appends `record(key, value)` to `out`.
-pub(crate) fn encode_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
-    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
-    out.extend_from_slice(key);
-    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-    out.extend_from_slice(value);
+/// Computes the bank hash of a state from its entries, in any order.
+#[derive(Debug, Clone, Default)]
+pub struct BankHasher {
+    lattice: Lattice,
+    entries: u64,
+}
+
+impl BankHasher {
+    /// An empty state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one entry.
+    pub fn update(&mut self, key: &[u8], value: &[u8]) {
+        self.lattice.insert(key, value);
+        self.entries += 1;
+    }
+
+    /// Number of entries added.
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    /// The lattice so far.
+    pub fn lattice(&self) -> &Lattice {
+        &self.lattice
+    }
+
+    /// The bank hash of the entries added so far, at `slot`.
+    pub fn finalize(&self, slot: u64) -> BankHash {
+        self.lattice.bank_hash(slot)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn records_and_entries_agree() {
-        let mut a = BankHasher::new(7);
-        a.update(b"k1", b"v1");
-        a.update(b"k2", b"");
-        let mut buf = Vec::new();
-        encode_record(&mut buf, b"k1", b"v1");
-        encode_record(&mut buf, b"k2", b"");
-        let mut b = BankHasher::new(7);
-        b.update_raw(&buf[..5]);
-        b.update_raw(&buf[5..]);
-        assert_eq!(a.finalize(), b.finalize());
-        assert_eq!(a.entries(), 2);
-    }
-
-    #[test]
-    fn buffering_does_not_change_the_hash() {
-        // Entries of every size around the buffer boundary, hashed entry by entry and as one
-        // encoded stream.
-        let mut by_entry = BankHasher::new(3);
-        let mut stream = Vec::new();
-        let mut n = 0;
-        for (i, len) in [
-            0usize,
-            1,
-            1000,
-            HASH_BUFFER - 9,
-            HASH_BUFFER,
-            3 * HASH_BUFFER,
-            5,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let key = [i as u8; 3];
-            let value = vec![i as u8; len];
-            by_entry.update(&key, &value);
-            encode_record(&mut stream, &key, &value);
-            n += 1;
+    fn hash_of(slot: u64, entries: &[(&[u8], &[u8])]) -> BankHash {
+        let mut h = BankHasher::new();
+        for (k, v) in entries {
+            h.update(k, v);
         }
-        let mut raw = blake3::Hasher::new_derive_key(CONTEXT);
-        raw.update(&3u64.to_le_bytes());
-        raw.update(&stream);
-        assert_eq!(by_entry.finalize(), BankHash::from(raw.finalize()));
-        assert_eq!(by_entry.entries(), n);
+        h.finalize(slot)
     }
 
     #[test]
-    fn slot_and_boundaries_matter() {
-        let hash = |slot: u64, entries: &[(&[u8], &[u8])]| {
-            let mut h = BankHasher::new(slot);
-            for (k, v) in entries {
-                h.update(k, v);
-            }
-            h.finalize()
-        };
-        let base = hash(1, &[(b"ab", b"c")]);
-        assert_ne!(base, hash(2, &[(b"ab", b"c")]));
-        assert_ne!(base, hash(1, &[(b"a", b"bc")]));
-        assert_ne!(hash(1, &[]), hash(2, &[]));
+    fn order_does_not_matter_and_slot_and_boundaries_do() {
+        let a = hash_of(1, &[(b"k1", b"v1"), (b"k2", b"")]);
+        assert_eq!(a, hash_of(1, &[(b"k2", b""), (b"k1", b"v1")]));
+        assert_ne!(a, hash_of(2, &[(b"k1", b"v1"), (b"k2", b"")]));
+        assert_ne!(
+            hash_of(1, &[(b"ab", b"c")]),
+            hash_of(1, &[(b"a", b"bc")]),
+            "length prefixes separate key and value"
+        );
+        assert_ne!(hash_of(1, &[]), hash_of(2, &[]));
+        assert_eq!(Lattice::new().bank_hash(7), hash_of(7, &[]));
+    }
+
+    #[test]
+    fn updates_in_place_equal_a_recomputation() {
+        let mut live = Lattice::new();
+        live.insert(b"a", b"1");
+        live.insert(b"b", b"2");
+        live.replace(b"a", Some(b"1"), Some(b"3"));
+        live.replace(b"b", Some(b"2"), None);
+        live.replace(b"c", None, Some(b"4"));
+        live.replace(b"d", None, None);
+        let mut fresh = Lattice::new();
+        fresh.insert(b"c", b"4");
+        fresh.insert(b"a", b"3");
+        assert_eq!(live, fresh);
+        let mut back = fresh.clone();
+        back.remove(b"a", b"3");
+        back.remove(b"c", b"4");
+        assert_eq!(back, Lattice::new());
+        assert_eq!(Lattice::from_bytes(&fresh.to_bytes()), Some(fresh));
+        assert_eq!(Lattice::from_bytes(&[0; 3]), None);
+    }
+
+    #[test]
+    fn the_definition_is_the_documented_one() {
+        // Built here from the definition, independently of Lattice::element.
+        let mut xof = blake3::Hasher::new_derive_key(ELEMENT_CONTEXT);
+        xof.update(&2u32.to_le_bytes());
+        xof.update(b"k1");
+        xof.update(&2u32.to_le_bytes());
+        xof.update(b"v1");
+        let mut bytes = [0u8; 2048];
+        xof.finalize_xof().fill(&mut bytes);
+        let mut h = blake3::Hasher::new_derive_key(CONTEXT);
+        h.update(&9u64.to_le_bytes());
+        h.update(&bytes);
+        assert_eq!(hash_of(9, &[(b"k1", b"v1")]), BankHash::from(h.finalize()));
     }
 }

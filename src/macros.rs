@@ -1,22 +1,38 @@
 //! Helpers for writing the crate's own code.
 
-/// A consuming `with_*` setter of a settings struct: `setter!(/// doc, with_x, x: T)` sets the
-/// field as given; `setter!(/// doc, with_x, x: T, |v| expr)` stores `expr` (to clamp a value).
-macro_rules! setter {
-    ($(#[$doc:meta])* $name:ident, $field:ident: $ty:ty) => {
+/// A setting of a settings struct: a consuming `with_*` setter and a getter of the same name as
+/// the field, both with the doc given. `setting!(/// doc, with_x, x: T)` for a field of the
+/// struct itself, `setting!(/// doc, with_x, x: T, in part)` for a field of its `part`.
+/// Values are checked by the struct's `validate`, not here: what is set is what is read back.
+macro_rules! setting {
+    ($(#[$doc:meta])* $set:ident, $get:ident: $ty:ty) => {
         $(#[$doc])*
-        pub fn $name(mut self, value: $ty) -> Self {
-            self.$field = value;
+        pub fn $set(mut self, value: $ty) -> Self {
+            self.$get = value;
             self
         }
-    };
-    ($(#[$doc:meta])* $name:ident, $field:ident: $ty:ty, |$v:ident| $e:expr) => {
+
         $(#[$doc])*
-        pub fn $name(mut self, $v: $ty) -> Self {
-            self.$field = $e;
+        ///
+        /// (The value set.)
+        pub fn $get(&self) -> $ty {
+            self.$get
+        }
+    };
+    ($(#[$doc:meta])* $set:ident, $get:ident: $ty:ty, in $part:ident) => {
+        $(#[$doc])*
+        pub fn $set(mut self, value: $ty) -> Self {
+            self.$part.$get = value;
             self
+        }
+
+        $(#[$doc])*
+        ///
+        /// (The value set.)
+        pub fn $get(&self) -> $ty {
+            self.$part.$get
         }
     };
 }
 
-pub(crate) use setter;
+pub(crate) use setting;

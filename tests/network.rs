@@ -35,7 +35,7 @@ async fn producer(
 
 fn capped(bytes_per_sec: u64) -> impl FnOnce(snapsync::Config) -> snapsync::Config {
     move |c| {
-        let streamer = c.streamer.clone().with_rate_limit(Some(bytes_per_sec));
+        let streamer = c.streamer().with_rate_limit(Some(bytes_per_sec));
         c.with_streamer(streamer)
     }
 }
@@ -248,13 +248,14 @@ async fn a_wrong_token_fails_clearly_and_accepts_no_data() {
     assert!(served.refused_unauthorized >= 1);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    // Series names end in their unit and label values are snake_case (Prometheus usage).
     assert!(
-        text.contains("snapsync_refused_connections_total{reason=\"Unauthorized\"}"),
+        text.contains("snapsync_refused_connections_total{reason=\"unauthorized\"}"),
         "{text}"
     );
-    assert!(text.contains("snapsync_bytes_served_total 0"), "{text}");
+    assert!(text.contains("snapsync_served_bytes_total 0"), "{text}");
     assert!(
-        text.contains("snapsync_snapshots_created_total 1"),
+        text.contains("snapsync_snapshots_created_total{kind=\"full\"} 1"),
         "{text}"
     );
 }
@@ -447,7 +448,7 @@ async fn forged_snapshots_are_not_chosen_and_a_lying_archive_is_caught() {
     std::fs::write(liar_snap.archive_path(), &bytes).unwrap();
     let (dir, db) = node_dir(0, 0, 0);
     let base = liars(test_config(dir.path()));
-    let download = base.download.clone().with_request_chunks(4);
+    let download = base.download().with_request_chunks(4);
     let cfg = base.with_download(download);
     let m = start_node(6, dir.clone(), db, cfg, events.tx.clone()).await;
     m.dial(liar.addr.clone());
@@ -479,7 +480,7 @@ async fn malformed_and_lying_messages_are_dropped_and_counted() {
     use libp2p::swarm::SwarmEvent;
     use libp2p_swarm_test::SwarmExt;
     use prost::Message;
-    use snapsync::proto;
+    use snapsync::fuzz::proto;
 
     init_tracing();
     let mut events = Events::new();
@@ -505,7 +506,7 @@ async fn malformed_and_lying_messages_are_dropped_and_counted() {
         )
         .unwrap()
     });
-    let topic = gossipsub::IdentTopic::new("snapsync/default/discovery/1");
+    let topic = gossipsub::IdentTopic::new("snapsync/default/discovery/2");
     raw.behaviour_mut().subscribe(&topic).unwrap();
     raw.dial(n.addr.clone()).unwrap();
     let raw_id = *raw.local_peer_id();
@@ -523,12 +524,18 @@ async fn malformed_and_lying_messages_are_dropped_and_counted() {
             peer_id: raw_id.to_string(),
             file_size: 1000,
             modified_time: 1,
-            slot: 5,
-            bank_hash: vec![1; 32].into(),
-            content_root: vec![2; 32].into(),
-            chunk_size: 16384,
             streamer_addrs: vec!["127.0.0.1:9".into()],
             request_nonce: 0,
+            snapshots: vec![proto::SnapshotDescriptor {
+                kind: proto::Kind::Full as i32,
+                slot: 5,
+                bank_hash: vec![1; 32].into(),
+                content_root: vec![2; 32].into(),
+                archive_size: 1000,
+                chunk_size: 16384,
+                ..Default::default()
+            }],
+            holder_slot: Some(5),
         };
         f(&mut a);
         proto::DiscoveryMessage {
@@ -538,7 +545,7 @@ async fn malformed_and_lying_messages_are_dropped_and_counted() {
     };
     let junk: Vec<Vec<u8>> = vec![
         b"\xff\xfe garbage".to_vec(),
-        advert(&|a| a.chunk_size = 3),
+        advert(&|a| a.snapshots[0].chunk_size = 3),
         advert(&|a| a.peer_id = libp2p::PeerId::random().to_string()),
         advert(&|a| a.streamer_addrs = vec!["not an address".into()]),
         proto::DiscoveryMessage { body: None }.encode_to_vec(),

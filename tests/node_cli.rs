@@ -2,94 +2,11 @@
 //! `--exit-after-sync` reach the same bank hash; a wrong token ends in a non-zero exit and a
 //! clear message.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+mod common;
+
 use std::time::Duration;
 
-/// The `node` example binary, built by `cargo test` beside this test.
-fn node_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("examples").join("node");
-    assert!(
-        bin.exists(),
-        "{} is missing: `cargo test` builds the examples",
-        bin.display()
-    );
-    bin
-}
-
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<serde_json::Value>,
-    stderr: std::sync::Arc<std::sync::Mutex<String>>,
-}
-
-impl Proc {
-    fn start(args: &[&str], token: &str) -> Self {
-        Self::start_with(args, &[("SNAPSHOT_TOKEN", token)])
-    }
-
-    fn start_with(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(node_bin())
-            .args(args)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        std::thread::spawn(move || {
-            for line in out.lines().map_while(Result::ok) {
-                let v: serde_json::Value =
-                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
-                if tx.send(v).is_err() {
-                    return;
-                }
-            }
-        });
-        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let err = BufReader::new(child.stderr.take().unwrap());
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            for line in err.lines().map_while(Result::ok) {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        Self {
-            child,
-            lines,
-            stderr,
-        }
-    }
-
-    fn wait_event(&self, name: &str) -> serde_json::Value {
-        loop {
-            let v = self
-                .lines
-                .recv_timeout(Duration::from_secs(60))
-                .unwrap_or_else(|_| {
-                    panic!("no {name} event; stderr:\n{}", self.stderr.lock().unwrap())
-                });
-            if v["event"] == name {
-                return v;
-            }
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::process::Proc;
 
 fn producer(dir: &std::path::Path, token: &str) -> (Proc, String) {
     let p = Proc::start(
@@ -147,16 +64,11 @@ fn a_fresh_node_syncs_the_producers_state_and_exits() {
     assert!(synced["bytes"].as_u64().unwrap() > 1 << 20);
     assert_eq!(synced["peers"].as_u64(), Some(1));
     // The producer made that very snapshot: same slot, same bank hash.
-    let made = loop {
-        let v = producer.wait_event("snapshot_created");
-        if v["slot"].as_u64() == Some(slot) {
-            break v;
-        }
-        assert!(
-            v["slot"].as_u64().unwrap() < slot + 100,
-            "never saw slot {slot}"
-        );
-    };
+    let made = producer.find_event("snapshot_created", |v| {
+        let made = v["slot"].as_u64().unwrap();
+        assert!(made < slot + 100, "never saw slot {slot}");
+        made == slot
+    });
     assert_eq!(made["bank_hash"], synced["bank_hash"]);
 }
 
@@ -232,11 +144,11 @@ fn metrics_are_served_over_http() {
     sock.read_to_string(&mut body).unwrap();
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
     assert!(body.contains("snapsync_snapshots_created_total"), "{body}");
+    // One series per kind (full, incremental): their sum.
     let created: u64 = body
         .lines()
-        .find(|l| l.starts_with("snapsync_snapshots_created_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
+        .filter(|l| l.starts_with("snapsync_snapshots_created_total"))
+        .map(|l| l.split_whitespace().last().unwrap().parse::<u64>().unwrap())
+        .sum();
     assert!(created >= 1, "{body}");
 }

@@ -11,14 +11,15 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use snapsync::chunk::{ChunkError, ChunkTree};
-use snapsync::db::{RedbState, StateDb};
+use snapsync::db::{LmdbState, StateDb};
 use snapsync::snapshot::{
-    CreateError, CreateOptions, Creator, CreatorConfig, HashStage, LoadError, Manifest,
-    SnapshotStore, StoreError, create_snapshot, load_snapshot,
+    ArchiveSource, CreateError, CreateOptions, Creator, CreatorConfig, HashStage, LoadError,
+    LoadLimits, Manifest, Retention, SnapshotStore, StoreError, create_snapshot, load_chain,
+    load_snapshot,
 };
 use snapsync::{ChunkSize, ChunkSizeError, ContentRoot};
 
-fn create(store: &SnapshotStore, db: &RedbState) -> Arc<snapsync::snapshot::Snapshot> {
+fn create(store: &SnapshotStore, db: &LmdbState) -> Arc<snapsync::snapshot::Snapshot> {
     let view = db.view().unwrap();
     create_snapshot(store, view.as_ref(), &CreateOptions::default()).expect("create snapshot")
 }
@@ -26,7 +27,7 @@ fn create(store: &SnapshotStore, db: &RedbState) -> Arc<snapsync::snapshot::Snap
 #[test]
 fn create_verify_and_load_thousands_of_keys() {
     let tmp = tempfile::tempdir().unwrap();
-    let source = RedbState::open(tmp.path().join("source.redb")).unwrap();
+    let source = LmdbState::open(tmp.path().join("source")).unwrap();
     populate(&source, 100, 5_000, 300);
     // A later slot that overwrites and deletes some keys.
     source
@@ -76,7 +77,7 @@ fn create_verify_and_load_thousands_of_keys() {
     assert_eq!(rebuilt, archive);
 
     // Load into a fresh node: same state, same bank hash.
-    let target = RedbState::open(tmp.path().join("target.redb")).unwrap();
+    let target = LmdbState::open(tmp.path().join("target")).unwrap();
     let report = load_snapshot(&target, &snap.archive_path(), m).unwrap();
     assert_eq!(report.slot, 150);
     assert_eq!(report.bank_hash, m.bank_hash);
@@ -85,7 +86,7 @@ fn create_verify_and_load_thousands_of_keys() {
     assert_eq!(entries(&target), entries(&source));
     assert_eq!(target.slot().unwrap(), Some(150));
     // A node that already had state is replaced, not merged.
-    let other = RedbState::open(tmp.path().join("other.redb")).unwrap();
+    let other = LmdbState::open(tmp.path().join("other")).unwrap();
     populate(&other, 7, 10, 10);
     other
         .commit_slot(8, |w| w.put(b"zzz-only-here", b"1"))
@@ -93,22 +94,18 @@ fn create_verify_and_load_thousands_of_keys() {
     load_snapshot(&other, &snap.archive_path(), m).unwrap();
     assert_eq!(entries(&other), entries(&source));
     assert_eq!(other.get(b"zzz-only-here").unwrap(), None);
-    // No staging files are left beside the DBs.
-    assert!(
-        dir_names(tmp.path())
-            .iter()
-            .all(|n| !n.contains(".import-")),
-        "{:?}",
-        dir_names(tmp.path())
-    );
+    // No staging generations are left beside the DBs.
+    for db in [&target, &other] {
+        assert_eq!(generations(db.dir()), 1, "{:?}", dir_names(db.dir()));
+    }
 }
 
 #[test]
 fn bank_hash_is_independent_of_write_order_and_sensitive_to_values() {
     let tmp = tempfile::tempdir().unwrap();
     let n = 2_000u64;
-    let a = RedbState::open(tmp.path().join("a.redb")).unwrap();
-    let b = RedbState::open(tmp.path().join("b.redb")).unwrap();
+    let a = LmdbState::open(tmp.path().join("a")).unwrap();
+    let b = LmdbState::open(tmp.path().join("b")).unwrap();
     // a: ascending in one slot.
     a.commit_slot(10, |w| {
         for i in 0..n {
@@ -157,8 +154,8 @@ fn bank_hash_is_independent_of_write_order_and_sensitive_to_values() {
 }
 
 /// A node with state at slot 5, to check that failed loads leave it alone.
-fn live_node(dir: &Path) -> (RedbState, (Option<u64>, snapsync::BankHash)) {
-    let live = RedbState::open(dir.join("live.redb")).unwrap();
+fn live_node(dir: &Path) -> (LmdbState, (Option<u64>, snapsync::BankHash)) {
+    let live = LmdbState::open(dir.join("live")).unwrap();
     populate(&live, 5, 200, 50);
     let id = state_id(&live);
     (live, id)
@@ -308,11 +305,7 @@ fn truncated_archives_and_wrong_manifests_are_refused_and_the_live_db_stays() {
     ));
 
     assert_eq!(state_id(&live), live_id);
-    assert!(
-        dir_names(tmp.path())
-            .iter()
-            .all(|n| !n.contains(".import-"))
-    );
+    assert_eq!(generations(live.dir()), 1, "{:?}", dir_names(live.dir()));
 
     // Manifests with bad fields are refused when decoded.
     let mut p = m.to_proto();
@@ -342,7 +335,7 @@ fn leftovers_of_an_interrupted_creation_are_cleaned_at_open() {
     fs::create_dir(dir.join(".trash-1234-2-0")).unwrap();
     fs::write(dir.join(".trash-1234-2-0/manifest.pb"), b"x").unwrap();
     // A snapshot directory whose archive lost its tail (not from snapsync; a damaged disk).
-    let damaged = dir.join("snapshot-00000000000000000100-00112233aabbccdd");
+    let damaged = dir.join("full-00000000000000000100-00112233aabbccdd");
     fs::create_dir(&damaged).unwrap();
     fs::copy(snap.dir().join("manifest.pb"), damaged.join("manifest.pb")).unwrap();
     fs::write(damaged.join("archive.zst"), b"short").unwrap();
@@ -441,7 +434,7 @@ fn a_creation_killed_mid_write_leaves_the_store_consistent() {
         dir_names(&snapshots)
     );
     // And it still loads.
-    let target = RedbState::open(tmp.path().join("target.redb")).unwrap();
+    let target = LmdbState::open(tmp.path().join("target")).unwrap();
     let snap = store.latest().unwrap();
     load_snapshot(&target, &snap.archive_path(), snap.manifest()).unwrap();
 }
@@ -456,7 +449,11 @@ fn retention_deletes_exactly_the_old_snapshots() {
         db.clone(),
         CreatorConfig::default()
             .with_range_for_snapshot(10)
-            .with_retain(2),
+            .with_full_interval(10)
+            .with_retention(Retention {
+                full: 2,
+                ..Retention::default()
+            }),
     );
     let mut made = Vec::new();
     for slot in 1..=40u64 {
@@ -472,8 +469,8 @@ fn retention_deletes_exactly_the_old_snapshots() {
     assert_eq!(kept, vec![30, 40]);
     let names = dir_names(store.dir());
     assert_eq!(names.len(), 2, "{names:?}");
-    assert!(names[0].starts_with("snapshot-00000000000000000030-"));
-    assert!(names[1].starts_with("snapshot-00000000000000000040-"));
+    assert!(names[0].starts_with("full-00000000000000000030-"));
+    assert!(names[1].starts_with("full-00000000000000000040-"));
     // Reopening sees the same.
     let reopened = SnapshotStore::open(store.dir()).unwrap();
     assert_eq!(reopened.list(), store.list());
@@ -520,7 +517,7 @@ fn the_creator_runs_in_the_background_from_a_consistent_view() {
     assert_eq!(snap.manifest().slot, 50);
     assert_eq!(snap.manifest().bank_hash, at_50.1);
     // Loading it gives the state of slot 50, without the later writes.
-    let target = RedbState::open(tmp.path().join("target.redb")).unwrap();
+    let target = LmdbState::open(tmp.path().join("target")).unwrap();
     load_snapshot(&target, &snap.archive_path(), snap.manifest()).unwrap();
     assert_eq!(state_id(&target), at_50);
     assert!(target.get(b"later/55").unwrap().is_none());
@@ -562,7 +559,7 @@ fn a_full_disk_gives_a_typed_error_naming_the_path_and_leaves_nothing() {
     assert_eq!(dir_names(&dir).len(), 1, "{:?}", dir_names(&dir));
     let reopened = SnapshotStore::open(&dir).unwrap();
     assert_eq!(reopened.list(), vec![small.clone()]);
-    let target = RedbState::open(tmp.path().join("t.redb")).unwrap();
+    let target = LmdbState::open(tmp.path().join("t")).unwrap();
     load_snapshot(&target, &small.archive_path(), small.manifest()).unwrap();
 }
 
@@ -593,7 +590,7 @@ fn a_read_only_snapshot_directory_gives_a_typed_error_naming_the_path() {
         Err(StoreError::NotWritable { .. })
     ));
     assert_eq!(store.list(), vec![existing.clone()]);
-    let target = RedbState::open(tmp.path().join("t.redb")).unwrap();
+    let target = LmdbState::open(tmp.path().join("t")).unwrap();
     load_snapshot(&target, &existing.archive_path(), existing.manifest()).unwrap();
 }
 
@@ -631,4 +628,91 @@ fn invalid_chunk_sizes_are_refused_with_a_clear_error() {
             .unwrap();
         tree.decode(0..n, &encoded, |_, _| Ok(())).unwrap();
     }
+}
+
+/// Finding: the loader imported every record before any total-size check (a decompression
+/// bomb fills the disk). It stops at what the manifest declares and at its own maxima.
+#[test]
+fn a_snapshot_holding_more_than_declared_is_stopped_and_the_live_db_stays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = LmdbState::open(tmp.path().join("source")).unwrap();
+    populate(&source, 100, 4_000, 500);
+    let store = SnapshotStore::open(tmp.path().join("snapshots")).unwrap();
+    let snap = create(&store, &source);
+    let m = snap.manifest().clone();
+    let (live, live_id) = live_node(&tmp.path().join("live"));
+    let file = ArchiveSource::file(snap.archive_path(), m.archive_size);
+    let over = |r: Result<_, LoadError>| {
+        let e = r.unwrap_err();
+        assert!(e.to_string().contains("more than the"), "{e}");
+    };
+    // The manifest (as advertised) declares fewer entries or fewer bytes than the archive holds.
+    let fewer = Manifest {
+        entry_count: m.entry_count / 2,
+        ..m.clone()
+    };
+    over(load_snapshot(&live, &snap.archive_path(), &fewer));
+    let smaller = Manifest {
+        state_bytes: m.state_bytes / 2,
+        ..m.clone()
+    };
+    over(load_snapshot(&live, &snap.archive_path(), &smaller));
+    // The loader's own maxima hold whatever the manifest says.
+    over(load_chain(
+        &live,
+        Some((&file, &m)),
+        None,
+        &LoadLimits::default().with_max_entries(1_000),
+    ));
+    over(load_chain(
+        &live,
+        Some((&file, &m)),
+        None,
+        &LoadLimits::default().with_max_state_bytes(1 << 20),
+    ));
+    assert_eq!(state_id(&live), live_id);
+    assert_eq!(generations(live.dir()), 1, "{:?}", dir_names(live.dir()));
+    // The true manifest loads.
+    load_snapshot(&live, &snap.archive_path(), &m).unwrap();
+    assert_eq!(state_id(&live), state_id(&source));
+}
+
+/// A load the disk cannot hold is refused before anything is imported.
+#[test]
+fn a_load_the_disk_cannot_hold_is_refused_before_importing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = LmdbState::open(tmp.path().join("source")).unwrap();
+    populate(&source, 100, 12_000, 1000);
+    let store = SnapshotStore::open(tmp.path().join("snapshots")).unwrap();
+    let snap = create(&store, &source);
+    let m = snap.manifest().clone();
+    let fs = Tmpfs::mount(8 << 10);
+    let live = LmdbState::open(fs.path.join("state")).unwrap();
+    let file = ArchiveSource::file(snap.archive_path(), m.archive_size);
+    let err = load_chain(
+        &live,
+        Some((&file, &m)),
+        None,
+        &LoadLimits::default().with_headroom_bytes(0),
+    )
+    .unwrap_err();
+    assert!(matches!(err, LoadError::NoSpace { .. }), "{err}");
+    assert_eq!(live.slot().unwrap(), None);
+    assert_eq!(generations(live.dir()), 1, "{:?}", dir_names(live.dir()));
+    // The headroom counts too: a small snapshot is refused while 1 GiB must stay free.
+    let small = LmdbState::open(tmp.path().join("small")).unwrap();
+    populate(&small, 7, 50, 100);
+    let small_snap = create(&store, &small);
+    let err = load_snapshot(&live, &small_snap.archive_path(), small_snap.manifest()).unwrap_err();
+    assert!(matches!(err, LoadError::NoSpace { .. }), "{err}");
+    let sm = small_snap.manifest();
+    let small_file = ArchiveSource::file(small_snap.archive_path(), sm.archive_size);
+    load_chain(
+        &live,
+        Some((&small_file, sm)),
+        None,
+        &LoadLimits::default().with_headroom_bytes(0),
+    )
+    .unwrap();
+    assert_eq!(live.slot().unwrap(), Some(7));
 }

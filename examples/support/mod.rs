@@ -2,8 +2,16 @@
 //! child processes, so each phase's peak memory and CPU time are its own.
 #![allow(dead_code)]
 
-use std::process::Command;
+pub mod state;
+
+use std::io::Write;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use snapsync::snapshot::{FORMAT_VERSION, Manifest};
+use snapsync::{BankHash, ChunkSize};
 
 /// CPU time and peak resident memory of this process so far.
 #[derive(Debug, Clone, Copy)]
@@ -66,4 +74,81 @@ pub fn quiesce() {
     // SAFETY: sync has no arguments and no failure mode.
     unsafe { libc::sync() };
     std::thread::sleep(Duration::from_millis(500));
+}
+
+/// Writes a published snapshot of `bytes` pseudo-random bytes into `store_dir` (the transfer
+/// does not care what the archive holds) and returns its manifest.
+pub fn random_snapshot(store_dir: &Path, bytes: u64) -> Manifest {
+    let staging = store_dir.join("bench-staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let archive = staging.join(snapsync::snapshot::ARCHIVE_FILE);
+    let mut out =
+        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&archive).unwrap());
+    let mut xof = blake3::Hasher::new()
+        .update(b"transfer bench")
+        .finalize_xof();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        xof.fill(&mut buf[..n]);
+        out.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    out.into_inner().unwrap().sync_all().unwrap();
+    let (root, size) = snapsync::chunk::write_outboard(
+        &archive,
+        ChunkSize::DEFAULT,
+        &staging.join(snapsync::snapshot::OUTBOARD_FILE),
+    )
+    .unwrap();
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        slot: 1,
+        bank_hash: BankHash([0; 32]),
+        content_root: root,
+        archive_size: size,
+        chunk_size: ChunkSize::DEFAULT,
+        created_unix_ms: 0,
+        entry_count: 0,
+        state_bytes: size,
+        zstd_level: 1,
+        kind: snapsync::SnapshotKind::Full,
+        base: None,
+        zstd_version: 0,
+    };
+    std::fs::write(
+        staging.join(snapsync::snapshot::MANIFEST_FILE),
+        manifest.encode(),
+    )
+    .unwrap();
+    let name = format!("full-{:020}-{}", 1, &root.to_hex()[..16]);
+    std::fs::rename(&staging, store_dir.join(name)).unwrap();
+    manifest
+}
+
+/// Starts a server role and reads its listener lines. Its stdin is a pipe: closing it tells a
+/// role that waits on it to finish.
+pub fn start_server(args: &[&str], lines: usize) -> (Child, Vec<String>) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut got = Vec::new();
+    for _ in 0..lines {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        got.push(line.trim().to_string());
+    }
+    (child, got)
+}
+
+pub fn text(json: &str, name: &str) -> String {
+    let pat = format!("\"{name}\":\"");
+    let start = json.find(&pat).unwrap() + pat.len();
+    json[start..json[start..].find('"').unwrap() + start].to_string()
 }

@@ -1,23 +1,39 @@
-//! A runnable snapsync node for the examples: a persistent identity, the redb state DB, a
-//! swarm (TCP and QUIC) composing the node's own chat gossipsub, snapsync and optional mDNS, a
-//! slot producer, a progress bar and a Prometheus endpoint. Each node runs in its own task; the
-//! caller talks to it through a [`NodeHandle`].
+//! A runnable snapsync node for the examples: a persistent identity, the LMDB state DB, a swarm
+//! (QUIC, and TCP when asked) composing the node's own chat gossipsub, snapsync and optional
+//! mDNS, a deterministic chain producer, graceful shutdown, and a Prometheus endpoint. Each
+//! node runs in its own task; the caller talks to it through a [`NodeHandle`].
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, mdns, noise, tcp, yamux};
-use snapsync::db::{RedbState, StateDb};
+use snapsync::db::{LmdbState, StateDb};
+use snapsync::snapshot::{CreatorConfig, Retention};
+use snapsync::transfer::StreamerConfig;
 use tokio::sync::{mpsc, oneshot};
 
 /// The chat topic of the node's own gossipsub.
 pub const CHAT_TOPIC: &str = "snapsync-chat";
+
+/// The chain a producer executes: every node executing the same chain (same seed, same
+/// genesis, same slot length, same initial state) holds the same state at the same slot.
+#[derive(Debug, Clone, Copy)]
+pub struct Chain {
+    /// What the chain's writes derive from.
+    pub seed: u64,
+    /// Synthetic state written at slot 1, in MiB.
+    pub state_mib: u64,
+    /// Milliseconds per slot.
+    pub slot_ms: u64,
+    /// When slot 0 was, milliseconds since the Unix epoch.
+    pub genesis_unix_ms: u64,
+}
 
 /// How a node is set up.
 #[derive(Debug, Clone)]
@@ -32,18 +48,22 @@ pub struct Options {
     pub peers: Vec<Multiaddr>,
     /// Find peers on the LAN by mDNS.
     pub mdns: bool,
-    /// Advance slots (and write state) every this many milliseconds; `None`: do not produce.
-    pub produce_slot_ms: Option<u64>,
-    /// Synthetic state to write before producing, MiB.
-    pub state_mib: u64,
+    /// Execute this chain (and make snapshots); `None`: do not produce, sync instead.
+    pub chain: Option<Chain>,
     /// Stop producing at this slot.
     pub stop_at_slot: Option<u64>,
     /// Slots between snapshots (`RangeForSnapshot`).
     pub range_for_snapshot: u64,
+    /// Slots between full snapshots.
+    pub full_interval: u64,
     /// Serving cap per downloading peer, bytes per second.
     pub rate_limit_per_peer: Option<u64>,
     /// Discovery interval.
     pub discovery_interval: Duration,
+    /// Slots behind the newest snapshot known before syncing.
+    pub behind_threshold: u64,
+    /// Which snapshots to take.
+    pub trust: snapsync::TrustPolicy,
     /// Prometheus endpoint address.
     pub metrics: Option<SocketAddr>,
 }
@@ -56,12 +76,14 @@ impl Options {
             streamer: "0.0.0.0:0".parse().unwrap(),
             peers: Vec::new(),
             mdns: false,
-            produce_slot_ms: None,
-            state_mib: 0,
+            chain: None,
             stop_at_slot: None,
             range_for_snapshot: snapsync::snapshot::DEFAULT_RANGE_FOR_SNAPSHOT,
+            full_interval: snapsync::snapshot::DEFAULT_FULL_INTERVAL,
             rate_limit_per_peer: None,
             discovery_interval: Duration::from_secs(30),
+            behind_threshold: 100,
+            trust: snapsync::TrustPolicy::default(),
             metrics: None,
         }
     }
@@ -74,16 +96,19 @@ pub struct NodeBehaviour {
     pub mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
-/// What a node reports.
+/// What a node reports. (A few events a second move through it: boxing the large variant
+/// would buy nothing.)
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum NodeEvent {
-    /// The node listens on these addresses (reported once, shortly after start).
+    /// The node listens on these addresses, `/p2p/<peer id>` included (reported once, before
+    /// any other event).
     Listening { addrs: Vec<Multiaddr> },
     /// A snapsync event.
     Snap(snapsync::Event),
     /// A chat line.
     Chat { from: PeerId, text: String },
-    /// A connection to a peer.
+    /// The first connection to a peer.
     Connected(PeerId),
     /// The last connection to a peer closed.
     Disconnected(PeerId),
@@ -96,7 +121,7 @@ type Command = Box<dyn FnOnce(&mut Swarm<NodeBehaviour>, &mut Producer) + Send>;
 /// A running node.
 pub struct NodeHandle {
     pub peer_id: PeerId,
-    pub db: RedbState,
+    pub db: LmdbState,
     pub events: mpsc::Receiver<NodeEvent>,
     commands: mpsc::Sender<Command>,
     task: tokio::task::JoinHandle<()>,
@@ -127,8 +152,28 @@ impl NodeHandle {
         .await;
     }
 
-    /// Stops the node.
+    /// Stops the node at once (as a crash would).
     pub fn stop(&self) {
+        self.task.abort();
+    }
+
+    /// Shuts the node down gracefully: its sync's progress made durable, every chunk-stream and
+    /// swarm connection closed with word to the peer; then stops it.
+    pub async fn shutdown(&self) {
+        let closing = self
+            .query(|s, _| {
+                let peers: Vec<PeerId> = s.connected_peers().copied().collect();
+                for p in peers {
+                    let _ = s.disconnect_peer_id(p);
+                }
+                s.behaviour_mut().snapsync.shutdown()
+            })
+            .await;
+        if let Some(closing) = closing {
+            closing.await;
+        }
+        // Let the swarm send its closes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         self.task.abort();
     }
 }
@@ -139,8 +184,16 @@ impl Drop for NodeHandle {
     }
 }
 
+/// Checks the data directory before anything is written to it, so that what is wrong is said
+/// plainly: a file where a directory should be, or a place that cannot be written.
+pub fn check_data_dir(dir: &Path) -> Result<(), String> {
+    snapsync::snapshot::SnapshotStore::open(dir.join("snapshots"))
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 /// The node's identity, kept in `data_dir/identity.key` so that it survives restarts.
-pub fn identity(data_dir: &std::path::Path) -> std::io::Result<libp2p::identity::Keypair> {
+pub fn identity(data_dir: &Path) -> std::io::Result<libp2p::identity::Keypair> {
     let path = data_dir.join("identity.key");
     if let Ok(bytes) = std::fs::read(&path)
         && let Ok(k) = libp2p::identity::Keypair::from_protobuf_encoding(&bytes)
@@ -152,23 +205,29 @@ pub fn identity(data_dir: &std::path::Path) -> std::io::Result<libp2p::identity:
     Ok(k)
 }
 
-/// Advances the state: writes synthetic accounts and chat lines, one slot at a time.
-pub struct Producer {
-    db: RedbState,
-    slot: u64,
-    seed: u64,
-    /// Chat lines to write into the next slot.
-    pub pending: Vec<String>,
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 fn account(i: u64) -> Vec<u8> {
     format!("acct/{i:010}").into_bytes()
 }
 
-fn account_value(i: u64, slot: u64) -> Vec<u8> {
+fn account_value(seed: u64, i: u64, slot: u64) -> Vec<u8> {
     // Half random (balances, hashes), half structure (small integers, padding).
     let mut v = vec![0u8; 1024];
     let mut xof = blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
         .update(&i.to_le_bytes())
         .update(&slot.to_le_bytes())
         .finalize_xof();
@@ -179,14 +238,28 @@ fn account_value(i: u64, slot: u64) -> Vec<u8> {
     v
 }
 
+/// Executes a chain, one slot at a time: every write derives from the chain's seed and the slot
+/// alone (and, on a chat producer, the lines typed), so every node executing it holds the same
+/// state at the same slot.
+pub struct Producer {
+    db: LmdbState,
+    slot: u64,
+    chain: Option<Chain>,
+    /// Chat lines to write into the next slot.
+    pub pending: Vec<String>,
+    /// Production stops at this slot (raise it to go on).
+    pub stop_at: u64,
+}
+
 impl Producer {
-    pub fn new(db: RedbState) -> Self {
+    pub fn new(db: LmdbState, chain: Option<Chain>) -> Self {
         let slot = db.slot().ok().flatten().unwrap_or(0);
         Self {
             db,
             slot,
-            seed: 1,
+            chain,
             pending: Vec::new(),
+            stop_at: u64::MAX,
         }
     }
 
@@ -195,41 +268,49 @@ impl Producer {
         self.slot
     }
 
-    /// Writes about `mib` MiB of accounts, unless the DB already holds state.
-    pub fn fill(&mut self, mib: u64) -> Result<(), snapsync::db::DbError> {
-        if self.slot > 0 || mib == 0 {
-            return Ok(());
+    /// The slot the chain is at now, by the clock.
+    pub fn chain_slot(&self) -> u64 {
+        match self.chain {
+            Some(c) => now_unix_ms().saturating_sub(c.genesis_unix_ms) / c.slot_ms.max(1),
+            None => self.slot,
         }
-        let accounts = mib * 1024;
-        let mut i = 0;
-        while i < accounts {
-            let end = (i + 2048).min(accounts);
-            self.db.commit_slot(1, |w| {
-                for j in i..end {
-                    w.put(&account(j), &account_value(j, 1))?;
-                }
-                Ok(())
-            })?;
-            i = end;
-        }
-        self.slot = 1;
-        Ok(())
     }
 
-    /// Commits the next slot: a few account updates and the pending chat lines.
+    /// Commits the next slot. Slot 1 writes the chain's initial state; every slot updates a
+    /// few accounts and churns keys (created, deleted three slots later, some re-created), so
+    /// incremental snapshots hold changes, creations and deletions alike.
     pub fn step(&mut self) -> Result<u64, snapsync::db::DbError> {
+        let chain = self.chain.expect("a chain to execute");
         let slot = self.slot + 1;
+        let accounts = (chain.state_mib * 1024).max(64);
+        if slot == 1 {
+            let mut i = 0;
+            while i < accounts {
+                let end = (i + 2048).min(accounts);
+                self.db.commit_slot(1, |w| {
+                    for j in i..end {
+                        w.put(&account(j), &account_value(chain.seed, j, 1))?;
+                    }
+                    Ok(())
+                })?;
+                i = end;
+            }
+            self.slot = 1;
+            return Ok(1);
+        }
         let lines = std::mem::take(&mut self.pending);
-        let accounts = self.db.len()?.max(1);
-        self.seed = self
-            .seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(slot);
-        let seed = self.seed;
+        let r = mix(chain.seed ^ slot.rotate_left(17));
         self.db.commit_slot(slot, |w| {
             for k in 0..8u64 {
-                let i = (seed.rotate_left(k as u32 * 8)) % accounts;
-                w.put(&account(i), &account_value(i, slot))?;
+                let i = mix(r.wrapping_add(k)) % accounts;
+                w.put(&account(i), &account_value(chain.seed, i, slot))?;
+            }
+            w.put(format!("churn/{slot:012}").as_bytes(), &slot.to_le_bytes())?;
+            if slot > 3 {
+                w.delete(format!("churn/{:012}", slot - 3).as_bytes())?;
+            }
+            if slot > 10 && slot.is_multiple_of(7) {
+                w.put(format!("churn/{:012}", slot - 7).as_bytes(), b"again")?;
             }
             for (n, line) in lines.iter().enumerate() {
                 w.put(format!("chat/{slot:012}/{n}").as_bytes(), line.as_bytes())?;
@@ -256,37 +337,42 @@ fn chat_gossipsub(keypair: &libp2p::identity::Keypair) -> gossipsub::Behaviour {
     g
 }
 
+/// Most slots executed per loop turn when catching up, so the node stays responsive.
+const CATCH_UP_BATCH: u64 = 64;
+
 /// Starts a node in its own task.
 pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Error + Send + Sync>> {
-    std::fs::create_dir_all(&opts.data_dir)
-        .map_err(|e| format!("cannot create {}: {e}", opts.data_dir.display()))?;
+    check_data_dir(&opts.data_dir)?;
     let keypair = identity(&opts.data_dir).map_err(|e| {
         format!(
             "cannot keep the identity in {}: {e}",
             opts.data_dir.display()
         )
     })?;
-    let db = RedbState::open(opts.data_dir.join("state.redb"))?;
-    let mut producer = Producer::new(db.clone());
-    if opts.produce_slot_ms.is_some() {
-        producer.fill(opts.state_mib)?;
-    }
+    let db = LmdbState::open(opts.data_dir.join("state"))?;
+    let mut producer = Producer::new(db.clone(), opts.chain);
+    producer.stop_at = opts.stop_at_slot.unwrap_or(u64::MAX);
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = snapsync::Metrics::new();
     metrics.register(&mut registry);
+    let creator = CreatorConfig::default()
+        .with_range_for_snapshot(opts.range_for_snapshot)
+        .with_full_interval(opts.full_interval)
+        .with_retention(Retention::default());
     let mut config = snapsync::Config::from_env(opts.data_dir.join("snapshots"))?
         .with_discovery_interval(opts.discovery_interval)
-        .with_sync_enabled(opts.produce_slot_ms.is_none())
+        .with_behind_threshold(opts.behind_threshold)
+        .with_sync_enabled(opts.chain.is_none())
+        .with_trust(opts.trust.clone())
         .with_metrics(metrics);
-    let creator = config
-        .creator
-        .with_range_for_snapshot(opts.range_for_snapshot);
-    let streamer = config
-        .streamer
-        .clone()
-        .with_listen(opts.streamer)
-        .with_rate_limit_per_peer(opts.rate_limit_per_peer);
-    config = config.with_creator(creator).with_streamer(streamer);
+    let options = config.creator().options();
+    config = config
+        .with_creator(creator.with_options(options))
+        .with_streamer(
+            StreamerConfig::default()
+                .with_listen(opts.streamer)
+                .with_rate_limit_per_peer(opts.rate_limit_per_peer),
+        );
     let state: Arc<dyn StateDb> = Arc::new(db.clone());
     let mdns_on = opts.mdns;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
@@ -297,6 +383,7 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
             yamux::Config::default,
         )?
         .with_quic()
+        .with_bandwidth_metrics(&mut registry)
         .with_behaviour(|key| {
             let mdns = if mdns_on {
                 Some(mdns::tokio::Behaviour::new(
@@ -314,11 +401,9 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
         })?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
         .build();
+    let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
     for addr in &opts.listen {
         swarm.listen_on(addr.clone())?;
-    }
-    for peer in &opts.peers {
-        swarm.dial(peer.clone())?;
     }
     if let Some(addr) = opts.metrics {
         serve_metrics(addr, registry).await?;
@@ -326,12 +411,21 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
     let peer_id = *swarm.local_peer_id();
     let (events_tx, events) = mpsc::channel(1024);
     let (commands, mut commands_rx) = mpsc::channel::<Command>(64);
-    let slot_ms = opts.produce_slot_ms;
-    let stop_at = opts.stop_at_slot.unwrap_or(u64::MAX);
+    let dial = opts.peers.clone();
+    let producing = opts.chain.is_some();
+    let slot_ms = opts.chain.map_or(1_000_000, |c| c.slot_ms.max(1));
     let task = tokio::spawn(async move {
-        let mut slots = tokio::time::interval(Duration::from_millis(slot_ms.unwrap_or(1_000_000)));
-        let mut listen_addrs = Vec::new();
+        use libp2p::metrics::Recorder;
+        let mut slots = tokio::time::interval(Duration::from_millis(slot_ms));
+        slots.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut listen_addrs: Vec<Multiaddr> = Vec::new();
         let mut listening_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        // Everything waits until `listening` is out: it is always the first event.
+        let mut held: Vec<NodeEvent> = Vec::new();
+        let mut announced = false;
+        for addr in dial {
+            let _ = swarm.dial(addr);
+        }
         loop {
             let listening = async {
                 match listening_timer.as_mut() {
@@ -340,55 +434,95 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
                 }
             };
             let event = tokio::select! {
-                _ = slots.tick(), if slot_ms.is_some() && producer.slot() < stop_at => match producer.step() {
-                    Ok(slot) => {
-                        swarm.behaviour_mut().snapsync.on_slot(slot);
-                        NodeEvent::Slot(slot)
+                _ = slots.tick(), if producing && producer.slot() < producer.stop_at => {
+                    let target = producer.chain_slot().max(1).min(producer.stop_at);
+                    let mut last = None;
+                    for _ in 0..CATCH_UP_BATCH {
+                        if producer.slot() >= target {
+                            break;
+                        }
+                        match producer.step() {
+                            Ok(slot) => {
+                                swarm.behaviour_mut().snapsync.on_slot(slot);
+                                last = Some(slot);
+                            }
+                            Err(e) => {
+                                tracing::error!("cannot advance the state: {e}");
+                                break;
+                            }
+                        }
                     }
-                    Err(e) => {
-                        tracing::error!("cannot advance the state: {e}");
-                        continue;
+                    if producer.slot() < target {
+                        // Still catching up: come back at once.
+                        slots.reset_immediately();
                     }
-                },
+                    match last {
+                        Some(slot) => NodeEvent::Slot(slot),
+                        None => continue,
+                    }
+                }
                 Some(cmd) = commands_rx.recv() => {
                     cmd(&mut swarm, &mut producer);
                     continue;
                 }
                 _ = listening => {
                     listening_timer = None;
-                    NodeEvent::Listening { addrs: listen_addrs.clone() }
+                    announced = true;
+                    let addrs = listen_addrs
+                        .iter()
+                        .map(|a: &Multiaddr| a.clone().with_p2p(peer_id).unwrap_or_else(|a| a))
+                        .collect();
+                    if events_tx.send(NodeEvent::Listening { addrs }).await.is_err() {
+                        return;
+                    }
+                    for e in held.drain(..) {
+                        if events_tx.send(e).await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
                 }
-                event = swarm.select_next_some() => match event {
-                    SwarmEvent::NewListenAddr { address, .. } => {
-                        listen_addrs.push(address);
-                        if listening_timer.is_none() && listen_addrs.len() == 1 {
-                            listening_timer = Some(Box::pin(tokio::time::sleep(Duration::from_millis(200))));
-                        }
-                        continue;
-                    }
-                    SwarmEvent::Behaviour(NodeBehaviourEvent::Snapsync(e)) => NodeEvent::Snap(e),
-                    SwarmEvent::Behaviour(NodeBehaviourEvent::Chat(gossipsub::Event::Message { message, .. })) => {
-                        let from = message.source.unwrap_or(PeerId::random());
-                        let text = String::from_utf8_lossy(&message.data).into_owned();
-                        producer.pending.push(format!("{from}: {text}"));
-                        NodeEvent::Chat { from, text }
-                    }
-                    SwarmEvent::Behaviour(NodeBehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
-                        for (peer, addr) in found {
-                            if !swarm.is_connected(&peer) {
-                                let _ = swarm.dial(addr);
+                event = swarm.select_next_some() => {
+                    libp2p_metrics.record(&event);
+                    match event {
+                        SwarmEvent::NewListenAddr { address, .. } => {
+                            listen_addrs.push(address);
+                            if listening_timer.is_none() && !announced {
+                                listening_timer = Some(Box::pin(tokio::time::sleep(Duration::from_millis(200))));
                             }
+                            continue;
                         }
-                        continue;
+                        SwarmEvent::Behaviour(NodeBehaviourEvent::Snapsync(e)) => NodeEvent::Snap(e),
+                        SwarmEvent::Behaviour(NodeBehaviourEvent::Chat(gossipsub::Event::Message { message, .. })) => {
+                            let Some(from) = message.source else { continue };
+                            let text = String::from_utf8_lossy(&message.data).into_owned();
+                            producer.pending.push(format!("{from}: {text}"));
+                            NodeEvent::Chat { from, text }
+                        }
+                        SwarmEvent::Behaviour(NodeBehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                            for (peer, addr) in found {
+                                if !swarm.is_connected(&peer) {
+                                    let _ = swarm.dial(addr);
+                                }
+                            }
+                            continue;
+                        }
+                        SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } if num_established.get() == 1 => {
+                            NodeEvent::Connected(peer_id)
+                        }
+                        SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => NodeEvent::Disconnected(peer_id),
+                        _ => continue,
                     }
-                    SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } if num_established.get() == 1 => {
-                        NodeEvent::Connected(peer_id)
-                    }
-                    SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => NodeEvent::Disconnected(peer_id),
-                    _ => continue,
-                },
+                }
             };
-            // Progress updates are dropped rather than block the node when nobody reads.
+            if !announced {
+                if held.len() < 1024 {
+                    held.push(event);
+                }
+                continue;
+            }
+            // Progress updates and slots are dropped rather than block the node when nobody
+            // reads.
             if matches!(
                 event,
                 NodeEvent::Snap(snapsync::Event::DownloadProgress(_)) | NodeEvent::Slot(_)
@@ -408,7 +542,8 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
     })
 }
 
-/// Serves `registry` in the Prometheus text format on `addr` (any path).
+/// Serves `registry` on `addr` at `/metrics`, in the OpenMetrics text format with its content
+/// type; any other path is 404.
 pub async fn serve_metrics(
     addr: SocketAddr,
     registry: prometheus_client::registry::Registry,
@@ -420,14 +555,34 @@ pub async fn serve_metrics(
         while let Ok((mut sock, _)) = listener.accept().await {
             let registry = registry.clone();
             tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ = sock.read(&mut buf).await;
-                let mut body = String::new();
-                let _ = prometheus_client::encoding::text::encode(&mut body, &registry);
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
+                // The request head, up to its blank line (at most 4 KiB, within 5 s).
+                let mut buf = Vec::with_capacity(512);
+                let read_head = async {
+                    let mut piece = [0u8; 512];
+                    while buf.len() < 4096 && !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut piece).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => buf.extend_from_slice(&piece[..n]),
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(5), read_head).await;
+                let head = String::from_utf8_lossy(&buf);
+                let path = head.split_whitespace().nth(1).unwrap_or("");
+                let response = if path == "/metrics" {
+                    let mut body = String::new();
+                    let _ = prometheus_client::encoding::text::encode(&mut body, &registry);
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    let body = "not found: metrics are at /metrics\n";
+                    format!(
+                        "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                };
                 let _ = sock.write_all(response.as_bytes()).await;
             });
         }
@@ -440,7 +595,7 @@ pub fn progress_bar(total: u64) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
-            "{spinner} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+            "{prefix:>12} [{bar:40}] {bytes}/{total_bytes} {msg}",
         )
         .expect("valid template")
         .progress_chars("=> "),
@@ -448,16 +603,50 @@ pub fn progress_bar(total: u64) -> indicatif::ProgressBar {
     bar
 }
 
-/// Moves `bar` to `progress`, with the peers serving in its message.
+/// Moves `bar` to `progress`: the rate is the download's own (verified bytes per second, the
+/// figure the summary uses too), with the peers serving.
 pub fn update_bar(bar: &indicatif::ProgressBar, progress: &snapsync::transfer::Progress) {
     bar.set_length(progress.total_bytes);
     bar.set_position(progress.done_bytes);
     let serving = progress.peers.iter().filter(|p| p.bytes > 0).count();
-    bar.set_message(format!("from {serving} of {} peers", progress.peers.len()));
+    let eta = progress
+        .eta
+        .map(|e| format!(", {}s left", e.as_secs()))
+        .unwrap_or_default();
+    bar.set_message(format!(
+        "{}/s{eta}, from {}",
+        human_bytes(progress.rate as u64),
+        plural(serving, "peer")
+    ));
 }
 
 /// Short form of a peer id for display.
 pub fn short(peer: &PeerId) -> String {
     let s = peer.to_string();
     s[s.len().saturating_sub(8)..].to_string()
+}
+
+/// `n thing` or `n things`.
+pub fn plural(n: usize, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
+}
+
+/// Bytes in binary units, for people.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

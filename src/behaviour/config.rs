@@ -1,76 +1,41 @@
-//! [`Config`] of the snapsync [`Behaviour`](super::Behaviour).
+//! [`Config`] of the snapsync [`Behaviour`](super::Behaviour): one source of truth.
+//!
+//! Every setting has a `with_*` setter and a getter; none is clamped. Values that cannot work
+//! (a zero interval, an empty window, a limit of 0) are refused with a [`ConfigError`] naming
+//! the setting when the behaviour is built. The token and the metrics are given once here and
+//! shared by the streamer and the downloader.
 
-use crate::macros::setter;
+use crate::macros::setting;
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use libp2p::PeerId;
 
+use crate::chunk::{ChunkSize, ChunkSizeError};
+use crate::config_error::ConfigError;
+use crate::discovery::{DiscoveryConfig, TrustPolicy};
 use crate::hash::BankHash;
-use crate::snapshot::CreatorConfig;
+use crate::metrics::Metrics;
+use crate::snapshot::{CreatorConfig, LoadLimits};
 use crate::transfer::{DownloadConfig, StreamerConfig, Token};
-use crate::{ChunkSize, ChunkSizeError};
 
-/// Settings of a snapsync [`Behaviour`](super::Behaviour). Every interval, window, limit and
-/// threshold is one of these, with consuming `with_*` setters.
+/// Settings of a snapsync [`Behaviour`](super::Behaviour).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {
-    /// Directory of the node's snapshots.
-    pub snapshot_dir: PathBuf,
-    /// Name of the network; nodes only sync with nodes of the same name (it is part of the
-    /// gossip topic). Default `"default"`.
-    pub network: String,
-    /// How often the node checks whether it needs a snapshot (default 30 s; the first check is
-    /// right after start).
-    pub discovery_interval: Duration,
-    /// How long answers are collected before the choice is made (default 1 s).
-    pub answer_window: Duration,
-    /// A node whose DB is behind the best snapshot it knows of by more than this many slots
-    /// needs a snapshot (default 100). An empty DB always does.
-    pub behind_threshold: u64,
-    /// The highest slot advertised by at least this many peers with the same (slot, bank hash,
-    /// content root) is chosen (default 1). Raise it so that a single lying peer cannot pick
-    /// the snapshot; it does not apply when trusted peers or a trusted snapshot are set.
-    pub min_agreeing_peers: usize,
-    /// When not empty, only snapshots advertised by one of these peers are taken (then fetched
-    /// from every peer advertising the same snapshot).
-    pub trusted_peers: HashSet<PeerId>,
-    /// When set, only this (slot, bank hash) is taken.
-    pub trusted_snapshot: Option<(u64, BankHash)>,
-    /// Whether the node downloads snapshots itself (default true). A producer that only serves
-    /// turns this off.
-    pub sync_enabled: bool,
-    /// Nodes that asked within this window are waiting: a snapshot made or loaded meanwhile is
-    /// announced on the topic (default 60 s). With nobody waiting, nothing is published.
-    pub announce_window: Duration,
-    /// Shortest time between two answers to the same requester (default 1 s).
-    pub answer_cooldown: Duration,
-    /// Shortest time between two requests of this node (default 500 ms).
-    pub min_request_interval: Duration,
-    /// Malformed or lying messages after which a peer's messages are ignored (default 5).
-    pub max_strikes: u32,
-    /// Largest archive an advertisement may claim (default 1 TiB).
-    pub max_archive_bytes: u64,
-    /// Largest discovery message accepted (default 16 KiB).
-    pub max_message_bytes: usize,
-    /// Gossipsub heartbeat interval for the snapsync topic (default 1 s).
-    pub heartbeat_interval: Duration,
-    /// Chunk-stream addresses to advertise; when empty they are derived from the swarm's
-    /// listen and external addresses and the streamer's port.
-    pub advertise_addrs: Vec<SocketAddr>,
-    /// The shared token (`SNAPSHOT_TOKEN`), for serving and for downloading.
-    pub token: Option<Token>,
-    /// Snapshot creation (`range_for_snapshot`, retention, chunk size, zstd level).
-    pub creator: CreatorConfig,
-    /// The serving side of the chunk stream.
-    pub streamer: StreamerConfig,
-    /// The downloading side of the chunk stream.
-    pub download: DownloadConfig,
-    /// Where to count what the node does (see [`crate::Metrics::register`]).
-    pub metrics: crate::Metrics,
+    snapshot_dir: PathBuf,
+    network: String,
+    discovery: DiscoveryConfig,
+    heartbeat_interval: Duration,
+    advertise_addrs: Vec<SocketAddr>,
+    token: Option<Token>,
+    creator: CreatorConfig,
+    streamer: StreamerConfig,
+    download: DownloadConfig,
+    load: LoadLimits,
+    metrics: Metrics,
 }
 
 impl Config {
@@ -79,143 +44,347 @@ impl Config {
         Self {
             snapshot_dir: snapshot_dir.into(),
             network: "default".into(),
-            discovery_interval: Duration::from_secs(30),
-            answer_window: Duration::from_secs(1),
-            behind_threshold: 100,
-            min_agreeing_peers: 1,
-            trusted_peers: HashSet::new(),
-            trusted_snapshot: None,
-            sync_enabled: true,
-            announce_window: Duration::from_secs(60),
-            answer_cooldown: Duration::from_secs(1),
-            min_request_interval: Duration::from_millis(500),
-            max_strikes: 5,
-            max_archive_bytes: 1 << 40,
-            max_message_bytes: 16 * 1024,
+            discovery: DiscoveryConfig::default(),
             heartbeat_interval: Duration::from_secs(1),
             advertise_addrs: Vec::new(),
             token: None,
             creator: CreatorConfig::default(),
             streamer: StreamerConfig::default(),
             download: DownloadConfig::default(),
-            metrics: crate::Metrics::default(),
+            load: LoadLimits::default(),
+            metrics: Metrics::default(),
         }
     }
 
     /// [`Config::new`] with `SNAPSHOT_TOKEN` and `SNAPSHOT_CHUNK_SIZE` from the environment.
-    /// A chunk size that is not valid is an error, not a silent default.
+    /// A chunk size that is not valid is an error naming the variable, not a silent default.
     pub fn from_env(snapshot_dir: impl Into<PathBuf>) -> Result<Self, ChunkSizeError> {
         let chunk_size = ChunkSize::from_env()?;
         let mut config = Self::new(snapshot_dir).with_token(Token::from_env());
         config.creator = config
             .creator
-            .with_options(config.creator.options.with_chunk_size(chunk_size));
+            .with_options(config.creator.options().with_chunk_size(chunk_size));
         Ok(config)
     }
 
-    setter!(
-        /// Sets the network name.
-        with_network, network: impl Into<String>, |network| network.into()
-    );
+    /// Checks every value, the nested settings' too.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.network.is_empty() || self.network.contains('/') || self.network.len() > 64 {
+            return Err(ConfigError::new(
+                "network",
+                "1 to 64 characters, without '/'",
+                &self.network,
+            ));
+        }
+        self.discovery.validate()?;
+        ConfigError::nonzero_duration("heartbeat_interval", self.heartbeat_interval)?;
+        self.creator
+            .validate()
+            .map_err(|e| ConfigError::new("creator", "valid", e.to_string()))?;
+        self.streamer.validate()?;
+        self.download.validate()?;
+        if self.download.max_chunks() > self.discovery.limits.max_chunks {
+            return Err(ConfigError::new(
+                "download.max_chunks",
+                "at most the discovery limit",
+                self.download.max_chunks(),
+            ));
+        }
+        Ok(())
+    }
 
-    setter!(
-        /// Sets the discovery interval.
-        with_discovery_interval, discovery_interval: Duration, |interval| interval.max(Duration::from_millis(10))
-    );
-
-    setter!(
-        /// Sets the answer window.
-        with_answer_window, answer_window: Duration
-    );
-
-    setter!(
-        /// Sets how far behind (in slots) the node may fall before it needs a snapshot.
-        with_behind_threshold, behind_threshold: u64
-    );
-
-    setter!(
-        /// Sets how many peers must agree on a snapshot.
-        with_min_agreeing_peers, min_agreeing_peers: usize, |n| n.max(1)
-    );
-
-    setter!(
-        /// Sets the trusted peers.
-        with_trusted_peers, trusted_peers: impl IntoIterator<Item = PeerId>, |peers| peers.into_iter().collect()
-    );
-
-    /// Sets the trusted snapshot.
-    pub fn with_trusted_snapshot(mut self, snapshot: Option<(u64, BankHash)>) -> Self {
-        self.trusted_snapshot = snapshot;
+    /// Sets the snapshot directory.
+    pub fn with_snapshot_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.snapshot_dir = dir.into();
         self
     }
 
-    setter!(
-        /// Turns downloading on or off.
-        with_sync_enabled, sync_enabled: bool
+    /// The snapshot directory.
+    pub fn snapshot_dir(&self) -> &Path {
+        &self.snapshot_dir
+    }
+
+    /// Sets the network name (default `"default"`): nodes only sync with nodes of the same
+    /// name, which is part of the gossip topic.
+    pub fn with_network(mut self, network: impl Into<String>) -> Self {
+        self.network = network.into();
+        self
+    }
+
+    /// The network name.
+    pub fn network(&self) -> &str {
+        &self.network
+    }
+
+    setting!(
+        /// How often the node checks whether it needs a snapshot (default 30 s; the first check
+        /// is right after start).
+        with_discovery_interval, discovery_interval: Duration, in discovery
+    );
+    setting!(
+        /// How long answers are collected before the choice is made (default 1 s).
+        with_answer_window, answer_window: Duration, in discovery
+    );
+    setting!(
+        /// A node whose state is behind the newest snapshot it knows of (or the chain's tip) by
+        /// more than this many slots syncs (default 100). An empty DB always does.
+        with_behind_threshold, behind_threshold: u64, in discovery
+    );
+    setting!(
+        /// Whether the node downloads snapshots itself (default true). A producer that only
+        /// serves turns this off.
+        with_sync_enabled, sync_enabled: bool, in discovery
+    );
+    setting!(
+        /// Nodes that asked within this window are waiting: a snapshot made or loaded meanwhile
+        /// is announced on the topic (default 60 s). A node that asked within it and heard of
+        /// nothing newer knows it is current.
+        with_announce_window, announce_window: Duration, in discovery
+    );
+    setting!(
+        /// Announcements wait a random delay up to this long (default 1 s), so that when many
+        /// nodes make the same snapshot, a few announce it.
+        with_announce_delay, announce_delay: Duration, in discovery
+    );
+    setting!(
+        /// Announcements of the same snapshot heard during the delay that make this node's own
+        /// unnecessary (default 3).
+        with_announce_redundancy, announce_redundancy: u32, in discovery
+    );
+    setting!(
+        /// Shortest time between two answers to the same requester (default 1 s).
+        with_answer_cooldown, answer_cooldown: Duration, in discovery
+    );
+    setting!(
+        /// Shortest time between two requests of this node (default 500 ms).
+        with_min_request_interval, min_request_interval: Duration, in discovery
+    );
+    setting!(
+        /// Bad messages after which a peer is ignored (default 5).
+        with_max_strikes, max_strikes: u32, in discovery
+    );
+    setting!(
+        /// Largest discovery message accepted (default 16 KiB).
+        with_max_message_bytes, max_message_bytes: usize, in discovery
+    );
+    setting!(
+        /// A snapshot that failed to download or load is not chosen again for this long
+        /// (default 10 min).
+        with_failed_cooldown, failed_cooldown: Duration, in discovery
+    );
+    setting!(
+        /// Dials per discovery interval this node makes to answer requesters it is not
+        /// connected to (default 16); beyond it, those get their answers from others.
+        with_dial_budget, dial_budget: u32, in discovery
+    );
+    setting!(
+        /// Most peers remembered per table (adverts, strikes, cooldowns; default 4096).
+        with_max_tracked_peers, max_tracked_peers: usize, in discovery
     );
 
-    setter!(
-        /// Sets the announce window.
-        with_announce_window, announce_window: Duration
-    );
+    /// Sets the largest archive an advertisement may claim (default 1 TiB).
+    pub fn with_max_archive_bytes(mut self, bytes: u64) -> Self {
+        self.discovery.limits.max_archive_bytes = bytes;
+        self
+    }
 
-    setter!(
-        /// Sets the per-requester answer cooldown.
-        with_answer_cooldown, answer_cooldown: Duration
-    );
+    /// The largest archive an advertisement may claim.
+    pub fn max_archive_bytes(&self) -> u64 {
+        self.discovery.limits.max_archive_bytes
+    }
 
-    setter!(
-        /// Sets the shortest time between two requests.
-        with_min_request_interval, min_request_interval: Duration
-    );
+    /// Sets the trust policy (default: [`TrustPolicy::Untrusted`] with one peer, which logs a
+    /// warning at start). See [`TrustPolicy`] for what each mode protects against.
+    pub fn with_trust(mut self, policy: TrustPolicy) -> Self {
+        self.discovery.policy = policy;
+        self
+    }
 
-    setter!(
-        /// Sets the strikes after which a peer is ignored.
-        with_max_strikes, max_strikes: u32, |strikes| strikes.max(1)
-    );
+    /// The trust policy.
+    pub fn trust(&self) -> &TrustPolicy {
+        &self.discovery.policy
+    }
 
-    setter!(
-        /// Sets the largest archive an advertisement may claim.
-        with_max_archive_bytes, max_archive_bytes: u64
-    );
+    /// Untrusted mode: a snapshot `n` distinct peers advertise alike.
+    pub fn with_min_agreeing_peers(self, n: usize) -> Self {
+        self.with_trust(TrustPolicy::Untrusted {
+            min_agreeing_peers: n,
+        })
+    }
 
-    setter!(
-        /// Sets the gossipsub heartbeat interval.
-        with_heartbeat_interval, heartbeat_interval: Duration, |interval| interval.max(Duration::from_millis(10))
-    );
+    /// Trusted peers: a snapshot `quorum` of `peers` advertise alike.
+    pub fn with_trusted_peers(
+        self,
+        peers: impl IntoIterator<Item = PeerId>,
+        quorum: usize,
+    ) -> Self {
+        self.with_trust(TrustPolicy::TrustedPeers {
+            peers: peers.into_iter().collect::<HashSet<_>>(),
+            quorum,
+        })
+    }
 
-    setter!(
-        /// Sets the chunk-stream addresses to advertise.
-        with_advertise_addrs, advertise_addrs: Vec<SocketAddr>
-    );
+    /// A trusted snapshot: only this slot and bank hash.
+    pub fn with_trusted_snapshot(self, slot: u64, bank_hash: BankHash) -> Self {
+        self.with_trust(TrustPolicy::TrustedSnapshot {
+            slot,
+            bank_hash,
+            content_root: None,
+        })
+    }
 
-    setter!(
-        /// Sets the shared token, for serving and downloading.
-        with_token, token: Option<Token>
-    );
+    /// Sets the gossipsub heartbeat interval of snapsync's topic (default 1 s).
+    pub fn with_heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.heartbeat_interval = interval;
+        self
+    }
 
-    setter!(
-        /// Sets snapshot creation.
-        with_creator, creator: CreatorConfig
-    );
+    /// The gossipsub heartbeat interval.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_interval
+    }
 
-    setter!(
-        /// Sets the serving side of the chunk stream.
-        with_streamer, streamer: StreamerConfig
-    );
+    /// Sets the chunk-stream addresses to advertise; when empty (the default) they are derived
+    /// from the swarm's listen and external addresses and the streamer's port.
+    pub fn with_advertise_addrs(mut self, addrs: Vec<SocketAddr>) -> Self {
+        self.advertise_addrs = addrs;
+        self
+    }
 
-    setter!(
-        /// Sets the downloading side of the chunk stream.
-        with_download, download: DownloadConfig
-    );
+    /// The chunk-stream addresses to advertise.
+    pub fn advertise_addrs(&self) -> &[SocketAddr] {
+        &self.advertise_addrs
+    }
 
-    setter!(
-        /// Sets where to count what the node does.
-        with_metrics, metrics: crate::Metrics
-    );
+    /// Sets the shared token (`SNAPSHOT_TOKEN`), for serving and downloading both.
+    pub fn with_token(mut self, token: Option<Token>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// The shared token.
+    pub fn token(&self) -> Option<&Token> {
+        self.token.as_ref()
+    }
+
+    /// Sets snapshot creation (`range_for_snapshot`, full interval, retention, chunk size, zstd
+    /// level).
+    pub fn with_creator(mut self, creator: CreatorConfig) -> Self {
+        self.creator = creator;
+        self
+    }
+
+    /// Snapshot creation.
+    pub fn creator(&self) -> &CreatorConfig {
+        &self.creator
+    }
+
+    /// Sets the serving side of the chunk stream.
+    pub fn with_streamer(mut self, streamer: StreamerConfig) -> Self {
+        self.streamer = streamer;
+        self
+    }
+
+    /// The serving side of the chunk stream.
+    pub fn streamer(&self) -> &StreamerConfig {
+        &self.streamer
+    }
+
+    /// Sets the downloading side of the chunk stream.
+    pub fn with_download(mut self, download: DownloadConfig) -> Self {
+        self.download = download;
+        self
+    }
+
+    /// The downloading side of the chunk stream.
+    pub fn download(&self) -> &DownloadConfig {
+        &self.download
+    }
+
+    /// Sets the limits loading applies on top of what manifests declare.
+    pub fn with_load_limits(mut self, load: LoadLimits) -> Self {
+        self.load = load;
+        self
+    }
+
+    /// Loading limits.
+    pub fn load_limits(&self) -> &LoadLimits {
+        &self.load
+    }
+
+    /// Sets where to count what the node does (see [`Metrics::register`]); shared by
+    /// discovery, the streamer and the downloader.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Where the node counts.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
 
     /// The gossip topic of this network.
     pub fn topic(&self) -> String {
-        format!("snapsync/{}/discovery/1", self.network)
+        format!("snapsync/{}/discovery/2", self.network)
+    }
+
+    pub(crate) fn discovery(&self) -> DiscoveryConfig {
+        let mut d = self.discovery.clone();
+        d.limits.max_chunks = self.download.max_chunks().min(d.limits.max_chunks);
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_that_cannot_work_are_refused_naming_the_setting() {
+        let ok = Config::new("x");
+        ok.validate().unwrap();
+        let refused = |c: Config| c.validate().unwrap_err().setting;
+        assert_eq!(
+            refused(ok.clone().with_discovery_interval(Duration::ZERO)),
+            "discovery_interval"
+        );
+        assert_eq!(
+            refused(ok.clone().with_answer_window(Duration::ZERO)),
+            "answer_window"
+        );
+        assert_eq!(
+            refused(ok.clone().with_answer_window(Duration::from_secs(60))),
+            "answer_window"
+        );
+        assert_eq!(refused(ok.clone().with_max_strikes(0)), "max_strikes");
+        assert_eq!(
+            refused(ok.clone().with_min_agreeing_peers(0)),
+            "trust.min_agreeing_peers"
+        );
+        assert_eq!(
+            refused(ok.clone().with_trusted_peers([PeerId::random()], 2)),
+            "trust.quorum"
+        );
+        assert_eq!(refused(ok.clone().with_network("a/b")), "network");
+        assert_eq!(
+            refused(
+                ok.clone()
+                    .with_streamer(StreamerConfig::default().with_max_connections(0))
+            ),
+            "streamer.max_connections"
+        );
+        assert_eq!(
+            refused(
+                ok.clone()
+                    .with_download(DownloadConfig::default().with_connect_timeout(Duration::ZERO))
+            ),
+            "download.connect_timeout"
+        );
+        let e = ok
+            .with_heartbeat_interval(Duration::ZERO)
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("heartbeat_interval"), "{e}");
     }
 }

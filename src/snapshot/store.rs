@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! <dir>/
-//!   snapshot-<slot, 20 digits>-<first 16 hex of the content root>/   a published snapshot
+//!   full-<slot, 20 digits>-<first 16 hex of the content root>/   a published full snapshot
+//!   incr-<slot, 20 digits>-<first 16 hex of the content root>/   a published incremental one
 //!     archive.zst      the archive
 //!     outboard.bao     BLAKE3 tree nodes for serving verifiable chunks
 //!     manifest.pb      the Manifest (protobuf)
@@ -15,16 +16,22 @@
 //! directory is renamed to its final name and the parent fsynced. The rename is the commit
 //! point: a crash at any moment leaves either no snapshot or a complete one, never a partial
 //! snapshot that looks complete.
+//!
+//! Retention keeps the newest full snapshots and the newest incremental ones on them (see
+//! [`Retention`]); a snapshot being served ([`SnapshotStore::pin`]) or served a moment ago is
+//! kept until it is no longer, so a long download never loses its source half-way.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::disk;
 use crate::hash::ContentRoot;
+use crate::snapshot::archive::SnapshotKind;
 use crate::snapshot::{Manifest, ManifestError};
 
 /// File name of the archive inside a snapshot directory.
@@ -34,15 +41,20 @@ pub const OUTBOARD_FILE: &str = "outboard.bao";
 /// File name of the manifest inside a snapshot directory.
 pub const MANIFEST_FILE: &str = "manifest.pb";
 
-const SNAPSHOT_PREFIX: &str = "snapshot-";
+const FULL_PREFIX: &str = "full-";
+const INCR_PREFIX: &str = "incr-";
 const TMP_PREFIX: &str = ".tmp-";
 const TRASH_PREFIX: &str = ".trash-";
 pub(crate) const PARTIAL_PREFIX: &str = ".partial-";
 
+/// Log target of the store (snapshots are part of discovery's story).
+const TARGET: &str = crate::log::DISCOVERY;
+
 /// A file-system operation of the snapshot store failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
-    /// The directory or file cannot be written (permissions, read-only file system).
+    /// The directory or file cannot be written (permissions, read-only or immutable).
     #[error("snapshot directory is not writable: {path}: {source}")]
     NotWritable {
         /// The path that could not be written.
@@ -51,7 +63,13 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
-    /// The disk (or quota) is full.
+    /// A path that must be a directory is a file (or lies under one).
+    #[error("not a directory: {path} is a file, where a directory is needed")]
+    NotADirectory {
+        /// The file in the way.
+        path: PathBuf,
+    },
+    /// The disk (or quota) is full, or has less room than needed.
     #[error("disk full while writing {path}: {source}")]
     DiskFull {
         /// The path being written.
@@ -81,7 +99,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Classifies an I/O error at `path`: full disk, not writable, or other.
+    /// Classifies an I/O error at `path`: full disk, not writable, not a directory, or other.
     pub(crate) fn at(path: &Path, source: io::Error) -> Self {
         let path = path.to_path_buf();
         match source.kind() {
@@ -91,6 +109,7 @@ impl StoreError {
             io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
                 StoreError::NotWritable { path, source }
             }
+            io::ErrorKind::NotADirectory => StoreError::NotADirectory { path },
             _ => StoreError::Io { path, source },
         }
     }
@@ -99,6 +118,7 @@ impl StoreError {
     pub fn path(&self) -> &Path {
         match self {
             StoreError::NotWritable { path, .. }
+            | StoreError::NotADirectory { path }
             | StoreError::DiskFull { path, .. }
             | StoreError::Io { path, .. }
             | StoreError::Manifest { path, .. } => path,
@@ -115,6 +135,23 @@ impl<T> IoAt<T> for io::Result<T> {
     fn at(self, path: &Path) -> Result<T, StoreError> {
         self.map_err(|e| StoreError::at(path, e))
     }
+}
+
+/// Creates directory `dir` (and its parents), saying clearly what is in the way: a file where a
+/// directory should be, or a place that cannot be written.
+pub(crate) fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
+    for ancestor in dir.ancestors() {
+        match fs::metadata(ancestor) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => {
+                return Err(StoreError::NotADirectory {
+                    path: ancestor.to_path_buf(),
+                });
+            }
+            Err(_) => continue,
+        }
+    }
+    fs::create_dir_all(dir).at(dir)
 }
 
 /// A published snapshot: its manifest and where its files are.
@@ -145,13 +182,35 @@ impl Snapshot {
         self.dir.join(OUTBOARD_FILE)
     }
 
-    /// Opens the archive and outboard for serving chunks.
+    /// Opens the archive and outboard for serving chunks (their sizes are checked).
     pub fn chunk_source(&self) -> io::Result<crate::chunk::ChunkSource> {
         crate::chunk::ChunkSource::open(
             self.manifest.chunk_tree(),
             &self.archive_path(),
             &self.outboard_path(),
         )
+    }
+}
+
+/// How many snapshots [`SnapshotStore::retain`] keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Full snapshots kept, newest first (at least 1).
+    pub full: usize,
+    /// Incremental snapshots kept, newest first, among those whose base is kept.
+    pub incremental: usize,
+    /// A snapshot served this recently is kept past its turn (a download that lasts longer than
+    /// a retention period keeps its source).
+    pub serve_grace: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            full: 2,
+            incremental: 4,
+            serve_grace: Duration::from_secs(300),
+        }
     }
 }
 
@@ -168,6 +227,8 @@ pub struct SnapshotStore {
 struct StoreInner {
     dir: PathBuf,
     index: Mutex<Index>,
+    /// Per content root: transfers serving it now, and when it was last served.
+    serving: Mutex<HashMap<ContentRoot, (usize, Instant)>>,
 }
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
@@ -192,80 +253,30 @@ pub(crate) fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Writes `bytes` to `path` and fsyncs it.
-pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let mut f = fs::File::create(path).at(path)?;
-    f.write_all(bytes).at(path)?;
-    f.sync_all().at(path)
+/// A partial download on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PartialInfo {
+    pub(crate) root: Option<ContentRoot>,
+    pub(crate) path: PathBuf,
+    pub(crate) bytes: u64,
+    pub(crate) modified: SystemTime,
 }
 
-/// A file being written sequentially that asks the kernel to start writing back every
-/// [`WRITEBACK_BYTES`] as it goes (Linux `sync_file_range`), so that the final fsync finds
-/// little left to do and the disk works while the data is still being produced.
-pub(crate) struct WritebackFile {
-    file: fs::File,
-    written: u64,
-    flushed_to: u64,
+/// Keeps a snapshot from being deleted while it is served; see [`SnapshotStore::pin`].
+#[derive(Debug)]
+pub struct ServingPin {
+    store: SnapshotStore,
+    root: ContentRoot,
 }
 
-/// How much a [`WritebackFile`] writes before it starts writeback of it.
-const WRITEBACK_BYTES: u64 = 16 << 20;
-
-impl WritebackFile {
-    pub(crate) fn new(file: fs::File) -> Self {
-        Self {
-            file,
-            written: 0,
-            flushed_to: 0,
+impl Drop for ServingPin {
+    fn drop(&mut self) {
+        let mut serving = self.store.serving();
+        if let Some((n, at)) = serving.get_mut(&self.root) {
+            *n = n.saturating_sub(1);
+            *at = Instant::now();
         }
     }
-
-    /// Fsyncs the file and returns it.
-    pub(crate) fn sync(self) -> io::Result<fs::File> {
-        self.file.sync_all()?;
-        Ok(self.file)
-    }
-
-    #[cfg(target_os = "linux")]
-    fn start_writeback(&mut self) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: sync_file_range only reads its integer arguments; a failure is harmless
-        // because the final fsync writes everything anyway.
-        unsafe {
-            libc::sync_file_range(
-                self.file.as_raw_fd(),
-                self.flushed_to as libc::off64_t,
-                (self.written - self.flushed_to) as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
-        self.flushed_to = self.written;
-    }
-
-    #[cfg(not(target_os = "linux"))]
-    fn start_writeback(&mut self) {
-        self.flushed_to = self.written;
-    }
-}
-
-impl Write for WritebackFile {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.written += n as u64;
-        if self.written - self.flushed_to >= WRITEBACK_BYTES {
-            self.start_writeback();
-        }
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
-    }
-}
-
-/// Fsyncs a directory so that renames and unlinks in it are durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    fs::File::open(dir).and_then(|d| d.sync_all()).at(dir)
 }
 
 impl SnapshotStore {
@@ -274,24 +285,24 @@ impl SnapshotStore {
     /// snapshot whose files do not match its manifest is removed with a warning.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let dir = dir.into();
-        fs::create_dir_all(&dir).at(&dir)?;
+        ensure_dir(&dir)?;
         let mut index = Index::new();
         for entry in fs::read_dir(&dir).at(&dir)? {
             let entry = entry.at(&dir)?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
             if name.starts_with(TMP_PREFIX) || name.starts_with(TRASH_PREFIX) {
-                tracing::info!(target: "NETWORK:SNAPSHOT", path = %path.display(), "removing leftovers of an interrupted snapshot write");
-                remove_path(&path)?;
-            } else if name.starts_with(SNAPSHOT_PREFIX) {
+                tracing::info!(target: TARGET, path = %path.display(), "removing leftovers of an interrupted snapshot write");
+                disk::remove_path(&path).at(&path)?;
+            } else if name.starts_with(FULL_PREFIX) || name.starts_with(INCR_PREFIX) {
                 match read_published(&path) {
                     Ok(snap) => {
                         let m = &snap.manifest;
                         index.insert((m.slot, m.content_root), Arc::new(snap));
                     }
                     Err(e) => {
-                        tracing::warn!(target: "NETWORK:SNAPSHOT", path = %path.display(), error = %e, "removing an invalid snapshot");
-                        remove_path(&path)?;
+                        tracing::warn!(target: TARGET, path = %path.display(), error = %e, "removing an invalid snapshot");
+                        disk::remove_path(&path).at(&path)?;
                     }
                 }
             }
@@ -300,6 +311,7 @@ impl SnapshotStore {
             inner: Arc::new(StoreInner {
                 dir,
                 index: Mutex::new(index),
+                serving: Mutex::new(HashMap::new()),
             }),
         };
         // Make sure the directory is writable now rather than at the first snapshot.
@@ -321,14 +333,36 @@ impl SnapshotStore {
         self.inner.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn serving(&self) -> std::sync::MutexGuard<'_, HashMap<ContentRoot, (usize, Instant)>> {
+        self.inner.serving.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Published snapshots, oldest slot first.
     pub fn list(&self) -> Vec<Arc<Snapshot>> {
         self.index().values().cloned().collect()
     }
 
-    /// The published snapshot with the highest slot.
+    /// The published snapshot with the highest slot, full or incremental.
     pub fn latest(&self) -> Option<Arc<Snapshot>> {
         self.index().values().next_back().cloned()
+    }
+
+    /// The published full snapshot with the highest slot.
+    pub fn latest_full(&self) -> Option<Arc<Snapshot>> {
+        self.index()
+            .values()
+            .rev()
+            .find(|s| s.manifest.is_full())
+            .cloned()
+    }
+
+    /// The newest published incremental snapshot on the full one with this content root.
+    pub fn latest_incremental_on(&self, base: &ContentRoot) -> Option<Arc<Snapshot>> {
+        self.index()
+            .values()
+            .rev()
+            .find(|s| s.manifest.base.is_some_and(|b| b.content_root == *base))
+            .cloned()
     }
 
     /// The published snapshot with this content root.
@@ -348,6 +382,30 @@ impl SnapshotStore {
             == Some(slot)
     }
 
+    /// Marks the snapshot with `root` as being served until the pin is dropped: retention keeps
+    /// it meanwhile, and for [`Retention::serve_grace`] after.
+    pub fn pin(&self, root: ContentRoot) -> ServingPin {
+        let mut serving = self.serving();
+        let entry = serving.entry(root).or_insert((0, Instant::now()));
+        entry.0 += 1;
+        entry.1 = Instant::now();
+        // Forget snapshots served long ago, so the table stays as small as what is served.
+        if serving.len() > 256 {
+            let horizon = Duration::from_secs(3600);
+            serving.retain(|_, (n, at)| *n > 0 || at.elapsed() < horizon);
+        }
+        ServingPin {
+            store: self.clone(),
+            root,
+        }
+    }
+
+    fn in_use(&self, root: &ContentRoot, grace: Duration) -> bool {
+        self.serving()
+            .get(root)
+            .is_some_and(|(n, at)| *n > 0 || at.elapsed() < grace)
+    }
+
     /// A fresh staging directory (`.tmp-*`) to write a snapshot into.
     pub(crate) fn staging(&self) -> Result<StagingDir, StoreError> {
         let path = self
@@ -365,17 +423,61 @@ impl SnapshotStore {
             .join(format!("{PARTIAL_PREFIX}{}", root.to_hex()))
     }
 
-    /// Removes the partial downloads of archives other than `keep` (one download at a time).
-    pub(crate) fn remove_other_partials(&self, keep: &ContentRoot) -> Result<(), StoreError> {
-        let keep = format!("{PARTIAL_PREFIX}{}", keep.to_hex());
+    /// The partial downloads on disk.
+    pub(crate) fn partials(&self) -> Result<Vec<PartialInfo>, StoreError> {
+        let mut out = Vec::new();
         for entry in fs::read_dir(&self.inner.dir).at(&self.inner.dir)?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(PARTIAL_PREFIX) && name != keep {
-                tracing::info!(target: "SNAPSHOT DOWNLOAD", path = %entry.path().display(), "removing an abandoned partial download");
-                remove_path(&entry.path())?;
+            let Some(hex) = name.strip_prefix(PARTIAL_PREFIX) else {
+                continue;
+            };
+            let path = entry.path();
+            let (mut bytes, mut modified) = (0u64, SystemTime::UNIX_EPOCH);
+            if let Ok(files) = fs::read_dir(&path) {
+                for f in files.flatten() {
+                    if let Ok(m) = f.metadata() {
+                        // Allocated bytes: a preallocated file counts in full.
+                        bytes += std::os::unix::fs::MetadataExt::blocks(&m) * 512;
+                        modified = modified.max(m.modified().unwrap_or(SystemTime::UNIX_EPOCH));
+                    }
+                }
+            }
+            out.push(PartialInfo {
+                root: hex.parse().ok(),
+                path,
+                bytes,
+                modified,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Keeps the partial downloads other than `keep` within `budget` bytes on disk, deleting
+    /// the least recently touched first; ones that are not partial downloads of a root are
+    /// deleted. Returns the roots deleted.
+    pub(crate) fn trim_partials(
+        &self,
+        keep: &[ContentRoot],
+        budget: u64,
+    ) -> Result<Vec<ContentRoot>, StoreError> {
+        let mut others: Vec<PartialInfo> = self
+            .partials()?
+            .into_iter()
+            .filter(|p| p.root.is_none_or(|r| !keep.contains(&r)))
+            .collect();
+        // Newest first: the oldest are dropped once the budget is spent.
+        others.sort_by_key(|p| std::cmp::Reverse(p.modified));
+        let mut used = 0u64;
+        let mut removed = Vec::new();
+        for p in others {
+            used = used.saturating_add(p.bytes);
+            if p.root.is_none() || used > budget {
+                tracing::info!(target: crate::log::DOWNLOAD, path = %p.path.display(), bytes = p.bytes, "removing a partial download beyond the disk budget");
+                disk::remove_path(&p.path).at(&p.path)?;
+                removed.extend(p.root);
             }
         }
-        Ok(())
+        Ok(removed)
     }
 
     /// Publishes the snapshot in `dir` (which holds [`ARCHIVE_FILE`] and [`OUTBOARD_FILE`],
@@ -387,19 +489,35 @@ impl SnapshotStore {
         manifest: Manifest,
     ) -> Result<Arc<Snapshot>, StoreError> {
         if let Some(existing) = self.get(&manifest.content_root) {
-            remove_path(dir)?;
+            disk::remove_path(dir).at(dir)?;
             return Ok(existing);
         }
-        write_synced(&dir.join(MANIFEST_FILE), &manifest.encode())?;
-        sync_dir(dir)?;
+        let archive = dir.join(ARCHIVE_FILE);
+        let size = fs::metadata(&archive).at(&archive)?.len();
+        if size != manifest.archive_size {
+            return Err(StoreError::Io {
+                path: archive,
+                source: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{size} bytes, the manifest says {}", manifest.archive_size),
+                ),
+            });
+        }
+        let manifest_path = dir.join(MANIFEST_FILE);
+        disk::write_synced(&manifest_path, &manifest.encode()).at(&manifest_path)?;
+        disk::sync_dir(dir).at(dir)?;
+        let prefix = match manifest.kind {
+            SnapshotKind::Full => FULL_PREFIX,
+            SnapshotKind::Incremental => INCR_PREFIX,
+        };
         let name = format!(
-            "{SNAPSHOT_PREFIX}{:020}-{}",
+            "{prefix}{:020}-{}",
             manifest.slot,
             &manifest.content_root.to_hex()[..16]
         );
         let target = self.inner.dir.join(name);
         fs::rename(dir, &target).at(&target)?;
-        sync_dir(&self.inner.dir)?;
+        disk::sync_dir(&self.inner.dir).at(&self.inner.dir)?;
         let snap = Arc::new(Snapshot {
             manifest,
             dir: target,
@@ -409,17 +527,49 @@ impl SnapshotStore {
         Ok(snap)
     }
 
-    /// Keeps the `keep` snapshots with the highest slots and deletes the others (at least one is
-    /// always kept). Returns the manifests of the deleted ones.
-    pub fn retain(&self, keep: usize) -> Result<Vec<Manifest>, StoreError> {
-        let keep = keep.max(1);
+    /// Applies `retention`: keeps the newest `full` full snapshots and the newest `incremental`
+    /// incremental ones whose base is kept, and deletes the others, except those being served
+    /// or served within the grace period (deleted by a later call). At least one full snapshot
+    /// is always kept. Returns the manifests of the deleted ones.
+    pub fn retain(&self, retention: Retention) -> Result<Vec<Manifest>, StoreError> {
         let doomed: Vec<Arc<Snapshot>> = {
             let index = self.index();
-            let n = index.len().saturating_sub(keep);
-            index.values().take(n).cloned().collect()
+            let fulls: Vec<&Arc<Snapshot>> = index
+                .values()
+                .rev()
+                .filter(|s| s.manifest.is_full())
+                .collect();
+            let kept_fulls: Vec<ContentRoot> = fulls
+                .iter()
+                .take(retention.full.max(1))
+                .map(|s| s.manifest.content_root)
+                .collect();
+            let mut kept_incr = 0usize;
+            index
+                .values()
+                .rev()
+                .filter(|s| {
+                    let m = &s.manifest;
+                    let keep = match m.base {
+                        None => kept_fulls.contains(&m.content_root),
+                        Some(base) => {
+                            let keep = kept_fulls.contains(&base.content_root)
+                                && kept_incr < retention.incremental;
+                            kept_incr += usize::from(keep);
+                            keep
+                        }
+                    };
+                    !keep
+                })
+                .cloned()
+                .collect()
         };
         let mut removed = Vec::new();
         for snap in doomed {
+            if self.in_use(&snap.manifest.content_root, retention.serve_grace) {
+                tracing::debug!(target: TARGET, slot = snap.manifest.slot, "keeping a snapshot being served past its retention");
+                continue;
+            }
             self.remove(&snap)?;
             removed.push(snap.manifest.clone());
         }
@@ -442,22 +592,10 @@ impl SnapshotStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(StoreError::at(&snap.dir, e)),
         }
-        sync_dir(&self.inner.dir)?;
-        remove_path(&trash)?;
-        tracing::info!(target: "NETWORK:SNAPSHOT", slot = m.slot, root = %m.content_root.short(), "deleted old snapshot");
+        disk::sync_dir(&self.inner.dir).at(&self.inner.dir)?;
+        disk::remove_path(&trash).at(&trash)?;
+        tracing::info!(target: TARGET, kind = %m.kind, slot = m.slot, root = %m.content_root.short(), "deleted old snapshot");
         Ok(())
-    }
-}
-
-fn remove_path(path: &Path) -> Result<(), StoreError> {
-    let result = if path.is_dir() {
-        fs::remove_dir_all(path)
-    } else {
-        fs::remove_file(path)
-    };
-    match result {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StoreError::at(path, e)),
-        _ => Ok(()),
     }
 }
 
@@ -516,7 +654,7 @@ impl StagingDir {
             .expect("staging dir present until published");
         let result = store.publish(&path, manifest);
         if result.is_err() {
-            let _ = remove_path(&path);
+            let _ = disk::remove_path(&path);
         }
         result
     }
@@ -525,9 +663,67 @@ impl StagingDir {
 impl Drop for StagingDir {
     fn drop(&mut self) {
         if let Some(path) = self.path.take()
-            && let Err(e) = remove_path(&path)
+            && let Err(e) = disk::remove_path(&path)
         {
-            tracing::warn!(path = %path.display(), error = %e, "could not remove a staging directory");
+            tracing::warn!(target: TARGET, path = %path.display(), error = %e, "could not remove a staging directory");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partial(store: &SnapshotStore, root: ContentRoot, mib: usize) {
+        let dir = store.partial_dir(&root);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("archive.part"), vec![1u8; mib << 20]).unwrap();
+        // Distinct modification times, oldest first.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    #[test]
+    fn partials_of_other_snapshots_are_kept_within_the_budget_newest_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open(tmp.path()).unwrap();
+        let (old, mid, new, current) = (
+            ContentRoot([1; 32]),
+            ContentRoot([2; 32]),
+            ContentRoot([3; 32]),
+            ContentRoot([4; 32]),
+        );
+        for root in [old, mid, new, current] {
+            partial(&store, root, 1);
+        }
+        fs::create_dir(tmp.path().join(format!("{PARTIAL_PREFIX}not-a-root"))).unwrap();
+        // Room for two of the others besides the download under way.
+        let removed = store.trim_partials(&[current], (2 << 20) + 4096).unwrap();
+        assert_eq!(removed, vec![old]);
+        let left: Vec<_> = store
+            .partials()
+            .unwrap()
+            .into_iter()
+            .map(|p| p.root)
+            .collect();
+        assert_eq!(left.len(), 3, "{left:?}");
+        for root in [mid, new, current] {
+            assert!(left.contains(&Some(root)));
+        }
+        // Within the budget, another attempt deletes nothing.
+        assert!(
+            store
+                .trim_partials(&[current], (2 << 20) + 4096)
+                .unwrap()
+                .is_empty()
+        );
+        // With no budget, only the download under way stays.
+        store.trim_partials(&[current], 0).unwrap();
+        let left: Vec<_> = store
+            .partials()
+            .unwrap()
+            .into_iter()
+            .map(|p| p.root)
+            .collect();
+        assert_eq!(left, vec![Some(current)]);
     }
 }

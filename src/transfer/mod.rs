@@ -2,25 +2,26 @@
 //! fetches one snapshot from many peers at once, checking every chunk against its content root.
 //!
 //! Both run over quinn with TLS bound to the node's libp2p identity (see [`TransportTuning`]).
-//! A connection must present the shared [`Token`] (`SNAPSHOT_TOKEN`) before anything is served.
-//! The wire protocol is specified in `docs/FORMAT.md`.
+//! Each side of a connection proves it knows the shared [`Token`] (`SNAPSHOT_TOKEN`) without
+//! sending it, before anything is served. The wire protocol is specified in `docs/FORMAT.md`.
 
-mod bits;
-mod downloader;
+mod download;
 mod limit;
-mod partial;
-mod scheduler;
+mod protocol;
 mod streamer;
 mod tls;
-mod wire;
 
-pub use downloader::{
+pub use download::{
     DownloadConfig, DownloadError, DownloadHandle, DownloadTarget, Downloaded, Downloader,
     PeerProgress, PeerStatus, Progress,
 };
+pub use protocol::FrameError;
+
+pub(crate) use download::parse_progress;
+#[cfg(test)]
+pub(crate) use download::{Bits, progress_bytes};
 pub use streamer::{Streamer, StreamerConfig, StreamerError, StreamerStats};
 pub use tls::{EndpointError, TransportTuning};
-pub use wire::FrameError;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -28,16 +29,17 @@ use std::net::SocketAddr;
 use libp2p::PeerId;
 
 /// Log target of the serving side.
-pub const STREAMER_TARGET: &str = "SNAPSHOT:STREAMER";
+pub const STREAMER_TARGET: &str = crate::log::STREAMER;
 
 /// Log target of the downloading side.
-pub const DOWNLOAD_TARGET: &str = "SNAPSHOT DOWNLOAD";
+pub const DOWNLOAD_TARGET: &str = crate::log::DOWNLOAD;
 
 /// Environment variable holding the shared token.
 pub const TOKEN_ENV: &str = "SNAPSHOT_TOKEN";
 
-/// The shared secret a downloader presents to a streamer (`SNAPSHOT_TOKEN`). Never printed:
-/// its `Debug` shows `Token(<redacted>)`.
+/// The shared secret the chunk stream's two sides prove they know (`SNAPSHOT_TOKEN`). It never
+/// leaves the node: the handshake sends proofs bound to each TLS session, not the token. Never
+/// printed: its `Debug` shows `Token(<redacted>)`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token(Vec<u8>);
 
@@ -45,6 +47,13 @@ impl Token {
     /// A token of these bytes.
     pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
         Self(bytes.into())
+    }
+
+    /// A new random token: 32 random bytes as 64 hex characters, fit for `SNAPSHOT_TOKEN`. A
+    /// recorded proof lets anyone try guesses offline, so a token should be this strong.
+    pub fn generate() -> Self {
+        let bytes: [u8; 32] = rand::random();
+        Self(blake3::Hash::from_bytes(bytes).to_hex().as_bytes().to_vec())
     }
 
     /// The token in `SNAPSHOT_TOKEN`, or `None` when it is unset or empty.
@@ -57,10 +66,6 @@ impl Token {
 
     pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.0
-    }
-
-    pub(crate) fn digest(&self) -> blake3::Hash {
-        blake3::hash(&self.0)
     }
 }
 

@@ -11,6 +11,7 @@
 //! most of the CPU cost, and AES-GCM with the AES instructions every server CPU has is several
 //! times cheaper than ChaCha20-Poly1305; libp2p's order suits CPUs without them.
 
+use crate::macros::setting;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use libp2p::identity::Keypair;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 
-use super::wire::ALPN;
+use super::protocol::ALPN;
 
 /// QUIC transport settings of the chunk stream. The defaults suit anything from loopback to a
 /// long fat WAN link; every window is an upper bound on memory, not an allocation.
@@ -44,9 +45,10 @@ pub struct TransportTuning {
     /// Kernel socket buffer size requested for each direction (default 4 MiB), so bursts at high
     /// rates are not dropped by the kernel before quinn reads them.
     pub socket_buffer: usize,
-    /// Idle timeout of a connection (default 30 s).
+    /// Idle timeout of a connection (default 10 s): a peer that vanishes (killed, unplugged) is
+    /// noticed within this long.
     pub idle_timeout: Duration,
-    /// Keep-alive interval, so idle connections survive between requests (default 5 s).
+    /// Keep-alive interval, so idle connections survive between requests (default 3 s).
     pub keep_alive: Duration,
 }
 
@@ -58,13 +60,90 @@ impl Default for TransportTuning {
             send_window: 16 << 20,
             max_udp_payload: 1472,
             socket_buffer: 4 << 20,
-            idle_timeout: Duration::from_secs(30),
-            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(3),
         }
     }
 }
 
+/// Receive windows of the serving side, which only ever receives requests (a few dozen bytes
+/// each): small, so that no client, authenticated or not, can make a server buffer much.
+const SERVER_STREAM_WINDOW: u32 = 64 << 10;
+const SERVER_CONNECTION_WINDOW: u32 = 256 << 10;
+
 impl TransportTuning {
+    setting!(
+        /// Per-stream receive window, bytes.
+        with_stream_window, stream_window: u64
+    );
+    setting!(
+        /// Per-connection receive window, bytes.
+        with_connection_window, connection_window: u64
+    );
+    setting!(
+        /// Per-connection send window, bytes.
+        with_send_window, send_window: u64
+    );
+    setting!(
+        /// Largest UDP payload, bytes.
+        with_max_udp_payload, max_udp_payload: u16
+    );
+    setting!(
+        /// Socket buffer size requested, bytes.
+        with_socket_buffer, socket_buffer: usize
+    );
+    setting!(
+        /// Idle timeout of a connection.
+        with_idle_timeout, idle_timeout: Duration
+    );
+    setting!(
+        /// Keep-alive interval (shorter than the idle timeout).
+        with_keep_alive, keep_alive: Duration
+    );
+
+    /// Checks the values: windows and buffers non-zero, keep-alive shorter than the idle
+    /// timeout.
+    pub fn validate(&self) -> Result<(), crate::config_error::ConfigError> {
+        use crate::config_error::ConfigError;
+        for (name, v) in [
+            ("transport.stream_window", self.stream_window),
+            ("transport.connection_window", self.connection_window),
+            ("transport.send_window", self.send_window),
+            ("transport.socket_buffer", self.socket_buffer as u64),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::new(name, "more than 0", v));
+            }
+        }
+        if self.max_udp_payload < 1200 {
+            return Err(ConfigError::new(
+                "transport.max_udp_payload",
+                "at least 1200 (QUIC's minimum)",
+                self.max_udp_payload,
+            ));
+        }
+        if self.idle_timeout.is_zero() || self.keep_alive >= self.idle_timeout {
+            return Err(ConfigError::new(
+                "transport.keep_alive",
+                "shorter than a non-zero idle timeout",
+                format!(
+                    "{:?} (idle timeout {:?})",
+                    self.keep_alive, self.idle_timeout
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The transport of the serving side: small receive windows (it receives only requests)
+    /// and, until a client proves the token, one stream.
+    pub(crate) fn server_transport(&self) -> TransportConfig {
+        let mut t = self.transport_config(1);
+        t.stream_receive_window(VarInt::from_u32(SERVER_STREAM_WINDOW))
+            .receive_window(VarInt::from_u32(SERVER_CONNECTION_WINDOW));
+        t
+    }
+
     pub(crate) fn transport_config(&self, max_streams: u32) -> TransportConfig {
         let mut t = TransportConfig::default();
         t.max_concurrent_bidi_streams(VarInt::from_u32(max_streams))
@@ -178,8 +257,15 @@ fn identity(
 pub(crate) fn server_config(
     keypair: &Keypair,
     tuning: &TransportTuning,
-    max_streams: u32,
 ) -> Result<quinn::ServerConfig, EndpointError> {
+    let crypto = QuicServerConfig::try_from(server_tls(keypair)?).map_err(certificate_error)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(tuning.server_transport()));
+    Ok(config)
+}
+
+/// The TLS side of [`server_config`].
+fn server_tls(keypair: &Keypair) -> Result<rustls::ServerConfig, EndpointError> {
     let provider = provider();
     let resolver = identity(keypair, &provider)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -189,10 +275,11 @@ pub(crate) fn server_config(
         .with_cert_resolver(resolver);
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.key_log = Arc::new(rustls::NoKeyLog);
-    let crypto = QuicServerConfig::try_from(tls).map_err(certificate_error)?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(tuning.transport_config(max_streams)));
-    Ok(config)
+    // No session resumption: every connection is a full handshake bound to both identities,
+    // and no ticket outlives its connection.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
+    Ok(tls)
 }
 
 /// The quinn client config that only accepts `remote` as the server.
@@ -201,6 +288,15 @@ pub(crate) fn client_config(
     remote: PeerId,
     tuning: &TransportTuning,
 ) -> Result<quinn::ClientConfig, EndpointError> {
+    let tls = client_tls(keypair, remote)?;
+    let crypto = QuicClientConfig::try_from(tls).map_err(certificate_error)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(tuning.transport_config(0)));
+    Ok(config)
+}
+
+/// The TLS side of [`client_config`].
+fn client_tls(keypair: &Keypair, remote: PeerId) -> Result<rustls::ClientConfig, EndpointError> {
     let provider = provider();
     let resolver = identity(keypair, &provider)?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -213,10 +309,8 @@ pub(crate) fn client_config(
         .with_client_cert_resolver(resolver);
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.key_log = Arc::new(rustls::NoKeyLog);
-    let crypto = QuicClientConfig::try_from(tls).map_err(certificate_error)?;
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(tuning.transport_config(0)));
-    Ok(config)
+    tls.resumption = rustls::client::Resumption::disabled();
+    Ok(tls)
 }
 
 /// Checks certificates as the libp2p TLS specification requires: exactly one, self-signed,
@@ -367,4 +461,50 @@ pub(crate) fn remote_peer_id(conn: &quinn::Connection) -> Option<PeerId> {
         .ok()?;
     let cert = libp2p_tls::certificate::parse(certs.first()?).ok()?;
     Some(cert.peer_id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_session_outlives_its_connection() {
+        let keypair = Keypair::generate_ed25519();
+        let server = server_tls(&keypair).unwrap();
+        assert_eq!(server.send_tls13_tickets, 0, "no tickets");
+        assert!(!server.session_storage.can_cache(), "no server-side cache");
+        let client = client_tls(&keypair, PeerId::random()).unwrap();
+        let resumption = format!("{:?}", client.resumption);
+        assert!(
+            resumption.contains("NoClientSessionStorage"),
+            "{resumption}"
+        );
+        assert!(!client.enable_early_data);
+    }
+
+    #[test]
+    fn before_authentication_a_connection_gets_one_stream_and_small_windows() {
+        let t = format!("{:?}", TransportTuning::default().server_transport());
+        let field = |name: &str| -> u64 {
+            let at = t
+                .find(&format!(" {name}: "))
+                .unwrap_or_else(|| panic!("{name} in {t}"))
+                + 1;
+            t[at + name.len() + 2..]
+                .chars()
+                .skip_while(|c| !c.is_ascii_digit())
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(field("max_concurrent_bidi_streams"), 1);
+        assert_eq!(field("max_concurrent_uni_streams"), 0);
+        assert_eq!(
+            field("stream_receive_window"),
+            u64::from(SERVER_STREAM_WINDOW)
+        );
+        assert_eq!(field("receive_window"), u64::from(SERVER_CONNECTION_WINDOW));
+        assert!(u64::from(SERVER_CONNECTION_WINDOW) <= 256 << 10);
+    }
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use snapsync::db::{RedbState, StateDb};
+use snapsync::db::{LmdbState, StateDb};
 
 /// A deterministic pseudo-random byte stream (SplitMix64).
 pub struct Rng(u64);
@@ -49,13 +49,13 @@ pub fn value(i: u64, version: u64, len: usize) -> Vec<u8> {
     v
 }
 
-/// Opens a redb state at `dir/state.redb`.
-pub fn open_db(dir: &Path) -> RedbState {
-    RedbState::open(dir.join("state.redb")).expect("open state DB")
+/// Opens the LMDB state in `dir/state`.
+pub fn open_db(dir: &Path) -> LmdbState {
+    LmdbState::open(dir.join("state")).expect("open state DB")
 }
 
 /// Writes `n` keys (values of `len` bytes) at `slot`, in batches of 1,000 per commit.
-pub fn populate(db: &RedbState, slot: u64, n: u64, len: usize) {
+pub fn populate(db: &LmdbState, slot: u64, n: u64, len: usize) {
     let mut i = 0;
     while i < n {
         let end = (i + 1000).min(n);
@@ -96,6 +96,14 @@ pub fn dir_names(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// Generations (LMDB files) in an `LmdbState` directory: one when no import is left over.
+pub fn generations(dir: &Path) -> usize {
+    dir_names(dir)
+        .iter()
+        .filter(|n| n.starts_with("gen-") && n.ends_with(".mdb"))
+        .count()
 }
 
 /// A small tmpfs mounted for the length of a test (to fill a disk or make it read-only for
@@ -139,8 +147,11 @@ impl Drop for Tmpfs {
     }
 }
 
+pub mod chain;
 pub mod net;
+pub mod process;
 pub mod relay;
+pub mod wire;
 
 use std::sync::Arc;
 
@@ -150,7 +161,7 @@ use snapsync::snapshot::{CreateOptions, Snapshot, SnapshotStore, create_snapshot
 /// A node's disk: a state DB and a snapshot store in a temporary directory, and an identity.
 pub struct Node {
     pub dir: tempfile::TempDir,
-    pub db: RedbState,
+    pub db: LmdbState,
     pub store: SnapshotStore,
     pub keypair: Keypair,
 }
@@ -158,7 +169,7 @@ pub struct Node {
 impl Node {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = RedbState::open(dir.path().join("state.redb")).expect("db");
+        let db = LmdbState::open(dir.path().join("state")).expect("db");
         let store = SnapshotStore::open(dir.path().join("snapshots")).expect("store");
         Self {
             dir,

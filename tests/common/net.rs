@@ -8,7 +8,7 @@ use futures::StreamExt;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub};
 use libp2p_swarm_test::SwarmExt;
-use snapsync::db::RedbState;
+use snapsync::db::LmdbState;
 use snapsync::snapshot::CreatorConfig;
 use snapsync::transfer::{DownloadConfig, StreamerConfig};
 use tokio::sync::mpsc;
@@ -24,6 +24,7 @@ pub const CHAT_TOPIC: &str = "chat";
 
 /// What a node reports.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // a few events a second
 pub enum Ev {
     Snap(snapsync::Event),
     Chat { from: PeerId, text: String },
@@ -37,13 +38,47 @@ pub struct TestNode {
     pub index: usize,
     pub peer_id: PeerId,
     pub addr: Multiaddr,
-    pub db: RedbState,
+    pub db: LmdbState,
     pub dir: Arc<tempfile::TempDir>,
     cmd: mpsc::UnboundedSender<Cmd>,
     task: tokio::task::JoinHandle<()>,
 }
 
+/// What drives a node from another task: its DB and its swarm.
+#[derive(Clone)]
+pub struct NodeCtl {
+    pub db: LmdbState,
+    cmd: mpsc::UnboundedSender<Cmd>,
+}
+
+impl NodeCtl {
+    /// Runs `f` on the node's swarm and returns what it returns (`None` once the node stopped).
+    pub async fn try_query<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Swarm<TestBehaviour>) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = self.cmd.send(Box::new(move |s: &mut Swarm<TestBehaviour>| {
+            let _ = tx.send(f(s));
+        }));
+        rx.await.ok()
+    }
+
+    /// [`NodeCtl::try_query`], ignoring a stopped node.
+    pub async fn query(&self, f: impl FnOnce(&mut Swarm<TestBehaviour>) + Send + 'static) {
+        let _ = self.try_query(f).await;
+    }
+}
+
 impl TestNode {
+    /// A handle to drive the node from another task.
+    pub fn ctl(&self) -> NodeCtl {
+        NodeCtl {
+            db: self.db.clone(),
+            cmd: self.cmd.clone(),
+        }
+    }
+
     /// Runs `f` on the node's swarm (in its task).
     pub fn run(&self, f: impl FnOnce(&mut Swarm<TestBehaviour>) + Send + 'static) {
         let _ = self.cmd.send(Box::new(f));
@@ -89,7 +124,8 @@ impl Drop for TestNode {
     }
 }
 
-/// Settings for tests: quick ticks and windows, loopback chunk streams.
+/// Settings for tests: quick ticks and windows, loopback chunk streams, a snapshot every 10
+/// slots, every one of them full (tests of lineage set their own full interval).
 pub fn test_config(dir: &std::path::Path) -> snapsync::Config {
     snapsync::Config::new(dir.join("snapshots"))
         .with_discovery_interval(Duration::from_secs(2))
@@ -97,7 +133,12 @@ pub fn test_config(dir: &std::path::Path) -> snapsync::Config {
         .with_heartbeat_interval(Duration::from_millis(100))
         .with_min_request_interval(Duration::from_millis(100))
         .with_answer_cooldown(Duration::from_millis(100))
-        .with_creator(CreatorConfig::default().with_range_for_snapshot(10))
+        .with_announce_delay(Duration::from_millis(200))
+        .with_creator(
+            CreatorConfig::default()
+                .with_range_for_snapshot(10)
+                .with_full_interval(10),
+        )
         .with_streamer(StreamerConfig::default().with_listen("127.0.0.1:0".parse().unwrap()))
         .with_download(
             DownloadConfig::default()
@@ -131,7 +172,7 @@ fn chat_gossipsub(keypair: &libp2p::identity::Keypair) -> gossipsub::Behaviour {
 pub async fn start_node(
     index: usize,
     dir: Arc<tempfile::TempDir>,
-    db: RedbState,
+    db: LmdbState,
     config: snapsync::Config,
     events: mpsc::UnboundedSender<(usize, Ev)>,
 ) -> TestNode {
@@ -230,9 +271,9 @@ impl Default for Events {
 }
 
 /// A node directory with a DB at `slot` holding about `kib` KiB of state.
-pub fn node_dir(kib: u64, slot: u64, seed: u64) -> (Arc<tempfile::TempDir>, RedbState) {
+pub fn node_dir(kib: u64, slot: u64, seed: u64) -> (Arc<tempfile::TempDir>, LmdbState) {
     let dir = Arc::new(tempfile::tempdir().unwrap());
-    let db = RedbState::open(dir.path().join("state.redb")).unwrap();
+    let db = LmdbState::open(dir.path().join("state")).unwrap();
     if kib > 0 {
         let mut rng = super::Rng::new(seed);
         let entries = kib / 4;

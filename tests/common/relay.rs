@@ -47,6 +47,8 @@ impl Default for Impairment {
 /// What the relay did.
 #[derive(Debug, Default)]
 pub struct RelayStats {
+    /// While set, every datagram is dropped (the link is cut).
+    pub cut: std::sync::atomic::AtomicBool,
     pub forwarded: AtomicU64,
     pub dropped: AtomicU64,
     pub duplicated: AtomicU64,
@@ -115,7 +117,7 @@ fn link(
             tokio::select! {
                 msg = rx.recv() => {
                     let Some((data, to, via)) = msg else { return };
-                    if uniform(&mut rng) < imp.loss {
+                    if stats.cut.load(Ordering::Acquire) || uniform(&mut rng) < imp.loss {
                         stats.dropped.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
@@ -158,6 +160,11 @@ fn link(
 }
 
 impl Relay {
+    /// Cuts the link (every datagram dropped, both ways) or restores it.
+    pub fn cut(&self, cut: bool) {
+        self.stats.cut.store(cut, Ordering::Release);
+    }
+
     /// A relay on 127.0.0.1 that forwards every client to `upstream` through its own socket,
     /// impairing both directions.
     pub async fn start(upstream: SocketAddr, imp: Impairment, seed: u64) -> Relay {

@@ -13,16 +13,21 @@
 //! - **Hedged tail.** Once nothing is missing but some pieces are still in flight, an idle peer
 //!   also fetches a piece another peer holds, when it would finish sooner or the holder is late.
 //!   The first answer wins; the other request is cancelled.
-//! - **Timeouts.** Once a peer's rate is known, a request gets `max(min_request_timeout,
-//!   4 x expected time)`; past it, it is cancelled and its piece handed out again. (The I/O layer
-//!   also abandons a request that receives nothing for `min_request_timeout`.)
+//! - **Deadlines.** Every request has a deadline from its start: the time its piece takes at
+//!   `min_peer_rate`, and never less than `min_request_timeout`; once the peer's rate is known,
+//!   at most `4 x` its expected time. Past it, the request is cancelled and its piece handed
+//!   out again, so a peer that trickles bytes cannot hold a piece. (The I/O layer also abandons
+//!   a request that receives nothing for `min_request_timeout`.)
 //! - **Retries with backoff.** A failed request or connection puts the peer in exponential
 //!   backoff (with jitter); after `max_peer_failures` failures in a row it is dropped. Failures
 //!   at the same moment count once.
 //! - **Bans.** A peer that sends a chunk that does not match the content root is banned for the
 //!   download; everything it holds is handed out again.
 //! - **Fails only when stuck.** The download fails when every peer is banned or dropped, or when
-//!   no byte has arrived for `no_progress_timeout`.
+//!   no verified byte has arrived for `no_progress_timeout` (bytes that do not complete a
+//!   checked request are not progress).
+//! - **Verified prefix.** It tracks how far the chunks on disk reach without a gap from the
+//!   start, for a loader that reads the archive while it arrives.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -47,6 +52,7 @@ pub(crate) struct SchedulerConfig {
     pub(crate) max_window: usize,
     pub(crate) max_inflight: usize,
     pub(crate) min_request_timeout: Duration,
+    pub(crate) min_peer_rate: u64,
     pub(crate) hedge: bool,
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
@@ -154,6 +160,10 @@ pub(crate) struct Scheduler {
     next_id: ReqId,
     done_bytes: u64,
     last_progress: Instant,
+    /// Chunks on disk without a gap from chunk 0.
+    prefix_chunks: u64,
+    /// While paused, peers are connected but no chunk is requested.
+    paused: bool,
 }
 
 /// EWMA weight of a new rate sample.
@@ -172,9 +182,12 @@ impl Scheduler {
         let piece_chunks = config.piece_chunks.max(1);
         let n = chunk_count.div_ceil(piece_chunks) as usize;
         let mut chunk_done = Bits::new(chunk_count as usize);
+        let mut done_bytes = 0;
         for i in 0..chunk_count as usize {
             if already_done.get(i) {
                 chunk_done.set(i);
+                let start = i as u64 * config.chunk_bytes;
+                done_bytes += (start + config.chunk_bytes).min(size) - start.min(size);
             }
         }
         let mut s = Self {
@@ -191,14 +204,15 @@ impl Scheduler {
             peers: Vec::new(),
             requests: HashMap::new(),
             next_id: 0,
-            done_bytes: 0,
+            done_bytes,
             last_progress: now,
+            prefix_chunks: 0,
+            paused: false,
         };
         for p in 0..n {
             let range = s.piece_chunks(p);
             if range.clone().all(|c| s.chunk_done.get(c as usize)) {
                 s.piece_done.set(p);
-                s.done_bytes += s.chunk_bytes(range);
             }
         }
         s
@@ -268,6 +282,22 @@ impl Scheduler {
         &self.chunk_done
     }
 
+    /// Pauses or resumes requests (connections go on either way): a download requests nothing
+    /// until its files are reserved.
+    pub(crate) fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+    }
+
+    /// Bytes on disk without a gap from the start of the archive.
+    pub(crate) fn verified_prefix(&mut self) -> u64 {
+        while self.prefix_chunks < self.chunk_count
+            && self.chunk_done.get(self.prefix_chunks as usize)
+        {
+            self.prefix_chunks += 1;
+        }
+        (self.prefix_chunks * self.config.chunk_bytes).min(self.size)
+    }
+
     fn holders_of(&self, piece: usize) -> &[ReqId] {
         self.holders.get(&piece).map_or(&[], |h| h.as_slice())
     }
@@ -303,11 +333,19 @@ impl Scheduler {
         ))
     }
 
-    /// A request's deadline: only once the peer's rate is known (before that, the I/O layer's
-    /// stall detection is what ends a request that receives nothing).
-    fn request_timeout(&self, peer: &Peer) -> Option<Duration> {
-        let expected = self.expected_duration(peer)?;
-        Some(self.config.min_request_timeout.max(expected * 4))
+    /// A request's time from its start: what its piece takes at the slowest acceptable rate
+    /// (never less than the minimum timeout), and, once the peer's rate is known, at most four
+    /// times what it is expected to take.
+    fn request_timeout(&self, peer: &Peer) -> Duration {
+        let piece_bytes = (self.config.piece_chunks * self.config.chunk_bytes) as f64;
+        let floor = self.config.min_request_timeout;
+        let cap = floor.max(Duration::from_secs_f64(
+            piece_bytes / self.config.min_peer_rate.max(1) as f64,
+        ));
+        match self.expected_duration(peer) {
+            Some(expected) => cap.min(floor.max(expected * 4)),
+            None => cap,
+        }
     }
 
     fn can_connect(&self, p: &Peer, now: Instant) -> bool {
@@ -329,7 +367,7 @@ impl Scheduler {
             self.peers[i].conn = Conn::Connecting;
             return Some(Action::Connect(i));
         }
-        if self.is_complete() || self.requests.len() >= self.config.max_inflight {
+        if self.paused || self.is_complete() || self.requests.len() >= self.config.max_inflight {
             return None;
         }
         // The peer with the most room in its window goes first.
@@ -390,7 +428,7 @@ impl Scheduler {
         let id = self.next_id;
         self.next_id += 1;
         let chunks = self.missing_chunks(piece);
-        let deadline = self.request_timeout(&self.peers[peer]).map(|t| now + t);
+        let deadline = Some(now + self.request_timeout(&self.peers[peer]));
         self.requests.insert(
             id,
             Request {
@@ -414,10 +452,46 @@ impl Scheduler {
         if holders.is_empty() {
             self.holders.remove(&req.piece);
         }
+        // Requests cut short may have completed the piece between them.
+        if self
+            .piece_chunks(req.piece)
+            .all(|c| self.chunk_done.get(c as usize))
+        {
+            self.piece_done.set(req.piece);
+        }
         if !self.piece_done.get(req.piece) && self.holders_of(req.piece).is_empty() {
             self.cursor = self.cursor.min(req.piece);
         }
         Some(req)
+    }
+
+    /// Request `id` has verified and written its chunks below `upto` (it goes on, or has just
+    /// ended). They count as on disk from now on, so that a request cut short keeps what it
+    /// delivered and saved progress includes the chunks of requests under way. Returns the data
+    /// bytes newly on disk.
+    pub(crate) fn on_written(&mut self, id: ReqId, upto: u64, now: Instant) -> u64 {
+        let Some(req) = self.requests.get(&id) else {
+            return 0;
+        };
+        let range = req.chunks.start..upto.min(req.chunks.end);
+        let added = self.mark(range);
+        if added > 0 {
+            self.last_progress = now;
+        }
+        added
+    }
+
+    /// Marks `chunks` on disk; returns the data bytes newly marked.
+    fn mark(&mut self, chunks: Range<u64>) -> u64 {
+        let mut added = 0;
+        for c in chunks {
+            if !self.chunk_done.get(c as usize) {
+                self.chunk_done.set(c as usize);
+                added += self.chunk_bytes(c..c + 1);
+            }
+        }
+        self.done_bytes += added;
+        added
     }
 
     /// Request `id` delivered its chunks, all verified and written. Returns the duplicates to
@@ -427,8 +501,8 @@ impl Scheduler {
             return Vec::new();
         };
         let bytes = self.chunk_bytes(req.chunks.clone());
-        for c in req.chunks.clone() {
-            self.chunk_done.set(c as usize);
+        if self.mark(req.chunks.clone()) > 0 {
+            self.last_progress = now;
         }
         let peer = &mut self.peers[req.peer];
         let since = peer
@@ -451,8 +525,6 @@ impl Scheduler {
             let full = self.piece_chunks(req.piece);
             if full.clone().all(|c| self.chunk_done.get(c as usize)) {
                 self.piece_done.set(req.piece);
-                self.done_bytes += bytes;
-                self.last_progress = now;
             }
             for other in self.holders_of(req.piece).to_vec() {
                 cancels.push(Action::Cancel(other));
@@ -564,11 +636,6 @@ impl Scheduler {
             .collect()
     }
 
-    /// Bytes arrived (not yet a whole request): the download is making progress.
-    pub(crate) fn note_activity(&mut self, now: Instant) {
-        self.last_progress = self.last_progress.max(now);
-    }
-
     /// Whether the download cannot go on: no peer left, or nothing arrived for too long. (A
     /// complete download can still be stuck without peers: its manifest comes from one.)
     pub(crate) fn stuck(&self, now: Instant) -> Option<Stuck> {
@@ -621,6 +688,7 @@ mod tests {
             max_window: 8,
             max_inflight: 64,
             min_request_timeout: Duration::from_secs(2),
+            min_peer_rate: 64 * 1024,
             hedge: true,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
@@ -675,6 +743,28 @@ mod tests {
         assert_eq!(reqs.len(), 2, "initial window");
         assert_eq!(reqs[0].2, 0..4);
         assert_eq!(reqs[1].2, 4..8);
+    }
+
+    #[test]
+    fn a_request_cut_short_keeps_the_chunks_it_delivered() {
+        let (mut s, now) = sched(8);
+        connect_all(&mut s, 1, now);
+        let reqs = requests(&drain(&mut s, now));
+        let (id, _, chunks) = reqs[0].clone();
+        assert_eq!(chunks, 0..4);
+        // Two chunks verified and written, then the connection drops.
+        assert_eq!(s.on_written(id, 2, now), 2 * CHUNK);
+        assert_eq!(s.on_written(id, 2, now), 0, "counted once");
+        assert_eq!(s.verified_prefix(), 2 * CHUNK);
+        s.on_failure(id, Failure::Transient, now);
+        assert_eq!(s.chunk_done().ones(), 2, "kept for resume");
+        // Only the rest of the piece is asked for again.
+        let later = now + Duration::from_secs(5);
+        let again = requests(&drain(&mut s, later));
+        assert!(again.iter().any(|r| r.2 == (2..4)), "{again:?}");
+        assert!(!again.iter().any(|r| r.2.start < 2));
+        // A request no longer in flight credits nothing.
+        assert_eq!(s.on_written(id, 4, now), 0);
     }
 
     #[test]
@@ -958,7 +1048,7 @@ mod tests {
         }
         done.set(9);
         let mut s = Scheduler::new(config(), 12 * CHUNK, 12, &done, now);
-        assert_eq!(s.done_bytes(), 8 * CHUNK);
+        assert_eq!(s.done_bytes(), 9 * CHUNK, "every chunk on disk counts");
         connect_all(&mut s, 1, now);
         let reqs = requests(&drain(&mut s, now));
         assert_eq!(reqs.len(), 1, "only the last piece is missing");
@@ -968,12 +1058,42 @@ mod tests {
             s.stuck(now + Duration::from_secs(30)),
             Some(Stuck::NoProgress)
         );
-        // Bytes arriving count as progress, even before a request completes.
-        s.note_activity(now + Duration::from_secs(25));
-        assert_eq!(s.stuck(now + Duration::from_secs(30)), None);
+    }
+
+    #[test]
+    fn a_peer_that_trickles_loses_its_piece_at_the_minimum_rate_deadline() {
+        // Pieces of 64 chunks of 16 KiB (1 MiB) at 64 KiB/s: 16 s, over the 2 s floor.
+        let now = Instant::now();
+        let cfg = SchedulerConfig {
+            piece_chunks: 64,
+            ..config()
+        };
+        let mut s = Scheduler::new(cfg, 256 * CHUNK, 256, &Bits::new(0), now);
+        connect_all(&mut s, 2, now);
+        let first = requests(&drain(&mut s, now));
+        assert!(!first.is_empty());
+        // Nothing completes: the deadline of a peer whose rate is unknown is the min-rate one.
+        assert_eq!(s.next_deadline(now), now + Duration::from_secs(16));
+        assert!(s.poll_timeouts(now + Duration::from_secs(15)).is_empty());
+        let cancels = s.poll_timeouts(now + Duration::from_secs(16));
+        assert_eq!(cancels.len(), first.len());
+        // And nothing verified arrived meanwhile, whatever trickled in: no progress.
         assert_eq!(
-            s.stuck(now + Duration::from_secs(55)),
+            s.stuck(now + Duration::from_secs(30)),
             Some(Stuck::NoProgress)
         );
+    }
+
+    #[test]
+    fn the_verified_prefix_reaches_the_first_gap() {
+        let (mut s, now) = sched(12);
+        assert_eq!(s.verified_prefix(), 0);
+        connect_all(&mut s, 1, now);
+        let reqs = requests(&drain(&mut s, now));
+        // Complete the second piece first: the prefix does not move past the gap.
+        s.on_success(reqs[1].0, now);
+        assert_eq!(s.verified_prefix(), 0);
+        s.on_success(reqs[0].0, now);
+        assert_eq!(s.verified_prefix(), 8 * CHUNK);
     }
 }

@@ -2,7 +2,9 @@
 //! filled in at chunk offsets), `.partial-<root>/outboard.bao` (the tree nodes that came with
 //! the chunks' proofs) and `.partial-<root>/progress` (which chunks are on disk).
 //!
-//! Both files are preallocated, so a disk too small fails at once rather than half-way. The
+//! The files are created empty when a download starts and given their full size (the disk
+//! space reserved, after checking there is room) only once a peer that proved the token has
+//! served a manifest matching the advertisement: an advertisement alone reserves nothing. The
 //! progress file is only ever written after both files have been fsynced with every chunk it
 //! marks, and it is replaced atomically (write, fsync, rename), so after a crash every chunk it
 //! marks is on disk, with its proof nodes, and was verified before it was written.
@@ -13,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 use super::bits::Bits;
 use crate::chunk::ChunkTree;
-use crate::snapshot::{IoAt, OUTBOARD_FILE, StoreError, sync_dir, write_synced};
+use crate::disk;
+use crate::snapshot::{IoAt, OUTBOARD_FILE, StoreError};
 
 const MAGIC: &[u8; 8] = b"SNAPPROG";
 const VERSION: u32 = 1;
@@ -42,33 +45,10 @@ fn open_rw(path: &Path) -> Result<File, StoreError> {
         .at(path)
 }
 
-/// Gives `file` exactly `len` bytes, with the disk space reserved where the file system allows.
-fn preallocate(file: &File, path: &Path, len: u64) -> Result<(), StoreError> {
-    file.set_len(0).at(path)?;
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        if len > 0 {
-            // SAFETY: fallocate only reads its integer arguments.
-            let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
-            if rc != 0 {
-                let e = io::Error::last_os_error();
-                // File systems without fallocate get a sparse file; a full disk is an error.
-                if e.kind() != io::ErrorKind::Unsupported
-                    && e.raw_os_error() != Some(libc::EOPNOTSUPP)
-                {
-                    return Err(StoreError::at(path, e));
-                }
-            }
-        }
-    }
-    file.set_len(len).at(path)
-}
-
 impl Partial {
-    /// Opens (or starts) the partial download of `tree` in `dir`. Returns it with the chunks
-    /// already on disk (all false for a new one, or if the saved progress is for another
-    /// archive or unreadable).
+    /// Opens (or starts, with empty files) the partial download of `tree` in `dir`, reserving
+    /// nothing yet. Returns it with the chunks already on disk: those of saved progress for this
+    /// very archive with files of the right sizes, else none.
     pub(crate) fn open(dir: PathBuf, tree: ChunkTree) -> Result<(Self, Bits), StoreError> {
         fs::create_dir_all(&dir).at(&dir)?;
         let part = dir.join(PART_FILE);
@@ -76,24 +56,51 @@ impl Partial {
         let file = open_rw(&part)?;
         let outboard = open_rw(&ob)?;
         let count = tree.chunk_count() as usize;
-        let saved = read_progress(&dir.join(PROGRESS_FILE), &tree);
-        let len = file.metadata().at(&part)?.len();
-        let ob_len = outboard.metadata().at(&ob)?.len();
-        let mut done = saved.unwrap_or_else(|| Bits::new(count));
-        if done.ones() == 0 || len != tree.size() || ob_len != tree.outboard_size() {
-            done = Bits::new(count);
-            preallocate(&file, &part, tree.size())?;
-            preallocate(&outboard, &ob, tree.outboard_size())?;
+        let p = Self {
+            dir,
+            tree,
+            file,
+            outboard,
+        };
+        let done = match read_progress(&p.dir.join(PROGRESS_FILE), &tree) {
+            Some(done) if done.ones() > 0 && p.is_reserved()? => done,
+            _ => Bits::new(count),
+        };
+        Ok((p, done))
+    }
+
+    /// Whether both files have their full sizes.
+    pub(crate) fn is_reserved(&self) -> Result<bool, StoreError> {
+        let len = self.file.metadata().at(&self.dir.join(PART_FILE))?.len();
+        let ob_len = self
+            .outboard
+            .metadata()
+            .at(&self.dir.join(OUTBOARD_FILE))?
+            .len();
+        Ok(len == self.tree.size() && ob_len == self.tree.outboard_size())
+    }
+
+    /// Gives both files their full sizes, reserving the disk space, once the disk is known to
+    /// have room for them and `headroom` bytes more. Starts over: any saved progress is dropped.
+    pub(crate) fn reserve(&self, headroom: u64) -> Result<(), StoreError> {
+        let need = self.tree.size() + self.tree.outboard_size();
+        let free = disk::free_space(&self.dir).at(&self.dir)?;
+        if free < need.saturating_add(headroom) {
+            return Err(StoreError::DiskFull {
+                path: self.dir.clone(),
+                source: io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    format!(
+                        "the download needs {need} bytes and {headroom} to spare; {free} are free"
+                    ),
+                ),
+            });
         }
-        Ok((
-            Self {
-                dir,
-                tree,
-                file,
-                outboard,
-            },
-            done,
-        ))
+        self.forget_progress()?;
+        let part = self.dir.join(PART_FILE);
+        disk::preallocate(&self.file, self.tree.size()).at(&part)?;
+        let ob = self.dir.join(OUTBOARD_FILE);
+        disk::preallocate(&self.outboard, self.tree.outboard_size()).at(&ob)
     }
 
     /// Another handle on the same partial download (for blocking work on another thread).
@@ -130,19 +137,8 @@ impl Partial {
     /// Makes the archive durable, then records `done` as the chunks on disk.
     pub(crate) fn persist(&self, done: &Bits) -> Result<(), StoreError> {
         self.sync()?;
-        let mut bytes = Vec::with_capacity(HEADER + done.len().div_ceil(8));
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&VERSION.to_le_bytes());
-        bytes.extend_from_slice(self.tree.root().as_bytes());
-        bytes.extend_from_slice(&self.tree.size().to_le_bytes());
-        bytes.extend_from_slice(&self.tree.chunk_size().bytes().to_le_bytes());
-        bytes.extend_from_slice(&(done.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&done.to_bytes());
-        let tmp = self.dir.join(format!("{PROGRESS_FILE}.tmp"));
-        write_synced(&tmp, &bytes)?;
         let target = self.dir.join(PROGRESS_FILE);
-        fs::rename(&tmp, &target).at(&target)?;
-        sync_dir(&self.dir)
+        disk::replace_synced(&target, &progress_bytes(&self.tree, done)).at(&target)
     }
 
     /// Removes the saved progress (before the directory is published as a snapshot).
@@ -155,8 +151,30 @@ impl Partial {
     }
 }
 
+/// The progress file of `tree`'s archive with chunks `done` on disk.
+pub(crate) fn progress_bytes(tree: &ChunkTree, done: &Bits) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(HEADER + done.len().div_ceil(8));
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&VERSION.to_le_bytes());
+    bytes.extend_from_slice(tree.root().as_bytes());
+    bytes.extend_from_slice(&tree.size().to_le_bytes());
+    bytes.extend_from_slice(&tree.chunk_size().bytes().to_le_bytes());
+    bytes.extend_from_slice(&(done.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&done.to_bytes());
+    bytes
+}
+
 fn read_progress(path: &Path, tree: &ChunkTree) -> Option<Bits> {
-    let bytes = fs::read(path).ok()?;
+    // The file is read only if it has exactly the size this archive's progress takes.
+    let expected = HEADER as u64 + tree.chunk_count().div_ceil(8);
+    if fs::metadata(path).ok()?.len() != expected {
+        return None;
+    }
+    parse_progress(&fs::read(path).ok()?, tree)
+}
+
+/// Parses a progress file's bytes; `None` unless they are the progress of `tree`'s archive.
+pub(crate) fn parse_progress(bytes: &[u8], tree: &ChunkTree) -> Option<Bits> {
     if bytes.len() < HEADER || &bytes[..8] != MAGIC {
         return None;
     }
@@ -179,7 +197,8 @@ fn read_progress(path: &Path, tree: &ChunkTree) -> Option<Bits> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ChunkSize, ContentRoot};
+    use crate::chunk::ChunkSize;
+    use crate::hash::ContentRoot;
 
     #[test]
     fn progress_round_trips_and_other_archives_start_over() {
@@ -188,6 +207,17 @@ mod tests {
         let dir = tmp.path().join("p");
         let (p, done) = Partial::open(dir.clone(), tree).unwrap();
         assert_eq!(done, Bits::new(98));
+        assert!(
+            !p.is_reserved().unwrap(),
+            "nothing reserved before it is asked for"
+        );
+        p.reserve(0).unwrap();
+        assert!(p.is_reserved().unwrap());
+        // A disk too small for the download and its headroom is refused before anything.
+        assert!(matches!(
+            p.reserve(u64::MAX / 2),
+            Err(StoreError::DiskFull { .. })
+        ));
         let mut marks = done.clone();
         for i in [0, 7, 8, 50, 97] {
             marks.set(i);

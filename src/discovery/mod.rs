@@ -1,0 +1,1008 @@
+//! Discovery and decision as a sans-IO state machine: [`Discovery`].
+//!
+//! No sockets, no clocks, no tasks, no gossipsub calls: the driver (the behaviour, or the
+//! simulator) tells it what happened, with the time (`on_*`, [`Discovery::handle_timeout`]), and
+//! carries out what it asks ([`Discovery::poll_action`]): publish a request or an announcement,
+//! ask or answer a peer, start or extend a sync, report an event. It wakes at
+//! [`Discovery::poll_timeout`]. Every rule is unit-tested with injected time (`tests.rs`), and
+//! `sim.rs` runs thousands of them on a simulated gossip mesh.
+//!
+//! # The rules
+//! - **Ask unless current.** Every `discovery_interval` (the first at once) a node that syncs
+//!   asks, unless it knows it is current: its owner told it the chain's tip lately and it is
+//!   within `behind_threshold` of it, or it asked within `announce_window` (holders announce new
+//!   snapshots to nodes that asked that recently) and heard of nothing newer than that. A node
+//!   that restarts behind therefore asks at once.
+//! - **A round** publishes a request on the topic and asks directly the connected peers not
+//!   known to be on the topic, then collects answers for `answer_window` and decides. A peer
+//!   that connects while the node needs a snapshot is asked through the topic once it joins
+//!   it, or directly if it has not joined a moment later (a peer restarted under the same
+//!   identity gets no subscription message from a node that still holds its old connection).
+//!   A request that could not be published (no peer on the topic yet) does not count: the
+//!   first peer to join gets it at once.
+//! - **Answers** go directly to the requester, once per `answer_cooldown`, only from nodes that
+//!   hold something newer than the requester's slot; answering a peer not connected costs a
+//!   dial, and at most `dial_budget` of those are made per interval. An answer must carry the
+//!   nonce of a request this node made lately; others are dropped.
+//! - **Trust.** Every advert is counted per snapshot as it arrives; only snapshots the
+//!   [`TrustPolicy`] accepts raise the best known slot or are chosen.
+//! - **Announcements.** A node that makes or loads a snapshot while someone asked within
+//!   `announce_window` announces it after a random delay of up to `announce_delay`, unless it
+//!   heard `announce_redundancy` announcements of the same snapshot meanwhile, so a snapshot
+//!   that many nodes make at once is announced a few times, not once per node.
+//! - **Strikes.** A message that fails its checks strikes its sender; at `max_strikes` the
+//!   peer is ignored. A snapshot that failed to download or load is not chosen again for
+//!   `failed_cooldown`, and when the failure proves its data bad, its advertisers are struck.
+//! - **During a sync** the node keeps asking every interval, and adds peers that advertise what
+//!   it is fetching to the download.
+
+mod book;
+mod decide;
+pub(crate) mod message;
+mod policy;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
+#[cfg(test)]
+mod tests;
+
+pub use decide::{Conflict, Plan, Target};
+pub use message::{Advert, MessageError, SnapshotAd};
+pub use policy::{SnapshotVerifier, TrustPolicy};
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId};
+
+use self::book::{AdvertBook, PeerTable};
+use self::decide::LocalState;
+use self::message::{AdvertLimits, Gossip, InfoRequest};
+use crate::config_error::ConfigError;
+use crate::log::DISCOVERY as TARGET;
+use crate::metrics::{MessageKind, Metrics};
+use crate::proto;
+use crate::snapshot::SnapshotKey;
+
+/// Settings of discovery (a part of the behaviour's [`crate::Config`]).
+#[derive(Debug, Clone)]
+pub(crate) struct DiscoveryConfig {
+    pub(crate) discovery_interval: Duration,
+    pub(crate) answer_window: Duration,
+    pub(crate) behind_threshold: u64,
+    pub(crate) announce_window: Duration,
+    pub(crate) announce_delay: Duration,
+    pub(crate) announce_redundancy: u32,
+    pub(crate) answer_cooldown: Duration,
+    pub(crate) min_request_interval: Duration,
+    pub(crate) max_strikes: u32,
+    pub(crate) max_message_bytes: usize,
+    pub(crate) limits: AdvertLimits,
+    pub(crate) sync_enabled: bool,
+    pub(crate) policy: TrustPolicy,
+    pub(crate) failed_cooldown: Duration,
+    pub(crate) max_tracked_peers: usize,
+    pub(crate) dial_budget: u32,
+    pub(crate) max_direct_asks: usize,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            discovery_interval: Duration::from_secs(30),
+            answer_window: Duration::from_secs(1),
+            behind_threshold: 100,
+            announce_window: Duration::from_secs(60),
+            announce_delay: Duration::from_secs(1),
+            announce_redundancy: 3,
+            answer_cooldown: Duration::from_secs(1),
+            min_request_interval: Duration::from_millis(500),
+            max_strikes: 5,
+            max_message_bytes: 16 << 10,
+            limits: AdvertLimits {
+                max_archive_bytes: 1 << 40,
+                max_chunks: 1 << 26,
+            },
+            sync_enabled: true,
+            policy: TrustPolicy::default(),
+            failed_cooldown: Duration::from_secs(600),
+            max_tracked_peers: 4096,
+            dial_budget: 16,
+            max_direct_asks: 16,
+        }
+    }
+}
+
+impl DiscoveryConfig {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        ConfigError::nonzero_duration("discovery_interval", self.discovery_interval)?;
+        ConfigError::nonzero_duration("answer_window", self.answer_window)?;
+        ConfigError::nonzero_duration("announce_window", self.announce_window)?;
+        ConfigError::nonzero_duration("failed_cooldown", self.failed_cooldown)?;
+        ConfigError::nonzero("max_strikes", u64::from(self.max_strikes))?;
+        ConfigError::nonzero("announce_redundancy", u64::from(self.announce_redundancy))?;
+        ConfigError::nonzero("max_tracked_peers", self.max_tracked_peers as u64)?;
+        ConfigError::nonzero("max_archive_bytes", self.limits.max_archive_bytes)?;
+        if self.max_message_bytes < 1024 {
+            return Err(ConfigError::new(
+                "max_message_bytes",
+                "at least 1024",
+                self.max_message_bytes,
+            ));
+        }
+        if self.answer_window > self.discovery_interval {
+            return Err(ConfigError::new(
+                "answer_window",
+                "no longer than discovery_interval",
+                self.answer_window,
+            ));
+        }
+        self.policy.validate()
+    }
+}
+
+/// What discovery reports to the node's owner (the behaviour turns these into its events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Notice {
+    /// A round started.
+    Started { round: u64, local_slot: Option<u64> },
+    /// A plan was chosen.
+    Chosen(Box<Plan>),
+    /// Nothing could be taken.
+    NothingToTake { round: u64, adverts: usize },
+    /// Peers disagree about a slot.
+    Conflict(Conflict),
+    /// A peer keeps sending bad messages; it is ignored from now on.
+    Misbehaved { peer: PeerId, reason: String },
+}
+
+/// What the driver should do.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Action {
+    /// Publish this message on the topic, then report how that went
+    /// ([`Discovery::on_published`]).
+    Publish {
+        /// What it is.
+        kind: Published,
+        /// The encoded message.
+        bytes: Vec<u8>,
+    },
+    /// Ask a connected peer directly.
+    Ask {
+        peer: PeerId,
+        request: proto::SnapshotInfoRequest,
+    },
+    /// Answer a request seen on the topic, directly (dialing `addrs` if not connected).
+    Answer {
+        peer: PeerId,
+        answer: proto::SnapshotInfoResponse,
+        addrs: Vec<Multiaddr>,
+    },
+    /// Start syncing this plan.
+    StartSync(Plan),
+    /// A peer advertises a snapshot the sync fetches: add it.
+    AddSyncPeer {
+        key: SnapshotKey,
+        peer: PeerId,
+        addrs: Vec<SocketAddr>,
+    },
+    /// Report this.
+    Notice(Notice),
+}
+
+/// What a published message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Published {
+    /// A request for snapshots.
+    Request,
+    /// An announcement of a new snapshot.
+    Announcement,
+}
+
+/// What gossipsub should do with a message: forward it, drop it as bad, or drop it quietly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Accept,
+    Reject,
+    Ignore,
+}
+
+/// How a sync ended, for discovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SyncOutcome {
+    /// The plan's last snapshot is loaded.
+    Synced,
+    /// It failed. `failed` are the snapshots not to choose again for a while; with `blame`,
+    /// their data proved bad and their advertisers are struck; `not_on` is set when the node's
+    /// state proved not to descend from this full snapshot.
+    Failed {
+        failed: Vec<SnapshotKey>,
+        blame: bool,
+        not_on: Option<SnapshotKey>,
+    },
+    /// It was cancelled (by the owner, or by shutting down).
+    Cancelled,
+}
+
+/// Where discovery stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Idle,
+    Collecting { round: u64, until: Instant },
+    Syncing { plan: Box<Plan> },
+}
+
+/// The node itself, as discovery needs to know it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Local {
+    /// Its state's slot.
+    pub(crate) slot: Option<u64>,
+    /// The snapshots it holds and serves, newest first.
+    pub(crate) snapshots: Vec<SnapshotAd>,
+    /// When its newest snapshot was made, seconds since the Unix epoch.
+    pub(crate) modified_time: u64,
+}
+
+/// A small deterministic generator (SplitMix64) for nonces and delays: the driver seeds it, a
+/// simulation replays it.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, d: Duration) -> Duration {
+        let nanos = d.as_nanos() as u64;
+        if nanos == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos(self.next() % nanos)
+    }
+}
+
+/// An announcement waiting for its moment.
+#[derive(Debug, Clone)]
+struct PendingAnnounce {
+    at: Instant,
+    key: SnapshotKey,
+    heard: u32,
+}
+
+/// Most request nonces remembered; answers to older requests are dropped.
+const MAX_OUTSTANDING: usize = 32;
+
+/// How long a newly connected peer has to join the topic before it is asked directly.
+const SUBSCRIBE_GRACE: Duration = Duration::from_millis(250);
+
+/// Discovery and decision (see the module docs).
+#[derive(Debug)]
+pub(crate) struct Discovery {
+    config: DiscoveryConfig,
+    me: PeerId,
+    metrics: Metrics,
+    rng: Rng,
+    local: Local,
+    streamer_addrs: Vec<SocketAddr>,
+    listen_addrs: Vec<Multiaddr>,
+    tip: Option<(u64, Instant)>,
+    phase: Phase,
+    round: u64,
+    next_tick: Instant,
+    last_request: Option<Instant>,
+    /// `last_request` before the newest request, restored should its publishing fail.
+    previous_request: Option<Instant>,
+    request_pending: Option<Instant>,
+    outstanding: VecDeque<(u64, Instant)>,
+    book: AdvertBook,
+    strikes: PeerTable<u32>,
+    answered: PeerTable<()>,
+    asked: PeerTable<()>,
+    waiting: PeerTable<()>,
+    /// Connected peers, and since when.
+    connected: HashMap<PeerId, Instant>,
+    /// Newly connected peers to ask directly unless they join the topic by then.
+    ask_due: VecDeque<(PeerId, Instant)>,
+    subscribed: HashSet<PeerId>,
+    not_snapsync: HashSet<PeerId>,
+    failed: HashMap<SnapshotKey, Instant>,
+    not_on: Option<SnapshotKey>,
+    announce: Option<PendingAnnounce>,
+    dials: (Instant, u32),
+    actions: VecDeque<Action>,
+}
+
+impl Discovery {
+    /// A machine for node `me`; its first tick is at `now`.
+    pub(crate) fn new(
+        config: DiscoveryConfig,
+        me: PeerId,
+        metrics: Metrics,
+        now: Instant,
+        seed: u64,
+    ) -> Self {
+        let cap = config.max_tracked_peers;
+        Self {
+            me,
+            metrics,
+            rng: Rng(seed),
+            local: Local::default(),
+            streamer_addrs: Vec::new(),
+            listen_addrs: Vec::new(),
+            tip: None,
+            phase: Phase::Idle,
+            round: 0,
+            next_tick: now,
+            last_request: None,
+            previous_request: None,
+            request_pending: None,
+            outstanding: VecDeque::new(),
+            book: AdvertBook::new(cap),
+            strikes: PeerTable::new(cap),
+            answered: PeerTable::new(cap),
+            asked: PeerTable::new(cap),
+            waiting: PeerTable::new(cap),
+            connected: HashMap::new(),
+            ask_due: VecDeque::new(),
+            subscribed: HashSet::new(),
+            not_snapsync: HashSet::new(),
+            failed: HashMap::new(),
+            not_on: None,
+            announce: None,
+            dials: (now, 0),
+            actions: VecDeque::new(),
+            config,
+        }
+    }
+
+    // ---- what the driver reads ----
+
+    /// The next thing to do, if any. Call until `None`.
+    pub(crate) fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When to call [`Discovery::handle_timeout`] next.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        let mut next = self.next_tick;
+        if let Phase::Collecting { until, .. } = self.phase {
+            next = next.min(until);
+        }
+        if let Some(at) = self.request_pending {
+            next = next.min(at);
+        }
+        if let Some(a) = &self.announce {
+            next = next.min(a.at);
+        }
+        if let Some((_, at)) = self.ask_due.front() {
+            next = next.min(*at);
+        }
+        Some(next)
+    }
+
+    pub(crate) fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    /// Every advert heard lately.
+    pub(crate) fn adverts(&self) -> impl Iterator<Item = &Advert> {
+        self.book.adverts()
+    }
+
+    /// The highest slot of a snapshot the policy accepts, among those advertised.
+    pub(crate) fn best_known_slot(&self) -> Option<u64> {
+        self.book
+            .keys()
+            .filter(|(k, e)| self.config.policy.accepts(k, e.peers.len(), e.trusted))
+            .map(|(k, _)| k.slot)
+            .max()
+    }
+
+    /// Whether `peer` is ignored for misbehaving.
+    pub(crate) fn ignores(&self, peer: &PeerId) -> bool {
+        self.strikes
+            .get(peer)
+            .is_some_and(|s| *s >= self.config.max_strikes)
+    }
+
+    // ---- what the driver tells ----
+
+    /// The node's own state and snapshots changed.
+    pub(crate) fn set_local(&mut self, local: Local) {
+        self.local = local;
+    }
+
+    /// Where this node's chunk stream is reached.
+    pub(crate) fn set_streamer_addrs(&mut self, addrs: Vec<SocketAddr>) {
+        self.streamer_addrs = addrs;
+    }
+
+    /// Where this node is reached (carried in requests, for holders to answer).
+    pub(crate) fn set_listen_addrs(&mut self, addrs: Vec<Multiaddr>) {
+        self.listen_addrs = addrs;
+    }
+
+    /// The chain's tip, as the owner knows it (from its consensus, say). A node behind it by
+    /// more than `behind_threshold` asks at once.
+    pub(crate) fn set_chain_tip(&mut self, tip: u64, now: Instant) {
+        self.tip = Some((tip, now));
+        if self.phase == Phase::Idle && !self.knows_current(now) {
+            self.start_round(now);
+        }
+    }
+
+    /// Asks peers now, whether or not the node needs a snapshot.
+    pub(crate) fn sync_now(&mut self, now: Instant) {
+        if self.phase == Phase::Idle {
+            self.start_round(now);
+        }
+    }
+
+    /// A connection to `peer` was established (also a second one, to a peer restarted under the
+    /// same identity).
+    pub(crate) fn on_connected(&mut self, peer: PeerId, now: Instant) {
+        let cap = self.config.max_tracked_peers;
+        if !self.connected.contains_key(&peer) && self.connected.len() >= cap {
+            return; // beyond the table's bound: reached through the topic only
+        }
+        self.connected.insert(peer, now);
+        if self.wants_answers(now) && !self.ignores(&peer) {
+            if self.ask_due.len() >= cap {
+                self.ask_due.pop_front();
+            }
+            let grace = SUBSCRIBE_GRACE.min(self.config.answer_window / 4);
+            self.ask_due.push_back((peer, now + grace));
+            if self.phase == Phase::Idle {
+                self.start_round(now);
+            }
+        }
+    }
+
+    /// How publishing a message went: a request that reached no peer does not count as asked,
+    /// so the first peer to join the topic gets it at once.
+    pub(crate) fn on_published(&mut self, kind: Published, delivered: bool) {
+        match (kind, delivered) {
+            (Published::Request, true) => self.metrics.message(MessageKind::RequestSent),
+            (Published::Announcement, true) => self.metrics.message(MessageKind::AnnouncementSent),
+            (Published::Request, false) => self.last_request = self.previous_request,
+            (Published::Announcement, false) => {}
+        }
+    }
+
+    /// The last connection to `peer` closed.
+    pub(crate) fn on_disconnected(&mut self, peer: PeerId) {
+        self.connected.remove(&peer);
+        self.subscribed.remove(&peer);
+        self.not_snapsync.remove(&peer);
+    }
+
+    /// `peer` joined snapsync's topic.
+    pub(crate) fn on_subscribed(&mut self, peer: PeerId, now: Instant) {
+        if self.subscribed.len() < self.config.max_tracked_peers {
+            self.subscribed.insert(peer);
+        }
+        match self.phase {
+            Phase::Idle if self.config.sync_enabled && !self.knows_current(now) => {
+                self.start_round(now)
+            }
+            // Ask the newcomer too: its answer joins the round, or the download.
+            Phase::Collecting { .. } | Phase::Syncing { .. } => self.request(now),
+            Phase::Idle => {}
+        }
+    }
+
+    /// A gossip message arrived on the topic, signed by `source`.
+    pub(crate) fn on_gossip(
+        &mut self,
+        source: Option<PeerId>,
+        data: &[u8],
+        now: Instant,
+    ) -> Verdict {
+        let Some(source) = source else {
+            return Verdict::Reject;
+        };
+        if source == self.me {
+            return Verdict::Ignore;
+        }
+        if self.ignores(&source) {
+            return Verdict::Ignore;
+        }
+        match message::check_gossip(
+            data,
+            source,
+            self.config.max_message_bytes,
+            self.config.limits,
+        ) {
+            Ok(Gossip::Request(r)) => {
+                self.on_request(source, r, true, now);
+                Verdict::Accept
+            }
+            Ok(Gossip::Announcement(a)) => {
+                self.metrics.message(MessageKind::AnnouncementReceived);
+                if let Some(p) = self.announce.as_mut()
+                    && a.snapshots.iter().any(|s| s.key == p.key)
+                {
+                    p.heard += 1;
+                }
+                self.on_advert(a, now);
+                Verdict::Accept
+            }
+            Err(e) => {
+                self.strike(source, &e, now);
+                Verdict::Reject
+            }
+        }
+    }
+
+    /// `peer` asked this node directly: the answer to send back (`None`: nothing newer, or
+    /// not now).
+    pub(crate) fn on_ask(
+        &mut self,
+        peer: PeerId,
+        request: &proto::SnapshotInfoRequest,
+        now: Instant,
+    ) -> Option<proto::SnapshotInfoResponse> {
+        if self.ignores(&peer) {
+            return None;
+        }
+        self.metrics.message(MessageKind::AskReceived);
+        match message::check_request(request, peer) {
+            Ok(r) => self.on_request(peer, r, false, now),
+            Err(e) => {
+                self.strike(peer, &e, now);
+                None
+            }
+        }
+    }
+
+    /// `peer` answered a request of this node (directly, or in the response to an ask, which
+    /// `asked` says).
+    pub(crate) fn on_answer(
+        &mut self,
+        peer: PeerId,
+        answer: &proto::SnapshotInfoResponse,
+        asked: bool,
+        now: Instant,
+    ) {
+        if self.ignores(&peer) {
+            return;
+        }
+        let horizon = self.config.discovery_interval * 2;
+        let solicited = asked
+            || self.outstanding.iter().any(|(n, t)| {
+                *n == answer.request_nonce && now.saturating_duration_since(*t) < horizon
+            });
+        if !solicited {
+            self.metrics.message(MessageKind::Unsolicited);
+            tracing::debug!(target: TARGET, %peer, "dropped an answer to no request of ours");
+            return;
+        }
+        if !answer.has_snapshot && answer.snapshots.is_empty() {
+            return;
+        }
+        match message::check_advert(answer, peer, self.config.limits) {
+            Ok(a) => {
+                self.metrics.message(MessageKind::AnswerReceived);
+                self.on_advert(a, now);
+            }
+            Err(e) => self.strike(peer, &e, now),
+        }
+    }
+
+    /// An ask of this node failed because `peer` does not speak snapsync: it is not asked again
+    /// while it stays connected.
+    pub(crate) fn on_not_snapsync(&mut self, peer: PeerId) {
+        if self.connected.contains_key(&peer) {
+            self.not_snapsync.insert(peer);
+        }
+    }
+
+    /// The sync ended.
+    pub(crate) fn on_sync_ended(&mut self, outcome: SyncOutcome, now: Instant) {
+        if matches!(self.phase, Phase::Syncing { .. }) {
+            self.phase = Phase::Idle;
+        }
+        match outcome {
+            SyncOutcome::Synced => {
+                self.not_on = None;
+                self.schedule_announce(now);
+            }
+            SyncOutcome::Failed {
+                failed,
+                blame,
+                not_on,
+            } => {
+                if self.failed.len() >= 256 {
+                    self.failed.retain(|_, until| *until > now);
+                }
+                for key in &failed {
+                    self.failed.insert(*key, now + self.config.failed_cooldown);
+                    if blame && let Some(entry) = self.book.entry(key) {
+                        let peers: Vec<PeerId> = entry.peers.iter().copied().collect();
+                        for p in peers {
+                            let why = format!(
+                                "advertised a snapshot that failed its checks (slot {})",
+                                key.slot
+                            );
+                            self.strike(p, &why, now);
+                        }
+                    }
+                }
+                if not_on.is_some() {
+                    self.not_on = not_on;
+                }
+            }
+            SyncOutcome::Cancelled => {}
+        }
+        // Still behind (newer snapshots were heard meanwhile)? Go again at once.
+        if self.config.sync_enabled && !self.knows_current(now) && self.best_newer(now) {
+            self.start_round(now);
+        }
+    }
+
+    /// The node made or loaded a snapshot (after [`Discovery::set_local`]).
+    pub(crate) fn on_snapshot_created(&mut self, now: Instant) {
+        self.schedule_announce(now);
+    }
+
+    /// Time passed: ticks, the end of an answer window, a held-back request, an announcement.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(peer, at)) = self.ask_due.front()
+            && at <= now
+        {
+            self.ask_due.pop_front();
+            let missing = self.connected.contains_key(&peer) && !self.subscribed.contains(&peer);
+            if missing && self.wants_answers(now) && !self.ignores(&peer) {
+                self.ask(peer, now);
+                if self.phase == Phase::Idle {
+                    self.start_round(now);
+                }
+            }
+        }
+        if self.request_pending.is_some_and(|t| t <= now) {
+            self.request_pending = None;
+            if self.phase != Phase::Idle {
+                self.request(now);
+            }
+        }
+        if let Phase::Collecting { round, until } = self.phase
+            && until <= now
+        {
+            self.decide(round, now);
+        }
+        if self.announce.as_ref().is_some_and(|a| a.at <= now) {
+            self.fire_announce(now);
+        }
+        if self.next_tick <= now {
+            self.next_tick = now + self.config.discovery_interval;
+            self.tick(now);
+        }
+    }
+
+    // ---- the rules ----
+
+    fn tick(&mut self, now: Instant) {
+        // Forget what peers said long ago; what is current comes back in the answers.
+        let horizon = self.config.discovery_interval * 2;
+        self.book.expire(now, horizon, &self.config.policy);
+        self.waiting.expire(now, self.config.announce_window);
+        self.failed.retain(|_, until| *until > now);
+        if !self.config.sync_enabled {
+            return;
+        }
+        match self.phase {
+            Phase::Idle if !self.knows_current(now) => self.start_round(now),
+            // A long download keeps learning holders of what it fetches.
+            Phase::Syncing { .. } => self.request(now),
+            _ => {}
+        }
+    }
+
+    /// Whether a policy-accepted snapshot newer than the node's state by more than the
+    /// threshold is known.
+    fn best_newer(&self, _now: Instant) -> bool {
+        match (self.local.slot, self.best_known_slot()) {
+            (None, Some(_)) => true,
+            (Some(local), Some(best)) => best > local.saturating_add(self.config.behind_threshold),
+            _ => false,
+        }
+    }
+
+    /// Whether the node looks for snapshots now: it is in a round or a sync, or it syncs and
+    /// does not know it is current.
+    fn wants_answers(&self, now: Instant) -> bool {
+        match &self.phase {
+            Phase::Syncing { .. } | Phase::Collecting { .. } => true,
+            Phase::Idle => self.config.sync_enabled && !self.knows_current(now),
+        }
+    }
+
+    /// Whether the node knows it is current (see the module docs).
+    fn knows_current(&self, now: Instant) -> bool {
+        let Some(local) = self.local.slot else {
+            return false;
+        };
+        if let Some((tip, at)) = self.tip
+            && now.saturating_duration_since(at) < self.config.discovery_interval * 2
+        {
+            return local.saturating_add(self.config.behind_threshold) >= tip;
+        }
+        let informed = self
+            .last_request
+            .is_some_and(|t| now.saturating_duration_since(t) < self.config.announce_window);
+        informed && !self.best_newer(now)
+    }
+
+    fn start_round(&mut self, now: Instant) {
+        self.request(now);
+        // Peers connected but not seen on the topic are asked directly: gossip may not reach
+        // them (a peer restarted under the same identity gets no subscription message).
+        // (Peers that connected a moment ago are left the grace to join.)
+        let grace = SUBSCRIBE_GRACE.min(self.config.answer_window / 4);
+        let direct: Vec<PeerId> = self
+            .connected
+            .iter()
+            .filter(|(p, since)| {
+                now.saturating_duration_since(**since) >= grace
+                    && !self.subscribed.contains(*p)
+                    && !self.ignores(p)
+            })
+            .map(|(p, _)| *p)
+            .take(self.config.max_direct_asks)
+            .collect();
+        for p in direct {
+            self.ask(p, now);
+        }
+        if self.phase != Phase::Idle {
+            return;
+        }
+        self.round += 1;
+        self.metrics.discovery_rounds.inc();
+        let local_slot = self.local.slot;
+        tracing::info!(target: TARGET, round = self.round, ?local_slot, "asking peers for snapshots");
+        self.phase = Phase::Collecting {
+            round: self.round,
+            until: now + self.config.answer_window,
+        };
+        self.actions.push_back(Action::Notice(Notice::Started {
+            round: self.round,
+            local_slot,
+        }));
+    }
+
+    fn new_nonce(&mut self, now: Instant) -> u64 {
+        // Never 0: that is the nonce of announcements.
+        let nonce = self.rng.next() | 1;
+        if self.outstanding.len() >= MAX_OUTSTANDING {
+            self.outstanding.pop_front();
+        }
+        self.outstanding.push_back((nonce, now));
+        nonce
+    }
+
+    /// Publishes a request now, or, if the last one was too recent, as soon as allowed.
+    fn request(&mut self, now: Instant) {
+        if let Some(last) = self.last_request
+            && now.saturating_duration_since(last) < self.config.min_request_interval
+        {
+            self.request_pending = Some(last + self.config.min_request_interval);
+            return;
+        }
+        self.request_pending = None;
+        self.previous_request = self.last_request;
+        self.last_request = Some(now);
+        let nonce = self.new_nonce(now);
+        let msg = message::request(self.me, nonce, self.local.slot, &self.listen_addrs);
+        self.actions.push_back(Action::Publish {
+            kind: Published::Request,
+            bytes: message::gossip(proto::discovery_message::Body::Request(msg)),
+        });
+    }
+
+    /// Asks `peer` directly, unless it was asked a moment ago.
+    fn ask(&mut self, peer: PeerId, now: Instant) {
+        if self.not_snapsync.contains(&peer) {
+            return;
+        }
+        if self
+            .asked
+            .at(&peer)
+            .is_some_and(|t| now.saturating_duration_since(t) < self.config.answer_cooldown)
+        {
+            return;
+        }
+        self.asked.insert(peer, (), now);
+        let nonce = self.new_nonce(now);
+        let request = message::request(self.me, nonce, self.local.slot, &[]);
+        self.metrics.message(MessageKind::AskSent);
+        self.actions.push_back(Action::Ask { peer, request });
+    }
+
+    /// A request from `peer`: note that it waits, and answer it if this node holds something
+    /// newer. Gossip requests are answered with a message of their own (`via_gossip`); a direct
+    /// ask gets the answer as its response.
+    fn on_request(
+        &mut self,
+        peer: PeerId,
+        r: InfoRequest,
+        via_gossip: bool,
+        now: Instant,
+    ) -> Option<proto::SnapshotInfoResponse> {
+        if via_gossip {
+            self.metrics.message(MessageKind::RequestReceived);
+        }
+        self.waiting.insert(peer, (), now);
+        let newest = self.local.snapshots.iter().map(|s| s.key.slot).max()?;
+        if r.slot.is_some_and(|s| newest <= s) || self.streamer_addrs.is_empty() {
+            return None;
+        }
+        if self
+            .answered
+            .at(&peer)
+            .is_some_and(|t| now.saturating_duration_since(t) < self.config.answer_cooldown)
+        {
+            return None;
+        }
+        if via_gossip && !self.connected.contains_key(&peer) && !self.take_dial(now) {
+            tracing::debug!(target: TARGET, %peer, "dial budget spent; not answering a peer we are not connected to");
+            return None;
+        }
+        self.answered.insert(peer, (), now);
+        let answer = message::advert(
+            self.me,
+            &self.local.snapshots,
+            &self.streamer_addrs,
+            self.local.slot,
+            self.local.modified_time,
+            r.nonce,
+        );
+        self.metrics.message(MessageKind::AnswerSent);
+        if via_gossip {
+            self.actions.push_back(Action::Answer {
+                peer,
+                answer,
+                addrs: r.addrs,
+            });
+            None
+        } else {
+            Some(answer)
+        }
+    }
+
+    /// One dial (to answer a peer not connected) out of the interval's budget.
+    fn take_dial(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.dials.0) >= self.config.discovery_interval {
+            self.dials = (now, 0);
+        }
+        if self.dials.1 >= self.config.dial_budget {
+            return false;
+        }
+        self.dials.1 += 1;
+        true
+    }
+
+    fn on_advert(&mut self, advert: Advert, now: Instant) {
+        let peer = advert.peer;
+        let addrs = advert.streamer_addrs.clone();
+        let keys: Vec<SnapshotKey> = advert.snapshots.iter().map(|s| s.key).collect();
+        self.book.insert(advert, now, &self.config.policy);
+        if let Phase::Syncing { plan } = &self.phase {
+            for key in keys.iter().filter(|k| plan.fetches(k)) {
+                self.actions.push_back(Action::AddSyncPeer {
+                    key: *key,
+                    peer,
+                    addrs: addrs.clone(),
+                });
+            }
+        }
+        if self.phase == Phase::Idle && self.config.sync_enabled && !self.knows_current(now) {
+            self.start_round(now);
+        }
+    }
+
+    /// The answer window closed: choose, and start the sync or say there is nothing.
+    fn decide(&mut self, round: u64, now: Instant) {
+        let local = LocalState {
+            slot: self.local.slot,
+            not_on: self.not_on,
+        };
+        let failed = |k: &SnapshotKey| self.failed.get(k).is_some_and(|until| *until > now);
+        let decision = decide::decide(&self.book, local, &self.config.policy, &failed);
+        for conflict in decision.conflicts {
+            tracing::warn!(target: TARGET, slot = conflict.slot, variants = conflict.variants.len(), "peers advertise different snapshots for the same slot");
+            self.actions
+                .push_back(Action::Notice(Notice::Conflict(conflict)));
+        }
+        match decision.plan {
+            Some(plan) => {
+                let last = plan.last().ad.key;
+                tracing::info!(
+                    target: TARGET,
+                    kind = %last.kind,
+                    slot = last.slot,
+                    bank_hash = %last.bank_hash.short(),
+                    with_full = plan.full.is_some(),
+                    bytes = plan.bytes(),
+                    peers = plan.last().peers.len(),
+                    "snapshot chosen"
+                );
+                self.actions
+                    .push_back(Action::Notice(Notice::Chosen(Box::new(plan.clone()))));
+                self.actions.push_back(Action::StartSync(plan.clone()));
+                self.phase = Phase::Syncing {
+                    plan: Box::new(plan),
+                };
+            }
+            None => {
+                let adverts = self.book.len();
+                tracing::info!(target: TARGET, round, adverts, "no snapshot to take; asking again next tick");
+                self.phase = Phase::Idle;
+                self.actions
+                    .push_back(Action::Notice(Notice::NothingToTake { round, adverts }));
+            }
+        }
+    }
+
+    fn schedule_announce(&mut self, now: Instant) {
+        self.waiting.expire(now, self.config.announce_window);
+        if self.waiting.len() == 0 {
+            return;
+        }
+        let Some(newest) = self.local.snapshots.iter().max_by_key(|s| s.key.slot) else {
+            return;
+        };
+        let delay = self.rng.below(self.config.announce_delay);
+        self.announce = Some(PendingAnnounce {
+            at: now + delay,
+            key: newest.key,
+            heard: 0,
+        });
+    }
+
+    fn fire_announce(&mut self, now: Instant) {
+        let Some(pending) = self.announce.take() else {
+            return;
+        };
+        if pending.heard >= self.config.announce_redundancy {
+            tracing::debug!(target: TARGET, heard = pending.heard, "enough peers announced the same snapshot; not announcing");
+            return;
+        }
+        self.waiting.expire(now, self.config.announce_window);
+        if self.waiting.len() == 0 || self.streamer_addrs.is_empty() {
+            return;
+        }
+        let advert = message::advert(
+            self.me,
+            &self.local.snapshots,
+            &self.streamer_addrs,
+            self.local.slot,
+            self.local.modified_time,
+            0,
+        );
+        tracing::info!(target: TARGET, waiting = self.waiting.len(), slot = pending.key.slot, "announcing a new snapshot");
+        self.actions.push_back(Action::Publish {
+            kind: Published::Announcement,
+            bytes: message::gossip(proto::discovery_message::Body::Announcement(advert)),
+        });
+    }
+
+    fn strike(&mut self, peer: PeerId, error: &dyn std::fmt::Display, now: Instant) {
+        self.metrics.message(MessageKind::Malformed);
+        let strikes = self.strikes.get(&peer).copied().unwrap_or(0) + 1;
+        self.strikes.insert(peer, strikes, now);
+        tracing::debug!(target: TARGET, %peer, %error, strikes, "dropped a bad message");
+        if strikes == self.config.max_strikes {
+            tracing::warn!(target: TARGET, %peer, %error, "peer keeps sending bad messages; ignoring it");
+            self.book.forget(&peer, &self.config.policy);
+            self.actions.push_back(Action::Notice(Notice::Misbehaved {
+                peer,
+                reason: error.to_string(),
+            }));
+        }
+    }
+}

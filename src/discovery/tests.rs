@@ -1,0 +1,675 @@
+//! Every discovery rule, driven with injected time.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+
+use super::message::{self, AdvertLimits};
+use super::*;
+use crate::chunk::ChunkSize;
+use crate::hash::{BankHash, ContentRoot};
+use crate::snapshot::{Base, SnapshotKind};
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn config() -> DiscoveryConfig {
+    DiscoveryConfig {
+        discovery_interval: 30 * SEC,
+        answer_window: SEC,
+        behind_threshold: 10,
+        announce_window: 60 * SEC,
+        announce_delay: SEC,
+        announce_redundancy: 2,
+        answer_cooldown: SEC,
+        min_request_interval: Duration::from_millis(500),
+        max_strikes: 3,
+        max_message_bytes: 16 << 10,
+        limits: AdvertLimits {
+            max_archive_bytes: 1 << 30,
+            max_chunks: 1 << 20,
+        },
+        sync_enabled: true,
+        policy: TrustPolicy::default(),
+        failed_cooldown: 600 * SEC,
+        max_tracked_peers: 64,
+        dial_budget: 2,
+        max_direct_asks: 16,
+    }
+}
+
+fn machine(config: DiscoveryConfig, now: Instant) -> Discovery {
+    let mut d = Discovery::new(config, PeerId::random(), Metrics::new(), now, 7);
+    d.set_streamer_addrs(vec!["127.0.0.1:9000".parse().unwrap()]);
+    d
+}
+
+fn full(slot: u64, hash: u8) -> SnapshotAd {
+    SnapshotAd {
+        key: SnapshotKey {
+            kind: SnapshotKind::Full,
+            slot,
+            bank_hash: BankHash([hash; 32]),
+            content_root: ContentRoot([hash; 32]),
+            archive_size: 1 << 20,
+            base: None,
+        },
+        chunk_size: ChunkSize::DEFAULT,
+        entry_count: 10,
+        state_bytes: 1 << 21,
+    }
+}
+
+fn incremental(slot: u64, hash: u8, base: &SnapshotAd) -> SnapshotAd {
+    SnapshotAd {
+        key: SnapshotKey {
+            kind: SnapshotKind::Incremental,
+            slot,
+            bank_hash: BankHash([hash; 32]),
+            content_root: ContentRoot([hash; 32]),
+            archive_size: 1 << 12,
+            base: Some(Base {
+                slot: base.key.slot,
+                bank_hash: base.key.bank_hash,
+                content_root: base.key.content_root,
+            }),
+        },
+        chunk_size: ChunkSize::DEFAULT,
+        entry_count: 2,
+        state_bytes: 1 << 13,
+    }
+}
+
+fn addr() -> Vec<SocketAddr> {
+    vec!["127.0.0.1:7000".parse().unwrap()]
+}
+
+/// `peer`'s advertisement of `snaps`, answering `nonce`.
+fn answer(peer: PeerId, snaps: &[SnapshotAd], nonce: u64) -> crate::proto::SnapshotInfoResponse {
+    message::advert(peer, snaps, &addr(), None, 0, nonce)
+}
+
+fn drain(d: &mut Discovery) -> Vec<Action> {
+    std::iter::from_fn(|| d.poll_action()).collect()
+}
+
+fn publishes(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .filter(|a| matches!(a, Action::Publish { .. }))
+        .count()
+}
+
+fn started(actions: &[Action]) -> bool {
+    actions
+        .iter()
+        .any(|a| matches!(a, Action::Notice(Notice::Started { .. })))
+}
+
+/// The nonce of the last request the machine published.
+fn last_nonce(actions: &[Action]) -> u64 {
+    use prost::Message;
+    actions
+        .iter()
+        .rev()
+        .find_map(|a| match a {
+            Action::Publish { bytes, .. } => {
+                match crate::proto::DiscoveryMessage::decode(&bytes[..])
+                    .ok()?
+                    .body?
+                {
+                    crate::proto::discovery_message::Body::Request(r) => Some(r.nonce),
+                    _ => None,
+                }
+            }
+            Action::Ask { request, .. } => Some(request.nonce),
+            _ => None,
+        })
+        .expect("a request")
+}
+
+fn plan_of(actions: &[Action]) -> Option<Plan> {
+    actions.iter().find_map(|a| match a {
+        Action::StartSync(p) => Some(p.clone()),
+        _ => None,
+    })
+}
+
+fn local(slot: Option<u64>, snaps: Vec<SnapshotAd>) -> Local {
+    Local {
+        slot,
+        snapshots: snaps,
+        modified_time: 0,
+    }
+}
+
+#[test]
+fn the_first_tick_is_at_once_and_rounds_end_with_the_answer_window() {
+    let t0 = Instant::now();
+    let mut d = machine(config(), t0);
+    assert_eq!(d.poll_timeout(), Some(t0));
+    d.handle_timeout(t0);
+    let a = drain(&mut d);
+    assert_eq!(publishes(&a), 1, "an empty node asks at once");
+    assert!(started(&a));
+    assert!(matches!(d.phase(), Phase::Collecting { round: 1, .. }));
+    assert_eq!(d.poll_timeout(), Some(t0 + SEC), "the answer window");
+    d.handle_timeout(t0 + SEC);
+    let a = drain(&mut d);
+    assert!(a.iter().any(|a| matches!(
+        a,
+        Action::Notice(Notice::NothingToTake {
+            round: 1,
+            adverts: 0
+        })
+    )));
+    assert_eq!(*d.phase(), Phase::Idle);
+    assert_eq!(d.poll_timeout(), Some(t0 + 30 * SEC), "the next tick");
+    d.handle_timeout(t0 + 30 * SEC);
+    assert_eq!(publishes(&drain(&mut d)), 1, "and asks again");
+}
+
+#[test]
+fn a_node_that_restarts_behind_asks_by_itself() {
+    // Its DB holds a slot, it has heard no advert: it does not know it is current.
+    let t0 = Instant::now();
+    let mut d = machine(config(), t0);
+    d.set_local(local(Some(500), vec![]));
+    d.handle_timeout(t0);
+    assert_eq!(publishes(&drain(&mut d)), 1);
+}
+
+#[test]
+fn a_node_that_asked_lately_and_heard_nothing_newer_is_current_until_the_announce_window_ends() {
+    let t0 = Instant::now();
+    let mut d = machine(config(), t0);
+    d.set_local(local(Some(100), vec![]));
+    d.handle_timeout(t0);
+    let nonce = last_nonce(&drain(&mut d));
+    // A peer answers with what the node already has.
+    let p = PeerId::random();
+    d.on_answer(p, &answer(p, &[full(100, 1)], nonce), false, t0);
+    d.handle_timeout(t0 + SEC);
+    drain(&mut d);
+    // Next tick, 30 s later: within the 60 s announce window, nothing newer heard: quiet.
+    d.handle_timeout(t0 + 30 * SEC);
+    assert_eq!(publishes(&drain(&mut d)), 0);
+    // 60 s after its request, holders no longer announce to it: it asks again.
+    d.handle_timeout(t0 + 60 * SEC);
+    assert_eq!(publishes(&drain(&mut d)), 1);
+}
+
+#[test]
+fn the_chain_tip_tells_a_node_it_is_behind_or_current() {
+    let t0 = Instant::now();
+    let mut d = machine(config(), t0);
+    d.set_local(local(Some(100), vec![]));
+    // Told the tip is close: current, no round at the first tick.
+    d.set_chain_tip(105, t0);
+    d.handle_timeout(t0);
+    assert_eq!(publishes(&drain(&mut d)), 0);
+    // Told the tip is far ahead: asks at once, without waiting for a tick.
+    d.set_chain_tip(1000, t0 + 5 * SEC);
+    let a = drain(&mut d);
+    assert_eq!(publishes(&a), 1);
+    assert!(started(&a));
+}
+
+#[test]
+fn requests_are_spaced_by_the_minimum_interval() {
+    let t0 = Instant::now();
+    let mut d = machine(config(), t0);
+    d.handle_timeout(t0);
+    drain(&mut d);
+    // A peer joins the topic 100 ms later: the request waits until 500 ms.
+    d.on_subscribed(PeerId::random(), t0 + Duration::from_millis(100));
+    assert_eq!(publishes(&drain(&mut d)), 0);
+    assert_eq!(d.poll_timeout(), Some(t0 + Duration::from_millis(500)));
+    d.handle_timeout(t0 + Duration::from_millis(500));
+    assert_eq!(publishes(&drain(&mut d)), 1);
+}
+
+/// A holder at slot 100 and a request from `peer` at `slot`, as gossip.
+fn gossip_request(peer: PeerId, nonce: u64, slot: Option<u64>) -> Vec<u8> {
+    message::gossip(crate::proto::discovery_message::Body::Request(
+        message::request(
+            peer,
+            nonce,
+            slot,
+            &["/ip4/127.0.0.1/tcp/1".parse().unwrap()],
+        ),
+    ))
+}
+
+fn holder(t0: Instant) -> Discovery {
+    let mut c = config();
+    c.sync_enabled = false;
+    let mut d = machine(c, t0);
+    d.set_local(local(Some(100), vec![full(100, 1)]));
+    d
+}
+
+fn answers(actions: &[Action]) -> Vec<PeerId> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Answer { peer, .. } => Some(*peer),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn holders_answer_newer_snapshots_once_per_cooldown_and_dial_within_a_budget() {
+    let t0 = Instant::now();
+    let mut d = holder(t0);
+    let r = PeerId::random();
+    d.on_connected(r, t0);
+    assert_eq!(
+        d.on_gossip(Some(r), &gossip_request(r, 5, Some(50)), t0),
+        Verdict::Accept
+    );
+    let a = drain(&mut d);
+    assert_eq!(answers(&a), vec![r]);
+    match &a[0] {
+        Action::Answer { answer, .. } => assert_eq!(answer.request_nonce, 5),
+        other => panic!("{other:?}"),
+    }
+    // Again within the cooldown: no answer.
+    d.on_gossip(
+        Some(r),
+        &gossip_request(r, 6, Some(50)),
+        t0 + Duration::from_millis(10),
+    );
+    assert!(answers(&drain(&mut d)).is_empty());
+    // A requester already at the holder's slot gets nothing.
+    let q = PeerId::random();
+    d.on_connected(q, t0);
+    d.on_gossip(Some(q), &gossip_request(q, 7, Some(100)), t0);
+    assert!(answers(&drain(&mut d)).is_empty());
+    // Requesters not connected cost a dial each: two per interval here.
+    let far: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
+    for p in &far {
+        d.on_gossip(Some(*p), &gossip_request(*p, 8, None), t0 + 2 * SEC);
+    }
+    assert_eq!(answers(&drain(&mut d)).len(), 2);
+    // The budget comes back with the next interval.
+    let late = PeerId::random();
+    d.on_gossip(Some(late), &gossip_request(late, 9, None), t0 + 33 * SEC);
+    assert_eq!(answers(&drain(&mut d)), vec![late]);
+}
+
+#[test]
+fn a_direct_ask_is_answered_in_its_response() {
+    let t0 = Instant::now();
+    let mut d = holder(t0);
+    let p = PeerId::random();
+    let got = d
+        .on_ask(p, &message::request(p, 3, Some(10), &[]), t0)
+        .expect("an answer");
+    assert_eq!(got.request_nonce, 3);
+    assert_eq!(got.snapshots.len(), 1);
+    // Nothing newer than what the asker has: nothing.
+    let q = PeerId::random();
+    assert!(
+        d.on_ask(q, &message::request(q, 4, Some(100), &[]), t0)
+            .is_none()
+    );
+    // A spoofed ask strikes its sender.
+    let r = PeerId::random();
+    assert!(
+        d.on_ask(r, &message::request(q, 4, None, &[]), t0)
+            .is_none()
+    );
+    assert_eq!(d.strikes.get(&r), Some(&1));
+}
+
+#[test]
+fn answers_to_no_request_of_ours_are_dropped_and_change_nothing() {
+    let t0 = Instant::now();
+    let mut d = machine(config(), t0);
+    d.set_local(local(Some(100), vec![]));
+    let p = PeerId::random();
+    // Before any request: unsolicited.
+    d.on_answer(p, &answer(p, &[full(1 << 40, 1)], 77), false, t0);
+    assert_eq!(d.best_known_slot(), None);
+    d.handle_timeout(t0);
+    let nonce = last_nonce(&drain(&mut d));
+    // With a wrong nonce: still unsolicited.
+    d.on_answer(p, &answer(p, &[full(1 << 40, 1)], nonce ^ 2), false, t0);
+    assert_eq!(d.best_known_slot(), None);
+    // With the right one: heard.
+    d.on_answer(p, &answer(p, &[full(300, 1)], nonce), false, t0);
+    assert_eq!(d.best_known_slot(), Some(300));
+    // And much later, the nonce has expired.
+    d.on_answer(p, &answer(p, &[full(400, 1)], nonce), false, t0 + 61 * SEC);
+    assert_eq!(d.best_known_slot(), Some(300));
+}
+
+#[test]
+fn adverts_the_policy_rejects_move_neither_the_best_slot_nor_the_choice() {
+    let t0 = Instant::now();
+    let trusted: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
+    let mut c = config();
+    c.policy = TrustPolicy::TrustedPeers {
+        peers: trusted.iter().copied().collect(),
+        quorum: 2,
+    };
+    let mut d = machine(c, t0);
+    d.set_local(local(Some(1000), vec![]));
+    d.handle_timeout(t0);
+    let nonce = last_nonce(&drain(&mut d));
+    // An attacker with many identities races ahead.
+    for _ in 0..10 {
+        let p = PeerId::random();
+        d.on_answer(p, &answer(p, &[full(1 << 60, 9)], nonce), false, t0);
+    }
+    assert_eq!(d.best_known_slot(), None);
+    // One trusted peer is not a quorum of two.
+    d.on_answer(
+        trusted[0],
+        &answer(trusted[0], &[full(1200, 1)], nonce),
+        false,
+        t0,
+    );
+    assert_eq!(d.best_known_slot(), None);
+    d.on_answer(
+        trusted[1],
+        &answer(trusted[1], &[full(1200, 1)], nonce),
+        false,
+        t0,
+    );
+    assert_eq!(d.best_known_slot(), Some(1200));
+    d.handle_timeout(t0 + SEC);
+    let plan = plan_of(&drain(&mut d)).expect("a plan");
+    assert_eq!(plan.last().ad.key.slot, 1200);
+}
+
+#[test]
+fn strikes_lead_to_being_ignored_once_and_for_all() {
+    let t0 = Instant::now();
+    let mut d = machine(config(), t0);
+    let p = PeerId::random();
+    for i in 0..3 {
+        assert_eq!(
+            d.on_gossip(Some(p), b"\xff\xfe junk", t0),
+            Verdict::Reject,
+            "{i}"
+        );
+    }
+    let misbehaved: Vec<_> = drain(&mut d)
+        .into_iter()
+        .filter(|a| matches!(a, Action::Notice(Notice::Misbehaved { .. })))
+        .collect();
+    assert_eq!(misbehaved.len(), 1);
+    assert!(d.ignores(&p));
+    assert_eq!(d.on_gossip(Some(p), b"\xff\xfe junk", t0), Verdict::Ignore);
+    assert_eq!(
+        d.metrics.messages(MessageKind::Malformed),
+        3,
+        "the fourth is not counted"
+    );
+}
+
+#[test]
+fn tables_are_bounded_whatever_the_number_of_identities() {
+    let t0 = Instant::now();
+    let mut c = config();
+    c.max_tracked_peers = 8;
+    let mut d = machine(c, t0);
+    d.handle_timeout(t0);
+    let nonce = last_nonce(&drain(&mut d));
+    for i in 0..100u64 {
+        let p = PeerId::random();
+        d.on_answer(
+            p,
+            &answer(p, &[full(10 + i, 1)], nonce),
+            false,
+            t0 + Duration::from_millis(i),
+        );
+        d.on_gossip(Some(p), b"junk", t0);
+    }
+    assert_eq!(d.book.len(), 8);
+    assert!(d.strikes.len() <= 8);
+    // The newest adverts stayed.
+    assert_eq!(d.best_known_slot(), Some(109));
+}
+
+#[test]
+fn announcements_go_to_waiting_nodes_after_a_delay_unless_enough_were_heard() {
+    let t0 = Instant::now();
+    let mut d = holder(t0);
+    // Nobody asked: a new snapshot is not announced.
+    d.on_snapshot_created(t0);
+    assert!(d.announce.is_none());
+    // Someone asked: it is, after a delay of up to a second.
+    let r = PeerId::random();
+    d.on_gossip(Some(r), &gossip_request(r, 1, Some(10)), t0);
+    drain(&mut d);
+    d.set_local(local(Some(150), vec![full(150, 2), full(100, 1)]));
+    d.on_snapshot_created(t0 + SEC);
+    let at = d.announce.as_ref().unwrap().at;
+    assert!(at >= t0 + SEC && at < t0 + 2 * SEC);
+    d.handle_timeout(at);
+    assert_eq!(publishes(&drain(&mut d)), 1);
+    // Another: two others announce the same snapshot first (the redundancy is 2): quiet.
+    d.set_local(local(Some(200), vec![full(200, 3)]));
+    d.on_snapshot_created(t0 + 2 * SEC);
+    for _ in 0..2 {
+        let p = PeerId::random();
+        let ann = message::gossip(crate::proto::discovery_message::Body::Announcement(answer(
+            p,
+            &[full(200, 3)],
+            0,
+        )));
+        assert_eq!(d.on_gossip(Some(p), &ann, t0 + 2 * SEC), Verdict::Accept);
+    }
+    d.handle_timeout(t0 + 4 * SEC);
+    assert_eq!(publishes(&drain(&mut d)), 0);
+    // Once the announce window has passed since the request, nobody waits.
+    d.set_local(local(Some(250), vec![full(250, 4)]));
+    d.on_snapshot_created(t0 + 61 * SEC);
+    assert!(d.announce.is_none());
+}
+
+#[test]
+fn a_sync_adds_peers_that_advertise_what_it_fetches_and_keeps_asking() {
+    let t0 = Instant::now();
+    let mut d = machine(config(), t0);
+    d.handle_timeout(t0);
+    let nonce = last_nonce(&drain(&mut d));
+    let f = full(100, 1);
+    let a = PeerId::random();
+    d.on_answer(a, &answer(a, &[f], nonce), false, t0);
+    d.handle_timeout(t0 + SEC);
+    let plan = plan_of(&drain(&mut d)).unwrap();
+    assert_eq!(plan.full.as_ref().unwrap().peers.len(), 1);
+    // A late answer for the same snapshot joins the download.
+    let b = PeerId::random();
+    d.on_answer(b, &answer(b, &[f], nonce), false, t0 + 2 * SEC);
+    let added: Vec<_> = drain(&mut d)
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::AddSyncPeer { key, peer, .. } => Some((key, peer)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(added, vec![(f.key, b)]);
+    // Every tick of a long download asks again, to learn of more holders.
+    d.handle_timeout(t0 + 30 * SEC);
+    assert_eq!(publishes(&drain(&mut d)), 1);
+    d.handle_timeout(t0 + 60 * SEC);
+    assert_eq!(publishes(&drain(&mut d)), 1);
+}
+
+#[test]
+fn a_failed_snapshot_is_not_chosen_again_for_a_while_and_its_advertisers_are_struck() {
+    let t0 = Instant::now();
+    let mut d = machine(config(), t0);
+    d.handle_timeout(t0);
+    let nonce = last_nonce(&drain(&mut d));
+    let bad = full(200, 6);
+    let good = full(100, 1);
+    let (liar, honest) = (PeerId::random(), PeerId::random());
+    d.on_answer(liar, &answer(liar, &[bad], nonce), false, t0);
+    d.on_answer(honest, &answer(honest, &[good], nonce), false, t0);
+    d.handle_timeout(t0 + SEC);
+    assert_eq!(plan_of(&drain(&mut d)).unwrap().last().ad.key, bad.key);
+    d.on_sync_ended(
+        SyncOutcome::Failed {
+            failed: vec![bad.key],
+            blame: true,
+            not_on: None,
+        },
+        t0 + 2 * SEC,
+    );
+    assert_eq!(d.strikes.get(&liar), Some(&1));
+    assert_eq!(d.strikes.get(&honest), None);
+    // Still behind: it asks again at once, and this round takes the other one.
+    assert!(started(&drain(&mut d)));
+    d.handle_timeout(t0 + 3 * SEC);
+    assert_eq!(plan_of(&drain(&mut d)).unwrap().last().ad.key, good.key);
+}
+
+#[test]
+fn an_incremental_alone_when_at_or_past_its_base_else_with_its_base() {
+    let t0 = Instant::now();
+    let base = full(1000, 1);
+    let inc = incremental(1300, 2, &base);
+    for (slot, with_full) in [
+        (Some(1000), false),
+        (Some(1100), false),
+        (Some(900), true),
+        (None, true),
+    ] {
+        let mut d = machine(config(), t0);
+        d.set_local(local(slot, vec![]));
+        d.handle_timeout(t0);
+        let nonce = last_nonce(&drain(&mut d));
+        let p = PeerId::random();
+        d.on_answer(p, &answer(p, &[inc, base], nonce), false, t0);
+        d.handle_timeout(t0 + SEC);
+        let plan = plan_of(&drain(&mut d)).unwrap_or_else(|| panic!("{slot:?}"));
+        assert_eq!(plan.incremental.as_ref().unwrap().ad.key, inc.key);
+        assert_eq!(plan.full.is_some(), with_full, "{slot:?}");
+    }
+}
+
+#[test]
+fn a_state_that_did_not_take_an_incremental_fetches_its_base() {
+    let t0 = Instant::now();
+    let base = full(1000, 1);
+    let inc = incremental(1300, 2, &base);
+    let mut d = machine(config(), t0);
+    d.set_local(local(Some(1100), vec![]));
+    d.handle_timeout(t0);
+    let nonce = last_nonce(&drain(&mut d));
+    let p = PeerId::random();
+    d.on_answer(p, &answer(p, &[inc, base], nonce), false, t0);
+    d.handle_timeout(t0 + SEC);
+    assert!(plan_of(&drain(&mut d)).unwrap().full.is_none());
+    // The apply did not check out: the state is not on that base (a fork, say).
+    d.on_sync_ended(
+        SyncOutcome::Failed {
+            failed: vec![],
+            blame: false,
+            not_on: Some(base.key),
+        },
+        t0 + 2 * SEC,
+    );
+    assert!(started(&drain(&mut d)), "still behind: asks again at once");
+    d.handle_timeout(t0 + 3 * SEC);
+    let plan = plan_of(&drain(&mut d)).unwrap();
+    assert_eq!(plan.full.unwrap().ad.key, base.key);
+}
+
+fn asked(actions: &[Action], who: PeerId) -> bool {
+    actions
+        .iter()
+        .any(|a| matches!(a, Action::Ask { peer, .. } if *peer == who))
+}
+
+#[test]
+fn a_peer_that_connects_while_the_node_needs_a_snapshot_is_asked_directly_unless_it_joins() {
+    let t0 = Instant::now();
+    let mut d = machine(config(), t0);
+    d.set_local(local(Some(100), vec![]));
+    let p = PeerId::random();
+    d.on_connected(p, t0);
+    let a = drain(&mut d);
+    assert!(started(&a), "a round starts at once");
+    assert!(!asked(&a, p), "the peer has a moment to join the topic");
+    // It never joins (a peer restarted under the same identity): asked directly.
+    d.handle_timeout(t0); // the first tick: the round is on already
+    let due = d.poll_timeout().unwrap();
+    assert_eq!(due, t0 + SUBSCRIBE_GRACE);
+    d.handle_timeout(due);
+    assert!(asked(&drain(&mut d), p));
+    // Reconnecting a moment later (a restart under the same identity) does not ask twice.
+    d.on_connected(p, t0 + Duration::from_millis(10));
+    d.handle_timeout(t0 + Duration::from_millis(10) + SUBSCRIBE_GRACE);
+    assert!(
+        !drain(&mut d)
+            .iter()
+            .any(|a| matches!(a, Action::Ask { .. }))
+    );
+    // A peer that joins the topic within the grace gets the request through it instead.
+    let j = PeerId::random();
+    let t1 = t0 + 5 * SEC;
+    d.on_connected(j, t1);
+    d.on_subscribed(j, t1 + Duration::from_millis(5));
+    d.handle_timeout(t1 + SUBSCRIBE_GRACE);
+    let a = drain(&mut d);
+    assert!(!asked(&a, j));
+    assert_eq!(publishes(&a), 1);
+    // A node that knows it is current asks nobody.
+    let mut c = machine(config(), t0);
+    c.set_local(local(Some(100), vec![]));
+    c.set_chain_tip(100, t0);
+    drain(&mut c);
+    c.on_connected(PeerId::random(), t0);
+    assert!(drain(&mut c).is_empty());
+    // Nor does a peer that turned out not to speak snapsync get asked again.
+    let q = PeerId::random();
+    d.on_connected(q, t0 + 2 * SEC);
+    d.handle_timeout(t0 + 2 * SEC + SUBSCRIBE_GRACE);
+    drain(&mut d);
+    d.on_not_snapsync(q);
+    d.on_connected(q, t0 + 4 * SEC);
+    d.handle_timeout(t0 + 4 * SEC + SUBSCRIBE_GRACE);
+    assert!(!asked(&drain(&mut d), q));
+}
+
+#[test]
+fn a_request_that_reached_nobody_goes_to_the_first_peer_that_joins() {
+    let t0 = Instant::now();
+    let mut d = machine(
+        DiscoveryConfig {
+            min_request_interval: 30 * SEC,
+            ..config()
+        },
+        t0,
+    );
+    d.set_local(local(None, vec![]));
+    d.handle_timeout(t0);
+    let a = drain(&mut d);
+    assert_eq!(publishes(&a), 1);
+    // Gossipsub had no peer on the topic.
+    d.on_published(Published::Request, false);
+    d.on_subscribed(PeerId::random(), t0 + Duration::from_millis(50));
+    assert_eq!(publishes(&drain(&mut d)), 1, "published again at once");
+    d.on_published(Published::Request, true);
+    // A request that went out holds the next one back for the interval.
+    d.on_subscribed(PeerId::random(), t0 + Duration::from_millis(60));
+    assert_eq!(publishes(&drain(&mut d)), 0);
+}
+
+#[test]
+fn a_producer_never_asks() {
+    let t0 = Instant::now();
+    let mut d = holder(t0);
+    d.handle_timeout(t0);
+    d.handle_timeout(t0 + 30 * SEC);
+    d.on_connected(PeerId::random(), t0 + 31 * SEC);
+    assert_eq!(publishes(&drain(&mut d)), 0);
+}

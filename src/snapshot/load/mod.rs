@@ -1,0 +1,401 @@
+//! Loading snapshots into the state DB: [`load_snapshot`] (one archive on disk) and
+//! [`load_chain`] (a full snapshot, an incremental one on it, or both, from files or from
+//! downloads still arriving).
+//!
+//! Loading is a pipeline: one thread reads the archive and hashes it for the content root,
+//! workers decompress and parse its segments and compute their share of the bank hash, and the
+//! caller's thread writes them into the DB in key order. A full snapshot is imported into a
+//! fresh DB beside the live one; an incremental one is applied in one transaction, to the live
+//! DB or to the freshly imported one. The bank hash of the result is checked before anything
+//! becomes live, and on any failure the live DB is exactly as it was.
+
+mod apply;
+mod import;
+mod read;
+mod source;
+
+pub use source::{ArchiveSource, Watermark};
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::db::{DbError, StateDb};
+use crate::hash::{BankHash, ContentRoot};
+use crate::snapshot::Manifest;
+use crate::snapshot::archive::{ArchiveError, SnapshotKind};
+
+/// Log target of loading.
+const TARGET: &str = crate::log::DISCOVERY;
+
+/// Where a bank hash was found to differ from the manifest's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HashStage {
+    /// In the archive's end record.
+    Archive,
+    /// Recomputed from a full archive's records.
+    Records,
+    /// Of the state once an incremental snapshot was applied.
+    Applied,
+}
+
+impl std::fmt::Display for HashStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HashStage::Archive => "the archive's end record",
+            HashStage::Records => "the archive's records",
+            HashStage::Applied => "the state after applying the incremental snapshot",
+        })
+    }
+}
+
+/// A snapshot could not be loaded. The live DB is exactly as it was.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// The archive file cannot be read.
+    #[error("reading the archive {path}: {source}")]
+    Io {
+        /// The archive.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The archive's size differs from the manifest's.
+    #[error("archive is {actual} bytes, the manifest says {expected}")]
+    SizeMismatch {
+        /// Size in the manifest.
+        expected: u64,
+        /// Size of the file.
+        actual: u64,
+    },
+    /// The archive's BLAKE3 hash differs from the manifest's content root.
+    #[error("archive content root {actual} differs from the manifest's {expected}")]
+    ContentRootMismatch {
+        /// Root in the manifest.
+        expected: ContentRoot,
+        /// Root of the file.
+        actual: ContentRoot,
+    },
+    /// The archive is malformed, or holds more than its manifest or the limits allow.
+    #[error("archive is invalid: {0}")]
+    Archive(#[from] ArchiveError),
+    /// The archive holds another slot than the manifest says.
+    #[error("archive holds slot {actual}, the manifest says {expected}")]
+    SlotMismatch {
+        /// Slot in the manifest.
+        expected: u64,
+        /// Slot in the archive.
+        actual: u64,
+    },
+    /// The archive is of another kind than the manifest says, or an incremental's base is not
+    /// the full snapshot given.
+    #[error("archive does not match its manifest: {0}")]
+    ManifestMismatch(String),
+    /// A bank hash differs from the manifest's.
+    #[error("bank hash of {stage} is {actual}, the manifest says {expected}")]
+    BankHashMismatch {
+        /// Where the difference was found.
+        stage: HashStage,
+        /// Hash in the manifest.
+        expected: BankHash,
+        /// Hash found.
+        actual: BankHash,
+    },
+    /// An incremental snapshot cannot apply to this state: its slot is not between the
+    /// snapshot's base and the snapshot's own slot.
+    #[error(
+        "the incremental snapshot at slot {slot} applies to states from slot {base_slot}, and this state is at {local:?}"
+    )]
+    NotApplicable {
+        /// The incremental's slot.
+        slot: u64,
+        /// Its base's slot.
+        base_slot: u64,
+        /// The state's slot.
+        local: Option<u64>,
+    },
+    /// Not enough free disk for the import.
+    #[error("not enough free disk to load: {needed} bytes needed, {available} available")]
+    NoSpace {
+        /// Bytes the load needs.
+        needed: u64,
+        /// Bytes free.
+        available: u64,
+    },
+    /// The DB failed while importing or swapping.
+    #[error("state DB: {0}")]
+    Db(#[from] DbError),
+    /// Nothing to load.
+    #[error("nothing to load")]
+    Nothing,
+}
+
+/// Limits a loader applies on top of what the manifest declares (a manifest comes from a peer
+/// too: these cap what any snapshot may make a node write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LoadLimits {
+    max_entries: u64,
+    max_state_bytes: u64,
+    headroom_bytes: u64,
+    workers: usize,
+}
+
+impl Default for LoadLimits {
+    fn default() -> Self {
+        Self {
+            max_entries: 1 << 40,
+            max_state_bytes: 4 << 40,
+            headroom_bytes: 1 << 30,
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .clamp(1, 8),
+        }
+    }
+}
+
+impl LoadLimits {
+    /// Sets the most records a snapshot may hold (default 2^40).
+    pub fn with_max_entries(mut self, n: u64) -> Self {
+        self.max_entries = n;
+        self
+    }
+
+    /// Sets the most bytes of uncompressed records a snapshot may hold (default 4 TiB).
+    pub fn with_max_state_bytes(mut self, bytes: u64) -> Self {
+        self.max_state_bytes = bytes;
+        self
+    }
+
+    /// Sets the free disk left over after a load, beyond what it needs (default 1 GiB).
+    pub fn with_headroom_bytes(mut self, bytes: u64) -> Self {
+        self.headroom_bytes = bytes;
+        self
+    }
+
+    /// Sets the decoding threads (default: the CPUs, at most 8).
+    pub fn with_workers(mut self, n: usize) -> Self {
+        self.workers = n.max(1);
+        self
+    }
+
+    /// The most records a snapshot may hold.
+    pub fn max_entries(&self) -> u64 {
+        self.max_entries
+    }
+
+    /// The most uncompressed bytes a snapshot may hold.
+    pub fn max_state_bytes(&self) -> u64 {
+        self.max_state_bytes
+    }
+
+    fn for_manifest(&self, m: &Manifest) -> (u64, u64) {
+        (
+            m.entry_count.min(self.max_entries),
+            m.state_bytes.min(self.max_state_bytes),
+        )
+    }
+
+    /// Refuses a load the disk cannot hold: about 1.5 bytes of DB per byte of records (B-tree
+    /// pages and, for changes, their copies), plus the headroom.
+    fn check_space(&self, db: &dyn StateDb, state_bytes: u64) -> Result<(), LoadError> {
+        let Some(available) = db.free_space() else {
+            return Ok(());
+        };
+        let needed = state_bytes
+            .saturating_add(state_bytes / 2)
+            .saturating_add(self.headroom_bytes);
+        if needed > available {
+            return Err(LoadError::NoSpace { needed, available });
+        }
+        Ok(())
+    }
+}
+
+/// What a successful load did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Slot now live.
+    pub slot: u64,
+    /// Bank hash now live.
+    pub bank_hash: BankHash,
+    /// Kind of the last snapshot loaded.
+    pub kind: SnapshotKind,
+    /// Records loaded (all archives).
+    pub entries: u64,
+    /// Archive bytes read.
+    pub archive_bytes: u64,
+    /// Uncompressed bytes read.
+    pub state_bytes: u64,
+    /// Time taken.
+    pub elapsed: Duration,
+}
+
+/// What reading one archive gave.
+#[derive(Debug, Clone, Copy)]
+struct Read {
+    entries: u64,
+    archive_bytes: u64,
+    state_bytes: u64,
+    bank_hash: BankHash,
+}
+
+/// Loads the archive at `archive`, described by `manifest`, into `db`: a full snapshot is
+/// imported beside the live DB and swapped in; an incremental one is applied to the live DB,
+/// whose state must be between the snapshot's base and its slot. Default limits.
+pub fn load_snapshot(
+    db: &dyn StateDb,
+    archive: &Path,
+    manifest: &Manifest,
+) -> Result<LoadReport, LoadError> {
+    let source = ArchiveSource::file(archive, manifest.archive_size);
+    let limits = LoadLimits::default();
+    if manifest.is_full() {
+        load_chain(db, Some((&source, manifest)), None, &limits)
+    } else {
+        load_chain(db, None, Some((&source, manifest)), &limits)
+    }
+}
+
+/// Loads a full snapshot, an incremental one on it, or both, atomically:
+/// - a full one is imported into a fresh DB beside the live one while its records are checked
+///   against its bank hash;
+/// - with both, the incremental one is applied to that fresh DB and the result checked against
+///   the incremental's bank hash before anything becomes live;
+/// - an incremental one alone is applied to the live DB in one transaction, committed only if
+///   the resulting bank hash matches; checking it costs time proportional to the changes, not
+///   to the state.
+///
+/// Sources may be downloads still arriving ([`ArchiveSource::growing`]): loading then keeps
+/// pace with the download. On any failure the live DB is untouched.
+pub fn load_chain(
+    db: &dyn StateDb,
+    full: Option<(&ArchiveSource, &Manifest)>,
+    incremental: Option<(&ArchiveSource, &Manifest)>,
+    limits: &LoadLimits,
+) -> Result<LoadReport, LoadError> {
+    let started = Instant::now();
+    let last = incremental.or(full).ok_or(LoadError::Nothing)?.1;
+    let _span =
+        tracing::info_span!(target: TARGET, "load", slot = last.slot, kind = %last.kind).entered();
+    if let (Some((_, f)), Some((_, i))) = (full, incremental) {
+        let fits = i.base.is_some_and(|b| {
+            (b.slot, b.bank_hash, b.content_root) == (f.slot, f.bank_hash, f.content_root)
+        });
+        if !fits || !f.is_full() {
+            return Err(LoadError::ManifestMismatch(
+                "the incremental snapshot is not based on this full one".into(),
+            ));
+        }
+    }
+    let mut totals = (0u64, 0u64, 0u64);
+    let mut add = |r: &Read| {
+        totals.0 += r.entries;
+        totals.1 += r.archive_bytes;
+        totals.2 += r.state_bytes;
+    };
+    let bank_hash = match (full, incremental) {
+        (Some((fs, fm)), inc) => {
+            if !fm.is_full() {
+                return Err(LoadError::ManifestMismatch(
+                    "expected a full snapshot".into(),
+                ));
+            }
+            let extra = inc.map_or(0, |(_, m)| m.state_bytes);
+            limits.check_space(db, fm.state_bytes.saturating_add(extra))?;
+            let (mut staged, read) = import::import_full(db, fs, fm, limits)?;
+            add(&read);
+            let mut hash = read.bank_hash;
+            if let Some((is, im)) = inc {
+                let read = apply::apply_incremental(
+                    &mut |slot, f| staged.apply_changes(slot, f),
+                    is,
+                    im,
+                    limits,
+                )?;
+                add(&read);
+                hash = read.bank_hash;
+            }
+            staged.commit()?;
+            hash
+        }
+        (None, Some((is, im))) => {
+            limits.check_space(db, im.state_bytes)?;
+            let read =
+                apply::apply_incremental(&mut |slot, f| db.apply_changes(slot, f), is, im, limits)?;
+            add(&read);
+            read.bank_hash
+        }
+        (None, None) => return Err(LoadError::Nothing),
+    };
+    let report = LoadReport {
+        slot: last.slot,
+        bank_hash,
+        kind: last.kind,
+        entries: totals.0,
+        archive_bytes: totals.1,
+        state_bytes: totals.2,
+        elapsed: started.elapsed(),
+    };
+    tracing::info!(
+        target: TARGET,
+        slot = report.slot,
+        kind = %report.kind,
+        bank_hash = %bank_hash.short(),
+        entries = report.entries,
+        secs = report.elapsed.as_secs_f64(),
+        "snapshot loaded"
+    );
+    Ok(report)
+}
+
+/// After an archive error on a complete file: hashes the whole file, so that a corrupt archive
+/// is reported as such (a content root mismatch) rather than as what the corruption caused.
+fn prefer_root_mismatch(source: &ArchiveSource, m: &Manifest, error: LoadError) -> LoadError {
+    if !source.is_complete() {
+        return error;
+    }
+    let hashed = std::fs::File::open(source.path()).and_then(|mut f| {
+        let mut h = blake3::Hasher::new();
+        io::copy(&mut f, &mut h)?;
+        Ok(ContentRoot::from(h.finalize()))
+    });
+    match hashed {
+        Ok(actual) if actual != m.content_root => LoadError::ContentRootMismatch {
+            expected: m.content_root,
+            actual,
+        },
+        _ => error,
+    }
+}
+
+/// Checks an archive source against its manifest before reading it.
+fn check_source(source: &ArchiveSource, m: &Manifest) -> Result<(), LoadError> {
+    if source.size() != m.archive_size {
+        return Err(LoadError::SizeMismatch {
+            expected: m.archive_size,
+            actual: source.size(),
+        });
+    }
+    if !source.is_complete() {
+        // A download still arriving: its file takes its size when the disk is reserved.
+        return Ok(());
+    }
+    let actual = std::fs::metadata(source.path())
+        .map_err(|e| LoadError::Io {
+            path: source.path().to_path_buf(),
+            source: e,
+        })?
+        .len();
+    if actual != m.archive_size {
+        return Err(LoadError::SizeMismatch {
+            expected: m.archive_size,
+            actual,
+        });
+    }
+    Ok(())
+}

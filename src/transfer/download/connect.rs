@@ -1,0 +1,183 @@
+//! Connecting to a peer's streamer: QUIC with its PeerId pinned, the handshake in which each
+//! side proves the token, and the manifest, which must be the advertised snapshot.
+
+use super::scheduler::Failure;
+use super::{DownloadTarget, Inner};
+use crate::proto;
+use crate::snapshot::Manifest;
+use crate::transfer::PeerAddr;
+use crate::transfer::protocol::{
+    self, FrameError, MAX_FRAME, MAX_HELLO, PROTOCOL_VERSION, Refusal, Role, close, read_frame,
+    write_frame,
+};
+use crate::transfer::tls::{self, EndpointError};
+
+/// Why connecting to a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ConnectError {
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("{}", .0.message())]
+    Refused(Refusal),
+    #[error("the server did not prove it knows SNAPSHOT_TOKEN")]
+    ServerUnauthenticated,
+    #[error("timed out")]
+    Timeout,
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("stream: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+    #[error("refused: {0}")]
+    Status(String),
+    #[error("its manifest differs in {0}")]
+    Mismatch(&'static str),
+    #[error("bad manifest: {0}")]
+    Manifest(String),
+    #[error("{0}")]
+    Endpoint(#[from] EndpointError),
+}
+
+impl ConnectError {
+    /// Whether retrying this peer can help.
+    pub(super) fn failure(&self) -> Failure {
+        match self {
+            ConnectError::Refused(Refusal::Busy) => Failure::Transient,
+            ConnectError::Refused(_)
+            | ConnectError::ServerUnauthenticated
+            | ConnectError::Mismatch(_)
+            | ConnectError::Manifest(_)
+            | ConnectError::Endpoint(_)
+            | ConnectError::Status(_) => Failure::Fatal,
+            ConnectError::Connection(quinn::ConnectionError::TransportError(_)) => Failure::Fatal,
+            _ => Failure::Transient,
+        }
+    }
+
+    /// Whether the peer refused this node's token proof.
+    pub(super) fn is_unauthorized(&self) -> bool {
+        matches!(self, ConnectError::Refused(Refusal::Unauthorized))
+    }
+
+    /// Reads a close by the server into a typed error.
+    fn from_connection(e: quinn::ConnectionError) -> Self {
+        if let quinn::ConnectionError::ApplicationClosed(c) = &e
+            && let Some(r) = Refusal::from_code(c.error_code)
+        {
+            return ConnectError::Refused(r);
+        }
+        // The streamer refuses a connection before the handshake when it is full.
+        if let quinn::ConnectionError::ConnectionClosed(c) = &e
+            && c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+        {
+            return ConnectError::Refused(Refusal::Busy);
+        }
+        ConnectError::Connection(e)
+    }
+
+    fn from_frame(e: FrameError) -> Self {
+        match e.connection() {
+            Some(c) => Self::from_connection(c.clone()),
+            None => ConnectError::Frame(e),
+        }
+    }
+}
+
+/// Connects, proves the token both ways, and checks the peer's manifest.
+pub(super) async fn connect(
+    inner: &Inner,
+    peer: PeerAddr,
+    target: DownloadTarget,
+) -> Result<(quinn::Connection, Manifest), ConnectError> {
+    let config = tls::client_config(&inner.keypair, peer.peer_id, &inner.config.transport)?;
+    let conn = inner
+        .endpoint
+        .connect_with(config, peer.addr, "snapsync")?
+        .await
+        .map_err(ConnectError::from_connection)?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(ConnectError::from_connection)?;
+    let proof = inner
+        .token
+        .as_ref()
+        .and_then(|k| k.proof(&conn, Role::Client, &inner.local, &peer.peer_id));
+    write_frame(&mut send, &protocol::hello(proof))
+        .await
+        .map_err(ConnectError::from_frame)?;
+    send.finish()?;
+    let welcome: proto::Welcome = read_frame(&mut recv, MAX_HELLO)
+        .await
+        .map_err(ConnectError::from_frame)?;
+    if let Some(refusal) = Refusal::from_proto(welcome.refused) {
+        conn.close(close::DONE, b"refused");
+        return Err(ConnectError::Refused(refusal));
+    }
+    if welcome.refused != proto::Refusal::None as i32 {
+        conn.close(close::PROTOCOL, b"unknown refusal");
+        return Err(ConnectError::Status(
+            welcome.message.chars().take(200).collect(),
+        ));
+    }
+    if welcome.protocol_version != PROTOCOL_VERSION {
+        conn.close(close::PROTOCOL, b"version");
+        return Err(ConnectError::Status(format!(
+            "speaks chunk-stream version {}",
+            welcome.protocol_version
+        )));
+    }
+    // With a token, the server must show it knows it too: a peer that merely advertises
+    // cannot pose as a holder of the private network.
+    if let Some(key) = &inner.token
+        && !key.check(
+            &conn,
+            Role::Server,
+            &inner.local,
+            &peer.peer_id,
+            &welcome.proof,
+        )
+    {
+        conn.close(close::SERVER_UNAUTHENTICATED, b"no token proof");
+        return Err(ConnectError::ServerUnauthenticated);
+    }
+    // The manifest, which must be the advertised snapshot.
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(ConnectError::from_connection)?;
+    let request = proto::Request {
+        kind: Some(proto::request::Kind::Manifest(proto::GetManifest {
+            content_root: target.content_root.0.to_vec().into(),
+        })),
+    };
+    write_frame(&mut send, &request)
+        .await
+        .map_err(ConnectError::from_frame)?;
+    send.finish()?;
+    let header: proto::ResponseHeader = read_frame(&mut recv, MAX_FRAME)
+        .await
+        .map_err(ConnectError::from_frame)?;
+    if header.status != proto::Status::Ok as i32 {
+        return Err(ConnectError::Status(status_text(&header)));
+    }
+    let manifest = header
+        .manifest
+        .as_ref()
+        .ok_or_else(|| ConnectError::Manifest("missing".into()))
+        .and_then(|m| Manifest::from_proto(m).map_err(|e| ConnectError::Manifest(e.to_string())))?;
+    if let Some(what) = target.mismatch(&manifest) {
+        return Err(ConnectError::Mismatch(what));
+    }
+    Ok((conn, manifest))
+}
+
+/// A response header's status and message, for error text.
+pub(super) fn status_text(header: &proto::ResponseHeader) -> String {
+    let status = proto::Status::try_from(header.status)
+        .map(|s| s.as_str_name().to_string())
+        .unwrap_or_else(|_| format!("status {}", header.status));
+    let message: String = header.message.chars().take(200).collect();
+    format!("{status}: {message}")
+}

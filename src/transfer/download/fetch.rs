@@ -1,0 +1,147 @@
+//! One request: a range of chunks from one peer, each checked against the content root before
+//! a byte of it is written at its offset.
+
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::connect::status_text;
+use super::partial::PART_FILE;
+use super::scheduler::Failure;
+use crate::chunk::{ChunkError, ChunkTree};
+use crate::proto;
+use crate::snapshot::{OUTBOARD_FILE, StoreError};
+use crate::transfer::protocol::{FrameError, MAX_FRAME, read_frame, write_frame};
+
+/// Why a chunk request failed.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum FetchError {
+    #[error("the peer sent bad data: {0}")]
+    Corrupt(ChunkError),
+    #[error("writing the chunk: {0}")]
+    Local(StoreError),
+    #[error("refused: {0}")]
+    Refused(String, Failure),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("{0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("nothing received for {0:?}")]
+    Stalled(Duration),
+    #[error("{0}")]
+    Closed(#[from] quinn::ClosedStream),
+}
+
+/// Where a download's verified bytes go.
+#[derive(Debug)]
+pub(super) struct Sink {
+    pub(super) archive: std::fs::File,
+    pub(super) outboard: std::fs::File,
+    pub(super) dir: PathBuf,
+}
+
+/// Fetches chunks `chunks`, checks each against the root and writes it at its offset, holding
+/// at most one chunk in memory. `written` follows the end of the chunks checked and written so
+/// far (they stay good whatever happens to the rest).
+pub(super) async fn fetch(
+    conn: quinn::Connection,
+    tree: ChunkTree,
+    chunks: Range<u64>,
+    sink: &Sink,
+    stall: Duration,
+    written: &AtomicU64,
+) -> Result<(), FetchError> {
+    let expected = tree
+        .encoded_len(chunks.clone())
+        .map_err(|e| FetchError::Protocol(e.to_string()))?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let request = proto::Request {
+        kind: Some(proto::request::Kind::Chunks(proto::GetChunks {
+            content_root: tree.root().0.to_vec().into(),
+            start_chunk: chunks.start,
+            end_chunk: chunks.end,
+            chunk_size: tree.chunk_size().bytes(),
+        })),
+    };
+    write_frame(&mut send, &request).await?;
+    send.finish()?;
+    let header: proto::ResponseHeader = read_frame(&mut recv, MAX_FRAME).await?;
+    if header.status != proto::Status::Ok as i32 {
+        let failure = match proto::Status::try_from(header.status) {
+            Ok(proto::Status::Internal) => Failure::Transient,
+            _ => Failure::Fatal,
+        };
+        return Err(FetchError::Refused(status_text(&header), failure));
+    }
+    if header.encoded_len != expected {
+        return Err(FetchError::Protocol(format!(
+            "announced {} encoded bytes, expected {expected}",
+            header.encoded_len
+        )));
+    }
+    // Which file a local write failed on (the decoder's error does not say).
+    let write_error = std::sync::Mutex::new(None);
+    let failed = |file: &'static str, e: &std::io::Error| {
+        if let Ok(mut slot) = write_error.lock() {
+            *slot = Some((file, std::io::Error::new(e.kind(), e.to_string())));
+        }
+    };
+    let chunk_bytes = u64::from(tree.chunk_size().bytes());
+    let mut to_archive = |offset: u64, data: &[u8]| {
+        sink.archive
+            .write_all_at(data, offset)
+            .inspect_err(|e| failed(PART_FILE, e))?;
+        // A whole chunk, checked (its proof nodes came before it).
+        let end = (offset + data.len() as u64).div_ceil(chunk_bytes);
+        written.fetch_max(end, Ordering::Release);
+        Ok(())
+    };
+    let mut to_outboard = |offset: u64, pair: &[u8]| {
+        sink.outboard
+            .write_all_at(pair, offset)
+            .inspect_err(|e| failed(OUTBOARD_FILE, e))
+    };
+    let mut decoder = tree
+        .range_decoder(chunks.clone())
+        .map_err(|e| FetchError::Protocol(e.to_string()))?;
+    let mut received = 0u64;
+    let result = loop {
+        if received == expected {
+            break decoder.finish();
+        }
+        let want = (expected - received) as usize;
+        match tokio::time::timeout(stall, recv.read_chunk(want, true)).await {
+            Err(_) => return Err(FetchError::Stalled(stall)),
+            Ok(Ok(Some(piece))) => {
+                received += piece.bytes.len() as u64;
+                if let Err(e) = decoder.feed(&piece.bytes, &mut to_archive, &mut to_outboard) {
+                    break Err(e);
+                }
+            }
+            // A stream that ends early is as bad as a bad chunk: the data does not check out.
+            Ok(Ok(None)) => break decoder.finish(),
+            Ok(Err(e)) => return Err(e.into()),
+        }
+    };
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if e.is_corrupt_data() => Err(FetchError::Corrupt(e)),
+        Err(e) => {
+            let (file, error) = write_error
+                .into_inner()
+                .ok()
+                .flatten()
+                .unwrap_or((PART_FILE, std::io::Error::other(e.to_string())));
+            Err(FetchError::Local(StoreError::at(
+                &sink.dir.join(file),
+                error,
+            )))
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! The downloading side: [`Downloader`] (log target `SNAPSHOT DOWNLOAD`).
+//!
+//! - `config.rs`: the settings;
+//! - `scheduler.rs`: which chunk from which peer, a pure state machine;
+//! - `connect.rs`: connecting to a peer and the handshake;
+//! - `fetch.rs`: one request, checked chunk by chunk as it arrives;
+//! - `run.rs`: the loop of one download, carrying out what the scheduler decides;
+//! - `partial.rs`, `bits.rs`: the download's state on disk, for resume.
+
+mod bits;
+mod config;
+mod connect;
+mod fetch;
+mod partial;
+mod run;
+mod scheduler;
+
+#[cfg(test)]
+pub(crate) use bits::Bits;
+pub use config::DownloadConfig;
+pub(crate) use partial::parse_progress;
+#[cfg(test)]
+pub(crate) use partial::progress_bytes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::protocol::{TokenKey, close};
+use super::tls::{self, EndpointError};
+use super::{DOWNLOAD_TARGET, PeerAddr, Token};
+use crate::chunk::{ChunkSize, ChunkTree};
+use crate::config_error::ConfigError;
+use crate::hash::{BankHash, ContentRoot};
+use crate::metrics::Metrics;
+use crate::snapshot::{ArchiveSource, Manifest, Snapshot, SnapshotStore, StoreError, Watermark};
+
+/// The snapshot to download, as advertised: its content root, size and chunk size, and, when
+/// known, its slot and bank hash (a peer whose manifest says otherwise is not used).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DownloadTarget {
+    /// Content root.
+    pub content_root: ContentRoot,
+    /// Archive size in bytes.
+    pub archive_size: u64,
+    /// Chunk size.
+    pub chunk_size: ChunkSize,
+    /// Slot, if known.
+    pub slot: Option<u64>,
+    /// Bank hash, if known.
+    pub bank_hash: Option<BankHash>,
+}
+
+impl DownloadTarget {
+    /// The target described by a manifest.
+    pub fn from_manifest(m: &Manifest) -> Self {
+        Self {
+            content_root: m.content_root,
+            archive_size: m.archive_size,
+            chunk_size: m.chunk_size,
+            slot: Some(m.slot),
+            bank_hash: Some(m.bank_hash),
+        }
+    }
+
+    fn tree(&self) -> ChunkTree {
+        ChunkTree::new(self.archive_size, self.chunk_size, self.content_root)
+    }
+
+    /// Why `m` is not this snapshot, if it is not.
+    fn mismatch(&self, m: &Manifest) -> Option<&'static str> {
+        if m.content_root != self.content_root {
+            Some("content root")
+        } else if m.archive_size != self.archive_size {
+            Some("archive size")
+        } else if m.chunk_size != self.chunk_size {
+            Some("chunk size")
+        } else if self.slot.is_some_and(|s| s != m.slot) {
+            Some("slot")
+        } else if self.bank_hash.is_some_and(|h| h != m.bank_hash) {
+            Some("bank hash")
+        } else {
+            None
+        }
+    }
+}
+
+/// How a peer stands in a download.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PeerStatus {
+    /// Serving, or will be retried.
+    Active,
+    /// Sent a chunk that does not match the content root; not used again in this download.
+    Banned,
+    /// Cannot serve this download (refused, unreachable, failed too often).
+    Dropped,
+}
+
+/// One peer's part in a download.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerProgress {
+    /// The peer.
+    pub peer_id: PeerId,
+    /// Verified data bytes it delivered.
+    pub bytes: u64,
+    /// Its delivery rate, bytes per second.
+    pub rate: f64,
+    /// Requests in flight to it.
+    pub inflight: usize,
+    /// How it stands.
+    pub status: PeerStatus,
+}
+
+/// A progress update of a download.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Progress {
+    /// Content root of the snapshot being downloaded.
+    pub root: ContentRoot,
+    /// Verified bytes on disk, including those resumed.
+    pub done_bytes: u64,
+    /// Archive size.
+    pub total_bytes: u64,
+    /// Bytes that were already on disk when the download started (resume).
+    pub resumed_bytes: u64,
+    /// Recent download rate of verified bytes, bytes per second.
+    pub rate: f64,
+    /// Estimated time left at that rate.
+    pub eta: Option<Duration>,
+    /// Every peer's part.
+    pub peers: Vec<PeerProgress>,
+    /// Whether the download has finished (successfully or not).
+    pub finished: bool,
+}
+
+/// A finished download.
+#[derive(Debug, Clone)]
+pub struct Downloaded {
+    /// The snapshot, published in the store.
+    pub snapshot: Arc<Snapshot>,
+    /// Data bytes fetched over the network in this run.
+    pub fetched_bytes: u64,
+    /// Bytes resumed from a previous run.
+    pub resumed_bytes: u64,
+    /// Wall time of this run.
+    pub elapsed: Duration,
+    /// Verified bytes each peer delivered.
+    pub per_peer: Vec<(PeerId, u64)>,
+}
+
+/// A download failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DownloadError {
+    /// A setting cannot work.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The downloader's QUIC endpoint could not be set up.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// Writing the download to disk failed (not writable, disk full or too small for it, other
+    /// I/O). Chunks already on disk are kept for resume.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The snapshot has more chunks than a download may track.
+    #[error("the snapshot has {chunks} chunks, more than the {max} allowed")]
+    TooManyChunks {
+        /// Chunks it has.
+        chunks: u64,
+        /// Most allowed.
+        max: u64,
+    },
+    /// Every peer refused the token.
+    #[error("every peer refused the token: wrong or missing SNAPSHOT_TOKEN ({peers} peers)")]
+    Unauthorized {
+        /// How many peers refused.
+        peers: usize,
+    },
+    /// No peer can serve the missing chunks.
+    #[error("no peer can serve the missing {missing_bytes} bytes: {reasons}")]
+    NoPeers {
+        /// Bytes still missing.
+        missing_bytes: u64,
+        /// Peers banned for sending chunks that did not match the content root.
+        banned: usize,
+        /// Why each peer is out, one per peer.
+        reasons: String,
+    },
+    /// No verified byte arrived for the configured time.
+    #[error("no verified chunk arrived for {0:?}; giving up")]
+    NoProgress(Duration),
+    /// The assembled download does not add up to the content root (local disk corruption:
+    /// every chunk and proof was checked before it was written). The partial download is
+    /// discarded.
+    #[error("the assembled download does not match content root {expected}; discarded")]
+    Corrupted {
+        /// The root asked for.
+        expected: ContentRoot,
+    },
+    /// The download was cancelled; chunks on disk are kept for resume.
+    #[error("download cancelled")]
+    Cancelled,
+}
+
+impl DownloadError {
+    /// Whether the failure is a refused token.
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, DownloadError::Unauthorized { .. })
+    }
+
+    /// Whether peers proved to serve bad data (chunks that did not match the root).
+    pub fn proves_bad_data(&self) -> bool {
+        matches!(self, DownloadError::NoPeers { banned, .. } if *banned > 0)
+    }
+}
+
+/// Fetches snapshots from many peers at once over QUIC. One endpoint serves every download.
+#[derive(Clone)]
+pub struct Downloader {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    endpoint: quinn::Endpoint,
+    keypair: Keypair,
+    local: PeerId,
+    token: Option<TokenKey>,
+    store: SnapshotStore,
+    config: DownloadConfig,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Downloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Downloader")
+            .field("store", &self.inner.store.dir())
+            .finish()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.endpoint.close(close::DONE, b"done");
+    }
+}
+
+/// A download in progress. Dropping it cancels the download (chunks on disk are kept).
+#[derive(Debug)]
+pub struct DownloadHandle {
+    progress: watch::Receiver<Progress>,
+    peers: mpsc::Sender<PeerAddr>,
+    cancel: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<Downloaded, DownloadError>>,
+    /// The task's result was taken.
+    ended: bool,
+    source: ArchiveSource,
+    watermark: Arc<Watermark>,
+}
+
+impl DownloadHandle {
+    /// Progress updates (the latest value; a UI renders it on change).
+    pub fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress.clone()
+    }
+
+    /// Progress updates as a stream (each change once; it ends with the download).
+    pub fn progress_stream(&self) -> futures::stream::BoxStream<'static, Progress> {
+        use futures::StreamExt;
+        futures::stream::unfold(self.progress(), |mut rx| async move {
+            rx.changed().await.ok()?;
+            let p = rx.borrow_and_update().clone();
+            Some((p, rx))
+        })
+        // A stream polled again after it ends must not panic.
+        .fuse()
+        .boxed()
+    }
+
+    /// Adds a peer to the download (one that advertised the same snapshot later). Ignored
+    /// beyond the download's peer limit.
+    pub fn add_peer(&self, peer: PeerAddr) -> bool {
+        self.peers.try_send(peer).is_ok()
+    }
+
+    /// The archive as it arrives: a loader reading it gets only verified bytes, waiting for
+    /// the rest, so loading overlaps downloading.
+    pub fn source(&self) -> ArchiveSource {
+        self.source.clone()
+    }
+
+    /// How far the verified, gap-free prefix of the archive reaches, bytes.
+    pub fn verified_prefix(&self) -> u64 {
+        self.watermark.verified()
+    }
+
+    /// Stops the download; [`DownloadHandle::wait`] then returns [`DownloadError::Cancelled`].
+    /// Progress is made durable first.
+    pub fn cancel(&mut self) {
+        if let Some(tx) = self.cancel.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits for the download to end (the handle is also a future of the same).
+    pub async fn wait(self) -> Result<Downloaded, DownloadError> {
+        self.await
+    }
+}
+
+impl std::future::Future for DownloadHandle {
+    type Output = Result<Downloaded, DownloadError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        // Polled again once it ended: the result was taken; say the download is over.
+        if self.ended {
+            return std::task::Poll::Ready(Err(DownloadError::Cancelled));
+        }
+        let result = std::pin::Pin::new(&mut self.task)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(DownloadError::Cancelled)));
+        self.ended = result.is_ready();
+        result
+    }
+}
+
+impl Drop for DownloadHandle {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+impl Downloader {
+    /// A downloader with the node's identity, publishing into `store`. `token` is the shared
+    /// token (`None`: present none); `metrics` counts what is downloaded. Must be called within
+    /// a tokio runtime.
+    pub fn new(
+        keypair: Keypair,
+        store: SnapshotStore,
+        config: DownloadConfig,
+        token: Option<&Token>,
+        metrics: Metrics,
+    ) -> Result<Self, DownloadError> {
+        config.validate()?;
+        let socket = tls::bind_socket(config.bind, &config.transport)?;
+        let endpoint = quinn::Endpoint::new(
+            tls::endpoint_config(&config.transport),
+            None,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| EndpointError::Bind {
+            addr: config.bind,
+            source,
+        })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                endpoint,
+                local: keypair.public().to_peer_id(),
+                keypair,
+                token: token.map(TokenKey::new),
+                store,
+                config,
+                metrics,
+            }),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &DownloadConfig {
+        &self.inner.config
+    }
+
+    /// The local address of the downloader's endpoint.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.inner.endpoint.local_addr().ok()
+    }
+
+    /// Closes every connection of every download, telling each server, and waits briefly for
+    /// the closes to go out. Downloads in progress end (their chunks stay on disk).
+    pub async fn close(&self) {
+        self.inner.endpoint.close(close::DONE, b"shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+    }
+
+    /// Starts downloading `target` from `peers` (more can be added to the handle).
+    pub fn start(&self, target: DownloadTarget, peers: Vec<PeerAddr>) -> DownloadHandle {
+        let (progress_tx, progress) = watch::channel(Progress {
+            root: target.content_root,
+            total_bytes: target.archive_size,
+            ..Progress::default()
+        });
+        let (peers_tx, peers_rx) = mpsc::channel(64);
+        let (cancel_tx, cancel_rx) = oneshot::channel();
+        let watermark = Arc::new(Watermark::new());
+        let dir = self.inner.store.partial_dir(&target.content_root);
+        let path = dir.join(partial::PART_FILE);
+        // Opened now, so that a loader reads it through this handle even once the completed
+        // download has been renamed into a published snapshot. (Creating an empty file
+        // reserves nothing.)
+        let file = std::fs::create_dir_all(&dir).and_then(|()| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+        });
+        let source =
+            ArchiveSource::growing(path, file.ok(), target.archive_size, watermark.clone());
+        let inner = self.inner.clone();
+        let mark = watermark.clone();
+        let span = tracing::info_span!(target: DOWNLOAD_TARGET, "download", root = %target.content_root.short());
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let active = inner.metrics.active_downloads.clone();
+                active.inc();
+                // Whatever ends the download, a loader waiting on it learns so.
+                let stop = mark.clone();
+                let _active = scopeguard(move || {
+                    active.dec();
+                    stop.stop();
+                });
+                let result =
+                    match run::Run::start(inner, target, peers, progress_tx.clone(), mark).await {
+                        Ok(run) => run.run(peers_rx, cancel_rx).await,
+                        Err(e) => Err(e),
+                    };
+                progress_tx.send_modify(|p| p.finished = true);
+                result
+            },
+            span,
+        ));
+        DownloadHandle {
+            progress,
+            peers: peers_tx,
+            cancel: Some(cancel_tx),
+            task,
+            ended: false,
+            source,
+            watermark,
+        }
+    }
+
+    /// Downloads `target` from `peers` and waits for the result.
+    pub async fn download(
+        &self,
+        target: DownloadTarget,
+        peers: Vec<PeerAddr>,
+    ) -> Result<Downloaded, DownloadError> {
+        self.start(target, peers).wait().await
+    }
+}
+
+/// Runs `f` when dropped (also when the task is aborted).
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}

@@ -1,0 +1,201 @@
+//! One served connection: the handshake (the client proves the token, the server proves it
+//! back), refusals, the per-peer and per-address limits, and the request loop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::PeerId;
+use quinn::VarInt;
+use tokio::task::JoinSet;
+
+use super::{PeerSlot, ServeError, Shared, Slot, serve};
+use crate::metrics::RefusedReason;
+use crate::proto;
+use crate::transfer::STREAMER_TARGET;
+use crate::transfer::limit::ByteLimiter;
+use crate::transfer::protocol::{
+    self, MAX_HELLO, PROTOCOL_VERSION, Refusal, Role, close, read_frame, write_frame,
+};
+use crate::transfer::tls;
+
+/// How long a refused client is given to read its refusal and close before the streamer closes
+/// the connection itself.
+const REFUSAL_GRACE: Duration = Duration::from_secs(2);
+
+/// Serves one connection until it ends. `slot` holds its place in the limits until then.
+pub(super) async fn serve(
+    incoming: quinn::Incoming,
+    mut slot: Slot,
+    shared: &Arc<Shared>,
+) -> Result<(), ServeError> {
+    // The TLS handshake and the token proof share one deadline, so a client that stalls
+    // anywhere before proving the token holds its slot for at most this long.
+    let deadline = tokio::time::Instant::now() + shared.config.auth_timeout;
+    let conn = match tokio::time::timeout_at(deadline, async { incoming.accept()?.await }).await {
+        Ok(conn) => conn?,
+        Err(_) => {
+            shared.metrics.refused(RefusedReason::Protocol);
+            return Err(ServeError::AuthTimeout);
+        }
+    };
+    let Some(peer) = tls::remote_peer_id(&conn) else {
+        conn.close(close::PROTOCOL, b"no libp2p certificate");
+        return Err(ServeError::Refused("no libp2p certificate"));
+    };
+    let hello = tokio::time::timeout_at(deadline, async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let hello: proto::Hello = read_frame(&mut recv, MAX_HELLO).await?;
+        Ok::<_, ServeError>((send, hello))
+    })
+    .await;
+    let (mut send, hello) = match hello {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            shared.metrics.refused(RefusedReason::Protocol);
+            conn.close(close::PROTOCOL, b"bad hello");
+            return Err(e);
+        }
+        Err(_) => {
+            shared.metrics.refused(RefusedReason::Protocol);
+            conn.close(close::PROTOCOL, b"no hello in time");
+            return Err(ServeError::AuthTimeout);
+        }
+    };
+    let admitted = admit(shared, &conn, peer, &hello, &mut slot);
+    let (proof, limit) = match admitted {
+        Ok(v) => v,
+        Err(refusal) => {
+            let reason = match refusal {
+                Refusal::Unauthorized => RefusedReason::Unauthorized,
+                Refusal::Busy => RefusedReason::Busy,
+                Refusal::Version => RefusedReason::Protocol,
+            };
+            shared.metrics.refused(reason);
+            refuse(&conn, send, refusal).await;
+            return Err(ServeError::Refused(refusal.message()));
+        }
+    };
+    let _guard = PeerGuard { shared, peer };
+    shared.metrics.accepted_connections.inc();
+    shared.metrics.active_transfers.inc();
+    write_frame(&mut send, &protocol::welcome(Ok(proof))).await?;
+    send.finish()?;
+    // Proven: now it may open its requests.
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(shared.config.max_streams_per_connection));
+    tracing::debug!(target: STREAMER_TARGET, %peer, remote = %conn.remote_address(), "downloader connected");
+
+    let mut requests = JoinSet::new();
+    loop {
+        tokio::select! {
+            stream = conn.accept_bi() => {
+                let (send, recv) = match stream {
+                    Ok(s) => s,
+                    Err(quinn::ConnectionError::ApplicationClosed(_))
+                    | Err(quinn::ConnectionError::LocallyClosed) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                };
+                let shared = shared.clone();
+                let limit = limit.clone();
+                let conn = conn.clone();
+                requests.spawn(async move {
+                    match serve::request(send, recv, &shared, limit.as_deref()).await {
+                        Err(ServeError::TooSlow) => {
+                            shared.metrics.refused(RefusedReason::TooSlow);
+                            tracing::debug!(target: STREAMER_TARGET, %peer, "client does not read its responses; closing");
+                            conn.close(close::TOO_SLOW, b"responses not read in time");
+                        }
+                        Err(e) => tracing::debug!(target: STREAMER_TARGET, %peer, error = %e, "request ended"),
+                        Ok(()) => {}
+                    }
+                });
+            }
+            Some(_) = requests.join_next(), if !requests.is_empty() => {}
+        }
+    }
+}
+
+/// The checks a hello passes: version, token proof, then the limits of the peer and its
+/// address. Returns the server's own proof and the peer's rate limiter.
+fn admit(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    peer: PeerId,
+    hello: &proto::Hello,
+    slot: &mut Slot,
+) -> Result<(Option<blake3::Hash>, Option<Arc<ByteLimiter>>), Refusal> {
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(Refusal::Version);
+    }
+    let proof = match &shared.token {
+        Some(key) => {
+            if !key.check(conn, Role::Client, &peer, &shared.local, &hello.proof) {
+                tracing::warn!(target: STREAMER_TARGET, %peer, "refused: wrong or missing SNAPSHOT_TOKEN");
+                return Err(Refusal::Unauthorized);
+            }
+            Some(
+                key.proof(conn, Role::Server, &peer, &shared.local)
+                    .ok_or(Refusal::Unauthorized)?,
+            )
+        }
+        None => None,
+    };
+    if !slot.authenticate() {
+        return Err(Refusal::Busy);
+    }
+    let limit = enter_peer(shared, peer).ok_or(Refusal::Busy)?;
+    Ok((proof, limit))
+}
+
+/// Refuses a connection in band (the client reads why on its hello stream), then closes it.
+/// The refusal goes out as stream data rather than only as a connection close, so it reaches
+/// the client even when a close would be lost or held back.
+async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, refusal: Refusal) {
+    let welcome = protocol::welcome(Err(refusal));
+    if write_frame(&mut send, &welcome).await.is_ok() && send.finish().is_ok() {
+        let _ = tokio::time::timeout(REFUSAL_GRACE, conn.closed()).await;
+    }
+    conn.close(refusal.code(), refusal.message().as_bytes());
+}
+
+/// Registers a connection of `peer`; `None` when it has too many.
+fn enter_peer(shared: &Shared, peer: PeerId) -> Option<Option<Arc<ByteLimiter>>> {
+    let mut peers = shared.per_peer.lock().unwrap_or_else(|p| p.into_inner());
+    let slot = peers.entry(peer).or_insert_with(|| PeerSlot {
+        connections: 0,
+        limit: shared
+            .config
+            .rate_limit_per_peer
+            .map(|r| Arc::new(ByteLimiter::new(r))),
+    });
+    if slot.connections >= shared.config.max_connections_per_peer {
+        if slot.connections == 0 {
+            peers.remove(&peer);
+        }
+        return None;
+    }
+    slot.connections += 1;
+    Some(slot.limit.clone())
+}
+
+/// An authenticated connection of a peer; leaves the peer's table and the gauge on drop.
+struct PeerGuard<'a> {
+    shared: &'a Shared,
+    peer: PeerId,
+}
+
+impl Drop for PeerGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.metrics.active_transfers.dec();
+        let mut peers = self
+            .shared
+            .per_peer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = peers.get_mut(&self.peer) {
+            slot.connections = slot.connections.saturating_sub(1);
+            if slot.connections == 0 {
+                peers.remove(&self.peer);
+            }
+        }
+    }
+}

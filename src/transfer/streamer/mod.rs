@@ -1,0 +1,359 @@
+//! The serving side of the chunk stream: [`Streamer`] (log target `SNAPSHOT:STREAMER`).
+//!
+//! - `mod.rs`: binding, the accept loop and its admission rules (connection limits before any
+//!   work, QUIC Retry under load, per-address limits before authentication), counters.
+//! - `connection.rs`: one connection: handshake and token proofs, refusals, per-peer guards.
+//! - `serve.rs`: one request: a manifest or a chunk range, written through one response path
+//!   with pacing and write deadlines.
+
+mod config;
+mod connection;
+mod serve;
+
+pub use config::StreamerConfig;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::limit::ByteLimiter;
+use super::protocol::{TokenKey, close};
+use super::tls::{self, EndpointError};
+use super::{STREAMER_TARGET, Token};
+use crate::chunk::ChunkSource;
+use crate::config_error::ConfigError;
+use crate::hash::ContentRoot;
+use crate::metrics::{Metrics, Outcome, RefusedReason};
+use crate::snapshot::{ServingPin, SnapshotStore};
+
+/// Counters of a [`Streamer`] since it started (read from its [`Metrics`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamerStats {
+    /// Connections that proved the token.
+    pub connections_accepted: u64,
+    /// Connections refused for a wrong or missing token proof.
+    pub refused_unauthorized: u64,
+    /// Connections refused because a limit was reached.
+    pub refused_busy: u64,
+    /// Connections closed because the client did not read its responses.
+    pub closed_too_slow: u64,
+    /// Connections open now (authenticated or not).
+    pub connections_open: u64,
+    /// Requests answered successfully.
+    pub requests_served: u64,
+    /// Requests answered with an error status.
+    pub requests_refused: u64,
+    /// Chunks sent.
+    pub chunks_served: u64,
+    /// Archive data bytes sent (not counting proofs and headers).
+    pub bytes_served: u64,
+}
+
+/// Why a [`Streamer`] could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamerError {
+    /// A setting cannot work.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Setting up the QUIC endpoint failed (address in use, bind error, certificate).
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// The endpoint could not be created on the bound socket.
+    #[error("cannot start the QUIC endpoint: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Open chunk sources, so that a download keeps going from the same open files even if
+/// retention deletes the snapshot meanwhile, and files are not reopened per request.
+const OPEN_SOURCES: usize = 4;
+
+/// Connections per address.
+#[derive(Debug, Default, Clone, Copy)]
+struct IpSlot {
+    pending: usize,
+    authenticated: usize,
+}
+
+struct PeerSlot {
+    connections: usize,
+    limit: Option<Arc<ByteLimiter>>,
+}
+
+/// A snapshot being served: its chunk source, and the pin that keeps retention off it.
+type OpenSource = (ContentRoot, Arc<ChunkSource>, Arc<ServingPin>);
+
+pub(crate) struct Shared {
+    store: SnapshotStore,
+    local: PeerId,
+    token: Option<TokenKey>,
+    config: StreamerConfig,
+    metrics: Metrics,
+    /// Connections open, authenticated or not.
+    connections: AtomicUsize,
+    /// Connections still in their handshake.
+    pending: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, IpSlot>>,
+    per_peer: Mutex<HashMap<PeerId, PeerSlot>>,
+    global_limit: Option<ByteLimiter>,
+    sources: Mutex<Vec<OpenSource>>,
+    /// Response memory, in KiB permits.
+    memory: Semaphore,
+    memory_kib: u32,
+}
+
+/// Serves the snapshots of a [`SnapshotStore`] over QUIC to downloaders that prove the token.
+///
+/// Serves, per request, a snapshot's manifest or a range of its chunks encoded with the BLAKE3
+/// tree proof the downloader checks each chunk with. Runs on the current tokio runtime until
+/// dropped or [`Streamer::shutdown`].
+pub struct Streamer {
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Streamer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streamer")
+            .field("local_addr", &self.local_addr)
+            .finish()
+    }
+}
+
+impl Streamer {
+    /// Binds the streamer on `config.listen` with the node's identity and starts serving.
+    /// `token` is the shared token (`None`: serve any peer, with a warning); `metrics` counts
+    /// what is served and refused. Must be called within a tokio runtime.
+    pub fn bind(
+        keypair: &Keypair,
+        store: SnapshotStore,
+        config: StreamerConfig,
+        token: Option<&Token>,
+        metrics: Metrics,
+    ) -> Result<Self, StreamerError> {
+        config.validate()?;
+        let server = tls::server_config(keypair, &config.transport)?;
+        let socket = tls::bind_socket(config.listen, &config.transport)?;
+        let endpoint = quinn::Endpoint::new(
+            tls::endpoint_config(&config.transport),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let local_addr = endpoint.local_addr()?;
+        let memory_kib =
+            (config.response_memory / 1024).clamp(1024, u64::from(u32::MAX >> 3)) as u32;
+        if token.is_none() {
+            tracing::warn!(target: STREAMER_TARGET, %local_addr, "no SNAPSHOT_TOKEN configured: serving snapshots to any peer");
+        }
+        let shared = Arc::new(Shared {
+            store,
+            local: keypair.public().to_peer_id(),
+            token: token.map(TokenKey::new),
+            global_limit: config.rate_limit.map(ByteLimiter::new),
+            metrics,
+            connections: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+            per_peer: Mutex::new(HashMap::new()),
+            sources: Mutex::new(Vec::new()),
+            memory: Semaphore::new(memory_kib as usize),
+            memory_kib,
+            config,
+        });
+        tracing::info!(target: STREAMER_TARGET, %local_addr, "chunk streamer listening");
+        let task = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+        Ok(Self {
+            endpoint,
+            local_addr,
+            shared,
+            task,
+        })
+    }
+
+    /// The address the streamer listens on (with the port the OS picked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> StreamerStats {
+        let m = &self.shared.metrics;
+        StreamerStats {
+            connections_accepted: m.accepted_connections.get(),
+            refused_unauthorized: m.refusals(RefusedReason::Unauthorized),
+            refused_busy: m.refusals(RefusedReason::Busy),
+            closed_too_slow: m.refusals(RefusedReason::TooSlow),
+            connections_open: self.shared.connections.load(Ordering::Relaxed) as u64,
+            requests_served: m.served_count(Outcome::Ok),
+            requests_refused: m.served_count(Outcome::Refused),
+            chunks_served: m.served_chunks.get(),
+            bytes_served: m.served_bytes.get(),
+        }
+    }
+
+    /// Closes every connection (telling each client why) and stops serving; waits, briefly,
+    /// for the closes to go out.
+    pub async fn shutdown(self) {
+        self.close().await;
+    }
+
+    /// Closes every connection (telling each client why) and stops accepting; the returned
+    /// future waits, briefly, for the closes to go out.
+    pub fn close(&self) -> impl std::future::Future<Output = ()> + Send + use<> {
+        self.endpoint.close(close::SHUTDOWN, b"shutting down");
+        self.task.abort();
+        let endpoint = self.endpoint.clone();
+        async move {
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
+    }
+}
+
+impl Drop for Streamer {
+    fn drop(&mut self) {
+        self.endpoint.close(close::SHUTDOWN, b"shutting down");
+        self.task.abort();
+    }
+}
+
+impl Shared {
+    fn lock_ips(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, IpSlot>> {
+        self.per_ip.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits a new connection from `ip` before any work is done for it, or says why not.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, RefusedReason> {
+        if self.connections.load(Ordering::Acquire) >= self.config.max_connections {
+            return Err(RefusedReason::Busy);
+        }
+        {
+            let mut ips = self.lock_ips();
+            let slot = ips.entry(ip).or_default();
+            if slot.pending >= self.config.max_pending_per_ip {
+                return Err(RefusedReason::Busy);
+            }
+            slot.pending += 1;
+        }
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        Ok(Slot {
+            shared: self.clone(),
+            ip,
+            authenticated: false,
+        })
+    }
+}
+
+/// A connection's place in the limits, released on every path (drop).
+pub(crate) struct Slot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+    authenticated: bool,
+}
+
+impl Slot {
+    /// The connection proved the token: from pending to authenticated, if its address has room.
+    fn authenticate(&mut self) -> bool {
+        let mut ips = self.shared.lock_ips();
+        let slot = ips.entry(self.ip).or_default();
+        if slot.authenticated >= self.shared.config.max_connections_per_ip {
+            return false;
+        }
+        slot.pending = slot.pending.saturating_sub(1);
+        slot.authenticated += 1;
+        self.authenticated = true;
+        self.shared.pending.fetch_sub(1, Ordering::AcqRel);
+        true
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        {
+            let mut ips = self.shared.lock_ips();
+            if let Some(slot) = ips.get_mut(&self.ip) {
+                if self.authenticated {
+                    slot.authenticated = slot.authenticated.saturating_sub(1);
+                } else {
+                    slot.pending = slot.pending.saturating_sub(1);
+                }
+                if slot.pending == 0 && slot.authenticated == 0 {
+                    ips.remove(&self.ip);
+                }
+            }
+        }
+        if !self.authenticated {
+            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.shared.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let remote = incoming.remote_address();
+                // Under load, a client must first show it receives at its address: a spoofed
+                // source costs the server one small Retry packet and no state.
+                if shared.pending.load(Ordering::Acquire) >= shared.config.retry_after_pending
+                    && !incoming.remote_address_validated()
+                    && incoming.may_retry()
+                {
+                    shared.metrics.refused(RefusedReason::Retry);
+                    let _ = incoming.retry();
+                    continue;
+                }
+                let slot = match shared.admit(remote.ip()) {
+                    Ok(slot) => slot,
+                    Err(reason) => {
+                        shared.metrics.refused(reason);
+                        tracing::debug!(target: STREAMER_TARGET, %remote, "connection limit reached; refusing");
+                        incoming.refuse();
+                        continue;
+                    }
+                };
+                let shared = shared.clone();
+                let span = tracing::debug_span!(target: STREAMER_TARGET, "connection", %remote);
+                connections.spawn(tracing::Instrument::instrument(async move {
+                    if let Err(e) = connection::serve(incoming, slot, &shared).await {
+                        tracing::debug!(target: STREAMER_TARGET, error = %e, "connection ended");
+                    }
+                }, span));
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// Why a connection or request ended early (logged, never sent as snapshot data).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ServeError {
+    #[error("handshake: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("no handshake and token proof within the auth timeout")]
+    AuthTimeout,
+    #[error("frame: {0}")]
+    Frame(#[from] super::FrameError),
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream closed: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+    #[error("refused: {0}")]
+    Refused(&'static str),
+    #[error("the client did not take a response within the write deadline")]
+    TooSlow,
+}

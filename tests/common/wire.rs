@@ -1,0 +1,209 @@
+//! The chunk stream in tests: streamers and downloaders over 127.0.0.1, and a raw client that
+//! speaks the wire directly, as an attacker would.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
+use prost::Message;
+use snapsync::Metrics;
+use snapsync::db::StateDb;
+use snapsync::fuzz::proto;
+use snapsync::snapshot::{Snapshot, load_snapshot};
+use snapsync::transfer::{
+    DownloadConfig, Downloaded, Downloader, PeerAddr, Streamer, StreamerConfig, Token,
+};
+
+use super::Node;
+
+pub fn local() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+pub fn serve(node: &Node, config: StreamerConfig) -> Streamer {
+    serve_token(node, config, None)
+}
+
+pub fn serve_token(node: &Node, config: StreamerConfig, token: Option<Token>) -> Streamer {
+    Streamer::bind(
+        &node.keypair,
+        node.store.clone(),
+        config.with_listen(local()),
+        token.as_ref(),
+        Metrics::new(),
+    )
+    .unwrap()
+}
+
+pub fn peer(node: &Node, streamer: &Streamer) -> PeerAddr {
+    PeerAddr {
+        peer_id: node.peer_id(),
+        addr: streamer.local_addr(),
+    }
+}
+
+/// Download settings for tests: quick retries and timeouts.
+pub fn fast() -> DownloadConfig {
+    DownloadConfig::default()
+        .with_bind(local())
+        .with_backoff_min(Duration::from_millis(50))
+        .with_backoff_max(Duration::from_millis(500))
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_min_request_timeout(Duration::from_secs(3))
+        .with_no_progress_timeout(Duration::from_secs(20))
+}
+
+pub fn downloader(node: &Node, config: DownloadConfig) -> Downloader {
+    downloader_token(node, config, None)
+}
+
+pub fn downloader_token(node: &Node, config: DownloadConfig, token: Option<Token>) -> Downloader {
+    Downloader::new(
+        node.keypair.clone(),
+        node.store.clone(),
+        config,
+        token.as_ref(),
+        Metrics::new(),
+    )
+    .unwrap()
+}
+
+/// The download is the snapshot, byte for byte, and it loads to the same bank hash.
+pub fn assert_exact(got: &Downloaded, want: &Snapshot, into: &Node) {
+    assert_eq!(
+        got.snapshot.manifest().content_root,
+        want.manifest().content_root
+    );
+    assert_eq!(
+        std::fs::read(got.snapshot.archive_path()).unwrap(),
+        std::fs::read(want.archive_path()).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(got.snapshot.outboard_path()).unwrap(),
+        std::fs::read(want.outboard_path()).unwrap()
+    );
+    let report = load_snapshot(
+        &into.db,
+        &got.snapshot.archive_path(),
+        got.snapshot.manifest(),
+    )
+    .unwrap();
+    assert_eq!(report.bank_hash, want.manifest().bank_hash);
+    assert_eq!(into.db.slot().unwrap(), Some(want.manifest().slot));
+}
+
+/// A chunk-stream client that speaks the wire by hand.
+pub struct RawClient {
+    pub endpoint: quinn::Endpoint,
+    pub keypair: Keypair,
+}
+
+/// ALPN of the chunk stream.
+pub const ALPN: &[u8] = b"snapsync/chunks/2";
+
+impl RawClient {
+    pub fn new() -> Self {
+        Self::with_endpoint(quinn::Endpoint::client(local()).unwrap())
+    }
+
+    /// A client on `endpoint` (bound to another loopback address, say).
+    pub fn with_endpoint(endpoint: quinn::Endpoint) -> Self {
+        Self {
+            endpoint,
+            keypair: Keypair::generate_ed25519(),
+        }
+    }
+
+    /// A QUIC connection (TLS done, nothing said yet).
+    pub async fn connect(
+        &self,
+        server: PeerId,
+        addr: SocketAddr,
+    ) -> Result<quinn::Connection, quinn::ConnectionError> {
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_idle_timeout(Some(Duration::from_secs(10).try_into().unwrap()));
+        self.connect_with(server, addr, transport).await
+    }
+
+    /// [`RawClient::connect`] with these transport settings.
+    pub async fn connect_with(
+        &self,
+        server: PeerId,
+        addr: SocketAddr,
+        transport: quinn::TransportConfig,
+    ) -> Result<quinn::Connection, quinn::ConnectionError> {
+        let mut tls = libp2p_tls::make_client_config(&self.keypair, Some(server)).unwrap();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::new(transport));
+        self.endpoint
+            .connect_with(config, addr, "snapsync")
+            .unwrap()
+            .await
+    }
+
+    /// A connection past the handshake, in the open (no token) mode.
+    pub async fn hello(&self, server: PeerId, addr: SocketAddr) -> quinn::Connection {
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_idle_timeout(Some(Duration::from_secs(10).try_into().unwrap()));
+        self.hello_with(server, addr, transport).await
+    }
+
+    /// [`RawClient::hello`] with these transport settings.
+    pub async fn hello_with(
+        &self,
+        server: PeerId,
+        addr: SocketAddr,
+        transport: quinn::TransportConfig,
+    ) -> quinn::Connection {
+        let conn = self.connect_with(server, addr, transport).await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&frame(&proto::Hello {
+            protocol_version: 2,
+            proof: Default::default(),
+        }))
+        .await
+        .unwrap();
+        send.finish().unwrap();
+        let welcome: proto::Welcome = read(&mut recv).await.unwrap();
+        assert_eq!(welcome.refused, proto::Refusal::None as i32, "{welcome:?}");
+        conn
+    }
+}
+
+impl Default for RawClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A framed message: u32 big-endian length, then the protobuf.
+pub fn frame<M: Message>(msg: &M) -> Vec<u8> {
+    let mut out = (msg.encoded_len() as u32).to_be_bytes().to_vec();
+    msg.encode(&mut out).unwrap();
+    out
+}
+
+/// Reads one framed message.
+pub async fn read<M: Message + Default>(recv: &mut quinn::RecvStream) -> Result<M, String> {
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await.map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    recv.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+    M::decode(buf.as_slice()).map_err(|e| e.to_string())
+}
+
+/// A request for chunks `start..end` of `root`.
+pub fn get_chunks(root: snapsync::ContentRoot, start: u64, end: u64, chunk_size: u32) -> Vec<u8> {
+    frame(&proto::Request {
+        kind: Some(proto::request::Kind::Chunks(proto::GetChunks {
+            content_root: root.0.to_vec().into(),
+            start_chunk: start,
+            end_chunk: end,
+            chunk_size,
+        })),
+    })
+}
