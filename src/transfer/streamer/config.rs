@@ -20,6 +20,7 @@ pub struct StreamerConfig {
     pub(super) max_streams_per_connection: u32,
     pub(super) max_request_bytes: u64,
     pub(super) response_memory: u64,
+    pub(super) send_memory: u64,
     pub(super) rate_limit: Option<u64>,
     pub(super) rate_limit_per_peer: Option<u64>,
     pub(super) auth_timeout: Duration,
@@ -40,6 +41,7 @@ impl Default for StreamerConfig {
             max_streams_per_connection: 32,
             max_request_bytes: 8 << 20,
             response_memory: 32 << 20,
+            send_memory: 64 << 20,
             rate_limit: None,
             rate_limit_per_peer: None,
             auth_timeout: Duration::from_secs(5),
@@ -95,6 +97,14 @@ impl StreamerConfig {
         /// 32 MiB). Requests wait for their share, so memory stays bounded whatever the number of
         /// clients.
         with_response_memory, response_memory: u64
+    );
+    setting!(
+        /// QUIC send-buffer memory shared by every authenticated connection (default 64 MiB):
+        /// each gets an equal share as its send window, at most `transport.send_window` and at
+        /// least 256 KiB, rebalanced as connections come and go. Data handed to QUIC stays
+        /// buffered until acknowledged, so this, with `response_memory`, bounds what serving
+        /// holds whatever the number of clients.
+        with_send_memory, send_memory: u64
     );
     setting!(
         /// Serving rate cap across all peers, bytes per second (default none).
@@ -155,6 +165,13 @@ impl StreamerConfig {
                 "streamer.response_memory",
                 "at least 1 MiB and at least max_request_bytes",
                 self.response_memory,
+            ));
+        }
+        if self.send_memory < 1 << 20 {
+            return Err(ConfigError::new(
+                "streamer.send_memory",
+                "at least 1 MiB",
+                self.send_memory,
             ));
         }
         for (name, rate) in [

@@ -75,7 +75,12 @@ pub(super) async fn serve(
             return Err(ServeError::Refused(refusal.message()));
         }
     };
-    let _guard = PeerGuard { shared, peer };
+    let _guard = PeerGuard {
+        shared,
+        peer,
+        conn: conn.stable_id(),
+    };
+    enter_serving(shared, &conn);
     shared.metrics.accepted_connections.inc();
     shared.metrics.active_transfers.inc();
     write_frame(&mut send, &protocol::welcome(Ok(proof))).await?;
@@ -177,14 +182,53 @@ fn enter_peer(shared: &Shared, peer: PeerId) -> Option<Option<Arc<ByteLimiter>>>
     Some(slot.limit.clone())
 }
 
-/// An authenticated connection of a peer; leaves the peer's table and the gauge on drop.
+/// The send window of each of `connections` authenticated connections: an equal share of
+/// `send_memory`, at most the transport's send window, at least [`MIN_SEND_WINDOW`].
+pub(super) fn send_share(send_memory: u64, max_window: u64, connections: usize) -> u64 {
+    (send_memory / connections.max(1) as u64).clamp(MIN_SEND_WINDOW.min(max_window), max_window)
+}
+
+/// The smallest send window a connection is given however many there are.
+const MIN_SEND_WINDOW: u64 = 256 << 10;
+
+/// Gives every authenticated connection its share of the send memory.
+fn rebalance(shared: &Shared, serving: &[(usize, quinn::Connection)]) {
+    let share = send_share(
+        shared.config.send_memory,
+        shared.config.transport.send_window,
+        serving.len(),
+    );
+    for (_, c) in serving {
+        c.set_send_window(share);
+    }
+}
+
+/// Adds an authenticated connection to those sharing the send memory.
+fn enter_serving(shared: &Shared, conn: &quinn::Connection) {
+    let mut serving = shared.serving.lock().unwrap_or_else(|p| p.into_inner());
+    serving.push((conn.stable_id(), conn.clone()));
+    rebalance(shared, &serving);
+}
+
+/// An authenticated connection of a peer; leaves the peer's table, the send-memory share and
+/// the gauge on drop.
 struct PeerGuard<'a> {
     shared: &'a Shared,
     peer: PeerId,
+    conn: usize,
 }
 
 impl Drop for PeerGuard<'_> {
     fn drop(&mut self) {
+        {
+            let mut serving = self
+                .shared
+                .serving
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            serving.retain(|(id, _)| *id != self.conn);
+            rebalance(self.shared, &serving);
+        }
         self.shared.metrics.active_transfers.dec();
         let mut peers = self
             .shared
@@ -197,5 +241,24 @@ impl Drop for PeerGuard<'_> {
                 peers.remove(&self.peer);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::send_share;
+
+    #[test]
+    fn the_send_memory_is_shared_within_bounds() {
+        const MIB: u64 = 1 << 20;
+        // Alone, a connection gets the transport's window, not the whole budget.
+        assert_eq!(send_share(64 * MIB, 16 * MIB, 1), 16 * MIB);
+        assert_eq!(send_share(64 * MIB, 16 * MIB, 4), 16 * MIB);
+        // Many share the budget: the total stays within it.
+        assert_eq!(send_share(64 * MIB, 16 * MIB, 32), 2 * MIB);
+        assert!(send_share(64 * MIB, 16 * MIB, 64) * 64 <= 64 * MIB);
+        // Never below the floor, nor above a window smaller than it.
+        assert_eq!(send_share(64 * MIB, 16 * MIB, 10_000), 256 << 10);
+        assert_eq!(send_share(64 * MIB, 64 << 10, 10_000), 64 << 10);
     }
 }

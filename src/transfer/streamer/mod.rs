@@ -104,6 +104,8 @@ pub(crate) struct Shared {
     per_peer: Mutex<HashMap<PeerId, PeerSlot>>,
     global_limit: Option<ByteLimiter>,
     sources: Mutex<Vec<OpenSource>>,
+    /// Authenticated connections, each with its share of `send_memory` as its send window.
+    serving: Mutex<Vec<(usize, quinn::Connection)>>,
     /// Response memory, in KiB permits.
     memory: Semaphore,
     memory_kib: u32,
@@ -166,6 +168,7 @@ impl Streamer {
             per_ip: Mutex::new(HashMap::new()),
             per_peer: Mutex::new(HashMap::new()),
             sources: Mutex::new(Vec::new()),
+            serving: Mutex::new(Vec::new()),
             memory: Semaphore::new(memory_kib as usize),
             memory_kib,
             config,
