@@ -79,6 +79,20 @@ struct Bar {
     bar: indicatif::ProgressBar,
     started: Instant,
     resumed: u64,
+    /// When it finished, and the bytes it fetched.
+    finished: Option<(Instant, u64)>,
+}
+
+/// What the downloads of one sync fetched, and over how long: from the first one's start to
+/// the last one's end, the same clock the bars' averages use.
+fn fetched_over(bars: &HashMap<ContentRoot, Bar>) -> Option<(u64, f64)> {
+    let start = bars.values().map(|b| b.started).min()?;
+    let end = bars
+        .values()
+        .filter_map(|b| b.finished.map(|f| f.0))
+        .max()?;
+    let bytes = bars.values().filter_map(|b| b.finished.map(|f| f.1)).sum();
+    Some((bytes, end.duration_since(start).as_secs_f64().max(1e-3)))
 }
 
 #[tokio::main]
@@ -238,28 +252,30 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                         Event::DownloadStarted { key, resumed_bytes, .. } => {
                             let bar = bars.add(node::progress_bar(key.archive_size));
                             bar.set_prefix(key.kind.as_str().to_string());
-                            downloads.insert(key.content_root, Bar { bar, started: Instant::now(), resumed: resumed_bytes });
+                            downloads.insert(key.content_root, Bar { bar, started: Instant::now(), resumed: resumed_bytes, finished: None });
                         }
                         Event::DownloadProgress(p) => {
-                            if let Some(b) = downloads.get(&p.root) {
+                            if let Some(b) = downloads.get_mut(&p.root) {
                                 node::update_bar(&b.bar, &p);
-                                if p.finished {
+                                if p.finished && b.finished.is_none() {
+                                    let fetched = p.done_bytes.saturating_sub(b.resumed);
                                     let took = b.started.elapsed().as_secs_f64().max(1e-3);
-                                    let rate = (p.done_bytes - b.resumed) as f64 / took;
-                                    b.bar.finish_with_message(format!("{}/s on average", human_bytes(rate as u64)));
+                                    b.finished = Some((Instant::now(), fetched));
+                                    b.bar.finish_with_message(format!("{}/s on average", human_bytes((fetched as f64 / took) as u64)));
                                 }
                             }
                         }
                         Event::SnapshotSynced { slot, bank_hash, kind, with_full, fetched_bytes, elapsed, per_peer, .. } => {
+                            let (fetched, secs) = fetched_over(&downloads).unwrap_or((fetched_bytes, elapsed.as_secs_f64().max(1e-3)));
                             for (_, b) in downloads.drain() {
                                 b.bar.finish_and_clear();
                             }
-                            let how = if with_full { "full + incremental" } else { kind.as_str() };
+                            let how = node::sync_words(kind, with_full);
                             say(format!(
-                                "* synced slot {slot} ({how}): fetched {} in {:.2} s ({}/s), every chunk verified, bank hash {} recomputed and matching",
-                                human_bytes(fetched_bytes),
+                                "* synced slot {slot} ({how}): fetched {} in {secs:.2} s ({}/s), live {:.2} s after the choice; every chunk verified, bank hash {} recomputed and matching",
+                                human_bytes(fetched),
+                                human_bytes((fetched as f64 / secs) as u64),
                                 elapsed.as_secs_f64(),
-                                human_bytes((fetched_bytes as f64 / elapsed.as_secs_f64().max(1e-3)) as u64),
                                 bank_hash.short()
                             ));
                             for (p, b) in per_peer.iter().filter(|(_, b)| *b > 0) {

@@ -191,11 +191,7 @@ async fn follow(net: &mut Net, names: &[(usize, String)]) -> HashMap<usize, Sync
                     (Some(s), Some(d)) => d.duration_since(*s).as_secs_f64(),
                     _ => secs,
                 };
-                let kind = if with_full {
-                    "full + incremental"
-                } else {
-                    kind.as_str()
-                };
+                let kind = node::sync_words(kind, with_full);
                 bars.suspend(|| println!(
                     "[{name}] synced slot {slot} ({kind}) in {secs:.2} s: {} fetched, every chunk checked against its content root, bank hash {} recomputed and matching",
                     human_bytes(fetched_bytes),

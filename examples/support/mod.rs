@@ -13,21 +13,57 @@ use std::time::Duration;
 use snapsync::snapshot::{FORMAT_VERSION, Manifest};
 use snapsync::{BankHash, ChunkSize};
 
-/// CPU time and peak resident memory of this process so far.
+/// CPU time and peak memory of this process so far.
 #[derive(Debug, Clone, Copy)]
 pub struct Usage {
     pub cpu: Duration,
+    /// Peak resident memory of this process (`VmHWM`): its heap and stacks, and the pages of
+    /// files it maps that it touched (an LMDB map's pages count here, though they are the page
+    /// cache's and reclaimable).
     pub peak_rss_mib: f64,
+    /// Peak anonymous resident memory (`RssAnon`, sampled every 10 ms from the first call of
+    /// [`usage`]): what the process itself holds, beyond any cache.
+    pub peak_anon_mib: f64,
 }
 
+/// Largest `RssAnon` sampled so far, KiB.
+static PEAK_ANON_KIB: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A field of `/proc/self/status`, KiB.
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn sample_anon() {
+    PEAK_ANON_KIB.fetch_max(status_kib("RssAnon:"), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// CPU time and peak memory so far. (Not `getrusage`'s `ru_maxrss`: Linux carries it over
+/// `exec`, so a phase would report its parent's peak.) The first call starts the sampler.
 pub fn usage() -> Usage {
+    static SAMPLER: std::sync::Once = std::sync::Once::new();
+    SAMPLER.call_once(|| {
+        std::thread::spawn(|| {
+            loop {
+                sample_anon();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+    });
+    sample_anon();
     // SAFETY: getrusage only writes the struct it is given.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     Usage {
         cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
-        peak_rss_mib: ru.ru_maxrss as f64 / 1024.0,
+        peak_rss_mib: status_kib("VmHWM:") as f64 / 1024.0,
+        peak_anon_mib: PEAK_ANON_KIB.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0,
     }
 }
 

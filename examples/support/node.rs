@@ -626,6 +626,14 @@ pub fn short(peer: &PeerId) -> String {
     s[s.len().saturating_sub(8)..].to_string()
 }
 
+/// What a sync fetched, in words: `full`, `incremental`, or `full + incremental`.
+pub fn sync_words(kind: snapsync::SnapshotKind, with_full: bool) -> &'static str {
+    match (with_full, kind) {
+        (true, snapsync::SnapshotKind::Incremental) => "full + incremental",
+        (_, kind) => kind.as_str(),
+    }
+}
+
 /// `n thing` or `n things`.
 pub fn plural(n: usize, thing: &str) -> String {
     if n == 1 {
