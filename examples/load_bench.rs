@@ -25,14 +25,7 @@ use snapsync::snapshot::{Manifest, SnapshotStore};
 use snapsync::transfer::{
     DownloadConfig, DownloadTarget, Downloader, PeerAddr, Streamer, StreamerConfig,
 };
-use support::mib;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
+use support::{arg, mib};
 
 /// The streamer's role: serves `--store` until its stdin closes.
 async fn serve(store: &Path) {

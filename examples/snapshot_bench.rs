@@ -18,7 +18,7 @@
 mod support;
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,14 +29,7 @@ use snapsync::snapshot::{
     CreateOptions, SnapshotStore, create_incremental, create_snapshot, load_snapshot,
 };
 use support::state::{VALUE_LEN, entries_for, key, open_db, populate, value};
-use support::{field, mib, run_phase, usage};
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
+use support::{arg, field, mib, run_phase, usage};
 
 /// The zstd level under test (`--level`, default the crate's default).
 fn level() -> i32 {
@@ -167,20 +160,8 @@ fn phase_baseline(raw: &Path) {
     let before = usage();
     let started = Instant::now();
     let mut encoder = zstd::stream::write::Encoder::new(std::io::sink(), level()).unwrap();
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut total = 0u64;
-    loop {
-        let n = input.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        encoder.write_all(&buf[..n]).unwrap();
-        total += n as u64;
-    }
+    let total = support::hash_through(&mut input, &mut encoder);
     encoder.finish().unwrap();
-    std::hint::black_box(hasher.finalize());
     let secs = started.elapsed().as_secs_f64();
     let after = usage();
     println!(
@@ -273,14 +254,9 @@ fn main() {
     }
     let incr_load = run_phase(&["--phase", "load-incremental", "--dir", &dir]);
 
-    let median = |runs: &[String]| {
-        let mut sorted: Vec<&String> = runs.iter().collect();
-        sorted.sort_by(|a, b| field(a, "secs").total_cmp(&field(b, "secs")));
-        sorted[sorted.len() / 2].clone()
-    };
-    let create = median(&creates);
-    let baseline = median(&baselines);
-    let incr = median(&incr_creates);
+    let create = support::median(&creates);
+    let baseline = support::median(&baselines);
+    let incr = support::median(&incr_creates);
 
     let state_bytes = field(&create, "state_bytes") as u64;
     let archive_bytes = field(&create, "archive_bytes") as u64;

@@ -21,8 +21,7 @@
 mod support;
 
 use std::fs::File;
-use std::io::{BufReader, Read, Write};
-use std::net::SocketAddr;
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -37,21 +36,10 @@ use snapsync::transfer::{
     DownloadConfig, DownloadTarget, Downloader, PeerAddr, Streamer, StreamerConfig,
 };
 use support::state::{open_db, populate};
-use support::{field, mib, run_phase, usage};
+use support::{arg, field, local, mib, run_phase, usage};
 
 /// The slot of the snapshot.
 const SLOT: u64 = 1_000;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
-fn local() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
 
 /// The holder's snapshot.
 fn holder_manifest(dir: &Path) -> Manifest {
@@ -183,20 +171,8 @@ fn phase_baseline(dir: &Path) {
     let input = BufReader::new(File::open(snap.archive_path()).unwrap());
     let mut decoder = zstd::stream::read::Decoder::with_buffer(input).unwrap();
     let mut out = File::create(dir.join("baseline.bin")).unwrap();
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = decoder.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).unwrap();
-        total += n as u64;
-    }
+    let total = support::hash_through(&mut decoder, &mut out);
     out.sync_all().unwrap();
-    std::hint::black_box(hasher.finalize());
     print_stage(started, before, &format!(",\"bytes\":{total}"));
     drop(out);
     let _ = std::fs::remove_file(dir.join("baseline.bin"));
@@ -270,16 +246,11 @@ fn main() {
             downloads[round], loads[round], syncs[round], baselines[round]
         );
     }
-    let median = |runs: &[String]| {
-        let mut sorted: Vec<&String> = runs.iter().collect();
-        sorted.sort_by(|a, b| field(a, "secs").total_cmp(&field(b, "secs")));
-        sorted[sorted.len() / 2].clone()
-    };
     let (download, load, sync, baseline) = (
-        median(&downloads),
-        median(&loads),
-        median(&syncs),
-        median(&baselines),
+        support::median(&downloads),
+        support::median(&loads),
+        support::median(&syncs),
+        support::median(&baselines),
     );
     drop(streamer);
 

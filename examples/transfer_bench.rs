@@ -29,19 +29,8 @@ use snapsync::snapshot::{Manifest, SnapshotStore};
 use snapsync::transfer::{
     DownloadConfig, DownloadTarget, Downloader, PeerAddr, Streamer, StreamerConfig,
 };
-use support::{field, mib, usage};
+use support::{arg, field, local, mib, usage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-}
-
-fn local() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
 
 /// Server roles print one line per listener (JSON) and serve until killed.
 async fn serve_snapsync(store: &Path, count: usize, cap: Option<u64>) {

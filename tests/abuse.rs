@@ -63,11 +63,7 @@ async fn a_client_that_does_not_read_loses_its_memory_and_its_connection() {
     // An honest downloader is served all the same.
     let client = Node::new();
     let started = Instant::now();
-    let got = downloader(&client, fast())
-        .download(
-            DownloadTarget::from_manifest(m),
-            vec![peer(&server, &streamer)],
-        )
+    let got = fetch_from(&client, fast(), m, &server, &streamer)
         .await
         .unwrap();
     assert_exact(&got, &snap, &client);
@@ -159,11 +155,7 @@ async fn hundreds_of_connections_that_never_authenticate_do_not_starve_an_honest
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let client = Node::new();
-    let got = downloader(&client, fast())
-        .download(
-            DownloadTarget::from_manifest(snap.manifest()),
-            vec![peer(&server, &streamer)],
-        )
+    let got = fetch_from(&client, fast(), snap.manifest(), &server, &streamer)
         .await
         .unwrap();
     assert_exact(&got, &snap, &client);
@@ -237,13 +229,15 @@ async fn a_snapshot_damaged_on_disk_after_start_is_not_served() {
         .set_len(len / 2)
         .unwrap();
     let client = Node::new();
-    let err = downloader(&client, fast().with_max_peer_failures(2))
-        .download(
-            DownloadTarget::from_manifest(snap.manifest()),
-            vec![peer(&server, &streamer)],
-        )
-        .await
-        .unwrap_err();
+    let err = fetch_from(
+        &client,
+        fast().with_max_peer_failures(2),
+        snap.manifest(),
+        &server,
+        &streamer,
+    )
+    .await
+    .unwrap_err();
     println!("{err}");
     assert!(matches!(err, DownloadError::NoPeers { .. }), "{err}");
     assert!(err.to_string().contains("unavailable"), "{err}");

@@ -62,6 +62,27 @@ async fn producers(events: &Events, n: usize, cap: u64) -> Vec<TestNode> {
     out
 }
 
+/// Starts node `index`, a syncing node on `dir` and `db`, dialing `peers`.
+async fn start_syncing(
+    events: &Events,
+    index: usize,
+    (dir, db): &(std::sync::Arc<tempfile::TempDir>, snapsync::db::LmdbState),
+    peers: &[&TestNode],
+) -> TestNode {
+    let node = start_node(
+        index,
+        dir.clone(),
+        db.clone(),
+        lineage_config(dir.path()),
+        events.tx.clone(),
+    )
+    .await;
+    for p in peers {
+        node.dial(p.addr.clone());
+    }
+    node
+}
+
 /// Waits until every producer in `0..n` made its snapshot at `slot`; checks they are the same
 /// bytes (one content root) and returns the manifest.
 async fn made_by_all(events: &mut Events, n: usize, slot: u64) -> Manifest {
@@ -176,18 +197,13 @@ async fn a_late_joiner_among_three_producers_is_served_by_all_and_ends_at_the_ne
     assert_eq!(first_incr.base.unwrap().content_root, full.content_root);
 
     // The joiner arrives while the chain moves on; the full takes several intervals.
-    let (dir, db) = node_dir(0, 0, 0);
-    let joiner = start_node(
+    let joiner = start_syncing(
+        &events,
         10,
-        dir.clone(),
-        db,
-        lineage_config(dir.path()),
-        events.tx.clone(),
+        &node_dir(0, 0, 0),
+        &ps.iter().collect::<Vec<_>>(),
     )
     .await;
-    for p in &ps {
-        joiner.dial(p.addr.clone());
-    }
     let first = synced(&mut events, 10).await;
     println!("first sync: {first:?}");
     assert!(
@@ -238,16 +254,7 @@ async fn a_late_joiner_among_three_producers_is_served_by_all_and_ends_at_the_ne
         held.contains(&(SnapshotKind::Incremental, newest)),
         "{held:?}"
     );
-    let (dir2, db2) = node_dir(0, 0, 0);
-    let second = start_node(
-        11,
-        dir2.clone(),
-        db2,
-        lineage_config(dir2.path()),
-        events.tx.clone(),
-    )
-    .await;
-    second.dial(joiner.addr.clone());
+    let second = start_syncing(&events, 11, &node_dir(0, 0, 0), &[&joiner]).await;
     let done2 = synced_to(&mut events, 11, newest).await;
     assert_eq!(done2.bank_hash, last.bank_hash);
     // (The producers, hearing its request, answer it too.)
@@ -274,18 +281,9 @@ async fn a_node_restarted_behind_asks_by_itself_and_fetches_only_the_incremental
     chain.stop_at(3 * RANGE + 5);
     let at = made_by_all(&mut events, 2, 3 * RANGE).await;
 
-    let (dir, db) = node_dir(0, 0, 0);
-    let node = start_node(
-        10,
-        dir.clone(),
-        db.clone(),
-        lineage_config(dir.path()),
-        events.tx.clone(),
-    )
-    .await;
-    for p in &ps {
-        node.dial(p.addr.clone());
-    }
+    let dir = node_dir(0, 0, 0);
+    let producers_of: Vec<&TestNode> = ps.iter().collect();
+    let node = start_syncing(&events, 10, &dir, &producers_of).await;
     let done = synced_to(&mut events, 10, 3 * RANGE).await;
     assert_eq!(done.bank_hash, at.bank_hash);
 
@@ -296,17 +294,7 @@ async fn a_node_restarted_behind_asks_by_itself_and_fetches_only_the_incremental
     let newest = made_by_all(&mut events, 2, 8 * RANGE).await;
 
     // Restarted on the same data dir: no one tells it to sync; it asks at its first tick.
-    let node = start_node(
-        20,
-        dir.clone(),
-        db.clone(),
-        lineage_config(dir.path()),
-        events.tx.clone(),
-    )
-    .await;
-    for p in &ps {
-        node.dial(p.addr.clone());
-    }
+    let _node = start_syncing(&events, 20, &dir, &producers_of).await;
     events
         .wait(LONG, "the restarted node's first round", |i, e| match e {
             Ev::Snap(Event::DiscoveryStarted { local_slot, .. }) if i == 20 => {
@@ -331,7 +319,7 @@ async fn a_node_restarted_behind_asks_by_itself_and_fetches_only_the_incremental
         full.archive_size
     );
     assert_eq!(done.bank_hash, newest.bank_hash);
-    assert_state_is_chain_at(&db, 8 * RANGE);
+    assert_state_is_chain_at(&dir.1, 8 * RANGE);
 }
 
 /// One node's archives: (kind, slot) -> (content root, archive bytes).

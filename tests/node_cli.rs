@@ -6,25 +6,22 @@ mod common;
 
 use std::time::Duration;
 
-use common::process::Proc;
+use common::process::{Proc, on_loopback};
 
 fn producer(dir: &std::path::Path, token: &str) -> (Proc, String) {
     let p = Proc::start(
-        &[
-            "--data-dir",
+        &on_loopback(
             dir.to_str().unwrap(),
-            "--listen",
-            "/ip4/127.0.0.1/udp/0/quic-v1",
-            "--streamer",
-            "127.0.0.1:0",
-            "--produce",
-            "--state-mib",
-            "2",
-            "--slot-ms",
-            "20",
-            "--range-for-snapshot",
-            "25",
-        ],
+            &[
+                "--produce",
+                "--state-mib",
+                "2",
+                "--slot-ms",
+                "20",
+                "--range-for-snapshot",
+                "25",
+            ],
+        ),
         token,
     );
     let listening = p.wait_event("listening");
@@ -35,19 +32,10 @@ fn producer(dir: &std::path::Path, token: &str) -> (Proc, String) {
 
 fn syncer(dir: &std::path::Path, peer: &str, token: &str) -> Proc {
     Proc::start(
-        &[
-            "--data-dir",
+        &on_loopback(
             dir.to_str().unwrap(),
-            "--listen",
-            "/ip4/127.0.0.1/udp/0/quic-v1",
-            "--streamer",
-            "127.0.0.1:0",
-            "--peer",
-            peer,
-            "--exit-after-sync",
-            "--timeout",
-            "60",
-        ],
+            &["--peer", peer, "--exit-after-sync", "--timeout", "60"],
+        ),
         token,
     )
 }
@@ -106,49 +94,4 @@ fn a_bad_chunk_size_is_refused_at_start() {
         err.contains("chunk size 3000 is not a power of two"),
         "{err}"
     );
-}
-
-#[test]
-fn metrics_are_served_over_http() {
-    use std::io::{Read, Write};
-    let tmp = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics = format!("127.0.0.1:{port}");
-    let p = Proc::start(
-        &[
-            "--data-dir",
-            tmp.path().to_str().unwrap(),
-            "--listen",
-            "/ip4/127.0.0.1/udp/0/quic-v1",
-            "--streamer",
-            "127.0.0.1:0",
-            "--produce",
-            "--slot-ms",
-            "10",
-            "--range-for-snapshot",
-            "10",
-            "--metrics",
-            &metrics,
-        ],
-        "",
-    );
-    p.wait_event("snapshot_created");
-    let mut sock = std::net::TcpStream::connect(&metrics).unwrap();
-    sock.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    sock.read_to_string(&mut body).unwrap();
-    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
-    assert!(body.contains("snapsync_snapshots_created_total"), "{body}");
-    // One series per kind (full, incremental): their sum.
-    let created: u64 = body
-        .lines()
-        .filter(|l| l.starts_with("snapsync_snapshots_created_total"))
-        .map(|l| l.split_whitespace().last().unwrap().parse::<u64>().unwrap())
-        .sum();
-    assert!(created >= 1, "{body}");
 }

@@ -7,28 +7,25 @@ mod common;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::process::Proc;
+use common::process::{Proc, on_loopback};
 
 /// A producer of an 8 MiB state, serving each peer at 1.5 MB/s: a full download takes several
 /// seconds.
 fn slow_producer(dir: &std::path::Path, extra: &[&str]) -> (Proc, String) {
-    let mut args = vec![
-        "--data-dir",
+    let mut args = on_loopback(
         dir.to_str().unwrap(),
-        "--listen",
-        "/ip4/127.0.0.1/udp/0/quic-v1",
-        "--streamer",
-        "127.0.0.1:0",
-        "--produce",
-        "--state-mib",
-        "8",
-        "--slot-ms",
-        "20",
-        "--range-for-snapshot",
-        "25",
-        "--rate-limit-per-peer",
-        "1500000",
-    ];
+        &[
+            "--produce",
+            "--state-mib",
+            "8",
+            "--slot-ms",
+            "20",
+            "--range-for-snapshot",
+            "25",
+            "--rate-limit-per-peer",
+            "1500000",
+        ],
+    );
     args.extend_from_slice(extra);
     let p = Proc::start(&args, "");
     let listening = p.wait_event("listening");
@@ -38,19 +35,10 @@ fn slow_producer(dir: &std::path::Path, extra: &[&str]) -> (Proc, String) {
 }
 
 fn syncer_args<'a>(dir: &'a str, peer: &'a str) -> Vec<&'a str> {
-    vec![
-        "--data-dir",
+    on_loopback(
         dir,
-        "--listen",
-        "/ip4/127.0.0.1/udp/0/quic-v1",
-        "--streamer",
-        "127.0.0.1:0",
-        "--peer",
-        peer,
-        "--exit-after-sync",
-        "--timeout",
-        "90",
-    ]
+        &["--peer", peer, "--exit-after-sync", "--timeout", "90"],
+    )
 }
 
 /// Waits until the node has downloaded some of its snapshot.
@@ -143,23 +131,20 @@ fn unreachable_peers_are_reported_with_the_address_and_why() {
     let dead = "/ip4/127.0.0.1/udp/1/quic-v1";
     let unsupported = "/ip4/127.0.0.1/tcp/1/ws";
     let mut node = Proc::start(
-        &[
-            "--data-dir",
+        &on_loopback(
             tmp.path().to_str().unwrap(),
-            "--listen",
-            "/ip4/127.0.0.1/udp/0/quic-v1",
-            "--streamer",
-            "127.0.0.1:0",
-            "--peer",
-            refused,
-            "--peer",
-            dead,
-            "--peer",
-            unsupported,
-            "--exit-after-sync",
-            "--timeout",
-            "15",
-        ],
+            &[
+                "--peer",
+                refused,
+                "--peer",
+                dead,
+                "--peer",
+                unsupported,
+                "--exit-after-sync",
+                "--timeout",
+                "15",
+            ],
+        ),
         "",
     );
     let mut reported = std::collections::BTreeMap::new();
@@ -262,21 +247,18 @@ fn metrics_are_openmetrics_on_slash_metrics_only_with_libp2p_beside() {
     let tmp = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_tcp_port());
     let p = Proc::start(
-        &[
-            "--data-dir",
+        &on_loopback(
             tmp.path().to_str().unwrap(),
-            "--listen",
-            "/ip4/127.0.0.1/udp/0/quic-v1",
-            "--streamer",
-            "127.0.0.1:0",
-            "--produce",
-            "--slot-ms",
-            "10",
-            "--range-for-snapshot",
-            "10",
-            "--metrics",
-            &addr,
-        ],
+            &[
+                "--produce",
+                "--slot-ms",
+                "10",
+                "--range-for-snapshot",
+                "10",
+                "--metrics",
+                &addr,
+            ],
+        ),
         "",
     );
     p.wait_event("snapshot_created");
@@ -303,6 +285,13 @@ fn metrics_are_openmetrics_on_slash_metrics_only_with_libp2p_beside() {
         assert!(body.contains(series), "{series} missing:\n{body}");
     }
     assert!(metric(&addr, "snapsync_local_slot") >= 10);
+    // One series per kind (full, incremental): their sum.
+    let created: u64 = body
+        .lines()
+        .filter(|l| l.starts_with("snapsync_snapshots_created_total"))
+        .map(|l| l.split_whitespace().last().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert!(created >= 1, "{body}");
     // libp2p's own metrics share the registry.
     assert!(body.contains("libp2p_"), "no libp2p series:\n{body}");
     let (status, _, _) = get(&addr, "/");

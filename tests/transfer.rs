@@ -21,11 +21,7 @@ async fn one_peer() {
     let (server, snap) = Node::with_snapshot(2048, 50, 1);
     let streamer = serve(&server, StreamerConfig::default());
     let client = Node::new();
-    let got = downloader(&client, fast())
-        .download(
-            DownloadTarget::from_manifest(snap.manifest()),
-            vec![peer(&server, &streamer)],
-        )
+    let got = fetch_from(&client, fast(), snap.manifest(), &server, &streamer)
         .await
         .unwrap();
     assert_exact(&got, &snap, &client);
@@ -455,11 +451,7 @@ async fn a_killed_downloader_resumes_where_it_was() {
     );
 
     // Restart: only what was not yet durable is fetched again.
-    let got = downloader(&client, fast())
-        .download(
-            DownloadTarget::from_manifest(m),
-            vec![peer(&server, &streamer)],
-        )
+    let got = fetch_from(&client, fast(), m, &server, &streamer)
         .await
         .unwrap();
     assert_exact(&got, &snap, &client);
@@ -508,11 +500,7 @@ async fn a_download_found_complete_on_disk_only_fetches_the_manifest() {
     progress.extend(std::iter::repeat_n(0xffu8, count.div_ceil(8) as usize));
     std::fs::write(partial.join("progress"), &progress).unwrap();
 
-    let got = downloader(&client, fast())
-        .download(
-            DownloadTarget::from_manifest(m),
-            vec![peer(&server, &streamer)],
-        )
+    let got = fetch_from(&client, fast(), m, &server, &streamer)
         .await
         .unwrap();
     assert_eq!(got.fetched_bytes, 0);

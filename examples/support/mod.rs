@@ -13,6 +13,45 @@ use std::time::Duration;
 use snapsync::snapshot::{FORMAT_VERSION, Manifest};
 use snapsync::{BankHash, ChunkSize};
 
+/// The value after `name` on the command line.
+pub fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// An address on loopback, any port.
+pub fn local() -> std::net::SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// The run whose `secs` is the median.
+pub fn median(runs: &[String]) -> String {
+    let mut sorted: Vec<&String> = runs.iter().collect();
+    sorted.sort_by(|a, b| field(a, "secs").total_cmp(&field(b, "secs")));
+    sorted[sorted.len() / 2].clone()
+}
+
+/// Copies `input` to `output` through a 1 MiB buffer, hashing every byte with BLAKE3 (the
+/// baselines' work); returns the bytes copied.
+pub fn hash_through(mut input: impl std::io::Read, mut output: impl Write) -> u64 {
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = input.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        output.write_all(&buf[..n]).unwrap();
+        total += n as u64;
+    }
+    std::hint::black_box(hasher.finalize());
+    total
+}
+
 /// CPU time and peak memory of this process so far.
 #[derive(Debug, Clone, Copy)]
 pub struct Usage {

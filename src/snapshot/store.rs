@@ -699,12 +699,15 @@ mod tests {
         // Room for two of the others besides the download under way.
         let removed = store.trim_partials(&[current], (2 << 20) + 4096).unwrap();
         assert_eq!(removed, vec![old]);
-        let left: Vec<_> = store
-            .partials()
-            .unwrap()
-            .into_iter()
-            .map(|p| p.root)
-            .collect();
+        let roots_left = || -> Vec<_> {
+            store
+                .partials()
+                .unwrap()
+                .into_iter()
+                .map(|p| p.root)
+                .collect()
+        };
+        let left = roots_left();
         assert_eq!(left.len(), 3, "{left:?}");
         for root in [mid, new, current] {
             assert!(left.contains(&Some(root)));
@@ -718,12 +721,6 @@ mod tests {
         );
         // With no budget, only the download under way stays.
         store.trim_partials(&[current], 0).unwrap();
-        let left: Vec<_> = store
-            .partials()
-            .unwrap()
-            .into_iter()
-            .map(|p| p.root)
-            .collect();
-        assert_eq!(left, vec![Some(current)]);
+        assert_eq!(roots_left(), vec![Some(current)]);
     }
 }

@@ -148,3 +148,18 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
+
+/// The node example's arguments for a node on `dir` listening on loopback only (swarm and
+/// chunk stream, ports the OS picks), then `more`.
+pub fn on_loopback<'a>(dir: &'a str, more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--data-dir",
+        dir,
+        "--listen",
+        "/ip4/127.0.0.1/udp/0/quic-v1",
+        "--streamer",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(more);
+    args
+}

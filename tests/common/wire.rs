@@ -11,9 +11,10 @@ use prost::Message;
 use snapsync::Metrics;
 use snapsync::db::StateDb;
 use snapsync::fuzz::proto;
-use snapsync::snapshot::{Snapshot, load_snapshot};
+use snapsync::snapshot::{Manifest, Snapshot, load_snapshot};
 use snapsync::transfer::{
-    DownloadConfig, Downloaded, Downloader, PeerAddr, Streamer, StreamerConfig, Token,
+    DownloadConfig, DownloadError, DownloadTarget, Downloaded, Downloader, PeerAddr, Streamer,
+    StreamerConfig, Token,
 };
 
 use super::Node;
@@ -68,6 +69,22 @@ pub fn downloader_token(node: &Node, config: DownloadConfig, token: Option<Token
         Metrics::new(),
     )
     .unwrap()
+}
+
+/// Downloads the snapshot of `manifest` into `client` from one `server`'s `streamer`.
+pub async fn fetch_from(
+    client: &Node,
+    config: DownloadConfig,
+    manifest: &Manifest,
+    server: &Node,
+    streamer: &Streamer,
+) -> Result<Downloaded, DownloadError> {
+    downloader(client, config)
+        .download(
+            DownloadTarget::from_manifest(manifest),
+            vec![peer(server, streamer)],
+        )
+        .await
 }
 
 /// The download is the snapshot, byte for byte, and it loads to the same bank hash.
