@@ -332,12 +332,12 @@ async fn main() {
                 })),
                 Event::PeerUnreachable { peer, addresses } => {
                     for (addr, why) in &addresses {
-                        unreachable.insert(addr.to_string(), why.clone());
+                        unreachable.insert(addr.to_string(), why.to_string());
                     }
                     emit(json!({
                         "event": "dial_failed",
                         "peer_id": peer.map(|p| p.to_string()),
-                        "addresses": addresses.iter().map(|(a, why)| json!({"addr": a.to_string(), "error": why})).collect::<Vec<_>>(),
+                        "addresses": addresses.iter().map(|(a, why)| json!({"addr": a.to_string(), "error": why.to_string()})).collect::<Vec<_>>(),
                     }));
                 }
                 _ => {}

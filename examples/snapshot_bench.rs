@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use snapsync::db::{LmdbState, StateDb};
-use snapsync::snapshot::archive::{ArchiveReader, DEFAULT_ZSTD_LEVEL};
+use snapsync::snapshot::{ArchiveReader, DEFAULT_ZSTD_LEVEL};
 use snapsync::snapshot::{
     CreateOptions, SnapshotStore, create_incremental, create_snapshot, load_snapshot,
 };

@@ -82,7 +82,7 @@ mod tuned {
 
     pub fn endpoint() -> quinn::EndpointConfig {
         let mut c = quinn::EndpointConfig::default();
-        c.max_udp_payload_size(TransportTuning::default().max_udp_payload)
+        c.max_udp_payload_size(TransportTuning::default().max_udp_payload())
             .unwrap();
         c
     }
@@ -90,11 +90,11 @@ mod tuned {
     pub fn transport() -> Arc<quinn::TransportConfig> {
         let t = TransportTuning::default();
         let mut c = quinn::TransportConfig::default();
-        c.stream_receive_window(quinn::VarInt::from_u64(t.stream_window).unwrap())
-            .receive_window(quinn::VarInt::from_u64(t.connection_window).unwrap())
-            .send_window(t.send_window);
+        c.stream_receive_window(quinn::VarInt::from_u64(t.stream_window()).unwrap())
+            .receive_window(quinn::VarInt::from_u64(t.connection_window()).unwrap())
+            .send_window(t.send_window());
         let mut mtu = quinn::MtuDiscoveryConfig::default();
-        mtu.upper_bound(t.max_udp_payload);
+        mtu.upper_bound(t.max_udp_payload());
         c.mtu_discovery_config(Some(mtu));
         Arc::new(c)
     }

@@ -88,10 +88,10 @@ mod config_error;
 pub mod db;
 mod discovery;
 mod disk;
+mod frame;
 mod hash;
 pub mod log;
-mod macros;
-pub mod metrics;
+mod metrics;
 pub mod snapshot;
 pub mod transfer;
 
@@ -107,22 +107,24 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/snapsync.v2.rs"));
 }
 
+/// Entry points of the fuzz targets in `fuzz/` (built with `--cfg fuzzing`), and of the test
+/// that checks their seeds.
+#[cfg(any(fuzzing, test))]
 #[doc(hidden)]
 pub mod fuzz;
 
+/// The behaviour's own protocols, named by its connection handler type; not part of the API.
+#[doc(hidden)]
+pub use behaviour::wire;
 pub use behaviour::{
-    Behaviour, BehaviourError, Config, DiscoveryStats, Event, Phase, Status, SyncError,
+    Behaviour, BehaviourError, Config, DialFailure, DiscoveryStats, Event, Phase, Status, SyncError,
 };
-pub use chunk::{CHUNK_SIZE_ENV, ChunkSize, ChunkSizeError};
+pub use chunk::size::{CHUNK_SIZE_ENV, ChunkSize, ChunkSizeError};
 pub use config_error::ConfigError;
 #[cfg(feature = "sim")]
 pub use discovery::sim;
-pub use discovery::{
-    Advert, Conflict, MessageError, Plan, SnapshotAd, SnapshotVerifier, Target, TrustPolicy,
-};
+pub use discovery::{Advert, Conflict, DiscoveryConfig, SnapshotAd, SnapshotVerifier, TrustPolicy};
 pub use hash::{BankHash, ContentRoot, DigestError};
 pub use metrics::Metrics;
-pub use snapshot::{SnapshotKey, SnapshotKind};
-
-/// Log target of discovery, decisions, creation and loading (`NETWORK:SNAPSHOT`).
-pub const DISCOVERY_TARGET: &str = log::DISCOVERY;
+pub use snapshot::archive::SnapshotKind;
+pub use snapshot::manifest::{Base, SnapshotKey};

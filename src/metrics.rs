@@ -18,17 +18,16 @@ macro_rules! label_enum {
     ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
-        #[non_exhaustive]
-        pub enum $name {
+        pub(crate) enum $name {
             $($(#[$vdoc])* $variant),+
         }
 
         impl $name {
             /// Every value, for initialising the labelled series.
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub(crate) const ALL: &'static [$name] = &[$($name::$variant),+];
 
             /// The label value.
-            pub fn as_str(self) -> &'static str {
+            pub(crate) fn as_str(self) -> &'static str {
                 match self {
                     $($name::$variant => $text),+
                 }
@@ -107,30 +106,30 @@ label_enum!(
 
 /// A label set of one label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
+pub(crate) struct ReasonLabel {
     /// Why.
-    pub reason: RefusedReason,
+    pub(crate) reason: RefusedReason,
 }
 
 /// A label set of one label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MessageLabel {
+pub(crate) struct MessageLabel {
     /// Kind of message.
-    pub kind: MessageKind,
+    pub(crate) kind: MessageKind,
 }
 
 /// A label set of one label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SnapshotLabel {
+pub(crate) struct SnapshotLabel {
     /// Kind of snapshot.
-    pub kind: KindLabel,
+    pub(crate) kind: KindLabel,
 }
 
 /// A label set of one label.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabel {
+pub(crate) struct OutcomeLabel {
     /// How it ended.
-    pub outcome: Outcome,
+    pub(crate) outcome: Outcome,
 }
 
 impl From<crate::snapshot::SnapshotKind> for KindLabel {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::wire::*;
 use common::*;
 use snapsync::ContentRoot;
-use snapsync::fuzz::proto;
+use snapsync::proto;
 use snapsync::transfer::{DownloadError, DownloadTarget, PeerAddr, StreamerConfig, Token};
 
 /// A raw client whose receive windows are small, so that a response it does not read blocks the

@@ -12,9 +12,9 @@ use common::net::*;
 use common::{entries, init_tracing};
 use snapsync::db::StateDb;
 use snapsync::snapshot::{
-    CreatorConfig, Manifest, SnapshotKind, SnapshotStore, create_incremental, create_snapshot,
+    CreatorConfig, Manifest, SnapshotStore, create_incremental, create_snapshot,
 };
-use snapsync::{ContentRoot, Event};
+use snapsync::{ContentRoot, Event, SnapshotKind};
 
 const LONG: Duration = Duration::from_secs(60);
 const RANGE: u64 = 10;
@@ -33,13 +33,11 @@ fn lineage_config(dir: &std::path::Path) -> snapsync::Config {
     let cfg = test_config(dir);
     // Requests of 128 KiB: a 1.6 MB full in a dozen pieces, enough to share among three peers.
     let download = cfg.download().with_request_chunks(8);
-    cfg.with_download(download)
-        .with_behind_threshold(5)
-        .with_creator(
-            CreatorConfig::default()
-                .with_range_for_snapshot(RANGE)
-                .with_full_interval(1000),
-        )
+    tune(cfg.with_download(download), |d| d.with_behind_threshold(5)).with_creator(
+        CreatorConfig::default()
+            .with_range_for_snapshot(RANGE)
+            .with_full_interval(1000),
+    )
 }
 
 /// Producers: they execute the chain and serve, each capped so that a full download takes
@@ -48,7 +46,7 @@ async fn producers(events: &Events, n: usize, cap: u64) -> Vec<TestNode> {
     let mut out = Vec::new();
     for i in 0..n {
         let (dir, db) = node_dir(0, 0, 0);
-        let cfg = lineage_config(dir.path()).with_sync_enabled(false);
+        let cfg = serve_only(lineage_config(dir.path()));
         let cfg = cfg
             .clone()
             .with_streamer(cfg.streamer().with_rate_limit(Some(cap)));

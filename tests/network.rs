@@ -21,7 +21,7 @@ async fn producer(
     config: impl FnOnce(snapsync::Config) -> snapsync::Config,
 ) -> (TestNode, snapsync::snapshot::Manifest) {
     let (dir, db) = node_dir(kib, 10, 42);
-    let cfg = config(test_config(dir.path()).with_sync_enabled(false));
+    let cfg = config(serve_only(test_config(dir.path())));
     let node = start_node(0, dir.clone(), db, cfg, events.tx.clone()).await;
     node.run(|s| s.behaviour_mut().snapsync.on_slot(10));
     let manifest = events
@@ -132,7 +132,7 @@ async fn the_busiest_peer_stopping_mid_sync_does_not_stop_it() {
         };
         std::fs::create_dir_all(dir.path().join("snapshots")).unwrap();
         copy_snapshot(&snap, &dir.path().join("snapshots"));
-        let cfg = capped(1_500_000)(test_config(dir.path()).with_sync_enabled(false));
+        let cfg = capped(1_500_000)(serve_only(test_config(dir.path())));
         holders.push(start_node(i, dir.clone(), db, cfg, events.tx.clone()).await);
     }
     let (dir, db) = node_dir(0, 0, 0);
@@ -178,7 +178,7 @@ async fn no_snapshot_anywhere_is_reported_and_a_later_one_is_taken() {
         0,
         pdir.clone(),
         pdb,
-        test_config(pdir.path()).with_sync_enabled(false),
+        serve_only(test_config(pdir.path())),
         events.tx.clone(),
     )
     .await;
@@ -320,7 +320,9 @@ async fn a_new_peer_on_the_topic_triggers_a_request_without_waiting_for_the_tick
     let (p, _) = producer(&mut events, 256, |c| c).await;
     let (dir, db) = node_dir(0, 0, 0);
     // A tick far away: only the subscription of a new snapsync peer can start the round.
-    let cfg = test_config(dir.path()).with_discovery_interval(Duration::from_secs(600));
+    let cfg = tune(test_config(dir.path()), |d| {
+        d.with_discovery_interval(Duration::from_secs(600))
+    });
     let n = start_node(1, dir.clone(), db, cfg, events.tx.clone()).await;
     // Let the first (immediate) tick pass with nobody to ask.
     events
@@ -354,7 +356,7 @@ async fn holder(
     let (dir, db) = node_dir(0, 0, 0);
     std::fs::create_dir_all(dir.path().join("snapshots")).unwrap();
     copy_snapshot(snap, &dir.path().join("snapshots"));
-    let cfg = config(test_config(dir.path()).with_sync_enabled(false));
+    let cfg = config(serve_only(test_config(dir.path())));
     start_node(index, dir.clone(), db, cfg, events.tx.clone()).await
 }
 
@@ -378,7 +380,7 @@ async fn forged_snapshots_are_not_chosen_and_a_lying_archive_is_caught() {
         2,
         fdir.clone(),
         fdb,
-        test_config(fdir.path()).with_sync_enabled(false),
+        serve_only(test_config(fdir.path())),
         events.tx.clone(),
     )
     .await;
@@ -388,7 +390,7 @@ async fn forged_snapshots_are_not_chosen_and_a_lying_archive_is_caught() {
         3,
         gdir.clone(),
         gdb,
-        test_config(gdir.path()).with_sync_enabled(false),
+        serve_only(test_config(gdir.path())),
         events.tx.clone(),
     )
     .await;
@@ -480,7 +482,7 @@ async fn malformed_and_lying_messages_are_dropped_and_counted() {
     use libp2p::swarm::SwarmEvent;
     use libp2p_swarm_test::SwarmExt;
     use prost::Message;
-    use snapsync::fuzz::proto;
+    use snapsync::proto;
 
     init_tracing();
     let mut events = Events::new();
@@ -489,7 +491,7 @@ async fn malformed_and_lying_messages_are_dropped_and_counted() {
         1,
         dir.clone(),
         db,
-        test_config(dir.path()).with_max_strikes(5),
+        tune(test_config(dir.path()), |d| d.with_max_strikes(5)),
         events.tx.clone(),
     )
     .await;
@@ -602,9 +604,10 @@ async fn a_discovery_round_costs_messages_linear_in_the_nodes() {
     tokio::time::sleep(Duration::from_secs(2)).await; // meshes form
     // The requester reaches two holders directly; the rest answer by dialing it.
     let (dir, db) = node_dir(0, 0, 0);
-    let cfg = test_config(dir.path())
-        .with_min_request_interval(Duration::from_secs(30))
-        .with_answer_window(Duration::from_secs(2));
+    let cfg = tune(test_config(dir.path()), |d| {
+        d.with_min_request_interval(Duration::from_secs(30))
+            .with_answer_window(Duration::from_secs(2))
+    });
     let r = start_node(1, dir.clone(), db, cfg, events.tx.clone()).await;
     r.dial(holders[0].addr.clone());
     r.dial(holders[10].addr.clone());
@@ -647,9 +650,10 @@ async fn a_follower_that_falls_behind_syncs_again_and_keeps_only_the_newest() {
     let (dir, db) = node_dir(0, 0, 0);
     // No second tick during the test: after the first sync, only announcements can tell the
     // follower that it fell behind.
-    let cfg = test_config(dir.path())
-        .with_behind_threshold(5)
-        .with_discovery_interval(Duration::from_secs(3600));
+    let cfg = tune(test_config(dir.path()), |d| {
+        d.with_behind_threshold(5)
+            .with_discovery_interval(Duration::from_secs(3600))
+    });
     let f = start_node(1, dir.clone(), db, cfg, events.tx.clone()).await;
     f.dial(p.addr.clone());
     let mut slots = vec![events.synced(Some(1)).await.slot];

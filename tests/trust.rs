@@ -29,7 +29,7 @@ const FORGED: Chain = Chain {
 const FORGED_SLOT: u64 = 1 << 40;
 
 fn config(dir: &std::path::Path) -> snapsync::Config {
-    test_config(dir).with_behind_threshold(0).with_creator(
+    tune(test_config(dir), |d| d.with_behind_threshold(0)).with_creator(
         CreatorConfig::default()
             .with_range_for_snapshot(10)
             .with_full_interval(10),
@@ -44,7 +44,7 @@ async fn an_attacker_chain_racing_ahead_is_never_loaded() {
     let mut honest = Vec::new();
     for i in 0..2 {
         let (dir, db) = node_dir(0, 0, 0);
-        let cfg = config(dir.path()).with_sync_enabled(false);
+        let cfg = serve_only(config(dir.path()));
         honest.push(start_node(i, dir.clone(), db, cfg, events.tx.clone()).await);
     }
     honest[0].dial(honest[1].addr.clone());
@@ -62,7 +62,7 @@ async fn an_attacker_chain_racing_ahead_is_never_loaded() {
     }
     db.commit_slot(FORGED_SLOT, |w| w.put(b"stolen", b"everything"))
         .unwrap();
-    let cfg = config(dir.path()).with_sync_enabled(false).with_creator(
+    let cfg = serve_only(config(dir.path())).with_creator(
         CreatorConfig::default()
             .with_range_for_snapshot(1 << 20)
             .with_full_interval(1 << 20),

@@ -13,6 +13,8 @@ use futures::StreamExt;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, mdns, noise, tcp, yamux};
+use rand::{RngCore, SeedableRng};
+use rand_xoshiro::SplitMix64;
 use snapsync::db::{LmdbState, StateDb};
 use snapsync::snapshot::{CreatorConfig, Retention};
 use snapsync::transfer::StreamerConfig;
@@ -212,11 +214,9 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// A well-mixed function of `z`: one SplitMix64 step.
+fn mix(z: u64) -> u64 {
+    SplitMix64::seed_from_u64(z).next_u64()
 }
 
 fn account(i: u64) -> Vec<u8> {
@@ -359,10 +359,12 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
         .with_range_for_snapshot(opts.range_for_snapshot)
         .with_full_interval(opts.full_interval)
         .with_retention(Retention::default());
-    let mut config = snapsync::Config::from_env(opts.data_dir.join("snapshots"))?
+    let discovery = snapsync::DiscoveryConfig::default()
         .with_discovery_interval(opts.discovery_interval)
         .with_behind_threshold(opts.behind_threshold)
-        .with_sync_enabled(opts.chain.is_none())
+        .with_sync_enabled(opts.chain.is_none());
+    let mut config = snapsync::Config::from_env(opts.data_dir.join("snapshots"))?
+        .with_discovery(discovery)
         .with_trust(opts.trust.clone())
         .with_metrics(metrics);
     let options = config.creator().options();

@@ -1,11 +1,12 @@
 //! [`Config`] of the snapsync [`Behaviour`](super::Behaviour): one source of truth.
 //!
-//! Every setting has a `with_*` setter and a getter; none is clamped. Values that cannot work
-//! (a zero interval, an empty window, a limit of 0) are refused with a [`ConfigError`] naming
-//! the setting when the behaviour is built. The token and the metrics are given once here and
-//! shared by the streamer and the downloader.
+//! Every setting has a `with_*` setter and a getter; none is clamped. The parts are nested, one
+//! settings type each: discovery ([`DiscoveryConfig`]), creation ([`CreatorConfig`]), serving
+//! ([`StreamerConfig`]), downloading ([`DownloadConfig`]) and loading ([`LoadLimits`]). Values
+//! that cannot work (a zero interval, an empty window, a limit of 0) are refused with a
+//! [`ConfigError`] naming the setting when the behaviour is built. The token, the trust policy
+//! and the metrics are given once here and shared by every part.
 
-use crate::macros::setting;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -116,81 +117,19 @@ impl Config {
         &self.network
     }
 
-    setting!(
-        /// How often the node checks whether it needs a snapshot (default 30 s; the first check
-        /// is right after start).
-        with_discovery_interval, discovery_interval: Duration, in discovery
-    );
-    setting!(
-        /// How long answers are collected before the choice is made (default 1 s).
-        with_answer_window, answer_window: Duration, in discovery
-    );
-    setting!(
-        /// A node whose state is behind the newest snapshot it knows of (or the chain's tip) by
-        /// more than this many slots syncs (default 100). An empty DB always does.
-        with_behind_threshold, behind_threshold: u64, in discovery
-    );
-    setting!(
-        /// Whether the node downloads snapshots itself (default true). A producer that only
-        /// serves turns this off.
-        with_sync_enabled, sync_enabled: bool, in discovery
-    );
-    setting!(
-        /// Nodes that asked within this window are waiting: a snapshot made or loaded meanwhile
-        /// is announced on the topic (default 60 s). A node that asked within it and heard of
-        /// nothing newer knows it is current.
-        with_announce_window, announce_window: Duration, in discovery
-    );
-    setting!(
-        /// Announcements wait a random delay up to this long (default 1 s), so that when many
-        /// nodes make the same snapshot, a few announce it.
-        with_announce_delay, announce_delay: Duration, in discovery
-    );
-    setting!(
-        /// Announcements of the same snapshot heard during the delay that make this node's own
-        /// unnecessary (default 3).
-        with_announce_redundancy, announce_redundancy: u32, in discovery
-    );
-    setting!(
-        /// Shortest time between two answers to the same requester (default 1 s).
-        with_answer_cooldown, answer_cooldown: Duration, in discovery
-    );
-    setting!(
-        /// Shortest time between two requests of this node (default 500 ms).
-        with_min_request_interval, min_request_interval: Duration, in discovery
-    );
-    setting!(
-        /// Bad messages after which a peer is ignored (default 5).
-        with_max_strikes, max_strikes: u32, in discovery
-    );
-    setting!(
-        /// Largest discovery message accepted (default 16 KiB).
-        with_max_message_bytes, max_message_bytes: usize, in discovery
-    );
-    setting!(
-        /// A snapshot that failed to download or load is not chosen again for this long
-        /// (default 10 min).
-        with_failed_cooldown, failed_cooldown: Duration, in discovery
-    );
-    setting!(
-        /// Dials per discovery interval this node makes to answer requesters it is not
-        /// connected to (default 16); beyond it, those get their answers from others.
-        with_dial_budget, dial_budget: u32, in discovery
-    );
-    setting!(
-        /// Most peers remembered per table (adverts, strikes, cooldowns; default 4096).
-        with_max_tracked_peers, max_tracked_peers: usize, in discovery
-    );
-
-    /// Sets the largest archive an advertisement may claim (default 1 TiB).
-    pub fn with_max_archive_bytes(mut self, bytes: u64) -> Self {
-        self.discovery.limits.max_archive_bytes = bytes;
+    /// Sets discovery and decision: intervals, windows, thresholds, bounds.
+    pub fn with_discovery(mut self, discovery: DiscoveryConfig) -> Self {
+        let policy = std::mem::take(&mut self.discovery.policy);
+        self.discovery = DiscoveryConfig {
+            policy,
+            ..discovery
+        };
         self
     }
 
-    /// The largest archive an advertisement may claim.
-    pub fn max_archive_bytes(&self) -> u64 {
-        self.discovery.limits.max_archive_bytes
+    /// Discovery and decision.
+    pub fn discovery(&self) -> &DiscoveryConfig {
+        &self.discovery
     }
 
     /// Sets the trust policy (default: [`TrustPolicy::Untrusted`] with one peer, which logs a
@@ -329,7 +268,9 @@ impl Config {
         format!("snapsync/{}/discovery/2", self.network)
     }
 
-    pub(crate) fn discovery(&self) -> DiscoveryConfig {
+    /// What the discovery machine runs with: its settings, the trust policy, and advert limits
+    /// no looser than what a download may track.
+    pub(crate) fn discovery_rules(&self) -> DiscoveryConfig {
         let mut d = self.discovery.clone();
         d.limits.max_chunks = self.download.max_chunks().min(d.limits.max_chunks);
         d
@@ -345,19 +286,23 @@ mod tests {
         let ok = Config::new("x");
         ok.validate().unwrap();
         let refused = |c: Config| c.validate().unwrap_err().setting;
+        let discovery = |d: DiscoveryConfig| ok.clone().with_discovery(d);
+        let d = DiscoveryConfig::default();
         assert_eq!(
-            refused(ok.clone().with_discovery_interval(Duration::ZERO)),
+            refused(discovery(d.clone().with_discovery_interval(Duration::ZERO))),
             "discovery_interval"
         );
         assert_eq!(
-            refused(ok.clone().with_answer_window(Duration::ZERO)),
+            refused(discovery(d.clone().with_answer_window(Duration::ZERO))),
             "answer_window"
         );
         assert_eq!(
-            refused(ok.clone().with_answer_window(Duration::from_secs(60))),
+            refused(discovery(
+                d.clone().with_answer_window(Duration::from_secs(60))
+            )),
             "answer_window"
         );
-        assert_eq!(refused(ok.clone().with_max_strikes(0)), "max_strikes");
+        assert_eq!(refused(discovery(d.with_max_strikes(0))), "max_strikes");
         assert_eq!(
             refused(ok.clone().with_min_agreeing_peers(0)),
             "trust.min_agreeing_peers"

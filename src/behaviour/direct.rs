@@ -1,12 +1,12 @@
 //! snapsync's direct protocol (`/snapsync/direct/2`, libp2p request-response): a node asks a
 //! connected peer, or answers a request it saw on the topic, straight to the requester.
-//! Length-prefixed protobuf, at most `max_bytes` per message.
+//! Framed protobuf ([`crate::frame`]), at most `max_bytes` per message.
 
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use prost::Message;
 
-use crate::discovery::MessageError;
+use crate::frame::{FrameError, encode_frame, read_frame};
 use crate::proto;
 
 /// The protocol.
@@ -24,27 +24,17 @@ async fn read_message<M: Message + Default, T: AsyncRead + Unpin + Send>(
     io: &mut T,
     max: usize,
 ) -> std::io::Result<M> {
-    let mut len = [0u8; 4];
-    io.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > max {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            MessageError::TooLarge(len),
-        ));
-    }
-    let mut buf = vec![0u8; len];
-    io.read_exact(&mut buf).await?;
-    M::decode(buf.as_slice()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    read_frame(io, max).await.map_err(|e| match e {
+        FrameError::Io(e) => e,
+        other => std::io::Error::new(std::io::ErrorKind::InvalidData, other),
+    })
 }
 
 async fn write_message<M: Message, T: AsyncWrite + Unpin + Send>(
     io: &mut T,
     msg: &M,
 ) -> std::io::Result<()> {
-    let bytes = msg.encode_to_vec();
-    io.write_all(&(bytes.len() as u32).to_be_bytes()).await?;
-    io.write_all(&bytes).await?;
+    io.write_all(&encode_frame(msg)).await?;
     io.close().await
 }
 

@@ -1,13 +1,15 @@
-//! What the behaviour reports and exposes: [`Event`], its errors, [`Status`].
+//! What the behaviour reports and exposes: [`Event`] (and how discovery's notices and the
+//! swarm's dial errors become events), its errors, [`Status`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use libp2p::{Multiaddr, PeerId};
+use libp2p::swarm::DialError;
+use libp2p::{Multiaddr, PeerId, TransportError};
 
 use crate::config_error::ConfigError;
 use crate::db::DbError;
-use crate::discovery::{Advert, Conflict};
+use crate::discovery::{Advert, Conflict, Notice};
 use crate::hash::BankHash;
 use crate::snapshot::{CreateError, LoadError, Manifest, SnapshotKey, SnapshotKind, StoreError};
 use crate::transfer::{DownloadError, Progress, StreamerError};
@@ -139,9 +141,106 @@ pub enum Event {
     PeerUnreachable {
         /// The peer, when the dial named one.
         peer: Option<PeerId>,
-        /// Each address tried, with why it failed (refused, timed out, no transport for it).
-        addresses: Vec<(Multiaddr, String)>,
+        /// Each address tried, with why it failed.
+        addresses: Vec<(Multiaddr, DialFailure)>,
     },
+}
+
+impl From<Notice> for Event {
+    fn from(notice: Notice) -> Self {
+        match notice {
+            Notice::Started { round, local_slot } => Event::DiscoveryStarted { round, local_slot },
+            Notice::Chosen(plan) => {
+                let last = plan.last();
+                Event::SnapshotFound {
+                    key: last.ad.key,
+                    full: plan.full.as_ref().map(|t| t.ad.key),
+                    peers: last.peers.iter().map(|(p, _)| *p).collect(),
+                    bytes: plan.bytes(),
+                }
+            }
+            Notice::NothingToTake { round, adverts } => {
+                Event::NoSnapshotAvailable { round, adverts }
+            }
+            Notice::Conflict(c) => Event::ConflictingSnapshots(c),
+            Notice::Misbehaved { peer, reason } => Event::PeerMisbehaved { peer, reason },
+        }
+    }
+}
+
+/// Why dialing one address of a peer failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DialFailure {
+    /// Nothing listens there: the connection was refused.
+    Refused,
+    /// Nothing answered in time.
+    TimedOut,
+    /// None of the swarm's transports speaks this address.
+    NoTransport,
+    /// Another peer answered there.
+    WrongPeer(PeerId),
+    /// Another failure, in the transport's words.
+    Other(String),
+}
+
+impl std::fmt::Display for DialFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DialFailure::Refused => f.write_str("refused: nothing listens there"),
+            DialFailure::TimedOut => f.write_str("timed out: nothing answered"),
+            DialFailure::NoTransport => f.write_str("no transport for this address"),
+            DialFailure::WrongPeer(p) => write!(f, "another peer answered there: {p}"),
+            DialFailure::Other(text) => f.write_str(text),
+        }
+    }
+}
+
+impl DialFailure {
+    /// Each address of a failed dial with why it failed.
+    pub(crate) fn of(error: &DialError) -> Vec<(Multiaddr, DialFailure)> {
+        match error {
+            DialError::Transport(errors) => errors
+                .iter()
+                .map(|(addr, e)| {
+                    let why = match e {
+                        TransportError::MultiaddrNotSupported(_) => DialFailure::NoTransport,
+                        TransportError::Other(e) => DialFailure::of_io(e),
+                    };
+                    (addr.clone(), why)
+                })
+                .collect(),
+            DialError::WrongPeerId { obtained, address } => {
+                vec![(address.clone(), DialFailure::WrongPeer(*obtained))]
+            }
+            DialError::NoAddresses => Vec::new(),
+            other => vec![(Multiaddr::empty(), DialFailure::Other(other.to_string()))],
+        }
+    }
+
+    /// What a transport's error says, from the typed errors in its chain.
+    fn of_io(error: &std::io::Error) -> DialFailure {
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        while let Some(e) = next {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                match io.kind() {
+                    std::io::ErrorKind::ConnectionRefused => return DialFailure::Refused,
+                    std::io::ErrorKind::TimedOut => return DialFailure::TimedOut,
+                    _ => {}
+                }
+                if let Some(inner) = io.get_ref() {
+                    next = Some(inner);
+                    continue;
+                }
+            }
+            #[cfg(feature = "quic")]
+            if let Some(libp2p::quic::Error::HandshakeTimedOut) = e.downcast_ref() {
+                return DialFailure::TimedOut;
+            }
+            next = e.source();
+        }
+        DialFailure::Other(error.to_string())
+    }
 }
 
 /// Message counters, read from the node's [`crate::Metrics`].
@@ -172,6 +271,27 @@ pub struct DiscoveryStats {
     pub rounds: u64,
     /// Syncs started.
     pub downloads: u64,
+}
+
+impl DiscoveryStats {
+    /// The counters in `m`.
+    pub(crate) fn of(m: &crate::metrics::Metrics) -> Self {
+        use crate::metrics::MessageKind;
+        Self {
+            requests_published: m.messages(MessageKind::RequestSent),
+            requests_received: m.messages(MessageKind::RequestReceived),
+            asks_sent: m.messages(MessageKind::AskSent),
+            asks_received: m.messages(MessageKind::AskReceived),
+            answers_sent: m.messages(MessageKind::AnswerSent),
+            answers_received: m.messages(MessageKind::AnswerReceived),
+            unsolicited: m.messages(MessageKind::Unsolicited),
+            announcements_published: m.messages(MessageKind::AnnouncementSent),
+            announcements_received: m.messages(MessageKind::AnnouncementReceived),
+            malformed: m.messages(MessageKind::Malformed),
+            rounds: m.discovery_rounds.get(),
+            downloads: m.syncs_started.get(),
+        }
+    }
 }
 
 /// Where the node stands.

@@ -1,21 +1,25 @@
 //! [`Behaviour`]: snapsync as a libp2p `NetworkBehaviour`, a thin driver.
 //!
 //! It feeds the swarm's events and the clock to the [`Discovery`] state machine and carries out
-//! what the machine asks: gossip, direct asks and answers, syncs. The rest lives elsewhere:
-//! `event.rs` (what it reports), `config.rs` (its settings), `sync_job.rs` (one sync, a child
-//! it polls), `addr.rs` (which addresses), `direct.rs` (the direct protocol's codec).
+//! what the machine queued: gossip, direct asks and answers, syncs. `poll` dispatches; the rest
+//! lives elsewhere: `event.rs` (what it reports, and how notices and dial errors become events),
+//! `config.rs` (its settings), `protocols.rs` (its gossipsub and direct protocol), `sync_job.rs`
+//! (one sync, a child it polls), `addr.rs` (which addresses), `direct.rs` (the direct codec).
 
 mod addr;
 mod config;
 mod direct;
 mod event;
+mod protocols;
 mod sync_job;
 
 pub use config::Config;
-pub use event::{BehaviourError, DiscoveryStats, Event, Phase, Status, SyncError};
+pub use event::{BehaviourError, DialFailure, DiscoveryStats, Event, Phase, Status, SyncError};
+#[doc(hidden)]
+pub use protocols::wire;
 
-use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -25,19 +29,18 @@ use libp2p::core::transport::PortUse;
 use libp2p::core::{Endpoint, Multiaddr};
 use libp2p::identity::Keypair;
 use libp2p::swarm::{
-    ConnectionDenied, ConnectionId, DialError, FromSwarm, NetworkBehaviour, THandler,
-    THandlerInEvent, THandlerOutEvent, ToSwarm,
+    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
+    THandlerOutEvent, ToSwarm,
 };
 use libp2p::{PeerId, gossipsub, request_response};
+use lru::LruCache;
 
-use self::direct::{DirectCodec, PROTOCOL};
+use self::protocols::{Protocols, ProtocolsEvent};
 use self::sync_job::{JobEvent, SyncJob};
 use crate::db::StateDb;
-use crate::discovery::{
-    Action, Discovery, Local, Notice, Phase as DiscoveryPhase, SnapshotAd, SyncOutcome, Verdict,
-};
+use crate::discovery::{Action, Discovery, Local, Stage, SyncOutcome, Verdict};
 use crate::log::DISCOVERY as TARGET;
-use crate::metrics::{MessageKind, Metrics};
+use crate::metrics::Metrics;
 use crate::proto;
 use crate::snapshot::{CreationTask, Creator, SnapshotStore};
 use crate::transfer::{Downloader, PeerAddr, Streamer};
@@ -45,33 +48,12 @@ use crate::transfer::{Downloader, PeerAddr, Streamer};
 /// Most events waiting to be taken by the swarm; progress updates are the first dropped.
 const MAX_PENDING_EVENTS: usize = 1024;
 
-/// Most direct asks awaiting their response.
-const MAX_PENDING_ASKS: usize = 256;
+/// Most direct asks awaiting their response; beyond it the oldest is forgotten.
+const MAX_PENDING_ASKS: NonZeroUsize = NonZeroUsize::new(256).expect("not zero");
 
-/// Most peers whose connection address is remembered (to pick their chunk-stream address).
-const MAX_PEER_IPS: usize = 4096;
-
-/// snapsync's own gossipsub and direct protocol. Public only because the behaviour's
-/// connection handler type names it; not part of the API.
-#[doc(hidden)]
-#[allow(unreachable_pub, missing_docs)]
-pub mod inner {
-    use libp2p::{gossipsub, request_response};
-
-    use super::direct::DirectCodec;
-
-    #[derive(libp2p::swarm::NetworkBehaviour)]
-    #[behaviour(prelude = "libp2p::swarm::derive_prelude")]
-    pub struct Inner {
-        pub(crate) gossipsub: gossipsub::Behaviour,
-        pub(crate) direct: request_response::Behaviour<DirectCodec>,
-    }
-}
-
-use inner::{Inner, InnerEvent};
-
-/// Gossipsub protocol prefix of snapsync's own gossipsub, so it never meets the owner's.
-const GOSSIP_PROTOCOL_PREFIX: &str = "/snapsync/meshsub";
+/// Most peers whose connection address is remembered (to pick their chunk-stream address);
+/// beyond it the least recently connected is forgotten.
+const MAX_PEER_IPS: NonZeroUsize = NonZeroUsize::new(4096).expect("not zero");
 
 /// snapsync as a libp2p [`NetworkBehaviour`], a building block a node composes into its own
 /// swarm next to whatever else it runs.
@@ -114,7 +96,7 @@ const GOSSIP_PROTOCOL_PREFIX: &str = "/snapsync/meshsub";
 /// # }
 /// ```
 pub struct Behaviour {
-    inner: Inner,
+    protocols: Protocols,
     config: Config,
     metrics: Metrics,
     topic: gossipsub::IdentTopic,
@@ -126,13 +108,13 @@ pub struct Behaviour {
     discovery: Discovery,
     job: Option<SyncJob>,
     creating: Vec<CreationTask>,
-    events: VecDeque<Event>,
+    events: std::collections::VecDeque<Event>,
     timer: Pin<Box<tokio::time::Sleep>>,
     /// Direct asks awaiting their response.
-    asks: HashMap<request_response::OutboundRequestId, PeerId>,
+    asks: LruCache<request_response::OutboundRequestId, PeerId>,
     listen_addrs: Vec<Multiaddr>,
     /// The IP each connected peer is reached on, to pick its chunk-stream address.
-    peer_ips: HashMap<PeerId, IpAddr>,
+    peer_ips: LruCache<PeerId, IpAddr>,
     chain_tip: Option<u64>,
 }
 
@@ -143,25 +125,6 @@ impl std::fmt::Debug for Behaviour {
             .field("streamer", &self.streamer.local_addr())
             .finish()
     }
-}
-
-/// The snapshots a node advertises: its full snapshots, newest first, each followed by the
-/// newest incremental one on it, at most eight.
-fn own_snapshots(store: &SnapshotStore) -> (Vec<SnapshotAd>, u64) {
-    let list = store.list();
-    let mut out = Vec::new();
-    for full in list.iter().rev().filter(|s| s.manifest().is_full()) {
-        if let Some(inc) = store.latest_incremental_on(&full.manifest().content_root) {
-            out.push(SnapshotAd::of(inc.manifest()));
-        }
-        out.push(SnapshotAd::of(full.manifest()));
-    }
-    out.truncate(crate::discovery::message::MAX_SNAPSHOTS);
-    let modified = list
-        .last()
-        .map(|s| s.manifest().created_unix_ms / 1000)
-        .unwrap_or(0);
-    (out, modified)
 }
 
 impl Behaviour {
@@ -177,62 +140,32 @@ impl Behaviour {
         let me = keypair.public().to_peer_id();
         let metrics = config.metrics().clone();
         let store = SnapshotStore::open(config.snapshot_dir())?;
+        let token = config.token();
         let streamer = Streamer::bind(
             keypair,
             store.clone(),
             *config.streamer(),
-            config.token(),
+            token,
             metrics.clone(),
         )?;
         let downloader = Downloader::new(
             keypair.clone(),
             store.clone(),
             *config.download(),
-            config.token(),
+            token,
             metrics.clone(),
         )?;
         let creator = Creator::new(store.clone(), db.clone(), *config.creator());
-        let gossip_config = gossipsub::ConfigBuilder::default()
-            .protocol_id_prefix(GOSSIP_PROTOCOL_PREFIX)
-            .max_transmit_size(config.max_message_bytes())
-            .heartbeat_interval(config.heartbeat_interval())
-            .heartbeat_initial_delay(
-                config
-                    .heartbeat_interval()
-                    .min(std::time::Duration::from_secs(1)),
-            )
-            .validation_mode(gossipsub::ValidationMode::Strict)
-            .validate_messages()
-            .build()
-            .map_err(|e| BehaviourError::Gossipsub(e.to_string()))?;
-        let mut gossip = gossipsub::Behaviour::new(
-            gossipsub::MessageAuthenticity::Signed(keypair.clone()),
-            gossip_config,
-        )
-        .map_err(|e| BehaviourError::Gossipsub(e.to_string()))?;
-        let topic = gossipsub::IdentTopic::new(config.topic());
-        gossip
-            .subscribe(&topic)
-            .map_err(|e| BehaviourError::Gossipsub(e.to_string()))?;
-        let direct = request_response::Behaviour::with_codec(
-            DirectCodec {
-                max_bytes: config.max_message_bytes(),
-            },
-            [(PROTOCOL, request_response::ProtocolSupport::Full)],
-            request_response::Config::default()
-                .with_request_timeout(std::time::Duration::from_secs(10)),
-        );
+        let (protocols, topic) = protocols::build(keypair, &config)?;
         let now = Instant::now();
-        let mut discovery =
-            Discovery::new(config.discovery(), me, metrics.clone(), now, rand::random());
-        let local_slot = db.slot()?;
-        let (snapshots, modified_time) = own_snapshots(&store);
-        discovery.set_local(Local {
-            slot: local_slot,
-            snapshots,
-            modified_time,
-        });
-        if config.trust().is_untrusted() && config.sync_enabled() {
+        let discovery = Discovery::new(
+            config.discovery_rules(),
+            me,
+            metrics.clone(),
+            now,
+            rand::random(),
+        );
+        if config.trust().is_untrusted() && config.discovery().sync_enabled() {
             tracing::warn!(target: TARGET, policy = %config.trust().describe(), "no trust configured: any peer that advertises a snapshot alone (or with as many identities as required) can choose what this node loads");
         }
         tracing::info!(
@@ -244,10 +177,7 @@ impl Behaviour {
             "snapsync started"
         );
         let mut b = Self {
-            inner: Inner {
-                gossipsub: gossip,
-                direct,
-            },
+            protocols,
             metrics,
             topic,
             db,
@@ -258,11 +188,11 @@ impl Behaviour {
             discovery,
             job: None,
             creating: Vec::new(),
-            events: VecDeque::new(),
+            events: Default::default(),
             timer: Box::pin(tokio::time::sleep_until(now.into())),
-            asks: HashMap::new(),
+            asks: LruCache::new(MAX_PENDING_ASKS),
             listen_addrs: Vec::new(),
-            peer_ips: HashMap::new(),
+            peer_ips: LruCache::new(MAX_PEER_IPS),
             chain_tip: None,
             config,
         };
@@ -287,21 +217,7 @@ impl Behaviour {
 
     /// Message counters (read from the node's metrics).
     pub fn stats(&self) -> DiscoveryStats {
-        let m = &self.metrics;
-        DiscoveryStats {
-            requests_published: m.messages(MessageKind::RequestSent),
-            requests_received: m.messages(MessageKind::RequestReceived),
-            asks_sent: m.messages(MessageKind::AskSent),
-            asks_received: m.messages(MessageKind::AskReceived),
-            answers_sent: m.messages(MessageKind::AnswerSent),
-            answers_received: m.messages(MessageKind::AnswerReceived),
-            unsolicited: m.messages(MessageKind::Unsolicited),
-            announcements_published: m.messages(MessageKind::AnnouncementSent),
-            announcements_received: m.messages(MessageKind::AnnouncementReceived),
-            malformed: m.messages(MessageKind::Malformed),
-            rounds: m.discovery_rounds.get(),
-            downloads: m.syncs_started.get(),
-        }
+        DiscoveryStats::of(&self.metrics)
     }
 
     /// The settings.
@@ -311,10 +227,10 @@ impl Behaviour {
 
     /// Where the node stands.
     pub fn phase(&self) -> Phase {
-        match (self.discovery.phase(), &self.job) {
+        match (self.discovery.stage(), &self.job) {
             (_, Some(job)) if job.loading() => Phase::Loading,
             (_, Some(_)) => Phase::Downloading,
-            (DiscoveryPhase::Collecting { .. }, _) => Phase::Collecting,
+            (Stage::Collecting { .. }, _) => Phase::Collecting,
             _ => Phase::Idle,
         }
     }
@@ -357,7 +273,7 @@ impl Behaviour {
     /// within it knows it is current.
     pub fn set_chain_tip(&mut self, slot: u64) {
         self.chain_tip = Some(slot);
-        self.discovery.set_chain_tip(slot, Instant::now());
+        self.discovery.handle_chain_tip(slot, Instant::now());
     }
 
     /// Starts a full snapshot of the current state now (unless one is being made).
@@ -370,14 +286,14 @@ impl Behaviour {
     /// Asks peers for snapshots now, whether or not the node needs one; a newer snapshot
     /// found is synced. Does nothing while a sync is under way.
     pub fn sync_now(&mut self) {
-        self.discovery.sync_now(Instant::now());
+        self.discovery.handle_sync_now(Instant::now());
     }
 
     /// Cancels a sync in progress (downloaded chunks are kept for resume).
     pub fn cancel_sync(&mut self) {
         if let Some(job) = self.job.take() {
             self.discovery
-                .on_sync_ended(SyncOutcome::Cancelled, Instant::now());
+                .handle_sync_ended(SyncOutcome::Cancelled, Instant::now());
             tokio::spawn(job.cancel());
         }
     }
@@ -425,7 +341,9 @@ impl Behaviour {
             tracing::warn!(target: TARGET, error = %e, "cannot read the DB's slot");
             None
         });
-        let (snapshots, modified_time) = own_snapshots(&self.store);
+        let held = self.store.list();
+        let (snapshots, modified_time) =
+            crate::discovery::advertised(held.iter().map(|s| s.manifest()));
         if let Some(newest) = snapshots.iter().map(|s| s.key.slot).max() {
             self.metrics
                 .newest_snapshot_slot
@@ -434,7 +352,7 @@ impl Behaviour {
         if let Some(s) = slot {
             self.metrics.local_slot.set(s.min(i64::MAX as u64) as i64);
         }
-        self.discovery.set_local(Local {
+        self.discovery.handle_local(Local {
             slot,
             snapshots,
             modified_time,
@@ -450,113 +368,91 @@ impl Behaviour {
     }
 
     fn addresses_changed(&mut self) {
-        self.discovery.set_streamer_addrs(self.streamer_addrs());
-        self.discovery.set_listen_addrs(self.listen_addrs.clone());
+        self.discovery.handle_streamer_addrs(self.streamer_addrs());
+        self.discovery
+            .handle_listen_addrs(self.listen_addrs.clone());
     }
 
-    /// Carries out what discovery asks. Returns whether there was anything.
-    fn act(&mut self) -> bool {
+    /// Carries out what discovery queued. Returns whether there was anything.
+    fn carry_out_actions(&mut self) -> bool {
         let mut any = false;
-        while let Some(action) = self.discovery.poll_action() {
+        while let Some(action) = self.discovery.poll() {
             any = true;
-            match action {
-                Action::Publish { kind, bytes } => {
-                    let delivered = match self.inner.gossipsub.publish(self.topic.clone(), bytes) {
-                        Ok(_) => true,
-                        // Normal at start: the first peer to join gets the request.
-                        Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
-                            tracing::debug!(target: TARGET, ?kind, "no snapsync peer on the topic yet");
-                            false
-                        }
-                        Err(e) => {
-                            tracing::warn!(target: TARGET, ?kind, error = %e, "cannot publish on the topic");
-                            false
-                        }
-                    };
-                    self.discovery.on_published(kind, delivered);
-                }
-                Action::Ask { peer, request } => {
-                    let id = self.inner.direct.send_request(
-                        &peer,
-                        proto::DirectRequest {
-                            body: Some(proto::direct_request::Body::Ask(request)),
-                        },
-                    );
-                    if self.asks.len() >= MAX_PENDING_ASKS {
-                        self.asks.clear();
-                    }
-                    self.asks.insert(id, peer);
-                }
-                Action::Answer {
-                    peer,
-                    answer,
-                    addrs,
-                } => {
-                    self.inner.direct.send_request_with_addresses(
-                        &peer,
-                        proto::DirectRequest {
-                            body: Some(proto::direct_request::Body::Answer(answer)),
-                        },
-                        addrs,
-                    );
-                }
-                Action::StartSync(plan) => {
-                    self.metrics.syncs_started.inc();
-                    let ips = self.peer_ips.clone();
-                    let job = SyncJob::start(
-                        plan,
-                        &self.downloader,
-                        self.db.clone(),
-                        self.store.clone(),
-                        *self.config.load_limits(),
-                        &|p: &PeerId| ips.get(p).copied(),
-                    );
-                    self.job = Some(job);
-                }
-                Action::AddSyncPeer { key, peer, addrs } => {
-                    if let Some(job) = &mut self.job
-                        && !addrs.is_empty()
-                    {
-                        let addr = addr::pick_addr(&addrs, self.peer_ips.get(&peer).copied());
-                        job.add_peer(
-                            &key,
-                            PeerAddr {
-                                peer_id: peer,
-                                addr,
-                            },
-                        );
-                    }
-                }
-                Action::Notice(n) => {
-                    let event = match n {
-                        Notice::Started { round, local_slot } => {
-                            Event::DiscoveryStarted { round, local_slot }
-                        }
-                        Notice::Chosen(plan) => {
-                            let last = plan.last();
-                            Event::SnapshotFound {
-                                key: last.ad.key,
-                                full: plan.full.as_ref().map(|t| t.ad.key),
-                                peers: last.peers.iter().map(|(p, _)| *p).collect(),
-                                bytes: plan.bytes(),
-                            }
-                        }
-                        Notice::NothingToTake { round, adverts } => {
-                            Event::NoSnapshotAvailable { round, adverts }
-                        }
-                        Notice::Conflict(c) => Event::ConflictingSnapshots(c),
-                        Notice::Misbehaved { peer, reason } => {
-                            Event::PeerMisbehaved { peer, reason }
-                        }
-                    };
-                    self.push_event(event);
-                }
-            }
+            self.carry_out(action);
         }
         any
     }
 
-    fn on_job(&mut self, event: JobEvent) {
+    fn carry_out(&mut self, action: Action) {
+        match action {
+            Action::Publish { kind, bytes } => {
+                let delivered = match self.protocols.gossipsub.publish(self.topic.clone(), bytes) {
+                    Ok(_) => true,
+                    // Normal at start: the first peer to join gets the request.
+                    Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
+                        tracing::debug!(target: TARGET, ?kind, "no snapsync peer on the topic yet");
+                        false
+                    }
+                    Err(e) => {
+                        tracing::warn!(target: TARGET, ?kind, error = %e, "cannot publish on the topic");
+                        false
+                    }
+                };
+                self.discovery.handle_published(kind, delivered);
+            }
+            Action::Ask { peer, request } => {
+                let body = Some(proto::direct_request::Body::Ask(request));
+                let id = self
+                    .protocols
+                    .direct
+                    .send_request(&peer, proto::DirectRequest { body });
+                self.asks.push(id, peer);
+            }
+            Action::Answer {
+                peer,
+                answer,
+                addrs,
+            } => {
+                let body = Some(proto::direct_request::Body::Answer(answer));
+                self.protocols.direct.send_request_with_addresses(
+                    &peer,
+                    proto::DirectRequest { body },
+                    addrs,
+                );
+            }
+            Action::StartSync(plan) => {
+                self.metrics.syncs_started.inc();
+                let ips = &mut self.peer_ips;
+                let mut peers = |peer: PeerId, addrs: &[SocketAddr]| peer_addr(ips, peer, addrs);
+                let job = SyncJob::start(
+                    &plan,
+                    &self.downloader,
+                    self.db.clone(),
+                    *self.config.load_limits(),
+                    &mut peers,
+                );
+                self.job = Some(job);
+            }
+            Action::AddSyncPeer { key, peer, addrs } => {
+                if let Some(addr) = peer_addr(&mut self.peer_ips, peer, &addrs)
+                    && let Some(job) = &mut self.job
+                {
+                    job.add_peer(&key, addr);
+                }
+            }
+            Action::DeleteSnapshot(root) => {
+                if let Some(snap) = self.store.get(&root)
+                    && let Err(e) = self.store.remove(&snap)
+                {
+                    tracing::warn!(target: TARGET, root = %root.short(), error = %e, "could not delete a snapshot that did not load");
+                }
+                self.refresh_local();
+            }
+            Action::Notice(notice) => self.push_event(notice.into()),
+        }
+    }
+
+    fn handle_job(&mut self, event: JobEvent) {
         match event {
             JobEvent::Started {
                 key,
@@ -568,59 +464,55 @@ impl Behaviour {
                 resumed_bytes,
             }),
             JobEvent::Progress(p) => self.push_event(Event::DownloadProgress(p)),
-            JobEvent::Done(result) => {
-                let job = self.job.take();
-                let now = Instant::now();
-                match *result {
-                    Ok(synced) => {
-                        let r = synced.report;
-                        self.metrics.synced(r.kind);
-                        if let Err(e) = self.store.retain(self.config.creator().retention()) {
-                            tracing::warn!(target: TARGET, error = %e, "could not delete old snapshots");
-                        }
-                        tracing::info!(target: TARGET, slot = r.slot, kind = %r.kind, with_full = synced.with_full, bank_hash = %r.bank_hash.short(), fetched = synced.fetched_bytes, secs = synced.elapsed.as_secs_f64(), "synced");
-                        self.refresh_local();
-                        self.discovery.on_sync_ended(SyncOutcome::Synced, now);
-                        self.push_event(Event::SnapshotSynced {
-                            slot: r.slot,
-                            bank_hash: r.bank_hash,
-                            kind: r.kind,
-                            with_full: synced.with_full,
-                            bytes: synced.bytes,
-                            fetched_bytes: synced.fetched_bytes,
-                            elapsed: synced.elapsed,
-                            per_peer: synced.per_peer,
-                        });
-                    }
-                    Err(failed) => {
-                        self.metrics.sync_failures.inc();
-                        let key = job
-                            .as_ref()
-                            .map(|j| j.plan().last().ad.key)
-                            .expect("a job ends once");
-                        tracing::warn!(target: TARGET, slot = key.slot, kind = %key.kind, error = %failed.error, "sync failed");
-                        self.refresh_local();
-                        self.discovery.on_sync_ended(failed.outcome, now);
-                        self.push_event(Event::SyncFailed {
-                            key,
-                            error: failed.error,
-                        });
-                    }
+            JobEvent::Synced(synced) => {
+                self.job = None;
+                let r = synced.report;
+                self.metrics.synced(r.kind);
+                if let Err(e) = self.store.retain(self.config.creator().retention()) {
+                    tracing::warn!(target: TARGET, error = %e, "could not delete old snapshots");
                 }
+                tracing::info!(target: TARGET, slot = r.slot, kind = %r.kind, with_full = synced.with_full, bank_hash = %r.bank_hash.short(), fetched = synced.fetched_bytes, secs = synced.elapsed.as_secs_f64(), "synced");
+                self.refresh_local();
+                self.discovery
+                    .handle_sync_ended(SyncOutcome::Synced, Instant::now());
+                self.push_event(Event::SnapshotSynced {
+                    slot: r.slot,
+                    bank_hash: r.bank_hash,
+                    kind: r.kind,
+                    with_full: synced.with_full,
+                    bytes: synced.bytes,
+                    fetched_bytes: synced.fetched_bytes,
+                    elapsed: synced.elapsed,
+                    per_peer: synced.per_peer,
+                });
+            }
+            JobEvent::Failed(failed) => {
+                self.job = None;
+                let failed = *failed;
+                self.metrics.sync_failures.inc();
+                tracing::warn!(target: TARGET, slot = failed.key.slot, kind = %failed.key.kind, error = %failed.error, "sync failed");
+                self.refresh_local();
+                self.discovery
+                    .handle_sync_ended(SyncOutcome::Failed(failed.outcome), Instant::now());
+                self.push_event(Event::SyncFailed {
+                    key: failed.key,
+                    error: failed.error,
+                });
             }
         }
     }
 
-    fn on_inner(&mut self, event: InnerEvent) {
+    fn handle_protocols(&mut self, event: ProtocolsEvent) {
         let now = Instant::now();
         match event {
-            InnerEvent::Gossipsub(gossipsub::Event::Message {
+            ProtocolsEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
                 message_id,
                 message,
             }) => {
                 let verdict = if message.topic == self.topic.hash() {
-                    self.discovery.on_gossip(message.source, &message.data, now)
+                    self.discovery
+                        .handle_gossip(message.source, &message.data, now)
                 } else {
                     Verdict::Ignore
                 };
@@ -629,92 +521,100 @@ impl Behaviour {
                     Verdict::Reject => gossipsub::MessageAcceptance::Reject,
                     Verdict::Ignore => gossipsub::MessageAcceptance::Ignore,
                 };
-                self.inner.gossipsub.report_message_validation_result(
+                self.protocols.gossipsub.report_message_validation_result(
                     &message_id,
                     &propagation_source,
                     acceptance,
                 );
             }
-            InnerEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic })
+            ProtocolsEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic })
                 if topic == self.topic.hash() =>
             {
                 tracing::debug!(target: TARGET, peer = %peer_id, "a snapsync peer joined the topic");
-                self.discovery.on_subscribed(peer_id, now);
+                self.discovery.handle_subscribed(peer_id, now);
             }
-            InnerEvent::Gossipsub(_) => {}
-            InnerEvent::Direct(request_response::Event::Message { peer, message, .. }) => {
-                match message {
-                    request_response::Message::Request {
+            ProtocolsEvent::Gossipsub(_) => {}
+            ProtocolsEvent::Direct(event) => self.handle_direct(event, now),
+        }
+    }
+
+    fn handle_direct(
+        &mut self,
+        event: request_response::Event<proto::DirectRequest, proto::DirectResponse>,
+        now: Instant,
+    ) {
+        use request_response::{Event as Rr, Message};
+        match event {
+            Rr::Message {
+                peer,
+                message:
+                    Message::Request {
                         request, channel, ..
-                    } => {
-                        let answer = match request.body {
-                            Some(proto::direct_request::Body::Ask(ask)) => {
-                                self.discovery.on_ask(peer, &ask, now)
-                            }
-                            Some(proto::direct_request::Body::Answer(answer)) => {
-                                self.discovery.on_answer(peer, &answer, false, now);
-                                None
-                            }
-                            None => None,
-                        };
-                        let _ = self
-                            .inner
-                            .direct
-                            .send_response(channel, proto::DirectResponse { answer });
+                    },
+                ..
+            } => {
+                let answer = match request.body {
+                    Some(proto::direct_request::Body::Ask(ask)) => {
+                        self.discovery.handle_ask(peer, &ask, now)
                     }
-                    request_response::Message::Response {
+                    Some(proto::direct_request::Body::Answer(answer)) => {
+                        self.discovery.handle_answer(peer, &answer, false, now);
+                        None
+                    }
+                    None => None,
+                };
+                let _ = self
+                    .protocols
+                    .direct
+                    .send_response(channel, proto::DirectResponse { answer });
+            }
+            Rr::Message {
+                peer,
+                message:
+                    Message::Response {
                         request_id,
                         response,
-                    } => {
-                        if self.asks.remove(&request_id).is_some()
-                            && let Some(answer) = response.answer
-                        {
-                            self.discovery.on_answer(peer, &answer, true, now);
-                        }
-                    }
+                    },
+                ..
+            } => {
+                if self.asks.pop(&request_id).is_some()
+                    && let Some(answer) = response.answer
+                {
+                    self.discovery.handle_answer(peer, &answer, true, now);
                 }
             }
-            InnerEvent::Direct(request_response::Event::OutboundFailure {
+            Rr::OutboundFailure {
                 peer,
                 request_id,
                 error,
                 ..
-            }) => {
-                self.asks.remove(&request_id);
+            } => {
+                self.asks.pop(&request_id);
                 if matches!(
                     error,
                     request_response::OutboundFailure::UnsupportedProtocols
                 ) {
-                    self.discovery.on_not_snapsync(peer);
+                    self.discovery.handle_not_snapsync(peer);
                 }
                 tracing::debug!(target: TARGET, %peer, %error, "a direct message did not go through");
             }
-            InnerEvent::Direct(request_response::Event::InboundFailure { peer, error, .. }) => {
+            Rr::InboundFailure { peer, error, .. } => {
                 tracing::debug!(target: TARGET, %peer, %error, "could not read a direct message");
             }
-            InnerEvent::Direct(_) => {}
+            Rr::ResponseSent { .. } => {}
         }
     }
 
-    /// Drives the node's own work: the sync job, snapshot creation, discovery's timers and
-    /// actions. Returns whether anything happened.
-    fn poll_work(&mut self, cx: &mut Context<'_>) -> bool {
-        // Local work before remote work.
-        if let Some(job) = &mut self.job
-            && let Poll::Ready(event) = job.poll(cx)
-        {
-            self.on_job(event);
-            return true;
-        }
-        let mut i = 0;
-        while i < self.creating.len() {
+    /// A snapshot being made ended.
+    fn poll_creating(&mut self, cx: &mut Context<'_>) -> bool {
+        for i in 0..self.creating.len() {
             if let Poll::Ready(result) = Pin::new(&mut self.creating[i]).poll(cx) {
                 drop(self.creating.swap_remove(i));
                 match result {
                     Ok(snap) => {
                         self.metrics.created(snap.manifest().kind);
                         self.refresh_local();
-                        self.discovery.on_snapshot_created(Instant::now());
+                        self.discovery.handle_snapshot_created(Instant::now());
                         self.push_event(Event::SnapshotCreated {
                             manifest: snap.manifest().clone(),
                         });
@@ -723,30 +623,44 @@ impl Behaviour {
                 }
                 return true;
             }
-            i += 1;
         }
-        if self.timer.as_mut().poll(cx).is_ready() {
-            self.discovery.handle_timeout(Instant::now());
-        }
-        if self.act() {
-            return true;
-        }
+        false
+    }
+
+    /// Discovery's timer, set to its next deadline.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> bool {
         if let Some(at) = self.discovery.poll_timeout() {
             let at = tokio::time::Instant::from_std(at);
             if self.timer.deadline() != at {
                 self.timer.as_mut().reset(at);
             }
-            if self.timer.as_mut().poll(cx).is_ready() {
-                self.discovery.handle_timeout(Instant::now());
-                return self.act();
-            }
+        }
+        if self.timer.as_mut().poll(cx).is_ready() {
+            self.discovery.handle_timeout(Instant::now());
+            // Fired: wait for the next deadline (set above on the next turn).
+            let far = tokio::time::Instant::now() + std::time::Duration::from_secs(3600);
+            self.timer.as_mut().reset(far);
+            return true;
         }
         false
     }
 }
 
+/// A peer's chunk-stream address, picked by the IP it is connected on.
+fn peer_addr(
+    ips: &mut LruCache<PeerId, IpAddr>,
+    peer: PeerId,
+    addrs: &[SocketAddr],
+) -> Option<PeerAddr> {
+    let connected = ips.get(&peer).copied();
+    (!addrs.is_empty()).then(|| PeerAddr {
+        peer_id: peer,
+        addr: addr::pick_addr(addrs, connected),
+    })
+}
+
 impl NetworkBehaviour for Behaviour {
-    type ConnectionHandler = <Inner as NetworkBehaviour>::ConnectionHandler;
+    type ConnectionHandler = <Protocols as NetworkBehaviour>::ConnectionHandler;
     type ToSwarm = Event;
 
     fn handle_pending_inbound_connection(
@@ -755,7 +669,7 @@ impl NetworkBehaviour for Behaviour {
         local_addr: &Multiaddr,
         remote_addr: &Multiaddr,
     ) -> Result<(), ConnectionDenied> {
-        self.inner
+        self.protocols
             .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
     }
 
@@ -766,7 +680,7 @@ impl NetworkBehaviour for Behaviour {
         local_addr: &Multiaddr,
         remote_addr: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.inner.handle_established_inbound_connection(
+        self.protocols.handle_established_inbound_connection(
             connection_id,
             peer,
             local_addr,
@@ -781,7 +695,7 @@ impl NetworkBehaviour for Behaviour {
         addresses: &[Multiaddr],
         effective_role: Endpoint,
     ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
-        self.inner.handle_pending_outbound_connection(
+        self.protocols.handle_pending_outbound_connection(
             connection_id,
             maybe_peer,
             addresses,
@@ -797,7 +711,7 @@ impl NetworkBehaviour for Behaviour {
         role_override: Endpoint,
         port_use: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.inner.handle_established_outbound_connection(
+        self.protocols.handle_established_outbound_connection(
             connection_id,
             peer,
             addr,
@@ -827,30 +741,24 @@ impl NetworkBehaviour for Behaviour {
             }
             FromSwarm::ConnectionEstablished(e) => {
                 if let Some(ip) = addr::ip_of(e.endpoint.get_remote_address()) {
-                    if self.peer_ips.len() >= MAX_PEER_IPS
-                        && !self.peer_ips.contains_key(&e.peer_id)
-                    {
-                        self.peer_ips.clear();
-                    }
-                    self.peer_ips.insert(e.peer_id, ip);
+                    self.peer_ips.push(e.peer_id, ip);
                 }
-                self.discovery.on_connected(e.peer_id, now);
+                self.discovery.handle_connected(e.peer_id, now);
             }
             FromSwarm::ConnectionClosed(e) if e.remaining_established == 0 => {
-                self.discovery.on_disconnected(e.peer_id);
+                self.discovery.handle_disconnected(e.peer_id);
             }
             FromSwarm::DialFailure(e) => {
                 self.metrics.dial_failures.inc();
-                let addresses = dial_failures(e.error);
                 tracing::info!(target: TARGET, peer = ?e.peer_id, error = %e.error, "could not reach a peer");
                 self.push_event(Event::PeerUnreachable {
                     peer: e.peer_id,
-                    addresses,
+                    addresses: DialFailure::of(e.error),
                 });
             }
             _ => {}
         }
-        self.inner.on_swarm_event(event);
+        self.protocols.on_swarm_event(event);
     }
 
     fn on_connection_handler_event(
@@ -859,7 +767,7 @@ impl NetworkBehaviour for Behaviour {
         connection_id: ConnectionId,
         event: THandlerOutEvent<Self>,
     ) {
-        self.inner
+        self.protocols
             .on_connection_handler_event(peer_id, connection_id, event);
     }
 
@@ -871,14 +779,18 @@ impl NetworkBehaviour for Behaviour {
             if let Some(event) = self.events.pop_front() {
                 return Poll::Ready(ToSwarm::GenerateEvent(event));
             }
-            if self.poll_work(cx) {
+            // Local work before remote work: the sync, snapshots being made, discovery.
+            if let Some(job) = &mut self.job
+                && let Poll::Ready(event) = job.poll(cx)
+            {
+                self.handle_job(event);
                 continue;
             }
-            match self.inner.poll(cx) {
-                Poll::Ready(ToSwarm::GenerateEvent(event)) => {
-                    self.on_inner(event);
-                    continue;
-                }
+            if self.poll_creating(cx) | self.poll_timer(cx) | self.carry_out_actions() {
+                continue;
+            }
+            match self.protocols.poll(cx) {
+                Poll::Ready(ToSwarm::GenerateEvent(event)) => self.handle_protocols(event),
                 Poll::Ready(other) => {
                     return Poll::Ready(
                         other.map_out(|_| unreachable!("events are handled above")),
@@ -887,40 +799,5 @@ impl NetworkBehaviour for Behaviour {
                 Poll::Pending => return Poll::Pending,
             }
         }
-    }
-}
-
-/// Each address of a failed dial with why it failed, in words an operator reads.
-fn dial_failures(error: &DialError) -> Vec<(Multiaddr, String)> {
-    use libp2p::TransportError;
-    match error {
-        DialError::Transport(errors) => errors
-            .iter()
-            .map(|(addr, e)| {
-                let why = match e {
-                    TransportError::MultiaddrNotSupported(_) => {
-                        "no transport for this address".to_string()
-                    }
-                    TransportError::Other(e) => {
-                        let text = e.to_string();
-                        let lower = text.to_lowercase();
-                        if lower.contains("refused") {
-                            format!("refused: {text}")
-                        } else if lower.contains("timed out") || lower.contains("timeout") {
-                            format!("timed out: {text}")
-                        } else {
-                            text
-                        }
-                    }
-                };
-                (addr.clone(), why)
-            })
-            .collect(),
-        DialError::WrongPeerId { obtained, address } => vec![(
-            address.clone(),
-            format!("another peer answered there: {obtained}"),
-        )],
-        DialError::NoAddresses => Vec::new(),
-        other => vec![(Multiaddr::empty(), other.to_string())],
     }
 }

@@ -1,14 +1,17 @@
-//! [`SyncJob`]: one sync, from a chosen [`Plan`] to a loaded state, as a child the behaviour
-//! polls.
+//! [`SyncJob`]: one sync, from a chosen plan to a loaded state, as a child the behaviour polls.
 //!
 //! Its downloads (a full snapshot, an incremental one, or both, all at once) and its load run
 //! side by side: a full snapshot is imported while it arrives, reading only its verified
 //! prefix, and an incremental one is applied on top before anything becomes live. An
 //! incremental one alone is applied once it has arrived, so the live DB's write lock is held
-//! for the apply only.
+//! for the apply only. The load reads each snapshot against the manifest its download checked.
+//!
+//! The job holds no copy of the plan (discovery keeps the one copy): only what each download
+//! needs. How it ended is reported as facts (which leg, what kind of failure, which peers sent
+//! bytes proven wrong); discovery judges what follows.
 
-use std::collections::{HashSet, VecDeque};
-use std::net::IpAddr;
+use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -17,15 +20,17 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use libp2p::PeerId;
 
-use super::addr::pick_addr;
 use super::event::SyncError;
 use crate::db::StateDb;
-use crate::discovery::{Plan, SyncOutcome, Target};
+use crate::discovery::{Failure, Leg as LegKind, Plan, SyncFailure, Target};
 use crate::snapshot::{
-    ArchiveSource, FORMAT_VERSION, HashStage, LoadError, LoadLimits, LoadReport, Manifest,
-    SnapshotKey, SnapshotStore,
+    ArchiveSource, HashStage, LoadError, LoadLimits, LoadReport, Manifest, SnapshotKey,
+    SnapshotKind,
 };
-use crate::transfer::{DownloadHandle, DownloadTarget, Downloaded, Downloader, PeerAddr, Progress};
+use crate::transfer::{
+    DownloadError, DownloadHandle, DownloadTarget, Downloaded, Downloader, PeerAddr, PeerStatus,
+    Progress,
+};
 
 /// What a job reports to the behaviour.
 #[derive(Debug)]
@@ -38,8 +43,10 @@ pub(crate) enum JobEvent {
     },
     /// A download moved on.
     Progress(Progress),
-    /// The job ended.
-    Done(Box<Result<Synced, Failed>>),
+    /// The job ended: the plan's last snapshot is live.
+    Synced(Box<Synced>),
+    /// The job ended: it failed.
+    Failed(Box<Failed>),
 }
 
 /// A sync that worked.
@@ -53,17 +60,18 @@ pub(crate) struct Synced {
     pub(crate) elapsed: Duration,
 }
 
-/// A sync that failed, and what discovery should make of it.
+/// A sync that failed: the snapshot it was syncing to, why, and the facts discovery judges.
 #[derive(Debug)]
 pub(crate) struct Failed {
+    pub(crate) key: SnapshotKey,
     pub(crate) error: SyncError,
-    pub(crate) outcome: SyncOutcome,
+    pub(crate) outcome: SyncFailure,
 }
 
 /// One download of the job.
 struct Leg {
+    kind: LegKind,
     key: SnapshotKey,
-    manifest: Manifest,
     handle: DownloadHandle,
     progress: BoxStream<'static, Progress>,
     peers: HashSet<PeerId>,
@@ -72,105 +80,111 @@ struct Leg {
     done: Option<Downloaded>,
 }
 
-/// The manifest a loader checks an advertised snapshot against (its counts bound the load;
-/// the archive itself is fixed by its content root).
-fn manifest_of(t: &Target) -> Manifest {
-    let k = t.ad.key;
-    Manifest {
-        format_version: FORMAT_VERSION,
-        kind: k.kind,
-        slot: k.slot,
-        bank_hash: k.bank_hash,
-        content_root: k.content_root,
-        archive_size: k.archive_size,
-        chunk_size: t.ad.chunk_size,
-        created_unix_ms: 0,
-        entry_count: t.ad.entry_count,
-        state_bytes: t.ad.state_bytes,
-        zstd_level: 0,
-        base: k.base,
-        zstd_version: 0,
+impl Leg {
+    fn start(
+        kind: LegKind,
+        target: &Target,
+        downloader: &Downloader,
+        addr_of: &mut dyn FnMut(PeerId, &[SocketAddr]) -> Option<PeerAddr>,
+    ) -> Self {
+        let peers: Vec<PeerAddr> = target
+            .peers
+            .iter()
+            .filter_map(|(p, addrs)| addr_of(*p, addrs))
+            .collect();
+        let handle = downloader.start(DownloadTarget::of(&target.ad), peers.clone());
+        let progress = handle.progress_stream();
+        let ids: Vec<PeerId> = peers.iter().map(|p| p.peer_id).collect();
+        Leg {
+            kind,
+            key: target.ad.key,
+            handle,
+            progress,
+            peers: ids.iter().copied().collect(),
+            initial: ids,
+            announced: false,
+            done: None,
+        }
+    }
+
+    /// The manifest its download checked, once it has one.
+    fn manifest(&self) -> Option<Manifest> {
+        match &self.done {
+            Some(d) => Some(d.snapshot.manifest().clone()),
+            None => self.handle.manifest(),
+        }
+    }
+
+    /// What a loader reads: the published file once downloaded, else the arriving bytes.
+    fn source(&self, manifest: &Manifest) -> ArchiveSource {
+        match &self.done {
+            Some(d) => ArchiveSource::file(d.snapshot.archive_path(), manifest.archive_size),
+            None => self.handle.source(),
+        }
+    }
+
+    /// Peers the download banned for chunks that did not match the content root.
+    fn banned(&self) -> Vec<PeerId> {
+        self.handle
+            .progress()
+            .borrow()
+            .peers
+            .iter()
+            .filter(|p| p.status == PeerStatus::Banned)
+            .map(|p| p.peer_id)
+            .collect()
     }
 }
 
-/// How the behaviour picks a peer's address.
-pub(crate) type AddrOf<'a> = &'a dyn Fn(&PeerId) -> Option<IpAddr>;
+type LoadTask = tokio::task::JoinHandle<Result<LoadReport, (SnapshotKind, LoadError)>>;
 
 /// One sync in progress.
 pub(crate) struct SyncJob {
-    plan: Plan,
     legs: Vec<Leg>,
-    load: Option<tokio::task::JoinHandle<Result<LoadReport, LoadError>>>,
+    load: Option<LoadTask>,
     loaded: Option<LoadReport>,
     db: Arc<dyn StateDb>,
     limits: LoadLimits,
-    store: SnapshotStore,
     started: Instant,
-    queued: VecDeque<JobEvent>,
+    queued: std::collections::VecDeque<JobEvent>,
     finished: bool,
 }
 
 impl SyncJob {
-    /// Starts the downloads of `plan` (and, for a full snapshot, its load as it arrives).
+    /// Starts the downloads of `plan`; `addr_of` picks each peer's chunk-stream address.
     pub(crate) fn start(
-        plan: Plan,
+        plan: &Plan,
         downloader: &Downloader,
         db: Arc<dyn StateDb>,
-        store: SnapshotStore,
         limits: LoadLimits,
-        addr_of: AddrOf<'_>,
+        addr_of: &mut dyn FnMut(PeerId, &[SocketAddr]) -> Option<PeerAddr>,
     ) -> Self {
-        let legs: Vec<Leg> = plan
-            .full
-            .iter()
-            .chain(&plan.incremental)
-            .map(|t| {
-                let manifest = manifest_of(t);
-                let target = DownloadTarget::from_manifest(&manifest);
-                let peers: Vec<PeerAddr> = t
-                    .peers
-                    .iter()
-                    .filter(|(_, addrs)| !addrs.is_empty())
-                    .map(|(p, addrs)| PeerAddr {
-                        peer_id: *p,
-                        addr: pick_addr(addrs, addr_of(p)),
-                    })
-                    .collect();
-                let handle = downloader.start(target, peers.clone());
-                let progress = handle.progress_stream();
-                Leg {
-                    key: t.ad.key,
-                    manifest,
-                    handle,
-                    progress,
-                    peers: peers.iter().map(|p| p.peer_id).collect(),
-                    initial: peers.iter().map(|p| p.peer_id).collect(),
-                    announced: false,
-                    done: None,
-                }
-            })
-            .collect();
-        let mut job = Self {
-            plan,
+        let mut legs = Vec::new();
+        if let Some(t) = &plan.full {
+            legs.push(Leg::start(LegKind::Full, t, downloader, addr_of));
+        }
+        if let Some(t) = &plan.incremental {
+            legs.push(Leg::start(LegKind::Incremental, t, downloader, addr_of));
+        }
+        Self {
             legs,
             load: None,
             loaded: None,
             db,
             limits,
-            store,
             started: Instant::now(),
-            queued: VecDeque::new(),
+            queued: Default::default(),
             finished: false,
-        };
-        if job.plan.full.is_some() {
-            job.start_load();
         }
-        job
     }
 
-    /// The plan.
-    pub(crate) fn plan(&self) -> &Plan {
-        &self.plan
+    fn has_full(&self) -> bool {
+        self.legs.first().is_some_and(|l| l.kind == LegKind::Full)
+    }
+
+    /// The snapshot the node ends at.
+    fn last_key(&self) -> SnapshotKey {
+        self.legs.last().expect("a plan fetches something").key
     }
 
     /// Whether the downloads are done and only the load runs.
@@ -200,108 +214,55 @@ impl SyncJob {
         }
     }
 
+    /// Starts the load once every download has its checked manifest: a full snapshot is loaded
+    /// as it arrives; an incremental one alone once it has arrived.
     fn start_load(&mut self) {
+        if self.load.is_some() || self.loaded.is_some() || (!self.has_full() && !self.loading()) {
+            return;
+        }
+        let Some(manifests) = self
+            .legs
+            .iter()
+            .map(Leg::manifest)
+            .collect::<Option<Vec<Manifest>>>()
+        else {
+            return;
+        };
         let sources: Vec<(ArchiveSource, Manifest)> = self
             .legs
             .iter()
-            .map(|l| match &l.done {
-                Some(d) => (
-                    ArchiveSource::file(d.snapshot.archive_path(), l.manifest.archive_size),
-                    l.manifest.clone(),
-                ),
-                None => (l.handle.source(), l.manifest.clone()),
-            })
+            .zip(manifests)
+            .map(|(l, m)| (l.source(&m), m))
             .collect();
-        let (db, limits) = (self.db.clone(), self.limits);
-        let has_full = self.plan.full.is_some();
+        let (db, limits, has_full) = (self.db.clone(), self.limits, self.has_full());
         self.load = Some(tokio::task::spawn_blocking(move || {
             let full = has_full.then(|| (&sources[0].0, &sources[0].1));
             let incremental = sources.get(usize::from(has_full)).map(|(s, m)| (s, m));
-            crate::snapshot::load_chain(db.as_ref(), full, incremental, &limits)
+            crate::snapshot::load_chain_legs(db.as_ref(), full, incremental, &limits)
         }));
     }
 
-    fn fail(&mut self, error: SyncError, failed: Vec<SnapshotKey>, blame: bool) -> JobEvent {
-        for leg in &mut self.legs {
-            leg.handle.cancel();
+    fn fail(&mut self, leg: LegKind, error: SyncError, failure: Failure) -> JobEvent {
+        for l in &mut self.legs {
+            l.handle.cancel();
         }
-        let not_on = self.not_on(&error);
         self.finished = true;
-        JobEvent::Done(Box::new(Err(Failed {
+        let bad_peers = self.legs.iter().flat_map(Leg::banned).collect();
+        JobEvent::Failed(Box::new(Failed {
+            key: self.last_key(),
             error,
-            outcome: SyncOutcome::Failed {
-                failed,
-                blame,
-                not_on,
+            outcome: SyncFailure {
+                leg,
+                failure,
+                bad_peers,
             },
-        })))
+        }))
     }
 
-    /// When an incremental snapshot alone did not apply, the node's state is not on its base.
-    fn not_on(&self, error: &SyncError) -> Option<SnapshotKey> {
-        if self.plan.full.is_some() {
-            return None;
-        }
-        let applies = matches!(
-            error,
-            SyncError::Load(LoadError::NotApplicable { .. })
-                | SyncError::Load(LoadError::BankHashMismatch {
-                    stage: HashStage::Applied,
-                    ..
-                })
-        );
-        let base = self.plan.incremental.as_ref()?.ad.key.base?;
-        applies.then_some(SnapshotKey {
-            kind: crate::snapshot::SnapshotKind::Full,
-            slot: base.slot,
-            bank_hash: base.bank_hash,
-            content_root: base.content_root,
-            archive_size: 0,
-            base: None,
-        })
-    }
-
-    fn load_failed(&mut self, e: LoadError) -> JobEvent {
-        // Which snapshot the failure proves bad: with a full one, what did not check out; an
-        // incremental alone that did not apply may be the node's own state's fault.
-        let last = self.plan.last().ad.key;
-        let (failed, blame) = match &e {
-            LoadError::NotApplicable { .. } | LoadError::NoSpace { .. } | LoadError::Db(_) => {
-                (vec![last], false)
-            }
-            LoadError::BankHashMismatch {
-                stage: HashStage::Applied,
-                ..
-            } if self.plan.full.is_none() => (vec![last], false),
-            _ => {
-                let mut keys = vec![last];
-                keys.extend(self.plan.full.as_ref().map(|t| t.ad.key));
-                (keys, true)
-            }
-        };
-        if blame {
-            // What does not load is not served either.
-            for key in &failed {
-                if let Some(snap) = self.store.get(&key.content_root) {
-                    let _ = self.store.remove(&snap);
-                }
-            }
-        }
-        self.fail(SyncError::Load(e), failed, blame)
-    }
-
-    /// Drives the job: its downloads' progress and ends, and its load.
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<JobEvent> {
-        if let Some(e) = self.queued.pop_front() {
-            return Poll::Ready(e);
-        }
-        if self.finished {
-            return Poll::Pending;
-        }
-        for i in 0..self.legs.len() {
-            let leg = &mut self.legs[i];
-            // Progress: the first update says what was resumed; later ones are reported as
-            // they come (a few per poll).
+    /// Reports a download's progress: the first update says what was resumed; later ones are
+    /// reported as they come (a few per poll).
+    fn poll_progress(&mut self, cx: &mut Context<'_>) {
+        for leg in &mut self.legs {
             for _ in 0..16 {
                 match leg.progress.poll_next_unpin(cx) {
                     Poll::Ready(Some(p)) => {
@@ -318,73 +279,192 @@ impl SyncJob {
                     _ => break,
                 }
             }
+        }
+    }
+
+    /// A download that ended; `Some` when the job fails with it.
+    fn poll_downloads(&mut self, cx: &mut Context<'_>) -> Option<JobEvent> {
+        for i in 0..self.legs.len() {
+            let leg = &mut self.legs[i];
             if leg.done.is_none()
                 && let Poll::Ready(result) = std::pin::Pin::new(&mut leg.handle).poll(cx)
             {
                 match result {
                     Ok(d) => leg.done = Some(d),
                     Err(e) => {
-                        let blame = e.proves_bad_data();
-                        let key = leg.key;
-                        return Poll::Ready(self.fail(SyncError::Download(e), vec![key], blame));
+                        let (kind, failure) = (leg.kind, download_failure(&e));
+                        return Some(self.fail(kind, SyncError::Download(e), failure));
                     }
                 }
             }
         }
-        if self.load.is_none() && self.loading() {
-            self.start_load();
+        None
+    }
+
+    /// The load, once it ends; `Some` when the job fails with it.
+    fn poll_load(&mut self, cx: &mut Context<'_>) -> Option<JobEvent> {
+        let load = self.load.as_mut()?;
+        let Poll::Ready(result) = std::pin::Pin::new(load).poll(cx) else {
+            return None;
+        };
+        self.load = None;
+        match result {
+            Ok(Ok(report)) => {
+                self.loaded = Some(report);
+                None
+            }
+            // A download that stops makes its load stop too: the download's own error, which
+            // says more, comes next. (Should the download go on, the load is started again
+            // once it is complete.)
+            Ok(Err((_, LoadError::Archive(_) | LoadError::Io { .. })))
+                if self.legs.iter().any(|l| l.done.is_none()) =>
+            {
+                None
+            }
+            Ok(Err((kind, e))) => {
+                let leg = match kind {
+                    SnapshotKind::Full => LegKind::Full,
+                    SnapshotKind::Incremental => LegKind::Incremental,
+                };
+                let failure = load_failure(&e, self.has_full());
+                Some(self.fail(leg, SyncError::Load(e), failure))
+            }
+            Err(_) => {
+                let leg = self.legs.last().expect("a leg").kind;
+                Some(self.fail(leg, SyncError::Aborted, Failure::Aborted))
+            }
         }
-        if let Some(load) = &mut self.load
-            && let Poll::Ready(result) = std::pin::Pin::new(load).poll(cx)
-        {
-            self.load = None;
-            match result {
-                Ok(Ok(report)) => self.loaded = Some(report),
-                Ok(Err(e)) => {
-                    // A download that stops makes its load stop too: the download's own error,
-                    // which says more, comes next. (Should the download go on, the load is
-                    // started again once it is complete.)
-                    if self.legs.iter().any(|l| l.done.is_none())
-                        && matches!(e, LoadError::Archive(_) | LoadError::Io { .. })
-                    {
-                        return Poll::Pending;
-                    }
-                    return Poll::Ready(self.load_failed(e));
-                }
-                Err(_) => {
-                    let last = self.plan.last().ad.key;
-                    return Poll::Ready(self.fail(SyncError::Aborted, vec![last], false));
+    }
+
+    fn synced(&mut self, report: LoadReport) -> JobEvent {
+        self.finished = true;
+        let mut per_peer: Vec<(PeerId, u64)> = Vec::new();
+        let (mut bytes, mut fetched) = (0, 0);
+        for d in self.legs.iter().filter_map(|l| l.done.as_ref()) {
+            bytes += d.snapshot.manifest().archive_size;
+            fetched += d.fetched_bytes;
+            for (p, b) in &d.per_peer {
+                match per_peer.iter_mut().find(|(q, _)| q == p) {
+                    Some(e) => e.1 += b,
+                    None => per_peer.push((*p, *b)),
                 }
             }
+        }
+        JobEvent::Synced(Box::new(Synced {
+            report,
+            with_full: self.has_full(),
+            bytes,
+            fetched_bytes: fetched,
+            per_peer,
+            elapsed: self.started.elapsed(),
+        }))
+    }
+
+    /// Drives the job: its downloads' progress and ends, and its load.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<JobEvent> {
+        if let Some(e) = self.queued.pop_front() {
+            return Poll::Ready(e);
+        }
+        if self.finished {
+            return Poll::Pending;
+        }
+        self.poll_progress(cx);
+        if let Some(failed) = self.poll_downloads(cx) {
+            return Poll::Ready(failed);
+        }
+        self.start_load();
+        if let Some(failed) = self.poll_load(cx) {
+            return Poll::Ready(failed);
         }
         if let Some(report) = self.loaded
             && self.loading()
         {
-            self.finished = true;
-            let mut per_peer: Vec<(PeerId, u64)> = Vec::new();
-            let (mut bytes, mut fetched) = (0, 0);
-            for d in self.legs.iter().filter_map(|l| l.done.as_ref()) {
-                bytes += d.snapshot.manifest().archive_size;
-                fetched += d.fetched_bytes;
-                for (p, b) in &d.per_peer {
-                    match per_peer.iter_mut().find(|(q, _)| q == p) {
-                        Some(e) => e.1 += b,
-                        None => per_peer.push((*p, *b)),
-                    }
-                }
-            }
-            return Poll::Ready(JobEvent::Done(Box::new(Ok(Synced {
-                report,
-                with_full: self.plan.full.is_some(),
-                bytes,
-                fetched_bytes: fetched,
-                per_peer,
-                elapsed: self.started.elapsed(),
-            }))));
+            return Poll::Ready(self.synced(report));
         }
         match self.queued.pop_front() {
             Some(e) => Poll::Ready(e),
             None => Poll::Pending,
         }
+    }
+}
+
+/// Whose fault a failed download is.
+fn download_failure(e: &DownloadError) -> Failure {
+    match e {
+        DownloadError::Unauthorized { .. } => Failure::Unauthorized,
+        DownloadError::Store(_)
+        | DownloadError::Corrupted { .. }
+        | DownloadError::Config(_)
+        | DownloadError::Endpoint(_) => Failure::Local,
+        DownloadError::Cancelled => Failure::Aborted,
+        _ => Failure::Unavailable,
+    }
+}
+
+/// Whose fault a failed load is. Every byte loaded was checked against the content root as it
+/// arrived: what the archive says is what its advertisers vouched for.
+fn load_failure(e: &LoadError, with_full: bool) -> Failure {
+    match e {
+        LoadError::NotApplicable { .. }
+        | LoadError::BankHashMismatch {
+            stage: HashStage::Applied,
+            ..
+        } if !with_full => Failure::NotOnBase,
+        LoadError::Archive(crate::snapshot::ArchiveError::Io(_)) => Failure::Local,
+        LoadError::Archive(_)
+        | LoadError::SlotMismatch { .. }
+        | LoadError::ManifestMismatch(_)
+        | LoadError::BankHashMismatch { .. }
+        | LoadError::NotApplicable { .. } => Failure::Content,
+        // The bytes were verified on arrival: a file that no longer hashes to its root, or has
+        // another size, was damaged here.
+        LoadError::ContentRootMismatch { .. }
+        | LoadError::SizeMismatch { .. }
+        | LoadError::Io { .. }
+        | LoadError::NoSpace { .. }
+        | LoadError::Db(_)
+        | LoadError::Nothing => Failure::Local,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::BankHash;
+
+    #[test]
+    fn failures_are_judged_by_whose_bytes_they_prove_wrong() {
+        let hash = BankHash([1; 32]);
+        let applied = LoadError::BankHashMismatch {
+            stage: HashStage::Applied,
+            expected: hash,
+            actual: hash,
+        };
+        assert_eq!(load_failure(&applied, false), Failure::NotOnBase);
+        assert_eq!(load_failure(&applied, true), Failure::Content);
+        let records = LoadError::BankHashMismatch {
+            stage: HashStage::Records,
+            expected: hash,
+            actual: hash,
+        };
+        assert_eq!(load_failure(&records, false), Failure::Content);
+        let io = LoadError::Io {
+            path: "x".into(),
+            source: std::io::Error::other("disk"),
+        };
+        assert_eq!(load_failure(&io, true), Failure::Local);
+        let space = LoadError::NoSpace {
+            needed: 2,
+            available: 1,
+        };
+        assert_eq!(load_failure(&space, true), Failure::Local);
+        assert_eq!(
+            download_failure(&DownloadError::Unauthorized { peers: 1 }),
+            Failure::Unauthorized
+        );
+        assert_eq!(
+            download_failure(&DownloadError::NoProgress(Duration::from_secs(1))),
+            Failure::Unavailable
+        );
     }
 }

@@ -12,13 +12,13 @@
 //! the default request of 64 chunks of 16 KiB.
 
 mod builder;
-mod size;
+pub(crate) mod size;
 mod source;
 mod tree;
 
 pub(crate) use builder::TreeWriter;
 pub use builder::{TreeBuilder, write_outboard};
-pub use size::{CHUNK_SIZE_ENV, ChunkSize, ChunkSizeError};
+pub(crate) use size::{ChunkSize, ChunkSizeError};
 pub use source::ChunkSource;
 pub use tree::{ChunkTree, RangeDecoder};
 

@@ -120,8 +120,13 @@ fn u64_of(bytes: &[u8]) -> Result<u64, DbError> {
 }
 
 impl Generation {
+    /// The file name of generation `number`, as `CURRENT` names it.
+    fn name(number: u64) -> String {
+        format!("{GEN_PREFIX}{number:08}{GEN_SUFFIX}")
+    }
+
     fn path(dir: &Path, number: u64) -> PathBuf {
-        dir.join(format!("{GEN_PREFIX}{number:08}{GEN_SUFFIX}"))
+        dir.join(Self::name(number))
     }
 
     fn open(dir: &Path, number: u64, options: &LmdbOptions, import: bool) -> Result<Self, DbError> {
@@ -235,10 +240,11 @@ impl Generation {
 /// values up to 64 MiB.
 #[derive(Clone)]
 pub struct LmdbState {
-    inner: Arc<Inner>,
+    generations: Arc<Generations>,
 }
 
-struct Inner {
+/// The DB's directory and its generations: the live one and the number of the next.
+struct Generations {
     dir: PathBuf,
     options: LmdbOptions,
     /// The live generation. Writers hold the read side for the length of a transaction; a
@@ -251,7 +257,7 @@ struct Inner {
 impl std::fmt::Debug for LmdbState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LmdbState")
-            .field("dir", &self.inner.dir)
+            .field("dir", &self.generations.dir)
             .finish()
     }
 }
@@ -415,17 +421,14 @@ impl LmdbState {
                 // A brand-new DB: its first generation, made live before anything is written.
                 let g = Generation::open(&dir, n, &options, false)?;
                 drop(g);
-                disk::replace_synced(
-                    &current_path,
-                    format!("{GEN_PREFIX}{n:08}{GEN_SUFFIX}").as_bytes(),
-                )
-                .map_err(io_at(&current_path))?;
+                disk::replace_synced(&current_path, Generation::name(n).as_bytes())
+                    .map_err(io_at(&current_path))?;
                 n
             }
         };
         let live = Generation::open(&dir, number, &options, false)?;
         Ok(Self {
-            inner: Arc::new(Inner {
+            generations: Arc::new(Generations {
                 dir,
                 options,
                 live: RwLock::new(live),
@@ -436,7 +439,7 @@ impl LmdbState {
 
     /// The DB's directory.
     pub fn dir(&self) -> &Path {
-        &self.inner.dir
+        &self.generations.dir
     }
 
     /// Largest key this DB accepts, bytes.
@@ -445,7 +448,7 @@ impl LmdbState {
     }
 
     fn live(&self) -> Generation {
-        self.inner
+        self.generations
             .live
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -459,7 +462,11 @@ impl LmdbState {
         F: FnOnce(&mut SlotWriter<'_, '_>) -> Result<(), DbError>,
     {
         // Hold the read side for the whole transaction so that an import's swap waits.
-        let guard = self.inner.live.read().unwrap_or_else(|p| p.into_inner());
+        let guard = self
+            .generations
+            .live
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         let g = &*guard;
         let mut txn = g.env.write_txn().map_err(backend)?;
         let mut meta = g.read_meta(&txn)?;
@@ -523,7 +530,7 @@ impl StateDb for LmdbState {
     fn begin_import(&self, slot: u64) -> Result<Box<dyn StateImport>, DbError> {
         let number = {
             let mut next = self
-                .inner
+                .generations
                 .next_gen
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
@@ -531,7 +538,12 @@ impl StateDb for LmdbState {
             *next += 1;
             n
         };
-        let generation = Generation::open(&self.inner.dir, number, &self.inner.options, true)?;
+        let generation = Generation::open(
+            &self.generations.dir,
+            number,
+            &self.generations.options,
+            true,
+        )?;
         Ok(Box::new(LmdbImport {
             owner: self.clone(),
             generation: Some(generation),
@@ -541,12 +553,20 @@ impl StateDb for LmdbState {
     }
 
     fn apply_changes(&self, slot: u64, changes: &mut ApplyFn<'_>) -> Result<(), DbError> {
-        let guard = self.inner.live.read().unwrap_or_else(|p| p.into_inner());
+        let guard = self
+            .generations
+            .live
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         apply_on(&guard, slot, changes)
     }
 
     fn prune_touched(&self, slot: u64) -> Result<(), DbError> {
-        let guard = self.inner.live.read().unwrap_or_else(|p| p.into_inner());
+        let guard = self
+            .generations
+            .live
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         let g = &*guard;
         let mut txn = g.env.write_txn().map_err(backend)?;
         let mut meta = g.read_meta(&txn)?;
@@ -574,7 +594,7 @@ impl StateDb for LmdbState {
     }
 
     fn free_space(&self) -> Option<u64> {
-        disk::free_space(&self.inner.dir).ok()
+        disk::free_space(&self.generations.dir).ok()
     }
 }
 
@@ -769,7 +789,7 @@ impl Drop for LmdbImport {
         if let Some(g) = self.generation.take() {
             let number = g.number;
             drop(g);
-            remove_generation(&self.owner.inner.dir, number);
+            remove_generation(&self.owner.generations.dir, number);
         }
     }
 }
@@ -793,13 +813,13 @@ impl StagedState for LmdbStaged {
 
     fn commit(mut self: Box<Self>) -> Result<(), DbError> {
         let staged = self.generation.take().expect("present until committed");
-        let inner = &self.owner.inner;
+        let generations = &self.owner.generations;
         let staged_slot = {
             let txn = staged.env.read_txn().map_err(backend)?;
             staged.read_meta(&txn)?.slot.unwrap_or(0)
         };
         // Writers of the live DB finish first; new ones wait for the swap.
-        let mut live = inner.live.write().unwrap_or_else(|p| p.into_inner());
+        let mut live = generations.live.write().unwrap_or_else(|p| p.into_inner());
         let live_slot = {
             let txn = live.env.read_txn().map_err(backend)?;
             live.read_meta(&txn)?.slot
@@ -809,7 +829,7 @@ impl StagedState for LmdbStaged {
         {
             let n = staged.number;
             drop(staged);
-            remove_generation(&inner.dir, n);
+            remove_generation(&generations.dir, n);
             return Err(DbError::SlotBehind {
                 slot: staged_slot,
                 current,
@@ -821,26 +841,24 @@ impl StagedState for LmdbStaged {
         let closing = staged.env.clone().prepare_for_closing();
         drop(staged);
         closing.wait();
-        let reopened = match Generation::open(&inner.dir, number, &inner.options, false) {
+        let reopened = match Generation::open(&generations.dir, number, &generations.options, false)
+        {
             Ok(g) => g,
             Err(e) => {
-                remove_generation(&inner.dir, number);
+                remove_generation(&generations.dir, number);
                 return Err(e);
             }
         };
-        let current_path = inner.dir.join(CURRENT);
-        disk::replace_synced(
-            &current_path,
-            format!("{GEN_PREFIX}{number:08}{GEN_SUFFIX}").as_bytes(),
-        )
-        .map_err(io_at(&current_path))?;
+        let current_path = generations.dir.join(CURRENT);
+        disk::replace_synced(&current_path, Generation::name(number).as_bytes())
+            .map_err(io_at(&current_path))?;
         // The swap is durable; from here on the new generation is the live one, whatever else
         // happens. The old one is deleted: views still reading it keep their open map.
         let old = std::mem::replace(&mut *live, reopened);
         drop(live);
         let old_number = old.number;
         drop(old);
-        remove_generation(&inner.dir, old_number);
+        remove_generation(&generations.dir, old_number);
         Ok(())
     }
 }
@@ -850,7 +868,7 @@ impl Drop for LmdbStaged {
         if let Some(g) = self.generation.take() {
             let number = g.number;
             drop(g);
-            remove_generation(&self.owner.inner.dir, number);
+            remove_generation(&self.owner.generations.dir, number);
         }
     }
 }

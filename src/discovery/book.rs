@@ -11,7 +11,8 @@ use libp2p::PeerId;
 
 use super::message::{Advert, SnapshotAd};
 use super::policy::TrustPolicy;
-use crate::snapshot::SnapshotKey;
+use crate::hash::ContentRoot;
+use crate::snapshot::{Base, SnapshotKey};
 
 /// A per-peer table of at most `cap` entries; the oldest entry goes when a new peer arrives
 /// at a full table.
@@ -94,6 +95,8 @@ pub(crate) struct KeyEntry {
 pub(crate) struct AdvertBook {
     adverts: PeerTable<Advert>,
     by_key: HashMap<SnapshotKey, KeyEntry>,
+    /// The full snapshots advertised, by content root (to find an incremental's base at once).
+    fulls: HashMap<ContentRoot, HashSet<SnapshotKey>>,
 }
 
 impl AdvertBook {
@@ -101,6 +104,7 @@ impl AdvertBook {
         Self {
             adverts: PeerTable::new(cap),
             by_key: HashMap::new(),
+            fulls: HashMap::new(),
         }
     }
 
@@ -114,6 +118,12 @@ impl AdvertBook {
                 }
                 if e.peers.is_empty() {
                     self.by_key.remove(&s.key);
+                    if let Some(keys) = self.fulls.get_mut(&s.key.content_root) {
+                        keys.remove(&s.key);
+                        if keys.is_empty() {
+                            self.fulls.remove(&s.key.content_root);
+                        }
+                    }
                 }
             }
         }
@@ -132,6 +142,12 @@ impl AdvertBook {
             });
             if e.peers.insert(advert.peer) && trusted {
                 e.trusted += 1;
+            }
+            if s.key.is_full() {
+                self.fulls
+                    .entry(s.key.content_root)
+                    .or_default()
+                    .insert(s.key);
             }
         }
         let peer = advert.peer;
@@ -176,6 +192,18 @@ impl AdvertBook {
     /// Every snapshot advertised, with who advertises it.
     pub(crate) fn keys(&self) -> impl Iterator<Item = (&SnapshotKey, &KeyEntry)> {
         self.by_key.iter()
+    }
+
+    /// The advertised full snapshots `base` names.
+    pub(crate) fn fulls_named<'a>(
+        &'a self,
+        base: &'a Base,
+    ) -> impl Iterator<Item = &'a SnapshotKey> {
+        self.fulls
+            .get(&base.content_root)
+            .into_iter()
+            .flatten()
+            .filter(move |k| base.is(k))
     }
 
     /// Who advertises `key`.

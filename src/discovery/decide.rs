@@ -20,7 +20,7 @@ use super::message::SnapshotAd;
 use super::policy::TrustPolicy;
 use crate::chunk::ChunkSize;
 use crate::hash::{BankHash, ContentRoot};
-use crate::snapshot::SnapshotKey;
+use crate::snapshot::{Base, SnapshotKey};
 
 /// Peers that advertise different snapshots (bank hashes) for the same slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +33,7 @@ pub struct Conflict {
 
 /// A snapshot to fetch and the peers to fetch it from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
+pub(crate) struct Target {
     /// The snapshot.
     pub ad: SnapshotAd,
     /// Peers advertising it in the chunk size most of them serve, with their chunk-stream
@@ -44,7 +44,7 @@ pub struct Target {
 /// What to fetch: a full snapshot, an incremental one, or a full one and an incremental one on
 /// it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// The full snapshot to fetch, if any.
     pub full: Option<Target>,
     /// The incremental snapshot to fetch, if any.
@@ -53,7 +53,7 @@ pub struct Plan {
 
 impl Plan {
     /// The snapshot the node ends at.
-    pub fn last(&self) -> &Target {
+    pub(crate) fn last(&self) -> &Target {
         self.incremental
             .as_ref()
             .or(self.full.as_ref())
@@ -61,7 +61,7 @@ impl Plan {
     }
 
     /// Bytes to fetch, at most (resumed bytes aside).
-    pub fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         self.full
             .iter()
             .chain(&self.incremental)
@@ -70,7 +70,7 @@ impl Plan {
     }
 
     /// Whether `key` is one of the plan's snapshots.
-    pub fn fetches(&self, key: &SnapshotKey) -> bool {
+    pub(crate) fn fetches(&self, key: &SnapshotKey) -> bool {
         self.full
             .iter()
             .chain(&self.incremental)
@@ -78,9 +78,9 @@ impl Plan {
     }
 }
 
-/// Outcome of a decision.
+/// What was chosen, and the conflicts seen on the way.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Decision {
+pub(crate) struct Choice {
     pub(crate) plan: Option<Plan>,
     pub(crate) conflicts: Vec<Conflict>,
 }
@@ -94,7 +94,7 @@ pub(crate) struct LocalState {
     pub(crate) slot: Option<u64>,
     /// A full snapshot the node's state proved not to descend from (an incremental on it failed
     /// to apply): incrementals on it are taken with it.
-    pub(crate) not_on: Option<SnapshotKey>,
+    pub(crate) not_on: Option<Base>,
 }
 
 fn target(book: &AdvertBook, key: &SnapshotKey) -> Option<Target> {
@@ -116,13 +116,6 @@ fn target(book: &AdvertBook, key: &SnapshotKey) -> Option<Target> {
     })
 }
 
-fn is_base_of(full: &SnapshotKey, incremental: &SnapshotKey) -> bool {
-    full.is_full()
-        && incremental.base.is_some_and(|b| {
-            (b.slot, b.bank_hash, b.content_root) == (full.slot, full.bank_hash, full.content_root)
-        })
-}
-
 /// How a candidate plan ranks: newest slot, then on the node's own state, then most peers,
 /// then the smallest content root (so that every node breaks ties the same way).
 type Rank = (u64, bool, usize, std::cmp::Reverse<ContentRoot>);
@@ -133,7 +126,7 @@ pub(crate) fn decide(
     local: LocalState,
     policy: &TrustPolicy,
     failed: &dyn Fn(&SnapshotKey) -> bool,
-) -> Decision {
+) -> Choice {
     let conflicts = conflicts(book);
     let mut best: Option<(Plan, Rank)> = None;
     for (key, entry) in book.keys() {
@@ -149,15 +142,12 @@ pub(crate) fn decide(
                 incremental: None,
             }),
             Some(base) => {
-                let alone = local.slot.is_some_and(|s| s >= base.slot)
-                    && local.not_on.is_none_or(|k| !is_base_of(&k, key));
+                let alone =
+                    local.slot.is_some_and(|s| s >= base.slot) && local.not_on != Some(base);
                 let full = if alone {
                     None
                 } else {
-                    let full_key = book
-                        .keys()
-                        .map(|(k, _)| k)
-                        .find(|k| is_base_of(k, key) && !failed(k));
+                    let full_key = book.fulls_named(&base).find(|k| !failed(k));
                     match full_key.and_then(|k| target(book, k)) {
                         Some(t) => Some(t),
                         // Its base is needed and nobody offers it.
@@ -181,7 +171,7 @@ pub(crate) fn decide(
             best = Some((plan, rank));
         }
     }
-    Decision {
+    Choice {
         plan: best.map(|(p, _)| p),
         conflicts,
     }

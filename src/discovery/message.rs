@@ -28,7 +28,7 @@ pub(crate) const MAX_SNAPSHOTS: usize = 8;
 /// A discovery message failed its checks. The sender gets a strike.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum MessageError {
+pub(crate) enum MessageError {
     /// Not a protobuf message of the expected kind.
     #[error("malformed message: {0}")]
     Decode(#[from] prost::DecodeError),

@@ -1,11 +1,12 @@
 //! Discovery and decision as a sans-IO state machine: [`Discovery`].
 //!
-//! No sockets, no clocks, no tasks, no gossipsub calls: the driver (the behaviour, or the
-//! simulator) tells it what happened, with the time (`on_*`, [`Discovery::handle_timeout`]), and
-//! carries out what it asks ([`Discovery::poll_action`]): publish a request or an announcement,
-//! ask or answer a peer, start or extend a sync, report an event. It wakes at
-//! [`Discovery::poll_timeout`]. Every rule is unit-tested with injected time (`tests.rs`), and
-//! `sim.rs` runs thousands of them on a simulated gossip mesh.
+//! No sockets, no clocks, no tasks, no gossipsub calls. The vocabulary is quinn-proto's: the
+//! driver (the behaviour, or the simulator) tells it what happened, with the time
+//! (`handle_*`), wakes it at [`Discovery::poll_timeout`] ([`Discovery::handle_timeout`]), and
+//! carries out what it queued ([`Discovery::poll`]): publish a request or an announcement, ask
+//! or answer a peer, start or extend a sync, delete a snapshot, report an event. Every rule is
+//! unit-tested with injected time (`tests.rs`, and `decide.rs`, `outcome.rs` for the choice and
+//! the end of a sync), and `sim.rs` runs thousands of machines on a simulated gossip mesh.
 //!
 //! # The rules
 //! - **Ask unless current.** Every `discovery_interval` (the first at once) a node that syncs
@@ -31,22 +32,29 @@
 //!   heard `announce_redundancy` announcements of the same snapshot meanwhile, so a snapshot
 //!   that many nodes make at once is announced a few times, not once per node.
 //! - **Strikes.** A message that fails its checks strikes its sender; at `max_strikes` the
-//!   peer is ignored. A snapshot that failed to download or load is not chosen again for
-//!   `failed_cooldown`, and when the failure proves its data bad, its advertisers are struck.
+//!   peer is ignored. What a failed sync means (who is struck, what is cooled down or deleted)
+//!   is the rule of `outcome.rs`.
 //! - **During a sync** the node keeps asking every interval, and adds peers that advertise what
 //!   it is fetching to the download.
 
+mod advertise;
 mod book;
+mod config;
 mod decide;
 pub(crate) mod message;
+mod outcome;
 mod policy;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 #[cfg(test)]
 mod tests;
 
-pub use decide::{Conflict, Plan, Target};
-pub use message::{Advert, MessageError, SnapshotAd};
+pub(crate) use advertise::advertised;
+pub use config::DiscoveryConfig;
+pub use decide::Conflict;
+pub(crate) use decide::{Plan, Target};
+pub use message::{Advert, SnapshotAd};
+pub(crate) use outcome::{Failure, Leg, SyncFailure, SyncOutcome};
 pub use policy::{SnapshotVerifier, TrustPolicy};
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -54,92 +62,17 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
+use rand::{Rng as _, SeedableRng};
+use rand_xoshiro::Xoshiro256PlusPlus;
 
 use self::book::{AdvertBook, PeerTable};
 use self::decide::LocalState;
-use self::message::{AdvertLimits, Gossip, InfoRequest};
-use crate::config_error::ConfigError;
+use self::message::{Gossip, InfoRequest};
+use crate::hash::ContentRoot;
 use crate::log::DISCOVERY as TARGET;
 use crate::metrics::{MessageKind, Metrics};
 use crate::proto;
-use crate::snapshot::SnapshotKey;
-
-/// Settings of discovery (a part of the behaviour's [`crate::Config`]).
-#[derive(Debug, Clone)]
-pub(crate) struct DiscoveryConfig {
-    pub(crate) discovery_interval: Duration,
-    pub(crate) answer_window: Duration,
-    pub(crate) behind_threshold: u64,
-    pub(crate) announce_window: Duration,
-    pub(crate) announce_delay: Duration,
-    pub(crate) announce_redundancy: u32,
-    pub(crate) answer_cooldown: Duration,
-    pub(crate) min_request_interval: Duration,
-    pub(crate) max_strikes: u32,
-    pub(crate) max_message_bytes: usize,
-    pub(crate) limits: AdvertLimits,
-    pub(crate) sync_enabled: bool,
-    pub(crate) policy: TrustPolicy,
-    pub(crate) failed_cooldown: Duration,
-    pub(crate) max_tracked_peers: usize,
-    pub(crate) dial_budget: u32,
-    pub(crate) max_direct_asks: usize,
-}
-
-impl Default for DiscoveryConfig {
-    fn default() -> Self {
-        Self {
-            discovery_interval: Duration::from_secs(30),
-            answer_window: Duration::from_secs(1),
-            behind_threshold: 100,
-            announce_window: Duration::from_secs(60),
-            announce_delay: Duration::from_secs(1),
-            announce_redundancy: 3,
-            answer_cooldown: Duration::from_secs(1),
-            min_request_interval: Duration::from_millis(500),
-            max_strikes: 5,
-            max_message_bytes: 16 << 10,
-            limits: AdvertLimits {
-                max_archive_bytes: 1 << 40,
-                max_chunks: 1 << 26,
-            },
-            sync_enabled: true,
-            policy: TrustPolicy::default(),
-            failed_cooldown: Duration::from_secs(600),
-            max_tracked_peers: 4096,
-            dial_budget: 16,
-            max_direct_asks: 16,
-        }
-    }
-}
-
-impl DiscoveryConfig {
-    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        ConfigError::nonzero_duration("discovery_interval", self.discovery_interval)?;
-        ConfigError::nonzero_duration("answer_window", self.answer_window)?;
-        ConfigError::nonzero_duration("announce_window", self.announce_window)?;
-        ConfigError::nonzero_duration("failed_cooldown", self.failed_cooldown)?;
-        ConfigError::nonzero("max_strikes", u64::from(self.max_strikes))?;
-        ConfigError::nonzero("announce_redundancy", u64::from(self.announce_redundancy))?;
-        ConfigError::nonzero("max_tracked_peers", self.max_tracked_peers as u64)?;
-        ConfigError::nonzero("max_archive_bytes", self.limits.max_archive_bytes)?;
-        if self.max_message_bytes < 1024 {
-            return Err(ConfigError::new(
-                "max_message_bytes",
-                "at least 1024",
-                self.max_message_bytes,
-            ));
-        }
-        if self.answer_window > self.discovery_interval {
-            return Err(ConfigError::new(
-                "answer_window",
-                "no longer than discovery_interval",
-                self.answer_window,
-            ));
-        }
-        self.policy.validate()
-    }
-}
+use crate::snapshot::{Base, SnapshotKey};
 
 /// What discovery reports to the node's owner (the behaviour turns these into its events).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,7 +93,7 @@ pub(crate) enum Notice {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Action {
     /// Publish this message on the topic, then report how that went
-    /// ([`Discovery::on_published`]).
+    /// ([`Discovery::handle_published`]).
     Publish {
         /// What it is.
         kind: Published,
@@ -180,6 +113,8 @@ pub(crate) enum Action {
     },
     /// Start syncing this plan.
     StartSync(Plan),
+    /// Delete this snapshot from the node's store: its content is proven bad.
+    DeleteSnapshot(ContentRoot),
     /// A peer advertises a snapshot the sync fetches: add it.
     AddSyncPeer {
         key: SnapshotKey,
@@ -207,28 +142,14 @@ pub(crate) enum Verdict {
     Ignore,
 }
 
-/// How a sync ended, for discovery.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum SyncOutcome {
-    /// The plan's last snapshot is loaded.
-    Synced,
-    /// It failed. `failed` are the snapshots not to choose again for a while; with `blame`,
-    /// their data proved bad and their advertisers are struck; `not_on` is set when the node's
-    /// state proved not to descend from this full snapshot.
-    Failed {
-        failed: Vec<SnapshotKey>,
-        blame: bool,
-        not_on: Option<SnapshotKey>,
-    },
-    /// It was cancelled (by the owner, or by shutting down).
-    Cancelled,
-}
-
 /// Where discovery stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Phase {
+pub(crate) enum Stage {
+    /// Not looking for a snapshot.
     Idle,
+    /// Collecting answers until `until`.
     Collecting { round: u64, until: Instant },
+    /// Syncing this plan (the one copy of it).
     Syncing { plan: Box<Plan> },
 }
 
@@ -243,27 +164,16 @@ pub(crate) struct Local {
     pub(crate) modified_time: u64,
 }
 
-/// A small deterministic generator (SplitMix64) for nonces and delays: the driver seeds it, a
-/// simulation replays it.
-#[derive(Debug, Clone)]
-struct Rng(u64);
+/// Nonces and delays come from a seeded generator: the driver seeds it, a simulation replays it.
+type Rng = Xoshiro256PlusPlus;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+/// A random duration below `d`.
+fn below(rng: &mut Rng, d: Duration) -> Duration {
+    let nanos = d.as_nanos() as u64;
+    if nanos == 0 {
+        return Duration::ZERO;
     }
-
-    fn below(&mut self, d: Duration) -> Duration {
-        let nanos = d.as_nanos() as u64;
-        if nanos == 0 {
-            return Duration::ZERO;
-        }
-        Duration::from_nanos(self.next() % nanos)
-    }
+    Duration::from_nanos(rng.random_range(0..nanos))
 }
 
 /// An announcement waiting for its moment.
@@ -291,7 +201,7 @@ pub(crate) struct Discovery {
     streamer_addrs: Vec<SocketAddr>,
     listen_addrs: Vec<Multiaddr>,
     tip: Option<(u64, Instant)>,
-    phase: Phase,
+    stage: Stage,
     round: u64,
     next_tick: Instant,
     last_request: Option<Instant>,
@@ -311,7 +221,7 @@ pub(crate) struct Discovery {
     subscribed: HashSet<PeerId>,
     not_snapsync: HashSet<PeerId>,
     failed: HashMap<SnapshotKey, Instant>,
-    not_on: Option<SnapshotKey>,
+    not_on: Option<Base>,
     announce: Option<PendingAnnounce>,
     dials: (Instant, u32),
     actions: VecDeque<Action>,
@@ -330,12 +240,12 @@ impl Discovery {
         Self {
             me,
             metrics,
-            rng: Rng(seed),
+            rng: Rng::seed_from_u64(seed),
             local: Local::default(),
             streamer_addrs: Vec::new(),
             listen_addrs: Vec::new(),
             tip: None,
-            phase: Phase::Idle,
+            stage: Stage::Idle,
             round: 0,
             next_tick: now,
             last_request: None,
@@ -363,14 +273,14 @@ impl Discovery {
     // ---- what the driver reads ----
 
     /// The next thing to do, if any. Call until `None`.
-    pub(crate) fn poll_action(&mut self) -> Option<Action> {
+    pub(crate) fn poll(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }
 
     /// When to call [`Discovery::handle_timeout`] next.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         let mut next = self.next_tick;
-        if let Phase::Collecting { until, .. } = self.phase {
+        if let Stage::Collecting { until, .. } = self.stage {
             next = next.min(until);
         }
         if let Some(at) = self.request_pending {
@@ -385,8 +295,9 @@ impl Discovery {
         Some(next)
     }
 
-    pub(crate) fn phase(&self) -> &Phase {
-        &self.phase
+    /// Where discovery stands.
+    pub(crate) fn stage(&self) -> &Stage {
+        &self.stage
     }
 
     /// Every advert heard lately.
@@ -413,39 +324,39 @@ impl Discovery {
     // ---- what the driver tells ----
 
     /// The node's own state and snapshots changed.
-    pub(crate) fn set_local(&mut self, local: Local) {
+    pub(crate) fn handle_local(&mut self, local: Local) {
         self.local = local;
     }
 
     /// Where this node's chunk stream is reached.
-    pub(crate) fn set_streamer_addrs(&mut self, addrs: Vec<SocketAddr>) {
+    pub(crate) fn handle_streamer_addrs(&mut self, addrs: Vec<SocketAddr>) {
         self.streamer_addrs = addrs;
     }
 
     /// Where this node is reached (carried in requests, for holders to answer).
-    pub(crate) fn set_listen_addrs(&mut self, addrs: Vec<Multiaddr>) {
+    pub(crate) fn handle_listen_addrs(&mut self, addrs: Vec<Multiaddr>) {
         self.listen_addrs = addrs;
     }
 
     /// The chain's tip, as the owner knows it (from its consensus, say). A node behind it by
     /// more than `behind_threshold` asks at once.
-    pub(crate) fn set_chain_tip(&mut self, tip: u64, now: Instant) {
+    pub(crate) fn handle_chain_tip(&mut self, tip: u64, now: Instant) {
         self.tip = Some((tip, now));
-        if self.phase == Phase::Idle && !self.knows_current(now) {
+        if self.stage == Stage::Idle && !self.knows_current(now) {
             self.start_round(now);
         }
     }
 
     /// Asks peers now, whether or not the node needs a snapshot.
-    pub(crate) fn sync_now(&mut self, now: Instant) {
-        if self.phase == Phase::Idle {
+    pub(crate) fn handle_sync_now(&mut self, now: Instant) {
+        if self.stage == Stage::Idle {
             self.start_round(now);
         }
     }
 
     /// A connection to `peer` was established (also a second one, to a peer restarted under the
     /// same identity).
-    pub(crate) fn on_connected(&mut self, peer: PeerId, now: Instant) {
+    pub(crate) fn handle_connected(&mut self, peer: PeerId, now: Instant) {
         let cap = self.config.max_tracked_peers;
         if !self.connected.contains_key(&peer) && self.connected.len() >= cap {
             return; // beyond the table's bound: reached through the topic only
@@ -457,7 +368,7 @@ impl Discovery {
             }
             let grace = SUBSCRIBE_GRACE.min(self.config.answer_window / 4);
             self.ask_due.push_back((peer, now + grace));
-            if self.phase == Phase::Idle {
+            if self.stage == Stage::Idle {
                 self.start_round(now);
             }
         }
@@ -465,7 +376,7 @@ impl Discovery {
 
     /// How publishing a message went: a request that reached no peer does not count as asked,
     /// so the first peer to join the topic gets it at once.
-    pub(crate) fn on_published(&mut self, kind: Published, delivered: bool) {
+    pub(crate) fn handle_published(&mut self, kind: Published, delivered: bool) {
         match (kind, delivered) {
             (Published::Request, true) => self.metrics.message(MessageKind::RequestSent),
             (Published::Announcement, true) => self.metrics.message(MessageKind::AnnouncementSent),
@@ -475,29 +386,29 @@ impl Discovery {
     }
 
     /// The last connection to `peer` closed.
-    pub(crate) fn on_disconnected(&mut self, peer: PeerId) {
+    pub(crate) fn handle_disconnected(&mut self, peer: PeerId) {
         self.connected.remove(&peer);
         self.subscribed.remove(&peer);
         self.not_snapsync.remove(&peer);
     }
 
     /// `peer` joined snapsync's topic.
-    pub(crate) fn on_subscribed(&mut self, peer: PeerId, now: Instant) {
+    pub(crate) fn handle_subscribed(&mut self, peer: PeerId, now: Instant) {
         if self.subscribed.len() < self.config.max_tracked_peers {
             self.subscribed.insert(peer);
         }
-        match self.phase {
-            Phase::Idle if self.config.sync_enabled && !self.knows_current(now) => {
+        match self.stage {
+            Stage::Idle if self.config.sync_enabled && !self.knows_current(now) => {
                 self.start_round(now)
             }
             // Ask the newcomer too: its answer joins the round, or the download.
-            Phase::Collecting { .. } | Phase::Syncing { .. } => self.request(now),
-            Phase::Idle => {}
+            Stage::Collecting { .. } | Stage::Syncing { .. } => self.request(now),
+            Stage::Idle => {}
         }
     }
 
     /// A gossip message arrived on the topic, signed by `source`.
-    pub(crate) fn on_gossip(
+    pub(crate) fn handle_gossip(
         &mut self,
         source: Option<PeerId>,
         data: &[u8],
@@ -541,7 +452,7 @@ impl Discovery {
 
     /// `peer` asked this node directly: the answer to send back (`None`: nothing newer, or
     /// not now).
-    pub(crate) fn on_ask(
+    pub(crate) fn handle_ask(
         &mut self,
         peer: PeerId,
         request: &proto::SnapshotInfoRequest,
@@ -562,7 +473,7 @@ impl Discovery {
 
     /// `peer` answered a request of this node (directly, or in the response to an ask, which
     /// `asked` says).
-    pub(crate) fn on_answer(
+    pub(crate) fn handle_answer(
         &mut self,
         peer: PeerId,
         answer: &proto::SnapshotInfoResponse,
@@ -596,45 +507,30 @@ impl Discovery {
 
     /// An ask of this node failed because `peer` does not speak snapsync: it is not asked again
     /// while it stays connected.
-    pub(crate) fn on_not_snapsync(&mut self, peer: PeerId) {
+    pub(crate) fn handle_not_snapsync(&mut self, peer: PeerId) {
         if self.connected.contains_key(&peer) {
             self.not_snapsync.insert(peer);
         }
     }
 
     /// The sync ended.
-    pub(crate) fn on_sync_ended(&mut self, outcome: SyncOutcome, now: Instant) {
-        if matches!(self.phase, Phase::Syncing { .. }) {
-            self.phase = Phase::Idle;
-        }
+    pub(crate) fn handle_sync_ended(&mut self, outcome: SyncOutcome, now: Instant) {
+        let plan = match std::mem::replace(&mut self.stage, Stage::Idle) {
+            Stage::Syncing { plan } => Some(plan),
+            other => {
+                self.stage = other;
+                None
+            }
+        };
         match outcome {
             SyncOutcome::Synced => {
                 self.not_on = None;
                 self.schedule_announce(now);
             }
-            SyncOutcome::Failed {
-                failed,
-                blame,
-                not_on,
-            } => {
-                if self.failed.len() >= 256 {
-                    self.failed.retain(|_, until| *until > now);
-                }
-                for key in &failed {
-                    self.failed.insert(*key, now + self.config.failed_cooldown);
-                    if blame && let Some(entry) = self.book.entry(key) {
-                        let peers: Vec<PeerId> = entry.peers.iter().copied().collect();
-                        for p in peers {
-                            let why = format!(
-                                "advertised a snapshot that failed its checks (slot {})",
-                                key.slot
-                            );
-                            self.strike(p, &why, now);
-                        }
-                    }
-                }
-                if not_on.is_some() {
-                    self.not_on = not_on;
+            SyncOutcome::Failed(failure) => {
+                if let Some(plan) = plan {
+                    let consequences = outcome::judge(&plan, &failure, &self.book);
+                    self.apply(consequences, now);
                 }
             }
             SyncOutcome::Cancelled => {}
@@ -645,8 +541,27 @@ impl Discovery {
         }
     }
 
-    /// The node made or loaded a snapshot (after [`Discovery::set_local`]).
-    pub(crate) fn on_snapshot_created(&mut self, now: Instant) {
+    /// Carries out what a failed sync means.
+    fn apply(&mut self, c: outcome::Consequences, now: Instant) {
+        if self.failed.len() >= 256 {
+            self.failed.retain(|_, until| *until > now);
+        }
+        for key in c.cool_down {
+            self.failed.insert(key, now + self.config.failed_cooldown);
+        }
+        for (peer, offence) in c.strike {
+            self.strike(peer, &offence, now);
+        }
+        for root in c.delete {
+            self.actions.push_back(Action::DeleteSnapshot(root));
+        }
+        if c.not_on.is_some() {
+            self.not_on = c.not_on;
+        }
+    }
+
+    /// The node made or loaded a snapshot (after [`Discovery::handle_local`]).
+    pub(crate) fn handle_snapshot_created(&mut self, now: Instant) {
         self.schedule_announce(now);
     }
 
@@ -659,18 +574,18 @@ impl Discovery {
             let missing = self.connected.contains_key(&peer) && !self.subscribed.contains(&peer);
             if missing && self.wants_answers(now) && !self.ignores(&peer) {
                 self.ask(peer, now);
-                if self.phase == Phase::Idle {
+                if self.stage == Stage::Idle {
                     self.start_round(now);
                 }
             }
         }
         if self.request_pending.is_some_and(|t| t <= now) {
             self.request_pending = None;
-            if self.phase != Phase::Idle {
+            if self.stage != Stage::Idle {
                 self.request(now);
             }
         }
-        if let Phase::Collecting { round, until } = self.phase
+        if let Stage::Collecting { round, until } = self.stage
             && until <= now
         {
             self.decide(round, now);
@@ -695,10 +610,10 @@ impl Discovery {
         if !self.config.sync_enabled {
             return;
         }
-        match self.phase {
-            Phase::Idle if !self.knows_current(now) => self.start_round(now),
+        match self.stage {
+            Stage::Idle if !self.knows_current(now) => self.start_round(now),
             // A long download keeps learning holders of what it fetches.
-            Phase::Syncing { .. } => self.request(now),
+            Stage::Syncing { .. } => self.request(now),
             _ => {}
         }
     }
@@ -716,9 +631,9 @@ impl Discovery {
     /// Whether the node looks for snapshots now: it is in a round or a sync, or it syncs and
     /// does not know it is current.
     fn wants_answers(&self, now: Instant) -> bool {
-        match &self.phase {
-            Phase::Syncing { .. } | Phase::Collecting { .. } => true,
-            Phase::Idle => self.config.sync_enabled && !self.knows_current(now),
+        match &self.stage {
+            Stage::Syncing { .. } | Stage::Collecting { .. } => true,
+            Stage::Idle => self.config.sync_enabled && !self.knows_current(now),
         }
     }
 
@@ -758,14 +673,14 @@ impl Discovery {
         for p in direct {
             self.ask(p, now);
         }
-        if self.phase != Phase::Idle {
+        if self.stage != Stage::Idle {
             return;
         }
         self.round += 1;
         self.metrics.discovery_rounds.inc();
         let local_slot = self.local.slot;
         tracing::info!(target: TARGET, round = self.round, ?local_slot, "asking peers for snapshots");
-        self.phase = Phase::Collecting {
+        self.stage = Stage::Collecting {
             round: self.round,
             until: now + self.config.answer_window,
         };
@@ -777,7 +692,7 @@ impl Discovery {
 
     fn new_nonce(&mut self, now: Instant) -> u64 {
         // Never 0: that is the nonce of announcements.
-        let nonce = self.rng.next() | 1;
+        let nonce = self.rng.random::<u64>() | 1;
         if self.outstanding.len() >= MAX_OUTSTANDING {
             self.outstanding.pop_front();
         }
@@ -891,7 +806,7 @@ impl Discovery {
         let addrs = advert.streamer_addrs.clone();
         let keys: Vec<SnapshotKey> = advert.snapshots.iter().map(|s| s.key).collect();
         self.book.insert(advert, now, &self.config.policy);
-        if let Phase::Syncing { plan } = &self.phase {
+        if let Stage::Syncing { plan } = &self.stage {
             for key in keys.iter().filter(|k| plan.fetches(k)) {
                 self.actions.push_back(Action::AddSyncPeer {
                     key: *key,
@@ -900,7 +815,7 @@ impl Discovery {
                 });
             }
         }
-        if self.phase == Phase::Idle && self.config.sync_enabled && !self.knows_current(now) {
+        if self.stage == Stage::Idle && self.config.sync_enabled && !self.knows_current(now) {
             self.start_round(now);
         }
     }
@@ -934,14 +849,14 @@ impl Discovery {
                 self.actions
                     .push_back(Action::Notice(Notice::Chosen(Box::new(plan.clone()))));
                 self.actions.push_back(Action::StartSync(plan.clone()));
-                self.phase = Phase::Syncing {
+                self.stage = Stage::Syncing {
                     plan: Box::new(plan),
                 };
             }
             None => {
                 let adverts = self.book.len();
                 tracing::info!(target: TARGET, round, adverts, "no snapshot to take; asking again next tick");
-                self.phase = Phase::Idle;
+                self.stage = Stage::Idle;
                 self.actions
                     .push_back(Action::Notice(Notice::NothingToTake { round, adverts }));
             }
@@ -956,7 +871,7 @@ impl Discovery {
         let Some(newest) = self.local.snapshots.iter().max_by_key(|s| s.key.slot) else {
             return;
         };
-        let delay = self.rng.below(self.config.announce_delay);
+        let delay = below(&mut self.rng, self.config.announce_delay);
         self.announce = Some(PendingAnnounce {
             at: now + delay,
             key: newest.key,

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use prost::Message;
+use rand::{RngCore, SeedableRng};
+use rand_xoshiro::SplitMix64;
 
 use super::{Action, Discovery, DiscoveryConfig, Local, Notice, SnapshotAd, SyncOutcome};
 use crate::chunk::ChunkSize;
@@ -126,24 +128,21 @@ struct Sim {
     events: HashMap<usize, Ev>,
     seq: u64,
     config: SimConfig,
-    rng: u64,
+    rng: SplitMix64,
     messages: u64,
     bytes: u64,
     rounds: u64,
     snapshots: Vec<SnapshotAd>,
 }
 
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// A well-mixed function of `z` (one SplitMix64 step): per-link latencies and keys.
+fn mix(z: u64) -> u64 {
+    SplitMix64::seed_from_u64(z).next_u64()
 }
 
 impl Sim {
     fn rand(&mut self) -> u64 {
-        self.rng = mix(self.rng);
-        self.rng
+        self.rng.next_u64()
     }
 
     fn latency(&self, a: usize, b: usize) -> Duration {
@@ -176,7 +175,7 @@ impl Sim {
 
     /// Carries out node `n`'s actions and schedules its next wake.
     fn drain(&mut self, n: usize) {
-        while let Some(action) = self.nodes[n].disc.poll_action() {
+        while let Some(action) = self.nodes[n].disc.poll() {
             match action {
                 Action::Publish { bytes, .. } => {
                     let id = self.nodes[n].next_id;
@@ -220,7 +219,7 @@ impl Sim {
                     self.push(when, Ev::SyncDone(n));
                 }
                 Action::Notice(Notice::Started { .. }) => self.rounds += 1,
-                Action::Notice(_) | Action::AddSyncPeer { .. } => {}
+                Action::Notice(_) | Action::AddSyncPeer { .. } | Action::DeleteSnapshot(_) => {}
             }
         }
         if let Some(t) = self.nodes[n].disc.poll_timeout() {
@@ -283,7 +282,7 @@ impl Sim {
                     return;
                 }
                 let source = self.peer(origin);
-                let verdict = self.nodes[to].disc.on_gossip(Some(source), &bytes, now);
+                let verdict = self.nodes[to].disc.handle_gossip(Some(source), &bytes, now);
                 self.drain(to);
                 if verdict == super::Verdict::Accept {
                     self.flood(to, from, origin, id, bytes);
@@ -291,7 +290,7 @@ impl Sim {
             }
             Ev::Ask { to, from, request } => {
                 let peer = self.peer(from);
-                let answer = self.nodes[to].disc.on_ask(peer, &request, now);
+                let answer = self.nodes[to].disc.handle_ask(peer, &request, now);
                 self.drain(to);
                 let len = answer.as_ref().map_or(2, |a| a.encoded_len() + 2);
                 self.count(len);
@@ -308,13 +307,13 @@ impl Sim {
             Ev::AskResponse { to, from, answer } => {
                 if let Some(answer) = answer {
                     let peer = self.peer(from);
-                    self.nodes[to].disc.on_answer(peer, &answer, true, now);
+                    self.nodes[to].disc.handle_answer(peer, &answer, true, now);
                     self.drain(to);
                 }
             }
             Ev::Answer { to, from, answer } => {
                 let peer = self.peer(from);
-                self.nodes[to].disc.on_answer(peer, &answer, false, now);
+                self.nodes[to].disc.handle_answer(peer, &answer, false, now);
                 // The acknowledgement.
                 self.count(2);
                 self.drain(to);
@@ -322,12 +321,12 @@ impl Sim {
             Ev::SyncDone(n) => {
                 let snapshots = self.snapshots.clone();
                 let node = &mut self.nodes[n].disc;
-                node.set_local(Local {
+                node.handle_local(Local {
                     slot: Some(snapshots[0].key.slot),
                     snapshots,
                     modified_time: 0,
                 });
-                node.on_sync_ended(SyncOutcome::Synced, now);
+                node.handle_sync_ended(SyncOutcome::Synced, now);
                 self.drain(n);
             }
         }
@@ -388,7 +387,7 @@ pub fn run(config: &SimConfig) -> SimReport {
         events: HashMap::new(),
         seq: 0,
         config: config.clone(),
-        rng: config.seed,
+        rng: SplitMix64::seed_from_u64(config.seed),
         messages: 0,
         bytes: 0,
         rounds: 0,
@@ -408,9 +407,9 @@ pub fn run(config: &SimConfig) -> SimReport {
             .expect("32 bytes");
         let me = key.public().to_peer_id();
         let mut disc = Discovery::new(dc, me, Metrics::new(), base + start, seed);
-        disc.set_streamer_addrs(vec!["10.0.0.1:7000".parse().expect("an address")]);
+        disc.handle_streamer_addrs(vec!["10.0.0.1:7000".parse().expect("an address")]);
         if !joiner {
-            disc.set_local(Local {
+            disc.handle_local(Local {
                 slot: Some(25_310),
                 snapshots: snaps.clone(),
                 modified_time: 0,
@@ -443,8 +442,8 @@ pub fn run(config: &SimConfig) -> SimReport {
         for j in links {
             let peer = sim.peer(j);
             let t = base;
-            sim.nodes[i].disc.on_connected(peer, t);
-            sim.nodes[i].disc.on_subscribed(peer, t);
+            sim.nodes[i].disc.handle_connected(peer, t);
+            sim.nodes[i].disc.handle_subscribed(peer, t);
         }
         sim.drain(i);
     }

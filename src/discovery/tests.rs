@@ -40,7 +40,7 @@ fn config() -> DiscoveryConfig {
 
 fn machine(config: DiscoveryConfig, now: Instant) -> Discovery {
     let mut d = Discovery::new(config, PeerId::random(), Metrics::new(), now, 7);
-    d.set_streamer_addrs(vec!["127.0.0.1:9000".parse().unwrap()]);
+    d.handle_streamer_addrs(vec!["127.0.0.1:9000".parse().unwrap()]);
     d
 }
 
@@ -90,7 +90,7 @@ fn answer(peer: PeerId, snaps: &[SnapshotAd], nonce: u64) -> crate::proto::Snaps
 }
 
 fn drain(d: &mut Discovery) -> Vec<Action> {
-    std::iter::from_fn(|| d.poll_action()).collect()
+    std::iter::from_fn(|| d.poll()).collect()
 }
 
 fn publishes(actions: &[Action]) -> usize {
@@ -152,7 +152,7 @@ fn the_first_tick_is_at_once_and_rounds_end_with_the_answer_window() {
     let a = drain(&mut d);
     assert_eq!(publishes(&a), 1, "an empty node asks at once");
     assert!(started(&a));
-    assert!(matches!(d.phase(), Phase::Collecting { round: 1, .. }));
+    assert!(matches!(d.stage(), Stage::Collecting { round: 1, .. }));
     assert_eq!(d.poll_timeout(), Some(t0 + SEC), "the answer window");
     d.handle_timeout(t0 + SEC);
     let a = drain(&mut d);
@@ -163,7 +163,7 @@ fn the_first_tick_is_at_once_and_rounds_end_with_the_answer_window() {
             adverts: 0
         })
     )));
-    assert_eq!(*d.phase(), Phase::Idle);
+    assert_eq!(*d.stage(), Stage::Idle);
     assert_eq!(d.poll_timeout(), Some(t0 + 30 * SEC), "the next tick");
     d.handle_timeout(t0 + 30 * SEC);
     assert_eq!(publishes(&drain(&mut d)), 1, "and asks again");
@@ -174,7 +174,7 @@ fn a_node_that_restarts_behind_asks_by_itself() {
     // Its DB holds a slot, it has heard no advert: it does not know it is current.
     let t0 = Instant::now();
     let mut d = machine(config(), t0);
-    d.set_local(local(Some(500), vec![]));
+    d.handle_local(local(Some(500), vec![]));
     d.handle_timeout(t0);
     assert_eq!(publishes(&drain(&mut d)), 1);
 }
@@ -183,12 +183,12 @@ fn a_node_that_restarts_behind_asks_by_itself() {
 fn a_node_that_asked_lately_and_heard_nothing_newer_is_current_until_the_announce_window_ends() {
     let t0 = Instant::now();
     let mut d = machine(config(), t0);
-    d.set_local(local(Some(100), vec![]));
+    d.handle_local(local(Some(100), vec![]));
     d.handle_timeout(t0);
     let nonce = last_nonce(&drain(&mut d));
     // A peer answers with what the node already has.
     let p = PeerId::random();
-    d.on_answer(p, &answer(p, &[full(100, 1)], nonce), false, t0);
+    d.handle_answer(p, &answer(p, &[full(100, 1)], nonce), false, t0);
     d.handle_timeout(t0 + SEC);
     drain(&mut d);
     // Next tick, 30 s later: within the 60 s announce window, nothing newer heard: quiet.
@@ -203,13 +203,13 @@ fn a_node_that_asked_lately_and_heard_nothing_newer_is_current_until_the_announc
 fn the_chain_tip_tells_a_node_it_is_behind_or_current() {
     let t0 = Instant::now();
     let mut d = machine(config(), t0);
-    d.set_local(local(Some(100), vec![]));
+    d.handle_local(local(Some(100), vec![]));
     // Told the tip is close: current, no round at the first tick.
-    d.set_chain_tip(105, t0);
+    d.handle_chain_tip(105, t0);
     d.handle_timeout(t0);
     assert_eq!(publishes(&drain(&mut d)), 0);
     // Told the tip is far ahead: asks at once, without waiting for a tick.
-    d.set_chain_tip(1000, t0 + 5 * SEC);
+    d.handle_chain_tip(1000, t0 + 5 * SEC);
     let a = drain(&mut d);
     assert_eq!(publishes(&a), 1);
     assert!(started(&a));
@@ -222,7 +222,7 @@ fn requests_are_spaced_by_the_minimum_interval() {
     d.handle_timeout(t0);
     drain(&mut d);
     // A peer joins the topic 100 ms later: the request waits until 500 ms.
-    d.on_subscribed(PeerId::random(), t0 + Duration::from_millis(100));
+    d.handle_subscribed(PeerId::random(), t0 + Duration::from_millis(100));
     assert_eq!(publishes(&drain(&mut d)), 0);
     assert_eq!(d.poll_timeout(), Some(t0 + Duration::from_millis(500)));
     d.handle_timeout(t0 + Duration::from_millis(500));
@@ -245,7 +245,7 @@ fn holder(t0: Instant) -> Discovery {
     let mut c = config();
     c.sync_enabled = false;
     let mut d = machine(c, t0);
-    d.set_local(local(Some(100), vec![full(100, 1)]));
+    d.handle_local(local(Some(100), vec![full(100, 1)]));
     d
 }
 
@@ -264,9 +264,9 @@ fn holders_answer_newer_snapshots_once_per_cooldown_and_dial_within_a_budget() {
     let t0 = Instant::now();
     let mut d = holder(t0);
     let r = PeerId::random();
-    d.on_connected(r, t0);
+    d.handle_connected(r, t0);
     assert_eq!(
-        d.on_gossip(Some(r), &gossip_request(r, 5, Some(50)), t0),
+        d.handle_gossip(Some(r), &gossip_request(r, 5, Some(50)), t0),
         Verdict::Accept
     );
     let a = drain(&mut d);
@@ -276,7 +276,7 @@ fn holders_answer_newer_snapshots_once_per_cooldown_and_dial_within_a_budget() {
         other => panic!("{other:?}"),
     }
     // Again within the cooldown: no answer.
-    d.on_gossip(
+    d.handle_gossip(
         Some(r),
         &gossip_request(r, 6, Some(50)),
         t0 + Duration::from_millis(10),
@@ -284,18 +284,18 @@ fn holders_answer_newer_snapshots_once_per_cooldown_and_dial_within_a_budget() {
     assert!(answers(&drain(&mut d)).is_empty());
     // A requester already at the holder's slot gets nothing.
     let q = PeerId::random();
-    d.on_connected(q, t0);
-    d.on_gossip(Some(q), &gossip_request(q, 7, Some(100)), t0);
+    d.handle_connected(q, t0);
+    d.handle_gossip(Some(q), &gossip_request(q, 7, Some(100)), t0);
     assert!(answers(&drain(&mut d)).is_empty());
     // Requesters not connected cost a dial each: two per interval here.
     let far: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
     for p in &far {
-        d.on_gossip(Some(*p), &gossip_request(*p, 8, None), t0 + 2 * SEC);
+        d.handle_gossip(Some(*p), &gossip_request(*p, 8, None), t0 + 2 * SEC);
     }
     assert_eq!(answers(&drain(&mut d)).len(), 2);
     // The budget comes back with the next interval.
     let late = PeerId::random();
-    d.on_gossip(Some(late), &gossip_request(late, 9, None), t0 + 33 * SEC);
+    d.handle_gossip(Some(late), &gossip_request(late, 9, None), t0 + 33 * SEC);
     assert_eq!(answers(&drain(&mut d)), vec![late]);
 }
 
@@ -305,20 +305,20 @@ fn a_direct_ask_is_answered_in_its_response() {
     let mut d = holder(t0);
     let p = PeerId::random();
     let got = d
-        .on_ask(p, &message::request(p, 3, Some(10), &[]), t0)
+        .handle_ask(p, &message::request(p, 3, Some(10), &[]), t0)
         .expect("an answer");
     assert_eq!(got.request_nonce, 3);
     assert_eq!(got.snapshots.len(), 1);
     // Nothing newer than what the asker has: nothing.
     let q = PeerId::random();
     assert!(
-        d.on_ask(q, &message::request(q, 4, Some(100), &[]), t0)
+        d.handle_ask(q, &message::request(q, 4, Some(100), &[]), t0)
             .is_none()
     );
     // A spoofed ask strikes its sender.
     let r = PeerId::random();
     assert!(
-        d.on_ask(r, &message::request(q, 4, None, &[]), t0)
+        d.handle_ask(r, &message::request(q, 4, None, &[]), t0)
             .is_none()
     );
     assert_eq!(d.strikes.get(&r), Some(&1));
@@ -328,21 +328,21 @@ fn a_direct_ask_is_answered_in_its_response() {
 fn answers_to_no_request_of_ours_are_dropped_and_change_nothing() {
     let t0 = Instant::now();
     let mut d = machine(config(), t0);
-    d.set_local(local(Some(100), vec![]));
+    d.handle_local(local(Some(100), vec![]));
     let p = PeerId::random();
     // Before any request: unsolicited.
-    d.on_answer(p, &answer(p, &[full(1 << 40, 1)], 77), false, t0);
+    d.handle_answer(p, &answer(p, &[full(1 << 40, 1)], 77), false, t0);
     assert_eq!(d.best_known_slot(), None);
     d.handle_timeout(t0);
     let nonce = last_nonce(&drain(&mut d));
     // With a wrong nonce: still unsolicited.
-    d.on_answer(p, &answer(p, &[full(1 << 40, 1)], nonce ^ 2), false, t0);
+    d.handle_answer(p, &answer(p, &[full(1 << 40, 1)], nonce ^ 2), false, t0);
     assert_eq!(d.best_known_slot(), None);
     // With the right one: heard.
-    d.on_answer(p, &answer(p, &[full(300, 1)], nonce), false, t0);
+    d.handle_answer(p, &answer(p, &[full(300, 1)], nonce), false, t0);
     assert_eq!(d.best_known_slot(), Some(300));
     // And much later, the nonce has expired.
-    d.on_answer(p, &answer(p, &[full(400, 1)], nonce), false, t0 + 61 * SEC);
+    d.handle_answer(p, &answer(p, &[full(400, 1)], nonce), false, t0 + 61 * SEC);
     assert_eq!(d.best_known_slot(), Some(300));
 }
 
@@ -356,24 +356,24 @@ fn adverts_the_policy_rejects_move_neither_the_best_slot_nor_the_choice() {
         quorum: 2,
     };
     let mut d = machine(c, t0);
-    d.set_local(local(Some(1000), vec![]));
+    d.handle_local(local(Some(1000), vec![]));
     d.handle_timeout(t0);
     let nonce = last_nonce(&drain(&mut d));
     // An attacker with many identities races ahead.
     for _ in 0..10 {
         let p = PeerId::random();
-        d.on_answer(p, &answer(p, &[full(1 << 60, 9)], nonce), false, t0);
+        d.handle_answer(p, &answer(p, &[full(1 << 60, 9)], nonce), false, t0);
     }
     assert_eq!(d.best_known_slot(), None);
     // One trusted peer is not a quorum of two.
-    d.on_answer(
+    d.handle_answer(
         trusted[0],
         &answer(trusted[0], &[full(1200, 1)], nonce),
         false,
         t0,
     );
     assert_eq!(d.best_known_slot(), None);
-    d.on_answer(
+    d.handle_answer(
         trusted[1],
         &answer(trusted[1], &[full(1200, 1)], nonce),
         false,
@@ -392,7 +392,7 @@ fn strikes_lead_to_being_ignored_once_and_for_all() {
     let p = PeerId::random();
     for i in 0..3 {
         assert_eq!(
-            d.on_gossip(Some(p), b"\xff\xfe junk", t0),
+            d.handle_gossip(Some(p), b"\xff\xfe junk", t0),
             Verdict::Reject,
             "{i}"
         );
@@ -403,7 +403,10 @@ fn strikes_lead_to_being_ignored_once_and_for_all() {
         .collect();
     assert_eq!(misbehaved.len(), 1);
     assert!(d.ignores(&p));
-    assert_eq!(d.on_gossip(Some(p), b"\xff\xfe junk", t0), Verdict::Ignore);
+    assert_eq!(
+        d.handle_gossip(Some(p), b"\xff\xfe junk", t0),
+        Verdict::Ignore
+    );
     assert_eq!(
         d.metrics.messages(MessageKind::Malformed),
         3,
@@ -421,13 +424,13 @@ fn tables_are_bounded_whatever_the_number_of_identities() {
     let nonce = last_nonce(&drain(&mut d));
     for i in 0..100u64 {
         let p = PeerId::random();
-        d.on_answer(
+        d.handle_answer(
             p,
             &answer(p, &[full(10 + i, 1)], nonce),
             false,
             t0 + Duration::from_millis(i),
         );
-        d.on_gossip(Some(p), b"junk", t0);
+        d.handle_gossip(Some(p), b"junk", t0);
     }
     assert_eq!(d.book.len(), 8);
     assert!(d.strikes.len() <= 8);
@@ -440,21 +443,21 @@ fn announcements_go_to_waiting_nodes_after_a_delay_unless_enough_were_heard() {
     let t0 = Instant::now();
     let mut d = holder(t0);
     // Nobody asked: a new snapshot is not announced.
-    d.on_snapshot_created(t0);
+    d.handle_snapshot_created(t0);
     assert!(d.announce.is_none());
     // Someone asked: it is, after a delay of up to a second.
     let r = PeerId::random();
-    d.on_gossip(Some(r), &gossip_request(r, 1, Some(10)), t0);
+    d.handle_gossip(Some(r), &gossip_request(r, 1, Some(10)), t0);
     drain(&mut d);
-    d.set_local(local(Some(150), vec![full(150, 2), full(100, 1)]));
-    d.on_snapshot_created(t0 + SEC);
+    d.handle_local(local(Some(150), vec![full(150, 2), full(100, 1)]));
+    d.handle_snapshot_created(t0 + SEC);
     let at = d.announce.as_ref().unwrap().at;
     assert!(at >= t0 + SEC && at < t0 + 2 * SEC);
     d.handle_timeout(at);
     assert_eq!(publishes(&drain(&mut d)), 1);
     // Another: two others announce the same snapshot first (the redundancy is 2): quiet.
-    d.set_local(local(Some(200), vec![full(200, 3)]));
-    d.on_snapshot_created(t0 + 2 * SEC);
+    d.handle_local(local(Some(200), vec![full(200, 3)]));
+    d.handle_snapshot_created(t0 + 2 * SEC);
     for _ in 0..2 {
         let p = PeerId::random();
         let ann = message::gossip(crate::proto::discovery_message::Body::Announcement(answer(
@@ -462,13 +465,16 @@ fn announcements_go_to_waiting_nodes_after_a_delay_unless_enough_were_heard() {
             &[full(200, 3)],
             0,
         )));
-        assert_eq!(d.on_gossip(Some(p), &ann, t0 + 2 * SEC), Verdict::Accept);
+        assert_eq!(
+            d.handle_gossip(Some(p), &ann, t0 + 2 * SEC),
+            Verdict::Accept
+        );
     }
     d.handle_timeout(t0 + 4 * SEC);
     assert_eq!(publishes(&drain(&mut d)), 0);
     // Once the announce window has passed since the request, nobody waits.
-    d.set_local(local(Some(250), vec![full(250, 4)]));
-    d.on_snapshot_created(t0 + 61 * SEC);
+    d.handle_local(local(Some(250), vec![full(250, 4)]));
+    d.handle_snapshot_created(t0 + 61 * SEC);
     assert!(d.announce.is_none());
 }
 
@@ -480,13 +486,13 @@ fn a_sync_adds_peers_that_advertise_what_it_fetches_and_keeps_asking() {
     let nonce = last_nonce(&drain(&mut d));
     let f = full(100, 1);
     let a = PeerId::random();
-    d.on_answer(a, &answer(a, &[f], nonce), false, t0);
+    d.handle_answer(a, &answer(a, &[f], nonce), false, t0);
     d.handle_timeout(t0 + SEC);
     let plan = plan_of(&drain(&mut d)).unwrap();
     assert_eq!(plan.full.as_ref().unwrap().peers.len(), 1);
     // A late answer for the same snapshot joins the download.
     let b = PeerId::random();
-    d.on_answer(b, &answer(b, &[f], nonce), false, t0 + 2 * SEC);
+    d.handle_answer(b, &answer(b, &[f], nonce), false, t0 + 2 * SEC);
     let added: Vec<_> = drain(&mut d)
         .into_iter()
         .filter_map(|a| match a {
@@ -511,16 +517,16 @@ fn a_failed_snapshot_is_not_chosen_again_for_a_while_and_its_advertisers_are_str
     let bad = full(200, 6);
     let good = full(100, 1);
     let (liar, honest) = (PeerId::random(), PeerId::random());
-    d.on_answer(liar, &answer(liar, &[bad], nonce), false, t0);
-    d.on_answer(honest, &answer(honest, &[good], nonce), false, t0);
+    d.handle_answer(liar, &answer(liar, &[bad], nonce), false, t0);
+    d.handle_answer(honest, &answer(honest, &[good], nonce), false, t0);
     d.handle_timeout(t0 + SEC);
     assert_eq!(plan_of(&drain(&mut d)).unwrap().last().ad.key, bad.key);
-    d.on_sync_ended(
-        SyncOutcome::Failed {
-            failed: vec![bad.key],
-            blame: true,
-            not_on: None,
-        },
+    d.handle_sync_ended(
+        SyncOutcome::Failed(SyncFailure {
+            leg: Leg::Full,
+            failure: Failure::Content,
+            bad_peers: vec![],
+        }),
         t0 + 2 * SEC,
     );
     assert_eq!(d.strikes.get(&liar), Some(&1));
@@ -543,11 +549,11 @@ fn an_incremental_alone_when_at_or_past_its_base_else_with_its_base() {
         (None, true),
     ] {
         let mut d = machine(config(), t0);
-        d.set_local(local(slot, vec![]));
+        d.handle_local(local(slot, vec![]));
         d.handle_timeout(t0);
         let nonce = last_nonce(&drain(&mut d));
         let p = PeerId::random();
-        d.on_answer(p, &answer(p, &[inc, base], nonce), false, t0);
+        d.handle_answer(p, &answer(p, &[inc, base], nonce), false, t0);
         d.handle_timeout(t0 + SEC);
         let plan = plan_of(&drain(&mut d)).unwrap_or_else(|| panic!("{slot:?}"));
         assert_eq!(plan.incremental.as_ref().unwrap().ad.key, inc.key);
@@ -561,20 +567,20 @@ fn a_state_that_did_not_take_an_incremental_fetches_its_base() {
     let base = full(1000, 1);
     let inc = incremental(1300, 2, &base);
     let mut d = machine(config(), t0);
-    d.set_local(local(Some(1100), vec![]));
+    d.handle_local(local(Some(1100), vec![]));
     d.handle_timeout(t0);
     let nonce = last_nonce(&drain(&mut d));
     let p = PeerId::random();
-    d.on_answer(p, &answer(p, &[inc, base], nonce), false, t0);
+    d.handle_answer(p, &answer(p, &[inc, base], nonce), false, t0);
     d.handle_timeout(t0 + SEC);
     assert!(plan_of(&drain(&mut d)).unwrap().full.is_none());
     // The apply did not check out: the state is not on that base (a fork, say).
-    d.on_sync_ended(
-        SyncOutcome::Failed {
-            failed: vec![],
-            blame: false,
-            not_on: Some(base.key),
-        },
+    d.handle_sync_ended(
+        SyncOutcome::Failed(SyncFailure {
+            leg: Leg::Incremental,
+            failure: Failure::NotOnBase,
+            bad_peers: vec![],
+        }),
         t0 + 2 * SEC,
     );
     assert!(started(&drain(&mut d)), "still behind: asks again at once");
@@ -593,9 +599,9 @@ fn asked(actions: &[Action], who: PeerId) -> bool {
 fn a_peer_that_connects_while_the_node_needs_a_snapshot_is_asked_directly_unless_it_joins() {
     let t0 = Instant::now();
     let mut d = machine(config(), t0);
-    d.set_local(local(Some(100), vec![]));
+    d.handle_local(local(Some(100), vec![]));
     let p = PeerId::random();
-    d.on_connected(p, t0);
+    d.handle_connected(p, t0);
     let a = drain(&mut d);
     assert!(started(&a), "a round starts at once");
     assert!(!asked(&a, p), "the peer has a moment to join the topic");
@@ -606,7 +612,7 @@ fn a_peer_that_connects_while_the_node_needs_a_snapshot_is_asked_directly_unless
     d.handle_timeout(due);
     assert!(asked(&drain(&mut d), p));
     // Reconnecting a moment later (a restart under the same identity) does not ask twice.
-    d.on_connected(p, t0 + Duration::from_millis(10));
+    d.handle_connected(p, t0 + Duration::from_millis(10));
     d.handle_timeout(t0 + Duration::from_millis(10) + SUBSCRIBE_GRACE);
     assert!(
         !drain(&mut d)
@@ -616,26 +622,26 @@ fn a_peer_that_connects_while_the_node_needs_a_snapshot_is_asked_directly_unless
     // A peer that joins the topic within the grace gets the request through it instead.
     let j = PeerId::random();
     let t1 = t0 + 5 * SEC;
-    d.on_connected(j, t1);
-    d.on_subscribed(j, t1 + Duration::from_millis(5));
+    d.handle_connected(j, t1);
+    d.handle_subscribed(j, t1 + Duration::from_millis(5));
     d.handle_timeout(t1 + SUBSCRIBE_GRACE);
     let a = drain(&mut d);
     assert!(!asked(&a, j));
     assert_eq!(publishes(&a), 1);
     // A node that knows it is current asks nobody.
     let mut c = machine(config(), t0);
-    c.set_local(local(Some(100), vec![]));
-    c.set_chain_tip(100, t0);
+    c.handle_local(local(Some(100), vec![]));
+    c.handle_chain_tip(100, t0);
     drain(&mut c);
-    c.on_connected(PeerId::random(), t0);
+    c.handle_connected(PeerId::random(), t0);
     assert!(drain(&mut c).is_empty());
     // Nor does a peer that turned out not to speak snapsync get asked again.
     let q = PeerId::random();
-    d.on_connected(q, t0 + 2 * SEC);
+    d.handle_connected(q, t0 + 2 * SEC);
     d.handle_timeout(t0 + 2 * SEC + SUBSCRIBE_GRACE);
     drain(&mut d);
-    d.on_not_snapsync(q);
-    d.on_connected(q, t0 + 4 * SEC);
+    d.handle_not_snapsync(q);
+    d.handle_connected(q, t0 + 4 * SEC);
     d.handle_timeout(t0 + 4 * SEC + SUBSCRIBE_GRACE);
     assert!(!asked(&drain(&mut d), q));
 }
@@ -650,17 +656,17 @@ fn a_request_that_reached_nobody_goes_to_the_first_peer_that_joins() {
         },
         t0,
     );
-    d.set_local(local(None, vec![]));
+    d.handle_local(local(None, vec![]));
     d.handle_timeout(t0);
     let a = drain(&mut d);
     assert_eq!(publishes(&a), 1);
     // Gossipsub had no peer on the topic.
-    d.on_published(Published::Request, false);
-    d.on_subscribed(PeerId::random(), t0 + Duration::from_millis(50));
+    d.handle_published(Published::Request, false);
+    d.handle_subscribed(PeerId::random(), t0 + Duration::from_millis(50));
     assert_eq!(publishes(&drain(&mut d)), 1, "published again at once");
-    d.on_published(Published::Request, true);
+    d.handle_published(Published::Request, true);
     // A request that went out holds the next one back for the interval.
-    d.on_subscribed(PeerId::random(), t0 + Duration::from_millis(60));
+    d.handle_subscribed(PeerId::random(), t0 + Duration::from_millis(60));
     assert_eq!(publishes(&drain(&mut d)), 0);
 }
 
@@ -670,6 +676,6 @@ fn a_producer_never_asks() {
     let mut d = holder(t0);
     d.handle_timeout(t0);
     d.handle_timeout(t0 + 30 * SEC);
-    d.on_connected(PeerId::random(), t0 + 31 * SEC);
+    d.handle_connected(PeerId::random(), t0 + 31 * SEC);
     assert_eq!(publishes(&drain(&mut d)), 0);
 }

@@ -2,7 +2,6 @@
 //! changed since a full one) and [`Creator`] (every `range_for_snapshot` slots in the
 //! background: full ones at full-snapshot slots, incremental ones between them, with retention).
 
-use crate::macros::setting;
 use std::fs::File;
 use std::future::Future;
 use std::io::{self, BufWriter};
@@ -80,15 +79,29 @@ impl Default for CreateOptions {
 }
 
 impl CreateOptions {
-    setting!(
-        /// The chunk size the archive is served and checked in.
-        with_chunk_size, chunk_size: ChunkSize
-    );
-    setting!(
-        /// The zstd level (1 to 22; higher is smaller and slower). Part of what makes archives
-        /// byte-identical across nodes: every node of a network must use the same level.
-        with_zstd_level, zstd_level: i32
-    );
+    /// The chunk size the archive is served and checked in.
+    pub fn with_chunk_size(mut self, value: ChunkSize) -> Self {
+        self.chunk_size = value;
+        self
+    }
+
+    /// The chunk size the archive is served and checked in.
+    pub fn chunk_size(&self) -> ChunkSize {
+        self.chunk_size
+    }
+
+    /// The zstd level (1 to 22; higher is smaller and slower). Part of what makes archives
+    /// byte-identical across nodes: every node of a network must use the same level.
+    pub fn with_zstd_level(mut self, value: i32) -> Self {
+        self.zstd_level = value;
+        self
+    }
+
+    /// The zstd level (1 to 22; higher is smaller and slower). Part of what makes archives
+    /// byte-identical across nodes: every node of a network must use the same level.
+    pub fn zstd_level(&self) -> i32 {
+        self.zstd_level
+    }
 }
 
 /// The archive, its outboard and its manifest, written into a staging directory and published.
@@ -406,25 +419,55 @@ pub enum CreatorConfigError {
 }
 
 impl CreatorConfig {
-    setting!(
-        /// `RangeForSnapshot`: a snapshot is due at every slot that is a multiple of it
-        /// (default 50). Larger means less I/O and staler snapshots.
-        with_range_for_snapshot, range_for_snapshot: u64
-    );
-    setting!(
-        /// Slots between full snapshots; a multiple of `range_for_snapshot` (default
-        /// [`DEFAULT_FULL_INTERVAL`]). The snapshots due between them are incremental. Setting
-        /// it to `range_for_snapshot` makes every snapshot a full one.
-        with_full_interval, full_interval: u64
-    );
-    setting!(
-        /// How many snapshots are kept.
-        with_retention, retention: Retention
-    );
-    setting!(
-        /// How archives are written.
-        with_options, options: CreateOptions
-    );
+    /// `RangeForSnapshot`: a snapshot is due at every slot that is a multiple of it
+    /// (default 50). Larger means less I/O and staler snapshots.
+    pub fn with_range_for_snapshot(mut self, value: u64) -> Self {
+        self.range_for_snapshot = value;
+        self
+    }
+
+    /// `RangeForSnapshot`: a snapshot is due at every slot that is a multiple of it
+    /// (default 50). Larger means less I/O and staler snapshots.
+    pub fn range_for_snapshot(&self) -> u64 {
+        self.range_for_snapshot
+    }
+
+    /// Slots between full snapshots; a multiple of `range_for_snapshot` (default
+    /// [`DEFAULT_FULL_INTERVAL`]). The snapshots due between them are incremental. Setting
+    /// it to `range_for_snapshot` makes every snapshot a full one.
+    pub fn with_full_interval(mut self, value: u64) -> Self {
+        self.full_interval = value;
+        self
+    }
+
+    /// Slots between full snapshots; a multiple of `range_for_snapshot` (default
+    /// [`DEFAULT_FULL_INTERVAL`]). The snapshots due between them are incremental. Setting
+    /// it to `range_for_snapshot` makes every snapshot a full one.
+    pub fn full_interval(&self) -> u64 {
+        self.full_interval
+    }
+
+    /// How many snapshots are kept.
+    pub fn with_retention(mut self, value: Retention) -> Self {
+        self.retention = value;
+        self
+    }
+
+    /// How many snapshots are kept.
+    pub fn retention(&self) -> Retention {
+        self.retention
+    }
+
+    /// How archives are written.
+    pub fn with_options(mut self, value: CreateOptions) -> Self {
+        self.options = value;
+        self
+    }
+
+    /// How archives are written.
+    pub fn options(&self) -> CreateOptions {
+        self.options
+    }
 
     /// Checks the values.
     pub fn validate(&self) -> Result<(), CreatorConfigError> {

@@ -24,6 +24,22 @@ pub struct Base {
     pub content_root: ContentRoot,
 }
 
+impl Base {
+    /// The base an incremental snapshot on the full snapshot `full` names.
+    pub fn of(full: &SnapshotKey) -> Self {
+        Self {
+            slot: full.slot,
+            bank_hash: full.bank_hash,
+            content_root: full.content_root,
+        }
+    }
+
+    /// Whether `key` is the full snapshot this base names.
+    pub fn is(&self, key: &SnapshotKey) -> bool {
+        key.is_full() && *self == Self::of(key)
+    }
+}
+
 /// What identifies a snapshot: peers agree on a snapshot when they advertise the same of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SnapshotKey {

@@ -8,6 +8,7 @@
 mod download;
 mod limit;
 mod protocol;
+mod rate;
 mod streamer;
 mod tls;
 
@@ -15,8 +16,8 @@ pub use download::{
     DownloadConfig, DownloadError, DownloadHandle, DownloadTarget, Downloaded, Downloader,
     PeerProgress, PeerStatus, Progress,
 };
-pub use protocol::FrameError;
 
+#[cfg(any(fuzzing, test))]
 pub(crate) use download::parse_progress;
 #[cfg(test)]
 pub(crate) use download::{Bits, progress_bytes};
@@ -28,11 +29,7 @@ use std::net::SocketAddr;
 
 use libp2p::PeerId;
 
-/// Log target of the serving side.
-pub const STREAMER_TARGET: &str = crate::log::STREAMER;
-
-/// Log target of the downloading side.
-pub const DOWNLOAD_TARGET: &str = crate::log::DOWNLOAD;
+use crate::log::{DOWNLOAD as DOWNLOAD_TARGET, STREAMER as STREAMER_TARGET};
 
 /// Environment variable holding the shared token.
 pub const TOKEN_ENV: &str = "SNAPSHOT_TOKEN";

@@ -2,9 +2,9 @@
 //! refusals and their close codes, and the handshake in which each side proves it knows the
 //! shared token without sending it.
 //!
-//! Every message is a protobuf from `proto/snapsync.proto`, framed as a `u32` big-endian length
-//! followed by that many bytes. A connection starts with `Hello`/`Welcome` on the client's first
-//! stream; each request then has its own bidirectional stream (see `docs/FORMAT.md`).
+//! Every message is a protobuf from `proto/snapsync.proto`, framed as [`crate::frame`] says. A
+//! connection starts with `Hello`/`Welcome` on the client's first stream; each request then has
+//! its own bidirectional stream (see `docs/FORMAT.md`).
 //!
 //! # The token proof
 //!
@@ -26,7 +26,9 @@
 
 use libp2p::PeerId;
 use prost::Message;
-use quinn::{RecvStream, SendStream, VarInt};
+use quinn::{RecvStream, VarInt};
+
+pub(crate) use crate::frame::{FrameError, encode_frame, write_frame};
 
 use super::Token;
 use crate::proto;
@@ -113,70 +115,12 @@ impl Refusal {
     }
 }
 
-/// A frame could not be read or written.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum FrameError {
-    /// The stream failed while reading.
-    #[error("reading: {0}")]
-    Read(#[from] quinn::ReadExactError),
-    /// The stream failed while writing.
-    #[error("writing: {0}")]
-    Write(#[from] quinn::WriteError),
-    /// The frame announced more than the limit.
-    #[error("frame of {0} bytes exceeds the limit")]
-    TooLarge(usize),
-    /// The frame is not the expected protobuf message.
-    #[error("malformed message: {0}")]
-    Decode(#[from] prost::DecodeError),
-}
-
-impl FrameError {
-    /// The connection error behind a failed read or write, if that is what it was.
-    pub(crate) fn connection(&self) -> Option<&quinn::ConnectionError> {
-        match self {
-            FrameError::Read(quinn::ReadExactError::ReadError(
-                quinn::ReadError::ConnectionLost(c),
-            ))
-            | FrameError::Write(quinn::WriteError::ConnectionLost(c)) => Some(c),
-            _ => None,
-        }
-    }
-}
-
-/// Encodes one framed message.
-pub(crate) fn encode_frame<M: Message>(msg: &M) -> Vec<u8> {
-    let len = msg.encoded_len();
-    let mut buf = Vec::with_capacity(4 + len);
-    buf.extend_from_slice(&(len as u32).to_be_bytes());
-    msg.encode(&mut buf).expect("a Vec grows as needed");
-    buf
-}
-
-/// Writes one framed message.
-pub(crate) async fn write_frame<M: Message>(
-    send: &mut SendStream,
-    msg: &M,
-) -> Result<(), FrameError> {
-    send.write_all(&encode_frame(msg)).await?;
-    Ok(())
-}
-
-/// Reads one framed message of at most `max` bytes (never more than [`MAX_FRAME`]); the length
-/// is checked before anything is allocated.
+/// Reads one framed message of at most `max` bytes (never more than [`MAX_FRAME`]).
 pub(crate) async fn read_frame<M: Message + Default>(
     recv: &mut RecvStream,
     max: usize,
 ) -> Result<M, FrameError> {
-    let mut len = [0u8; 4];
-    recv.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > max.min(MAX_FRAME) {
-        return Err(FrameError::TooLarge(len));
-    }
-    let mut buf = vec![0u8; len];
-    recv.read_exact(&mut buf).await?;
-    Ok(M::decode(buf.as_slice())?)
+    crate::frame::read_frame(recv, max.min(MAX_FRAME)).await
 }
 
 /// Exporter label of the token proof.

@@ -11,7 +11,6 @@
 //! most of the CPU cost, and AES-GCM with the AES instructions every server CPU has is several
 //! times cheaper than ChaCha20-Poly1305; libp2p's order suits CPUs without them.
 
-use crate::macros::setting;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,26 +29,26 @@ use super::protocol::ALPN;
 pub struct TransportTuning {
     /// Per-stream receive window. A request's whole response fits, so one stream never waits on
     /// flow control (default 4 MiB).
-    pub stream_window: u64,
+    pub(crate) stream_window: u64,
     /// Per-connection receive window: caps the bytes in flight from one peer, so size it at
     /// bandwidth x round-trip time (default 16 MiB: 1 Gbit/s at 130 ms).
-    pub connection_window: u64,
+    pub(crate) connection_window: u64,
     /// Per-connection send window (default 16 MiB), the same reasoning on the serving side.
-    pub send_window: u64,
+    pub(crate) send_window: u64,
     /// Largest UDP payload accepted and probed for by path MTU discovery (default 1472, what a
     /// 1500-byte Ethernet frame carries). Larger datagrams looked like a win on loopback and
     /// jumbo-frame links, but measured here they were slower: with segmentation offload the
     /// kernel already batches 1472-byte datagrams, and 1 GiB over loopback took 2.7 s at 1472
     /// against 3.3 s at 9,000 and 3.4 s at 65,000 (see the README's benchmark section).
-    pub max_udp_payload: u16,
+    pub(crate) max_udp_payload: u16,
     /// Kernel socket buffer size requested for each direction (default 4 MiB), so bursts at high
     /// rates are not dropped by the kernel before quinn reads them.
-    pub socket_buffer: usize,
+    pub(crate) socket_buffer: usize,
     /// Idle timeout of a connection (default 10 s): a peer that vanishes (killed, unplugged) is
     /// noticed within this long.
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// Keep-alive interval, so idle connections survive between requests (default 3 s).
-    pub keep_alive: Duration,
+    pub(crate) keep_alive: Duration,
 }
 
 impl Default for TransportTuning {
@@ -72,34 +71,82 @@ const SERVER_STREAM_WINDOW: u32 = 64 << 10;
 const SERVER_CONNECTION_WINDOW: u32 = 256 << 10;
 
 impl TransportTuning {
-    setting!(
-        /// Per-stream receive window, bytes.
-        with_stream_window, stream_window: u64
-    );
-    setting!(
-        /// Per-connection receive window, bytes.
-        with_connection_window, connection_window: u64
-    );
-    setting!(
-        /// Per-connection send window, bytes.
-        with_send_window, send_window: u64
-    );
-    setting!(
-        /// Largest UDP payload, bytes.
-        with_max_udp_payload, max_udp_payload: u16
-    );
-    setting!(
-        /// Socket buffer size requested, bytes.
-        with_socket_buffer, socket_buffer: usize
-    );
-    setting!(
-        /// Idle timeout of a connection.
-        with_idle_timeout, idle_timeout: Duration
-    );
-    setting!(
-        /// Keep-alive interval (shorter than the idle timeout).
-        with_keep_alive, keep_alive: Duration
-    );
+    /// Per-stream receive window, bytes.
+    pub fn with_stream_window(mut self, value: u64) -> Self {
+        self.stream_window = value;
+        self
+    }
+
+    /// Per-stream receive window, bytes.
+    pub fn stream_window(&self) -> u64 {
+        self.stream_window
+    }
+
+    /// Per-connection receive window, bytes.
+    pub fn with_connection_window(mut self, value: u64) -> Self {
+        self.connection_window = value;
+        self
+    }
+
+    /// Per-connection receive window, bytes.
+    pub fn connection_window(&self) -> u64 {
+        self.connection_window
+    }
+
+    /// Per-connection send window, bytes.
+    pub fn with_send_window(mut self, value: u64) -> Self {
+        self.send_window = value;
+        self
+    }
+
+    /// Per-connection send window, bytes.
+    pub fn send_window(&self) -> u64 {
+        self.send_window
+    }
+
+    /// Largest UDP payload, bytes.
+    pub fn with_max_udp_payload(mut self, value: u16) -> Self {
+        self.max_udp_payload = value;
+        self
+    }
+
+    /// Largest UDP payload, bytes.
+    pub fn max_udp_payload(&self) -> u16 {
+        self.max_udp_payload
+    }
+
+    /// Socket buffer size requested, bytes.
+    pub fn with_socket_buffer(mut self, value: usize) -> Self {
+        self.socket_buffer = value;
+        self
+    }
+
+    /// Socket buffer size requested, bytes.
+    pub fn socket_buffer(&self) -> usize {
+        self.socket_buffer
+    }
+
+    /// Idle timeout of a connection.
+    pub fn with_idle_timeout(mut self, value: Duration) -> Self {
+        self.idle_timeout = value;
+        self
+    }
+
+    /// Idle timeout of a connection.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    /// Keep-alive interval (shorter than the idle timeout).
+    pub fn with_keep_alive(mut self, value: Duration) -> Self {
+        self.keep_alive = value;
+        self
+    }
+
+    /// Keep-alive interval (shorter than the idle timeout).
+    pub fn keep_alive(&self) -> Duration {
+        self.keep_alive
+    }
 
     /// Checks the values: windows and buffers non-zero, keep-alive shorter than the idle
     /// timeout.

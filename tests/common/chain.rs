@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use rand::{RngCore, SeedableRng};
+use rand_xoshiro::SplitMix64;
 use snapsync::db::LmdbState;
 use tokio::sync::watch;
 
@@ -34,11 +36,9 @@ pub fn churn(slot: u64) -> Vec<u8> {
     format!("churn/{slot:08}").into_bytes()
 }
 
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// A well-mixed function of `z`: one SplitMix64 step.
+fn mix(z: u64) -> u64 {
+    SplitMix64::seed_from_u64(z).next_u64()
 }
 
 impl Chain {

@@ -4,22 +4,21 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use rand::{RngCore, SeedableRng};
+use rand_xoshiro::SplitMix64;
 use snapsync::db::{LmdbState, StateDb};
 
-/// A deterministic pseudo-random byte stream (SplitMix64).
-pub struct Rng(u64);
+/// A deterministic pseudo-random byte stream: SplitMix64, eight bytes of each output in turn
+/// (a last part of fewer takes the first bytes of one), so the bytes of a seed never change.
+pub struct Rng(SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Self(seed)
+        Self(SplitMix64::seed_from_u64(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     pub fn fill(&mut self, buf: &mut [u8]) {

@@ -8,6 +8,7 @@ use futures::StreamExt;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub};
 use libp2p_swarm_test::SwarmExt;
+use snapsync::DiscoveryConfig;
 use snapsync::db::LmdbState;
 use snapsync::snapshot::CreatorConfig;
 use snapsync::transfer::{DownloadConfig, StreamerConfig};
@@ -128,12 +129,15 @@ impl Drop for TestNode {
 /// slots, every one of them full (tests of lineage set their own full interval).
 pub fn test_config(dir: &std::path::Path) -> snapsync::Config {
     snapsync::Config::new(dir.join("snapshots"))
-        .with_discovery_interval(Duration::from_secs(2))
-        .with_answer_window(Duration::from_millis(400))
+        .with_discovery(
+            DiscoveryConfig::default()
+                .with_discovery_interval(Duration::from_secs(2))
+                .with_answer_window(Duration::from_millis(400))
+                .with_min_request_interval(Duration::from_millis(100))
+                .with_answer_cooldown(Duration::from_millis(100))
+                .with_announce_delay(Duration::from_millis(200)),
+        )
         .with_heartbeat_interval(Duration::from_millis(100))
-        .with_min_request_interval(Duration::from_millis(100))
-        .with_answer_cooldown(Duration::from_millis(100))
-        .with_announce_delay(Duration::from_millis(200))
         .with_creator(
             CreatorConfig::default()
                 .with_range_for_snapshot(10)
@@ -149,6 +153,20 @@ pub fn test_config(dir: &std::path::Path) -> snapsync::Config {
                 .with_min_request_timeout(Duration::from_secs(3))
                 .with_no_progress_timeout(Duration::from_secs(20)),
         )
+}
+
+/// `config` with its discovery settings changed by `f`.
+pub fn tune(
+    config: snapsync::Config,
+    f: impl FnOnce(DiscoveryConfig) -> DiscoveryConfig,
+) -> snapsync::Config {
+    let discovery = f(config.discovery().clone());
+    config.with_discovery(discovery)
+}
+
+/// `config` for a node that serves and never syncs.
+pub fn serve_only(config: snapsync::Config) -> snapsync::Config {
+    tune(config, |d| d.with_sync_enabled(false))
 }
 
 fn chat_gossipsub(keypair: &libp2p::identity::Keypair) -> gossipsub::Behaviour {

@@ -10,7 +10,7 @@ use libp2p::identity::Keypair;
 use prost::Message;
 use snapsync::Metrics;
 use snapsync::db::StateDb;
-use snapsync::fuzz::proto;
+use snapsync::proto;
 use snapsync::snapshot::{Manifest, Snapshot, load_snapshot};
 use snapsync::transfer::{
     DownloadConfig, DownloadError, DownloadTarget, Downloaded, Downloader, PeerAddr, Streamer,

@@ -19,11 +19,11 @@ const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
 const MAX_BLOCK: usize = 128 << 10;
 
 /// Largest decompressed frame: a segment holding one record of the largest key and value.
-pub const MAX_FRAME_BYTES: usize = 8 + MAX_KEY_LEN + MAX_VALUE_LEN;
+pub(crate) const MAX_FRAME_BYTES: usize = 8 + MAX_KEY_LEN + MAX_VALUE_LEN;
 
 /// One zstd frame of an archive, still compressed.
 #[derive(Debug, Clone)]
-pub struct Frame {
+pub(crate) struct Frame {
     /// Frame number: 0 is the header, the last is the end record.
     pub index: u64,
     /// The compressed frame.
@@ -34,7 +34,7 @@ pub struct Frame {
 
 /// Reads an archive frame by frame (see the module docs).
 #[derive(Debug)]
-pub struct FrameReader<R> {
+pub(crate) struct FrameReader<R> {
     input: R,
     hasher: blake3::Hasher,
     next_index: u64,
@@ -50,7 +50,7 @@ fn bad(frame: u64, reason: impl Into<String>) -> ArchiveError {
 
 impl<R: Read> FrameReader<R> {
     /// Reads frames from `input` (buffer it: frames are read in small pieces).
-    pub fn new(input: R) -> Self {
+    pub(crate) fn new(input: R) -> Self {
         Self {
             input,
             hasher: blake3::Hasher::new(),
@@ -78,7 +78,7 @@ impl<R: Read> FrameReader<R> {
     }
 
     /// The next frame, or `None` at the end of the input (exactly at a frame boundary).
-    pub fn next_frame(&mut self) -> Result<Option<Frame>, ArchiveError> {
+    pub(crate) fn next_frame(&mut self) -> Result<Option<Frame>, ArchiveError> {
         let index = self.next_index;
         let mut head = [0u8; 5];
         if !self.fill(&mut head[..4], true)? {
@@ -166,17 +166,17 @@ impl<R: Read> FrameReader<R> {
     }
 
     /// The BLAKE3 hash of every byte read so far: the content root, once all is read.
-    pub fn root(&self) -> ContentRoot {
+    pub(crate) fn root(&self) -> ContentRoot {
         ContentRoot::from(self.hasher.finalize())
     }
 
     /// Bytes read so far.
-    pub fn bytes_read(&self) -> u64 {
+    pub(crate) fn bytes_read(&self) -> u64 {
         self.read
     }
 
     /// Reads and hashes whatever follows, to the end of the input; returns how many bytes.
-    pub fn drain(&mut self) -> Result<u64, ArchiveError> {
+    pub(crate) fn drain(&mut self) -> Result<u64, ArchiveError> {
         let mut buf = vec![0u8; 1 << 16];
         let mut n = 0u64;
         loop {

@@ -31,21 +31,21 @@ mod reader;
 mod segment;
 mod writer;
 
-pub use frames::{Frame, FrameReader, MAX_FRAME_BYTES};
-pub use parallel::{Finished, ParallelDecoder};
-pub use reader::{ArchiveReader, Assembler};
-pub use segment::{Record, Records, Segment, decode_segment};
-pub use writer::ArchiveWriter;
+pub(crate) use parallel::ParallelDecoder;
+pub use reader::ArchiveReader;
+pub(crate) use reader::Assembler;
+pub(crate) use segment::{Record, Records, Segment};
+pub(crate) use writer::ArchiveWriter;
 
 use std::io;
 
 use crate::hash::BankHash;
 
 /// The 8 bytes every archive starts with (after decompression).
-pub const MAGIC: [u8; 8] = *b"SNAPSYNC";
+pub(crate) const MAGIC: [u8; 8] = *b"SNAPSYNC";
 
 /// Version of the archive format this crate writes and reads.
-pub const VERSION: u32 = 2;
+pub(crate) const VERSION: u32 = 2;
 
 /// The zstd level archives are written with unless configured otherwise. Level 1 was measured
 /// fastest per byte saved on snapshot-like state (see the README's benchmark section).
@@ -53,13 +53,13 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 
 /// Largest uncompressed segment made of several records (2 MiB). Costs under 1% of compression
 /// ratio against one frame, and bounds what one decoding thread holds.
-pub const SEGMENT_BYTES: usize = 2 << 20;
+pub(crate) const SEGMENT_BYTES: usize = 2 << 20;
 
 /// Length of the header.
-pub const HEADER_LEN: usize = 61;
+pub(crate) const HEADER_LEN: usize = 61;
 
 /// Length of the end record.
-pub const END_LEN: usize = 44;
+pub(crate) const END_LEN: usize = 44;
 
 /// Marks the end record (in the key length) and a deletion (in the value length).
 pub(crate) const MARK: u32 = u32::MAX;

@@ -17,7 +17,7 @@ use crate::hash::ContentRoot;
 
 /// What the splitter reports once the input ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Finished {
+pub(crate) struct Finished {
     /// BLAKE3 of every byte read: the content root.
     pub root: ContentRoot,
     /// Bytes read.
@@ -31,7 +31,7 @@ enum Out {
 }
 
 /// Decodes an archive on several threads (see the module docs).
-pub struct ParallelDecoder {
+pub(crate) struct ParallelDecoder {
     rx: Receiver<Out>,
     pending: BTreeMap<u64, Result<Segment, ArchiveError>>,
     next: u64,
@@ -42,7 +42,7 @@ pub struct ParallelDecoder {
 impl ParallelDecoder {
     /// Starts decoding `input` with `workers` threads (at least one). With `lattice`, a full
     /// archive's records are summed into their lattice on the workers.
-    pub fn start<R: Read + Send + 'static>(input: R, workers: usize, lattice: bool) -> Self {
+    pub(crate) fn start<R: Read + Send + 'static>(input: R, workers: usize, lattice: bool) -> Self {
         let workers = workers.max(1);
         let (out_tx, rx) = sync_channel::<Out>(workers * 2 + 2);
         let (job_tx, job_rx) = sync_channel::<(Frame, Option<SnapshotKind>)>(workers * 2);
@@ -69,7 +69,7 @@ impl ParallelDecoder {
     }
 
     /// The next segment in archive order, or `None` once every frame has been handed out.
-    pub fn next_segment(&mut self) -> Option<Result<Segment, ArchiveError>> {
+    pub(crate) fn next_segment(&mut self) -> Option<Result<Segment, ArchiveError>> {
         loop {
             if let Some(s) = self.pending.remove(&self.next) {
                 self.next += 1;
@@ -103,7 +103,7 @@ impl ParallelDecoder {
 
     /// Once [`ParallelDecoder::next_segment`] has returned `None`: the content root and size of
     /// everything read.
-    pub fn finish(mut self) -> Result<Finished, ArchiveError> {
+    pub(crate) fn finish(mut self) -> Result<Finished, ArchiveError> {
         while self.finished.is_none() {
             match self.rx.recv() {
                 Ok(Out::End(_, r)) => self.finished = Some(r),

@@ -13,7 +13,7 @@ use crate::hash::ContentRoot;
 
 /// Checks decoded segments, fed in archive order, against each other and the end record.
 #[derive(Debug)]
-pub struct Assembler {
+pub(crate) struct Assembler {
     header: Option<Header>,
     last_key: Vec<u8>,
     last_segment_bytes: Option<usize>,
@@ -28,7 +28,7 @@ pub struct Assembler {
 impl Assembler {
     /// An assembler that refuses more than `max_records` records or `max_state_bytes` bytes of
     /// uncompressed stream (from the manifest, or a loader's limits).
-    pub fn new(max_records: u64, max_state_bytes: u64) -> Self {
+    pub(crate) fn new(max_records: u64, max_state_bytes: u64) -> Self {
         Self {
             header: None,
             last_key: Vec::new(),
@@ -43,22 +43,22 @@ impl Assembler {
     }
 
     /// The header, once the first segment is in.
-    pub fn header(&self) -> Option<&Header> {
+    pub(crate) fn header(&self) -> Option<&Header> {
         self.header.as_ref()
     }
 
     /// The archive's kind, once the header is in.
-    pub fn kind(&self) -> Option<SnapshotKind> {
+    pub(crate) fn kind(&self) -> Option<SnapshotKind> {
         self.header.map(|h| h.kind)
     }
 
     /// The summary, once the end record is in and checked.
-    pub fn summary(&self) -> Option<ArchiveSummary> {
+    pub(crate) fn summary(&self) -> Option<ArchiveSummary> {
         self.summary
     }
 
     /// For a full archive: the lattice of the records so far.
-    pub fn lattice(&self) -> &Lattice {
+    pub(crate) fn lattice(&self) -> &Lattice {
         &self.lattice
     }
 
@@ -75,7 +75,7 @@ impl Assembler {
 
     /// Takes the next segment. For records, checks them against what came before; a full
     /// archive's records are summed into its lattice (unless the decoder already did).
-    pub fn push(&mut self, segment: &Segment) -> Result<(), ArchiveError> {
+    pub(crate) fn push(&mut self, segment: &Segment) -> Result<(), ArchiveError> {
         if self.summary.is_some() {
             return Err(ArchiveError::TrailingData);
         }

@@ -16,7 +16,7 @@ pub struct Record<'a> {
 
 /// A decoded frame.
 #[derive(Debug)]
-pub enum Segment {
+pub(crate) enum Segment {
     /// Frame 0: the header.
     Header(Header),
     /// Records, checked in themselves (lengths, order, kind), not yet against their neighbours.
@@ -32,7 +32,7 @@ pub enum Segment {
 
 /// The records of one segment.
 #[derive(Debug)]
-pub struct Records {
+pub(crate) struct Records {
     /// Frame number.
     pub index: u64,
     data: Vec<u8>,
@@ -45,22 +45,17 @@ pub struct Records {
 
 impl Records {
     /// Number of records.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.spans.len()
     }
 
-    /// Whether there are none (never for a decoded segment).
-    pub fn is_empty(&self) -> bool {
-        self.spans.is_empty()
-    }
-
     /// Bytes of the decompressed segment.
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.data.len()
     }
 
     /// The `i`th record.
-    pub fn get(&self, i: usize) -> Record<'_> {
+    pub(crate) fn get(&self, i: usize) -> Record<'_> {
         let [ko, kl, vo, vl] = self.spans[i];
         let key = &self.data[ko as usize..(ko + kl) as usize];
         let value = (vl != MARK).then(|| &self.data[vo as usize..(vo + vl) as usize]);
@@ -68,17 +63,17 @@ impl Records {
     }
 
     /// The records in order.
-    pub fn iter(&self) -> impl Iterator<Item = Record<'_>> + '_ {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = Record<'_>> + '_ {
         (0..self.spans.len()).map(|i| self.get(i))
     }
 
     /// The first key.
-    pub fn first_key(&self) -> &[u8] {
+    pub(crate) fn first_key(&self) -> &[u8] {
         self.get(0).key
     }
 
     /// The last key.
-    pub fn last_key(&self) -> &[u8] {
+    pub(crate) fn last_key(&self) -> &[u8] {
         self.get(self.spans.len() - 1).key
     }
 
@@ -99,7 +94,7 @@ fn bad(frame: u64, reason: impl Into<String>) -> ArchiveError {
 /// Decompresses and parses one frame. `kind` is the archive's kind (from its header; `None`
 /// for frame 0); with `lattice`, the records that hold a value are also summed into their
 /// lattice (the expensive part, done here so that it runs in parallel).
-pub fn decode_segment(
+pub(crate) fn decode_segment(
     frame: &Frame,
     kind: Option<SnapshotKind>,
     lattice: bool,

@@ -1,3 +1,5 @@
+use super::frames::FrameReader;
+use super::segment::decode_segment;
 use super::*;
 use crate::bank_hash::{BankHasher, MAX_KEY_LEN};
 

@@ -90,7 +90,7 @@ fn ordered_writer<W: Write>(
 ///
 /// Records are encoded on the caller's thread; segments are compressed by a few worker threads
 /// and written, in order, by another. Reading the DB, compressing and writing overlap.
-pub struct ArchiveWriter<W: Write + Send + 'static> {
+pub(crate) struct ArchiveWriter<W: Write + Send + 'static> {
     header: Header,
     records: u64,
     segment: Vec<u8>,
@@ -109,7 +109,7 @@ fn invalid(e: ArchiveError) -> io::Error {
 
 impl<W: Write + Send + 'static> ArchiveWriter<W> {
     /// Starts an archive with `header`, compressed at `zstd_level`.
-    pub fn new(out: W, header: Header, zstd_level: i32) -> io::Result<Self> {
+    pub(crate) fn new(out: W, header: Header, zstd_level: i32) -> io::Result<Self> {
         // Check the level here, where the error can be returned, not in a worker.
         zstd::bulk::Compressor::new(zstd_level)?;
         let workers_n = thread::available_parallelism()
@@ -155,7 +155,7 @@ impl<W: Write + Send + 'static> ArchiveWriter<W> {
     /// Appends one record: `key` holds `value`, or (incremental archives only) `key` is deleted
     /// (`None`). Keys must be strictly ascending; a record out of order, over the size limits, or
     /// a deletion in a full archive is refused with [`io::ErrorKind::InvalidInput`].
-    pub fn push(&mut self, key: &[u8], value: Option<&[u8]>) -> io::Result<()> {
+    pub(crate) fn push(&mut self, key: &[u8], value: Option<&[u8]>) -> io::Result<()> {
         let index = self.records;
         if key.is_empty() || key.len() > MAX_KEY_LEN {
             return Err(invalid(ArchiveError::KeyOutOfBounds {
@@ -233,7 +233,7 @@ impl<W: Write + Send + 'static> ArchiveWriter<W> {
 
     /// Writes the end record with `bank_hash`, the bank hash of the state at the archive's slot,
     /// and finishes. Returns the output and what the archive holds.
-    pub fn finish(mut self, bank_hash: BankHash) -> io::Result<(W, ArchiveSummary)> {
+    pub(crate) fn finish(mut self, bank_hash: BankHash) -> io::Result<(W, ArchiveSummary)> {
         if !self.segment.is_empty() {
             let last = std::mem::take(&mut self.segment);
             self.send(last)?;

@@ -235,13 +235,25 @@ pub struct LoadReport {
     pub elapsed: Duration,
 }
 
-/// What reading one archive gave.
+/// What reading one archive (or several, [`Read::plus`]) gave.
 #[derive(Debug, Clone, Copy)]
 struct Read {
     entries: u64,
     archive_bytes: u64,
     state_bytes: u64,
     bank_hash: BankHash,
+}
+
+impl Read {
+    /// The counts of this and `other` together, with `other`'s bank hash.
+    fn plus(&self, other: &Read) -> Read {
+        Read {
+            entries: self.entries + other.entries,
+            archive_bytes: self.archive_bytes + other.archive_bytes,
+            state_bytes: self.state_bytes + other.state_bytes,
+            bank_hash: other.bank_hash,
+        }
+    }
 }
 
 /// Loads the archive at `archive`, described by `manifest`, into `db`: a full snapshot is
@@ -278,8 +290,24 @@ pub fn load_chain(
     incremental: Option<(&ArchiveSource, &Manifest)>,
     limits: &LoadLimits,
 ) -> Result<LoadReport, LoadError> {
+    load_chain_legs(db, full, incremental, limits).map_err(|(_, e)| e)
+}
+
+/// [`load_chain`], saying which snapshot a failure is about: the full one (its import, or the
+/// two not fitting together) or the incremental one (its apply).
+pub(crate) fn load_chain_legs(
+    db: &dyn StateDb,
+    full: Option<(&ArchiveSource, &Manifest)>,
+    incremental: Option<(&ArchiveSource, &Manifest)>,
+    limits: &LoadLimits,
+) -> Result<LoadReport, (SnapshotKind, LoadError)> {
+    let on_full = |e: LoadError| (SnapshotKind::Full, e);
+    let on_incremental = |e: LoadError| (SnapshotKind::Incremental, e);
     let started = Instant::now();
-    let last = incremental.or(full).ok_or(LoadError::Nothing)?.1;
+    let last = incremental
+        .or(full)
+        .ok_or((SnapshotKind::Full, LoadError::Nothing))?
+        .1;
     let _span =
         tracing::info_span!(target: TARGET, "load", slot = last.slot, kind = %last.kind).entered();
     if let (Some((_, f)), Some((_, i))) = (full, incremental) {
@@ -287,58 +315,26 @@ pub fn load_chain(
             (b.slot, b.bank_hash, b.content_root) == (f.slot, f.bank_hash, f.content_root)
         });
         if !fits || !f.is_full() {
-            return Err(LoadError::ManifestMismatch(
+            return Err(on_incremental(LoadError::ManifestMismatch(
                 "the incremental snapshot is not based on this full one".into(),
-            ));
+            )));
         }
     }
-    let mut totals = (0u64, 0u64, 0u64);
-    let mut add = |r: &Read| {
-        totals.0 += r.entries;
-        totals.1 += r.archive_bytes;
-        totals.2 += r.state_bytes;
-    };
-    let bank_hash = match (full, incremental) {
-        (Some((fs, fm)), inc) => {
-            if !fm.is_full() {
-                return Err(LoadError::ManifestMismatch(
-                    "expected a full snapshot".into(),
-                ));
-            }
-            let extra = inc.map_or(0, |(_, m)| m.state_bytes);
-            limits.check_space(db, fm.state_bytes.saturating_add(extra))?;
-            let (mut staged, read) = import::import_full(db, fs, fm, limits)?;
-            add(&read);
-            let mut hash = read.bank_hash;
-            if let Some((is, im)) = inc {
-                let read = apply::apply_incremental(
-                    &mut |slot, f| staged.apply_changes(slot, f),
-                    is,
-                    im,
-                    limits,
-                )?;
-                add(&read);
-                hash = read.bank_hash;
-            }
-            staged.commit()?;
-            hash
+    let (bank_hash, totals) = match (full, incremental) {
+        (Some(full), inc) => load_on_full(db, full, inc, limits)?,
+        (None, Some(inc)) => {
+            let read = apply_alone(db, inc, limits).map_err(on_incremental)?;
+            (read.bank_hash, read)
         }
-        (None, Some((is, im))) => {
-            limits.check_space(db, im.state_bytes)?;
-            let read =
-                apply::apply_incremental(&mut |slot, f| db.apply_changes(slot, f), is, im, limits)?;
-            add(&read);
-            read.bank_hash
-        }
-        (None, None) => return Err(LoadError::Nothing),
+        (None, None) => return Err(on_full(LoadError::Nothing)),
     };
     let report = LoadReport {
         slot: last.slot,
         bank_hash,
         kind: last.kind,
-        entries: totals.0,
-        archive_bytes: totals.1,
-        state_bytes: totals.2,
+        entries: totals.entries,
+        archive_bytes: totals.archive_bytes,
+        state_bytes: totals.state_bytes,
         elapsed: started.elapsed(),
     };
     tracing::info!(
@@ -351,6 +347,48 @@ pub fn load_chain(
         "snapshot loaded"
     );
     Ok(report)
+}
+
+/// Imports a full snapshot beside the live DB, applies an incremental one on it if given, and
+/// swaps the result in. Returns the bank hash now live and what was read.
+fn load_on_full(
+    db: &dyn StateDb,
+    (fs, fm): (&ArchiveSource, &Manifest),
+    incremental: Option<(&ArchiveSource, &Manifest)>,
+    limits: &LoadLimits,
+) -> Result<(BankHash, Read), (SnapshotKind, LoadError)> {
+    let on_full = |e: LoadError| (SnapshotKind::Full, e);
+    if !fm.is_full() {
+        return Err(on_full(LoadError::ManifestMismatch(
+            "expected a full snapshot".into(),
+        )));
+    }
+    let extra = incremental.map_or(0, |(_, m)| m.state_bytes);
+    limits
+        .check_space(db, fm.state_bytes.saturating_add(extra))
+        .map_err(on_full)?;
+    let (mut staged, read) = import::import_full(db, fs, fm, limits).map_err(on_full)?;
+    let mut totals = read;
+    let mut hash = read.bank_hash;
+    if let Some((is, im)) = incremental {
+        let read =
+            apply::apply_incremental(&mut |slot, f| staged.apply_changes(slot, f), is, im, limits)
+                .map_err(|e| (SnapshotKind::Incremental, e))?;
+        totals = totals.plus(&read);
+        hash = read.bank_hash;
+    }
+    staged.commit().map_err(|e| on_full(e.into()))?;
+    Ok((hash, totals))
+}
+
+/// Applies an incremental snapshot to the live DB in one transaction.
+fn apply_alone(
+    db: &dyn StateDb,
+    (is, im): (&ArchiveSource, &Manifest),
+    limits: &LoadLimits,
+) -> Result<Read, LoadError> {
+    limits.check_space(db, im.state_bytes)?;
+    apply::apply_incremental(&mut |slot, f| db.apply_changes(slot, f), is, im, limits)
 }
 
 /// After an archive error on a complete file: hashes the whole file, so that a corrupt archive

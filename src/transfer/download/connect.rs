@@ -2,7 +2,7 @@
 //! side proves the token, and the manifest, which must be the advertised snapshot.
 
 use super::scheduler::Failure;
-use super::{DownloadTarget, Inner};
+use super::{DownloadContext, DownloadTarget};
 use crate::proto;
 use crate::snapshot::Manifest;
 use crate::transfer::PeerAddr;
@@ -86,12 +86,12 @@ impl ConnectError {
 
 /// Connects, proves the token both ways, and checks the peer's manifest.
 pub(super) async fn connect(
-    inner: &Inner,
+    ctx: &DownloadContext,
     peer: PeerAddr,
     target: DownloadTarget,
 ) -> Result<(quinn::Connection, Manifest), ConnectError> {
-    let config = tls::client_config(&inner.keypair, peer.peer_id, &inner.config.transport)?;
-    let conn = inner
+    let config = tls::client_config(&ctx.keypair, peer.peer_id, &ctx.config.transport)?;
+    let conn = ctx
         .endpoint
         .connect_with(config, peer.addr, "snapsync")?
         .await
@@ -100,10 +100,10 @@ pub(super) async fn connect(
         .open_bi()
         .await
         .map_err(ConnectError::from_connection)?;
-    let proof = inner
+    let proof = ctx
         .token
         .as_ref()
-        .and_then(|k| k.proof(&conn, Role::Client, &inner.local, &peer.peer_id));
+        .and_then(|k| k.proof(&conn, Role::Client, &ctx.local, &peer.peer_id));
     write_frame(&mut send, &protocol::hello(proof))
         .await
         .map_err(ConnectError::from_frame)?;
@@ -130,11 +130,11 @@ pub(super) async fn connect(
     }
     // With a token, the server must show it knows it too: a peer that merely advertises
     // cannot pose as a holder of the private network.
-    if let Some(key) = &inner.token
+    if let Some(key) = &ctx.token
         && !key.check(
             &conn,
             Role::Server,
-            &inner.local,
+            &ctx.local,
             &peer.peer_id,
             &welcome.proof,
         )

@@ -4,8 +4,8 @@
 //! - `scheduler.rs`: which chunk from which peer, a pure state machine;
 //! - `connect.rs`: connecting to a peer and the handshake;
 //! - `fetch.rs`: one request, checked chunk by chunk as it arrives;
-//! - `run.rs`: the loop of one download, carrying out what the scheduler decides;
-//! - `partial.rs`, `bits.rs`: the download's state on disk, for resume.
+//! - `run.rs`: the loop of one download, carrying out what the scheduler commands;
+//! - `partial.rs`, `bits.rs`: the download's state on disk (open, reserve, persist, publish).
 
 mod bits;
 mod config;
@@ -18,6 +18,7 @@ mod scheduler;
 #[cfg(test)]
 pub(crate) use bits::Bits;
 pub use config::DownloadConfig;
+#[cfg(any(fuzzing, test))]
 pub(crate) use partial::parse_progress;
 #[cfg(test)]
 pub(crate) use partial::progress_bytes;
@@ -35,6 +36,7 @@ use super::tls::{self, EndpointError};
 use super::{DOWNLOAD_TARGET, PeerAddr, Token};
 use crate::chunk::{ChunkSize, ChunkTree};
 use crate::config_error::ConfigError;
+use crate::discovery::SnapshotAd;
 use crate::hash::{BankHash, ContentRoot};
 use crate::metrics::Metrics;
 use crate::snapshot::{ArchiveSource, Manifest, Snapshot, SnapshotStore, StoreError, Watermark};
@@ -64,6 +66,17 @@ impl DownloadTarget {
             chunk_size: m.chunk_size,
             slot: Some(m.slot),
             bank_hash: Some(m.bank_hash),
+        }
+    }
+
+    /// The target an advertisement describes.
+    pub fn of(ad: &SnapshotAd) -> Self {
+        Self {
+            content_root: ad.key.content_root,
+            archive_size: ad.key.archive_size,
+            chunk_size: ad.chunk_size,
+            slot: Some(ad.key.slot),
+            bank_hash: Some(ad.key.bank_hash),
         }
     }
 
@@ -221,10 +234,12 @@ impl DownloadError {
 /// Fetches snapshots from many peers at once over QUIC. One endpoint serves every download.
 #[derive(Clone)]
 pub struct Downloader {
-    inner: Arc<Inner>,
+    ctx: Arc<DownloadContext>,
 }
 
-pub(crate) struct Inner {
+/// What every download of a [`Downloader`] shares: the endpoint, the identity and token, the
+/// store, the settings and the metrics.
+pub(crate) struct DownloadContext {
     endpoint: quinn::Endpoint,
     keypair: Keypair,
     local: PeerId,
@@ -237,12 +252,12 @@ pub(crate) struct Inner {
 impl std::fmt::Debug for Downloader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Downloader")
-            .field("store", &self.inner.store.dir())
+            .field("store", &self.ctx.store.dir())
             .finish()
     }
 }
 
-impl Drop for Inner {
+impl Drop for DownloadContext {
     fn drop(&mut self) {
         self.endpoint.close(close::DONE, b"done");
     }
@@ -252,6 +267,7 @@ impl Drop for Inner {
 #[derive(Debug)]
 pub struct DownloadHandle {
     progress: watch::Receiver<Progress>,
+    manifest: watch::Receiver<Option<Manifest>>,
     peers: mpsc::Sender<PeerAddr>,
     cancel: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<Downloaded, DownloadError>>,
@@ -278,6 +294,11 @@ impl DownloadHandle {
         // A stream polled again after it ends must not panic.
         .fuse()
         .boxed()
+    }
+
+    /// The snapshot's manifest, once a peer has served it and it matched the target.
+    pub fn manifest(&self) -> Option<Manifest> {
+        self.manifest.borrow().clone()
     }
 
     /// Adds a peer to the download (one that advertised the same snapshot later). Ignored
@@ -360,7 +381,7 @@ impl Downloader {
             source,
         })?;
         Ok(Self {
-            inner: Arc::new(Inner {
+            ctx: Arc::new(DownloadContext {
                 endpoint,
                 local: keypair.public().to_peer_id(),
                 keypair,
@@ -374,19 +395,19 @@ impl Downloader {
 
     /// The settings.
     pub fn config(&self) -> &DownloadConfig {
-        &self.inner.config
+        &self.ctx.config
     }
 
     /// The local address of the downloader's endpoint.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.inner.endpoint.local_addr().ok()
+        self.ctx.endpoint.local_addr().ok()
     }
 
     /// Closes every connection of every download, telling each server, and waits briefly for
     /// the closes to go out. Downloads in progress end (their chunks stay on disk).
     pub async fn close(&self) {
-        self.inner.endpoint.close(close::DONE, b"shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+        self.ctx.endpoint.close(close::DONE, b"shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.ctx.endpoint.wait_idle()).await;
     }
 
     /// Starts downloading `target` from `peers` (more can be added to the handle).
@@ -396,14 +417,55 @@ impl Downloader {
             total_bytes: target.archive_size,
             ..Progress::default()
         });
+        let (manifest_tx, manifest) = watch::channel(None);
         let (peers_tx, peers_rx) = mpsc::channel(64);
         let (cancel_tx, cancel_rx) = oneshot::channel();
         let watermark = Arc::new(Watermark::new());
-        let dir = self.inner.store.partial_dir(&target.content_root);
+        let source = self.source(&target, watermark.clone());
+        let channels = run::Channels {
+            progress: progress_tx,
+            manifest: manifest_tx,
+            watermark: watermark.clone(),
+            new_peers: peers_rx,
+            cancel: cancel_rx,
+        };
+        let ctx = self.ctx.clone();
+        let span = tracing::info_span!(target: DOWNLOAD_TARGET, "download", root = %target.content_root.short());
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let active = ctx.metrics.active_downloads.clone();
+                active.inc();
+                // Whatever ends the download, a loader waiting on it learns so.
+                let stop = channels.watermark.clone();
+                let _active = scopeguard(move || {
+                    active.dec();
+                    stop.stop();
+                });
+                let progress = channels.progress.clone();
+                let result = run::run(ctx, target, peers, channels).await;
+                progress.send_modify(|p| p.finished = true);
+                result
+            },
+            span,
+        ));
+        DownloadHandle {
+            progress,
+            manifest,
+            peers: peers_tx,
+            cancel: Some(cancel_tx),
+            task,
+            ended: false,
+            source,
+            watermark,
+        }
+    }
+
+    /// The archive of `target` as it arrives. The file is opened now, so that a loader reads it
+    /// through this handle even once the completed download has been renamed into a published
+    /// snapshot. (Creating an empty file reserves nothing.)
+    fn source(&self, target: &DownloadTarget, watermark: Arc<Watermark>) -> ArchiveSource {
+        let dir = self.ctx.store.partial_dir(&target.content_root);
         let path = dir.join(partial::PART_FILE);
-        // Opened now, so that a loader reads it through this handle even once the completed
-        // download has been renamed into a published snapshot. (Creating an empty file
-        // reserves nothing.)
         let file = std::fs::create_dir_all(&dir).and_then(|()| {
             std::fs::OpenOptions::new()
                 .read(true)
@@ -412,40 +474,7 @@ impl Downloader {
                 .truncate(false)
                 .open(&path)
         });
-        let source =
-            ArchiveSource::growing(path, file.ok(), target.archive_size, watermark.clone());
-        let inner = self.inner.clone();
-        let mark = watermark.clone();
-        let span = tracing::info_span!(target: DOWNLOAD_TARGET, "download", root = %target.content_root.short());
-        let task = tokio::spawn(tracing::Instrument::instrument(
-            async move {
-                let active = inner.metrics.active_downloads.clone();
-                active.inc();
-                // Whatever ends the download, a loader waiting on it learns so.
-                let stop = mark.clone();
-                let _active = scopeguard(move || {
-                    active.dec();
-                    stop.stop();
-                });
-                let result =
-                    match run::Run::start(inner, target, peers, progress_tx.clone(), mark).await {
-                        Ok(run) => run.run(peers_rx, cancel_rx).await,
-                        Err(e) => Err(e),
-                    };
-                progress_tx.send_modify(|p| p.finished = true);
-                result
-            },
-            span,
-        ));
-        DownloadHandle {
-            progress,
-            peers: peers_tx,
-            cancel: Some(cancel_tx),
-            task,
-            ended: false,
-            source,
-            watermark,
-        }
+        ArchiveSource::growing(path, file.ok(), target.archive_size, watermark)
     }
 
     /// Downloads `target` from `peers` and waits for the result.

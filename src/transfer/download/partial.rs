@@ -1,6 +1,9 @@
 //! A download's state on disk, for resume: `.partial-<root>/archive.part` (the archive being
 //! filled in at chunk offsets), `.partial-<root>/outboard.bao` (the tree nodes that came with
-//! the chunks' proofs) and `.partial-<root>/progress` (which chunks are on disk).
+//! the chunks' proofs) and `.partial-<root>/progress` (which chunks are on disk). Every disk
+//! step of a download is here: opening (within the budget left to other partial downloads),
+//! reserving, making progress durable in the background ([`Persister`]), and publishing the
+//! completed archive; the download's loop only schedules and moves bytes.
 //!
 //! The files are created empty when a download starts and given their full size (the disk
 //! space reserved, after checking there is room) only once a peer that proved the token has
@@ -13,10 +16,15 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use super::DownloadError;
 use super::bits::Bits;
 use crate::chunk::ChunkTree;
 use crate::disk;
-use crate::snapshot::{IoAt, OUTBOARD_FILE, StoreError};
+use crate::snapshot::{
+    ARCHIVE_FILE, IoAt, Manifest, OUTBOARD_FILE, Snapshot, SnapshotStore, StoreError,
+};
 
 const MAGIC: &[u8; 8] = b"SNAPPROG";
 const VERSION: u32 = 1;
@@ -45,7 +53,83 @@ fn open_rw(path: &Path) -> Result<File, StoreError> {
         .at(path)
 }
 
+/// Runs blocking disk work off the async threads; a task that ends without a result is a
+/// cancelled download.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, DownloadError> + Send + 'static,
+) -> Result<T, DownloadError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| DownloadError::Cancelled)?
+}
+
 impl Partial {
+    /// Opens the partial download of `tree` in `store`, first keeping the partial downloads of
+    /// other snapshots within `budget` bytes (the least recently touched go first). Returns it
+    /// with the chunks already on disk.
+    pub(crate) async fn open_in(
+        store: &SnapshotStore,
+        tree: ChunkTree,
+        budget: u64,
+    ) -> Result<(Self, Bits), DownloadError> {
+        let store = store.clone();
+        blocking(move || {
+            let root = tree.root();
+            store.trim_partials(&[root], budget)?;
+            Ok(Partial::open(store.partial_dir(&root), tree)?)
+        })
+        .await
+    }
+
+    /// [`Partial::reserve`] in the background; a disk too full first makes room by deleting
+    /// the partial downloads of other snapshots.
+    pub(crate) async fn reserve_in(
+        &self,
+        store: &SnapshotStore,
+        headroom: u64,
+    ) -> Result<(), DownloadError> {
+        let (partial, store) = (Partial::reopen(self)?, store.clone());
+        blocking(move || match partial.reserve(headroom) {
+            Err(StoreError::DiskFull { .. }) => {
+                store.trim_partials(&[partial.tree.root()], 0)?;
+                Ok(partial.reserve(headroom)?)
+            }
+            other => Ok(other?),
+        })
+        .await
+    }
+
+    /// Every chunk is in, each checked against the root before it was written, and the proofs'
+    /// nodes make the outboard: checks the outboard is whole, makes it all durable and
+    /// publishes it in `store` with `manifest`. A partial download whose outboard is not whole
+    /// (local disk corruption) is discarded.
+    pub(crate) async fn publish_in(
+        self,
+        store: &SnapshotStore,
+        manifest: Manifest,
+    ) -> Result<Arc<Snapshot>, DownloadError> {
+        let store = store.clone();
+        blocking(move || {
+            let outboard = self.dir.join(OUTBOARD_FILE);
+            self.sync()?;
+            let complete = self
+                .tree
+                .outboard_is_complete(&outboard)
+                .map_err(|e| StoreError::at(&outboard, e))?;
+            if !complete {
+                let _ = disk::remove_path(&self.dir);
+                return Err(DownloadError::Corrupted {
+                    expected: self.tree.root(),
+                });
+            }
+            let archive = self.dir.join(ARCHIVE_FILE);
+            fs::rename(self.dir.join(PART_FILE), &archive).at(&archive)?;
+            self.forget_progress()?;
+            Ok(store.publish(&self.dir, manifest)?)
+        })
+        .await
+    }
+
     /// Opens (or starts, with empty files) the partial download of `tree` in `dir`, reserving
     /// nothing yet. Returns it with the chunks already on disk: those of saved progress for this
     /// very archive with files of the right sizes, else none.
@@ -148,6 +232,62 @@ impl Partial {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StoreError::at(&p, e)),
             _ => Ok(()),
         }
+    }
+}
+
+/// Makes a download's progress durable in the background, one write at a time, remembering how
+/// far the last one reached.
+#[derive(Debug)]
+pub(crate) struct Persister {
+    partial: Partial,
+    running: Option<tokio::task::JoinHandle<Result<u64, StoreError>>>,
+    persisted: u64,
+}
+
+impl Persister {
+    /// A persister of `partial`'s progress, of which `persisted` bytes are durable already.
+    pub(crate) fn new(partial: &Partial, persisted: u64) -> Result<Self, StoreError> {
+        Ok(Self {
+            partial: Partial::reopen(partial)?,
+            running: None,
+            persisted,
+        })
+    }
+
+    /// Starts recording `marks` (`done` bytes) as the chunks on disk, unless a write is under
+    /// way or nothing is new. Every chunk marked was written before the fsync this makes.
+    pub(crate) fn start(&mut self, marks: &Bits, done: u64) -> Result<(), StoreError> {
+        if self.running.is_some() || done == self.persisted {
+            return Ok(());
+        }
+        let (partial, marks) = (Partial::reopen(&self.partial)?, marks.clone());
+        self.running = Some(tokio::task::spawn_blocking(move || {
+            partial.persist(&marks).map(|()| done)
+        }));
+        Ok(())
+    }
+
+    /// Whether a write is under way.
+    pub(crate) fn is_running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Waits for the write under way, if any, and records how far it reached.
+    pub(crate) async fn wait(&mut self) -> Result<(), DownloadError> {
+        if let Some(running) = self.running.as_mut() {
+            let result = running.await;
+            self.running = None;
+            let done = result.map_err(|_| DownloadError::Cancelled)??;
+            self.persisted = self.persisted.max(done);
+        }
+        Ok(())
+    }
+
+    /// Makes `marks` durable now: waits for the write under way, then writes them.
+    pub(crate) async fn flush(&mut self, marks: &Bits, done: u64) -> Result<(), DownloadError> {
+        self.wait().await?;
+        self.start(marks, done)?;
+        self.wait().await
     }
 }
 

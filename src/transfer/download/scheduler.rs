@@ -1,8 +1,10 @@
 //! Which chunk from which peer: the download scheduler, a pure state machine.
 //!
-//! No sockets, no clocks, no tasks: the downloader's I/O layer tells it what happened
-//! ([`Scheduler::on_success`], [`Scheduler::on_failure`], ...) with the current time, and asks
-//! it what to do next ([`Scheduler::next_action`]). Tests drive it directly.
+//! No sockets, no clocks, no tasks. The vocabulary is quinn-proto's: the downloader's I/O layer
+//! tells it what happened with the time (`handle_*`), wakes it at [`Scheduler::poll_timeout`]
+//! ([`Scheduler::handle_timeout`]), and carries out what it says next
+//! ([`Scheduler::poll_command`]): the commands its inputs queued (cancels) first, then new
+//! connections and requests. Tests drive it directly.
 //!
 //! The rules:
 //! - **Pull by throughput.** Each connected peer keeps up to its *window* of requests in flight
@@ -29,13 +31,14 @@
 //! - **Verified prefix.** It tracks how far the chunks on disk reach without a gap from the
 //!   start, for a loader that reads the archive while it arrives.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
 use super::bits::Bits;
+use crate::transfer::rate::Ewma;
 
 /// Index of a peer in the scheduler.
 pub(crate) type PeerIdx = usize;
@@ -43,11 +46,10 @@ pub(crate) type PeerIdx = usize;
 /// Id of a request.
 pub(crate) type ReqId = u64;
 
-/// Settings of the scheduler (part of [`super::DownloadConfig`]).
+/// Settings of the scheduler (part of [`super::DownloadConfig`], which documents each).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct SchedulerConfig {
-    pub(crate) piece_chunks: u64,
-    pub(crate) chunk_bytes: u64,
+    pub(crate) request_chunks: u64,
     pub(crate) initial_window: usize,
     pub(crate) max_window: usize,
     pub(crate) max_inflight: usize,
@@ -63,7 +65,7 @@ pub(crate) struct SchedulerConfig {
 
 /// What the I/O layer should do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Action {
+pub(crate) enum Command {
     /// Open a connection to the peer.
     Connect(PeerIdx),
     /// Fetch these chunks from the peer.
@@ -113,8 +115,8 @@ struct Peer {
     conn: Conn,
     fate: PeerFate,
     inflight: usize,
-    /// Delivery rate, bytes per second (EWMA).
-    rate: Option<f64>,
+    /// Delivery rate, bytes per second.
+    rate: Ewma,
     /// Smallest request latency seen.
     min_latency: Option<Duration>,
     last_delivery: Option<Instant>,
@@ -146,6 +148,9 @@ pub(crate) struct PeerReport {
 #[derive(Debug)]
 pub(crate) struct Scheduler {
     config: SchedulerConfig,
+    /// Bytes of a chunk, and chunks of a piece (a request).
+    chunk_bytes: u64,
+    piece_chunks: u64,
     chunk_count: u64,
     size: u64,
     /// Pieces done.
@@ -164,37 +169,39 @@ pub(crate) struct Scheduler {
     prefix_chunks: u64,
     /// While paused, peers are connected but no chunk is requested.
     paused: bool,
+    /// Commands queued by inputs, handed out first.
+    queued: VecDeque<Command>,
 }
 
 /// EWMA weight of a new rate sample.
 const RATE_ALPHA: f64 = 0.3;
 
 impl Scheduler {
-    /// A scheduler for an archive of `size` bytes in `chunk_count` chunks, of which those in
-    /// `already_done` are on disk.
+    /// A scheduler for an archive of `size` bytes in `chunk_count` chunks of `chunk_bytes`, of
+    /// which those in `already_done` are on disk.
     pub(crate) fn new(
         config: SchedulerConfig,
         size: u64,
+        chunk_bytes: u64,
         chunk_count: u64,
         already_done: &Bits,
         now: Instant,
     ) -> Self {
-        let piece_chunks = config.piece_chunks.max(1);
+        let piece_chunks = config.request_chunks.max(1);
         let n = chunk_count.div_ceil(piece_chunks) as usize;
         let mut chunk_done = Bits::new(chunk_count as usize);
         let mut done_bytes = 0;
         for i in 0..chunk_count as usize {
             if already_done.get(i) {
                 chunk_done.set(i);
-                let start = i as u64 * config.chunk_bytes;
-                done_bytes += (start + config.chunk_bytes).min(size) - start.min(size);
+                let start = i as u64 * chunk_bytes;
+                done_bytes += (start + chunk_bytes).min(size) - start.min(size);
             }
         }
         let mut s = Self {
-            config: SchedulerConfig {
-                piece_chunks,
-                ..config
-            },
+            config,
+            chunk_bytes,
+            piece_chunks,
             chunk_count,
             size,
             piece_done: Bits::new(n),
@@ -208,9 +215,10 @@ impl Scheduler {
             last_progress: now,
             prefix_chunks: 0,
             paused: false,
+            queued: VecDeque::new(),
         };
         for p in 0..n {
-            let range = s.piece_chunks(p);
+            let range = s.chunks_of(p);
             if range.clone().all(|c| s.chunk_done.get(c as usize)) {
                 s.piece_done.set(p);
             }
@@ -218,20 +226,20 @@ impl Scheduler {
         s
     }
 
-    fn piece_chunks(&self, piece: usize) -> Range<u64> {
-        let start = piece as u64 * self.config.piece_chunks;
-        start..(start + self.config.piece_chunks).min(self.chunk_count)
+    fn chunks_of(&self, piece: usize) -> Range<u64> {
+        let start = piece as u64 * self.piece_chunks;
+        start..(start + self.piece_chunks).min(self.chunk_count)
     }
 
     /// Data bytes of a chunk range.
-    fn chunk_bytes(&self, chunks: Range<u64>) -> u64 {
-        let cb = self.config.chunk_bytes;
+    fn bytes_of(&self, chunks: Range<u64>) -> u64 {
+        let cb = self.chunk_bytes;
         (chunks.end * cb).min(self.size) - (chunks.start * cb).min(self.size)
     }
 
     /// The chunks of `piece` still missing (a sub-range: resumed pieces may be partly done).
     fn missing_chunks(&self, piece: usize) -> Range<u64> {
-        let r = self.piece_chunks(piece);
+        let r = self.chunks_of(piece);
         let first = r
             .clone()
             .find(|c| !self.chunk_done.get(*c as usize))
@@ -244,7 +252,7 @@ impl Scheduler {
         first..last + 1
     }
 
-    /// Adds a peer; it will be connected by a later [`Action::Connect`].
+    /// Adds a peer; it will be connected by a later [`Command::Connect`].
     pub(crate) fn add_peer(&mut self) -> PeerIdx {
         let mut builder = ExponentialBuilder::default()
             .with_min_delay(self.config.backoff_min)
@@ -259,7 +267,7 @@ impl Scheduler {
             conn: Conn::Disconnected,
             fate: PeerFate::Alive,
             inflight: 0,
-            rate: None,
+            rate: Ewma::new(RATE_ALPHA),
             min_latency: None,
             last_delivery: None,
             failures: 0,
@@ -295,7 +303,7 @@ impl Scheduler {
         {
             self.prefix_chunks += 1;
         }
-        (self.prefix_chunks * self.config.chunk_bytes).min(self.size)
+        (self.prefix_chunks * self.chunk_bytes).min(self.size)
     }
 
     fn holders_of(&self, piece: usize) -> &[ReqId] {
@@ -306,15 +314,15 @@ impl Scheduler {
         let p = &self.peers[peer];
         PeerReport {
             bytes: p.bytes,
-            rate: p.rate.unwrap_or(0.0),
+            rate: p.rate.get().unwrap_or(0.0),
             inflight: p.inflight,
             fate: p.fate,
         }
     }
 
     fn window(&self, peer: &Peer) -> usize {
-        let piece_bytes = (self.config.piece_chunks * self.config.chunk_bytes) as f64;
-        let w = match (peer.rate, peer.min_latency) {
+        let piece_bytes = (self.piece_chunks * self.chunk_bytes) as f64;
+        let w = match (peer.rate.get(), peer.min_latency) {
             (Some(rate), Some(latency)) => {
                 (rate * latency.as_secs_f64() / piece_bytes).ceil() as usize + 2
             }
@@ -325,8 +333,8 @@ impl Scheduler {
 
     /// Time `peer` is expected to take for one more request, from its rate and queue.
     fn expected_duration(&self, peer: &Peer) -> Option<Duration> {
-        let piece_bytes = (self.config.piece_chunks * self.config.chunk_bytes) as f64;
-        let rate = peer.rate?;
+        let piece_bytes = (self.piece_chunks * self.chunk_bytes) as f64;
+        let rate = peer.rate.get()?;
         let queued = peer.inflight.max(1) as f64;
         Some(Duration::from_secs_f64(
             piece_bytes * queued / rate.max(1.0),
@@ -337,7 +345,7 @@ impl Scheduler {
     /// (never less than the minimum timeout), and, once the peer's rate is known, at most four
     /// times what it is expected to take.
     fn request_timeout(&self, peer: &Peer) -> Duration {
-        let piece_bytes = (self.config.piece_chunks * self.config.chunk_bytes) as f64;
+        let piece_bytes = (self.piece_chunks * self.chunk_bytes) as f64;
         let floor = self.config.min_request_timeout;
         let cap = floor.max(Duration::from_secs_f64(
             piece_bytes / self.config.min_peer_rate.max(1) as f64,
@@ -361,11 +369,15 @@ impl Scheduler {
             && p.inflight < self.window(p)
     }
 
-    /// The next thing to do, if any. Call repeatedly until `None`.
-    pub(crate) fn next_action(&mut self, now: Instant) -> Option<Action> {
+    /// The next thing to do, if any: what inputs queued first, then connections and
+    /// requests. Call until `None`.
+    pub(crate) fn poll_command(&mut self, now: Instant) -> Option<Command> {
+        if let Some(c) = self.queued.pop_front() {
+            return Some(c);
+        }
         if let Some(i) = (0..self.peers.len()).find(|&i| self.can_connect(&self.peers[i], now)) {
             self.peers[i].conn = Conn::Connecting;
-            return Some(Action::Connect(i));
+            return Some(Command::Connect(i));
         }
         if self.paused || self.is_complete() || self.requests.len() >= self.config.max_inflight {
             return None;
@@ -424,7 +436,7 @@ impl Scheduler {
         best.map(|(_, piece)| piece)
     }
 
-    fn start(&mut self, peer: PeerIdx, piece: usize, now: Instant) -> Action {
+    fn start(&mut self, peer: PeerIdx, piece: usize, now: Instant) -> Command {
         let id = self.next_id;
         self.next_id += 1;
         let chunks = self.missing_chunks(piece);
@@ -441,7 +453,7 @@ impl Scheduler {
         );
         self.holders.entry(piece).or_default().push(id);
         self.peers[peer].inflight += 1;
-        Action::Request { id, peer, chunks }
+        Command::Request { id, peer, chunks }
     }
 
     fn finish_request(&mut self, id: ReqId) -> Option<Request> {
@@ -454,7 +466,7 @@ impl Scheduler {
         }
         // Requests cut short may have completed the piece between them.
         if self
-            .piece_chunks(req.piece)
+            .chunks_of(req.piece)
             .all(|c| self.chunk_done.get(c as usize))
         {
             self.piece_done.set(req.piece);
@@ -469,7 +481,7 @@ impl Scheduler {
     /// ended). They count as on disk from now on, so that a request cut short keeps what it
     /// delivered and saved progress includes the chunks of requests under way. Returns the data
     /// bytes newly on disk.
-    pub(crate) fn on_written(&mut self, id: ReqId, upto: u64, now: Instant) -> u64 {
+    pub(crate) fn handle_written(&mut self, id: ReqId, upto: u64, now: Instant) -> u64 {
         let Some(req) = self.requests.get(&id) else {
             return 0;
         };
@@ -487,20 +499,20 @@ impl Scheduler {
         for c in chunks {
             if !self.chunk_done.get(c as usize) {
                 self.chunk_done.set(c as usize);
-                added += self.chunk_bytes(c..c + 1);
+                added += self.bytes_of(c..c + 1);
             }
         }
         self.done_bytes += added;
         added
     }
 
-    /// Request `id` delivered its chunks, all verified and written. Returns the duplicates to
-    /// cancel.
-    pub(crate) fn on_success(&mut self, id: ReqId, now: Instant) -> Vec<Action> {
+    /// Request `id` delivered its chunks, all verified and written. Duplicates of its piece
+    /// are cancelled.
+    pub(crate) fn handle_success(&mut self, id: ReqId, now: Instant) {
         let Some(req) = self.finish_request(id) else {
-            return Vec::new();
+            return;
         };
-        let bytes = self.chunk_bytes(req.chunks.clone());
+        let bytes = self.bytes_of(req.chunks.clone());
         if self.mark(req.chunks.clone()) > 0 {
             self.last_progress = now;
         }
@@ -509,37 +521,33 @@ impl Scheduler {
             .last_delivery
             .map_or(req.started, |t| t.max(req.started));
         let interval = now.saturating_duration_since(since).as_secs_f64().max(1e-6);
-        let sample = bytes as f64 / interval;
-        peer.rate = Some(match peer.rate {
-            Some(r) => r + RATE_ALPHA * (sample - r),
-            None => sample,
-        });
+        peer.rate.update(bytes as f64 / interval);
         let latency = now.saturating_duration_since(req.started);
         peer.min_latency = Some(peer.min_latency.map_or(latency, |m| m.min(latency)));
         peer.last_delivery = Some(now);
         peer.bytes += bytes;
         peer.failures = 0;
         peer.backoff_until = None;
-        let mut cancels = Vec::new();
         if !self.piece_done.get(req.piece) {
-            let full = self.piece_chunks(req.piece);
+            let full = self.chunks_of(req.piece);
             if full.clone().all(|c| self.chunk_done.get(c as usize)) {
                 self.piece_done.set(req.piece);
             }
             for other in self.holders_of(req.piece).to_vec() {
-                cancels.push(Action::Cancel(other));
-            }
-            for action in &cancels {
-                if let Action::Cancel(other) = action {
-                    self.finish_request(*other);
-                }
+                self.cancel(other);
             }
         }
-        cancels
+    }
+
+    /// Ends request `id` and tells the I/O layer to abandon it.
+    fn cancel(&mut self, id: ReqId) {
+        if self.finish_request(id).is_some() {
+            self.queued.push_back(Command::Cancel(id));
+        }
     }
 
     /// Request `id` failed. The piece is handed out again.
-    pub(crate) fn on_failure(&mut self, id: ReqId, failure: Failure, now: Instant) {
+    pub(crate) fn handle_failure(&mut self, id: ReqId, failure: Failure, now: Instant) {
         if let Some(req) = self.finish_request(id) {
             self.peer_failed(req.peer, failure, now);
         }
@@ -547,32 +555,23 @@ impl Scheduler {
 
     /// Request `id` delivered a chunk that does not match the content root: its peer is banned
     /// and everything it holds is cancelled and handed out again.
-    pub(crate) fn on_corrupt(&mut self, id: ReqId) -> Vec<Action> {
-        let Some(req) = self.finish_request(id) else {
-            return Vec::new();
-        };
-        self.ban(req.peer)
+    pub(crate) fn handle_corrupt(&mut self, id: ReqId) {
+        if let Some(req) = self.finish_request(id) {
+            self.peers[req.peer].fate = PeerFate::Banned;
+            self.cancel_requests_of(req.peer);
+        }
     }
 
-    /// Bans `peer` for this download. Returns its requests to cancel.
-    pub(crate) fn ban(&mut self, peer: PeerIdx) -> Vec<Action> {
-        self.peers[peer].fate = PeerFate::Banned;
-        self.drop_requests_of(peer)
-    }
-
-    fn drop_requests_of(&mut self, peer: PeerIdx) -> Vec<Action> {
+    fn cancel_requests_of(&mut self, peer: PeerIdx) {
         let ids: Vec<ReqId> = self
             .requests
             .iter()
             .filter(|(_, r)| r.peer == peer)
             .map(|(id, _)| *id)
             .collect();
-        ids.into_iter()
-            .map(|id| {
-                self.finish_request(id);
-                Action::Cancel(id)
-            })
-            .collect()
+        for id in ids {
+            self.cancel(id);
+        }
     }
 
     fn peer_failed(&mut self, peer: PeerIdx, failure: Failure, now: Instant) {
@@ -597,43 +596,41 @@ impl Scheduler {
     }
 
     /// The connection to `peer` is up.
-    pub(crate) fn on_connected(&mut self, peer: PeerIdx) {
+    pub(crate) fn handle_connected(&mut self, peer: PeerIdx) {
         if self.peers[peer].conn == Conn::Connecting {
             self.peers[peer].conn = Conn::Connected;
         }
     }
 
     /// Connecting to `peer` failed.
-    pub(crate) fn on_connect_failed(&mut self, peer: PeerIdx, failure: Failure, now: Instant) {
+    pub(crate) fn handle_connect_failed(&mut self, peer: PeerIdx, failure: Failure, now: Instant) {
         self.peers[peer].conn = Conn::Disconnected;
         self.peer_failed(peer, failure, now);
     }
 
     /// The connection to `peer` was lost: its requests are cancelled and handed out again, and
-    /// it will be reconnected after a backoff. Returns the requests to cancel.
-    pub(crate) fn on_disconnected(&mut self, peer: PeerIdx, now: Instant) -> Vec<Action> {
+    /// it will be reconnected after a backoff.
+    pub(crate) fn handle_disconnected(&mut self, peer: PeerIdx, now: Instant) {
         self.peers[peer].conn = Conn::Disconnected;
-        let cancels = self.drop_requests_of(peer);
+        self.cancel_requests_of(peer);
         if self.peers[peer].fate == PeerFate::Alive {
             self.peer_failed(peer, Failure::Transient, now);
         }
-        cancels
     }
 
-    /// Requests past their deadline: cancelled, counted as failures, handed out again.
-    pub(crate) fn poll_timeouts(&mut self, now: Instant) -> Vec<Action> {
+    /// Time passed: requests past their deadline are cancelled, counted as failures and their
+    /// pieces handed out again.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
         let late: Vec<ReqId> = self
             .requests
             .iter()
             .filter(|(_, r)| r.deadline.is_some_and(|d| d <= now))
             .map(|(id, _)| *id)
             .collect();
-        late.into_iter()
-            .map(|id| {
-                self.on_failure(id, Failure::Transient, now);
-                Action::Cancel(id)
-            })
-            .collect()
+        for id in late {
+            self.handle_failure(id, Failure::Transient, now);
+            self.queued.push_back(Command::Cancel(id));
+        }
     }
 
     /// Whether the download cannot go on: no peer left, or nothing arrived for too long. (A
@@ -651,9 +648,9 @@ impl Scheduler {
         None
     }
 
-    /// The next moment something changes without an event: a deadline, a backoff ending, a
-    /// hedge becoming worth it, the no-progress limit.
-    pub(crate) fn next_deadline(&self, now: Instant) -> Instant {
+    /// When to call [`Scheduler::handle_timeout`] next: a deadline, a backoff ending, a hedge
+    /// becoming worth it, the no-progress limit.
+    pub(crate) fn poll_timeout(&self, now: Instant) -> Instant {
         let mut next = self.last_progress + self.config.no_progress_timeout;
         for d in self.requests.values().filter_map(|r| r.deadline) {
             next = next.min(d);
@@ -682,8 +679,7 @@ mod tests {
 
     fn config() -> SchedulerConfig {
         SchedulerConfig {
-            piece_chunks: 4,
-            chunk_bytes: CHUNK,
+            request_chunks: 4,
             initial_window: 2,
             max_window: 8,
             max_inflight: 64,
@@ -698,23 +694,48 @@ mod tests {
         }
     }
 
+    /// What the inputs since the last call queued (cancels), drained.
+    fn queued(s: &mut Scheduler) -> Vec<Command> {
+        s.queued.drain(..).collect()
+    }
+
+    fn success(s: &mut Scheduler, id: ReqId, now: Instant) -> Vec<Command> {
+        s.handle_success(id, now);
+        queued(s)
+    }
+
+    fn corrupt(s: &mut Scheduler, id: ReqId) -> Vec<Command> {
+        s.handle_corrupt(id);
+        queued(s)
+    }
+
+    fn disconnected(s: &mut Scheduler, peer: PeerIdx, now: Instant) -> Vec<Command> {
+        s.handle_disconnected(peer, now);
+        queued(s)
+    }
+
+    fn timeouts(s: &mut Scheduler, now: Instant) -> Vec<Command> {
+        s.handle_timeout(now);
+        queued(s)
+    }
+
     fn sched(chunks: u64) -> (Scheduler, Instant) {
         let now = Instant::now();
         (
-            Scheduler::new(config(), chunks * CHUNK, chunks, &Bits::new(0), now),
+            Scheduler::new(config(), chunks * CHUNK, CHUNK, chunks, &Bits::new(0), now),
             now,
         )
     }
 
-    fn drain(s: &mut Scheduler, now: Instant) -> Vec<Action> {
-        std::iter::from_fn(|| s.next_action(now)).collect()
+    fn drain(s: &mut Scheduler, now: Instant) -> Vec<Command> {
+        std::iter::from_fn(|| s.poll_command(now)).collect()
     }
 
-    fn requests(actions: &[Action]) -> Vec<(ReqId, PeerIdx, Range<u64>)> {
+    fn requests(actions: &[Command]) -> Vec<(ReqId, PeerIdx, Range<u64>)> {
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::Request { id, peer, chunks } => Some((*id, *peer, chunks.clone())),
+                Command::Request { id, peer, chunks } => Some((*id, *peer, chunks.clone())),
                 _ => None,
             })
             .collect()
@@ -726,8 +747,8 @@ mod tests {
         }
         let actions = drain(s, now);
         for a in &actions {
-            if let Action::Connect(p) = a {
-                s.on_connected(*p);
+            if let Command::Connect(p) = a {
+                s.handle_connected(*p);
             }
         }
     }
@@ -736,9 +757,9 @@ mod tests {
     fn connects_then_requests_in_order_within_the_window() {
         let (mut s, now) = sched(40);
         s.add_peer();
-        assert_eq!(s.next_action(now), Some(Action::Connect(0)));
-        assert_eq!(s.next_action(now), None, "nothing until connected");
-        s.on_connected(0);
+        assert_eq!(s.poll_command(now), Some(Command::Connect(0)));
+        assert_eq!(s.poll_command(now), None, "nothing until connected");
+        s.handle_connected(0);
         let reqs = requests(&drain(&mut s, now));
         assert_eq!(reqs.len(), 2, "initial window");
         assert_eq!(reqs[0].2, 0..4);
@@ -753,10 +774,10 @@ mod tests {
         let (id, _, chunks) = reqs[0].clone();
         assert_eq!(chunks, 0..4);
         // Two chunks verified and written, then the connection drops.
-        assert_eq!(s.on_written(id, 2, now), 2 * CHUNK);
-        assert_eq!(s.on_written(id, 2, now), 0, "counted once");
+        assert_eq!(s.handle_written(id, 2, now), 2 * CHUNK);
+        assert_eq!(s.handle_written(id, 2, now), 0, "counted once");
         assert_eq!(s.verified_prefix(), 2 * CHUNK);
-        s.on_failure(id, Failure::Transient, now);
+        s.handle_failure(id, Failure::Transient, now);
         assert_eq!(s.chunk_done().ones(), 2, "kept for resume");
         // Only the rest of the piece is asked for again.
         let later = now + Duration::from_secs(5);
@@ -764,7 +785,7 @@ mod tests {
         assert!(again.iter().any(|r| r.2 == (2..4)), "{again:?}");
         assert!(!again.iter().any(|r| r.2.start < 2));
         // A request no longer in flight credits nothing.
-        assert_eq!(s.on_written(id, 4, now), 0);
+        assert_eq!(s.handle_written(id, 4, now), 0);
     }
 
     #[test]
@@ -776,7 +797,7 @@ mod tests {
             assert!(!reqs.is_empty());
             now += Duration::from_millis(10);
             for (id, ..) in reqs {
-                assert!(s.on_success(id, now).is_empty());
+                assert!(success(&mut s, id, now).is_empty());
             }
         }
         assert_eq!(s.done_bytes(), 10 * CHUNK);
@@ -803,8 +824,8 @@ mod tests {
             });
             inflight = rest;
             for (id, ..) in due {
-                for c in s.on_success(id, now) {
-                    if let Action::Cancel(c) = c {
+                for c in success(&mut s, id, now) {
+                    if let Command::Cancel(c) = c {
                         inflight.retain(|(i, ..)| *i != c);
                     }
                 }
@@ -833,7 +854,7 @@ mod tests {
                 && now.duration_since(t) >= Duration::from_millis(200)
             {
                 inflight.pop_front();
-                s.on_success(id, now);
+                success(&mut s, id, now);
             }
         }
         let w = s.window(&s.peers[0]);
@@ -850,6 +871,7 @@ mod tests {
                 ..config()
             },
             1000 * CHUNK,
+            CHUNK,
             1000,
             &Bits::new(0),
             now,
@@ -864,7 +886,7 @@ mod tests {
         connect_all(&mut s, 2, now);
         let reqs = requests(&drain(&mut s, now));
         let (id, peer, chunks) = reqs.iter().find(|r| r.1 == 0).cloned().unwrap();
-        s.on_failure(id, Failure::Transient, now);
+        s.handle_failure(id, Failure::Transient, now);
         let again = requests(&drain(&mut s, now));
         assert_eq!(again.len(), 1, "{again:?}");
         assert_eq!(again[0].2, chunks, "same chunks handed out again");
@@ -874,10 +896,10 @@ mod tests {
         );
         // After its backoff the failed peer is used again.
         let later = now + Duration::from_secs(3);
-        assert!(s.next_deadline(now) <= now + Duration::from_millis(200));
+        assert!(s.poll_timeout(now) <= now + Duration::from_millis(200));
         let others: Vec<_> = reqs.iter().filter(|r| r.1 == 0 && r.0 != id).collect();
         for r in others {
-            s.on_success(r.0, now);
+            success(&mut s, r.0, now);
         }
         let _ = drain(&mut s, later);
         assert!(s.peer_report(0).inflight > 0 || s.is_complete());
@@ -890,14 +912,14 @@ mod tests {
         // Two requests failing at once count as one failure.
         let reqs = requests(&drain(&mut s, now));
         for (id, ..) in &reqs {
-            s.on_failure(*id, Failure::Transient, now);
+            s.handle_failure(*id, Failure::Transient, now);
         }
         assert_eq!(s.peers[0].failures, 1);
         for _ in 0..2 {
             now += Duration::from_secs(5);
             let reqs = requests(&drain(&mut s, now));
             assert!(!reqs.is_empty());
-            s.on_failure(reqs[0].0, Failure::Transient, now);
+            s.handle_failure(reqs[0].0, Failure::Transient, now);
         }
         assert_eq!(s.peer_report(0).fate, PeerFate::Dropped);
         assert_eq!(s.stuck(now), Some(Stuck::NoPeers));
@@ -907,9 +929,9 @@ mod tests {
     fn a_fatal_failure_drops_the_peer_at_once() {
         let (mut s, now) = sched(8);
         s.add_peer();
-        assert_eq!(s.next_action(now), Some(Action::Connect(0)));
-        s.on_connect_failed(0, Failure::Fatal, now);
-        assert_eq!(s.next_action(now), None);
+        assert_eq!(s.poll_command(now), Some(Command::Connect(0)));
+        s.handle_connect_failed(0, Failure::Fatal, now);
+        assert_eq!(s.poll_command(now), None);
         assert_eq!(s.stuck(now), Some(Stuck::NoPeers));
     }
 
@@ -920,7 +942,7 @@ mod tests {
         let reqs = requests(&drain(&mut s, now));
         let bad: Vec<_> = reqs.iter().filter(|r| r.1 == 1).cloned().collect();
         assert!(bad.len() >= 2);
-        let cancels = s.on_corrupt(bad[0].0);
+        let cancels = corrupt(&mut s, bad[0].0);
         assert_eq!(
             cancels.len(),
             bad.len() - 1,
@@ -931,7 +953,7 @@ mod tests {
         // Everything goes to peer 0 from now on, starting with what peer 1 held.
         let mut now = now;
         for r in reqs.iter().filter(|r| r.1 == 0) {
-            s.on_success(r.0, now);
+            success(&mut s, r.0, now);
         }
         let mut first = true;
         while !s.is_complete() {
@@ -943,7 +965,7 @@ mod tests {
             assert!(reqs.iter().all(|r| r.1 == 0));
             now += Duration::from_millis(5);
             for (id, ..) in reqs {
-                s.on_success(id, now);
+                success(&mut s, id, now);
             }
         }
     }
@@ -954,21 +976,21 @@ mod tests {
         connect_all(&mut s, 2, now);
         let reqs = requests(&drain(&mut s, now));
         let held: Vec<_> = reqs.iter().filter(|r| r.1 == 0).cloned().collect();
-        let cancels = s.on_disconnected(0, now);
+        let cancels = disconnected(&mut s, 0, now);
         assert_eq!(cancels.len(), held.len());
         // Peer 1 gets them (within its window), peer 0 does not reconnect yet.
         let next = drain(&mut s, now + Duration::from_millis(1));
-        assert!(!next.contains(&Action::Connect(0)));
+        assert!(!next.contains(&Command::Connect(0)));
         let reqs1 = requests(&next);
         // Peer 1's window is full until it completes something.
         for (id, ..) in requests(&drain(&mut s, now)).into_iter().chain(reqs1) {
-            s.on_success(id, now + Duration::from_millis(2));
+            success(&mut s, id, now + Duration::from_millis(2));
         }
         for r in reqs.iter().filter(|r| r.1 == 1) {
-            s.on_success(r.0, now + Duration::from_millis(2));
+            success(&mut s, r.0, now + Duration::from_millis(2));
         }
         let after = drain(&mut s, now + Duration::from_secs(3));
-        assert!(after.contains(&Action::Connect(0)), "{after:?}");
+        assert!(after.contains(&Command::Connect(0)), "{after:?}");
         let reassigned = requests(&after);
         assert!(
             reassigned.iter().any(|r| r.2 == held[0].2)
@@ -984,7 +1006,7 @@ mod tests {
         let mut t = now;
         for r in requests(&drain(&mut s, now)) {
             t += Duration::from_millis(1);
-            s.on_success(r.0, t);
+            success(&mut s, r.0, t);
         }
         // ...then peer 1 stops answering; peer 0 goes on.
         let reqs = requests(&drain(&mut s, t));
@@ -992,11 +1014,11 @@ mod tests {
         assert!(!stalled.is_empty());
         for r in reqs.iter().filter(|r| r.1 == 0) {
             t += Duration::from_millis(1);
-            s.on_success(r.0, t);
+            success(&mut s, r.0, t);
         }
-        let deadline = s.next_deadline(t);
+        let deadline = s.poll_timeout(t);
         assert!(deadline <= t + Duration::from_secs(2), "{:?}", deadline - t);
-        let cancels = s.poll_timeouts(t + Duration::from_secs(2));
+        let cancels = timeouts(&mut s, t + Duration::from_secs(2));
         assert_eq!(cancels.len(), stalled.len());
         // The stalled pieces go to the peer that answers.
         let mut t = t + Duration::from_secs(2);
@@ -1005,7 +1027,7 @@ mod tests {
             assert!(reqs.iter().all(|r| r.1 == 0), "{reqs:?}");
             t += Duration::from_millis(1);
             for (id, ..) in reqs {
-                s.on_success(id, t);
+                success(&mut s, id, t);
             }
         }
     }
@@ -1020,7 +1042,7 @@ mod tests {
         let mut t = now;
         for r in reqs.iter().filter(|r| r.1 == 0) {
             t += Duration::from_millis(1);
-            s.on_success(r.0, t);
+            success(&mut s, r.0, t);
         }
         // Nothing is missing any more; peer 1 still holds its pieces. Peer 0 hedges.
         let hedges = requests(&drain(&mut s, t + Duration::from_millis(600)));
@@ -1033,8 +1055,8 @@ mod tests {
             .unwrap();
         // The hedge wins; the slow request is cancelled.
         let before = s.peer_report(1).inflight;
-        let cancels = s.on_success(hedge.0, t + Duration::from_millis(601));
-        assert_eq!(cancels, vec![Action::Cancel(slow_piece.0)]);
+        let cancels = success(&mut s, hedge.0, t + Duration::from_millis(601));
+        assert_eq!(cancels, vec![Command::Cancel(slow_piece.0)]);
         assert_eq!(s.peer_report(1).inflight, before - 1);
         assert!(s.chunk_done().get(slow_piece.2.start as usize));
     }
@@ -1047,7 +1069,7 @@ mod tests {
             done.set(i);
         }
         done.set(9);
-        let mut s = Scheduler::new(config(), 12 * CHUNK, 12, &done, now);
+        let mut s = Scheduler::new(config(), 12 * CHUNK, CHUNK, 12, &done, now);
         assert_eq!(s.done_bytes(), 9 * CHUNK, "every chunk on disk counts");
         connect_all(&mut s, 1, now);
         let reqs = requests(&drain(&mut s, now));
@@ -1065,17 +1087,17 @@ mod tests {
         // Pieces of 64 chunks of 16 KiB (1 MiB) at 64 KiB/s: 16 s, over the 2 s floor.
         let now = Instant::now();
         let cfg = SchedulerConfig {
-            piece_chunks: 64,
+            request_chunks: 64,
             ..config()
         };
-        let mut s = Scheduler::new(cfg, 256 * CHUNK, 256, &Bits::new(0), now);
+        let mut s = Scheduler::new(cfg, 256 * CHUNK, CHUNK, 256, &Bits::new(0), now);
         connect_all(&mut s, 2, now);
         let first = requests(&drain(&mut s, now));
         assert!(!first.is_empty());
         // Nothing completes: the deadline of a peer whose rate is unknown is the min-rate one.
-        assert_eq!(s.next_deadline(now), now + Duration::from_secs(16));
-        assert!(s.poll_timeouts(now + Duration::from_secs(15)).is_empty());
-        let cancels = s.poll_timeouts(now + Duration::from_secs(16));
+        assert_eq!(s.poll_timeout(now), now + Duration::from_secs(16));
+        assert!(timeouts(&mut s, now + Duration::from_secs(15)).is_empty());
+        let cancels = timeouts(&mut s, now + Duration::from_secs(16));
         assert_eq!(cancels.len(), first.len());
         // And nothing verified arrived meanwhile, whatever trickled in: no progress.
         assert_eq!(
@@ -1091,9 +1113,9 @@ mod tests {
         connect_all(&mut s, 1, now);
         let reqs = requests(&drain(&mut s, now));
         // Complete the second piece first: the prefix does not move past the gap.
-        s.on_success(reqs[1].0, now);
+        success(&mut s, reqs[1].0, now);
         assert_eq!(s.verified_prefix(), 0);
-        s.on_success(reqs[0].0, now);
+        success(&mut s, reqs[0].0, now);
         assert_eq!(s.verified_prefix(), 8 * CHUNK);
     }
 }

@@ -1,6 +1,5 @@
 //! [`StreamerConfig`]: every limit, deadline and cap of the serving side.
 
-use crate::macros::setting;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -53,86 +52,213 @@ impl Default for StreamerConfig {
 }
 
 impl StreamerConfig {
-    setting!(
-        /// UDP address to listen on (default `0.0.0.0:0`: every interface, a port the OS picks;
-        /// [`super::Streamer::local_addr`] tells which).
-        with_listen, listen: SocketAddr
-    );
-    setting!(
-        /// Most connections at once, authenticated or not (default 64). Beyond it, new ones
-        /// are refused before the handshake.
-        with_max_connections, max_connections: usize
-    );
-    setting!(
-        /// Most authenticated connections from one peer (default 4).
-        with_max_connections_per_peer, max_connections_per_peer: usize
-    );
-    setting!(
-        /// Most authenticated connections from one IP address (default 16): identities are
-        /// free, addresses less so.
-        with_max_connections_per_ip, max_connections_per_ip: usize
-    );
-    setting!(
-        /// Most connections from one IP address still in their handshake (default 4).
-        with_max_pending_per_ip, max_pending_per_ip: usize
-    );
-    setting!(
-        /// Once this many connections are in their handshake, a new one must first prove it can
-        /// receive at its address (a QUIC Retry) before the server does any work for it
-        /// (default 8).
-        with_retry_after_pending, retry_after_pending: usize
-    );
-    setting!(
-        /// Most concurrent requests (streams) per authenticated connection (default 32). Before
-        /// it proves the token, a connection may open only its handshake stream.
-        with_max_streams_per_connection, max_streams_per_connection: u32
-    );
-    setting!(
-        /// Largest chunk range served by one request, in bytes of data (default 8 MiB). Bounds
-        /// the memory one request can take.
-        with_max_request_bytes, max_request_bytes: u64
-    );
-    setting!(
-        /// Memory for responses being prepared and sent, across all connections (default
-        /// 32 MiB). Requests wait for their share, so memory stays bounded whatever the number of
-        /// clients.
-        with_response_memory, response_memory: u64
-    );
-    setting!(
-        /// QUIC send-buffer memory shared by every authenticated connection (default 64 MiB):
-        /// each gets an equal share as its send window, at most `transport.send_window` and at
-        /// least 256 KiB, rebalanced as connections come and go. Data handed to QUIC stays
-        /// buffered until acknowledged, so this, with `response_memory`, bounds what serving
-        /// holds whatever the number of clients.
-        with_send_memory, send_memory: u64
-    );
-    setting!(
-        /// Serving rate cap across all peers, bytes per second (default none).
-        with_rate_limit, rate_limit: Option<u64>
-    );
-    setting!(
-        /// Serving rate cap per peer, bytes per second (default none).
-        with_rate_limit_per_peer, rate_limit_per_peer: Option<u64>
-    );
-    setting!(
-        /// How long a new connection may take to finish its handshake and prove the token
-        /// (default 5 s).
-        with_auth_timeout, auth_timeout: Duration
-    );
-    setting!(
-        /// How long a request may take to arrive once its stream is open (default 10 s).
-        with_request_timeout, request_timeout: Duration
-    );
-    setting!(
-        /// How long one piece of a response (256 KiB) may wait for the client to take it
-        /// (default 10 s). A client that does not read loses its response memory and its
-        /// connection.
-        with_write_timeout, write_timeout: Duration
-    );
-    setting!(
-        /// QUIC transport settings.
-        with_transport, transport: TransportTuning
-    );
+    /// UDP address to listen on (default `0.0.0.0:0`: every interface, a port the OS picks;
+    /// [`super::Streamer::local_addr`] tells which).
+    pub fn with_listen(mut self, value: SocketAddr) -> Self {
+        self.listen = value;
+        self
+    }
+
+    /// UDP address to listen on (default `0.0.0.0:0`: every interface, a port the OS picks;
+    /// [`super::Streamer::local_addr`] tells which).
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// Most connections at once, authenticated or not (default 64). Beyond it, new ones
+    /// are refused before the handshake.
+    pub fn with_max_connections(mut self, value: usize) -> Self {
+        self.max_connections = value;
+        self
+    }
+
+    /// Most connections at once, authenticated or not (default 64). Beyond it, new ones
+    /// are refused before the handshake.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// Most authenticated connections from one peer (default 4).
+    pub fn with_max_connections_per_peer(mut self, value: usize) -> Self {
+        self.max_connections_per_peer = value;
+        self
+    }
+
+    /// Most authenticated connections from one peer (default 4).
+    pub fn max_connections_per_peer(&self) -> usize {
+        self.max_connections_per_peer
+    }
+
+    /// Most authenticated connections from one IP address (default 16): identities are
+    /// free, addresses less so.
+    pub fn with_max_connections_per_ip(mut self, value: usize) -> Self {
+        self.max_connections_per_ip = value;
+        self
+    }
+
+    /// Most authenticated connections from one IP address (default 16): identities are
+    /// free, addresses less so.
+    pub fn max_connections_per_ip(&self) -> usize {
+        self.max_connections_per_ip
+    }
+
+    /// Most connections from one IP address still in their handshake (default 4).
+    pub fn with_max_pending_per_ip(mut self, value: usize) -> Self {
+        self.max_pending_per_ip = value;
+        self
+    }
+
+    /// Most connections from one IP address still in their handshake (default 4).
+    pub fn max_pending_per_ip(&self) -> usize {
+        self.max_pending_per_ip
+    }
+
+    /// Once this many connections are in their handshake, a new one must first prove it can
+    /// receive at its address (a QUIC Retry) before the server does any work for it
+    /// (default 8).
+    pub fn with_retry_after_pending(mut self, value: usize) -> Self {
+        self.retry_after_pending = value;
+        self
+    }
+
+    /// Once this many connections are in their handshake, a new one must first prove it can
+    /// receive at its address (a QUIC Retry) before the server does any work for it
+    /// (default 8).
+    pub fn retry_after_pending(&self) -> usize {
+        self.retry_after_pending
+    }
+
+    /// Most concurrent requests (streams) per authenticated connection (default 32). Before
+    /// it proves the token, a connection may open only its handshake stream.
+    pub fn with_max_streams_per_connection(mut self, value: u32) -> Self {
+        self.max_streams_per_connection = value;
+        self
+    }
+
+    /// Most concurrent requests (streams) per authenticated connection (default 32). Before
+    /// it proves the token, a connection may open only its handshake stream.
+    pub fn max_streams_per_connection(&self) -> u32 {
+        self.max_streams_per_connection
+    }
+
+    /// Largest chunk range served by one request, in bytes of data (default 8 MiB). Bounds
+    /// the memory one request can take.
+    pub fn with_max_request_bytes(mut self, value: u64) -> Self {
+        self.max_request_bytes = value;
+        self
+    }
+
+    /// Largest chunk range served by one request, in bytes of data (default 8 MiB). Bounds
+    /// the memory one request can take.
+    pub fn max_request_bytes(&self) -> u64 {
+        self.max_request_bytes
+    }
+
+    /// Memory for responses being prepared and sent, across all connections (default
+    /// 32 MiB). Requests wait for their share, so memory stays bounded whatever the number of
+    /// clients.
+    pub fn with_response_memory(mut self, value: u64) -> Self {
+        self.response_memory = value;
+        self
+    }
+
+    /// Memory for responses being prepared and sent, across all connections (default
+    /// 32 MiB). Requests wait for their share, so memory stays bounded whatever the number of
+    /// clients.
+    pub fn response_memory(&self) -> u64 {
+        self.response_memory
+    }
+
+    /// QUIC send-buffer memory shared by every authenticated connection (default 64 MiB):
+    /// each gets an equal share as its send window, at most `transport.send_window` and at
+    /// least 256 KiB, rebalanced as connections come and go. Data handed to QUIC stays
+    /// buffered until acknowledged, so this, with `response_memory`, bounds what serving
+    /// holds whatever the number of clients.
+    pub fn with_send_memory(mut self, value: u64) -> Self {
+        self.send_memory = value;
+        self
+    }
+
+    /// QUIC send-buffer memory shared by every authenticated connection (default 64 MiB):
+    /// each gets an equal share as its send window, at most `transport.send_window` and at
+    /// least 256 KiB, rebalanced as connections come and go. Data handed to QUIC stays
+    /// buffered until acknowledged, so this, with `response_memory`, bounds what serving
+    /// holds whatever the number of clients.
+    pub fn send_memory(&self) -> u64 {
+        self.send_memory
+    }
+
+    /// Serving rate cap across all peers, bytes per second (default none).
+    pub fn with_rate_limit(mut self, value: Option<u64>) -> Self {
+        self.rate_limit = value;
+        self
+    }
+
+    /// Serving rate cap across all peers, bytes per second (default none).
+    pub fn rate_limit(&self) -> Option<u64> {
+        self.rate_limit
+    }
+
+    /// Serving rate cap per peer, bytes per second (default none).
+    pub fn with_rate_limit_per_peer(mut self, value: Option<u64>) -> Self {
+        self.rate_limit_per_peer = value;
+        self
+    }
+
+    /// Serving rate cap per peer, bytes per second (default none).
+    pub fn rate_limit_per_peer(&self) -> Option<u64> {
+        self.rate_limit_per_peer
+    }
+
+    /// How long a new connection may take to finish its handshake and prove the token
+    /// (default 5 s).
+    pub fn with_auth_timeout(mut self, value: Duration) -> Self {
+        self.auth_timeout = value;
+        self
+    }
+
+    /// How long a new connection may take to finish its handshake and prove the token
+    /// (default 5 s).
+    pub fn auth_timeout(&self) -> Duration {
+        self.auth_timeout
+    }
+
+    /// How long a request may take to arrive once its stream is open (default 10 s).
+    pub fn with_request_timeout(mut self, value: Duration) -> Self {
+        self.request_timeout = value;
+        self
+    }
+
+    /// How long a request may take to arrive once its stream is open (default 10 s).
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// How long one piece of a response (256 KiB) may wait for the client to take it
+    /// (default 10 s). A client that does not read loses its response memory and its
+    /// connection.
+    pub fn with_write_timeout(mut self, value: Duration) -> Self {
+        self.write_timeout = value;
+        self
+    }
+
+    /// How long one piece of a response (256 KiB) may wait for the client to take it
+    /// (default 10 s). A client that does not read loses its response memory and its
+    /// connection.
+    pub fn write_timeout(&self) -> Duration {
+        self.write_timeout
+    }
+
+    /// QUIC transport settings.
+    pub fn with_transport(mut self, value: TransportTuning) -> Self {
+        self.transport = value;
+        self
+    }
+
+    /// QUIC transport settings.
+    pub fn transport(&self) -> TransportTuning {
+        self.transport
+    }
 
     /// Checks the values.
     pub fn validate(&self) -> Result<(), ConfigError> {

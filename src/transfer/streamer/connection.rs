@@ -8,7 +8,7 @@ use libp2p::PeerId;
 use quinn::VarInt;
 use tokio::task::JoinSet;
 
-use super::{PeerSlot, ServeError, Shared, Slot, serve};
+use super::{PeerUsage, ServeError, Shared, Slot, serve};
 use crate::metrics::RefusedReason;
 use crate::proto;
 use crate::transfer::STREAMER_TARGET;
@@ -165,7 +165,7 @@ async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, refusal: 
 /// Registers a connection of `peer`; `None` when it has too many.
 fn enter_peer(shared: &Shared, peer: PeerId) -> Option<Option<Arc<ByteLimiter>>> {
     let mut peers = shared.per_peer.lock().unwrap_or_else(|p| p.into_inner());
-    let slot = peers.entry(peer).or_insert_with(|| PeerSlot {
+    let slot = peers.entry(peer).or_insert_with(|| PeerUsage {
         connections: 0,
         limit: shared
             .config

@@ -82,7 +82,8 @@ struct IpSlot {
     authenticated: usize,
 }
 
-struct PeerSlot {
+/// What one peer uses of the streamer: its connections and its rate limiter.
+struct PeerUsage {
     connections: usize,
     limit: Option<Arc<ByteLimiter>>,
 }
@@ -101,7 +102,7 @@ pub(crate) struct Shared {
     /// Connections still in their handshake.
     pending: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, IpSlot>>,
-    per_peer: Mutex<HashMap<PeerId, PeerSlot>>,
+    per_peer: Mutex<HashMap<PeerId, PeerUsage>>,
     global_limit: Option<ByteLimiter>,
     sources: Mutex<Vec<OpenSource>>,
     /// Authenticated connections, each with its share of `send_memory` as its send window.
@@ -350,7 +351,7 @@ pub(crate) enum ServeError {
     #[error("no handshake and token proof within the auth timeout")]
     AuthTimeout,
     #[error("frame: {0}")]
-    Frame(#[from] super::FrameError),
+    Frame(#[from] crate::frame::FrameError),
     #[error("write: {0}")]
     Write(#[from] quinn::WriteError),
     #[error("stream closed: {0}")]

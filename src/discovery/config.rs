@@ -1,0 +1,277 @@
+//! [`DiscoveryConfig`]: how often a node asks, how long it listens, whom it answers, when it
+//! gives up on a peer or a snapshot.
+
+use std::time::Duration;
+
+use super::message::AdvertLimits;
+use super::policy::TrustPolicy;
+use crate::config_error::ConfigError;
+
+/// Settings of discovery and decision (a part of [`crate::Config`]). Values are checked when
+/// the behaviour is built.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct DiscoveryConfig {
+    pub(crate) discovery_interval: Duration,
+    pub(crate) answer_window: Duration,
+    pub(crate) behind_threshold: u64,
+    pub(crate) announce_window: Duration,
+    pub(crate) announce_delay: Duration,
+    pub(crate) announce_redundancy: u32,
+    pub(crate) answer_cooldown: Duration,
+    pub(crate) min_request_interval: Duration,
+    pub(crate) max_strikes: u32,
+    pub(crate) max_message_bytes: usize,
+    pub(crate) limits: AdvertLimits,
+    pub(crate) sync_enabled: bool,
+    pub(crate) failed_cooldown: Duration,
+    pub(crate) max_tracked_peers: usize,
+    pub(crate) dial_budget: u32,
+    pub(crate) max_direct_asks: usize,
+    /// Set from [`crate::Config::with_trust`], where the trust settings live.
+    pub(crate) policy: TrustPolicy,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            discovery_interval: Duration::from_secs(30),
+            answer_window: Duration::from_secs(1),
+            behind_threshold: 100,
+            announce_window: Duration::from_secs(60),
+            announce_delay: Duration::from_secs(1),
+            announce_redundancy: 3,
+            answer_cooldown: Duration::from_secs(1),
+            min_request_interval: Duration::from_millis(500),
+            max_strikes: 5,
+            max_message_bytes: 16 << 10,
+            limits: AdvertLimits {
+                max_archive_bytes: 1 << 40,
+                max_chunks: 1 << 26,
+            },
+            sync_enabled: true,
+            failed_cooldown: Duration::from_secs(600),
+            max_tracked_peers: 4096,
+            dial_budget: 16,
+            max_direct_asks: 16,
+            policy: TrustPolicy::default(),
+        }
+    }
+}
+
+impl DiscoveryConfig {
+    /// Sets how often the node checks whether it needs a snapshot (default 30 s; the first
+    /// check is right after start).
+    pub fn with_discovery_interval(mut self, interval: Duration) -> Self {
+        self.discovery_interval = interval;
+        self
+    }
+
+    /// How often the node checks whether it needs a snapshot.
+    pub fn discovery_interval(&self) -> Duration {
+        self.discovery_interval
+    }
+
+    /// Sets how long answers are collected before the choice is made (default 1 s): long
+    /// enough for holders a few round trips away, short enough not to delay a sync.
+    pub fn with_answer_window(mut self, window: Duration) -> Self {
+        self.answer_window = window;
+        self
+    }
+
+    /// How long answers are collected before the choice is made.
+    pub fn answer_window(&self) -> Duration {
+        self.answer_window
+    }
+
+    /// Sets how far behind the newest snapshot it knows of (or the chain's tip) a node's
+    /// state may be before it syncs, in slots (default 100). An empty DB always syncs.
+    pub fn with_behind_threshold(mut self, slots: u64) -> Self {
+        self.behind_threshold = slots;
+        self
+    }
+
+    /// How far behind a node's state may be before it syncs, in slots.
+    pub fn behind_threshold(&self) -> u64 {
+        self.behind_threshold
+    }
+
+    /// Sets whether the node downloads snapshots itself (default true). A node that only
+    /// serves turns this off.
+    pub fn with_sync_enabled(mut self, enabled: bool) -> Self {
+        self.sync_enabled = enabled;
+        self
+    }
+
+    /// Whether the node downloads snapshots itself.
+    pub fn sync_enabled(&self) -> bool {
+        self.sync_enabled
+    }
+
+    /// Sets the window in which nodes that asked count as waiting (default 60 s): a snapshot
+    /// made or loaded meanwhile is announced on the topic. A node that asked within it and
+    /// heard of nothing newer knows it is current.
+    pub fn with_announce_window(mut self, window: Duration) -> Self {
+        self.announce_window = window;
+        self
+    }
+
+    /// The window in which nodes that asked count as waiting.
+    pub fn announce_window(&self) -> Duration {
+        self.announce_window
+    }
+
+    /// Sets the longest random delay before an announcement (default 1 s), so that when many
+    /// nodes make the same snapshot, a few announce it.
+    pub fn with_announce_delay(mut self, delay: Duration) -> Self {
+        self.announce_delay = delay;
+        self
+    }
+
+    /// The longest random delay before an announcement.
+    pub fn announce_delay(&self) -> Duration {
+        self.announce_delay
+    }
+
+    /// Sets how many announcements of the same snapshot, heard during the delay, make this
+    /// node's own unnecessary (default 3).
+    pub fn with_announce_redundancy(mut self, announcements: u32) -> Self {
+        self.announce_redundancy = announcements;
+        self
+    }
+
+    /// How many announcements heard make this node's own unnecessary.
+    pub fn announce_redundancy(&self) -> u32 {
+        self.announce_redundancy
+    }
+
+    /// Sets the shortest time between two answers to the same requester (default 1 s).
+    pub fn with_answer_cooldown(mut self, cooldown: Duration) -> Self {
+        self.answer_cooldown = cooldown;
+        self
+    }
+
+    /// The shortest time between two answers to the same requester.
+    pub fn answer_cooldown(&self) -> Duration {
+        self.answer_cooldown
+    }
+
+    /// Sets the shortest time between two requests of this node (default 500 ms).
+    pub fn with_min_request_interval(mut self, interval: Duration) -> Self {
+        self.min_request_interval = interval;
+        self
+    }
+
+    /// The shortest time between two requests of this node.
+    pub fn min_request_interval(&self) -> Duration {
+        self.min_request_interval
+    }
+
+    /// Sets how many bad messages make a peer ignored (default 5).
+    pub fn with_max_strikes(mut self, strikes: u32) -> Self {
+        self.max_strikes = strikes;
+        self
+    }
+
+    /// How many bad messages make a peer ignored.
+    pub fn max_strikes(&self) -> u32 {
+        self.max_strikes
+    }
+
+    /// Sets the largest discovery message accepted (default 16 KiB; gossipsub's limit too).
+    pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
+        self.max_message_bytes = bytes;
+        self
+    }
+
+    /// The largest discovery message accepted.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+
+    /// Sets the largest archive an advertisement may claim (default 1 TiB); larger claims are
+    /// refused as malformed.
+    pub fn with_max_archive_bytes(mut self, bytes: u64) -> Self {
+        self.limits.max_archive_bytes = bytes;
+        self
+    }
+
+    /// The largest archive an advertisement may claim.
+    pub fn max_archive_bytes(&self) -> u64 {
+        self.limits.max_archive_bytes
+    }
+
+    /// Sets how long a snapshot that failed to download or load is not chosen again (default
+    /// 10 min).
+    pub fn with_failed_cooldown(mut self, cooldown: Duration) -> Self {
+        self.failed_cooldown = cooldown;
+        self
+    }
+
+    /// How long a snapshot that failed is not chosen again.
+    pub fn failed_cooldown(&self) -> Duration {
+        self.failed_cooldown
+    }
+
+    /// Sets how many dials per discovery interval this node makes to answer requesters it is
+    /// not connected to (default 16); beyond it, those get their answers from others.
+    pub fn with_dial_budget(mut self, dials: u32) -> Self {
+        self.dial_budget = dials;
+        self
+    }
+
+    /// How many dials per interval this node makes to answer requesters.
+    pub fn dial_budget(&self) -> u32 {
+        self.dial_budget
+    }
+
+    /// Sets how many peers each table remembers (adverts, strikes, cooldowns; default 4096).
+    /// Identities are free: every table has a bound.
+    pub fn with_max_tracked_peers(mut self, peers: usize) -> Self {
+        self.max_tracked_peers = peers;
+        self
+    }
+
+    /// How many peers each table remembers.
+    pub fn max_tracked_peers(&self) -> usize {
+        self.max_tracked_peers
+    }
+
+    /// Sets how many connected peers not on the topic a round asks directly (default 16).
+    pub fn with_max_direct_asks(mut self, peers: usize) -> Self {
+        self.max_direct_asks = peers;
+        self
+    }
+
+    /// How many connected peers not on the topic a round asks directly.
+    pub fn max_direct_asks(&self) -> usize {
+        self.max_direct_asks
+    }
+
+    /// Checks the values.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        ConfigError::nonzero_duration("discovery_interval", self.discovery_interval)?;
+        ConfigError::nonzero_duration("answer_window", self.answer_window)?;
+        ConfigError::nonzero_duration("announce_window", self.announce_window)?;
+        ConfigError::nonzero_duration("failed_cooldown", self.failed_cooldown)?;
+        ConfigError::nonzero("max_strikes", u64::from(self.max_strikes))?;
+        ConfigError::nonzero("announce_redundancy", u64::from(self.announce_redundancy))?;
+        ConfigError::nonzero("max_tracked_peers", self.max_tracked_peers as u64)?;
+        ConfigError::nonzero("max_archive_bytes", self.limits.max_archive_bytes)?;
+        if self.max_message_bytes < 1024 {
+            return Err(ConfigError::new(
+                "max_message_bytes",
+                "at least 1024",
+                self.max_message_bytes,
+            ));
+        }
+        if self.answer_window > self.discovery_interval {
+            return Err(ConfigError::new(
+                "answer_window",
+                "no longer than discovery_interval",
+                self.answer_window,
+            ));
+        }
+        self.policy.validate()
+    }
+}
