@@ -9,7 +9,16 @@
 //! It reports the aggregate rate against the lone client's, every client's share while all are
 //! active (its rate over the window from the moment the last one received its first byte until
 //! the first one finished, as a ratio to the mean), and the streamer's peak RSS (it runs as its
-//! own process; the parent reads its `VmHWM`). Every download must complete exactly. The last line printed is one JSON object.
+//! own process; the parent reads its `VmHWM`). Every download must complete exactly.
+//!
+//! Two cases of attack follow. **Held slots**: 64 connections under fresh identities, from
+//! four more addresses, prove the token (none is set), keep themselves alive and never ask for
+//! anything, or ask and never read; then an honest downloader, allowed one failure, must be
+//! served at its first try. **Crafted archive**: a loader (its own process) reads an archive
+//! whose first record is 64 MiB of random bytes and whose next 32 are 64 MiB each of one
+//! repeated byte in zstd RLE blocks (about a kilobyte each on the wire), declared as holding
+//! one record: the decoding threads race ahead while the first is written; the loader's peak
+//! memory is reported against its decode budget. The last line printed is one JSON object.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -51,6 +60,167 @@ async fn serve(store: &Path) {
         .unwrap();
     // The parent reads this process's peak memory from /proc before closing the pipe.
     drop(s);
+}
+
+/// The crafted-archive role: loads `--archive` (described by `--manifest`) into a fresh DB
+/// and reports how it ended.
+fn load_crafted(archive: &Path, manifest: &Path, db: &Path) {
+    let m = Manifest::decode(&std::fs::read(manifest).unwrap()).unwrap();
+    let db = snapsync::db::LmdbState::open(db).unwrap();
+    let err = snapsync::snapshot::load_snapshot(&db, archive, &m).unwrap_err();
+    println!("{{\"error\":\"{}\"}}", err.to_string().replace('"', "'"));
+    std::io::stdout().flush().unwrap();
+    std::io::copy(&mut std::io::stdin(), &mut std::io::sink()).unwrap();
+}
+
+/// A zstd frame of one record: a 4-byte key and `value`, or `len` copies of one byte in RLE
+/// blocks when `value` is `None`.
+fn record_frame(key: &[u8; 4], value: Option<&[u8]>, len: usize) -> Vec<u8> {
+    let mut head = Vec::new();
+    head.extend_from_slice(&4u32.to_le_bytes());
+    head.extend_from_slice(key);
+    head.extend_from_slice(&(len as u32).to_le_bytes());
+    let mut f = vec![0x28, 0xB5, 0x2F, 0xFD, 0xE0];
+    f.extend_from_slice(&((head.len() + len) as u64).to_le_bytes());
+    let block = |f: &mut Vec<u8>, last: bool, kind: u32, size: usize| {
+        let h = u32::from(last) | kind << 1 | (size as u32) << 3;
+        f.extend_from_slice(&h.to_le_bytes()[..3]);
+    };
+    block(&mut f, false, 0, head.len());
+    f.extend_from_slice(&head);
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(128 << 10);
+        let last = at + n == len;
+        match value {
+            Some(v) => {
+                block(&mut f, last, 0, n);
+                f.extend_from_slice(&v[at..at + n]);
+            }
+            None => {
+                block(&mut f, last, 1, n);
+                f.push(b'x');
+            }
+        }
+        at += n;
+    }
+    f
+}
+
+/// Writes the crafted archive and its manifest into `dir`; returns their paths.
+fn craft(dir: &Path) -> (PathBuf, PathBuf) {
+    const VALUE: usize = 64 << 20;
+    let mut archive = Vec::new();
+    // The header frame (docs/FORMAT.md section 2): a full archive at slot 1, in one raw block.
+    let mut header = b"SNAPSYNC".to_vec();
+    header.extend_from_slice(&2u32.to_le_bytes());
+    header.push(0);
+    header.extend_from_slice(&1u64.to_le_bytes());
+    header.extend_from_slice(&1u64.to_le_bytes());
+    header.extend_from_slice(&[0; 32]);
+    archive.extend_from_slice(&[0x28, 0xB5, 0x2F, 0xFD, 0x20, header.len() as u8]);
+    archive.extend_from_slice(&(1 | (header.len() as u32) << 3).to_le_bytes()[..3]);
+    archive.extend_from_slice(&header);
+    let mut random = vec![0u8; VALUE];
+    blake3::Hasher::new()
+        .update(b"slow")
+        .finalize_xof()
+        .fill(&mut random);
+    archive.extend(record_frame(b"k001", Some(&random), VALUE));
+    for i in 2..34u32 {
+        let key = format!("k{i:03}");
+        archive.extend(record_frame(
+            key.as_bytes().try_into().unwrap(),
+            None,
+            VALUE,
+        ));
+    }
+    let path = dir.join("crafted.zst");
+    std::fs::write(&path, &archive).unwrap();
+    let root = snapsync::ContentRoot::from(blake3::hash(&archive));
+    let m = Manifest {
+        format_version: snapsync::snapshot::FORMAT_VERSION,
+        slot: 1,
+        bank_hash: snapsync::BankHash([0; 32]),
+        content_root: root,
+        archive_size: archive.len() as u64,
+        chunk_size: snapsync::ChunkSize::DEFAULT,
+        created_unix_ms: 0,
+        entry_count: 1,
+        state_bytes: 34 * VALUE as u64,
+        zstd_level: 1,
+        kind: snapsync::SnapshotKind::Full,
+        base: None,
+        zstd_version: 0,
+    };
+    let manifest = dir.join("crafted.pb");
+    std::fs::write(&manifest, m.encode()).unwrap();
+    (path, manifest)
+}
+
+/// A connection that proves the token (none is set) under a fresh identity and then holds its
+/// slot: keeps itself alive, asks for nothing.
+async fn hold_slot(endpoint: &quinn::Endpoint, peer: PeerAddr) -> quinn::Connection {
+    use prost::Message;
+    let keypair = Keypair::generate_ed25519();
+    let mut tls = libp2p_tls::make_client_config(&keypair, Some(peer.peer_id)).unwrap();
+    tls.alpn_protocols = vec![b"snapsync/chunks/2".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    config.transport_config(std::sync::Arc::new(t));
+    let conn = endpoint
+        .connect_with(config, peer.addr, "snapsync")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = snapsync::proto::Hello {
+        protocol_version: 2,
+        proof: Default::default(),
+    };
+    let mut frame = (hello.encoded_len() as u32).to_be_bytes().to_vec();
+    hello.encode(&mut frame).unwrap();
+    send.write_all(&frame).await.unwrap();
+    send.finish().unwrap();
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await.unwrap();
+    conn
+}
+
+/// Holds every connection slot of the streamer, then has an honest downloader (allowed one
+/// failure) fetch: whether it was served at its first try, and in how long.
+async fn held_slots(dir: &Path, peer: PeerAddr, m: &Manifest) -> (bool, f64, usize) {
+    let mut held = Vec::new();
+    for host in 0..4u8 {
+        let bind: SocketAddr = format!("127.0.1.{}:0", 2 + host).parse().unwrap();
+        let endpoint = quinn::Endpoint::client(bind).unwrap();
+        for _ in 0..16 {
+            held.push(hold_slot(&endpoint, peer).await);
+        }
+    }
+    // Past the grace a connection is given before it can be judged.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let store = dir.join("held-slots-client");
+    let d = Downloader::new(
+        Keypair::generate_ed25519(),
+        SnapshotStore::open(&store).unwrap(),
+        DownloadConfig::default()
+            .with_bind("127.0.1.10:0".parse().unwrap())
+            .with_max_peer_failures(1),
+        None,
+        Metrics::new(),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let got = d
+        .download(DownloadTarget::from_manifest(m), vec![peer])
+        .await;
+    let secs = started.elapsed().as_secs_f64();
+    let closed = held.iter().filter(|c| c.close_reason().is_some()).count();
+    let _ = std::fs::remove_dir_all(&store);
+    (got.is_ok(), secs, closed)
 }
 
 /// What one round measured.
@@ -154,6 +324,11 @@ fn main() {
         rt.block_on(serve(&PathBuf::from(arg("--store").unwrap())));
         return;
     }
+    if arg("--role").as_deref() == Some("load") {
+        let path = |name: &str| PathBuf::from(arg(name).unwrap());
+        load_crafted(&path("--archive"), &path("--manifest"), &path("--db"));
+        return;
+    }
     let clients: usize = arg("--clients").map_or(32, |c| c.parse().unwrap());
     let size_mib: u64 = arg("--mib").map_or(32, |m| m.parse().unwrap());
     assert!((1..=250).contains(&clients), "--clients 1..=250");
@@ -173,8 +348,31 @@ fn main() {
     support::quiesce();
     let all = rt.block_on(round(tmp.path(), clients, peer, &m));
     let server_peak = peak_rss_mib(server.id());
+    support::quiesce();
+    let (first_try, held_secs, evicted) = rt.block_on(held_slots(tmp.path(), peer, &m));
     drop(server.stdin.take());
     let _ = server.wait();
+    // The crafted archive, loaded by a process of its own.
+    let (archive, manifest) = craft(tmp.path());
+    let db = tmp.path().join("crafted-db");
+    let (mut loader, lines) = support::start_server(
+        &[
+            "--role",
+            "load",
+            "--archive",
+            archive.to_str().unwrap(),
+            "--manifest",
+            manifest.to_str().unwrap(),
+            "--db",
+            db.to_str().unwrap(),
+        ],
+        1,
+    );
+    let loader_peak = peak_rss_mib(loader.id());
+    drop(loader.stdin.take());
+    let _ = loader.wait();
+    let crafted_error = support::text(&lines[0], "error");
+    let budget_mib = mib(snapsync::snapshot::LoadLimits::default().decode_memory());
 
     let alone_rate = mib(m.archive_size) / alone.secs;
     let aggregate = mib(m.archive_size * clients as u64) / all.secs;
@@ -202,7 +400,19 @@ fn main() {
     );
     println!("streamer peak RSS: {server_peak:.0} MiB ({rss_idle:.0} MiB idle)");
     println!(
-        "{{\"clients\":{clients},\"archive_mib\":{:.1},\"alone_mibs\":{alone_rate:.1},\"aggregate_mibs\":{aggregate:.1},\"all_secs\":{:.3},\"window_secs\":{:.3},\"share_min\":{min:.3},\"share_max\":{max:.3},\"within_25pct\":{within},\"server_peak_rss_mib\":{server_peak:.1},\"server_idle_rss_mib\":{rss_idle:.1}}}",
+        "held slots: 64 idle connections under fresh identities from 4 addresses; an honest downloader allowed one failure was {} in {held_secs:.2} s ({evicted} of the 64 closed to make room)",
+        if first_try {
+            "served at its first try"
+        } else {
+            "NOT served"
+        }
+    );
+    println!(
+        "crafted archive (33 x 64 MiB records, ~{} KiB on the wire, declared as 1 record): the loader stopped with \"{crafted_error}\"; its peak RSS {loader_peak:.0} MiB (decode budget {budget_mib:.0} MiB, plus a frame of 64 MiB being written and one being decoded)",
+        std::fs::metadata(&archive).map_or(0, |m| m.len() >> 10)
+    );
+    println!(
+        "{{\"clients\":{clients},\"archive_mib\":{:.1},\"alone_mibs\":{alone_rate:.1},\"aggregate_mibs\":{aggregate:.1},\"all_secs\":{:.3},\"window_secs\":{:.3},\"share_min\":{min:.3},\"share_max\":{max:.3},\"within_25pct\":{within},\"server_peak_rss_mib\":{server_peak:.1},\"server_idle_rss_mib\":{rss_idle:.1},\"held_slots_first_try\":{first_try},\"held_slots_secs\":{held_secs:.3},\"held_slots_evicted\":{evicted},\"crafted_loader_peak_rss_mib\":{loader_peak:.1},\"decode_budget_mib\":{budget_mib:.0}}}",
         mib(m.archive_size),
         all.secs,
         all.window_secs

@@ -14,12 +14,24 @@ use std::time::Duration;
 
 /// Makes a rename, creation or unlink in `dir` durable.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(test)]
+    if FAIL_DIR_SYNC.with(|f| f.replace(false)) {
+        return Err(io::Error::other(
+            "injected: the directory could not be synced",
+        ));
+    }
     let dir = if dir.as_os_str().is_empty() {
         Path::new(".")
     } else {
         dir
     };
     File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Makes this thread's next [`sync_dir`] fail (a test's injected fault).
+    pub(crate) static FAIL_DIR_SYNC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Writes `bytes` to `path` (created or truncated) and fsyncs the file.

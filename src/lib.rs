@@ -123,7 +123,9 @@ pub use chunk::size::{CHUNK_SIZE_ENV, ChunkSize, ChunkSizeError};
 pub use config_error::ConfigError;
 #[cfg(feature = "sim")]
 pub use discovery::sim;
-pub use discovery::{Advert, Conflict, DiscoveryConfig, SnapshotAd, SnapshotVerifier, TrustPolicy};
+pub use discovery::{
+    Advert, ChainClock, Conflict, DiscoveryConfig, SnapshotAd, SnapshotVerifier, TrustPolicy,
+};
 pub use hash::{BankHash, ContentRoot, DigestError};
 pub use metrics::Metrics;
 pub use snapshot::archive::SnapshotKind;

@@ -55,6 +55,10 @@ label_enum!(
         TooSlow => "too_slow",
         /// Asked to prove its address first (QUIC Retry), under load.
         Retry => "retry",
+        /// Closed to make room: it served least (idle or slow) when the streamer was full.
+        Evicted => "evicted",
+        /// Closed after opening no request for the idle limit.
+        Idle => "idle",
     }
 );
 

@@ -13,6 +13,7 @@ use common::wire::*;
 use common::*;
 use snapsync::ContentRoot;
 use snapsync::proto;
+use snapsync::snapshot::Manifest;
 use snapsync::transfer::{DownloadError, DownloadTarget, PeerAddr, StreamerConfig, Token};
 
 /// A raw client whose receive windows are small, so that a response it does not read blocks the
@@ -349,13 +350,7 @@ async fn a_fake_streamer_that_records_every_byte_never_sees_the_token() {
     let secret = "correct horse battery staple 2026";
     let (fake, addr, seen) = recording_server().await;
     let client = Node::new();
-    let target = DownloadTarget {
-        content_root: ContentRoot([9; 32]),
-        archive_size: 1 << 20,
-        chunk_size: snapsync::ChunkSize::DEFAULT,
-        slot: None,
-        bank_hash: None,
-    };
+    let target = DownloadTarget::new(ContentRoot([9; 32]), 1 << 20, snapsync::ChunkSize::DEFAULT);
     let err = downloader_token(&client, fast(), Some(Token::new(secret)))
         .download(
             target,
@@ -379,4 +374,212 @@ async fn a_fake_streamer_that_records_every_byte_never_sees_the_token() {
     );
     let key = blake3::derive_key("snapsync 2026-11 chunk stream token", secret.as_bytes());
     assert!(!contains(&key), "the key derived from it");
+}
+
+/// A copy of `snap` in a store of its own whose manifest says something else: `edit` changes
+/// it. (The store checks the files' sizes, not what the manifest claims.)
+fn doctored(snap: &snapsync::snapshot::Snapshot, edit: impl Fn(&mut Manifest)) -> Node {
+    let node = Node::holding(snap);
+    let held = node.store.get(&snap.manifest().content_root).unwrap();
+    let mut m = held.manifest().clone();
+    edit(&mut m);
+    std::fs::write(
+        held.dir().join(snapsync::snapshot::MANIFEST_FILE),
+        m.encode(),
+    )
+    .unwrap();
+    let store = snapsync::snapshot::SnapshotStore::open(node.store.dir()).unwrap();
+    Node { store, ..node }
+}
+
+/// Trust finding 6: the first peer's manifest was taken and published again without checking
+/// its kind, base or counts, so honest nodes spread a poisoned manifest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_that_differs_in_any_field_is_not_taken_nor_published() {
+    init_tracing();
+    let (server, snap) = Node::with_snapshot(512, 50, 31);
+    let honest = snap.manifest().clone();
+    let liars: Vec<(&str, Node)> = vec![
+        ("record counts", doctored(&snap, |m| m.entry_count = 1)),
+        (
+            "kind",
+            doctored(&snap, |m| {
+                m.kind = snapsync::SnapshotKind::Incremental;
+                m.base = Some(snapsync::Base {
+                    slot: 1,
+                    bank_hash: snapsync::BankHash([1; 32]),
+                    content_root: ContentRoot([1; 32]),
+                });
+            }),
+        ),
+    ];
+    let target = DownloadTarget::from_manifest(&honest);
+    for (what, liar) in &liars {
+        let streamer = serve(liar, StreamerConfig::default());
+        let client = Node::new();
+        let err = downloader(&client, fast())
+            .download(target, vec![peer(liar, &streamer)])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(what), "{what}: {err}");
+        assert!(client.store.list().is_empty(), "{what}: nothing published");
+    }
+    // With an honest peer beside the liars, the download completes and what is published is
+    // the manifest that was chosen.
+    let honest_streamer = serve(&server, StreamerConfig::default());
+    let liar_streamers: Vec<_> = liars
+        .iter()
+        .map(|(_, n)| serve(n, StreamerConfig::default()))
+        .collect();
+    let mut peers: Vec<PeerAddr> = liars
+        .iter()
+        .zip(&liar_streamers)
+        .map(|((_, n), s)| peer(n, s))
+        .collect();
+    peers.push(peer(&server, &honest_streamer));
+    let client = Node::new();
+    let got = downloader(&client, fast())
+        .download(target, peers)
+        .await
+        .unwrap();
+    assert_eq!(got.snapshot.manifest().entry_count, honest.entry_count);
+    assert_eq!(got.snapshot.manifest().kind, honest.kind);
+    assert_exact(&got, &snap, &client);
+}
+
+/// A copy of `snap` whose archive has a byte flipped in every chunk: any range it serves fails
+/// its check.
+fn corrupt(snap: &snapsync::snapshot::Snapshot) -> Node {
+    let node = Node::holding(snap);
+    let held = node.store.get(&snap.manifest().content_root).unwrap();
+    let mut bytes = std::fs::read(held.archive_path()).unwrap();
+    let chunk = snap.manifest().chunk_size.bytes() as usize;
+    for at in (0..bytes.len()).step_by(chunk) {
+        bytes[at] ^= 0xff;
+    }
+    std::fs::write(held.archive_path(), bytes).unwrap();
+    node
+}
+
+/// Trust finding 2: the first `max_peers` advertisers became the download's peers, so a few
+/// identities sending one bad chunk each failed the download though honest peers advertised it
+/// too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_banned_for_bad_chunks_are_replaced_by_the_others_that_advertise() {
+    init_tracing();
+    let (server, snap) = Node::with_snapshot(512, 50, 32);
+    let bad: Vec<Node> = (0..4).map(|_| corrupt(&snap)).collect();
+    let bad_streamers: Vec<_> = bad
+        .iter()
+        .map(|n| serve(n, StreamerConfig::default()))
+        .collect();
+    let honest = serve(&server, StreamerConfig::default());
+    // The liars come first and fill the download's four places; the honest peer comes last.
+    let mut peers: Vec<PeerAddr> = bad
+        .iter()
+        .zip(&bad_streamers)
+        .map(|(n, s)| peer(n, s))
+        .collect();
+    peers.push(peer(&server, &honest));
+    let client = Node::new();
+    let got = downloader(&client, fast().with_max_peers(4))
+        .download(DownloadTarget::from_manifest(snap.manifest()), peers)
+        .await
+        .unwrap();
+    assert_exact(&got, &snap, &client);
+    let from_honest = got
+        .per_peer
+        .iter()
+        .find(|(p, _)| *p == server.peer_id())
+        .map(|(_, b)| *b)
+        .unwrap_or(0);
+    assert_eq!(
+        from_honest,
+        snap.manifest().archive_size,
+        "every byte from the honest peer"
+    );
+}
+
+/// Trust finding 8: without a token anyone is admitted, and authenticated connections had no
+/// idle limit (the server kept them alive itself): 64 idle connections from four addresses
+/// refused every honest downloader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_holding_every_slot_make_room_for_an_honest_downloader() {
+    init_tracing();
+    let (server, snap) = Node::with_snapshot(1024, 50, 33);
+    let streamer = serve(&server, StreamerConfig::default());
+    // Four addresses, sixteen connections each (the per-address limit), each under a fresh
+    // identity: all 64 slots, kept alive by the clients and never asking for anything.
+    let mut held = Vec::new();
+    for host in 2..=5u8 {
+        let bind: SocketAddr = format!("127.0.0.{host}:0").parse().unwrap();
+        let endpoint = quinn::Endpoint::client(bind).unwrap();
+        for _ in 0..16 {
+            let idle = RawClient::with_endpoint(endpoint.clone());
+            let mut t = quinn::TransportConfig::default();
+            t.max_idle_timeout(Some(Duration::from_secs(30).try_into().unwrap()));
+            t.keep_alive_interval(Some(Duration::from_secs(1)));
+            held.push(
+                idle.hello_with(server.peer_id(), streamer.local_addr(), t)
+                    .await,
+            );
+        }
+    }
+    assert!(streamer.stats().connections_open >= 64);
+    // Past their grace, they serve nothing: the honest downloader is let in at its first try.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let bind: SocketAddr = "127.0.0.6:0".parse().unwrap();
+    let honest = RawClient::with_endpoint(quinn::Endpoint::client(bind).unwrap());
+    let conn = honest.hello(server.peer_id(), streamer.local_addr()).await;
+    conn.close(0u32.into(), b"");
+    let client = Node::new();
+    let got = fetch_from(
+        &client,
+        fast()
+            .with_bind("127.0.0.6:0".parse().unwrap())
+            .with_max_peer_failures(1),
+        snap.manifest(),
+        &server,
+        &streamer,
+    )
+    .await
+    .unwrap();
+    assert_exact(&got, &snap, &client);
+    assert_eq!(streamer.stats().refused_busy, 0, "nobody was refused");
+    drop(held);
+}
+
+/// Trust finding 5: a download trimmed every partial download but its own, so the incremental
+/// leg of a full + incremental sync deleted the full leg's partial under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_downloads_at_once_keep_each_others_partial_whatever_the_budget() {
+    init_tracing();
+    let (full_server, full) = Node::with_snapshot(2048, 50, 34);
+    let (inc_server, inc) = Node::with_snapshot(256, 60, 35);
+    // The first leg is slow (1 MiB/s), so the second starts while it is half-way.
+    let slow = serve(
+        &full_server,
+        StreamerConfig::default().with_rate_limit(Some(1 << 20)),
+    );
+    let quick = serve(&inc_server, StreamerConfig::default());
+    let client = Node::new();
+    let dl = downloader(&client, fast().with_partial_budget(0));
+    let first = dl.start(
+        DownloadTarget::from_manifest(full.manifest()),
+        vec![peer(&full_server, &slow)],
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let second = dl
+        .download(
+            DownloadTarget::from_manifest(inc.manifest()),
+            vec![peer(&inc_server, &quick)],
+        )
+        .await
+        .unwrap();
+    assert_exact(&second, &inc, &client);
+    let first = first.wait().await.unwrap();
+    assert_eq!(
+        std::fs::read(first.snapshot.archive_path()).unwrap(),
+        std::fs::read(full.archive_path()).unwrap()
+    );
 }

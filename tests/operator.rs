@@ -211,6 +211,27 @@ fn data_directory_mistakes_are_named() {
     }
 }
 
+/// Trust finding 10: a second `node --data-dir D` beside a running one ran, and both then
+/// failed every slot (and its open could delete an import in progress).
+#[test]
+fn a_second_node_on_a_data_directory_in_use_is_refused_at_once_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("node");
+    let (first, _addr) = slow_producer(&dir, &[]);
+    let started = Instant::now();
+    let mut second = Proc::start(&on_loopback(dir.to_str().unwrap(), &["--produce"]), "");
+    assert_eq!(second.exit_code(Duration::from_secs(20)), Some(2));
+    assert!(started.elapsed() < Duration::from_secs(10), "at once");
+    let err = second.stderr_text();
+    assert!(err.contains("in use by another process"), "{err}");
+    assert!(
+        err.contains(dir.to_str().unwrap()),
+        "names the directory: {err}"
+    );
+    // The first goes on making snapshots.
+    first.wait_event("snapshot_created");
+}
+
 fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -392,13 +392,11 @@ async fn child_download() {
     let var = |k: &str| std::env::var(k).expect("run by the parent test");
     let store = snapsync::snapshot::SnapshotStore::open(var("SNAPSYNC_CHILD_STORE")).unwrap();
     let keypair = libp2p::identity::Keypair::generate_ed25519();
-    let target = DownloadTarget {
-        content_root: var("SNAPSYNC_CHILD_ROOT").parse().unwrap(),
-        archive_size: var("SNAPSYNC_CHILD_SIZE").parse().unwrap(),
-        chunk_size: snapsync::ChunkSize::DEFAULT,
-        slot: None,
-        bank_hash: None,
-    };
+    let target = DownloadTarget::new(
+        var("SNAPSYNC_CHILD_ROOT").parse().unwrap(),
+        var("SNAPSYNC_CHILD_SIZE").parse().unwrap(),
+        snapsync::ChunkSize::DEFAULT,
+    );
     let peer = PeerAddr {
         peer_id: var("SNAPSYNC_CHILD_PEER").parse().unwrap(),
         addr: var("SNAPSYNC_CHILD_ADDR").parse().unwrap(),
@@ -422,11 +420,14 @@ async fn a_killed_downloader_resumes_where_it_was() {
         &server,
         StreamerConfig::default().with_rate_limit(Some(2_000_000)),
     );
-    let client = Node::new();
+    // The child has the client's store to itself (a store is one process's): the client opens
+    // it once the child is gone.
+    let client_dir = tempfile::tempdir().unwrap();
+    let client_store = client_dir.path().join("snapshots");
     let m = snap.manifest();
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["child_download", "--exact", "--ignored", "--nocapture"])
-        .env("SNAPSYNC_CHILD_STORE", client.store.dir())
+        .env("SNAPSYNC_CHILD_STORE", &client_store)
         .env("SNAPSYNC_CHILD_ROOT", m.content_root.to_hex())
         .env("SNAPSYNC_CHILD_SIZE", m.archive_size.to_string())
         .env("SNAPSYNC_CHILD_PEER", server.peer_id().to_string())
@@ -451,6 +452,12 @@ async fn a_killed_downloader_resumes_where_it_was() {
     );
 
     // Restart: only what was not yet durable is fetched again.
+    let client = Node {
+        db: snapsync::db::LmdbState::open(client_dir.path().join("state")).unwrap(),
+        store: snapsync::snapshot::SnapshotStore::open(&client_store).unwrap(),
+        keypair: libp2p::identity::Keypair::generate_ed25519(),
+        dir: client_dir,
+    };
     let got = fetch_from(&client, fast(), m, &server, &streamer)
         .await
         .unwrap();

@@ -170,3 +170,352 @@ async fn an_attacker_chain_racing_ahead_is_never_loaded() {
     // The forged advert was heard (the test would prove nothing otherwise).
     assert_eq!(heard_attacker, [true, true], "the attacker was not heard");
 }
+
+/// What one snapshot directory in a node's store is, once `edit` has rewritten its manifest
+/// (the store checks files' sizes, not what a manifest claims).
+fn doctor_manifest(store_dir: &std::path::Path, edit: impl Fn(&mut Manifest)) {
+    for entry in std::fs::read_dir(store_dir).unwrap() {
+        let dir = entry.unwrap().path();
+        let path = dir.join(snapsync::snapshot::MANIFEST_FILE);
+        if let Ok(bytes) = std::fs::read(&path) {
+            let mut m = Manifest::decode(&bytes).unwrap();
+            edit(&mut m);
+            std::fs::write(&path, m.encode()).unwrap();
+        }
+    }
+}
+
+/// Flips a byte in every chunk of every archive in a store: whatever range it serves fails.
+fn corrupt_archives(store_dir: &std::path::Path, chunk: usize) {
+    for entry in std::fs::read_dir(store_dir).unwrap() {
+        let path = entry.unwrap().path().join(snapsync::snapshot::ARCHIVE_FILE);
+        if let Ok(mut bytes) = std::fs::read(&path) {
+            for at in (0..bytes.len()).step_by(chunk) {
+                bytes[at] ^= 0xff;
+            }
+            std::fs::write(&path, bytes).unwrap();
+        }
+    }
+}
+
+/// Waits for `n` producers' snapshots at `slot`; returns one's manifest.
+async fn made_at(events: &mut Events, slot: u64, n: usize) -> Manifest {
+    let mut made = Vec::new();
+    while made.len() < n {
+        made.push(
+            events
+                .wait(LONG, "the snapshots", |_, e| match e {
+                    Ev::Snap(Event::SnapshotCreated { manifest }) if manifest.slot == slot => {
+                        Some(manifest.clone())
+                    }
+                    _ => None,
+                })
+                .await,
+        );
+    }
+    made.remove(0)
+}
+
+/// Trust finding 1: with the default policy, one peer's advert of a valid archive at a slot
+/// near `u64::MAX` replaced the live state of a producer whose sync is on, and every slot it
+/// committed after failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attacker_announcing_a_slot_near_the_end_of_time_does_not_replace_a_producers_state() {
+    init_tracing();
+    let mut events = Events::new();
+    // The attacker: a self-consistent snapshot of its own state at u64::MAX - 1.
+    let (adir, adb) = node_dir(0, 0, 0);
+    FORGED.commit(&adb, 1, 1024);
+    adb.commit_slot(u64::MAX - 1, |w| w.put(b"mine", b"now"))
+        .unwrap();
+    let cfg = serve_only(config(adir.path()));
+    let attacker = start_node(1, adir.clone(), adb, cfg, events.tx.clone()).await;
+    attacker.run(|s| s.behaviour_mut().snapsync.create_snapshot_now());
+    events
+        .wait(LONG, "the attacker's snapshot", |i, e| match e {
+            Ev::Snap(Event::SnapshotCreated { manifest }) if i == 1 => Some(manifest.slot),
+            _ => None,
+        })
+        .await;
+    // A producer executing the chain, sync on, default trust policy.
+    let (pdir, pdb) = node_dir(0, 0, 0);
+    let producer = start_node(0, pdir.clone(), pdb, config(pdir.path()), events.tx.clone()).await;
+    let mut chain = Running::start(HONEST, vec![producer.ctl()], 0, Duration::from_millis(20));
+    chain.reached(5).await;
+    producer.dial(attacker.addr.clone());
+    // Several rounds go by while the attacker answers every request (the producer asks every
+    // second here).
+    let asking = {
+        let p = producer.ctl();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                p.query(|s| s.behaviour_mut().snapsync.sync_now()).await;
+            }
+        })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    while tokio::time::Instant::now() < deadline {
+        let left = deadline - tokio::time::Instant::now();
+        let _ = tokio::time::timeout(
+            left,
+            events.wait(LONG, "", |i, e| match e {
+                Ev::Snap(Event::SnapshotFound { key, .. } | Event::DownloadStarted { key, .. })
+                    if i == 0 =>
+                {
+                    panic!(
+                        "the producer went for the attacker's snapshot at {}",
+                        key.slot
+                    )
+                }
+                Ev::Snap(Event::SnapshotSynced { slot, .. }) if i == 0 => {
+                    panic!("the producer loaded a snapshot at {slot}")
+                }
+                _ => None::<()>,
+            }),
+        )
+        .await;
+    }
+    let heard = producer
+        .query(move |s| {
+            s.behaviour()
+                .snapsync
+                .status()
+                .adverts
+                .iter()
+                .any(|a| a.newest().is_some_and(|n| n.key.slot == u64::MAX - 1))
+        })
+        .await;
+    assert!(heard, "the attacker's advert was heard");
+    asking.abort();
+    // Its state is its own and its slot loop goes on.
+    let now = chain.now();
+    chain.reached(now + 5).await;
+    assert!(producer.db.slot().unwrap().unwrap() >= now + 5);
+    assert!(producer.db.slot().unwrap().unwrap() < 1 << 32);
+}
+
+/// Trust finding 2: what an advert says beyond its key was taken from whichever advertiser's
+/// PeerId sorted first, its peers were the first 16 by PeerId, and a failure struck every
+/// advertiser, trusted ones included. One identity ground to sort first, advertising the
+/// trusted producers' snapshot with counts that cannot load and serving bad chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ground_identity_among_three_trusted_producers_cannot_stall_or_discredit_them() {
+    init_tracing();
+    let mut events = Events::new();
+    let mut producers = Vec::new();
+    for i in 0..3 {
+        let (dir, db) = node_dir(0, 0, 0);
+        let cfg = serve_only(config(dir.path()));
+        producers.push(start_node(i, dir.clone(), db, cfg, events.tx.clone()).await);
+    }
+    producers[0].dial(producers[1].addr.clone());
+    producers[1].dial(producers[2].addr.clone());
+    let chain = Running::start(
+        HONEST,
+        producers.iter().map(|p| p.ctl()).collect(),
+        0,
+        Duration::from_millis(20),
+    );
+    chain.stop_at(25);
+    let honest = made_at(&mut events, 20, 3).await;
+    // The attacker's identity sorts below every producer's.
+    let lowest = producers.iter().map(|p| p.peer_id).min().unwrap();
+    let key = loop {
+        let k = libp2p::identity::Keypair::generate_ed25519();
+        if k.public().to_peer_id() < lowest {
+            break k;
+        }
+    };
+    let (adir, adb) = node_dir(0, 0, 0);
+    let astore = adir.path().join("snapshots");
+    std::fs::create_dir_all(&astore).unwrap();
+    let held = producers[0]
+        .query(move |s| {
+            s.behaviour()
+                .snapsync
+                .store()
+                .get(&honest.content_root)
+                .unwrap()
+        })
+        .await;
+    common::copy_snapshot(&held, &astore);
+    doctor_manifest(&astore, |m| {
+        m.entry_count = 1;
+        m.state_bytes = u64::MAX / 4;
+    });
+    corrupt_archives(&astore, honest.chunk_size.bytes() as usize);
+    let attacker = start_node_keyed(
+        9,
+        adir.clone(),
+        adb,
+        serve_only(config(adir.path())),
+        events.tx.clone(),
+        key,
+    )
+    .await;
+    // A joiner that trusts the three producers, two of them needed.
+    let trusted: Vec<_> = producers.iter().map(|p| p.peer_id).collect();
+    let (jdir, jdb) = node_dir(0, 0, 0);
+    let cfg = config(jdir.path()).with_trusted_peers(trusted.clone(), 2);
+    let joiner = start_node(10, jdir.clone(), jdb, cfg, events.tx.clone()).await;
+    joiner.dial(attacker.addr.clone());
+    for p in &producers {
+        joiner.dial(p.addr.clone());
+    }
+    // It syncs the producers' snapshot within two rounds (the interval is 2 s), and strikes
+    // none of them.
+    let started = tokio::time::Instant::now();
+    let synced = events
+        .wait(
+            Duration::from_secs(20),
+            "the joiner's sync",
+            |i, e| match e {
+                Ev::Snap(Event::SnapshotSynced {
+                    slot, bank_hash, ..
+                }) if i == 10 => Some((*slot, *bank_hash)),
+                Ev::Snap(Event::PeerMisbehaved { peer, .. }) if i == 10 => {
+                    assert!(!trusted.contains(peer), "a trusted producer was struck");
+                    None
+                }
+                _ => None,
+            },
+        )
+        .await;
+    println!("synced {synced:?} after {:?}", started.elapsed());
+    assert_eq!(synced, (20, honest.bank_hash));
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "within two rounds"
+    );
+    let stored = joiner
+        .query(move |s| {
+            s.behaviour()
+                .snapsync
+                .store()
+                .get(&honest.content_root)
+                .unwrap()
+        })
+        .await;
+    assert_eq!(stored.manifest().entry_count, honest.entry_count);
+    assert_eq!(stored.manifest().state_bytes, honest.state_bytes);
+}
+
+/// Trust finding 3: with a pinned slot and bank hash but no content root, candidates were
+/// ranked by their advertisers, so an attacker announcing the pinned state under a fresh root
+/// from fresh identities after each failure kept the node from ever trying the honest root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_node_syncs_despite_an_attacker_rotating_fake_roots() {
+    init_tracing();
+    let mut events = Events::new();
+    let (pdir, pdb) = node_dir(0, 0, 0);
+    let producer = start_node(
+        0,
+        pdir.clone(),
+        pdb,
+        serve_only(config(pdir.path())),
+        events.tx.clone(),
+    )
+    .await;
+    let chain = Running::start(HONEST, vec![producer.ctl()], 0, Duration::from_millis(20));
+    chain.stop_at(25);
+    let honest = made_at(&mut events, 20, 1).await;
+    // A fake: another state at slot 20, its manifest claiming the pinned bank hash; two
+    // identities serve each fake root, one more than serve the honest one.
+    let fake = |n: u64| {
+        let (dir, db) = node_dir(0, 0, 0);
+        let chain = Chain {
+            seed: 1000 + n,
+            ..FORGED
+        };
+        for s in 1..=20 {
+            chain.commit(&db, s, 1024);
+        }
+        let store = snapsync::snapshot::SnapshotStore::open(dir.path().join("snapshots")).unwrap();
+        let view = db.view().unwrap();
+        snapsync::snapshot::create_snapshot(&store, view.as_ref(), &Default::default()).unwrap();
+        doctor_manifest(&dir.path().join("snapshots"), |m| {
+            m.bank_hash = honest.bank_hash
+        });
+        (dir, db)
+    };
+    let mut attackers = Vec::new();
+    let (fdir, _fdb) = fake(1);
+    for k in 0..2 {
+        attackers.push(serving_copy(&fdir, 20 + k, &events).await);
+    }
+    let pin = snapsync::TrustPolicy::TrustedSnapshot {
+        slot: 20,
+        bank_hash: honest.bank_hash,
+        content_root: None,
+    };
+    let (ndir, ndb) = node_dir(0, 0, 0);
+    let node = start_node(
+        10,
+        ndir.clone(),
+        ndb,
+        config(ndir.path()).with_trust(pin),
+        events.tx.clone(),
+    )
+    .await;
+    for a in &attackers {
+        node.dial(a.addr.clone());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    node.dial(producer.addr.clone());
+    // After each failure, a fresh root from fresh identities.
+    let started = tokio::time::Instant::now();
+    let mut round = 1;
+    let synced = loop {
+        let got = events
+            .wait(
+                Duration::from_secs(30),
+                "the pinned node's sync",
+                |i, e| match e {
+                    Ev::Snap(Event::SnapshotSynced {
+                        slot, bank_hash, ..
+                    }) if i == 10 => Some(Ok((*slot, *bank_hash))),
+                    Ev::Snap(Event::SyncFailed { .. }) if i == 10 => Some(Err(())),
+                    _ => None,
+                },
+            )
+            .await;
+        match got {
+            Ok(s) => break s,
+            Err(()) => {
+                round += 1;
+                assert!(round < 6, "never tried the honest root");
+                let (fdir, _fdb) = fake(round);
+                for k in 0..2 {
+                    let a = serving_copy(&fdir, 20 + 2 * round as usize + k, &events).await;
+                    node.dial(a.addr.clone());
+                    attackers.push(a);
+                }
+            }
+        }
+    };
+    println!(
+        "synced {synced:?} after {:?} and {round} tries",
+        started.elapsed()
+    );
+    assert_eq!(synced, (20, honest.bank_hash));
+    assert_eq!(node.db.slot().unwrap(), Some(20));
+}
+
+/// A node (empty DB, serving only) whose store holds a copy of the snapshots in `from`'s.
+async fn serving_copy(from: &tempfile::TempDir, index: usize, events: &Events) -> TestNode {
+    let (dir, db) = node_dir(0, 0, 0);
+    let store = dir.path().join("snapshots");
+    std::fs::create_dir_all(&store).unwrap();
+    for entry in std::fs::read_dir(from.path().join("snapshots")).unwrap() {
+        let snapshot = entry.unwrap().path();
+        let target = store.join(snapshot.file_name().unwrap());
+        std::fs::create_dir_all(&target).unwrap();
+        for file in std::fs::read_dir(&snapshot).unwrap() {
+            let file = file.unwrap();
+            std::fs::copy(file.path(), target.join(file.file_name())).unwrap();
+        }
+    }
+    let cfg = serve_only(config(dir.path()));
+    start_node(index, dir.clone(), db, cfg, events.tx.clone()).await
+}

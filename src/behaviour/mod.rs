@@ -38,7 +38,7 @@ use lru::LruCache;
 use self::protocols::{Protocols, ProtocolsEvent};
 use self::sync_job::{JobEvent, SyncJob};
 use crate::db::StateDb;
-use crate::discovery::{Action, Discovery, Local, Stage, SyncOutcome, Verdict};
+use crate::discovery::{Action, Discovery, Local, Plan, Stage, SyncOutcome, Verdict};
 use crate::log::DISCOVERY as TARGET;
 use crate::metrics::Metrics;
 use crate::proto;
@@ -107,6 +107,10 @@ pub struct Behaviour {
     downloader: Downloader,
     discovery: Discovery,
     job: Option<SyncJob>,
+    /// A cancelled job still stopping: no sync starts until it has (it may still hold the DB).
+    stopping: Option<tokio::task::JoinHandle<()>>,
+    /// A plan chosen while a cancelled job was stopping, started once it has.
+    deferred: Option<Plan>,
     creating: Vec<CreationTask>,
     events: std::collections::VecDeque<Event>,
     timer: Pin<Box<tokio::time::Sleep>>,
@@ -158,13 +162,14 @@ impl Behaviour {
         let creator = Creator::new(store.clone(), db.clone(), *config.creator());
         let (protocols, topic) = protocols::build(keypair, &config)?;
         let now = Instant::now();
-        let discovery = Discovery::new(
+        let mut discovery = Discovery::new(
             config.discovery_rules(),
             me,
             metrics.clone(),
             now,
             rand::random(),
         );
+        discovery.handle_wall_clock(crate::snapshot::now_unix_ms(), now);
         if config.trust().is_untrusted() && config.discovery().sync_enabled() {
             tracing::warn!(target: TARGET, policy = %config.trust().describe(), "no trust configured: any peer that advertises a snapshot alone (or with as many identities as required) can choose what this node loads");
         }
@@ -187,6 +192,8 @@ impl Behaviour {
             downloader,
             discovery,
             job: None,
+            stopping: None,
+            deferred: None,
             creating: Vec::new(),
             events: Default::default(),
             timer: Box::pin(tokio::time::sleep_until(now.into())),
@@ -243,7 +250,7 @@ impl Behaviour {
             phase: self.phase(),
             local_slot: self.db.slot().ok().flatten(),
             chain_tip: self.chain_tip,
-            best_known_slot: self.discovery.best_known_slot(),
+            best_known_slot: self.discovery.best_known_slot(Instant::now()),
             snapshots: self
                 .store
                 .list()
@@ -259,6 +266,7 @@ impl Behaviour {
     /// Call right after committing `slot` to the DB, before committing the next one: starts a
     /// background snapshot of the state at `slot` when one is due.
     pub fn on_slot(&mut self, slot: u64) {
+        self.discovery.handle_slot(slot, Instant::now());
         self.metrics
             .local_slot
             .set(slot.min(i64::MAX as u64) as i64);
@@ -294,7 +302,7 @@ impl Behaviour {
         if let Some(job) = self.job.take() {
             self.discovery
                 .handle_sync_ended(SyncOutcome::Cancelled, Instant::now());
-            tokio::spawn(job.cancel());
+            self.stopping = Some(tokio::spawn(job.cancel()));
         }
     }
 
@@ -303,11 +311,16 @@ impl Behaviour {
     /// swarm's own connections are the owner's to close.
     pub fn shutdown(&mut self) -> impl std::future::Future<Output = ()> + Send + use<> {
         let job = self.job.take();
+        let stopping = self.stopping.take();
+        self.deferred = None;
         let streamer = self.streamer.close();
         let downloader = self.downloader.clone();
         async move {
             if let Some(job) = job {
                 job.cancel().await;
+            }
+            if let Some(stopping) = stopping {
+                let _ = stopping.await;
             }
             downloader.close().await;
             streamer.await;
@@ -356,6 +369,7 @@ impl Behaviour {
             slot,
             snapshots,
             modified_time,
+            chunk_size: Some(self.config.creator().options().chunk_size()),
         });
     }
 
@@ -420,19 +434,7 @@ impl Behaviour {
                     addrs,
                 );
             }
-            Action::StartSync(plan) => {
-                self.metrics.syncs_started.inc();
-                let ips = &mut self.peer_ips;
-                let mut peers = |peer: PeerId, addrs: &[SocketAddr]| peer_addr(ips, peer, addrs);
-                let job = SyncJob::start(
-                    &plan,
-                    &self.downloader,
-                    self.db.clone(),
-                    *self.config.load_limits(),
-                    &mut peers,
-                );
-                self.job = Some(job);
-            }
+            Action::StartSync(plan) => self.start_sync(plan),
             Action::AddSyncPeer { key, peer, addrs } => {
                 if let Some(addr) = peer_addr(&mut self.peer_ips, peer, &addrs)
                     && let Some(job) = &mut self.job
@@ -449,6 +451,45 @@ impl Behaviour {
                 self.refresh_local();
             }
             Action::Notice(notice) => self.push_event(notice.into()),
+        }
+    }
+
+    /// Starts syncing `plan`, once a cancelled job has stopped.
+    fn start_sync(&mut self, plan: Plan) {
+        if self.stopping.as_ref().is_some_and(|t| !t.is_finished()) {
+            self.deferred = Some(plan);
+            return;
+        }
+        self.stopping = None;
+        self.metrics.syncs_started.inc();
+        let ips = &mut self.peer_ips;
+        let mut peers = |peer: PeerId, addrs: &[SocketAddr]| peer_addr(ips, peer, addrs);
+        let job = SyncJob::start(
+            &plan,
+            &self.downloader,
+            self.db.clone(),
+            self.store.clone(),
+            *self.config.load_limits(),
+            &mut peers,
+        );
+        self.job = Some(job);
+    }
+
+    /// A cancelled job stopped: a plan chosen meanwhile starts now.
+    fn poll_stopping(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(stopping) = &mut self.stopping else {
+            return false;
+        };
+        if Pin::new(stopping).poll(cx).is_pending() {
+            return false;
+        }
+        self.stopping = None;
+        match self.deferred.take() {
+            Some(plan) => {
+                self.start_sync(plan);
+                true
+            }
+            None => false,
         }
     }
 
@@ -473,8 +514,12 @@ impl Behaviour {
                 }
                 tracing::info!(target: TARGET, slot = r.slot, kind = %r.kind, with_full = synced.with_full, bank_hash = %r.bank_hash.short(), fetched = synced.fetched_bytes, secs = synced.elapsed.as_secs_f64(), "synced");
                 self.refresh_local();
-                self.discovery
-                    .handle_sync_ended(SyncOutcome::Synced, Instant::now());
+                self.discovery.handle_sync_ended(
+                    SyncOutcome::Synced {
+                        bad_peers: synced.bad_peers,
+                    },
+                    Instant::now(),
+                );
                 self.push_event(Event::SnapshotSynced {
                     slot: r.slot,
                     bank_hash: r.bank_hash,
@@ -511,8 +556,12 @@ impl Behaviour {
                 message,
             }) => {
                 let verdict = if message.topic == self.topic.hash() {
-                    self.discovery
-                        .handle_gossip(message.source, &message.data, now)
+                    self.discovery.handle_gossip(
+                        message.source,
+                        propagation_source,
+                        &message.data,
+                        now,
+                    )
                 } else {
                     Verdict::Ignore
                 };
@@ -786,7 +835,11 @@ impl NetworkBehaviour for Behaviour {
                 self.handle_job(event);
                 continue;
             }
-            if self.poll_creating(cx) | self.poll_timer(cx) | self.carry_out_actions() {
+            if self.poll_stopping(cx)
+                | self.poll_creating(cx)
+                | self.poll_timer(cx)
+                | self.carry_out_actions()
+            {
                 continue;
             }
             match self.protocols.poll(cx) {

@@ -9,10 +9,18 @@
 //! The job holds no copy of the plan (discovery keeps the one copy): only what each download
 //! needs. How it ended is reported as facts (which leg, what kind of failure, which peers sent
 //! bytes proven wrong); discovery judges what follows.
+//!
+//! Record counts no policy vouched for bound nothing: the load is bounded by its limits and
+//! the disk, and once it is done, a manifest that declared other counts than its archive holds
+//! is corrected in the store (so the node never serves it on) and its peer is struck.
+//!
+//! Cancelling stops the load within one segment and waits for it: nothing is swapped in after
+//! a cancel returns, and no second import runs beside the first.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -23,9 +31,10 @@ use libp2p::PeerId;
 use super::event::SyncError;
 use crate::db::StateDb;
 use crate::discovery::{Failure, Leg as LegKind, Plan, SyncFailure, Target};
+use crate::log::DISCOVERY as TARGET;
 use crate::snapshot::{
-    ArchiveSource, HashStage, LoadError, LoadLimits, LoadReport, Manifest, SnapshotKey,
-    SnapshotKind,
+    ArchiveSource, HashStage, LoadError, LoadLimits, LoadReport, Loaded, Manifest, SnapshotKey,
+    SnapshotKind, SnapshotStore, load_chain_legs,
 };
 use crate::transfer::{
     DownloadError, DownloadHandle, DownloadTarget, Downloaded, Downloader, PeerAddr, PeerStatus,
@@ -58,6 +67,8 @@ pub(crate) struct Synced {
     pub(crate) fetched_bytes: u64,
     pub(crate) per_peer: Vec<(PeerId, u64)>,
     pub(crate) elapsed: Duration,
+    /// Peers that sent chunks proven wrong on the way (the others served the rest).
+    pub(crate) bad_peers: Vec<PeerId>,
 }
 
 /// A sync that failed: the snapshot it was syncing to, why, and the facts discovery judges.
@@ -72,6 +83,7 @@ pub(crate) struct Failed {
 struct Leg {
     kind: LegKind,
     key: SnapshotKey,
+    counts_vouched: bool,
     handle: DownloadHandle,
     progress: BoxStream<'static, Progress>,
     peers: HashSet<PeerId>,
@@ -92,12 +104,16 @@ impl Leg {
             .iter()
             .filter_map(|(p, addrs)| addr_of(*p, addrs))
             .collect();
-        let handle = downloader.start(DownloadTarget::of(&target.ad), peers.clone());
+        let handle = downloader.start(
+            DownloadTarget::of(&target.ad, target.counts_vouched),
+            peers.clone(),
+        );
         let progress = handle.progress_stream();
         let ids: Vec<PeerId> = peers.iter().map(|p| p.peer_id).collect();
         Leg {
             kind,
             key: target.ad.key,
+            counts_vouched: target.counts_vouched,
             handle,
             progress,
             peers: ids.iter().copied().collect(),
@@ -136,14 +152,17 @@ impl Leg {
     }
 }
 
-type LoadTask = tokio::task::JoinHandle<Result<LoadReport, (SnapshotKind, LoadError)>>;
+type LoadTask = tokio::task::JoinHandle<Result<Loaded, (SnapshotKind, LoadError)>>;
 
 /// One sync in progress.
 pub(crate) struct SyncJob {
     legs: Vec<Leg>,
     load: Option<LoadTask>,
-    loaded: Option<LoadReport>,
+    loaded: Option<Loaded>,
+    /// Set to stop the load.
+    stop: Arc<AtomicBool>,
     db: Arc<dyn StateDb>,
+    store: SnapshotStore,
     limits: LoadLimits,
     started: Instant,
     queued: std::collections::VecDeque<JobEvent>,
@@ -156,6 +175,7 @@ impl SyncJob {
         plan: &Plan,
         downloader: &Downloader,
         db: Arc<dyn StateDb>,
+        store: SnapshotStore,
         limits: LoadLimits,
         addr_of: &mut dyn FnMut(PeerId, &[SocketAddr]) -> Option<PeerAddr>,
     ) -> Self {
@@ -170,7 +190,9 @@ impl SyncJob {
             legs,
             load: None,
             loaded: None,
+            stop: Arc::new(AtomicBool::new(false)),
             db,
+            store,
             limits,
             started: Instant::now(),
             queued: Default::default(),
@@ -202,15 +224,20 @@ impl SyncJob {
         }
     }
 
-    /// Cancels the downloads (their chunks stay on disk for resume) and waits until each has
-    /// made its progress durable.
+    /// Cancels the downloads (their chunks stay on disk for resume) and the load, and waits
+    /// until each download has made its progress durable and the load has stopped: once this
+    /// returns, nothing of the job touches the DB.
     pub(crate) async fn cancel(mut self) {
+        self.stop.store(true, Ordering::Release);
         for leg in &mut self.legs {
             leg.handle.cancel();
         }
         // (A leg that ended was awaited already.)
         for leg in self.legs.into_iter().filter(|l| l.done.is_none()) {
             let _ = leg.handle.wait().await;
+        }
+        if let Some(load) = self.load.take() {
+            let _ = load.await;
         }
     }
 
@@ -234,11 +261,16 @@ impl SyncJob {
             .zip(manifests)
             .map(|(l, m)| (l.source(&m), m))
             .collect();
-        let (db, limits, has_full) = (self.db.clone(), self.limits, self.has_full());
+        let limits = if self.legs.iter().all(|l| l.counts_vouched) {
+            self.limits
+        } else {
+            self.limits.ignoring_declared_counts()
+        };
+        let (db, stop, has_full) = (self.db.clone(), self.stop.clone(), self.has_full());
         self.load = Some(tokio::task::spawn_blocking(move || {
             let full = has_full.then(|| (&sources[0].0, &sources[0].1));
             let incremental = sources.get(usize::from(has_full)).map(|(s, m)| (s, m));
-            crate::snapshot::load_chain_legs(db.as_ref(), full, incremental, &limits)
+            load_chain_legs(db.as_ref(), full, incremental, &limits, Some(&stop))
         }));
     }
 
@@ -309,8 +341,8 @@ impl SyncJob {
         };
         self.load = None;
         match result {
-            Ok(Ok(report)) => {
-                self.loaded = Some(report);
+            Ok(Ok(loaded)) => {
+                self.loaded = Some(loaded);
                 None
             }
             // A download that stops makes its load stop too: the download's own error, which
@@ -336,8 +368,34 @@ impl SyncJob {
         }
     }
 
-    fn synced(&mut self, report: LoadReport) -> JobEvent {
+    /// Corrects the stored manifests whose counts the archives contradict, and names the peers
+    /// that served them.
+    fn correct_counts(&self, loaded: &Loaded) -> Vec<PeerId> {
+        let mut liars = Vec::new();
+        for (leg, (_, entries, state_bytes)) in self.legs.iter().zip(&loaded.counts) {
+            let Some(done) = &leg.done else { continue };
+            let m = done.snapshot.manifest();
+            if (m.entry_count, m.state_bytes) == (*entries, *state_bytes) {
+                continue;
+            }
+            tracing::warn!(target: TARGET, slot = m.slot, declared = m.entry_count, held = entries, "a peer served a manifest whose record counts its archive contradicts; correcting it");
+            if let Err(e) = self
+                .store
+                .correct_counts(&m.content_root, *entries, *state_bytes)
+            {
+                tracing::warn!(target: TARGET, error = %e, "could not correct a manifest; removing the snapshot");
+                let _ = self.store.remove(&done.snapshot);
+            }
+            liars.extend(leg.handle.manifest_from());
+        }
+        liars
+    }
+
+    fn synced(&mut self, loaded: Loaded) -> JobEvent {
         self.finished = true;
+        let report = loaded.report;
+        let mut bad_peers: Vec<PeerId> = self.legs.iter().flat_map(Leg::banned).collect();
+        bad_peers.extend(self.correct_counts(&loaded));
         let mut per_peer: Vec<(PeerId, u64)> = Vec::new();
         let (mut bytes, mut fetched) = (0, 0);
         for d in self.legs.iter().filter_map(|l| l.done.as_ref()) {
@@ -357,6 +415,7 @@ impl SyncJob {
             fetched_bytes: fetched,
             per_peer,
             elapsed: self.started.elapsed(),
+            bad_peers,
         }))
     }
 
@@ -376,10 +435,9 @@ impl SyncJob {
         if let Some(failed) = self.poll_load(cx) {
             return Poll::Ready(failed);
         }
-        if let Some(report) = self.loaded
-            && self.loading()
-        {
-            return Poll::Ready(self.synced(report));
+        if self.loaded.is_some() && self.loading() {
+            let loaded = self.loaded.take().expect("checked");
+            return Poll::Ready(self.synced(loaded));
         }
         match self.queued.pop_front() {
             Some(e) => Poll::Ready(e),
@@ -424,6 +482,7 @@ fn load_failure(e: &LoadError, with_full: bool) -> Failure {
         | LoadError::NoSpace { .. }
         | LoadError::Db(_)
         | LoadError::Nothing => Failure::Local,
+        LoadError::Stopped => Failure::Aborted,
     }
 }
 

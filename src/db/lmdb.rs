@@ -13,7 +13,11 @@
 //! ```text
 //! <dir>/CURRENT              the name of the live generation, replaced atomically
 //! <dir>/gen-<n>.mdb          a generation: one LMDB file (and its `-lock` file)
+//! <dir>/LOCK                 locked (flock) by the one process that has the DB open
 //! ```
+//!
+//! A second process opening a DB in use is refused at once, naming the directory: its open
+//! would otherwise delete the first one's import in progress, and both would write slots.
 //!
 //! A full import writes a new generation beside the live one and makes it live by replacing
 //! `CURRENT`; the old generation is deleted (views still reading it keep their open map).
@@ -44,6 +48,7 @@ use crate::bank_hash::{Lattice, MAX_KEY_LEN, MAX_VALUE_LEN};
 use crate::disk;
 
 const CURRENT: &str = "CURRENT";
+const LOCK: &str = "LOCK";
 const GEN_PREFIX: &str = "gen-";
 const GEN_SUFFIX: &str = ".mdb";
 const LOCK_SUFFIX: &str = "-lock";
@@ -243,6 +248,57 @@ pub struct LmdbState {
     generations: Arc<Generations>,
 }
 
+/// The DB's directories open in this process (a second open is refused as already open).
+static OPEN: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// The DB's directory held by this process: the lock that keeps other processes out, and the
+/// entry that keeps a second open in this process out. Released on drop.
+struct DirLock {
+    dir: PathBuf,
+    _file: fs::File,
+}
+
+impl DirLock {
+    fn take(dir: &Path) -> Result<Self, DbError> {
+        let canonical = fs::canonicalize(dir).map_err(io_at(dir))?;
+        let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+        if open.contains(&canonical) {
+            return Err(DbError::AlreadyOpen {
+                path: dir.to_path_buf(),
+            });
+        }
+        let path = dir.join(LOCK);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(DbError::Locked {
+                    path: dir.to_path_buf(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_at(&path)(e)),
+        }
+        open.push(canonical.clone());
+        Ok(Self {
+            dir: canonical,
+            _file: file,
+        })
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        OPEN.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|d| *d != self.dir);
+    }
+}
+
 /// The DB's directory and its generations: the live one and the number of the next.
 struct Generations {
     dir: PathBuf,
@@ -252,6 +308,11 @@ struct Generations {
     live: RwLock<Generation>,
     /// The next generation number for an import.
     next_gen: Mutex<u64>,
+    /// Set when a swap could not be made durable: what is live on disk is then uncertain, so
+    /// nothing more is written until the DB is opened again (which reads what `CURRENT`
+    /// names).
+    poisoned: std::sync::atomic::AtomicBool,
+    _lock: DirLock,
 }
 
 impl std::fmt::Debug for LmdbState {
@@ -390,6 +451,7 @@ impl LmdbState {
     pub fn open_with(dir: impl Into<PathBuf>, options: LmdbOptions) -> Result<Self, DbError> {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        let lock = DirLock::take(&dir)?;
         let current_path = dir.join(CURRENT);
         let current = match fs::read_to_string(&current_path) {
             Ok(text) => Some(parse_gen(text.trim()).ok_or_else(|| {
@@ -433,8 +495,24 @@ impl LmdbState {
                 options,
                 live: RwLock::new(live),
                 next_gen: Mutex::new(highest.max(number) + 1),
+                poisoned: std::sync::atomic::AtomicBool::new(false),
+                _lock: lock,
             }),
         })
+    }
+
+    /// Refuses writes once a swap could not be made durable.
+    fn check_usable(&self) -> Result<(), DbError> {
+        if self
+            .generations
+            .poisoned
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(DbError::NotDurable(
+                "an earlier swap's directory sync failed".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The DB's directory.
@@ -461,6 +539,7 @@ impl LmdbState {
     where
         F: FnOnce(&mut SlotWriter<'_, '_>) -> Result<(), DbError>,
     {
+        self.check_usable()?;
         // Hold the read side for the whole transaction so that an import's swap waits.
         let guard = self
             .generations
@@ -528,6 +607,7 @@ impl StateDb for LmdbState {
     }
 
     fn begin_import(&self, slot: u64) -> Result<Box<dyn StateImport>, DbError> {
+        self.check_usable()?;
         let number = {
             let mut next = self
                 .generations
@@ -553,6 +633,7 @@ impl StateDb for LmdbState {
     }
 
     fn apply_changes(&self, slot: u64, changes: &mut ApplyFn<'_>) -> Result<(), DbError> {
+        self.check_usable()?;
         let guard = self
             .generations
             .live
@@ -814,10 +895,12 @@ impl StagedState for LmdbStaged {
     fn commit(mut self: Box<Self>) -> Result<(), DbError> {
         let staged = self.generation.take().expect("present until committed");
         let generations = &self.owner.generations;
-        let staged_slot = {
+        self.owner.check_usable()?;
+        let staged_meta = {
             let txn = staged.env.read_txn().map_err(backend)?;
-            staged.read_meta(&txn)?.slot.unwrap_or(0)
+            staged.read_meta(&txn)?
         };
+        let staged_slot = staged_meta.slot.unwrap_or(0);
         // Writers of the live DB finish first; new ones wait for the swap.
         let mut live = generations.live.write().unwrap_or_else(|p| p.into_inner());
         let live_slot = {
@@ -841,8 +924,22 @@ impl StagedState for LmdbStaged {
         let closing = staged.env.clone().prepare_for_closing();
         drop(staged);
         closing.wait();
-        let reopened = match Generation::open(&generations.dir, number, &generations.options, false)
-        {
+        // What is reopened must be what was staged: a file removed or replaced meanwhile
+        // would otherwise become the live state.
+        let reopened = Generation::open(&generations.dir, number, &generations.options, false)
+            .and_then(|g| {
+                let txn = g.env.read_txn().map_err(backend)?;
+                let meta = g.read_meta(&txn)?;
+                drop(txn);
+                if meta.slot != staged_meta.slot || meta.lattice != staged_meta.lattice {
+                    return Err(DbError::Inconsistent(format!(
+                        "the staged state changed on disk before the swap (slot {:?}, staged {:?})",
+                        meta.slot, staged_meta.slot
+                    )));
+                }
+                Ok(g)
+            });
+        let reopened = match reopened {
             Ok(g) => g,
             Err(e) => {
                 remove_generation(&generations.dir, number);
@@ -850,8 +947,26 @@ impl StagedState for LmdbStaged {
             }
         };
         let current_path = generations.dir.join(CURRENT);
-        disk::replace_synced(&current_path, Generation::name(number).as_bytes())
-            .map_err(io_at(&current_path))?;
+        if let Err(e) = point_current_at(&current_path, number) {
+            return match e {
+                // Not renamed: the old generation stays live.
+                Swap::NotRenamed(e) => {
+                    drop(reopened);
+                    remove_generation(&generations.dir, number);
+                    Err(io_at(&current_path)(e))
+                }
+                // Renamed but perhaps not durably: `CURRENT` names the new generation now, so
+                // the process goes on with it in memory too, keeps both files for the next
+                // open to settle, and writes nothing more until then.
+                Swap::NotDurable(e) => {
+                    *live = reopened;
+                    generations
+                        .poisoned
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    Err(DbError::NotDurable(e.to_string()))
+                }
+            };
+        }
         // The swap is durable; from here on the new generation is the live one, whatever else
         // happens. The old one is deleted: views still reading it keep their open map.
         let old = std::mem::replace(&mut *live, reopened);
@@ -861,6 +976,25 @@ impl StagedState for LmdbStaged {
         remove_generation(&generations.dir, old_number);
         Ok(())
     }
+}
+
+/// How pointing `CURRENT` at a generation failed.
+enum Swap {
+    /// Before the rename: nothing changed.
+    NotRenamed(io::Error),
+    /// After it: the directory could not be synced.
+    NotDurable(io::Error),
+}
+
+/// Points `CURRENT` at generation `number`: writes and syncs a new file, renames it over
+/// `CURRENT`, syncs the directory.
+fn point_current_at(current: &Path, number: u64) -> Result<(), Swap> {
+    let mut tmp = current.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    disk::write_synced(&tmp, Generation::name(number).as_bytes()).map_err(Swap::NotRenamed)?;
+    fs::rename(&tmp, current).map_err(Swap::NotRenamed)?;
+    disk::sync_dir(current.parent().unwrap_or(Path::new("."))).map_err(Swap::NotDurable)
 }
 
 impl Drop for LmdbStaged {
@@ -1066,5 +1200,102 @@ mod tests {
         assert_eq!(view.slot(), Some(9));
         assert!(entries(view.as_ref()).is_empty());
         assert_eq!(view.lattice().unwrap(), Lattice::new());
+    }
+
+    /// A staged import of `n` entries at `slot`, ready to commit.
+    fn staged(db: &LmdbState, slot: u64, n: u32) -> Box<dyn StagedState> {
+        let mut import = db.begin_import(slot).unwrap();
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = (0..n)
+            .map(|i| (i.to_be_bytes().to_vec(), vec![2; 10]))
+            .collect();
+        let mut lattice = Lattice::new();
+        for (k, v) in &rows {
+            lattice.insert(k, v);
+        }
+        import
+            .put_sorted(&mut rows.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
+            .unwrap();
+        import.finish(&lattice).unwrap()
+    }
+
+    fn generation_numbers(path: &Path) -> Vec<u64> {
+        let mut n: Vec<u64> = fs::read_dir(path)
+            .unwrap()
+            .filter_map(|e| parse_gen(&e.unwrap().file_name().to_string_lossy()))
+            .collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn a_staged_state_removed_before_the_swap_never_becomes_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let db = LmdbState::open(&path).unwrap();
+        db.commit_slot(1, |w| w.put(b"old", b"x")).unwrap();
+        let staged = staged(&db, 5, 100);
+        // Something deletes the staged file: reopened by its path it would be an empty state.
+        let live = db.generations.live.read().unwrap().number;
+        let gone = *generation_numbers(&path)
+            .iter()
+            .find(|n| **n != live)
+            .unwrap();
+        fs::remove_file(Generation::path(&path, gone)).unwrap();
+        let err = staged.commit().unwrap_err();
+        assert!(matches!(err, DbError::Inconsistent(_)), "{err}");
+        assert_eq!(db.slot().unwrap(), Some(1));
+        assert_eq!(db.get(b"old").unwrap(), Some(b"x".to_vec()));
+        db.commit_slot(2, |w| w.put(b"old", b"y")).unwrap();
+    }
+
+    #[test]
+    fn a_swap_that_could_not_be_made_durable_stops_every_write_until_reopened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let db = LmdbState::open(&path).unwrap();
+        db.commit_slot(1, |w| w.put(b"old", b"x")).unwrap();
+        let staged = staged(&db, 5, 100);
+        crate::disk::FAIL_DIR_SYNC.with(|f| f.set(true));
+        let err = staged.commit().unwrap_err();
+        assert!(matches!(err, DbError::NotDurable(_)), "{err}");
+        // What CURRENT names now is what the process reads, and nothing more is written.
+        assert_eq!(db.slot().unwrap(), Some(5));
+        assert!(matches!(
+            db.commit_slot(6, |w| w.put(b"a", b"b")),
+            Err(DbError::NotDurable(_))
+        ));
+        assert!(matches!(db.begin_import(7), Err(DbError::NotDurable(_))));
+        // Opened again, the DB is what CURRENT names, and writes go on.
+        drop(db);
+        let db = LmdbState::open(&path).unwrap();
+        assert_eq!(db.slot().unwrap(), Some(5));
+        assert_eq!(db.len().unwrap(), 100);
+        db.commit_slot(6, |w| w.put(b"a", b"b")).unwrap();
+        assert_eq!(
+            generation_numbers(&path).len(),
+            1,
+            "the other generation is gone"
+        );
+    }
+
+    #[test]
+    fn a_db_another_process_holds_is_refused_at_once_naming_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        drop(LmdbState::open(&path).unwrap());
+        // Another process's lock (taken here on a file description of its own).
+        let other = fs::OpenOptions::new()
+            .write(true)
+            .open(path.join(LOCK))
+            .unwrap();
+        other.lock().unwrap();
+        let err = LmdbState::open(&path).expect_err("refused");
+        assert!(matches!(err, DbError::Locked { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+        other.unlock().unwrap();
+        LmdbState::open(&path).unwrap();
     }
 }

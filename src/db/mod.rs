@@ -75,6 +75,16 @@ pub enum DbError {
         /// The DB's directory.
         path: PathBuf,
     },
+    /// Another process has the DB open.
+    #[error("the state DB at {path} is in use by another process")]
+    Locked {
+        /// The DB's directory.
+        path: PathBuf,
+    },
+    /// A swap of the live state could not be made durable (the directory could not be
+    /// synced): nothing more is written until the DB is opened again.
+    #[error("a swap of the state DB could not be made durable: {0}; open the DB again")]
+    NotDurable(String),
     /// The DB holds data snapsync cannot interpret.
     #[error("state DB is inconsistent: {0}")]
     Inconsistent(String),

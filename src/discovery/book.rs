@@ -2,8 +2,14 @@
 //! that agreement is counted as adverts arrive, not recounted), strikes, answer cooldowns and
 //! who is waiting for announcements. Every table has a fixed capacity and forgets its oldest
 //! entry when full, so no number of identities can grow them.
+//!
+//! Identities are free, so the advert table keeps what strangers announce apart from the rest:
+//! an advert is held at a [`Standing`], and a full table makes room for an advert by forgetting
+//! the oldest of the lowest standing below it, never one above. Trusted peers' adverts are
+//! never pushed out by others, answers to this node's own requests not by announcements, and
+//! announcements by strangers hold at most a quarter of the table.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -56,10 +62,6 @@ impl<V> PeerTable<V> {
         self.map.get(peer).map(|(_, t)| *t)
     }
 
-    pub(crate) fn remove(&mut self, peer: &PeerId) -> Option<V> {
-        self.map.remove(peer).map(|(v, _)| v)
-    }
-
     /// Forgets entries older than `age`.
     pub(crate) fn expire(&mut self, now: Instant, age: Duration) -> Vec<PeerId> {
         let old: Vec<PeerId> = self
@@ -77,10 +79,17 @@ impl<V> PeerTable<V> {
     pub(crate) fn len(&self) -> usize {
         self.map.len()
     }
+}
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&PeerId, &V)> {
-        self.map.iter().map(|(p, (v, _))| (p, v))
-    }
+/// How much an advert is worth keeping, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Standing {
+    /// Announced on the topic by a peer the policy does not trust.
+    Announced,
+    /// An answer to a request or ask of this node.
+    Answered,
+    /// From a peer the policy trusts.
+    Trusted,
 }
 
 /// Who advertises one snapshot.
@@ -88,12 +97,25 @@ impl<V> PeerTable<V> {
 pub(crate) struct KeyEntry {
     pub(crate) peers: HashSet<PeerId>,
     pub(crate) trusted: usize,
+    /// When some peer first advertised it (kept while anyone does): a snapshot heard of
+    /// earlier is tried before one that appeared later under the same slot and bank hash.
+    pub(crate) first_seen: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Stored {
+    advert: Advert,
+    standing: Standing,
+    at: Instant,
 }
 
 /// Peers' advertisements, by peer and by snapshot.
 #[derive(Debug, Clone)]
 pub(crate) struct AdvertBook {
-    adverts: PeerTable<Advert>,
+    cap: usize,
+    adverts: HashMap<PeerId, Stored>,
+    /// The adverts of each standing, oldest first.
+    order: HashMap<Standing, BTreeSet<(Instant, PeerId)>>,
     by_key: HashMap<SnapshotKey, KeyEntry>,
     /// The full snapshots advertised, by content root (to find an incremental's base at once).
     fulls: HashMap<ContentRoot, HashSet<SnapshotKey>>,
@@ -102,9 +124,43 @@ pub(crate) struct AdvertBook {
 impl AdvertBook {
     pub(crate) fn new(cap: usize) -> Self {
         Self {
-            adverts: PeerTable::new(cap),
+            cap: cap.max(4),
+            adverts: HashMap::new(),
+            order: HashMap::new(),
             by_key: HashMap::new(),
             fulls: HashMap::new(),
+        }
+    }
+
+    /// Most adverts of `standing` the table holds.
+    fn cap_of(&self, standing: Standing) -> usize {
+        match standing {
+            Standing::Announced => self.cap / 4,
+            Standing::Answered | Standing::Trusted => self.cap,
+        }
+    }
+
+    fn count(&self, standing: Standing) -> usize {
+        self.order.get(&standing).map_or(0, BTreeSet::len)
+    }
+
+    fn index(&mut self, advert: &Advert, policy: &TrustPolicy, now: Instant) {
+        let trusted = policy.trusts(&advert.peer);
+        for s in &advert.snapshots {
+            let e = self.by_key.entry(s.key).or_insert_with(|| KeyEntry {
+                peers: HashSet::new(),
+                trusted: 0,
+                first_seen: now,
+            });
+            if e.peers.insert(advert.peer) && trusted {
+                e.trusted += 1;
+            }
+            if s.key.is_full() {
+                self.fulls
+                    .entry(s.key.content_root)
+                    .or_default()
+                    .insert(s.key);
+            }
         }
     }
 
@@ -129,64 +185,102 @@ impl AdvertBook {
         }
     }
 
-    /// Records `advert`, replacing what its peer said before.
-    pub(crate) fn insert(&mut self, advert: Advert, now: Instant, policy: &TrustPolicy) {
-        if let Some(old) = self.adverts.remove(&advert.peer) {
-            self.unindex(&old, policy);
+    fn remove(&mut self, peer: &PeerId, policy: &TrustPolicy) -> Option<Stored> {
+        let stored = self.adverts.remove(peer)?;
+        if let Some(order) = self.order.get_mut(&stored.standing) {
+            order.remove(&(stored.at, *peer));
         }
-        let trusted = policy.trusts(&advert.peer);
-        for s in &advert.snapshots {
-            let e = self.by_key.entry(s.key).or_insert_with(|| KeyEntry {
-                peers: HashSet::new(),
-                trusted: 0,
-            });
-            if e.peers.insert(advert.peer) && trusted {
-                e.trusted += 1;
-            }
-            if s.key.is_full() {
-                self.fulls
-                    .entry(s.key.content_root)
-                    .or_default()
-                    .insert(s.key);
-            }
-        }
+        self.unindex(&stored.advert, policy);
+        Some(stored)
+    }
+
+    /// The oldest advert of `standing` or below (lowest standing first), other than `peer`'s.
+    fn victim(&self, standing: Standing, peer: &PeerId) -> Option<PeerId> {
+        [Standing::Announced, Standing::Answered, Standing::Trusted]
+            .into_iter()
+            .filter(|s| *s <= standing)
+            .find_map(|s| {
+                self.order
+                    .get(&s)?
+                    .iter()
+                    .find(|(_, p)| p != peer)
+                    .map(|(_, p)| *p)
+            })
+    }
+
+    /// Records `advert` at `standing` (a trusted peer's is always trusted), replacing what its
+    /// peer said before. Room is made by forgetting the oldest advert of the lowest standing
+    /// not above it; an advert that would push out only adverts above it is not recorded.
+    /// Returns whether it was recorded.
+    pub(crate) fn insert(
+        &mut self,
+        advert: Advert,
+        standing: Standing,
+        now: Instant,
+        policy: &TrustPolicy,
+    ) -> bool {
         let peer = advert.peer;
-        // A full table forgets its oldest advert; its snapshots lose that peer.
-        if self.adverts.len() >= self.adverts.cap
-            && let Some((&oldest, _)) = self
-                .adverts
-                .map
-                .iter()
-                .filter(|(p, _)| **p != peer)
-                .min_by_key(|(_, (_, t))| *t)
-            && let Some(gone) = self.adverts.remove(&oldest)
-        {
-            self.unindex(&gone, policy);
+        let standing = if policy.trusts(&peer) {
+            Standing::Trusted
+        } else {
+            standing
+        };
+        // A peer's own newer advert keeps the better of its standings.
+        let standing = self
+            .adverts
+            .get(&peer)
+            .map_or(standing, |old| standing.max(old.standing));
+        let present = self.adverts.contains_key(&peer);
+        let full = !present
+            && (self.adverts.len() >= self.cap || self.count(standing) >= self.cap_of(standing));
+        if full {
+            // Within its own standing's share, or in a full table: the oldest below or at it.
+            let within = self.count(standing) >= self.cap_of(standing);
+            let victim = if within {
+                self.order
+                    .get(&standing)
+                    .and_then(|o| o.iter().next())
+                    .map(|(_, p)| *p)
+            } else {
+                self.victim(standing, &peer)
+            };
+            match victim {
+                Some(v) => {
+                    self.remove(&v, policy);
+                }
+                None => return false,
+            }
         }
-        self.adverts.insert(peer, advert, now);
+        self.remove(&peer, policy);
+        self.index(&advert, policy, now);
+        self.order.entry(standing).or_default().insert((now, peer));
+        self.adverts.insert(
+            peer,
+            Stored {
+                advert,
+                standing,
+                at: now,
+            },
+        );
+        true
     }
 
     /// Forgets adverts older than `age`.
     pub(crate) fn expire(&mut self, now: Instant, age: Duration, policy: &TrustPolicy) {
         let old: Vec<PeerId> = self
             .adverts
-            .map
             .iter()
-            .filter(|(_, (_, t))| now.saturating_duration_since(*t) >= age)
+            .filter(|(_, s)| now.saturating_duration_since(s.at) >= age)
             .map(|(p, _)| *p)
             .collect();
         for p in old {
-            if let Some(a) = self.adverts.remove(&p) {
-                self.unindex(&a, policy);
-            }
+            self.remove(&p, policy);
         }
     }
 
     /// Forgets everything `peer` said.
     pub(crate) fn forget(&mut self, peer: &PeerId, policy: &TrustPolicy) {
-        if let Some(a) = self.adverts.remove(peer) {
-            self.unindex(&a, policy);
-        }
+        self.remove(peer, policy);
     }
 
     /// Every snapshot advertised, with who advertises it.
@@ -215,14 +309,25 @@ impl AdvertBook {
     pub(crate) fn ad_of(&self, peer: &PeerId, key: &SnapshotKey) -> Option<&SnapshotAd> {
         self.adverts
             .get(peer)?
+            .advert
             .snapshots
             .iter()
             .find(|s| s.key == *key)
     }
 
+    /// The standing of `peer`'s advert.
+    pub(crate) fn standing(&self, peer: &PeerId) -> Option<Standing> {
+        self.adverts.get(peer).map(|s| s.standing)
+    }
+
+    /// When `peer`'s advert was recorded.
+    pub(crate) fn since(&self, peer: &PeerId) -> Option<Instant> {
+        self.adverts.get(peer).map(|s| s.at)
+    }
+
     /// Every advert.
     pub(crate) fn adverts(&self) -> impl Iterator<Item = &Advert> {
-        self.adverts.iter().map(|(_, a)| a)
+        self.adverts.values().map(|s| &s.advert)
     }
 
     /// Number of peers with an advert.
@@ -234,7 +339,7 @@ impl AdvertBook {
     pub(crate) fn addrs(&self, peer: &PeerId) -> Vec<SocketAddr> {
         self.adverts
             .get(peer)
-            .map(|a| a.streamer_addrs.clone())
+            .map(|s| s.advert.streamer_addrs.clone())
             .unwrap_or_default()
     }
 }
@@ -243,7 +348,7 @@ impl AdvertBook {
 mod tests {
     use super::*;
     use crate::chunk::ChunkSize;
-    use crate::hash::{BankHash, ContentRoot};
+    use crate::hash::BankHash;
     use crate::snapshot::SnapshotKind;
 
     fn advert(peer: PeerId, slot: u64) -> Advert {
@@ -289,26 +394,97 @@ mod tests {
     #[test]
     fn the_book_counts_agreement_as_adverts_come_and_go() {
         let policy = TrustPolicy::default();
-        let mut book = AdvertBook::new(2);
+        let mut book = AdvertBook::new(4);
         let now = Instant::now();
         let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
-        book.insert(advert(a, 10), now, &policy);
-        book.insert(advert(b, 10), now + Duration::from_secs(1), &policy);
+        let answered = Standing::Answered;
+        book.insert(advert(a, 10), answered, now, &policy);
+        book.insert(
+            advert(b, 10),
+            answered,
+            now + Duration::from_secs(1),
+            &policy,
+        );
         let key = advert(a, 10).snapshots[0].key;
         assert_eq!(book.entry(&key).unwrap().peers.len(), 2);
+        assert_eq!(book.entry(&key).unwrap().first_seen, now);
         // a moves on to another snapshot: it no longer counts for the first.
-        book.insert(advert(a, 20), now + Duration::from_secs(2), &policy);
+        book.insert(
+            advert(a, 20),
+            answered,
+            now + Duration::from_secs(2),
+            &policy,
+        );
         assert_eq!(book.entry(&key).unwrap().peers.len(), 1);
-        // A third peer on a full table evicts the oldest advert (b's), and its count.
-        book.insert(advert(c, 20), now + Duration::from_secs(3), &policy);
+        for i in 0..2 {
+            let p = PeerId::random();
+            book.insert(
+                advert(p, 30),
+                answered,
+                now + Duration::from_secs(3 + i),
+                &policy,
+            );
+        }
+        // A fifth peer on a full table evicts the oldest advert (b's), and its count.
+        book.insert(
+            advert(c, 20),
+            answered,
+            now + Duration::from_secs(6),
+            &policy,
+        );
         assert!(book.entry(&key).is_none());
-        assert_eq!(book.len(), 2);
+        assert_eq!(book.len(), 4);
         book.expire(
-            now + Duration::from_secs(10),
+            now + Duration::from_secs(20),
             Duration::from_secs(5),
             &policy,
         );
         assert_eq!(book.len(), 0);
         assert_eq!(book.keys().count(), 0);
+    }
+
+    #[test]
+    fn strangers_announcements_never_push_out_trusted_or_answered_adverts() {
+        let trusted: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
+        let policy = TrustPolicy::TrustedPeers {
+            peers: trusted.iter().copied().collect(),
+            quorum: 2,
+        };
+        let mut book = AdvertBook::new(16);
+        let now = Instant::now();
+        for p in &trusted {
+            assert!(book.insert(advert(*p, 100), Standing::Answered, now, &policy));
+        }
+        let answerer = PeerId::random();
+        book.insert(advert(answerer, 100), Standing::Answered, now, &policy);
+        // Thousands of fresh identities announce after them.
+        for i in 0..4096u64 {
+            let p = PeerId::random();
+            let at = now + Duration::from_millis(i + 1);
+            book.insert(advert(p, 200 + i), Standing::Announced, at, &policy);
+        }
+        let key = advert(trusted[0], 100).snapshots[0].key;
+        let entry = book.entry(&key).unwrap();
+        assert_eq!(entry.trusted, 3, "every trusted advert is still there");
+        assert_eq!(entry.peers.len(), 4, "and the answer");
+        assert_eq!(
+            book.len(),
+            4 + 16 / 4,
+            "announcements hold a quarter of the table"
+        );
+        assert_eq!(book.standing(&trusted[0]), Some(Standing::Trusted));
+        // Answers fill the rest of a full table, pushing out announcements, not each other's
+        // betters.
+        for i in 0..64u64 {
+            let p = PeerId::random();
+            book.insert(
+                advert(p, 300),
+                Standing::Answered,
+                now + Duration::from_secs(10 + i),
+                &policy,
+            );
+        }
+        assert_eq!(book.len(), 16);
+        assert_eq!(book.entry(&key).unwrap().trusted, 3);
     }
 }

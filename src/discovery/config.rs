@@ -28,8 +28,47 @@ pub struct DiscoveryConfig {
     pub(crate) max_tracked_peers: usize,
     pub(crate) dial_budget: u32,
     pub(crate) max_direct_asks: usize,
+    pub(crate) strike_decay: Duration,
+    pub(crate) announcements_per_source: u32,
+    pub(crate) chain_clock: Option<ChainClock>,
     /// Set from [`crate::Config::with_trust`], where the trust settings live.
     pub(crate) policy: TrustPolicy,
+}
+
+/// The chain's clock: when slot 0 was and how long a slot lasts, so that a node knows which
+/// slot the chain is at without asking anyone, and refuses snapshots of slots the chain cannot
+/// have reached yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainClock {
+    genesis_unix_ms: u64,
+    slot: Duration,
+}
+
+impl ChainClock {
+    /// A clock whose slot 0 began at `genesis_unix_ms` (milliseconds since the Unix epoch) and
+    /// whose slots last `slot` each.
+    pub fn new(genesis_unix_ms: u64, slot: Duration) -> Self {
+        Self {
+            genesis_unix_ms,
+            slot,
+        }
+    }
+
+    /// When slot 0 began, milliseconds since the Unix epoch.
+    pub fn genesis_unix_ms(&self) -> u64 {
+        self.genesis_unix_ms
+    }
+
+    /// How long a slot lasts.
+    pub fn slot(&self) -> Duration {
+        self.slot
+    }
+
+    /// The slot the chain is at when the wall clock reads `unix_ms`.
+    pub fn slot_at(&self, unix_ms: u64) -> u64 {
+        let slot_ms = (self.slot.as_millis() as u64).max(1);
+        unix_ms.saturating_sub(self.genesis_unix_ms) / slot_ms
+    }
 }
 
 impl Default for DiscoveryConfig {
@@ -54,6 +93,9 @@ impl Default for DiscoveryConfig {
             max_tracked_peers: 4096,
             dial_budget: 16,
             max_direct_asks: 16,
+            strike_decay: Duration::from_secs(600),
+            announcements_per_source: 16,
+            chain_clock: None,
             policy: TrustPolicy::default(),
         }
     }
@@ -248,8 +290,57 @@ impl DiscoveryConfig {
         self.max_direct_asks
     }
 
+    /// Sets how long until a strike is forgotten (default 10 min): a peer struck for a bad
+    /// message or bad bytes is ignored while its strikes reach `max_strikes`, and comes back
+    /// as they decay, so that a passing fault, or blame an attacker arranged, does not shut a
+    /// peer out for good.
+    pub fn with_strike_decay(mut self, decay: Duration) -> Self {
+        self.strike_decay = decay;
+        self
+    }
+
+    /// How long until a strike is forgotten.
+    pub fn strike_decay(&self) -> Duration {
+        self.strike_decay
+    }
+
+    /// Sets how many new announcers one connected peer may bring in per discovery interval by
+    /// relaying their announcements (default 16). One connection can carry messages signed by
+    /// any number of fresh identities; this bounds what it can make the node record.
+    pub fn with_announcements_per_source(mut self, announcers: u32) -> Self {
+        self.announcements_per_source = announcers;
+        self
+    }
+
+    /// How many new announcers one connected peer may bring in per interval.
+    pub fn announcements_per_source(&self) -> u32 {
+        self.announcements_per_source
+    }
+
+    /// Sets the chain's clock (default none). With it, a node knows the chain's tip by itself:
+    /// it refuses snapshots more than `behind_threshold` slots ahead of it, and a node that
+    /// executes the chain and falls behind it syncs (see [`crate::Behaviour::set_chain_tip`]
+    /// for a tip the owner's consensus knows).
+    pub fn with_chain_clock(mut self, clock: Option<ChainClock>) -> Self {
+        self.chain_clock = clock;
+        self
+    }
+
+    /// The chain's clock.
+    pub fn chain_clock(&self) -> Option<ChainClock> {
+        self.chain_clock
+    }
+
     /// Checks the values.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        ConfigError::nonzero_duration("strike_decay", self.strike_decay)?;
+        ConfigError::nonzero(
+            "announcements_per_source",
+            u64::from(self.announcements_per_source),
+        )?;
+        if let Some(clock) = self.chain_clock {
+            ConfigError::nonzero_duration("chain_clock.slot", clock.slot)?;
+        }
         ConfigError::nonzero_duration("discovery_interval", self.discovery_interval)?;
         ConfigError::nonzero_duration("answer_window", self.answer_window)?;
         ConfigError::nonzero_duration("announce_window", self.announce_window)?;

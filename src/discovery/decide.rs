@@ -2,20 +2,30 @@
 //! policy and what failed lately.
 //!
 //! - Only snapshots the policy accepts are candidates, and of those only ones newer than the
-//!   node's state and not failed lately.
+//!   node's state, not above what the chain's tip makes plausible, and not failed lately. A
+//!   node that executes the chain and was not told it is behind takes only what a vouching
+//!   policy accepts: its live state is never replaced on the word of untrusted peers.
 //! - A full snapshot is taken alone. An incremental one is taken alone when the node's state is
 //!   at or past its base (and has not proven not to descend from it); otherwise with its base,
 //!   which some peer must advertise.
 //! - The highest resulting slot wins; then the cheaper path (an incremental alone), then the
-//!   more peers, then the lowest content root, so every node settles ties alike.
+//!   weight the policy gives its advertisers (peers when untrusted, trusted peers when trusted,
+//!   none for a pinned snapshot or a verifier, where identities prove nothing), then the one
+//!   heard of first (so fresh identities announcing fresh roots under the same slot and bank
+//!   hash do not keep the one heard of earlier from being tried), then the more peers, then
+//!   the lowest content root, so every node settles ties alike.
+//! - What an advert says beyond the key (chunk size, record counts) is taken from the peers
+//!   the policy vouches for; counts no policy vouches for are not used to bound the load.
+//!   Sources are ordered trusted first, then those that answered this node, oldest first.
 //! - Peers that advertise different bank hashes for one slot are reported.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use libp2p::PeerId;
 
-use super::book::AdvertBook;
+use super::book::{AdvertBook, KeyEntry};
 use super::message::SnapshotAd;
 use super::policy::TrustPolicy;
 use crate::chunk::ChunkSize;
@@ -34,8 +44,10 @@ pub struct Conflict {
 /// A snapshot to fetch and the peers to fetch it from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Target {
-    /// The snapshot.
+    /// The snapshot, with the chunk size and counts of the peers the policy vouches for.
     pub ad: SnapshotAd,
+    /// Whether the policy vouches for the counts (else they are one peer's claim).
+    pub counts_vouched: bool,
     /// Peers advertising it in the chunk size most of them serve, with their chunk-stream
     /// addresses.
     pub peers: Vec<(PeerId, Vec<SocketAddr>)>,
@@ -95,9 +107,35 @@ pub(crate) struct LocalState {
     /// A full snapshot the node's state proved not to descend from (an incremental on it failed
     /// to apply): incrementals on it are taken with it.
     pub(crate) not_on: Option<Base>,
+    /// No snapshot above this slot is plausible (the chain's tip, and a margin).
+    pub(crate) ceiling: Option<u64>,
+    /// Only what a vouching policy accepts may be taken: the node executes the chain and was
+    /// not told it is behind.
+    pub(crate) vouched_only: bool,
+    /// The chunk size this node serves in, preferred among those advertised.
+    pub(crate) chunk_size: Option<ChunkSize>,
 }
 
-fn target(book: &AdvertBook, key: &SnapshotKey) -> Option<Target> {
+/// Whether `key`, advertised as `entry` says, may be taken at all.
+pub(crate) fn acceptable(
+    key: &SnapshotKey,
+    entry: &KeyEntry,
+    local: &LocalState,
+    policy: &TrustPolicy,
+) -> bool {
+    policy.accepts(key, entry.peers.len(), entry.trusted)
+        && local.ceiling.is_none_or(|c| key.slot <= c)
+        && !(local.vouched_only && policy.is_untrusted())
+}
+
+/// The fetch of `key`: its sources, best first, in the chunk size the trusted ones serve (else
+/// this node's own, else the one most serve), with the counts the policy vouches for.
+fn target(
+    book: &AdvertBook,
+    key: &SnapshotKey,
+    local: &LocalState,
+    policy: &TrustPolicy,
+) -> Option<Target> {
     let entry = book.entry(key)?;
     let mut by_size: HashMap<ChunkSize, Vec<(PeerId, &SnapshotAd)>> = HashMap::new();
     for peer in &entry.peers {
@@ -105,20 +143,80 @@ fn target(book: &AdvertBook, key: &SnapshotKey) -> Option<Target> {
             by_size.entry(ad.chunk_size).or_default().push((*peer, ad));
         }
     }
-    let (_, mut chosen) = by_size
-        .into_iter()
-        .max_by_key(|(size, peers)| (peers.len(), std::cmp::Reverse(*size)))?;
-    chosen.sort_by_key(|(p, _)| *p);
-    let ad = *chosen[0].1;
+    let (_, mut chosen) = by_size.into_iter().max_by_key(|(size, peers)| {
+        let trusted = peers.iter().filter(|(p, _)| policy.trusts(p)).count();
+        let ours = local.chunk_size == Some(*size);
+        (trusted, ours, peers.len(), std::cmp::Reverse(*size))
+    })?;
+    // Trusted first, then those that answered this node, then those heard of longest.
+    chosen.sort_by_key(|(p, _)| (std::cmp::Reverse(book.standing(p)), book.since(p), *p));
+    let (counts, counts_vouched) = vouched_counts(entry, book, key, policy);
+    let mut ad = *chosen[0].1;
+    (ad.entry_count, ad.state_bytes) = counts;
     Some(Target {
         ad,
+        counts_vouched,
         peers: chosen.iter().map(|(p, _)| (*p, book.addrs(p))).collect(),
     })
 }
 
-/// How a candidate plan ranks: newest slot, then on the node's own state, then most peers,
-/// then the smallest content root (so that every node breaks ties the same way).
-type Rank = (u64, bool, usize, std::cmp::Reverse<ContentRoot>);
+/// The record counts of `key` most of the peers that count for the policy advertise, and
+/// whether as many agree on them as the policy needs.
+fn vouched_counts(
+    entry: &KeyEntry,
+    book: &AdvertBook,
+    key: &SnapshotKey,
+    policy: &TrustPolicy,
+) -> ((u64, u64), bool) {
+    let mut agreeing: HashMap<(u64, u64), (usize, usize)> = HashMap::new();
+    for peer in &entry.peers {
+        if let Some(ad) = book.ad_of(peer, key) {
+            let e = agreeing
+                .entry((ad.entry_count, ad.state_bytes))
+                .or_default();
+            e.0 += 1;
+            e.1 += usize::from(policy.trusts(peer));
+        }
+    }
+    let best = agreeing
+        .into_iter()
+        .max_by_key(|(counts, (all, trusted))| (*trusted, *all, std::cmp::Reverse(*counts)));
+    match best {
+        Some((counts, (all, trusted))) => (counts, policy.vouches_counts(all, trusted)),
+        None => ((0, 0), false),
+    }
+}
+
+/// The full snapshot an incremental on `base` is fetched with, when several keys claim to be
+/// it: the best vouched for, then the one heard of first.
+fn base_of(
+    book: &AdvertBook,
+    base: &Base,
+    failed: &dyn Fn(&SnapshotKey) -> bool,
+) -> Option<SnapshotKey> {
+    book.fulls_named(base)
+        .filter(|k| !failed(k))
+        .filter_map(|k| Some((*k, book.entry(k)?)))
+        .max_by_key(|(k, e)| {
+            (
+                e.trusted,
+                std::cmp::Reverse(e.first_seen),
+                e.peers.len(),
+                std::cmp::Reverse(k.archive_size),
+            )
+        })
+        .map(|(k, _)| k)
+}
+
+/// How a candidate plan ranks (see the module docs).
+type Rank = (
+    u64,
+    bool,
+    usize,
+    std::cmp::Reverse<Instant>,
+    usize,
+    std::cmp::Reverse<ContentRoot>,
+);
 
 /// Chooses what to fetch (see the module docs).
 pub(crate) fn decide(
@@ -132,12 +230,12 @@ pub(crate) fn decide(
     for (key, entry) in book.keys() {
         if local.slot.is_some_and(|s| key.slot <= s)
             || failed(key)
-            || !policy.accepts(key, entry.peers.len(), entry.trusted)
+            || !acceptable(key, entry, &local, policy)
         {
             continue;
         }
         let plan = match key.base {
-            None => target(book, key).map(|t| Plan {
+            None => target(book, key, &local, policy).map(|t| Plan {
                 full: Some(t),
                 incremental: None,
             }),
@@ -147,14 +245,15 @@ pub(crate) fn decide(
                 let full = if alone {
                     None
                 } else {
-                    let full_key = book.fulls_named(&base).find(|k| !failed(k));
-                    match full_key.and_then(|k| target(book, k)) {
+                    match base_of(book, &base, failed)
+                        .and_then(|k| target(book, &k, &local, policy))
+                    {
                         Some(t) => Some(t),
                         // Its base is needed and nobody offers it.
                         None => continue,
                     }
                 };
-                target(book, key).map(|t| Plan {
+                target(book, key, &local, policy).map(|t| Plan {
                     full,
                     incremental: Some(t),
                 })
@@ -164,6 +263,8 @@ pub(crate) fn decide(
         let rank = (
             key.slot,
             plan.full.is_none(),
+            policy.weight(entry.peers.len(), entry.trusted),
+            std::cmp::Reverse(entry.first_seen),
             entry.peers.len(),
             std::cmp::Reverse(key.content_root),
         );

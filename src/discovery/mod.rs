@@ -26,14 +26,22 @@
 //!   dial, and at most `dial_budget` of those are made per interval. An answer must carry the
 //!   nonce of a request this node made lately; others are dropped.
 //! - **Trust.** Every advert is counted per snapshot as it arrives; only snapshots the
-//!   [`TrustPolicy`] accepts raise the best known slot or are chosen.
+//!   [`TrustPolicy`] accepts raise the best known slot or are chosen, and none above the
+//!   chain's tip (as the owner or the chain clock tells it) by more than `behind_threshold`.
+//!   A node that executes the chain ([`Discovery::handle_slot`]) replaces its live state only
+//!   when it was told it is behind, or with a snapshot a vouching policy accepts.
+//! - **Identities are free.** Trusted peers' adverts and answers to this node's requests are
+//!   never pushed out of the advert table by strangers' announcements, which hold a quarter
+//!   of it at most; one connection relays at most `announcements_per_source` new announcers
+//!   per interval; an announcement only one stranger vouches for is not forwarded.
 //! - **Announcements.** A node that makes or loads a snapshot while someone asked within
 //!   `announce_window` announces it after a random delay of up to `announce_delay`, unless it
 //!   heard `announce_redundancy` announcements of the same snapshot meanwhile, so a snapshot
 //!   that many nodes make at once is announced a few times, not once per node.
 //! - **Strikes.** A message that fails its checks strikes its sender; at `max_strikes` the
-//!   peer is ignored. What a failed sync means (who is struck, what is cooled down or deleted)
-//!   is the rule of `outcome.rs`.
+//!   peer is ignored. A strike is forgotten after `strike_decay`. What a failed sync means
+//!   (who is struck, what is cooled down or deleted) is the rule of `outcome.rs`; a peer whose
+//!   chunks were proven bad is struck even when the sync succeeds from others.
 //! - **During a sync** the node keeps asking every interval, and adds peers that advertise what
 //!   it is fetching to the download.
 
@@ -50,7 +58,7 @@ pub mod sim;
 mod tests;
 
 pub(crate) use advertise::advertised;
-pub use config::DiscoveryConfig;
+pub use config::{ChainClock, DiscoveryConfig};
 pub use decide::Conflict;
 pub(crate) use decide::{Plan, Target};
 pub use message::{Advert, SnapshotAd};
@@ -65,7 +73,7 @@ use libp2p::{Multiaddr, PeerId};
 use rand::{Rng as _, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
-use self::book::{AdvertBook, PeerTable};
+use self::book::{AdvertBook, PeerTable, Standing};
 use self::decide::LocalState;
 use self::message::{Gossip, InfoRequest};
 use crate::hash::ContentRoot;
@@ -162,6 +170,8 @@ pub(crate) struct Local {
     pub(crate) snapshots: Vec<SnapshotAd>,
     /// When its newest snapshot was made, seconds since the Unix epoch.
     pub(crate) modified_time: u64,
+    /// The chunk size it serves its snapshots in.
+    pub(crate) chunk_size: Option<crate::chunk::ChunkSize>,
 }
 
 /// Nonces and delays come from a seeded generator: the driver seeds it, a simulation replays it.
@@ -184,8 +194,10 @@ struct PendingAnnounce {
     heard: u32,
 }
 
-/// Most request nonces remembered; answers to older requests are dropped.
-const MAX_OUTSTANDING: usize = 32;
+/// Most request nonces remembered (besides the age limit); answers to older requests are
+/// dropped. Requests are spaced by `min_request_interval`, so at the defaults this is well
+/// over the two discovery intervals a nonce is kept for.
+const MAX_OUTSTANDING: usize = 256;
 
 /// How long a newly connected peer has to join the topic before it is asked directly.
 const SUBSCRIBE_GRACE: Duration = Duration::from_millis(250);
@@ -201,6 +213,12 @@ pub(crate) struct Discovery {
     streamer_addrs: Vec<SocketAddr>,
     listen_addrs: Vec<Multiaddr>,
     tip: Option<(u64, Instant)>,
+    /// Whether the owner executes the chain (it reported a committed slot).
+    executing: bool,
+    /// The wall clock at an instant, to read the chain clock from.
+    wall: Option<(Instant, u64)>,
+    /// Per connection that relays announcements: how many new announcers this interval.
+    relayed: PeerTable<u32>,
     stage: Stage,
     round: u64,
     next_tick: Instant,
@@ -245,6 +263,9 @@ impl Discovery {
             streamer_addrs: Vec::new(),
             listen_addrs: Vec::new(),
             tip: None,
+            executing: false,
+            wall: None,
+            relayed: PeerTable::new(cap),
             stage: Stage::Idle,
             round: 0,
             next_tick: now,
@@ -306,19 +327,64 @@ impl Discovery {
     }
 
     /// The highest slot of a snapshot the policy accepts, among those advertised.
-    pub(crate) fn best_known_slot(&self) -> Option<u64> {
+    pub(crate) fn best_known_slot(&self, now: Instant) -> Option<u64> {
+        let local = self.local_state(now);
         self.book
             .keys()
-            .filter(|(k, e)| self.config.policy.accepts(k, e.peers.len(), e.trusted))
+            .filter(|(k, e)| decide::acceptable(k, e, &local, &self.config.policy))
             .map(|(k, _)| k.slot)
             .max()
     }
 
     /// Whether `peer` is ignored for misbehaving.
-    pub(crate) fn ignores(&self, peer: &PeerId) -> bool {
-        self.strikes
-            .get(peer)
-            .is_some_and(|s| *s >= self.config.max_strikes)
+    pub(crate) fn ignores(&self, peer: &PeerId, now: Instant) -> bool {
+        self.strikes_of(peer, now) >= self.config.max_strikes
+    }
+
+    /// `peer`'s strikes now: one is forgotten every `strike_decay` since the last.
+    fn strikes_of(&self, peer: &PeerId, now: Instant) -> u32 {
+        let (Some(count), Some(at)) = (self.strikes.get(peer), self.strikes.at(peer)) else {
+            return 0;
+        };
+        let decay = self.config.strike_decay.as_nanos().max(1);
+        let forgotten = now.saturating_duration_since(at).as_nanos() / decay;
+        count.saturating_sub(forgotten.min(u128::from(u32::MAX)) as u32)
+    }
+
+    /// The chain's tip as far as this node knows: what the owner told it lately, or what the
+    /// chain clock says, whichever is higher.
+    fn tip(&self, now: Instant) -> Option<u64> {
+        let told = self
+            .tip
+            .filter(|(_, at)| {
+                now.saturating_duration_since(*at) < self.config.discovery_interval * 2
+            })
+            .map(|(t, _)| t);
+        let clock = match (self.config.chain_clock, self.wall) {
+            (Some(clock), Some((at, unix_ms))) => {
+                let ms =
+                    unix_ms.saturating_add(now.saturating_duration_since(at).as_millis() as u64);
+                Some(clock.slot_at(ms))
+            }
+            _ => None,
+        };
+        told.max(clock)
+    }
+
+    /// What a decision needs to know of this node.
+    fn local_state(&self, now: Instant) -> LocalState {
+        let tip = self.tip(now);
+        let told_behind = match (self.local.slot, tip) {
+            (Some(local), Some(tip)) => local.saturating_add(self.config.behind_threshold) < tip,
+            _ => false,
+        };
+        LocalState {
+            slot: self.local.slot,
+            not_on: self.not_on,
+            ceiling: tip.map(|t| t.saturating_add(self.config.behind_threshold)),
+            vouched_only: self.executing && self.local.slot.is_some() && !told_behind,
+            chunk_size: self.local.chunk_size,
+        }
     }
 
     // ---- what the driver tells ----
@@ -336,6 +402,16 @@ impl Discovery {
     /// Where this node is reached (carried in requests, for holders to answer).
     pub(crate) fn handle_listen_addrs(&mut self, addrs: Vec<Multiaddr>) {
         self.listen_addrs = addrs;
+    }
+
+    /// The owner committed `slot`: this node executes the chain (see the module docs).
+    pub(crate) fn handle_slot(&mut self, _slot: u64, _now: Instant) {
+        self.executing = true;
+    }
+
+    /// The wall clock reads `unix_ms` at `now` (for the chain clock).
+    pub(crate) fn handle_wall_clock(&mut self, unix_ms: u64, now: Instant) {
+        self.wall = Some((now, unix_ms));
     }
 
     /// The chain's tip, as the owner knows it (from its consensus, say). A node behind it by
@@ -362,7 +438,7 @@ impl Discovery {
             return; // beyond the table's bound: reached through the topic only
         }
         self.connected.insert(peer, now);
-        if self.wants_answers(now) && !self.ignores(&peer) {
+        if self.wants_answers(now) && !self.ignores(&peer, now) {
             if self.ask_due.len() >= cap {
                 self.ask_due.pop_front();
             }
@@ -407,10 +483,12 @@ impl Discovery {
         }
     }
 
-    /// A gossip message arrived on the topic, signed by `source`.
+    /// A gossip message arrived on the topic, signed by `source`, relayed by the connected peer
+    /// `relay` (the source itself, or a peer forwarding it).
     pub(crate) fn handle_gossip(
         &mut self,
         source: Option<PeerId>,
+        relay: PeerId,
         data: &[u8],
         now: Instant,
     ) -> Verdict {
@@ -420,7 +498,7 @@ impl Discovery {
         if source == self.me {
             return Verdict::Ignore;
         }
-        if self.ignores(&source) {
+        if self.ignores(&source, now) {
             return Verdict::Ignore;
         }
         match message::check_gossip(
@@ -433,16 +511,7 @@ impl Discovery {
                 self.on_request(source, r, true, now);
                 Verdict::Accept
             }
-            Ok(Gossip::Announcement(a)) => {
-                self.metrics.message(MessageKind::AnnouncementReceived);
-                if let Some(p) = self.announce.as_mut()
-                    && a.snapshots.iter().any(|s| s.key == p.key)
-                {
-                    p.heard += 1;
-                }
-                self.on_advert(a, now);
-                Verdict::Accept
-            }
+            Ok(Gossip::Announcement(a)) => self.on_announcement(a, relay, now),
             Err(e) => {
                 self.strike(source, &e, now);
                 Verdict::Reject
@@ -458,7 +527,7 @@ impl Discovery {
         request: &proto::SnapshotInfoRequest,
         now: Instant,
     ) -> Option<proto::SnapshotInfoResponse> {
-        if self.ignores(&peer) {
+        if self.ignores(&peer, now) {
             return None;
         }
         self.metrics.message(MessageKind::AskReceived);
@@ -480,7 +549,7 @@ impl Discovery {
         asked: bool,
         now: Instant,
     ) {
-        if self.ignores(&peer) {
+        if self.ignores(&peer, now) {
             return;
         }
         let horizon = self.config.discovery_interval * 2;
@@ -499,9 +568,53 @@ impl Discovery {
         match message::check_advert(answer, peer, self.config.limits) {
             Ok(a) => {
                 self.metrics.message(MessageKind::AnswerReceived);
-                self.on_advert(a, now);
+                self.on_advert(a, Standing::Answered, now);
             }
             Err(e) => self.strike(peer, &e, now),
+        }
+    }
+
+    /// An announcement: recorded (within what its relay may bring in), and forwarded only when
+    /// someone besides its one stranger vouches for its snapshot.
+    fn on_announcement(&mut self, a: Advert, relay: PeerId, now: Instant) -> Verdict {
+        self.metrics.message(MessageKind::AnnouncementReceived);
+        if let Some(p) = self.announce.as_mut()
+            && a.snapshots.iter().any(|s| s.key == p.key)
+        {
+            p.heard += 1;
+        }
+        let trusted = self.config.policy.trusts(&a.peer);
+        let vouched = trusted
+            || a.newest().is_some_and(|n| {
+                self.local.snapshots.iter().any(|s| s.key == n.key)
+                    || self
+                        .book
+                        .entry(&n.key)
+                        .is_some_and(|e| e.peers.iter().any(|p| *p != a.peer))
+            });
+        // A relay brings in a bounded number of new announcers per interval.
+        let known = self.book.standing(&a.peer).is_some();
+        if !trusted && !known {
+            if self
+                .relayed
+                .at(&relay)
+                .is_some_and(|t| now.saturating_duration_since(t) >= self.config.discovery_interval)
+            {
+                self.relayed.insert(relay, 0, now);
+            }
+            let brought = self.relayed.get(&relay).copied().unwrap_or(0);
+            if brought >= self.config.announcements_per_source {
+                tracing::debug!(target: TARGET, %relay, "this relay brought in its share of new announcers; dropping");
+                return Verdict::Ignore;
+            }
+            let since = self.relayed.at(&relay).unwrap_or(now);
+            self.relayed.insert(relay, brought + 1, since);
+        }
+        self.on_advert(a, Standing::Announced, now);
+        if vouched {
+            Verdict::Accept
+        } else {
+            Verdict::Ignore
         }
     }
 
@@ -523,8 +636,11 @@ impl Discovery {
             }
         };
         match outcome {
-            SyncOutcome::Synced => {
+            SyncOutcome::Synced { bad_peers } => {
                 self.not_on = None;
+                for peer in bad_peers {
+                    self.strike(peer, &outcome::Offence::BadChunks, now);
+                }
                 self.schedule_announce(now);
             }
             SyncOutcome::Failed(failure) => {
@@ -572,7 +688,7 @@ impl Discovery {
         {
             self.ask_due.pop_front();
             let missing = self.connected.contains_key(&peer) && !self.subscribed.contains(&peer);
-            if missing && self.wants_answers(now) && !self.ignores(&peer) {
+            if missing && self.wants_answers(now) && !self.ignores(&peer, now) {
                 self.ask(peer, now);
                 if self.stage == Stage::Idle {
                     self.start_round(now);
@@ -620,8 +736,8 @@ impl Discovery {
 
     /// Whether a policy-accepted snapshot newer than the node's state by more than the
     /// threshold is known.
-    fn best_newer(&self, _now: Instant) -> bool {
-        match (self.local.slot, self.best_known_slot()) {
+    fn best_newer(&self, now: Instant) -> bool {
+        match (self.local.slot, self.best_known_slot(now)) {
             (None, Some(_)) => true,
             (Some(local), Some(best)) => best > local.saturating_add(self.config.behind_threshold),
             _ => false,
@@ -642,9 +758,7 @@ impl Discovery {
         let Some(local) = self.local.slot else {
             return false;
         };
-        if let Some((tip, at)) = self.tip
-            && now.saturating_duration_since(at) < self.config.discovery_interval * 2
-        {
+        if let Some(tip) = self.tip(now) {
             return local.saturating_add(self.config.behind_threshold) >= tip;
         }
         let informed = self
@@ -665,7 +779,7 @@ impl Discovery {
             .filter(|(p, since)| {
                 now.saturating_duration_since(**since) >= grace
                     && !self.subscribed.contains(*p)
-                    && !self.ignores(p)
+                    && !self.ignores(p, now)
             })
             .map(|(p, _)| *p)
             .take(self.config.max_direct_asks)
@@ -690,10 +804,17 @@ impl Discovery {
         }));
     }
 
+    /// A nonce for a published request, remembered for two discovery intervals so that late
+    /// answers are taken. (Never 0: that is the nonce of announcements.)
     fn new_nonce(&mut self, now: Instant) -> u64 {
-        // Never 0: that is the nonce of announcements.
         let nonce = self.rng.random::<u64>() | 1;
-        if self.outstanding.len() >= MAX_OUTSTANDING {
+        let horizon = self.config.discovery_interval * 2;
+        while self
+            .outstanding
+            .front()
+            .is_some_and(|(_, t)| now.saturating_duration_since(*t) >= horizon)
+            || self.outstanding.len() >= MAX_OUTSTANDING
+        {
             self.outstanding.pop_front();
         }
         self.outstanding.push_back((nonce, now));
@@ -732,7 +853,8 @@ impl Discovery {
             return;
         }
         self.asked.insert(peer, (), now);
-        let nonce = self.new_nonce(now);
+        // The answer comes back as the ask's response: no nonce to remember.
+        let nonce = self.rng.random::<u64>() | 1;
         let request = message::request(self.me, nonce, self.local.slot, &[]);
         self.metrics.message(MessageKind::AskSent);
         self.actions.push_back(Action::Ask { peer, request });
@@ -801,11 +923,13 @@ impl Discovery {
         true
     }
 
-    fn on_advert(&mut self, advert: Advert, now: Instant) {
+    fn on_advert(&mut self, advert: Advert, standing: Standing, now: Instant) {
         let peer = advert.peer;
         let addrs = advert.streamer_addrs.clone();
         let keys: Vec<SnapshotKey> = advert.snapshots.iter().map(|s| s.key).collect();
-        self.book.insert(advert, now, &self.config.policy);
+        if !self.book.insert(advert, standing, now, &self.config.policy) {
+            return;
+        }
         if let Stage::Syncing { plan } = &self.stage {
             for key in keys.iter().filter(|k| plan.fetches(k)) {
                 self.actions.push_back(Action::AddSyncPeer {
@@ -822,10 +946,7 @@ impl Discovery {
 
     /// The answer window closed: choose, and start the sync or say there is nothing.
     fn decide(&mut self, round: u64, now: Instant) {
-        let local = LocalState {
-            slot: self.local.slot,
-            not_on: self.not_on,
-        };
+        let local = self.local_state(now);
         let failed = |k: &SnapshotKey| self.failed.get(k).is_some_and(|until| *until > now);
         let decision = decide::decide(&self.book, local, &self.config.policy, &failed);
         for conflict in decision.conflicts {
@@ -908,7 +1029,7 @@ impl Discovery {
 
     fn strike(&mut self, peer: PeerId, error: &dyn std::fmt::Display, now: Instant) {
         self.metrics.message(MessageKind::Malformed);
-        let strikes = self.strikes.get(&peer).copied().unwrap_or(0) + 1;
+        let strikes = self.strikes_of(&peer, now) + 1;
         self.strikes.insert(peer, strikes, now);
         tracing::debug!(target: TARGET, %peer, %error, strikes, "dropped a bad message");
         if strikes == self.config.max_strikes {

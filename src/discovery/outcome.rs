@@ -63,8 +63,8 @@ pub(crate) struct SyncFailure {
 /// How a sync ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum SyncOutcome {
-    /// The plan's last snapshot is loaded.
-    Synced,
+    /// The plan's last snapshot is loaded. `bad_peers` sent chunks proven wrong on the way.
+    Synced { bad_peers: Vec<PeerId> },
     /// It failed.
     Failed(SyncFailure),
     /// It was cancelled (by the owner, or by shutting down).
@@ -163,6 +163,7 @@ mod tests {
 
     use super::*;
     use crate::chunk::ChunkSize;
+    use crate::discovery::book::Standing;
     use crate::discovery::decide::Target;
     use crate::discovery::message::{Advert, SnapshotAd};
     use crate::discovery::policy::TrustPolicy;
@@ -188,6 +189,7 @@ mod tests {
     fn target(ad: SnapshotAd) -> Target {
         Target {
             ad,
+            counts_vouched: true,
             peers: Vec::new(),
         }
     }
@@ -207,6 +209,7 @@ mod tests {
                     holder_slot: None,
                     modified_time: 0,
                 },
+                Standing::Answered,
                 Instant::now(),
                 &TrustPolicy::default(),
             );

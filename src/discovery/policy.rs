@@ -126,6 +126,28 @@ impl TrustPolicy {
         }
     }
 
+    /// How much the advertisers of a snapshot weigh for this policy when snapshots of one slot
+    /// compete: distinct peers when untrusted, trusted peers when trusted, nothing for a
+    /// pinned snapshot or a verifier (identities are free).
+    pub(crate) fn weight(&self, peers: usize, trusted: usize) -> usize {
+        match self {
+            TrustPolicy::Untrusted { .. } => peers,
+            TrustPolicy::TrustedPeers { .. } => trusted,
+            TrustPolicy::TrustedSnapshot { .. } | TrustPolicy::Verifier(_) => 0,
+        }
+    }
+
+    /// Whether `peers` agreeing on what an advert says beyond the key (of which `trusted` are
+    /// trusted) is as much as the policy needs to believe it: what it needs for the key itself.
+    /// A pinned snapshot or a verifier vouch for the key alone.
+    pub(crate) fn vouches_counts(&self, peers: usize, trusted: usize) -> bool {
+        match self {
+            TrustPolicy::Untrusted { min_agreeing_peers } => peers >= (*min_agreeing_peers).max(1),
+            TrustPolicy::TrustedPeers { quorum, .. } => trusted >= (*quorum).max(1),
+            TrustPolicy::TrustedSnapshot { .. } | TrustPolicy::Verifier(_) => false,
+        }
+    }
+
     /// Words for the log line at start.
     pub(crate) fn describe(&self) -> String {
         match self {

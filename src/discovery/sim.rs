@@ -281,8 +281,10 @@ impl Sim {
                 if !self.nodes[to].seen.insert((origin, id)) {
                     return;
                 }
-                let source = self.peer(origin);
-                let verdict = self.nodes[to].disc.handle_gossip(Some(source), &bytes, now);
+                let (source, relay) = (self.peer(origin), self.peer(from));
+                let verdict = self.nodes[to]
+                    .disc
+                    .handle_gossip(Some(source), relay, &bytes, now);
                 self.drain(to);
                 if verdict == super::Verdict::Accept {
                     self.flood(to, from, origin, id, bytes);
@@ -325,8 +327,9 @@ impl Sim {
                     slot: Some(snapshots[0].key.slot),
                     snapshots,
                     modified_time: 0,
+                    chunk_size: None,
                 });
-                node.handle_sync_ended(SyncOutcome::Synced, now);
+                node.handle_sync_ended(SyncOutcome::Synced { bad_peers: vec![] }, now);
                 self.drain(n);
             }
         }
@@ -413,6 +416,7 @@ pub fn run(config: &SimConfig) -> SimReport {
                 slot: Some(25_310),
                 snapshots: snaps.clone(),
                 modified_time: 0,
+                chunk_size: None,
             });
         }
         sim.index.insert(me, i);

@@ -35,6 +35,9 @@ fn config() -> DiscoveryConfig {
         max_tracked_peers: 64,
         dial_budget: 2,
         max_direct_asks: 16,
+        strike_decay: 600 * SEC,
+        announcements_per_source: 16,
+        chain_clock: None,
     }
 }
 
@@ -137,6 +140,7 @@ fn plan_of(actions: &[Action]) -> Option<Plan> {
 
 fn local(slot: Option<u64>, snaps: Vec<SnapshotAd>) -> Local {
     Local {
+        chunk_size: None,
         slot,
         snapshots: snaps,
         modified_time: 0,
@@ -266,7 +270,7 @@ fn holders_answer_newer_snapshots_once_per_cooldown_and_dial_within_a_budget() {
     let r = PeerId::random();
     d.handle_connected(r, t0);
     assert_eq!(
-        d.handle_gossip(Some(r), &gossip_request(r, 5, Some(50)), t0),
+        d.handle_gossip(Some(r), r, &gossip_request(r, 5, Some(50)), t0),
         Verdict::Accept
     );
     let a = drain(&mut d);
@@ -278,6 +282,7 @@ fn holders_answer_newer_snapshots_once_per_cooldown_and_dial_within_a_budget() {
     // Again within the cooldown: no answer.
     d.handle_gossip(
         Some(r),
+        r,
         &gossip_request(r, 6, Some(50)),
         t0 + Duration::from_millis(10),
     );
@@ -285,17 +290,22 @@ fn holders_answer_newer_snapshots_once_per_cooldown_and_dial_within_a_budget() {
     // A requester already at the holder's slot gets nothing.
     let q = PeerId::random();
     d.handle_connected(q, t0);
-    d.handle_gossip(Some(q), &gossip_request(q, 7, Some(100)), t0);
+    d.handle_gossip(Some(q), q, &gossip_request(q, 7, Some(100)), t0);
     assert!(answers(&drain(&mut d)).is_empty());
     // Requesters not connected cost a dial each: two per interval here.
     let far: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
     for p in &far {
-        d.handle_gossip(Some(*p), &gossip_request(*p, 8, None), t0 + 2 * SEC);
+        d.handle_gossip(Some(*p), *p, &gossip_request(*p, 8, None), t0 + 2 * SEC);
     }
     assert_eq!(answers(&drain(&mut d)).len(), 2);
     // The budget comes back with the next interval.
     let late = PeerId::random();
-    d.handle_gossip(Some(late), &gossip_request(late, 9, None), t0 + 33 * SEC);
+    d.handle_gossip(
+        Some(late),
+        late,
+        &gossip_request(late, 9, None),
+        t0 + 33 * SEC,
+    );
     assert_eq!(answers(&drain(&mut d)), vec![late]);
 }
 
@@ -332,18 +342,18 @@ fn answers_to_no_request_of_ours_are_dropped_and_change_nothing() {
     let p = PeerId::random();
     // Before any request: unsolicited.
     d.handle_answer(p, &answer(p, &[full(1 << 40, 1)], 77), false, t0);
-    assert_eq!(d.best_known_slot(), None);
+    assert_eq!(d.best_known_slot(t0), None);
     d.handle_timeout(t0);
     let nonce = last_nonce(&drain(&mut d));
     // With a wrong nonce: still unsolicited.
     d.handle_answer(p, &answer(p, &[full(1 << 40, 1)], nonce ^ 2), false, t0);
-    assert_eq!(d.best_known_slot(), None);
+    assert_eq!(d.best_known_slot(t0), None);
     // With the right one: heard.
     d.handle_answer(p, &answer(p, &[full(300, 1)], nonce), false, t0);
-    assert_eq!(d.best_known_slot(), Some(300));
+    assert_eq!(d.best_known_slot(t0), Some(300));
     // And much later, the nonce has expired.
     d.handle_answer(p, &answer(p, &[full(400, 1)], nonce), false, t0 + 61 * SEC);
-    assert_eq!(d.best_known_slot(), Some(300));
+    assert_eq!(d.best_known_slot(t0), Some(300));
 }
 
 #[test]
@@ -364,7 +374,7 @@ fn adverts_the_policy_rejects_move_neither_the_best_slot_nor_the_choice() {
         let p = PeerId::random();
         d.handle_answer(p, &answer(p, &[full(1 << 60, 9)], nonce), false, t0);
     }
-    assert_eq!(d.best_known_slot(), None);
+    assert_eq!(d.best_known_slot(t0), None);
     // One trusted peer is not a quorum of two.
     d.handle_answer(
         trusted[0],
@@ -372,27 +382,27 @@ fn adverts_the_policy_rejects_move_neither_the_best_slot_nor_the_choice() {
         false,
         t0,
     );
-    assert_eq!(d.best_known_slot(), None);
+    assert_eq!(d.best_known_slot(t0), None);
     d.handle_answer(
         trusted[1],
         &answer(trusted[1], &[full(1200, 1)], nonce),
         false,
         t0,
     );
-    assert_eq!(d.best_known_slot(), Some(1200));
+    assert_eq!(d.best_known_slot(t0), Some(1200));
     d.handle_timeout(t0 + SEC);
     let plan = plan_of(&drain(&mut d)).expect("a plan");
     assert_eq!(plan.last().ad.key.slot, 1200);
 }
 
 #[test]
-fn strikes_lead_to_being_ignored_once_and_for_all() {
+fn strikes_lead_to_being_ignored() {
     let t0 = Instant::now();
     let mut d = machine(config(), t0);
     let p = PeerId::random();
     for i in 0..3 {
         assert_eq!(
-            d.handle_gossip(Some(p), b"\xff\xfe junk", t0),
+            d.handle_gossip(Some(p), p, b"\xff\xfe junk", t0),
             Verdict::Reject,
             "{i}"
         );
@@ -402,9 +412,9 @@ fn strikes_lead_to_being_ignored_once_and_for_all() {
         .filter(|a| matches!(a, Action::Notice(Notice::Misbehaved { .. })))
         .collect();
     assert_eq!(misbehaved.len(), 1);
-    assert!(d.ignores(&p));
+    assert!(d.ignores(&p, t0));
     assert_eq!(
-        d.handle_gossip(Some(p), b"\xff\xfe junk", t0),
+        d.handle_gossip(Some(p), p, b"\xff\xfe junk", t0),
         Verdict::Ignore
     );
     assert_eq!(
@@ -430,12 +440,12 @@ fn tables_are_bounded_whatever_the_number_of_identities() {
             false,
             t0 + Duration::from_millis(i),
         );
-        d.handle_gossip(Some(p), b"junk", t0);
+        d.handle_gossip(Some(p), p, b"junk", t0);
     }
     assert_eq!(d.book.len(), 8);
     assert!(d.strikes.len() <= 8);
     // The newest adverts stayed.
-    assert_eq!(d.best_known_slot(), Some(109));
+    assert_eq!(d.best_known_slot(t0), Some(109));
 }
 
 #[test]
@@ -447,7 +457,7 @@ fn announcements_go_to_waiting_nodes_after_a_delay_unless_enough_were_heard() {
     assert!(d.announce.is_none());
     // Someone asked: it is, after a delay of up to a second.
     let r = PeerId::random();
-    d.handle_gossip(Some(r), &gossip_request(r, 1, Some(10)), t0);
+    d.handle_gossip(Some(r), r, &gossip_request(r, 1, Some(10)), t0);
     drain(&mut d);
     d.handle_local(local(Some(150), vec![full(150, 2), full(100, 1)]));
     d.handle_snapshot_created(t0 + SEC);
@@ -466,7 +476,7 @@ fn announcements_go_to_waiting_nodes_after_a_delay_unless_enough_were_heard() {
             0,
         )));
         assert_eq!(
-            d.handle_gossip(Some(p), &ann, t0 + 2 * SEC),
+            d.handle_gossip(Some(p), p, &ann, t0 + 2 * SEC),
             Verdict::Accept
         );
     }
@@ -678,4 +688,319 @@ fn a_producer_never_asks() {
     d.handle_timeout(t0 + 30 * SEC);
     d.handle_connected(PeerId::random(), t0 + 31 * SEC);
     assert_eq!(publishes(&drain(&mut d)), 0);
+}
+
+// ---- Free identities (issue: free identities cannot overwrite, stall or discredit a node) ----
+
+/// A machine that asked once; returns it with the nonce of its request.
+fn asking(config: DiscoveryConfig, t0: Instant, slot: Option<u64>) -> (Discovery, u64) {
+    let mut d = machine(config, t0);
+    d.handle_local(local(slot, vec![]));
+    d.handle_timeout(t0);
+    let nonce = last_nonce(&drain(&mut d));
+    (d, nonce)
+}
+
+fn trusted_config(trusted: &[PeerId], quorum: usize) -> DiscoveryConfig {
+    let mut c = config();
+    c.policy = TrustPolicy::TrustedPeers {
+        peers: trusted.iter().copied().collect(),
+        quorum,
+    };
+    c
+}
+
+#[test]
+fn a_node_that_executes_the_chain_keeps_its_live_state_unless_told_it_is_behind() {
+    let t0 = Instant::now();
+    let (mut d, nonce) = asking(config(), t0, Some(100));
+    d.handle_slot(100, t0);
+    // One peer advertises a valid-looking snapshot near the end of time.
+    let attacker = PeerId::random();
+    d.handle_answer(
+        attacker,
+        &answer(attacker, &[full(u64::MAX - 1, 9)], nonce),
+        false,
+        t0,
+    );
+    assert_eq!(d.best_known_slot(t0), None, "moves nothing");
+    d.handle_timeout(t0 + SEC);
+    assert!(
+        plan_of(&drain(&mut d)).is_none(),
+        "an executing node takes nothing"
+    );
+    // Told it is far behind (its consensus says the tip is at 5000): it syncs, but only to
+    // what the tip makes plausible.
+    let honest = PeerId::random();
+    d.handle_chain_tip(5000, t0 + 2 * SEC);
+    let nonce = last_nonce(&drain(&mut d));
+    d.handle_answer(
+        honest,
+        &answer(honest, &[full(4990, 1)], nonce),
+        false,
+        t0 + 2 * SEC,
+    );
+    d.handle_answer(
+        attacker,
+        &answer(attacker, &[full(u64::MAX - 1, 9)], nonce),
+        false,
+        t0 + 2 * SEC,
+    );
+    d.handle_timeout(t0 + 3 * SEC);
+    let plan = plan_of(&drain(&mut d)).expect("told it is behind, it syncs");
+    assert_eq!(plan.last().ad.key.slot, 4990);
+}
+
+#[test]
+fn an_executing_node_takes_what_a_vouching_policy_accepts_without_being_told() {
+    let t0 = Instant::now();
+    let trusted: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
+    let (mut d, nonce) = asking(trusted_config(&trusted, 2), t0, Some(100));
+    d.handle_slot(100, t0);
+    for p in &trusted[..2] {
+        d.handle_answer(*p, &answer(*p, &[full(400, 1)], nonce), false, t0);
+    }
+    d.handle_timeout(t0 + SEC);
+    assert_eq!(plan_of(&drain(&mut d)).unwrap().last().ad.key.slot, 400);
+}
+
+#[test]
+fn the_chain_clock_makes_far_future_slots_implausible_for_every_node() {
+    let t0 = Instant::now();
+    let mut c = config();
+    // Slot 0 a thousand seconds ago, one slot a second: the chain is at slot 1000.
+    c.chain_clock = Some(ChainClock::new(1_000_000, SEC));
+    let mut d = machine(c, t0);
+    d.handle_wall_clock(2_000_000, t0);
+    d.handle_timeout(t0);
+    let nonce = last_nonce(&drain(&mut d));
+    let (liar, honest) = (PeerId::random(), PeerId::random());
+    d.handle_answer(liar, &answer(liar, &[full(1 << 40, 9)], nonce), false, t0);
+    d.handle_answer(honest, &answer(honest, &[full(990, 1)], nonce), false, t0);
+    assert_eq!(d.best_known_slot(t0), Some(990));
+    // Ten slots later the clock reads 1010: still within the threshold (10) of it.
+    assert_eq!(d.best_known_slot(t0 + 10 * SEC), Some(990));
+    d.handle_timeout(t0 + SEC);
+    assert_eq!(plan_of(&drain(&mut d)).unwrap().last().ad.key.slot, 990);
+}
+
+#[test]
+fn what_lies_outside_the_key_comes_from_the_trusted_and_they_are_tried_first() {
+    let t0 = Instant::now();
+    let trusted: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
+    let (mut d, nonce) = asking(trusted_config(&trusted, 2), t0, None);
+    let honest = full(500, 1);
+    // Identities that sort anywhere advertise the same key with counts that cannot load.
+    let mut lying = honest;
+    lying.entry_count = 1;
+    lying.state_bytes = u64::MAX;
+    for _ in 0..20 {
+        let p = PeerId::random();
+        d.handle_answer(p, &answer(p, &[lying], nonce), false, t0);
+    }
+    for p in &trusted {
+        d.handle_answer(
+            *p,
+            &answer(*p, &[honest], nonce),
+            false,
+            t0 + Duration::from_millis(1),
+        );
+    }
+    d.handle_timeout(t0 + SEC);
+    let plan = plan_of(&drain(&mut d)).unwrap();
+    let t = plan.last();
+    assert!(t.counts_vouched);
+    assert_eq!((t.ad.entry_count, t.ad.state_bytes), (10, 1 << 21));
+    let first: Vec<PeerId> = t.peers.iter().take(3).map(|(p, _)| *p).collect();
+    for p in &trusted {
+        assert!(first.contains(p), "trusted peers come first: {first:?}");
+    }
+    assert_eq!(t.peers.len(), 23, "the others serve too, after them");
+}
+
+#[test]
+fn counts_no_policy_vouches_for_are_marked_as_claims() {
+    let t0 = Instant::now();
+    let mut c = config();
+    c.policy = TrustPolicy::TrustedSnapshot {
+        slot: 500,
+        bank_hash: BankHash([1; 32]),
+        content_root: None,
+    };
+    let (mut d, nonce) = asking(c, t0, None);
+    let p = PeerId::random();
+    d.handle_answer(p, &answer(p, &[full(500, 1)], nonce), false, t0);
+    d.handle_timeout(t0 + SEC);
+    assert!(!plan_of(&drain(&mut d)).unwrap().last().counts_vouched);
+}
+
+#[test]
+fn fresh_roots_for_a_pinned_state_do_not_keep_the_one_heard_first_from_being_tried() {
+    let t0 = Instant::now();
+    let mut c = config();
+    c.policy = TrustPolicy::TrustedSnapshot {
+        slot: 500,
+        bank_hash: BankHash([1; 32]),
+        content_root: None,
+    };
+    let (mut d, nonce) = asking(c, t0, None);
+    let honest = full(500, 1);
+    for _ in 0..3 {
+        let p = PeerId::random();
+        d.handle_answer(p, &answer(p, &[honest], nonce), false, t0);
+    }
+    // After each failure the attacker brings a fresh, lower root from more fresh identities.
+    for round in 0..3u8 {
+        let mut fake = honest;
+        fake.key.content_root = ContentRoot([0; 32]);
+        fake.key.content_root.0[31] = round;
+        let at = t0 + Duration::from_secs(2 + u64::from(round));
+        for _ in 0..10 {
+            let p = PeerId::random();
+            d.handle_answer(p, &answer(p, &[fake], nonce), false, at);
+        }
+        d.handle_sync_now(at);
+        drain(&mut d);
+        d.handle_timeout(at + SEC);
+        let plan = plan_of(&drain(&mut d)).expect("a plan");
+        assert_eq!(
+            plan.last().ad.key.content_root,
+            honest.key.content_root,
+            "round {round}"
+        );
+        d.handle_sync_ended(SyncOutcome::Cancelled, at + SEC);
+    }
+}
+
+#[test]
+fn thousands_of_announcing_identities_leave_the_trusted_adverts_in_place() {
+    let t0 = Instant::now();
+    let trusted: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
+    let mut c = trusted_config(&trusted, 2);
+    c.max_tracked_peers = 4096;
+    let (mut d, nonce) = asking(c, t0, None);
+    for p in &trusted {
+        d.handle_answer(*p, &answer(*p, &[full(500, 1)], nonce), false, t0);
+    }
+    // 4,096 fresh identities announce right after, relayed by 64 connections.
+    let relays: Vec<PeerId> = (0..64).map(|_| PeerId::random()).collect();
+    for i in 0..4096u64 {
+        let p = PeerId::random();
+        let ann = message::gossip(crate::proto::discovery_message::Body::Announcement(answer(
+            p,
+            &[full(600 + i, 7)],
+            0,
+        )));
+        d.handle_gossip(Some(p), relays[i as usize % 64], &ann, t0);
+    }
+    d.handle_timeout(t0 + SEC);
+    let plan = plan_of(&drain(&mut d)).expect("not NoSnapshotAvailable");
+    assert_eq!(plan.last().ad.key, full(500, 1).key);
+    assert!(d.book.len() <= 3 + 4096 / 4);
+}
+
+#[test]
+fn one_connection_brings_in_a_bounded_number_of_announcers_and_lone_strangers_are_not_forwarded() {
+    let t0 = Instant::now();
+    let mut c = config();
+    c.announcements_per_source = 4;
+    let mut d = machine(c, t0);
+    let relay = PeerId::random();
+    let announce = |p: PeerId, slot: u64| {
+        message::gossip(crate::proto::discovery_message::Body::Announcement(answer(
+            p,
+            &[full(slot, 3)],
+            0,
+        )))
+    };
+    let mut verdicts = Vec::new();
+    for i in 0..10u64 {
+        let p = PeerId::random();
+        verdicts.push(d.handle_gossip(Some(p), relay, &announce(p, 100 + i), t0));
+    }
+    assert_eq!(d.book.len(), 4, "four new announcers from one relay");
+    assert!(
+        verdicts.iter().all(|v| *v == Verdict::Ignore),
+        "what one stranger alone vouches for is not forwarded: {verdicts:?}"
+    );
+    // Another relay, another share; and a snapshot someone else vouches for is forwarded.
+    let (p, q) = (PeerId::random(), PeerId::random());
+    let other = PeerId::random();
+    assert_eq!(
+        d.handle_gossip(Some(p), other, &announce(p, 200), t0),
+        Verdict::Ignore
+    );
+    assert_eq!(
+        d.handle_gossip(Some(q), other, &announce(q, 200), t0),
+        Verdict::Accept
+    );
+    // The share comes back with the next interval.
+    let r = PeerId::random();
+    d.handle_gossip(Some(r), relay, &announce(r, 300), t0 + 30 * SEC);
+    assert!(d.book.standing(&r).is_some());
+}
+
+#[test]
+fn strikes_decay() {
+    let t0 = Instant::now();
+    let mut c = config();
+    c.strike_decay = 60 * SEC;
+    let mut d = machine(c, t0);
+    let p = PeerId::random();
+    for _ in 0..3 {
+        d.handle_gossip(Some(p), p, b"\xff\xfe junk", t0);
+    }
+    assert!(d.ignores(&p, t0));
+    assert!(d.ignores(&p, t0 + 59 * SEC));
+    // One strike is forgotten a minute after the last: below the three that ignore.
+    assert!(!d.ignores(&p, t0 + 60 * SEC));
+    // A strike then counts on what is left.
+    d.handle_gossip(Some(p), p, b"\xff\xfe junk", t0 + 60 * SEC);
+    assert!(d.ignores(&p, t0 + 60 * SEC));
+}
+
+#[test]
+fn a_peer_whose_chunks_were_bad_is_struck_even_when_the_sync_succeeds() {
+    let t0 = Instant::now();
+    let (mut d, nonce) = asking(config(), t0, None);
+    let (good, bad) = (PeerId::random(), PeerId::random());
+    for p in [good, bad] {
+        d.handle_answer(p, &answer(p, &[full(100, 1)], nonce), false, t0);
+    }
+    d.handle_timeout(t0 + SEC);
+    assert!(plan_of(&drain(&mut d)).is_some());
+    d.handle_sync_ended(
+        SyncOutcome::Synced {
+            bad_peers: vec![bad],
+        },
+        t0 + 2 * SEC,
+    );
+    assert_eq!(d.strikes.get(&bad), Some(&1));
+    assert_eq!(d.strikes.get(&good), None);
+}
+
+#[test]
+fn churning_connections_do_not_push_out_the_nonce_of_a_request() {
+    let t0 = Instant::now();
+    let mut d = machine(config(), t0);
+    d.handle_local(local(Some(100), vec![]));
+    d.handle_timeout(t0);
+    let nonce = last_nonce(&drain(&mut d));
+    // Hundreds of identities connect and are asked directly.
+    for i in 0..500u64 {
+        let p = PeerId::random();
+        let at = t0 + Duration::from_millis(i);
+        d.handle_connected(p, at);
+        d.handle_timeout(at + SEC);
+        drain(&mut d);
+    }
+    // A late answer to the published request still counts.
+    let late = PeerId::random();
+    d.handle_answer(
+        late,
+        &answer(late, &[full(900, 1)], nonce),
+        false,
+        t0 + 20 * SEC,
+    );
+    assert_eq!(d.best_known_slot(t0 + 20 * SEC), Some(900));
 }

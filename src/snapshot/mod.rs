@@ -14,15 +14,15 @@ pub use create::{
     CreateError, CreateOptions, CreationTask, Creator, CreatorConfig, CreatorConfigError,
     DEFAULT_FULL_INTERVAL, DEFAULT_RANGE_FOR_SNAPSHOT, create_incremental, create_snapshot,
 };
-pub(crate) use load::load_chain_legs;
 pub use load::{
     ArchiveSource, HashStage, LoadError, LoadLimits, LoadReport, Watermark, load_chain,
     load_snapshot,
 };
+pub(crate) use load::{Loaded, load_chain_legs};
 pub(crate) use manifest::{Base, SnapshotKey};
 pub use manifest::{FORMAT_VERSION, MAX_MANIFEST_BYTES, Manifest, ManifestError};
-pub(crate) use store::IoAt;
 pub use store::{
     ARCHIVE_FILE, MANIFEST_FILE, OUTBOARD_FILE, Retention, ServingPin, Snapshot, SnapshotStore,
     StoreError,
 };
+pub(crate) use store::{IoAt, PartialClaim, now_unix_ms};

@@ -12,6 +12,10 @@
 //!   .partial-<root>/   a download in progress, kept for resume
 //! ```
 //!
+//! The directory itself is locked (flock) by the one process that has the store open: a second
+//! process opening a store in use is refused at once, naming the directory (its open would
+//! otherwise sweep away the first one's snapshot being written).
+//!
 //! A snapshot is written completely inside a `.tmp-*` directory, every file fsynced, then the
 //! directory is renamed to its final name and the parent fsynced. The rename is the commit
 //! point: a crash at any moment leaves either no snapshot or a complete one, never a partial
@@ -87,6 +91,12 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// Another process has the snapshot directory open.
+    #[error("snapshot directory is in use by another process: {path}")]
+    InUse {
+        /// The directory.
+        path: PathBuf,
+    },
     /// A published snapshot's manifest cannot be read.
     #[error("invalid manifest {path}: {source}")]
     Manifest {
@@ -121,6 +131,7 @@ impl StoreError {
             | StoreError::NotADirectory { path }
             | StoreError::DiskFull { path, .. }
             | StoreError::Io { path, .. }
+            | StoreError::InUse { path }
             | StoreError::Manifest { path, .. } => path,
         }
     }
@@ -226,9 +237,15 @@ pub struct SnapshotStore {
 #[derive(Debug)]
 struct StoreInner {
     dir: PathBuf,
+    _lock: Arc<StoreLock>,
     index: Mutex<Index>,
     /// Per content root: transfers serving it now, and when it was last served.
     serving: Mutex<HashMap<ContentRoot, (usize, Instant)>>,
+    /// Partial downloads a download (or a server of its chunks) holds: never trimmed, and
+    /// worked on by one download at a time.
+    claimed: Mutex<Holds>,
+    /// Woken when a claim ends.
+    released: tokio::sync::Notify,
 }
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
@@ -262,6 +279,81 @@ pub(crate) struct PartialInfo {
     pub(crate) modified: SystemTime,
 }
 
+/// The lock of a snapshot directory, shared by every open of it in this process.
+#[derive(Debug)]
+struct StoreLock {
+    dir: PathBuf,
+    _file: fs::File,
+}
+
+/// The snapshot directories open in this process, and their locks.
+static OPEN_STORES: Mutex<Vec<std::sync::Weak<StoreLock>>> = Mutex::new(Vec::new());
+
+impl StoreLock {
+    /// This process's lock of `dir`: the one already held, or a new one (refused when another
+    /// process holds it).
+    fn take(dir: &Path) -> Result<Arc<Self>, StoreError> {
+        let canonical = fs::canonicalize(dir).at(dir)?;
+        let mut open = OPEN_STORES.lock().unwrap_or_else(|p| p.into_inner());
+        open.retain(|w| w.strong_count() > 0);
+        if let Some(held) = open
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .find(|l| l.dir == canonical)
+        {
+            return Ok(held);
+        }
+        let file = fs::File::open(dir).at(dir)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::InUse {
+                    path: dir.to_path_buf(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(StoreError::at(dir, e)),
+        }
+        let lock = Arc::new(Self {
+            dir: canonical,
+            _file: file,
+        });
+        open.push(Arc::downgrade(&lock));
+        Ok(lock)
+    }
+}
+
+/// A partial download claimed by a download, or pinned by a server of its chunks (see
+/// [`SnapshotStore::claim_partial`]); released on drop.
+#[derive(Debug)]
+pub(crate) struct PartialClaim {
+    store: SnapshotStore,
+    root: ContentRoot,
+    download: bool,
+}
+
+/// Who holds partial downloads: the download working on each, and the pins of servers.
+#[derive(Debug, Default)]
+struct Holds {
+    downloads: std::collections::HashSet<ContentRoot>,
+    pins: HashMap<ContentRoot, usize>,
+}
+
+impl Drop for PartialClaim {
+    fn drop(&mut self) {
+        let mut holds = self.store.claims();
+        if self.download {
+            holds.downloads.remove(&self.root);
+        } else if let Some(n) = holds.pins.get_mut(&self.root) {
+            *n -= 1;
+            if *n == 0 {
+                holds.pins.remove(&self.root);
+            }
+        }
+        drop(holds);
+        self.store.inner.released.notify_waiters();
+    }
+}
+
 /// Keeps a snapshot from being deleted while it is served; see [`SnapshotStore::pin`].
 #[derive(Debug)]
 pub struct ServingPin {
@@ -286,6 +378,7 @@ impl SnapshotStore {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let dir = dir.into();
         ensure_dir(&dir)?;
+        let lock = StoreLock::take(&dir)?;
         let mut index = Index::new();
         for entry in fs::read_dir(&dir).at(&dir)? {
             let entry = entry.at(&dir)?;
@@ -310,8 +403,11 @@ impl SnapshotStore {
         let store = Self {
             inner: Arc::new(StoreInner {
                 dir,
+                _lock: lock,
                 index: Mutex::new(index),
                 serving: Mutex::new(HashMap::new()),
+                claimed: Mutex::new(Holds::default()),
+                released: tokio::sync::Notify::new(),
             }),
         };
         // Make sure the directory is writable now rather than at the first snapshot.
@@ -406,6 +502,35 @@ impl SnapshotStore {
             .is_some_and(|(n, at)| *n > 0 || at.elapsed() < grace)
     }
 
+    fn claims(&self) -> std::sync::MutexGuard<'_, Holds> {
+        self.inner.claimed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claims the partial download of `root` for a download, waiting while another download
+    /// (a cancelled one still making its progress durable, say) holds it. While claimed it is
+    /// never trimmed.
+    pub(crate) async fn claim_partial(&self, root: ContentRoot) -> PartialClaim {
+        loop {
+            let released = self.inner.released.notified();
+            {
+                if self.claims().downloads.insert(root) {
+                    return PartialClaim {
+                        store: self.clone(),
+                        root,
+                        download: true,
+                    };
+                }
+            }
+            // Woken when a claim ends; looked at again every second regardless.
+            let _ = tokio::time::timeout(Duration::from_secs(1), released).await;
+        }
+    }
+
+    fn is_claimed(&self, root: &ContentRoot) -> bool {
+        let holds = self.claims();
+        holds.downloads.contains(root) || holds.pins.contains_key(root)
+    }
+
     /// A fresh staging directory (`.tmp-*`) to write a snapshot into.
     pub(crate) fn staging(&self) -> Result<StagingDir, StoreError> {
         let path = self
@@ -452,9 +577,9 @@ impl SnapshotStore {
         Ok(out)
     }
 
-    /// Keeps the partial downloads other than `keep` within `budget` bytes on disk, deleting
-    /// the least recently touched first; ones that are not partial downloads of a root are
-    /// deleted. Returns the roots deleted.
+    /// Keeps the partial downloads other than `keep` (and those claimed) within `budget` bytes
+    /// on disk, deleting the least recently touched first; ones that are not partial downloads
+    /// of a root are deleted. Returns the roots deleted.
     pub(crate) fn trim_partials(
         &self,
         keep: &[ContentRoot],
@@ -463,7 +588,10 @@ impl SnapshotStore {
         let mut others: Vec<PartialInfo> = self
             .partials()?
             .into_iter()
-            .filter(|p| p.root.is_none_or(|r| !keep.contains(&r)))
+            .filter(|p| {
+                p.root
+                    .is_none_or(|r| !keep.contains(&r) && !self.is_claimed(&r))
+            })
             .collect();
         // Newest first: the oldest are dropped once the budget is spent.
         others.sort_by_key(|p| std::cmp::Reverse(p.modified));
@@ -525,6 +653,36 @@ impl SnapshotStore {
         let m = &snap.manifest;
         self.index().insert((m.slot, m.content_root), snap.clone());
         Ok(snap)
+    }
+
+    /// Corrects the record counts in the manifest of the published snapshot with `root` (a
+    /// download took them from a peer; loading its archive counted them): the manifest file is
+    /// replaced atomically, so the snapshot is never served on with counts its archive
+    /// contradicts.
+    pub(crate) fn correct_counts(
+        &self,
+        root: &ContentRoot,
+        entry_count: u64,
+        state_bytes: u64,
+    ) -> Result<Arc<Snapshot>, StoreError> {
+        let snap = self.get(root).ok_or_else(|| StoreError::Io {
+            path: self.inner.dir.clone(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no such snapshot"),
+        })?;
+        let manifest = Manifest {
+            entry_count,
+            state_bytes,
+            ..snap.manifest.clone()
+        };
+        let path = snap.dir.join(MANIFEST_FILE);
+        disk::replace_synced(&path, &manifest.encode()).at(&path)?;
+        let fixed = Arc::new(Snapshot {
+            manifest,
+            dir: snap.dir.clone(),
+        });
+        let m = &fixed.manifest;
+        self.index().insert((m.slot, m.content_root), fixed.clone());
+        Ok(fixed)
     }
 
     /// Applies `retention`: keeps the newest `full` full snapshots and the newest `incremental`
@@ -722,5 +880,55 @@ mod tests {
         // With no budget, only the download under way stays.
         store.trim_partials(&[current], 0).unwrap();
         assert_eq!(roots_left(), vec![Some(current)]);
+    }
+
+    #[test]
+    fn a_store_another_process_holds_is_refused_naming_its_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open(tmp.path()).unwrap();
+        // Opened again in this process: the same lock.
+        let again = SnapshotStore::open(tmp.path()).unwrap();
+        drop(store);
+        drop(again);
+        // Another process's lock (taken here on a file description of its own).
+        let other = fs::File::open(tmp.path()).unwrap();
+        other.lock().unwrap();
+        let err = SnapshotStore::open(tmp.path()).unwrap_err();
+        assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+        assert!(err.to_string().contains(&tmp.path().display().to_string()));
+        other.unlock().unwrap();
+        SnapshotStore::open(tmp.path()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn claimed_partials_are_never_trimmed_and_a_claim_waits_for_the_one_before() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open(tmp.path()).unwrap();
+        let (full, incremental) = (ContentRoot([1; 32]), ContentRoot([2; 32]));
+        partial(&store, full, 1);
+        partial(&store, incremental, 1);
+        // The two legs of one sync: each trims with no budget, keeping only itself, but the
+        // other's claim keeps it too.
+        let full_claim = store.claim_partial(full).await;
+        let inc_claim = store.claim_partial(incremental).await;
+        assert!(store.trim_partials(&[incremental], 0).unwrap().is_empty());
+        assert!(store.trim_partials(&[full], 0).unwrap().is_empty());
+        assert_eq!(store.partials().unwrap().len(), 2);
+        // A second download of the same snapshot waits until the first lets go.
+        let second = {
+            let store = store.clone();
+            tokio::spawn(async move { store.claim_partial(full).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!second.is_finished(), "waits while the first holds it");
+        drop(full_claim);
+        let again = tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("taken once released")
+            .unwrap();
+        drop(again);
+        drop(inc_claim);
+        // Released: trimmed like any other.
+        assert_eq!(store.trim_partials(&[], 0).unwrap().len(), 2);
     }
 }

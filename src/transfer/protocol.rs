@@ -59,6 +59,10 @@ pub(crate) mod close {
     pub(crate) const TOO_SLOW: VarInt = VarInt::from_u32(0x15);
     /// The server did not prove it knows the token.
     pub(crate) const SERVER_UNAUTHENTICATED: VarInt = VarInt::from_u32(0x16);
+    /// The server was full and this connection served least (idle or slow): it may come back.
+    pub(crate) const EVICTED: VarInt = VarInt::from_u32(0x17);
+    /// The connection opened no request for the server's idle limit: it may come back.
+    pub(crate) const IDLE: VarInt = VarInt::from_u32(0x18);
 }
 
 /// Stream reset/stop code for a request the client no longer wants.

@@ -182,12 +182,14 @@ impl TransportTuning {
         Ok(())
     }
 
-    /// The transport of the serving side: small receive windows (it receives only requests)
-    /// and, until a client proves the token, one stream.
+    /// The transport of the serving side: small receive windows (it receives only requests),
+    /// until a client proves the token one stream, and no keep-alive: a client that sends
+    /// nothing is gone at the idle timeout, the server never holds a connection open for it.
     pub(crate) fn server_transport(&self) -> TransportConfig {
         let mut t = self.transport_config(1);
         t.stream_receive_window(VarInt::from_u32(SERVER_STREAM_WINDOW))
-            .receive_window(VarInt::from_u32(SERVER_CONNECTION_WINDOW));
+            .receive_window(VarInt::from_u32(SERVER_CONNECTION_WINDOW))
+            .keep_alive_interval(None);
         t
     }
 

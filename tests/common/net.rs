@@ -195,10 +195,56 @@ pub async fn start_node(
     events: mpsc::UnboundedSender<(usize, Ev)>,
 ) -> TestNode {
     let state: Arc<dyn snapsync::db::StateDb> = Arc::new(db.clone());
-    let mut swarm = Swarm::new_ephemeral_tokio(|keypair| TestBehaviour {
+    let swarm = Swarm::new_ephemeral_tokio(|keypair| TestBehaviour {
         chat: chat_gossipsub(&keypair),
         snapsync: snapsync::Behaviour::new(&keypair, state, config).expect("snapsync"),
     });
+    run_node(index, dir, db, swarm, events).await
+}
+
+/// [`start_node`] with the identity `keypair` (one ground to sort first, say). The swarm is
+/// the one `libp2p-swarm-test` makes (memory and TCP, plaintext, yamux).
+pub async fn start_node_keyed(
+    index: usize,
+    dir: Arc<tempfile::TempDir>,
+    db: LmdbState,
+    config: snapsync::Config,
+    events: mpsc::UnboundedSender<(usize, Ev)>,
+    keypair: libp2p::identity::Keypair,
+) -> TestNode {
+    use libp2p::Transport as _;
+    use libp2p::core::transport::MemoryTransport;
+    use libp2p::core::upgrade::Version;
+    let state: Arc<dyn snapsync::db::StateDb> = Arc::new(db.clone());
+    let transport = MemoryTransport::default()
+        .or_transport(libp2p::tcp::tokio::Transport::default())
+        .upgrade(Version::V1)
+        .authenticate(libp2p::plaintext::Config::new(&keypair))
+        .multiplex(libp2p::yamux::Config::default())
+        .timeout(Duration::from_secs(20))
+        .boxed();
+    let behaviour = TestBehaviour {
+        chat: chat_gossipsub(&keypair),
+        snapsync: snapsync::Behaviour::new(&keypair, state, config).expect("snapsync"),
+    };
+    let peer_id = keypair.public().to_peer_id();
+    let swarm = Swarm::new(
+        transport,
+        behaviour,
+        peer_id,
+        libp2p::swarm::Config::with_tokio_executor(),
+    );
+    run_node(index, dir, db, swarm, events).await
+}
+
+/// Listens on memory and runs `swarm` in its own task.
+async fn run_node(
+    index: usize,
+    dir: Arc<tempfile::TempDir>,
+    db: LmdbState,
+    mut swarm: Swarm<TestBehaviour>,
+    events: mpsc::UnboundedSender<(usize, Ev)>,
+) -> TestNode {
     let listener = swarm.listen_on("/memory/0".parse().unwrap()).unwrap();
     let addr = loop {
         match swarm.select_next_some().await {

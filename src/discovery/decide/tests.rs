@@ -1,6 +1,7 @@
 use std::time::Instant;
 
 use super::*;
+use crate::discovery::book::Standing;
 use crate::discovery::message::Advert;
 use crate::snapshot::{Base, SnapshotKind};
 
@@ -36,6 +37,7 @@ fn book(adverts: &[(PeerId, Vec<SnapshotAd>)]) -> AdvertBook {
                 holder_slot: None,
                 modified_time: 0,
             },
+            Standing::Answered,
             now,
             &TrustPolicy::default(),
         );
@@ -52,7 +54,10 @@ fn untrusted(n: usize) -> TrustPolicy {
 const NONE_FAILED: &dyn Fn(&SnapshotKey) -> bool = &|_| false;
 
 fn at(slot: Option<u64>) -> LocalState {
-    LocalState { slot, not_on: None }
+    LocalState {
+        slot,
+        ..LocalState::default()
+    }
 }
 
 #[test]

@@ -318,3 +318,66 @@ fn limits_stop_a_reader_before_it_reads_on() {
     ));
     drain(ArchiveReader::with_limits(&bytes[..], 100, summary.state_bytes).unwrap()).unwrap();
 }
+
+/// A zstd frame holding one record whose value is `len` copies of one byte, in RLE blocks: a
+/// few bytes per 128 KiB on the wire, `len` bytes once decoded.
+fn rle_record_frame(key: &[u8; 4], len: usize) -> Vec<u8> {
+    let mut head = Vec::new();
+    head.extend_from_slice(&4u32.to_le_bytes());
+    head.extend_from_slice(key);
+    head.extend_from_slice(&(len as u32).to_le_bytes());
+    let content = (head.len() + len) as u64;
+    // Magic, a single-segment frame with an 8-byte content size, no checksum.
+    let mut f = vec![0x28, 0xB5, 0x2F, 0xFD, 0xE0];
+    f.extend_from_slice(&content.to_le_bytes());
+    let block = |f: &mut Vec<u8>, last: bool, kind: u32, size: usize| {
+        let h = u32::from(last) | kind << 1 | (size as u32) << 3;
+        f.extend_from_slice(&h.to_le_bytes()[..3]);
+    };
+    block(&mut f, false, 0, head.len());
+    f.extend_from_slice(&head);
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(128 << 10);
+        left -= n;
+        block(&mut f, left == 0, 1, n);
+        f.push(b'x');
+    }
+    f
+}
+
+#[test]
+fn frames_that_decode_fast_do_not_pile_up_behind_the_one_the_reader_waits_for() {
+    // A header, then 24 frames of 32 MiB each that cost about a kilobyte each on the wire.
+    let (real, _) = full(&[], 1);
+    let header = FrameReader::new(&real[..]).next_frame().unwrap().unwrap();
+    let mut archive = header.bytes.clone();
+    const VALUE: usize = 32 << 20;
+    for i in 0..24u32 {
+        let key = format!("k{i:03}");
+        archive.extend(rle_record_frame(key.as_bytes().try_into().unwrap(), VALUE));
+    }
+    assert!(archive.len() < 64 << 10, "{} bytes", archive.len());
+    const MEMORY: u64 = 64 << 20;
+    let mut d = ParallelDecoder::start(std::io::Cursor::new(archive), 2, false, MEMORY);
+    // The reader is slow to take what comes first: the workers go as far as they may.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut segments = 0;
+    while let Some(seg) = d.next_segment() {
+        if seg.is_err() {
+            break; // (no end record: the archive is cut there)
+        }
+        segments += 1;
+        if segments % 6 == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    assert_eq!(segments, 25, "header and every frame decoded");
+    let peak = d.peak_in_flight();
+    assert!(
+        peak <= MEMORY + VALUE as u64 + 64,
+        "{} MiB in flight at most, not the 768 MiB of every frame at once",
+        peak >> 20
+    );
+    println!("peak decompressed bytes in flight: {} MiB", peak >> 20);
+}

@@ -3,7 +3,7 @@
 //! only, and the transaction committed only if it matches.
 
 use super::read::read_archive;
-use super::{ArchiveSource, HashStage, LoadError, LoadLimits, Read, check_source};
+use super::{ArchiveSource, HashStage, LoadError, LoadLimits, Progress, Read, check_source};
 use crate::bank_hash::Lattice;
 use crate::db::{ApplyFn, ChangeWriter, DbError, Decision};
 use crate::snapshot::Manifest;
@@ -16,6 +16,7 @@ pub(super) fn apply_incremental(
     source: &ArchiveSource,
     m: &Manifest,
     limits: &LoadLimits,
+    progress: &mut Progress<'_>,
 ) -> Result<Read, LoadError> {
     let base = m
         .base
@@ -32,7 +33,9 @@ pub(super) fn apply_incremental(
             }));
             return Ok(Decision::Abort);
         }
-        let result = write_changes(writer, lattice, source, m, limits);
+        let result = write_changes(writer, lattice, source, m, limits, progress)
+            // Asked to stop while writing: nothing is committed.
+            .and_then(|r| progress.check_stop().map(|()| r));
         let decision = match &result {
             Ok((_, lattice)) => Decision::Commit(Box::new(lattice.clone())),
             Err(_) => Decision::Abort,
@@ -51,6 +54,7 @@ fn write_changes(
     source: &ArchiveSource,
     m: &Manifest,
     limits: &LoadLimits,
+    progress: &mut Progress<'_>,
 ) -> Result<(Read, Lattice), LoadError> {
     // Workers sum the elements of the new values; the old ones are subtracted here, as the
     // DB hands them back.
@@ -74,7 +78,7 @@ fn write_changes(
                 }
             }
         }
-        Ok(())
+        progress.wrote(r.bytes() as u64)
     })?;
     let applied = lattice.bank_hash(m.slot);
     if applied != m.bank_hash {

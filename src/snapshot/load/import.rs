@@ -2,7 +2,7 @@
 //! DB beside the live one while its lattice is summed and checked.
 
 use super::read::read_archive;
-use super::{ArchiveSource, HashStage, LoadError, LoadLimits, Read, check_source};
+use super::{ArchiveSource, HashStage, LoadError, LoadLimits, Progress, Read, check_source};
 use crate::db::{StagedState, StateDb};
 use crate::snapshot::Manifest;
 
@@ -14,13 +14,14 @@ pub(super) fn import_full(
     source: &ArchiveSource,
     m: &Manifest,
     limits: &LoadLimits,
+    progress: &mut Progress<'_>,
 ) -> Result<(Box<dyn StagedState>, Read), LoadError> {
     check_source(source, m)?;
     // Dropped on failure: the import is discarded.
     let mut import = db.begin_import(m.slot)?;
     let read = read_archive(source, m, limits, &mut |r| {
         import.put_sorted(&mut r.iter().map(|rec| (rec.key, rec.value.unwrap_or_default())))?;
-        Ok(())
+        progress.wrote(r.bytes() as u64)
     })?;
     let lattice = read.assembler.lattice().clone();
     let computed = lattice.bank_hash(m.slot);

@@ -128,6 +128,9 @@ pub enum LoadError {
     /// The DB failed while importing or swapping.
     #[error("state DB: {0}")]
     Db(#[from] DbError),
+    /// The load was asked to stop (the sync was cancelled or the node shuts down).
+    #[error("the load was stopped")]
+    Stopped,
     /// Nothing to load.
     #[error("nothing to load")]
     Nothing,
@@ -142,6 +145,10 @@ pub struct LoadLimits {
     max_state_bytes: u64,
     headroom_bytes: u64,
     workers: usize,
+    decode_memory: u64,
+    /// Whether the manifest's record counts bound the load (they come from a source the
+    /// caller vouches for); when not, only these limits and the disk do.
+    declared_counts: bool,
 }
 
 impl Default for LoadLimits {
@@ -154,6 +161,8 @@ impl Default for LoadLimits {
                 .map(|n| n.get())
                 .unwrap_or(1)
                 .clamp(1, 8),
+            decode_memory: 64 << 20,
+            declared_counts: true,
         }
     }
 }
@@ -183,6 +192,19 @@ impl LoadLimits {
         self
     }
 
+    /// Sets the most decompressed bytes of segments in flight between the decoding threads and
+    /// the writer (default 64 MiB; one segment always goes, however large, up to the 65 MiB a
+    /// record of the largest value makes). Bounds a load's memory whatever an archive holds.
+    pub fn with_decode_memory(mut self, bytes: u64) -> Self {
+        self.decode_memory = bytes;
+        self
+    }
+
+    /// The most decompressed bytes of segments in flight.
+    pub fn decode_memory(&self) -> u64 {
+        self.decode_memory
+    }
+
     /// The most records a snapshot may hold.
     pub fn max_entries(&self) -> u64 {
         self.max_entries
@@ -193,7 +215,19 @@ impl LoadLimits {
         self.max_state_bytes
     }
 
+    /// These limits, with the manifests' record counts bounding nothing: they are one peer's
+    /// claim, which a load must not fail on (the loaded counts are checked after).
+    pub(crate) fn ignoring_declared_counts(self) -> Self {
+        Self {
+            declared_counts: false,
+            ..self
+        }
+    }
+
     fn for_manifest(&self, m: &Manifest) -> (u64, u64) {
+        if !self.declared_counts {
+            return (self.max_entries, self.max_state_bytes);
+        }
         (
             m.entry_count.min(self.max_entries),
             m.state_bytes.min(self.max_state_bytes),
@@ -201,8 +235,12 @@ impl LoadLimits {
     }
 
     /// Refuses a load the disk cannot hold: about 1.5 bytes of DB per byte of records (B-tree
-    /// pages and, for changes, their copies), plus the headroom.
+    /// pages and, for changes, their copies), plus the headroom. Undeclared counts are not
+    /// checked ahead: the disk is watched as the load goes ([`Progress`]).
     fn check_space(&self, db: &dyn StateDb, state_bytes: u64) -> Result<(), LoadError> {
+        if !self.declared_counts {
+            return Ok(());
+        }
         let Some(available) = db.free_space() else {
             return Ok(());
         };
@@ -213,6 +251,65 @@ impl LoadLimits {
             return Err(LoadError::NoSpace { needed, available });
         }
         Ok(())
+    }
+}
+
+/// How often (in uncompressed bytes written) a load looks at the free disk.
+const SPACE_CHECK_BYTES: u64 = 64 << 20;
+
+/// A load under way, as its reading loop sees it: whether it was asked to stop, and the disk,
+/// watched every [`SPACE_CHECK_BYTES`] written so that a load never fills it, whatever its
+/// manifest declared.
+pub(crate) struct Progress<'a> {
+    db: &'a dyn StateDb,
+    stop: Option<&'a std::sync::atomic::AtomicBool>,
+    headroom: u64,
+    written: u64,
+    next_check: u64,
+}
+
+impl<'a> Progress<'a> {
+    pub(crate) fn new(
+        db: &'a dyn StateDb,
+        limits: &LoadLimits,
+        stop: Option<&'a std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        Self {
+            db,
+            stop,
+            headroom: limits.headroom_bytes,
+            written: 0,
+            next_check: SPACE_CHECK_BYTES,
+        }
+    }
+
+    /// `bytes` more were written; fails when asked to stop or the disk runs low.
+    pub(crate) fn wrote(&mut self, bytes: u64) -> Result<(), LoadError> {
+        self.check_stop()?;
+        self.written += bytes;
+        if self.written < self.next_check {
+            return Ok(());
+        }
+        self.next_check = self.written + SPACE_CHECK_BYTES;
+        if let Some(available) = self.db.free_space()
+            && available < self.headroom
+        {
+            return Err(LoadError::NoSpace {
+                needed: self.written.saturating_add(self.headroom),
+                available,
+            });
+        }
+        Ok(())
+    }
+
+    /// Fails when the load was asked to stop.
+    pub(crate) fn check_stop(&self) -> Result<(), LoadError> {
+        match self.stop {
+            Some(stop) if stop.load(std::sync::atomic::Ordering::Acquire) => {
+                Err(LoadError::Stopped)
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -235,25 +332,13 @@ pub struct LoadReport {
     pub elapsed: Duration,
 }
 
-/// What reading one archive (or several, [`Read::plus`]) gave.
+/// What reading one archive gave.
 #[derive(Debug, Clone, Copy)]
 struct Read {
     entries: u64,
     archive_bytes: u64,
     state_bytes: u64,
     bank_hash: BankHash,
-}
-
-impl Read {
-    /// The counts of this and `other` together, with `other`'s bank hash.
-    fn plus(&self, other: &Read) -> Read {
-        Read {
-            entries: self.entries + other.entries,
-            archive_bytes: self.archive_bytes + other.archive_bytes,
-            state_bytes: self.state_bytes + other.state_bytes,
-            bank_hash: other.bank_hash,
-        }
-    }
 }
 
 /// Loads the archive at `archive`, described by `manifest`, into `db`: a full snapshot is
@@ -290,19 +375,30 @@ pub fn load_chain(
     incremental: Option<(&ArchiveSource, &Manifest)>,
     limits: &LoadLimits,
 ) -> Result<LoadReport, LoadError> {
-    load_chain_legs(db, full, incremental, limits).map_err(|(_, e)| e)
+    load_chain_legs(db, full, incremental, limits, None)
+        .map(|l| l.report)
+        .map_err(|(_, e)| e)
 }
 
-/// [`load_chain`], saying which snapshot a failure is about: the full one (its import, or the
-/// two not fitting together) or the incremental one (its apply).
+/// What [`load_chain_legs`] loaded: the report, and the record counts each archive held.
+#[derive(Debug, Clone)]
+pub(crate) struct Loaded {
+    pub(crate) report: LoadReport,
+    /// Per archive (full first): its kind, records and uncompressed bytes.
+    pub(crate) counts: Vec<(SnapshotKind, u64, u64)>,
+}
+
+/// [`load_chain`], saying which snapshot a failure is about (the full one: its import, or the
+/// two not fitting together; the incremental one: its apply), stopping when `stop` is set
+/// (never swapping in anything after), and saying what each archive held.
 pub(crate) fn load_chain_legs(
     db: &dyn StateDb,
     full: Option<(&ArchiveSource, &Manifest)>,
     incremental: Option<(&ArchiveSource, &Manifest)>,
     limits: &LoadLimits,
-) -> Result<LoadReport, (SnapshotKind, LoadError)> {
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<Loaded, (SnapshotKind, LoadError)> {
     let on_full = |e: LoadError| (SnapshotKind::Full, e);
-    let on_incremental = |e: LoadError| (SnapshotKind::Incremental, e);
     let started = Instant::now();
     let last = incremental
         .or(full)
@@ -315,26 +411,33 @@ pub(crate) fn load_chain_legs(
             (b.slot, b.bank_hash, b.content_root) == (f.slot, f.bank_hash, f.content_root)
         });
         if !fits || !f.is_full() {
-            return Err(on_incremental(LoadError::ManifestMismatch(
-                "the incremental snapshot is not based on this full one".into(),
-            )));
+            return Err((
+                SnapshotKind::Incremental,
+                LoadError::ManifestMismatch(
+                    "the incremental snapshot is not based on this full one".into(),
+                ),
+            ));
         }
     }
-    let (bank_hash, totals) = match (full, incremental) {
-        (Some(full), inc) => load_on_full(db, full, inc, limits)?,
-        (None, Some(inc)) => {
-            let read = apply_alone(db, inc, limits).map_err(on_incremental)?;
-            (read.bank_hash, read)
-        }
+    let mut progress = Progress::new(db, limits, stop);
+    let reads = match (full, incremental) {
+        (Some(full), inc) => load_on_full(db, full, inc, limits, &mut progress)?,
+        (None, Some(inc)) => vec![(
+            SnapshotKind::Incremental,
+            apply_alone(db, inc, limits, &mut progress)
+                .map_err(|e| (SnapshotKind::Incremental, e))?,
+        )],
         (None, None) => return Err(on_full(LoadError::Nothing)),
     };
+    let bank_hash = reads.last().expect("something was read").1.bank_hash;
+    let total = |f: fn(&Read) -> u64| reads.iter().map(|(_, r)| f(r)).sum();
     let report = LoadReport {
         slot: last.slot,
         bank_hash,
         kind: last.kind,
-        entries: totals.entries,
-        archive_bytes: totals.archive_bytes,
-        state_bytes: totals.state_bytes,
+        entries: total(|r| r.entries),
+        archive_bytes: total(|r| r.archive_bytes),
+        state_bytes: total(|r| r.state_bytes),
         elapsed: started.elapsed(),
     };
     tracing::info!(
@@ -346,17 +449,24 @@ pub(crate) fn load_chain_legs(
         secs = report.elapsed.as_secs_f64(),
         "snapshot loaded"
     );
-    Ok(report)
+    Ok(Loaded {
+        report,
+        counts: reads
+            .iter()
+            .map(|(k, r)| (*k, r.entries, r.state_bytes))
+            .collect(),
+    })
 }
 
 /// Imports a full snapshot beside the live DB, applies an incremental one on it if given, and
-/// swaps the result in. Returns the bank hash now live and what was read.
+/// swaps the result in (unless asked to stop first). Returns what each archive gave.
 fn load_on_full(
     db: &dyn StateDb,
     (fs, fm): (&ArchiveSource, &Manifest),
     incremental: Option<(&ArchiveSource, &Manifest)>,
     limits: &LoadLimits,
-) -> Result<(BankHash, Read), (SnapshotKind, LoadError)> {
+    progress: &mut Progress<'_>,
+) -> Result<Vec<(SnapshotKind, Read)>, (SnapshotKind, LoadError)> {
     let on_full = |e: LoadError| (SnapshotKind::Full, e);
     if !fm.is_full() {
         return Err(on_full(LoadError::ManifestMismatch(
@@ -367,18 +477,22 @@ fn load_on_full(
     limits
         .check_space(db, fm.state_bytes.saturating_add(extra))
         .map_err(on_full)?;
-    let (mut staged, read) = import::import_full(db, fs, fm, limits).map_err(on_full)?;
-    let mut totals = read;
-    let mut hash = read.bank_hash;
+    let (mut staged, read) = import::import_full(db, fs, fm, limits, progress).map_err(on_full)?;
+    let mut reads = vec![(SnapshotKind::Full, read)];
     if let Some((is, im)) = incremental {
-        let read =
-            apply::apply_incremental(&mut |slot, f| staged.apply_changes(slot, f), is, im, limits)
-                .map_err(|e| (SnapshotKind::Incremental, e))?;
-        totals = totals.plus(&read);
-        hash = read.bank_hash;
+        let read = apply::apply_incremental(
+            &mut |slot, f| staged.apply_changes(slot, f),
+            is,
+            im,
+            limits,
+            progress,
+        )
+        .map_err(|e| (SnapshotKind::Incremental, e))?;
+        reads.push((SnapshotKind::Incremental, read));
     }
+    progress.check_stop().map_err(on_full)?;
     staged.commit().map_err(|e| on_full(e.into()))?;
-    Ok((hash, totals))
+    Ok(reads)
 }
 
 /// Applies an incremental snapshot to the live DB in one transaction.
@@ -386,9 +500,16 @@ fn apply_alone(
     db: &dyn StateDb,
     (is, im): (&ArchiveSource, &Manifest),
     limits: &LoadLimits,
+    progress: &mut Progress<'_>,
 ) -> Result<Read, LoadError> {
     limits.check_space(db, im.state_bytes)?;
-    apply::apply_incremental(&mut |slot, f| db.apply_changes(slot, f), is, im, limits)
+    apply::apply_incremental(
+        &mut |slot, f| db.apply_changes(slot, f),
+        is,
+        im,
+        limits,
+        progress,
+    )
 }
 
 /// After an archive error on a complete file: hashes the whole file, so that a corrupt archive
@@ -436,4 +557,118 @@ fn check_source(source: &ArchiveSource, m: &Manifest) -> Result<(), LoadError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::db::LmdbState;
+    use crate::snapshot::{CreateOptions, SnapshotStore, create_snapshot};
+
+    /// A DB of about `mib` MiB of incompressible values at slot 10, and its full snapshot.
+    fn snapshot_of(
+        dir: &Path,
+        mib: u32,
+    ) -> (SnapshotStore, std::sync::Arc<crate::snapshot::Snapshot>) {
+        let db = LmdbState::open(dir.join("source")).unwrap();
+        for batch in 0..mib {
+            db.commit_slot(10, |w| {
+                for i in 0..256u32 {
+                    let k = (batch * 256 + i).to_be_bytes();
+                    let v: Vec<u8> = (0..4096u32)
+                        .map(|j| (j.wrapping_mul(2_654_435_761) ^ (batch * 256 + i)) as u8)
+                        .collect();
+                    w.put(&k, &v)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        }
+        let store = SnapshotStore::open(dir.join("snapshots")).unwrap();
+        let view = db.view().unwrap();
+        let snap = create_snapshot(&store, view.as_ref(), &CreateOptions::default()).unwrap();
+        (store, snap)
+    }
+
+    #[test]
+    fn a_load_asked_to_stop_stops_and_swaps_nothing_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, snap) = snapshot_of(dir.path(), 64);
+        let m = snap.manifest();
+        let source = ArchiveSource::file(snap.archive_path(), m.archive_size);
+        let target = LmdbState::open(dir.path().join("target")).unwrap();
+        target.commit_slot(1, |w| w.put(b"old", b"x")).unwrap();
+        let limits = LoadLimits::default();
+        // Asked to stop before it starts: it reads a segment at most, and swaps nothing in.
+        let stop = AtomicBool::new(true);
+        let err =
+            load_chain_legs(&target, Some((&source, m)), None, &limits, Some(&stop)).unwrap_err();
+        assert!(
+            matches!(err, (SnapshotKind::Full, LoadError::Stopped)),
+            "{err:?}"
+        );
+        // Asked while it runs: it stops within a moment.
+        let stop = AtomicBool::new(false);
+        let started = Instant::now();
+        let result = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                stop.store(true, Ordering::Release);
+            });
+            load_chain_legs(&target, Some((&source, m)), None, &limits, Some(&stop))
+        });
+        assert!(
+            matches!(result, Err((_, LoadError::Stopped))),
+            "{:?}",
+            result.map(|l| l.report)
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(target.slot().unwrap(), Some(1), "the live DB is as it was");
+        assert_eq!(target.get(b"old").unwrap(), Some(b"x".to_vec()));
+        assert_eq!(crate::db::StateDb::slot(&target).unwrap(), Some(1));
+        // Not asked: it loads.
+        let loaded = load_chain_legs(&target, Some((&source, m)), None, &limits, None).unwrap();
+        assert_eq!(loaded.report.slot, 10);
+        assert_eq!(
+            loaded.counts,
+            vec![(SnapshotKind::Full, m.entry_count, m.state_bytes)]
+        );
+    }
+
+    #[test]
+    fn counts_nobody_vouched_for_bound_nothing_and_the_disk_is_watched_instead() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, snap) = snapshot_of(dir.path(), 4);
+        let honest = snap.manifest().clone();
+        let source = ArchiveSource::file(snap.archive_path(), honest.archive_size);
+        // A peer's manifest claims one record and the largest state: trusted, the claim fails
+        // the load (too few records declared, no room for the state declared)...
+        let lying = Manifest {
+            entry_count: 1,
+            state_bytes: u64::MAX / 4,
+            ..honest.clone()
+        };
+        let target = LmdbState::open(dir.path().join("target")).unwrap();
+        let limits = LoadLimits::default().with_headroom_bytes(0);
+        let err = load_chain(&target, Some((&source, &lying)), None, &limits).unwrap_err();
+        assert!(matches!(err, LoadError::NoSpace { .. }), "{err}");
+        let few = Manifest {
+            entry_count: 1,
+            ..honest.clone()
+        };
+        let err = load_chain(&target, Some((&source, &few)), None, &limits).unwrap_err();
+        assert!(matches!(err, LoadError::Archive(_)), "{err}");
+        // ...as a claim nobody vouched for, it bounds nothing; what the archive held is said.
+        let unvouched = limits.ignoring_declared_counts();
+        let loaded =
+            load_chain_legs(&target, Some((&source, &lying)), None, &unvouched, None).unwrap();
+        assert_eq!(loaded.report.slot, honest.slot);
+        assert_eq!(
+            loaded.counts,
+            vec![(SnapshotKind::Full, honest.entry_count, honest.state_bytes)]
+        );
+    }
 }

@@ -34,7 +34,7 @@ pub(super) fn read_archive(
     })?;
     let input = std::io::BufReader::with_capacity(1 << 20, input);
     // Workers also sum the lattice elements of the values they decode.
-    let mut decoder = ParallelDecoder::start(input, limits.workers, true);
+    let mut decoder = ParallelDecoder::start(input, limits.workers, true, limits.decode_memory);
     let (max_records, max_bytes) = limits.for_manifest(m);
     let mut assembler = Assembler::new(max_records, max_bytes);
     let result = (|| -> Result<(), LoadError> {

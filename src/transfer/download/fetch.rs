@@ -74,7 +74,7 @@ pub(super) async fn fetch(
     let header: proto::ResponseHeader = read_frame(&mut recv, MAX_FRAME).await?;
     if header.status != proto::Status::Ok as i32 {
         let failure = match proto::Status::try_from(header.status) {
-            Ok(proto::Status::Internal) => Failure::Transient,
+            Ok(proto::Status::Internal | proto::Status::Busy) => Failure::Transient,
             _ => Failure::Fatal,
         };
         return Err(FetchError::Refused(status_text(&header), failure));

@@ -39,10 +39,14 @@ use crate::config_error::ConfigError;
 use crate::discovery::SnapshotAd;
 use crate::hash::{BankHash, ContentRoot};
 use crate::metrics::Metrics;
-use crate::snapshot::{ArchiveSource, Manifest, Snapshot, SnapshotStore, StoreError, Watermark};
+use crate::snapshot::{
+    ArchiveSource, Base, Manifest, Snapshot, SnapshotKind, SnapshotStore, StoreError, Watermark,
+};
 
-/// The snapshot to download, as advertised: its content root, size and chunk size, and, when
-/// known, its slot and bank hash (a peer whose manifest says otherwise is not used).
+/// The snapshot to download: its content root, size and chunk size, and whatever else is
+/// known of it (slot, bank hash, kind and base, record counts). A peer whose manifest differs
+/// in any field known here is not used, so a manifest that is served, loaded against and
+/// published again is the snapshot that was chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DownloadTarget {
     /// Content root.
@@ -55,28 +59,46 @@ pub struct DownloadTarget {
     pub slot: Option<u64>,
     /// Bank hash, if known.
     pub bank_hash: Option<BankHash>,
+    /// Kind and (for an incremental) base, if known.
+    pub lineage: Option<(SnapshotKind, Option<Base>)>,
+    /// Record count and uncompressed bytes, if known from a source vouched for.
+    pub counts: Option<(u64, u64)>,
 }
 
 impl DownloadTarget {
-    /// The target described by a manifest.
-    pub fn from_manifest(m: &Manifest) -> Self {
+    /// The archive of `size` bytes with this root, in chunks of `chunk_size`; nothing else known.
+    pub fn new(content_root: ContentRoot, archive_size: u64, chunk_size: ChunkSize) -> Self {
         Self {
-            content_root: m.content_root,
-            archive_size: m.archive_size,
-            chunk_size: m.chunk_size,
-            slot: Some(m.slot),
-            bank_hash: Some(m.bank_hash),
+            content_root,
+            archive_size,
+            chunk_size,
+            slot: None,
+            bank_hash: None,
+            lineage: None,
+            counts: None,
         }
     }
 
-    /// The target an advertisement describes.
-    pub fn of(ad: &SnapshotAd) -> Self {
+    /// The target described by a manifest: every field known.
+    pub fn from_manifest(m: &Manifest) -> Self {
         Self {
-            content_root: ad.key.content_root,
-            archive_size: ad.key.archive_size,
-            chunk_size: ad.chunk_size,
-            slot: Some(ad.key.slot),
-            bank_hash: Some(ad.key.bank_hash),
+            slot: Some(m.slot),
+            bank_hash: Some(m.bank_hash),
+            lineage: Some((m.kind, m.base)),
+            counts: Some((m.entry_count, m.state_bytes)),
+            ..Self::new(m.content_root, m.archive_size, m.chunk_size)
+        }
+    }
+
+    /// The target an advertisement describes; its counts only when `counts_vouched`.
+    pub fn of(ad: &SnapshotAd, counts_vouched: bool) -> Self {
+        let k = ad.key;
+        Self {
+            slot: Some(k.slot),
+            bank_hash: Some(k.bank_hash),
+            lineage: Some((k.kind, k.base)),
+            counts: counts_vouched.then_some((ad.entry_count, ad.state_bytes)),
+            ..Self::new(k.content_root, k.archive_size, ad.chunk_size)
         }
     }
 
@@ -96,6 +118,15 @@ impl DownloadTarget {
             Some("slot")
         } else if self.bank_hash.is_some_and(|h| h != m.bank_hash) {
             Some("bank hash")
+        } else if self.lineage.is_some_and(|(kind, _)| kind != m.kind) {
+            Some("kind")
+        } else if self.lineage.is_some_and(|(_, base)| base != m.base) {
+            Some("base")
+        } else if self
+            .counts
+            .is_some_and(|counts| counts != (m.entry_count, m.state_bytes))
+        {
+            Some("record counts")
         } else {
             None
         }
@@ -267,7 +298,7 @@ impl Drop for DownloadContext {
 #[derive(Debug)]
 pub struct DownloadHandle {
     progress: watch::Receiver<Progress>,
-    manifest: watch::Receiver<Option<Manifest>>,
+    manifest: watch::Receiver<Option<(Manifest, PeerId)>>,
     peers: mpsc::Sender<PeerAddr>,
     cancel: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<Downloaded, DownloadError>>,
@@ -298,7 +329,12 @@ impl DownloadHandle {
 
     /// The snapshot's manifest, once a peer has served it and it matched the target.
     pub fn manifest(&self) -> Option<Manifest> {
-        self.manifest.borrow().clone()
+        self.manifest.borrow().as_ref().map(|(m, _)| m.clone())
+    }
+
+    /// The peer whose manifest the download took.
+    pub fn manifest_from(&self) -> Option<PeerId> {
+        self.manifest.borrow().as_ref().map(|(_, p)| *p)
     }
 
     /// Adds a peer to the download (one that advertised the same snapshot later). Ignored

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::chunk::ChunkTree;
 use crate::disk::Writeback;
-use crate::snapshot::{Manifest, StoreError, Watermark};
+use crate::snapshot::{Manifest, PartialClaim, StoreError, Watermark};
 use crate::transfer::protocol::close;
 use crate::transfer::rate::Ewma;
 use crate::transfer::{DOWNLOAD_TARGET, PeerAddr};
@@ -42,6 +42,8 @@ enum Report {
     Disconnected {
         peer: PeerIdx,
         conn_id: usize,
+        /// The server closed it as idle or to make room: it may be reconnected, no failure.
+        benign: bool,
     },
     Fetched {
         id: ReqId,
@@ -61,7 +63,7 @@ struct Source {
 /// Where a download talks back to its handle.
 pub(super) struct Channels {
     pub(super) progress: watch::Sender<Progress>,
-    pub(super) manifest: watch::Sender<Option<Manifest>>,
+    pub(super) manifest: watch::Sender<Option<(Manifest, libp2p::PeerId)>>,
     pub(super) watermark: Arc<Watermark>,
     pub(super) new_peers: mpsc::Receiver<PeerAddr>,
     pub(super) cancel: oneshot::Receiver<()>,
@@ -101,6 +103,9 @@ struct Run {
     sink: Arc<Sink>,
     sched: Scheduler,
     sources: Vec<Source>,
+    /// Peers beyond the active ones, taken on as active ones are banned or dropped (bounded):
+    /// a few peers that misbehave cannot leave the download without sources.
+    spares: std::collections::VecDeque<PeerAddr>,
     manifest: Option<Manifest>,
     /// Whether the files have their full size: until then no chunk is requested.
     reserved: Reserve,
@@ -111,7 +116,7 @@ struct Run {
     reports_tx: mpsc::Sender<Report>,
     reports_rx: mpsc::Receiver<Report>,
     progress_tx: watch::Sender<Progress>,
-    manifest_tx: watch::Sender<Option<Manifest>>,
+    manifest_tx: watch::Sender<Option<(Manifest, libp2p::PeerId)>>,
     watermark: Arc<Watermark>,
     started: Instant,
     resumed_bytes: u64,
@@ -119,6 +124,8 @@ struct Run {
     rate: Ewma,
     last_tick: (Instant, u64),
     _writeback: Writeback,
+    /// The partial download is this run's until it ends.
+    _claim: PartialClaim,
 }
 
 /// The download's tasks (requests, connections, watchers), reaped as they end: finished ones
@@ -174,6 +181,9 @@ impl Run {
                 max,
             });
         }
+        // One download of a snapshot at a time (a cancelled one may still be making its
+        // progress durable), and no other download trims this one's partial.
+        let claim = ctx.store.claim_partial(target.content_root).await;
         // Partials of other snapshots stay, within the disk budget.
         let (partial, done) = Partial::open_in(&ctx.store, tree, ctx.config.partial_budget).await?;
         let reserved = if done.ones() > 0 {
@@ -214,6 +224,7 @@ impl Run {
             sink,
             sched,
             sources: Vec::new(),
+            spares: Default::default(),
             manifest: None,
             reserved,
             tasks: Tasks::default(),
@@ -229,17 +240,39 @@ impl Run {
             rate: Ewma::new(RATE_ALPHA),
             last_tick: (now, resumed_bytes),
             _writeback: writeback,
+            _claim: claim,
         })
     }
 
+    /// Takes a peer on: active when fewer than `max_peers` are, else a spare (up to three times
+    /// `max_peers` of those; beyond, it is ignored).
     fn add_peer(&mut self, addr: PeerAddr) {
-        if self.sources.iter().any(|p| p.addr.peer_id == addr.peer_id) {
+        let known = |a: &PeerAddr| a.peer_id == addr.peer_id;
+        if self.sources.iter().any(|p| known(&p.addr)) || self.spares.iter().any(known) {
             return;
         }
-        if self.sources.len() >= self.ctx.config.max_peers {
-            tracing::debug!(target: DOWNLOAD_TARGET, peer = %addr.peer_id, "peer limit of the download reached; not adding");
+        if self.sched.alive() >= self.ctx.config.max_peers {
+            if self.spares.len() < 3 * self.ctx.config.max_peers {
+                self.spares.push_back(addr);
+            } else {
+                tracing::debug!(target: DOWNLOAD_TARGET, peer = %addr.peer_id, "peer limit of the download reached; not adding");
+            }
             return;
         }
+        self.activate(addr);
+    }
+
+    /// Active peers that were banned or dropped are replaced by spares.
+    fn take_on_spares(&mut self) {
+        while self.sched.alive() < self.ctx.config.max_peers
+            && let Some(addr) = self.spares.pop_front()
+        {
+            tracing::debug!(target: DOWNLOAD_TARGET, peer = %addr.peer_id, "taking on a spare peer");
+            self.activate(addr);
+        }
+    }
+
+    fn activate(&mut self, addr: PeerAddr) {
         let idx = self.sched.add_peer();
         debug_assert_eq!(idx, self.sources.len());
         self.sources.push(Source {
@@ -258,6 +291,7 @@ impl Run {
         let mut peers_open = true;
         loop {
             let now = Instant::now();
+            self.take_on_spares();
             self.carry_out_commands(now);
             // Every chunk may be on disk already (a resumed download that was complete): the
             // manifest still has to come from a peer.
@@ -399,14 +433,18 @@ impl Run {
                 source.last_error = Some(error.to_string());
                 self.sched.handle_connect_failed(peer, error.failure(), now);
             }
-            Report::Disconnected { peer, conn_id } => {
+            Report::Disconnected {
+                peer,
+                conn_id,
+                benign,
+            } => {
                 self.credit_all();
                 let source = &mut self.sources[peer];
                 if source.conn.as_ref().map(|c| c.stable_id()) == Some(conn_id) {
                     source.conn = None;
                     source.last_error = Some("connection lost".into());
-                    tracing::debug!(target: DOWNLOAD_TARGET, peer = %source.addr.peer_id, "connection lost");
-                    self.sched.handle_disconnected(peer, now);
+                    tracing::debug!(target: DOWNLOAD_TARGET, peer = %source.addr.peer_id, benign, "connection lost");
+                    self.sched.handle_disconnected(peer, !benign, now);
                 }
             }
             Report::Fetched { id, result } => return self.fetched(id, result, now),
@@ -417,15 +455,27 @@ impl Run {
     fn connected(&mut self, peer: PeerIdx, conn: quinn::Connection, manifest: Manifest) {
         tracing::debug!(target: DOWNLOAD_TARGET, peer = %self.sources[peer].addr.peer_id, addr = %self.sources[peer].addr.addr, "connected");
         if self.manifest.is_none() {
-            self.manifest_tx.send_replace(Some(manifest.clone()));
+            let from = self.sources[peer].addr.peer_id;
+            self.manifest_tx
+                .send_replace(Some((manifest.clone(), from)));
             self.manifest = Some(manifest);
         }
         let reports = self.reports_tx.clone();
         let watched = conn.clone();
         let conn_id = conn.stable_id();
         self.tasks.spawn(async move {
-            watched.closed().await;
-            let _ = reports.send(Report::Disconnected { peer, conn_id }).await;
+            let why = watched.closed().await;
+            let benign = matches!(
+                &why,
+                quinn::ConnectionError::ApplicationClosed(c)
+                    if c.error_code == close::IDLE || c.error_code == close::EVICTED
+            );
+            let report = Report::Disconnected {
+                peer,
+                conn_id,
+                benign,
+            };
+            let _ = reports.send(report).await;
         });
         self.sources[peer].conn = Some(conn);
         self.sched.handle_connected(peer);

@@ -278,6 +278,14 @@ impl Scheduler {
         self.peers.len() - 1
     }
 
+    /// Peers neither banned nor dropped.
+    pub(crate) fn alive(&self) -> usize {
+        self.peers
+            .iter()
+            .filter(|p| p.fate == PeerFate::Alive)
+            .count()
+    }
+
     pub(crate) fn is_complete(&self) -> bool {
         self.piece_done.ones() == self.piece_done.len()
     }
@@ -609,11 +617,12 @@ impl Scheduler {
     }
 
     /// The connection to `peer` was lost: its requests are cancelled and handed out again, and
-    /// it will be reconnected after a backoff.
-    pub(crate) fn handle_disconnected(&mut self, peer: PeerIdx, now: Instant) {
+    /// it will be reconnected after a backoff. A connection the server closed on purpose (as
+    /// idle, or to make room) is reconnected when wanted, and counts as no failure.
+    pub(crate) fn handle_disconnected(&mut self, peer: PeerIdx, failed: bool, now: Instant) {
         self.peers[peer].conn = Conn::Disconnected;
         self.cancel_requests_of(peer);
-        if self.peers[peer].fate == PeerFate::Alive {
+        if failed && self.peers[peer].fate == PeerFate::Alive {
             self.peer_failed(peer, Failure::Transient, now);
         }
     }
@@ -710,7 +719,7 @@ mod tests {
     }
 
     fn disconnected(s: &mut Scheduler, peer: PeerIdx, now: Instant) -> Vec<Command> {
-        s.handle_disconnected(peer, now);
+        s.handle_disconnected(peer, true, now);
         queued(s)
     }
 

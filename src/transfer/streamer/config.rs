@@ -25,6 +25,8 @@ pub struct StreamerConfig {
     pub(super) auth_timeout: Duration,
     pub(super) request_timeout: Duration,
     pub(super) write_timeout: Duration,
+    pub(super) min_client_rate: u64,
+    pub(super) idle_close: Duration,
     pub(super) transport: TransportTuning,
 }
 
@@ -46,6 +48,8 @@ impl Default for StreamerConfig {
             auth_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
+            min_client_rate: 64 << 10,
+            idle_close: Duration::from_secs(30),
             transport: TransportTuning::default(),
         }
     }
@@ -249,6 +253,34 @@ impl StreamerConfig {
         self.write_timeout
     }
 
+    /// The slowest a client may take data, bytes per second (default 64 KiB/s): a response
+    /// must be taken within the time this rate needs for it (never less than
+    /// `write_timeout`), and when the streamer is full, a connection that has taken less than
+    /// this on average since it proved the token is closed to make room for a newcomer. Slots
+    /// and response memory cannot be held by clients that do not read.
+    pub fn with_min_client_rate(mut self, value: u64) -> Self {
+        self.min_client_rate = value;
+        self
+    }
+
+    /// The slowest a client may take data, bytes per second.
+    pub fn min_client_rate(&self) -> u64 {
+        self.min_client_rate
+    }
+
+    /// How long an authenticated connection may stay open without a request (default 30 s);
+    /// then it is closed with word that it may come back. The server itself never keeps a
+    /// connection alive: a client that sends nothing is gone at the transport's idle timeout.
+    pub fn with_idle_close(mut self, value: Duration) -> Self {
+        self.idle_close = value;
+        self
+    }
+
+    /// How long an authenticated connection may stay open without a request.
+    pub fn idle_close(&self) -> Duration {
+        self.idle_close
+    }
+
     /// QUIC transport settings.
     pub fn with_transport(mut self, value: TransportTuning) -> Self {
         self.transport = value;
@@ -315,6 +347,8 @@ impl StreamerConfig {
         ConfigError::nonzero_duration("streamer.auth_timeout", self.auth_timeout)?;
         ConfigError::nonzero_duration("streamer.request_timeout", self.request_timeout)?;
         ConfigError::nonzero_duration("streamer.write_timeout", self.write_timeout)?;
+        ConfigError::nonzero_duration("streamer.idle_close", self.idle_close)?;
+        ConfigError::nonzero("streamer.min_client_rate", self.min_client_rate)?;
         self.transport.validate()
     }
 }

@@ -1,14 +1,17 @@
 //! One served connection: the handshake (the client proves the token, the server proves it
-//! back), refusals, the per-peer and per-address limits, and the request loop.
+//! back), refusals, the per-peer and per-address limits, and the request loop, which closes a
+//! connection that opens no request for `idle_close`.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use libp2p::PeerId;
 use quinn::VarInt;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::{PeerUsage, ServeError, Shared, Slot, serve};
+use super::{Activity, PeerUsage, ServeError, Served, Shared, Slot, serve};
 use crate::metrics::RefusedReason;
 use crate::proto;
 use crate::transfer::STREAMER_TARGET;
@@ -22,14 +25,68 @@ use crate::transfer::tls;
 /// the connection itself.
 const REFUSAL_GRACE: Duration = Duration::from_secs(2);
 
+/// What one authenticated connection may use while it is served.
+pub(super) struct Allowance {
+    /// The peer's rate limiter, shared by its connections.
+    pub(super) limit: Option<Arc<ByteLimiter>>,
+    /// The connection's share of the response memory, in KiB permits: a few connections
+    /// cannot take all of it.
+    pub(super) memory: Semaphore,
+    /// How many permits the share has.
+    pub(super) memory_kib: u32,
+    /// What it did, for choosing whom to close when full.
+    pub(super) activity: Arc<Activity>,
+}
+
 /// Serves one connection until it ends. `slot` holds its place in the limits until then.
 pub(super) async fn serve(
     incoming: quinn::Incoming,
     mut slot: Slot,
     shared: &Arc<Shared>,
 ) -> Result<(), ServeError> {
-    // The TLS handshake and the token proof share one deadline, so a client that stalls
-    // anywhere before proving the token holds its slot for at most this long.
+    let (conn, peer, mut send, hello) = handshake(incoming, shared).await?;
+    let (proof, limit) = match admit(shared, &conn, peer, &hello, &mut slot) {
+        Ok(v) => v,
+        Err(refusal) => {
+            let reason = match refusal {
+                Refusal::Unauthorized => RefusedReason::Unauthorized,
+                Refusal::Busy => RefusedReason::Busy,
+                Refusal::Version => RefusedReason::Protocol,
+            };
+            shared.metrics.refused(reason);
+            refuse(&conn, send, refusal).await;
+            return Err(ServeError::Refused(refusal.message()));
+        }
+    };
+    let share = per_connection_kib(shared);
+    let allowance = Arc::new(Allowance {
+        limit,
+        memory: Semaphore::new(share as usize),
+        memory_kib: share,
+        activity: Arc::new(Activity::new()),
+    });
+    let _guard = PeerGuard {
+        shared,
+        peer,
+        conn: conn.stable_id(),
+    };
+    enter_serving(shared, &conn, &slot, &allowance.activity);
+    shared.metrics.accepted_connections.inc();
+    shared.metrics.active_transfers.inc();
+    write_frame(&mut send, &protocol::welcome(Ok(proof))).await?;
+    send.finish()?;
+    // Proven: now it may open its requests.
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(shared.config.max_streams_per_connection));
+    tracing::debug!(target: STREAMER_TARGET, %peer, remote = %conn.remote_address(), "downloader connected");
+    serve_requests(&conn, peer, shared, &allowance).await
+}
+
+/// The TLS handshake and the client's hello, within one deadline: a client that stalls
+/// anywhere before proving the token holds its slot for at most `auth_timeout`.
+async fn handshake(
+    incoming: quinn::Incoming,
+    shared: &Shared,
+) -> Result<(quinn::Connection, PeerId, quinn::SendStream, proto::Hello), ServeError> {
     let deadline = tokio::time::Instant::now() + shared.config.auth_timeout;
     let conn = match tokio::time::timeout_at(deadline, async { incoming.accept()?.await }).await {
         Ok(conn) => conn?,
@@ -48,48 +105,32 @@ pub(super) async fn serve(
         Ok::<_, ServeError>((send, hello))
     })
     .await;
-    let (mut send, hello) = match hello {
-        Ok(Ok(v)) => v,
+    match hello {
+        Ok(Ok((send, hello))) => Ok((conn, peer, send, hello)),
         Ok(Err(e)) => {
             shared.metrics.refused(RefusedReason::Protocol);
             conn.close(close::PROTOCOL, b"bad hello");
-            return Err(e);
+            Err(e)
         }
         Err(_) => {
             shared.metrics.refused(RefusedReason::Protocol);
             conn.close(close::PROTOCOL, b"no hello in time");
-            return Err(ServeError::AuthTimeout);
+            Err(ServeError::AuthTimeout)
         }
-    };
-    let admitted = admit(shared, &conn, peer, &hello, &mut slot);
-    let (proof, limit) = match admitted {
-        Ok(v) => v,
-        Err(refusal) => {
-            let reason = match refusal {
-                Refusal::Unauthorized => RefusedReason::Unauthorized,
-                Refusal::Busy => RefusedReason::Busy,
-                Refusal::Version => RefusedReason::Protocol,
-            };
-            shared.metrics.refused(reason);
-            refuse(&conn, send, refusal).await;
-            return Err(ServeError::Refused(refusal.message()));
-        }
-    };
-    let _guard = PeerGuard {
-        shared,
-        peer,
-        conn: conn.stable_id(),
-    };
-    enter_serving(shared, &conn);
-    shared.metrics.accepted_connections.inc();
-    shared.metrics.active_transfers.inc();
-    write_frame(&mut send, &protocol::welcome(Ok(proof))).await?;
-    send.finish()?;
-    // Proven: now it may open its requests.
-    conn.set_max_concurrent_bi_streams(VarInt::from_u32(shared.config.max_streams_per_connection));
-    tracing::debug!(target: STREAMER_TARGET, %peer, remote = %conn.remote_address(), "downloader connected");
+    }
+}
 
+/// Serves the requests of an authenticated connection, each on its own stream, until the
+/// connection ends; closes it once no request has been open for `idle_close`.
+async fn serve_requests(
+    conn: &quinn::Connection,
+    peer: PeerId,
+    shared: &Arc<Shared>,
+    allowance: &Arc<Allowance>,
+) -> Result<(), ServeError> {
     let mut requests = JoinSet::new();
+    let idle = tokio::time::sleep(shared.config.idle_close);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
             stream = conn.accept_bi() => {
@@ -99,24 +140,51 @@ pub(super) async fn serve(
                     | Err(quinn::ConnectionError::LocallyClosed) => return Ok(()),
                     Err(e) => return Err(e.into()),
                 };
-                let shared = shared.clone();
-                let limit = limit.clone();
-                let conn = conn.clone();
-                requests.spawn(async move {
-                    match serve::request(send, recv, &shared, limit.as_deref()).await {
-                        Err(ServeError::TooSlow) => {
-                            shared.metrics.refused(RefusedReason::TooSlow);
-                            tracing::debug!(target: STREAMER_TARGET, %peer, "client does not read its responses; closing");
-                            conn.close(close::TOO_SLOW, b"responses not read in time");
-                        }
-                        Err(e) => tracing::debug!(target: STREAMER_TARGET, %peer, error = %e, "request ended"),
-                        Ok(()) => {}
-                    }
-                });
+                requests.spawn(handle_request(send, recv, conn.clone(), peer, shared.clone(), allowance.clone()));
             }
             Some(_) = requests.join_next(), if !requests.is_empty() => {}
+            () = &mut idle, if requests.is_empty() => {
+                shared.metrics.refused(RefusedReason::Idle);
+                tracing::debug!(target: STREAMER_TARGET, %peer, "no request for the idle limit; closing");
+                conn.close(close::IDLE, b"idle");
+                return Ok(());
+            }
         }
+        // Any request opened or ended: the idle limit counts from now.
+        idle.as_mut()
+            .reset(tokio::time::Instant::now() + shared.config.idle_close);
     }
+}
+
+/// Serves one request stream of `peer`'s connection, counting it as the connection's activity.
+async fn handle_request(
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    conn: quinn::Connection,
+    peer: PeerId,
+    shared: Arc<Shared>,
+    allowance: Arc<Allowance>,
+) {
+    allowance.activity.requests.fetch_add(1, Ordering::AcqRel);
+    let result = serve::request(send, recv, &shared, &allowance).await;
+    allowance.activity.requests.fetch_sub(1, Ordering::AcqRel);
+    match result {
+        Err(ServeError::TooSlow) => {
+            shared.metrics.refused(RefusedReason::TooSlow);
+            tracing::debug!(target: STREAMER_TARGET, %peer, "client does not read its responses; closing");
+            conn.close(close::TOO_SLOW, b"responses not read in time");
+        }
+        Err(e) => tracing::debug!(target: STREAMER_TARGET, %peer, error = %e, "request ended"),
+        Ok(()) => {}
+    }
+}
+
+/// One connection's share of the response memory, in KiB: a quarter of it, and never less
+/// than the largest request.
+fn per_connection_kib(shared: &Shared) -> u32 {
+    let quarter = shared.memory_kib / 4;
+    let largest = (shared.config.max_request_bytes.div_ceil(1024) as u32).min(shared.memory_kib);
+    quarter.max(largest)
 }
 
 /// The checks a hello passes: version, token proof, then the limits of the peer and its
@@ -192,21 +260,27 @@ pub(super) fn send_share(send_memory: u64, max_window: u64, connections: usize) 
 const MIN_SEND_WINDOW: u64 = 256 << 10;
 
 /// Gives every authenticated connection its share of the send memory.
-fn rebalance(shared: &Shared, serving: &[(usize, quinn::Connection)]) {
+fn rebalance(shared: &Shared, serving: &[Served]) {
     let share = send_share(
         shared.config.send_memory,
         shared.config.transport.send_window,
         serving.len(),
     );
-    for (_, c) in serving {
-        c.set_send_window(share);
+    for s in serving {
+        s.conn.set_send_window(share);
     }
 }
 
-/// Adds an authenticated connection to those sharing the send memory.
-fn enter_serving(shared: &Shared, conn: &quinn::Connection) {
+/// Adds an authenticated connection to those sharing the send memory (and those that may be
+/// closed to make room).
+fn enter_serving(shared: &Shared, conn: &quinn::Connection, slot: &Slot, activity: &Arc<Activity>) {
     let mut serving = shared.serving.lock().unwrap_or_else(|p| p.into_inner());
-    serving.push((conn.stable_id(), conn.clone()));
+    serving.push(Served {
+        id: conn.stable_id(),
+        conn: conn.clone(),
+        group: slot.ip,
+        activity: activity.clone(),
+    });
     rebalance(shared, &serving);
 }
 
@@ -226,7 +300,7 @@ impl Drop for PeerGuard<'_> {
                 .serving
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            serving.retain(|(id, _)| *id != self.conn);
+            serving.retain(|s| s.id != self.conn);
             rebalance(self.shared, &serving);
         }
         self.shared.metrics.active_transfers.dec();

@@ -1,7 +1,9 @@
 //! The serving side of the chunk stream: [`Streamer`] (log target `SNAPSHOT:STREAMER`).
 //!
 //! - `mod.rs`: binding, the accept loop and its admission rules (connection limits before any
-//!   work, QUIC Retry under load, per-address limits before authentication), counters.
+//!   work, QUIC Retry under load, per-address limits before authentication, an IPv6 address
+//!   counting as its /64), room made for a newcomer by closing the authenticated connection
+//!   that serves least (idle or slow) when full, counters.
 //! - `connection.rs`: one connection: handshake and token proofs, refusals, per-peer guards.
 //! - `serve.rs`: one request: a manifest or a chunk range, written through one response path
 //!   with pacing and write deadlines.
@@ -88,6 +90,62 @@ struct PeerUsage {
     limit: Option<Arc<ByteLimiter>>,
 }
 
+/// The address group limits count by: an IPv4 address, or an IPv6 address's /64 (a host is
+/// given a /64, so any of its 2^64 addresses is the same host).
+pub(crate) fn ip_group(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::V6(o.into())
+            }
+        },
+    }
+}
+
+/// What an authenticated connection did, for choosing whom to close when full.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    /// Requests being served now.
+    pub(crate) requests: AtomicUsize,
+    /// Data bytes served.
+    pub(crate) served: std::sync::atomic::AtomicU64,
+    since: std::time::Instant,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            requests: AtomicUsize::new(0),
+            served: std::sync::atomic::AtomicU64::new(0),
+            since: std::time::Instant::now(),
+        }
+    }
+
+    /// Data bytes per second served since it was authenticated.
+    fn rate(&self, now: std::time::Instant) -> f64 {
+        let secs = now
+            .saturating_duration_since(self.since)
+            .as_secs_f64()
+            .max(1e-3);
+        self.served.load(Ordering::Relaxed) as f64 / secs
+    }
+}
+
+/// An authenticated connection: its id, the connection, its address group and what it did.
+pub(crate) struct Served {
+    id: usize,
+    conn: quinn::Connection,
+    group: IpAddr,
+    activity: Arc<Activity>,
+}
+
+/// How long a connection is given before it can be judged idle or slow.
+const EVICTION_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A snapshot being served: its chunk source, and the pin that keeps retention off it.
 type OpenSource = (ContentRoot, Arc<ChunkSource>, Arc<ServingPin>);
 
@@ -106,7 +164,7 @@ pub(crate) struct Shared {
     global_limit: Option<ByteLimiter>,
     sources: Mutex<Vec<OpenSource>>,
     /// Authenticated connections, each with its share of `send_memory` as its send window.
-    serving: Mutex<Vec<(usize, quinn::Connection)>>,
+    serving: Mutex<Vec<Served>>,
     /// Response memory, in KiB permits.
     memory: Semaphore,
     memory_kib: u32,
@@ -236,9 +294,15 @@ impl Shared {
         self.per_ip.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Admits a new connection from `ip` before any work is done for it, or says why not.
+    /// Admits a new connection from `ip` before any work is done for it, or says why not. A
+    /// full streamer makes room by closing the connection that serves least, when one serves
+    /// less than `min_client_rate` (idle, or reading slowly): connections that hold slots and
+    /// take nothing cannot keep honest downloaders out.
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, RefusedReason> {
-        if self.connections.load(Ordering::Acquire) >= self.config.max_connections {
+        let ip = ip_group(ip);
+        if self.connections.load(Ordering::Acquire) >= self.config.max_connections
+            && !self.evict_one()
+        {
             return Err(RefusedReason::Busy);
         }
         {
@@ -256,6 +320,40 @@ impl Shared {
             ip,
             authenticated: false,
         })
+    }
+
+    /// Closes the authenticated connection that serves least, if one serves less than
+    /// `min_client_rate` after its grace (the most crowded address group first). Returns
+    /// whether one was closed.
+    fn evict_one(&self) -> bool {
+        let now = std::time::Instant::now();
+        let serving = self.serving.lock().unwrap_or_else(|p| p.into_inner());
+        let mut per_group: HashMap<IpAddr, usize> = HashMap::new();
+        for s in serving.iter() {
+            *per_group.entry(s.group).or_default() += 1;
+        }
+        let min_rate = self.config.min_client_rate as f64;
+        let victim = serving
+            .iter()
+            .filter(|s| now.saturating_duration_since(s.activity.since) >= EVICTION_GRACE)
+            .map(|s| (s, s.activity.rate(now)))
+            .filter(|(_, rate)| *rate < min_rate)
+            .min_by(|(a, ra), (b, rb)| {
+                per_group[&b.group]
+                    .cmp(&per_group[&a.group])
+                    .then(ra.total_cmp(rb))
+            })
+            .map(|(s, _)| s.conn.clone());
+        drop(serving);
+        match victim {
+            Some(conn) => {
+                self.metrics.refused(RefusedReason::Evicted);
+                tracing::debug!(target: STREAMER_TARGET, remote = %conn.remote_address(), "full: closing the connection that serves least to make room");
+                conn.close(close::EVICTED, b"busy: made room for another downloader");
+                true
+            }
+            None => false,
+        }
     }
 }
 

@@ -1,19 +1,23 @@
 //! One request: a manifest, or a range of verifiable chunks. Every response goes through
-//! [`respond`]: header, body in paced pieces, each under the write deadline, finish.
+//! [`respond`]: header, body in paced pieces, each under the write deadline and all of it
+//! within the time `min_client_rate` allows, finish.
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use prost::bytes::Bytes;
+use tokio::sync::SemaphorePermit;
+use tokio::time::Instant;
 
+use super::connection::Allowance;
 use super::{OPEN_SOURCES, ServeError, Shared};
 use crate::chunk::{ChunkError, ChunkSource};
 use crate::hash::ContentRoot;
 use crate::metrics::Outcome;
 use crate::proto;
 use crate::transfer::STREAMER_TARGET;
-use crate::transfer::limit::ByteLimiter;
 use crate::transfer::protocol::{self, CANCELLED, MAX_FRAME, read_frame};
 
 /// Pieces a response is sent in, each paced by the rate limits. 256 KiB keeps QUIC's send
@@ -51,13 +55,25 @@ struct Body {
     data_bytes: u64,
 }
 
+/// A response on its way: its stream, what it may use and by when it must be taken.
+struct Responder<'a> {
+    send: quinn::SendStream,
+    shared: &'a Shared,
+    allowance: &'a Allowance,
+}
+
 /// Serves one request stream.
 pub(super) async fn request(
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     shared: &Shared,
-    peer_limit: Option<&ByteLimiter>,
+    allowance: &Allowance,
 ) -> Result<(), ServeError> {
+    let mut out = Responder {
+        send,
+        shared,
+        allowance,
+    };
     let read = tokio::time::timeout(
         shared.config.request_timeout,
         read_frame::<proto::Request>(&mut recv, MAX_FRAME),
@@ -67,134 +83,169 @@ pub(super) async fn request(
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             let header = refusal(proto::Status::BadRequest, format!("malformed request: {e}"));
-            respond(&mut send, shared, header.header(), None, peer_limit).await?;
+            out.respond(header.header(), None).await?;
             return Err(e.into());
         }
         Err(_) => {
-            let _ = send.reset(CANCELLED);
+            let _ = out.send.reset(CANCELLED);
             return Err(ServeError::Refused("request timed out"));
         }
     };
     match request.kind {
         Some(proto::request::Kind::Manifest(get)) => {
-            let header = match ContentRoot::from_slice(&get.content_root) {
-                Err(_) => {
-                    refusal(proto::Status::BadRequest, "content root must be 32 bytes").header()
-                }
-                Ok(root) => match shared.store.get(&root) {
-                    None => refusal(
-                        proto::Status::UnknownSnapshot,
-                        "no snapshot with this content root",
-                    )
-                    .header(),
-                    Some(snap) => proto::ResponseHeader {
-                        status: proto::Status::Ok as i32,
-                        message: String::new(),
-                        manifest: Some(snap.manifest().to_proto()),
-                        encoded_len: 0,
-                    },
-                },
-            };
-            respond(&mut send, shared, header, None, peer_limit).await
+            let header = manifest_header(&get, shared);
+            out.respond(header, None).await
         }
-        Some(proto::request::Kind::Chunks(get)) => {
-            let (source, range, encoded_len, data_bytes) = match prepare_chunks(&get, shared) {
-                Ok(v) => v,
-                Err(r) => return respond(&mut send, shared, r.header(), None, peer_limit).await,
-            };
-            // Wait for a share of the response memory before allocating it; the permit is
-            // held until the response is handed to QUIC or abandoned.
-            let kib = (encoded_len.div_ceil(1024) as u32).min(shared.memory_kib);
-            let _permit = shared
-                .memory
-                .acquire_many(kib)
-                .await
-                .map_err(|_| ServeError::Refused("shutting down"))?;
-            let encode_range = range.clone();
-            let root = source.tree().root();
-            let encoded = tokio::task::spawn_blocking(move || {
-                let mut out = Vec::with_capacity(encoded_len as usize);
-                source.encode(encode_range, &mut out).map(|()| out)
-            })
-            .await
-            .map_err(|_| ServeError::Refused("encoder panicked"))?;
-            match encoded {
-                Ok(e) if e.len() as u64 == encoded_len => {
-                    let header = proto::ResponseHeader {
-                        status: proto::Status::Ok as i32,
-                        message: String::new(),
-                        manifest: None,
-                        encoded_len,
-                    };
-                    let body = Body {
-                        bytes: Bytes::from(e),
-                        chunks: range.end - range.start,
-                        data_bytes,
-                    };
-                    respond(&mut send, shared, header, Some(body), peer_limit).await
-                }
-                Ok(_) | Err(_) => {
-                    tracing::warn!(target: STREAMER_TARGET, root = %root.short(), "cannot read a served snapshot");
-                    let header = refusal(proto::Status::Internal, "cannot read the snapshot");
-                    respond(&mut send, shared, header.header(), None, peer_limit).await
-                }
-            }
-        }
+        Some(proto::request::Kind::Chunks(get)) => out.chunks(&get).await,
         None => {
             let header = refusal(proto::Status::BadRequest, "empty request");
-            respond(&mut send, shared, header.header(), None, peer_limit).await
+            out.respond(header.header(), None).await
         }
     }
 }
 
-/// Writes `data` under the write deadline: a client that does not take it in time is too slow.
-async fn write_within(
-    send: &mut quinn::SendStream,
-    data: Bytes,
-    deadline: Duration,
-) -> Result<(), ServeError> {
-    match tokio::time::timeout(deadline, send.write_chunk(data)).await {
-        Ok(r) => r.map_err(ServeError::from),
-        Err(_) => Err(ServeError::TooSlow),
+/// The response to a manifest request.
+fn manifest_header(get: &proto::GetManifest, shared: &Shared) -> proto::ResponseHeader {
+    let Ok(root) = ContentRoot::from_slice(&get.content_root) else {
+        return refusal(proto::Status::BadRequest, "content root must be 32 bytes").header();
+    };
+    match shared.store.get(&root) {
+        None => refusal(
+            proto::Status::UnknownSnapshot,
+            "no snapshot with this content root",
+        )
+        .header(),
+        Some(snap) => proto::ResponseHeader {
+            status: proto::Status::Ok as i32,
+            message: String::new(),
+            manifest: Some(snap.manifest().to_proto()),
+            encoded_len: 0,
+        },
     }
 }
 
-/// The one response path: the header, then the body in pieces paced by the rate limits, each
-/// under the write deadline, then the end of the stream; counts what was served.
-async fn respond(
-    send: &mut quinn::SendStream,
-    shared: &Shared,
-    header: proto::ResponseHeader,
-    body: Option<Body>,
-    peer_limit: Option<&ByteLimiter>,
-) -> Result<(), ServeError> {
-    let ok = header.status == proto::Status::Ok as i32;
-    let deadline = shared.config.write_timeout;
-    write_within(send, Bytes::from(protocol::encode_frame(&header)), deadline).await?;
-    if let Some(body) = &body {
-        let mut at = 0;
-        while at < body.bytes.len() {
-            let end = (at + SEND_PIECE).min(body.bytes.len());
-            if let Some(limit) = &shared.global_limit {
-                limit.take(end - at).await;
+impl Responder<'_> {
+    /// Answers a chunk request: validates it, waits (within the request timeout) for its
+    /// share of the response memory, encodes the range with its proof and sends it.
+    async fn chunks(&mut self, get: &proto::GetChunks) -> Result<(), ServeError> {
+        let shared = self.shared;
+        let (source, range, encoded_len, data_bytes) = match prepare_chunks(get, shared) {
+            Ok(v) => v,
+            Err(r) => return self.respond(r.header(), None).await,
+        };
+        // Memory first, from the connection's share and the streamer's, within the request
+        // timeout: held until the response is handed to QUIC or abandoned.
+        let kib = (encoded_len.div_ceil(1024) as u32).min(shared.memory_kib);
+        let Some(_permits) = memory(self.shared, self.allowance, kib).await else {
+            let busy = refusal(proto::Status::Busy, "no response memory free; try again");
+            return self.respond(busy.header(), None).await;
+        };
+        let encode_range = range.clone();
+        let root = source.tree().root();
+        let encoded = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::with_capacity(encoded_len as usize);
+            source.encode(encode_range, &mut out).map(|()| out)
+        })
+        .await
+        .map_err(|_| ServeError::Refused("encoder panicked"))?;
+        match encoded {
+            Ok(e) if e.len() as u64 == encoded_len => {
+                let header = proto::ResponseHeader {
+                    status: proto::Status::Ok as i32,
+                    message: String::new(),
+                    manifest: None,
+                    encoded_len,
+                };
+                let body = Body {
+                    bytes: Bytes::from(e),
+                    chunks: range.end - range.start,
+                    data_bytes,
+                };
+                self.respond(header, Some(body)).await
             }
-            if let Some(limit) = peer_limit {
-                limit.take(end - at).await;
+            Ok(_) | Err(_) => {
+                tracing::warn!(target: STREAMER_TARGET, root = %root.short(), "cannot read a served snapshot");
+                let header = refusal(proto::Status::Internal, "cannot read the snapshot");
+                self.respond(header.header(), None).await
             }
-            // Handed to QUIC without another copy: each piece is a view of the same buffer.
-            write_within(send, body.bytes.slice(at..end), deadline).await?;
-            at = end;
         }
     }
-    // Counted once all is handed to QUIC, before the end of the stream can reach the client.
-    let m = &shared.metrics;
-    m.served(if ok { Outcome::Ok } else { Outcome::Refused });
-    if let Some(body) = &body {
-        m.served_bytes.inc_by(body.data_bytes);
-        m.served_chunks.inc_by(body.chunks);
+
+    /// The one response path: the header, then the body in pieces paced by the rate limits,
+    /// each under the write deadline and the whole within the time `min_client_rate` needs
+    /// for it, then the end of the stream; counts what was served.
+    async fn respond(
+        &mut self,
+        header: proto::ResponseHeader,
+        body: Option<Body>,
+    ) -> Result<(), ServeError> {
+        let shared = self.shared;
+        let ok = header.status == proto::Status::Ok as i32;
+        let len = body.as_ref().map_or(0, |b| b.bytes.len() as u64);
+        let whole = Duration::from_secs_f64(len as f64 / shared.config.min_client_rate as f64)
+            .max(shared.config.write_timeout);
+        let deadline = Instant::now() + whole;
+        let header = Bytes::from(protocol::encode_frame(&header));
+        self.write_within(header, deadline).await?;
+        if let Some(body) = &body {
+            let mut at = 0;
+            while at < body.bytes.len() {
+                let end = (at + SEND_PIECE).min(body.bytes.len());
+                if let Some(limit) = &shared.global_limit {
+                    limit.take(end - at).await;
+                }
+                if let Some(limit) = &self.allowance.limit {
+                    limit.take(end - at).await;
+                }
+                // Handed to QUIC without another copy: each piece is a view of the same buffer.
+                self.write_within(body.bytes.slice(at..end), deadline)
+                    .await?;
+                at = end;
+            }
+        }
+        // Counted once all is handed to QUIC, before the end of the stream can reach the client.
+        let m = &shared.metrics;
+        m.served(if ok { Outcome::Ok } else { Outcome::Refused });
+        if let Some(body) = &body {
+            m.served_bytes.inc_by(body.data_bytes);
+            m.served_chunks.inc_by(body.chunks);
+            self.allowance
+                .activity
+                .served
+                .fetch_add(body.data_bytes, Ordering::Relaxed);
+        }
+        self.send.finish()?;
+        Ok(())
     }
-    send.finish()?;
-    Ok(())
+
+    /// Writes `data` within the write deadline and by `deadline`: a client that does not take
+    /// it in time is too slow.
+    async fn write_within(&mut self, data: Bytes, deadline: Instant) -> Result<(), ServeError> {
+        let by = deadline.min(Instant::now() + self.shared.config.write_timeout);
+        match tokio::time::timeout_at(by, self.send.write_chunk(data)).await {
+            Ok(r) => r.map_err(ServeError::from),
+            Err(_) => Err(ServeError::TooSlow),
+        }
+    }
+}
+
+/// `kib` of response memory from the connection's share and from the streamer's, waited for
+/// within the request timeout; `None` if it did not come in time.
+async fn memory<'a>(
+    shared: &'a Shared,
+    allowance: &'a Allowance,
+    kib: u32,
+) -> Option<(SemaphorePermit<'a>, SemaphorePermit<'a>)> {
+    let mine = kib.min(allowance.memory_kib);
+    let wait = async {
+        let own = allowance.memory.acquire_many(mine).await.ok()?;
+        let all = shared.memory.acquire_many(kib).await.ok()?;
+        Some((own, all))
+    };
+    tokio::time::timeout(shared.config.request_timeout, wait)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// A validated chunk request: the source, the chunk range, the encoded and the data length.
