@@ -201,7 +201,7 @@ pub enum ArchiveError {
     /// Reading or decompressing failed.
     #[error("archive I/O: {0}")]
     Io(#[source] io::Error),
-    /// The stream does not start with [`MAGIC`].
+    /// The stream does not start with the archive magic, `SNAPSYNC`.
     #[error("not a snapsync archive (bad magic)")]
     BadMagic,
     /// A format version this crate does not read.
