@@ -276,7 +276,8 @@ async fn main() {
                         "total": p.total_bytes,
                         "rate": p.rate as u64,
                         "eta_secs": p.eta.map(secs),
-                        "peers": p.peers.iter().map(|pp| json!({"peer_id": pp.peer_id.to_string(), "bytes": pp.bytes})).collect::<Vec<_>>(),
+                        "served": p.served_bytes,
+                        "peers": p.peers.iter().map(|pp| json!({"peer_id": pp.peer_id.to_string(), "bytes": pp.bytes, "partial": pp.partial})).collect::<Vec<_>>(),
                     }));
                 }
                 Event::SnapshotSynced {
@@ -286,6 +287,7 @@ async fn main() {
                     with_full,
                     bytes,
                     fetched_bytes,
+                    served_bytes,
                     elapsed,
                     per_peer,
                 } => {
@@ -299,6 +301,7 @@ async fn main() {
                         "with_full": with_full,
                         "bytes": bytes,
                         "fetched_bytes": fetched_bytes,
+                        "served_bytes": served_bytes,
                         "secs": secs(took),
                         "peers": per_peer.iter().filter(|(_, b)| *b > 0).count(),
                         "per_peer": per_peer.iter().map(|(p, b)| json!({"peer_id": p.to_string(), "bytes": b})).collect::<Vec<_>>(),

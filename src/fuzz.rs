@@ -169,6 +169,7 @@ mod tests {
         let advert = message::advert(
             me,
             &[ad],
+            &[],
             &["10.0.0.1:9000".parse().unwrap()],
             Some(90),
             1,
@@ -208,6 +209,7 @@ mod tests {
                 message: String::new(),
                 manifest: Some(m.to_proto()),
                 encoded_len: 0,
+                complete: false,
             }
             .encode_to_vec(),
         ));

@@ -124,9 +124,12 @@ pub use config_error::ConfigError;
 #[cfg(feature = "sim")]
 pub use discovery::sim;
 pub use discovery::{
-    Advert, ChainClock, Conflict, DiscoveryConfig, SnapshotAd, SnapshotVerifier, TrustPolicy,
+    Advert, ChainClock, Conflict, DiscoveryConfig, PartialAd, SnapshotAd, SnapshotVerifier,
+    TrustPolicy,
 };
 pub use hash::{BankHash, ContentRoot, DigestError};
 pub use metrics::Metrics;
 pub use snapshot::archive::SnapshotKind;
 pub use snapshot::manifest::{Base, SnapshotKey};
+#[cfg(feature = "sim")]
+pub use transfer::swarm;

@@ -155,6 +155,7 @@ pub struct Metrics {
     pub(crate) sync_failures: Counter,
     pub(crate) syncs_started: Counter,
     pub(crate) served_bytes: Counter,
+    pub(crate) served_partial_bytes: Counter,
     pub(crate) served_chunks: Counter,
     pub(crate) served_requests: Family<OutcomeLabel, Counter>,
     pub(crate) accepted_connections: Counter,
@@ -179,6 +180,7 @@ impl Default for Metrics {
             sync_failures: Counter::default(),
             syncs_started: Counter::default(),
             served_bytes: Counter::default(),
+            served_partial_bytes: Counter::default(),
             served_chunks: Counter::default(),
             served_requests: Family::default(),
             accepted_connections: Counter::default(),
@@ -256,6 +258,12 @@ impl Metrics {
             "Archive bytes served to downloaders",
             Unit::Bytes,
             self.served_bytes.clone(),
+        );
+        r.register_with_unit(
+            "served_partial",
+            "Archive bytes served from snapshots still being downloaded (part of served)",
+            Unit::Bytes,
+            self.served_partial_bytes.clone(),
         );
         r.register(
             "served_chunks",

@@ -538,6 +538,7 @@ async fn malformed_and_lying_messages_are_dropped_and_counted() {
                 ..Default::default()
             }],
             holder_slot: Some(5),
+            partial: Vec::new(),
         };
         f(&mut a);
         proto::DiscoveryMessage {

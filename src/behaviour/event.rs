@@ -111,6 +111,8 @@ pub enum Event {
         bytes: u64,
         /// Bytes fetched over the network for this sync (resumed bytes excluded).
         fetched_bytes: u64,
+        /// Bytes of these snapshots served to other downloaders while they were downloaded.
+        served_bytes: u64,
         /// Time from the choice to the end of the load.
         elapsed: Duration,
         /// Verified bytes each peer delivered.
@@ -322,6 +324,8 @@ pub struct Status {
     pub best_known_slot: Option<u64>,
     /// The node's own snapshots, oldest first.
     pub snapshots: Vec<Manifest>,
+    /// The snapshots it downloads and serves the verified chunks of meanwhile.
+    pub partial: Vec<crate::discovery::PartialAd>,
     /// Recent advertisements from peers.
     pub adverts: Vec<Advert>,
     /// Where the chunk streamer listens (as advertised).

@@ -257,6 +257,7 @@ impl Behaviour {
                 .iter()
                 .map(|s| s.manifest().clone())
                 .collect(),
+            partial: self.partial_holdings(),
             adverts,
             streamer_addrs: self.streamer_addrs(),
             stats: self.stats(),
@@ -371,6 +372,26 @@ impl Behaviour {
             modified_time,
             chunk_size: Some(self.config.creator().options().chunk_size()),
         });
+        self.refresh_partials();
+    }
+
+    /// What this node serves of the snapshots it downloads.
+    fn partial_holdings(&self) -> Vec<crate::discovery::PartialAd> {
+        self.store
+            .partial_offers()
+            .iter()
+            .map(|o| crate::discovery::PartialAd {
+                ad: crate::discovery::SnapshotAd::of(&o.manifest),
+                verified_bytes: (o.verified.count() * u64::from(o.manifest.chunk_size.bytes()))
+                    .min(o.manifest.archive_size),
+            })
+            .collect()
+    }
+
+    /// Tells discovery what this node serves of the snapshots it downloads.
+    fn refresh_partials(&mut self) {
+        let partials = self.partial_holdings();
+        self.discovery.handle_partials(partials, Instant::now());
     }
 
     fn streamer_addrs(&self) -> Vec<SocketAddr> {
@@ -434,12 +455,17 @@ impl Behaviour {
                     addrs,
                 );
             }
-            Action::StartSync(plan) => self.start_sync(plan),
-            Action::AddSyncPeer { key, peer, addrs } => {
+            Action::StartSync(plan) => self.start_sync(*plan),
+            Action::AddSyncPeer {
+                key,
+                peer,
+                addrs,
+                partial,
+            } => {
                 if let Some(addr) = peer_addr(&mut self.peer_ips, peer, &addrs)
                     && let Some(job) = &mut self.job
                 {
-                    job.add_peer(&key, addr);
+                    job.add_peer(&key, addr, partial);
                 }
             }
             Action::DeleteSnapshot(root) => {
@@ -504,7 +530,10 @@ impl Behaviour {
                 peers,
                 resumed_bytes,
             }),
-            JobEvent::Progress(p) => self.push_event(Event::DownloadProgress(p)),
+            JobEvent::Progress(p) => {
+                self.refresh_partials();
+                self.push_event(Event::DownloadProgress(p));
+            }
             JobEvent::Synced(synced) => {
                 self.job = None;
                 let r = synced.report;
@@ -527,6 +556,7 @@ impl Behaviour {
                     with_full: synced.with_full,
                     bytes: synced.bytes,
                     fetched_bytes: synced.fetched_bytes,
+                    served_bytes: synced.served_bytes,
                     elapsed: synced.elapsed,
                     per_peer: synced.per_peer,
                 });

@@ -65,6 +65,7 @@ pub(crate) struct Synced {
     pub(crate) with_full: bool,
     pub(crate) bytes: u64,
     pub(crate) fetched_bytes: u64,
+    pub(crate) served_bytes: u64,
     pub(crate) per_peer: Vec<(PeerId, u64)>,
     pub(crate) elapsed: Duration,
     /// Peers that sent chunks proven wrong on the way (the others served the rest).
@@ -109,15 +110,24 @@ impl Leg {
             peers.clone(),
         );
         let progress = handle.progress_stream();
-        let ids: Vec<PeerId> = peers.iter().map(|p| p.peer_id).collect();
+        let mut ids: Vec<PeerId> = peers.iter().map(|p| p.peer_id).collect();
+        // Peers downloading it too, as sources of what they verified.
+        for (p, addrs) in &target.partial_peers {
+            if let Some(addr) = addr_of(*p, addrs)
+                && handle.add_partial_peer(addr)
+            {
+                ids.push(*p);
+            }
+        }
+        let initial: Vec<PeerId> = peers.iter().map(|p| p.peer_id).collect();
         Leg {
             kind,
             key: target.ad.key,
             counts_vouched: target.counts_vouched,
             handle,
             progress,
-            peers: ids.iter().copied().collect(),
-            initial: ids,
+            peers: ids.into_iter().collect(),
+            initial,
             announced: false,
             done: None,
         }
@@ -214,13 +224,18 @@ impl SyncJob {
         self.legs.iter().all(|l| l.done.is_some())
     }
 
-    /// Adds a peer that advertises one of the job's snapshots.
-    pub(crate) fn add_peer(&mut self, key: &SnapshotKey, peer: PeerAddr) {
+    /// Adds a peer that advertises one of the job's snapshots (`partial`: one that downloads
+    /// it too and serves what it verified).
+    pub(crate) fn add_peer(&mut self, key: &SnapshotKey, peer: PeerAddr, partial: bool) {
         if let Some(leg) = self.legs.iter_mut().find(|l| l.key == *key)
             && leg.done.is_none()
             && leg.peers.insert(peer.peer_id)
         {
-            leg.handle.add_peer(peer);
+            if partial {
+                leg.handle.add_partial_peer(peer);
+            } else {
+                leg.handle.add_peer(peer);
+            }
         }
     }
 
@@ -397,10 +412,11 @@ impl SyncJob {
         let mut bad_peers: Vec<PeerId> = self.legs.iter().flat_map(Leg::banned).collect();
         bad_peers.extend(self.correct_counts(&loaded));
         let mut per_peer: Vec<(PeerId, u64)> = Vec::new();
-        let (mut bytes, mut fetched) = (0, 0);
+        let (mut bytes, mut fetched, mut served) = (0, 0, 0);
         for d in self.legs.iter().filter_map(|l| l.done.as_ref()) {
             bytes += d.snapshot.manifest().archive_size;
             fetched += d.fetched_bytes;
+            served += d.served_bytes;
             for (p, b) in &d.per_peer {
                 match per_peer.iter_mut().find(|(q, _)| q == p) {
                     Some(e) => e.1 += b,
@@ -413,6 +429,7 @@ impl SyncJob {
             with_full: self.has_full(),
             bytes,
             fetched_bytes: fetched,
+            served_bytes: served,
             per_peer,
             elapsed: self.started.elapsed(),
             bad_peers,

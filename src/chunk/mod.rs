@@ -15,12 +15,14 @@ mod builder;
 pub(crate) mod size;
 mod source;
 mod tree;
+mod verified;
 
 pub(crate) use builder::TreeWriter;
 pub use builder::{TreeBuilder, write_outboard};
 pub(crate) use size::{ChunkSize, ChunkSizeError};
 pub use source::ChunkSource;
 pub use tree::{ChunkTree, RangeDecoder};
+pub(crate) use verified::VerifiedChunks;
 
 use std::io;
 

@@ -7,7 +7,9 @@
 //! an advert is held at a [`Standing`], and a full table makes room for an advert by forgetting
 //! the oldest of the lowest standing below it, never one above. Trusted peers' adverts are
 //! never pushed out by others, answers to this node's own requests not by announcements, and
-//! announcements by strangers hold at most a quarter of the table.
+//! announcements by strangers hold at most a quarter of the table. Adverts of partial holdings
+//! only (peers downloading a snapshot and serving what they verified) stand lowest, hold at
+//! most a quarter of the table too, and are indexed apart: they make sources, never agreement.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -84,6 +86,8 @@ impl<V> PeerTable<V> {
 /// How much an advert is worth keeping, lowest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(crate) enum Standing {
+    /// Partial holdings only, from a peer the policy does not trust.
+    Partial,
     /// Announced on the topic by a peer the policy does not trust.
     Announced,
     /// An answer to a request or ask of this node.
@@ -119,6 +123,8 @@ pub(crate) struct AdvertBook {
     by_key: HashMap<SnapshotKey, KeyEntry>,
     /// The full snapshots advertised, by content root (to find an incremental's base at once).
     fulls: HashMap<ContentRoot, HashSet<SnapshotKey>>,
+    /// Who holds part of each snapshot (counts toward nothing).
+    partials: HashMap<SnapshotKey, HashSet<PeerId>>,
 }
 
 impl AdvertBook {
@@ -129,13 +135,14 @@ impl AdvertBook {
             order: HashMap::new(),
             by_key: HashMap::new(),
             fulls: HashMap::new(),
+            partials: HashMap::new(),
         }
     }
 
     /// Most adverts of `standing` the table holds.
     fn cap_of(&self, standing: Standing) -> usize {
         match standing {
-            Standing::Announced => self.cap / 4,
+            Standing::Partial | Standing::Announced => self.cap / 4,
             Standing::Answered | Standing::Trusted => self.cap,
         }
     }
@@ -145,6 +152,12 @@ impl AdvertBook {
     }
 
     fn index(&mut self, advert: &Advert, policy: &TrustPolicy, now: Instant) {
+        for p in &advert.partial {
+            self.partials
+                .entry(p.ad.key)
+                .or_default()
+                .insert(advert.peer);
+        }
         let trusted = policy.trusts(&advert.peer);
         for s in &advert.snapshots {
             let e = self.by_key.entry(s.key).or_insert_with(|| KeyEntry {
@@ -165,6 +178,14 @@ impl AdvertBook {
     }
 
     fn unindex(&mut self, advert: &Advert, policy: &TrustPolicy) {
+        for p in &advert.partial {
+            if let Some(peers) = self.partials.get_mut(&p.ad.key) {
+                peers.remove(&advert.peer);
+                if peers.is_empty() {
+                    self.partials.remove(&p.ad.key);
+                }
+            }
+        }
         for s in &advert.snapshots {
             if let Some(e) = self.by_key.get_mut(&s.key)
                 && e.peers.remove(&advert.peer)
@@ -196,16 +217,21 @@ impl AdvertBook {
 
     /// The oldest advert of `standing` or below (lowest standing first), other than `peer`'s.
     fn victim(&self, standing: Standing, peer: &PeerId) -> Option<PeerId> {
-        [Standing::Announced, Standing::Answered, Standing::Trusted]
-            .into_iter()
-            .filter(|s| *s <= standing)
-            .find_map(|s| {
-                self.order
-                    .get(&s)?
-                    .iter()
-                    .find(|(_, p)| p != peer)
-                    .map(|(_, p)| *p)
-            })
+        [
+            Standing::Partial,
+            Standing::Announced,
+            Standing::Answered,
+            Standing::Trusted,
+        ]
+        .into_iter()
+        .filter(|s| *s <= standing)
+        .find_map(|s| {
+            self.order
+                .get(&s)?
+                .iter()
+                .find(|(_, p)| p != peer)
+                .map(|(_, p)| *p)
+        })
     }
 
     /// Records `advert` at `standing` (a trusted peer's is always trusted), replacing what its
@@ -222,6 +248,8 @@ impl AdvertBook {
         let peer = advert.peer;
         let standing = if policy.trusts(&peer) {
             Standing::Trusted
+        } else if advert.snapshots.is_empty() {
+            Standing::Partial
         } else {
             standing
         };
@@ -305,6 +333,27 @@ impl AdvertBook {
         self.by_key.get(key)
     }
 
+    /// Who holds part of `key`, with what they say they hold.
+    pub(crate) fn partial_holders<'a>(
+        &'a self,
+        key: &'a SnapshotKey,
+    ) -> impl Iterator<Item = (PeerId, &'a super::message::PartialAd)> + 'a {
+        self.partials
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(move |p| {
+                let held = self
+                    .adverts
+                    .get(p)?
+                    .advert
+                    .partial
+                    .iter()
+                    .find(|h| h.ad.key == *key)?;
+                Some((*p, held))
+            })
+    }
+
     /// What `peer` says of `key` (its chunk size and counts).
     pub(crate) fn ad_of(&self, peer: &PeerId, key: &SnapshotKey) -> Option<&SnapshotAd> {
         self.adverts
@@ -367,6 +416,7 @@ mod tests {
                 entry_count: 1,
                 state_bytes: 10,
             }],
+            partial: Vec::new(),
             streamer_addrs: vec!["127.0.0.1:1".parse().unwrap()],
             holder_slot: None,
             modified_time: 0,

@@ -51,7 +51,13 @@ pub(crate) struct Target {
     /// Peers advertising it in the chunk size most of them serve, with their chunk-stream
     /// addresses.
     pub peers: Vec<(PeerId, Vec<SocketAddr>)>,
+    /// Peers downloading it too that serve what they verified, in the same chunk size, most
+    /// held first (at most [`MAX_PARTIAL_SOURCES`]): sources only, they vouched for nothing.
+    pub partial_peers: Vec<(PeerId, Vec<SocketAddr>)>,
 }
+
+/// Most partial holders a target lists.
+pub(crate) const MAX_PARTIAL_SOURCES: usize = 32;
 
 /// What to fetch: a full snapshot, an incremental one, or a full one and an incremental one on
 /// it.
@@ -157,7 +163,29 @@ fn target(
         ad,
         counts_vouched,
         peers: chosen.iter().map(|(p, _)| (*p, book.addrs(p))).collect(),
+        partial_peers: partial_sources(book, key, ad.chunk_size, &entry.peers),
     })
+}
+
+/// The partial holders of `key` serving it in `chunk_size`, most held first, that are not among
+/// `complete` holders.
+pub(crate) fn partial_sources(
+    book: &AdvertBook,
+    key: &SnapshotKey,
+    chunk_size: ChunkSize,
+    complete: &std::collections::HashSet<PeerId>,
+) -> Vec<(PeerId, Vec<SocketAddr>)> {
+    let mut holders: Vec<(PeerId, u64)> = book
+        .partial_holders(key)
+        .filter(|(p, h)| h.ad.chunk_size == chunk_size && !complete.contains(p))
+        .map(|(p, h)| (p, h.verified_bytes))
+        .collect();
+    holders.sort_by_key(|(p, held)| (std::cmp::Reverse(*held), *p));
+    holders
+        .into_iter()
+        .take(MAX_PARTIAL_SOURCES)
+        .map(|(p, _)| (p, book.addrs(&p)))
+        .collect()
 }
 
 /// The record counts of `key` most of the peers that count for the policy advertise, and

@@ -25,6 +25,9 @@ pub(crate) const MAX_STREAMER_ADDRS: usize = 8;
 /// Most snapshots one advertisement may list.
 pub(crate) const MAX_SNAPSHOTS: usize = 8;
 
+/// Most partial holdings one advertisement may list.
+pub(crate) const MAX_PARTIALS: usize = 4;
+
 /// A discovery message failed its checks. The sender gets a strike.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -64,6 +67,14 @@ pub(crate) enum MessageError {
     /// More items than allowed.
     #[error("{0} {1}, more than allowed")]
     TooMany(usize, &'static str),
+    /// A partial holding of more bytes than its snapshot has.
+    #[error("holds {held} verified bytes of a snapshot of {size}")]
+    BadHolding {
+        /// Bytes it says it holds.
+        held: u64,
+        /// The snapshot's size.
+        size: u64,
+    },
     /// An empty gossip message, or an advertisement of nothing.
     #[error("message carries nothing")]
     Empty,
@@ -94,6 +105,16 @@ impl SnapshotAd {
     }
 }
 
+/// A snapshot a peer downloads and serves the verified chunks of meanwhile: a source for
+/// others that download it too, never a voice for it (it counts toward no agreement).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PartialAd {
+    /// The snapshot.
+    pub ad: SnapshotAd,
+    /// Archive bytes it holds, verified (a claim: what it serves is checked chunk by chunk).
+    pub verified_bytes: u64,
+}
+
 /// A checked advertisement: which snapshots one peer holds, and where to fetch them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Advert {
@@ -101,6 +122,8 @@ pub struct Advert {
     pub peer: PeerId,
     /// The snapshots, newest first.
     pub snapshots: Vec<SnapshotAd>,
+    /// The snapshots it downloads and serves part of meanwhile.
+    pub partial: Vec<PartialAd>,
     /// Where its chunk stream listens.
     pub streamer_addrs: Vec<SocketAddr>,
     /// The slot of the peer's own state, when it said.
@@ -251,11 +274,15 @@ pub(crate) fn check_advert(
     limits: AdvertLimits,
 ) -> Result<Advert, MessageError> {
     check_header(&msg.r#type, RESPONSE_TYPE, &msg.peer_id, sender)?;
-    if !msg.has_snapshot || msg.snapshots.is_empty() {
+    let complete = msg.has_snapshot && !msg.snapshots.is_empty();
+    if !complete && msg.partial.is_empty() {
         return Err(MessageError::Empty);
     }
     if msg.snapshots.len() > MAX_SNAPSHOTS {
         return Err(MessageError::TooMany(msg.snapshots.len(), "snapshots"));
+    }
+    if msg.partial.len() > MAX_PARTIALS {
+        return Err(MessageError::TooMany(msg.partial.len(), "partial holdings"));
     }
     if msg.streamer_addrs.len() > MAX_STREAMER_ADDRS {
         return Err(MessageError::TooMany(msg.streamer_addrs.len(), "addresses"));
@@ -273,14 +300,36 @@ pub(crate) fn check_advert(
     if streamer_addrs.is_empty() {
         return Err(MessageError::BadAddress("no chunk-stream address".into()));
     }
-    let snapshots = msg
-        .snapshots
+    let snapshots = if complete {
+        msg.snapshots
+            .iter()
+            .map(|d| check_descriptor(d, limits))
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
+    let partial = msg
+        .partial
         .iter()
-        .map(|d| check_descriptor(d, limits))
+        .map(|h| {
+            let d = h.snapshot.as_ref().ok_or(MessageError::Empty)?;
+            let ad = check_descriptor(d, limits)?;
+            if h.verified_bytes > ad.key.archive_size {
+                return Err(MessageError::BadHolding {
+                    held: h.verified_bytes,
+                    size: ad.key.archive_size,
+                });
+            }
+            Ok(PartialAd {
+                ad,
+                verified_bytes: h.verified_bytes,
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Advert {
         peer: sender,
         snapshots,
+        partial,
         streamer_addrs,
         holder_slot: msg.holder_slot,
         modified_time: msg.modified_time,
@@ -315,10 +364,12 @@ fn descriptor(ad: &SnapshotAd) -> proto::SnapshotDescriptor {
     }
 }
 
-/// This node's advertisement of `snapshots` (newest first, at most [`MAX_SNAPSHOTS`]).
+/// This node's advertisement of `snapshots` (newest first, at most [`MAX_SNAPSHOTS`]) and of
+/// what it downloads and serves meanwhile (at most [`MAX_PARTIALS`]).
 pub(crate) fn advert(
     local: PeerId,
     snapshots: &[SnapshotAd],
+    partial: &[PartialAd],
     streamer_addrs: &[SocketAddr],
     holder_slot: Option<u64>,
     modified_time: u64,
@@ -343,6 +394,14 @@ pub(crate) fn advert(
             .map(descriptor)
             .collect(),
         holder_slot,
+        partial: partial
+            .iter()
+            .take(MAX_PARTIALS)
+            .map(|p| proto::PartialHolding {
+                snapshot: Some(descriptor(&p.ad)),
+                verified_bytes: p.verified_bytes,
+            })
+            .collect(),
     }
 }
 
@@ -434,6 +493,7 @@ mod tests {
                 ad(SnapshotKind::Incremental, 60),
                 ad(SnapshotKind::Full, 50),
             ],
+            &[],
             &["127.0.0.1:4000".parse().unwrap()],
             Some(61),
             5,
@@ -518,6 +578,57 @@ mod tests {
             MessageError::BadSize(_)
         ));
         assert!(matches!(bad(&|m| m.snapshots.clear()), MessageError::Empty));
+    }
+
+    #[test]
+    fn partial_holdings_are_checked_and_an_advert_may_carry_only_them() {
+        let peer = PeerId::random();
+        let holding = PartialAd {
+            ad: ad(SnapshotKind::Full, 70),
+            verified_bytes: 400,
+        };
+        let msg = advert(
+            peer,
+            &[],
+            &[holding],
+            &["127.0.0.1:4000".parse().unwrap()],
+            None,
+            0,
+            9,
+        );
+        assert!(!msg.has_snapshot);
+        let ok = check_advert(&msg, peer, LIMITS).unwrap();
+        assert!(ok.snapshots.is_empty() && ok.newest().is_none());
+        assert_eq!(ok.partial, vec![holding]);
+        let bad = |f: &dyn Fn(&mut proto::SnapshotInfoResponse)| {
+            let mut m = msg.clone();
+            f(&mut m);
+            check_advert(&m, peer, LIMITS).unwrap_err()
+        };
+        assert!(matches!(
+            bad(&|m| m.partial[0].verified_bytes = 1001),
+            MessageError::BadHolding {
+                held: 1001,
+                size: 1000
+            }
+        ));
+        assert!(matches!(
+            bad(&|m| m.partial[0].snapshot.as_mut().unwrap().chunk_size = 3),
+            MessageError::BadChunkSize(_)
+        ));
+        assert!(matches!(
+            bad(&|m| m.partial[0].snapshot = None),
+            MessageError::Empty
+        ));
+        assert!(matches!(
+            bad(&|m| m.partial = vec![m.partial[0].clone(); 5]),
+            MessageError::TooMany(5, _)
+        ));
+        assert!(matches!(bad(&|m| m.partial.clear()), MessageError::Empty));
+        // A peer that says it holds nothing complete is not taken at its word for snapshots.
+        let mut m = msg.clone();
+        m.snapshots = advert_msg(peer).snapshots;
+        assert!(check_advert(&m, peer, LIMITS).unwrap().snapshots.is_empty());
     }
 
     #[test]

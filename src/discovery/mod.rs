@@ -44,6 +44,13 @@
 //!   chunks were proven bad is struck even when the sync succeeds from others.
 //! - **During a sync** the node keeps asking every interval, and adds peers that advertise what
 //!   it is fetching to the download.
+//! - **Crowds.** A node that downloads a snapshot serves the chunks it verified meanwhile, and
+//!   says so: its answers list its partial holdings, and when it starts serving one while
+//!   others asked within `announce_window`, it announces it (after the same random delay,
+//!   unless `PARTIAL_REDUNDANCY` others announced the same holding meanwhile). Other downloaders
+//!   of the snapshot add such peers as partial sources. A partial holding is no vote: it never
+//!   counts toward agreement on a snapshot, never makes one choosable, and adverts of nothing
+//!   else stand lowest in the advert table.
 
 mod advertise;
 mod book;
@@ -61,7 +68,7 @@ pub(crate) use advertise::advertised;
 pub use config::{ChainClock, DiscoveryConfig};
 pub use decide::Conflict;
 pub(crate) use decide::{Plan, Target};
-pub use message::{Advert, SnapshotAd};
+pub use message::{Advert, PartialAd, SnapshotAd};
 pub(crate) use outcome::{Failure, Leg, SyncFailure, SyncOutcome};
 pub use policy::{SnapshotVerifier, TrustPolicy};
 
@@ -120,11 +127,13 @@ pub(crate) enum Action {
         addrs: Vec<Multiaddr>,
     },
     /// Start syncing this plan.
-    StartSync(Plan),
+    StartSync(Box<Plan>),
     /// Delete this snapshot from the node's store: its content is proven bad.
     DeleteSnapshot(ContentRoot),
     /// A peer advertises a snapshot the sync fetches: add it.
     AddSyncPeer {
+        /// It downloads the snapshot too and serves part of it.
+        partial: bool,
         key: SnapshotKey,
         peer: PeerId,
         addrs: Vec<SocketAddr>,
@@ -192,7 +201,13 @@ struct PendingAnnounce {
     at: Instant,
     key: SnapshotKey,
     heard: u32,
+    /// It announces a partial holding (new snapshots go out whatever their number).
+    partial: bool,
 }
+
+/// Announcements of the same partial holding heard after which a node does not announce its
+/// own: enough sources to start with, and answers bring in more.
+const PARTIAL_REDUNDANCY: u32 = 16;
 
 /// Most request nonces remembered (besides the age limit); answers to older requests are
 /// dropped. Requests are spaced by `min_request_interval`, so at the defaults this is well
@@ -243,6 +258,8 @@ pub(crate) struct Discovery {
     announce: Option<PendingAnnounce>,
     dials: (Instant, u32),
     actions: VecDeque<Action>,
+    /// The snapshots this node downloads and serves the verified chunks of meanwhile.
+    partials: Vec<PartialAd>,
 }
 
 impl Discovery {
@@ -287,6 +304,7 @@ impl Discovery {
             announce: None,
             dials: (now, 0),
             actions: VecDeque::new(),
+            partials: Vec::new(),
             config,
         }
     }
@@ -392,6 +410,30 @@ impl Discovery {
     /// The node's own state and snapshots changed.
     pub(crate) fn handle_local(&mut self, local: Local) {
         self.local = local;
+    }
+
+    /// The snapshots this node downloads and serves part of now, with how much. A holding new
+    /// since the last call is announced if someone waits (see the module docs).
+    pub(crate) fn handle_partials(&mut self, partials: Vec<PartialAd>, now: Instant) {
+        let new = partials
+            .iter()
+            .find(|p| !self.partials.iter().any(|q| q.ad.key == p.ad.key))
+            .map(|p| p.ad.key);
+        self.partials = partials;
+        if let Some(key) = new
+            && self.announce.is_none()
+        {
+            self.waiting.expire(now, self.config.announce_window);
+            if self.waiting.len() > 0 {
+                let delay = below(&mut self.rng, self.config.announce_delay);
+                self.announce = Some(PendingAnnounce {
+                    at: now + delay,
+                    key,
+                    heard: 0,
+                    partial: true,
+                });
+            }
+        }
     }
 
     /// Where this node's chunk stream is reached.
@@ -562,7 +604,7 @@ impl Discovery {
             tracing::debug!(target: TARGET, %peer, "dropped an answer to no request of ours");
             return;
         }
-        if !answer.has_snapshot && answer.snapshots.is_empty() {
+        if !answer.has_snapshot && answer.snapshots.is_empty() && answer.partial.is_empty() {
             return;
         }
         match message::check_advert(answer, peer, self.config.limits) {
@@ -579,19 +621,26 @@ impl Discovery {
     fn on_announcement(&mut self, a: Advert, relay: PeerId, now: Instant) -> Verdict {
         self.metrics.message(MessageKind::AnnouncementReceived);
         if let Some(p) = self.announce.as_mut()
-            && a.snapshots.iter().any(|s| s.key == p.key)
+            && (a.snapshots.iter().any(|s| s.key == p.key)
+                || (p.partial && a.partial.iter().any(|h| h.ad.key == p.key)))
         {
             p.heard += 1;
         }
         let trusted = self.config.policy.trusts(&a.peer);
+        let known = |key: &SnapshotKey| {
+            self.local.snapshots.iter().any(|s| s.key == *key)
+                || self
+                    .book
+                    .entry(key)
+                    .is_some_and(|e| e.peers.iter().any(|p| *p != a.peer))
+        };
+        // Forwarded when its newest snapshot, or (for partial holdings only) a snapshot it
+        // holds part of, is vouched for by someone else.
         let vouched = trusted
-            || a.newest().is_some_and(|n| {
-                self.local.snapshots.iter().any(|s| s.key == n.key)
-                    || self
-                        .book
-                        .entry(&n.key)
-                        .is_some_and(|e| e.peers.iter().any(|p| *p != a.peer))
-            });
+            || match a.newest() {
+                Some(n) => known(&n.key),
+                None => a.partial.iter().any(|h| known(&h.ad.key)),
+            };
         // A relay brings in a bounded number of new announcers per interval.
         let known = self.book.standing(&a.peer).is_some();
         if !trusted && !known {
@@ -874,7 +923,13 @@ impl Discovery {
             self.metrics.message(MessageKind::RequestReceived);
         }
         self.waiting.insert(peer, (), now);
-        let newest = self.local.snapshots.iter().map(|s| s.key.slot).max()?;
+        let newest = self
+            .local
+            .snapshots
+            .iter()
+            .map(|s| s.key.slot)
+            .chain(self.partials.iter().map(|p| p.ad.key.slot))
+            .max()?;
         if r.slot.is_some_and(|s| newest <= s) || self.streamer_addrs.is_empty() {
             return None;
         }
@@ -893,6 +948,7 @@ impl Discovery {
         let answer = message::advert(
             self.me,
             &self.local.snapshots,
+            &self.partials,
             &self.streamer_addrs,
             self.local.slot,
             self.local.modified_time,
@@ -926,16 +982,28 @@ impl Discovery {
     fn on_advert(&mut self, advert: Advert, standing: Standing, now: Instant) {
         let peer = advert.peer;
         let addrs = advert.streamer_addrs.clone();
-        let keys: Vec<SnapshotKey> = advert.snapshots.iter().map(|s| s.key).collect();
+        let keys: Vec<(SnapshotKey, bool)> = advert
+            .snapshots
+            .iter()
+            .map(|s| (s.key, false))
+            .chain(advert.partial.iter().map(|h| (h.ad.key, true)))
+            .collect();
         if !self.book.insert(advert, standing, now, &self.config.policy) {
             return;
         }
         if let Stage::Syncing { plan } = &self.stage {
-            for key in keys.iter().filter(|k| plan.fetches(k)) {
+            let mut added: Vec<SnapshotKey> = Vec::new();
+            for (key, partial) in keys.iter().filter(|(k, _)| plan.fetches(k)) {
+                // A peer that holds a snapshot whole and part of it is a complete holder.
+                if added.contains(key) {
+                    continue;
+                }
+                added.push(*key);
                 self.actions.push_back(Action::AddSyncPeer {
                     key: *key,
                     peer,
                     addrs: addrs.clone(),
+                    partial: *partial,
                 });
             }
         }
@@ -969,7 +1037,8 @@ impl Discovery {
                 );
                 self.actions
                     .push_back(Action::Notice(Notice::Chosen(Box::new(plan.clone()))));
-                self.actions.push_back(Action::StartSync(plan.clone()));
+                self.actions
+                    .push_back(Action::StartSync(Box::new(plan.clone())));
                 self.stage = Stage::Syncing {
                     plan: Box::new(plan),
                 };
@@ -997,6 +1066,7 @@ impl Discovery {
             at: now + delay,
             key: newest.key,
             heard: 0,
+            partial: false,
         });
     }
 
@@ -1004,7 +1074,12 @@ impl Discovery {
         let Some(pending) = self.announce.take() else {
             return;
         };
-        if pending.heard >= self.config.announce_redundancy {
+        let redundancy = if pending.partial {
+            PARTIAL_REDUNDANCY
+        } else {
+            self.config.announce_redundancy
+        };
+        if pending.heard >= redundancy {
             tracing::debug!(target: TARGET, heard = pending.heard, "enough peers announced the same snapshot; not announcing");
             return;
         }
@@ -1015,6 +1090,7 @@ impl Discovery {
         let advert = message::advert(
             self.me,
             &self.local.snapshots,
+            &self.partials,
             &self.streamer_addrs,
             self.local.slot,
             self.local.modified_time,

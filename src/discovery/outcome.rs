@@ -191,6 +191,7 @@ mod tests {
             ad,
             counts_vouched: true,
             peers: Vec::new(),
+            partial_peers: Vec::new(),
         }
     }
 
@@ -205,6 +206,7 @@ mod tests {
                 Advert {
                     peer: *p,
                     snapshots: vec![inc, full],
+                    partial: Vec::new(),
                     streamer_addrs: vec!["127.0.0.1:1".parse().unwrap()],
                     holder_slot: None,
                     modified_time: 0,

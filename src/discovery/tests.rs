@@ -89,7 +89,7 @@ fn addr() -> Vec<SocketAddr> {
 
 /// `peer`'s advertisement of `snaps`, answering `nonce`.
 fn answer(peer: PeerId, snaps: &[SnapshotAd], nonce: u64) -> crate::proto::SnapshotInfoResponse {
-    message::advert(peer, snaps, &addr(), None, 0, nonce)
+    message::advert(peer, snaps, &[], &addr(), None, 0, nonce)
 }
 
 fn drain(d: &mut Discovery) -> Vec<Action> {
@@ -133,7 +133,7 @@ fn last_nonce(actions: &[Action]) -> u64 {
 
 fn plan_of(actions: &[Action]) -> Option<Plan> {
     actions.iter().find_map(|a| match a {
-        Action::StartSync(p) => Some(p.clone()),
+        Action::StartSync(p) => Some((**p).clone()),
         _ => None,
     })
 }
@@ -1003,4 +1003,142 @@ fn churning_connections_do_not_push_out_the_nonce_of_a_request() {
         t0 + 20 * SEC,
     );
     assert_eq!(d.best_known_slot(t0 + 20 * SEC), Some(900));
+}
+
+/// `peer`'s advertisement of partial holdings only, answering `nonce`.
+fn partial_answer(
+    peer: PeerId,
+    held: &[SnapshotAd],
+    nonce: u64,
+) -> crate::proto::SnapshotInfoResponse {
+    let partial: Vec<PartialAd> = held
+        .iter()
+        .map(|ad| PartialAd {
+            ad: *ad,
+            verified_bytes: ad.key.archive_size / 2,
+        })
+        .collect();
+    message::advert(peer, &[], &partial, &addr(), None, 0, nonce)
+}
+
+#[test]
+fn partial_holders_are_sources_of_a_chosen_snapshot_never_a_reason_to_choose_it() {
+    let t0 = Instant::now();
+    let (mut d, nonce) = asking(config(), t0, None);
+    let f = full(100, 1);
+    // Many peers say they download the snapshot: nothing is chosen on their word.
+    let partials: Vec<PeerId> = (0..5).map(|_| PeerId::random()).collect();
+    for p in &partials {
+        d.handle_answer(*p, &partial_answer(*p, &[f], nonce), false, t0);
+    }
+    d.handle_timeout(t0 + SEC);
+    let actions = drain(&mut d);
+    assert!(plan_of(&actions).is_none());
+    assert_eq!(d.best_known_slot(t0 + SEC), None);
+    // One holder of the whole snapshot: it is chosen, with the partial holders as sources.
+    d.handle_timeout(t0 + 30 * SEC);
+    let nonce = last_nonce(&drain(&mut d));
+    for p in &partials {
+        d.handle_answer(*p, &partial_answer(*p, &[f], nonce), false, t0 + 30 * SEC);
+    }
+    let seed = PeerId::random();
+    d.handle_answer(seed, &answer(seed, &[f], nonce), false, t0 + 30 * SEC);
+    d.handle_timeout(t0 + 31 * SEC);
+    let plan = plan_of(&drain(&mut d)).expect("a plan");
+    let target = plan.full.unwrap();
+    assert_eq!(
+        target.peers.iter().map(|p| p.0).collect::<Vec<_>>(),
+        vec![seed]
+    );
+    let mut sources: Vec<PeerId> = target.partial_peers.iter().map(|p| p.0).collect();
+    sources.sort();
+    let mut expected = partials.clone();
+    expected.sort();
+    assert_eq!(sources, expected);
+    // One that answers later joins the download as a partial source.
+    let late = PeerId::random();
+    d.handle_answer(
+        late,
+        &partial_answer(late, &[f], nonce),
+        false,
+        t0 + 32 * SEC,
+    );
+    let added: Vec<_> = drain(&mut d)
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::AddSyncPeer { peer, partial, .. } => Some((peer, partial)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(added, vec![(late, true)]);
+}
+
+#[test]
+fn a_flood_of_partial_holders_cannot_push_complete_holders_out_of_the_book() {
+    let t0 = Instant::now();
+    let mut c = config();
+    c.max_tracked_peers = 16;
+    let (mut d, nonce) = asking(c, t0, None);
+    let f = full(100, 1);
+    let seeds: Vec<PeerId> = (0..2).map(|_| PeerId::random()).collect();
+    for s in &seeds {
+        d.handle_answer(*s, &answer(*s, &[f], nonce), false, t0);
+    }
+    for i in 0..1000 {
+        let p = PeerId::random();
+        let at = t0 + Duration::from_millis(i);
+        d.handle_answer(p, &partial_answer(p, &[f], nonce), false, at);
+    }
+    let entry = d.book.entry(&f.key).expect("the seeds' adverts stay");
+    assert_eq!(entry.peers.len(), 2);
+    assert!(
+        d.book.partial_holders(&f.key).count() <= 4,
+        "a quarter of the table at most"
+    );
+}
+
+#[test]
+fn a_downloading_node_answers_with_what_it_holds_and_announces_a_new_holding() {
+    let t0 = Instant::now();
+    let (mut d, _) = asking(config(), t0, None);
+    let f = full(100, 1);
+    // Someone asks while this node has nothing: no answer.
+    let r = PeerId::random();
+    d.handle_gossip(Some(r), r, &gossip_request(r, 5, None), t0);
+    assert!(answers(&drain(&mut d)).is_empty());
+    // It starts serving part of the snapshot: it announces it (someone waits)...
+    let held = PartialAd {
+        ad: f,
+        verified_bytes: 1 << 16,
+    };
+    d.handle_partials(vec![held], t0 + SEC);
+    let at = d.announce.as_ref().expect("an announcement").at;
+    d.handle_timeout(at);
+    let actions = drain(&mut d);
+    let announced = actions.iter().find_map(|a| match a {
+        Action::Publish {
+            kind: Published::Announcement,
+            bytes,
+        } => Some(bytes.clone()),
+        _ => None,
+    });
+    use prost::Message;
+    let msg = crate::proto::DiscoveryMessage::decode(&announced.expect("published")[..]).unwrap();
+    let Some(crate::proto::discovery_message::Body::Announcement(a)) = msg.body else {
+        panic!("an announcement");
+    };
+    assert!(!a.has_snapshot && a.partial.len() == 1);
+    // ...once: the same holding growing is not announced again.
+    d.handle_partials(
+        vec![PartialAd {
+            verified_bytes: 1 << 18,
+            ..held
+        }],
+        at + SEC,
+    );
+    assert!(d.announce.is_none());
+    // And it answers requests with it.
+    let q = PeerId::random();
+    d.handle_gossip(Some(q), q, &gossip_request(q, 6, None), at + 2 * SEC);
+    assert_eq!(answers(&drain(&mut d)), vec![q]);
 }

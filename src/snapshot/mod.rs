@@ -25,4 +25,4 @@ pub use store::{
     ARCHIVE_FILE, MANIFEST_FILE, OUTBOARD_FILE, Retention, ServingPin, Snapshot, SnapshotStore,
     StoreError,
 };
-pub(crate) use store::{IoAt, PartialClaim, now_unix_ms};
+pub(crate) use store::{IoAt, OfferGuard, PartialClaim, PartialOffer, now_unix_ms};

@@ -6,6 +6,8 @@
 //! sending it, before anything is served. The wire protocol is specified in `docs/FORMAT.md`.
 
 mod download;
+#[cfg(feature = "sim")]
+pub use download::swarm;
 mod limit;
 mod protocol;
 mod rate;

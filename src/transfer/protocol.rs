@@ -45,6 +45,9 @@ pub(crate) const MAX_FRAME: usize = 16 * 1024;
 /// Largest `Hello` or `Welcome`.
 pub(crate) const MAX_HELLO: usize = 256;
 
+/// Most bits a have bitfield carries (256 KiB of it): a client asks in blocks big enough.
+pub(crate) const MAX_HAVE_BITS: u64 = 1 << 21;
+
 /// Connection close codes that are not refusals.
 pub(crate) mod close {
     use super::VarInt;

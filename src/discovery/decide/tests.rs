@@ -33,6 +33,7 @@ fn book(adverts: &[(PeerId, Vec<SnapshotAd>)]) -> AdvertBook {
             Advert {
                 peer: *peer,
                 snapshots: snaps.clone(),
+                partial: Vec::new(),
                 streamer_addrs: vec!["127.0.0.1:1".parse().unwrap()],
                 holder_slot: None,
                 modified_time: 0,

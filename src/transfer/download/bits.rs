@@ -39,6 +39,24 @@ impl Bits {
         }
     }
 
+    /// Clears bit `i`.
+    pub(crate) fn clear(&mut self, i: usize) {
+        if self.get(i) {
+            self.words[i / 64] &= !(1 << (i % 64));
+            self.ones -= 1;
+        }
+    }
+
+    /// Word `w`: bits `64 w` to `64 w + 63` (0 past the end).
+    pub(crate) fn word(&self, w: usize) -> u64 {
+        self.words.get(w).copied().unwrap_or(0)
+    }
+
+    /// Number of words.
+    pub(crate) fn words(&self) -> usize {
+        self.words.len()
+    }
+
     /// The bits as bytes: bit `i` is bit `i % 8` of byte `i / 8`.
     pub(crate) fn to_bytes(&self) -> Vec<u8> {
         let mut bytes: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
@@ -74,6 +92,13 @@ mod tests {
         b.set(7);
         b.set(500); // out of range: ignored
         assert_eq!(b.ones(), 5);
+        b.set(3);
+        b.clear(3);
+        b.clear(3);
+        assert_eq!(
+            (b.ones(), b.word(0), b.word(9)),
+            (5, 1 | 1 << 7 | 1 << 63, 0)
+        );
         assert!(b.get(63) && b.get(64) && !b.get(65) && !b.get(500));
         let bytes = b.to_bytes();
         assert_eq!(bytes.len(), 17);

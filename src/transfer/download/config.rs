@@ -21,6 +21,7 @@ pub struct DownloadConfig {
     pub(super) partial_budget: u64,
     pub(super) disk_headroom: u64,
     pub(super) max_chunks: u64,
+    pub(super) serve_partial: bool,
     pub(super) transport: TransportTuning,
 }
 
@@ -40,6 +41,7 @@ impl Default for DownloadConfig {
                 backoff_max: Duration::from_secs(10),
                 max_peer_failures: 8,
                 no_progress_timeout: Duration::from_secs(120),
+                have_interval: Duration::from_secs(1),
                 jitter_seed: None,
             },
             max_peers: 16,
@@ -49,6 +51,7 @@ impl Default for DownloadConfig {
             partial_budget: 16 << 30,
             disk_headroom: 1 << 30,
             max_chunks: 1 << 26,
+            serve_partial: true,
             transport: TransportTuning::default(),
         }
     }
@@ -210,6 +213,32 @@ impl DownloadConfig {
         self.schedule.no_progress_timeout
     }
 
+    /// Whether the chunks verified so far are served to other downloaders while the download
+    /// runs, by the node's streamer over the same store (default on): in a crowd that needs
+    /// the same snapshot, each downloader's uplink adds to the few holders'.
+    pub fn with_serve_partial(mut self, value: bool) -> Self {
+        self.serve_partial = value;
+        self
+    }
+
+    /// Whether the chunks verified so far are served while the download runs.
+    pub fn serve_partial(&self) -> bool {
+        self.serve_partial
+    }
+
+    /// A source that downloads the snapshot too is asked again what it holds at most this
+    /// often, and only when it has room for requests and holds nothing still wanted (default
+    /// 1 s).
+    pub fn with_have_interval(mut self, value: Duration) -> Self {
+        self.schedule.have_interval = value;
+        self
+    }
+
+    /// How often, at most, a source that downloads the snapshot too is asked what it holds.
+    pub fn have_interval(&self) -> Duration {
+        self.schedule.have_interval
+    }
+
     /// Time to connect to a peer and for both to prove the token (default 10 s).
     pub fn with_connect_timeout(mut self, value: Duration) -> Self {
         self.connect_timeout = value;
@@ -325,6 +354,7 @@ impl DownloadConfig {
                 "download.no_progress_timeout",
                 self.schedule.no_progress_timeout,
             ),
+            ("download.have_interval", self.schedule.have_interval),
             ("download.connect_timeout", self.connect_timeout),
             ("download.persist_interval", self.persist_interval),
             ("download.progress_interval", self.progress_interval),

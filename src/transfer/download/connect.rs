@@ -31,6 +31,9 @@ pub(super) enum ConnectError {
     Closed(#[from] quinn::ClosedStream),
     #[error("refused: {0}")]
     Status(String),
+    /// It does not serve this snapshot (a partial holder may soon).
+    #[error("refused: {0}")]
+    Unknown(String),
     #[error("its manifest differs in {0}")]
     Mismatch(&'static str),
     #[error("bad manifest: {0}")]
@@ -43,15 +46,25 @@ impl ConnectError {
     /// Whether retrying this peer can help.
     pub(super) fn failure(&self) -> Failure {
         match self {
-            ConnectError::Refused(Refusal::Busy) => Failure::Transient,
+            ConnectError::Refused(Refusal::Busy) => Failure::Busy,
             ConnectError::Refused(_)
             | ConnectError::ServerUnauthenticated
             | ConnectError::Mismatch(_)
             | ConnectError::Manifest(_)
             | ConnectError::Endpoint(_)
+            | ConnectError::Unknown(_)
             | ConnectError::Status(_) => Failure::Fatal,
             ConnectError::Connection(quinn::ConnectionError::TransportError(_)) => Failure::Fatal,
             _ => Failure::Transient,
+        }
+    }
+
+    /// Whether retrying a peer that downloads the snapshot too can help: one that does not
+    /// serve it yet (it has no manifest, or its disk is not reserved) may soon.
+    pub(super) fn failure_of_partial(&self) -> Failure {
+        match self {
+            ConnectError::Unknown(_) => Failure::Transient,
+            _ => self.failure(),
         }
     }
 
@@ -159,6 +172,9 @@ pub(super) async fn connect(
     let header: proto::ResponseHeader = read_frame(&mut recv, MAX_FRAME)
         .await
         .map_err(ConnectError::from_frame)?;
+    if header.status == proto::Status::UnknownSnapshot as i32 {
+        return Err(ConnectError::Unknown(status_text(&header)));
+    }
     if header.status != proto::Status::Ok as i32 {
         return Err(ConnectError::Status(status_text(&header)));
     }

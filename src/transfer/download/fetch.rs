@@ -7,13 +7,15 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::bits::Bits;
 use super::connect::status_text;
 use super::partial::PART_FILE;
+use super::picker::Have;
 use super::scheduler::Failure;
 use crate::chunk::{ChunkError, ChunkTree};
 use crate::proto;
 use crate::snapshot::{OUTBOARD_FILE, StoreError};
-use crate::transfer::protocol::{FrameError, MAX_FRAME, read_frame, write_frame};
+use crate::transfer::protocol::{FrameError, MAX_FRAME, MAX_HAVE_BITS, read_frame, write_frame};
 
 /// Why a chunk request failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,104 @@ pub(super) enum FetchError {
     Stalled(Duration),
     #[error("{0}")]
     Closed(#[from] quinn::ClosedStream),
+}
+
+/// A refusal, with what it means for the peer: busy or not holding the range yet are no
+/// failure of it, an internal error may pass, anything else means it cannot serve this.
+fn refused(header: &proto::ResponseHeader) -> FetchError {
+    let failure = match proto::Status::try_from(header.status) {
+        Ok(proto::Status::Busy) => Failure::Busy,
+        Ok(proto::Status::NotHeld) => Failure::NotHeld,
+        Ok(proto::Status::Internal) => Failure::Transient,
+        _ => Failure::Fatal,
+    };
+    FetchError::Refused(status_text(header), failure)
+}
+
+/// Asks a peer which pieces of `piece_chunks` chunks it holds (or, a seed in a crowd, offers),
+/// telling it which this download holds (`done`), within `timeout`. Its answer is checked for
+/// its exact length before a byte is read; a piece counts as held when the block it falls in
+/// is held whole.
+pub(super) async fn ask_have(
+    conn: quinn::Connection,
+    tree: ChunkTree,
+    piece_chunks: u64,
+    done: Bits,
+    timeout: Duration,
+) -> Result<Have, FetchError> {
+    tokio::time::timeout(timeout, ask_have_inner(conn, tree, piece_chunks, done))
+        .await
+        .unwrap_or(Err(FetchError::Stalled(timeout)))
+}
+
+async fn ask_have_inner(
+    conn: quinn::Connection,
+    tree: ChunkTree,
+    piece_chunks: u64,
+    done: Bits,
+) -> Result<Have, FetchError> {
+    let piece_chunks = piece_chunks.max(1);
+    let chunks = tree.chunk_count();
+    let pieces = chunks.div_ceil(piece_chunks);
+    // Pieces per block: as few as the bitfield's limit allows.
+    let per_block = pieces.div_ceil(MAX_HAVE_BITS).max(1);
+    let block_chunks = u32::try_from(piece_chunks * per_block)
+        .map_err(|_| FetchError::Protocol("pieces too large to ask about".into()))?;
+    let blocks = chunks.div_ceil(u64::from(block_chunks));
+    // What this download holds, in the same blocks: a block when all its pieces are done.
+    let holding = if per_block == 1 {
+        done
+    } else {
+        let mut held = Bits::new(blocks as usize);
+        for b in 0..blocks as usize {
+            let first = b * per_block as usize;
+            let last = (first + per_block as usize).min(pieces as usize);
+            if (first..last).all(|p| done.get(p)) {
+                held.set(b);
+            }
+        }
+        held
+    };
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let request = proto::Request {
+        kind: Some(proto::request::Kind::Have(proto::GetHave {
+            content_root: tree.root().0.to_vec().into(),
+            block_chunks,
+            holding: holding.to_bytes().into(),
+        })),
+    };
+    write_frame(&mut send, &request).await?;
+    send.finish()?;
+    let header: proto::ResponseHeader = read_frame(&mut recv, MAX_FRAME).await?;
+    if header.status != proto::Status::Ok as i32 {
+        return Err(refused(&header));
+    }
+    if header.complete {
+        return Ok(Have::All);
+    }
+    let expected = blocks.div_ceil(8);
+    if header.encoded_len != expected {
+        return Err(FetchError::Protocol(format!(
+            "a have bitfield of {} bytes, expected {expected}",
+            header.encoded_len
+        )));
+    }
+    let mut bytes = vec![0u8; expected as usize];
+    recv.read_exact(&mut bytes)
+        .await
+        .map_err(|e| FetchError::Protocol(format!("have bitfield: {e}")))?;
+    let blocks = Bits::from_bytes(&bytes, blocks as usize)
+        .ok_or_else(|| FetchError::Protocol("have bitfield length".into()))?;
+    if per_block == 1 {
+        return Ok(Have::Some(blocks));
+    }
+    let mut held = Bits::new(pieces as usize);
+    for p in 0..pieces as usize {
+        if blocks.get(p / per_block as usize) {
+            held.set(p);
+        }
+    }
+    Ok(Have::Some(held))
 }
 
 /// Where a download's verified bytes go.
@@ -73,11 +173,7 @@ pub(super) async fn fetch(
     send.finish()?;
     let header: proto::ResponseHeader = read_frame(&mut recv, MAX_FRAME).await?;
     if header.status != proto::Status::Ok as i32 {
-        let failure = match proto::Status::try_from(header.status) {
-            Ok(proto::Status::Internal | proto::Status::Busy) => Failure::Transient,
-            _ => Failure::Fatal,
-        };
-        return Err(FetchError::Refused(status_text(&header), failure));
+        return Err(refused(&header));
     }
     if header.encoded_len != expected {
         return Err(FetchError::Protocol(format!(

@@ -5,15 +5,20 @@
 //! - `connect.rs`: connecting to a peer and the handshake;
 //! - `fetch.rs`: one request, checked chunk by chunk as it arrives;
 //! - `run.rs`: the loop of one download, carrying out what the scheduler commands;
-//! - `partial.rs`, `bits.rs`: the download's state on disk (open, reserve, persist, publish).
+//! - `picker.rs`: which piece a source is asked for in a crowd;
+//! - `partial.rs`, `bits.rs`: the download's state on disk (open, reserve, persist, publish);
+//! - `swarm.rs`: a simulator of a crowd downloading one snapshot (feature `sim`).
 
 mod bits;
 mod config;
 mod connect;
 mod fetch;
 mod partial;
+mod picker;
 mod run;
 mod scheduler;
+#[cfg(any(test, feature = "sim"))]
+pub mod swarm;
 
 #[cfg(test)]
 pub(crate) use bits::Bits;
@@ -158,6 +163,8 @@ pub struct PeerProgress {
     pub inflight: usize,
     /// How it stands.
     pub status: PeerStatus,
+    /// It downloads the snapshot too and serves what it has verified (a partial holder).
+    pub partial: bool,
 }
 
 /// A progress update of a download.
@@ -171,6 +178,8 @@ pub struct Progress {
     pub total_bytes: u64,
     /// Bytes that were already on disk when the download started (resume).
     pub resumed_bytes: u64,
+    /// Data bytes of this snapshot served to other downloaders meanwhile.
+    pub served_bytes: u64,
     /// Recent download rate of verified bytes, bytes per second.
     pub rate: f64,
     /// Estimated time left at that rate.
@@ -190,6 +199,8 @@ pub struct Downloaded {
     pub fetched_bytes: u64,
     /// Bytes resumed from a previous run.
     pub resumed_bytes: u64,
+    /// Data bytes of the snapshot served to other downloaders while it was downloaded.
+    pub served_bytes: u64,
     /// Wall time of this run.
     pub elapsed: Duration,
     /// Verified bytes each peer delivered.
@@ -299,7 +310,7 @@ impl Drop for DownloadContext {
 pub struct DownloadHandle {
     progress: watch::Receiver<Progress>,
     manifest: watch::Receiver<Option<(Manifest, PeerId)>>,
-    peers: mpsc::Sender<PeerAddr>,
+    peers: mpsc::Sender<run::NewPeer>,
     cancel: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<Downloaded, DownloadError>>,
     /// The task's result was taken.
@@ -340,7 +351,15 @@ impl DownloadHandle {
     /// Adds a peer to the download (one that advertised the same snapshot later). Ignored
     /// beyond the download's peer limit.
     pub fn add_peer(&self, peer: PeerAddr) -> bool {
-        self.peers.try_send(peer).is_ok()
+        self.peers.try_send((peer, false)).is_ok()
+    }
+
+    /// Adds a peer that downloads the same snapshot and serves the chunks it has verified (a
+    /// partial holder): it is asked what it holds, and pieces are then picked as a swarm does
+    /// (see [`DownloadConfig::with_have_interval`]). It vouches for nothing: every chunk is
+    /// checked against the content root like any other. Ignored beyond the download's limits.
+    pub fn add_partial_peer(&self, peer: PeerAddr) -> bool {
+        self.peers.try_send((peer, true)).is_ok()
     }
 
     /// The archive as it arrives: a loader reading it gets only verified bytes, waiting for

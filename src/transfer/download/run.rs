@@ -12,15 +12,18 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 
 use super::connect::{ConnectError, connect};
-use super::fetch::{FetchError, Sink, fetch};
-use super::partial::{Partial, Persister};
+use super::fetch::{FetchError, Sink, ask_have, fetch};
+use super::partial::{PART_FILE, Partial, Persister};
+use super::picker::Have;
 use super::scheduler::{Command, Failure, PeerFate, PeerIdx, ReqId, Scheduler, Stuck};
 use super::{
     DownloadContext, DownloadError, DownloadTarget, Downloaded, PeerProgress, PeerStatus, Progress,
 };
-use crate::chunk::ChunkTree;
+use crate::chunk::{ChunkSource, ChunkTree, VerifiedChunks};
 use crate::disk::Writeback;
-use crate::snapshot::{Manifest, PartialClaim, StoreError, Watermark};
+use crate::snapshot::{
+    Manifest, OUTBOARD_FILE, OfferGuard, PartialClaim, PartialOffer, StoreError, Watermark,
+};
 use crate::transfer::protocol::close;
 use crate::transfer::rate::Ewma;
 use crate::transfer::{DOWNLOAD_TARGET, PeerAddr};
@@ -49,23 +52,32 @@ enum Report {
         id: ReqId,
         result: Result<(), FetchError>,
     },
+    Have {
+        peer: PeerIdx,
+        result: Result<Have, FetchError>,
+    },
     Reserved(Result<(), DownloadError>),
 }
 
 /// One source of a download: where it is, its connection, and what went wrong last.
 struct Source {
     addr: PeerAddr,
+    /// It downloads the snapshot too (it holds part of it).
+    partial: bool,
     conn: Option<quinn::Connection>,
     last_error: Option<String>,
     unauthorized: bool,
 }
+
+/// A peer to take on: where it is, and whether it holds part of the snapshot only.
+pub(super) type NewPeer = (PeerAddr, bool);
 
 /// Where a download talks back to its handle.
 pub(super) struct Channels {
     pub(super) progress: watch::Sender<Progress>,
     pub(super) manifest: watch::Sender<Option<(Manifest, libp2p::PeerId)>>,
     pub(super) watermark: Arc<Watermark>,
-    pub(super) new_peers: mpsc::Receiver<PeerAddr>,
+    pub(super) new_peers: mpsc::Receiver<NewPeer>,
     pub(super) cancel: oneshot::Receiver<()>,
 }
 
@@ -78,7 +90,7 @@ pub(super) async fn run(
 ) -> Result<Downloaded, DownloadError> {
     let mut run = Run::open(ctx, target, &channels).await?;
     for p in peers {
-        run.add_peer(p);
+        run.add_peer(p, false);
     }
     tracing::info!(
         target: DOWNLOAD_TARGET,
@@ -105,8 +117,16 @@ struct Run {
     sources: Vec<Source>,
     /// Peers beyond the active ones, taken on as active ones are banned or dropped (bounded):
     /// a few peers that misbehave cannot leave the download without sources.
-    spares: std::collections::VecDeque<PeerAddr>,
+    spares: std::collections::VecDeque<NewPeer>,
     manifest: Option<Manifest>,
+    /// The manifest came from a partial holder: a complete holder's replaces it.
+    manifest_partial: bool,
+    /// Which chunks are on disk, verified, with their proof nodes: what may be served.
+    verified: Arc<VerifiedChunks>,
+    /// The verified chunks are offered to the streamer while this is held.
+    offer: Option<OfferGuard>,
+    /// Data bytes served from this download while it ran.
+    served: Arc<AtomicU64>,
     /// Whether the files have their full size: until then no chunk is requested.
     reserved: Reserve,
     tasks: Tasks,
@@ -156,6 +176,8 @@ impl Tasks {
 struct InFlight {
     peer: PeerIdx,
     task: AbortHandle,
+    /// The first chunk asked for.
+    start: u64,
     written: Arc<AtomicU64>,
 }
 
@@ -213,6 +235,12 @@ impl Run {
             dir: dir.clone(),
         });
         let persister = Persister::new(&partial, resumed_bytes)?;
+        let verified = Arc::new(VerifiedChunks::new(tree.chunk_count()));
+        for c in 0..tree.chunk_count() {
+            if done.get(c as usize) {
+                verified.set(c);
+            }
+        }
         let capacity = ctx.config.schedule.max_inflight + 4 * ctx.config.max_peers + 64;
         let (reports_tx, reports_rx) = mpsc::channel(capacity);
         Ok(Self {
@@ -226,6 +254,10 @@ impl Run {
             sources: Vec::new(),
             spares: Default::default(),
             manifest: None,
+            manifest_partial: false,
+            verified,
+            offer: None,
+            served: Arc::new(AtomicU64::new(0)),
             reserved,
             tasks: Tasks::default(),
             requests: HashMap::new(),
@@ -245,38 +277,65 @@ impl Run {
     }
 
     /// Takes a peer on: active when fewer than `max_peers` are, else a spare (up to three times
-    /// `max_peers` of those; beyond, it is ignored).
-    fn add_peer(&mut self, addr: PeerAddr) {
+    /// `max_peers` of those; beyond, it is ignored). Partial holders take at most three
+    /// quarters of the active places, and a complete holder is taken on beyond the limit while
+    /// fewer than a quarter of the active peers are complete: a crowd of downloaders cannot
+    /// crowd out the peers that hold the whole snapshot.
+    fn add_peer(&mut self, addr: PeerAddr, partial: bool) {
         let known = |a: &PeerAddr| a.peer_id == addr.peer_id;
-        if self.sources.iter().any(|p| known(&p.addr)) || self.spares.iter().any(known) {
+        if self.sources.iter().any(|p| known(&p.addr)) || self.spares.iter().any(|(a, _)| known(a))
+        {
             return;
         }
-        if self.sched.alive() >= self.ctx.config.max_peers {
-            if self.spares.len() < 3 * self.ctx.config.max_peers {
-                self.spares.push_back(addr);
-            } else {
-                tracing::debug!(target: DOWNLOAD_TARGET, peer = %addr.peer_id, "peer limit of the download reached; not adding");
-            }
-            return;
+        if self.has_room(partial) {
+            self.activate(addr, partial);
+        } else if self.spares.len() < 3 * self.ctx.config.max_peers {
+            self.spares.push_back((addr, partial));
+        } else {
+            tracing::debug!(target: DOWNLOAD_TARGET, peer = %addr.peer_id, "peer limit of the download reached; not adding");
         }
-        self.activate(addr);
+    }
+
+    /// Whether a complete (or a partial) holder may be made active now.
+    fn has_room(&self, partial: bool) -> bool {
+        let max = self.ctx.config.max_peers;
+        let alive = |want_partial: bool| {
+            (0..self.sources.len())
+                .filter(|&i| self.sources[i].partial == want_partial)
+                .filter(|&i| self.sched.peer_report(i).fate == PeerFate::Alive)
+                .count()
+        };
+        let (complete, partials) = (alive(false), alive(true));
+        if partial {
+            complete + partials < max && partials < (max * 3 / 4).max(1)
+        } else {
+            complete + partials < max || complete < max.div_ceil(4)
+        }
     }
 
     /// Active peers that were banned or dropped are replaced by spares.
     fn take_on_spares(&mut self) {
-        while self.sched.alive() < self.ctx.config.max_peers
-            && let Some(addr) = self.spares.pop_front()
+        while let Some(i) = self
+            .spares
+            .iter()
+            .position(|(_, partial)| self.has_room(*partial))
         {
-            tracing::debug!(target: DOWNLOAD_TARGET, peer = %addr.peer_id, "taking on a spare peer");
-            self.activate(addr);
+            let (addr, partial) = self.spares.remove(i).expect("a spare at i");
+            tracing::debug!(target: DOWNLOAD_TARGET, peer = %addr.peer_id, partial, "taking on a spare peer");
+            self.activate(addr, partial);
         }
     }
 
-    fn activate(&mut self, addr: PeerAddr) {
-        let idx = self.sched.add_peer();
+    fn activate(&mut self, addr: PeerAddr, partial: bool) {
+        let idx = if partial {
+            self.sched.add_partial_peer()
+        } else {
+            self.sched.add_peer()
+        };
         debug_assert_eq!(idx, self.sources.len());
         self.sources.push(Source {
             addr,
+            partial,
             conn: None,
             last_error: None,
             unauthorized: false,
@@ -313,7 +372,7 @@ impl Run {
                 }
                 Some(report) = self.reports_rx.recv() => self.handle(report)?,
                 peer = channels.new_peers.recv(), if peers_open => match peer {
-                    Some(peer) => self.add_peer(peer),
+                    Some((peer, partial)) => self.add_peer(peer, partial),
                     None => peers_open = false,
                 },
                 _ = tokio::time::sleep_until(deadline) => {
@@ -339,6 +398,7 @@ impl Run {
                         r.task.abort();
                     }
                 }
+                Command::AskHave(peer) => self.ask_have(peer),
             }
         }
     }
@@ -365,6 +425,25 @@ impl Run {
         });
     }
 
+    fn ask_have(&mut self, peer: PeerIdx) {
+        let Some(conn) = self.sources[peer].conn.clone() else {
+            self.sched
+                .handle_have(peer, Err(Failure::Transient), Instant::now());
+            return;
+        };
+        let reports = self.reports_tx.clone();
+        let tree = self.tree;
+        let (piece, timeout) = (
+            self.ctx.config.schedule.request_chunks,
+            self.ctx.config.schedule.min_request_timeout,
+        );
+        let done = self.sched.pieces_done().clone();
+        self.tasks.spawn(async move {
+            let result = ask_have(conn, tree, piece, done, timeout).await;
+            let _ = reports.send(Report::Have { peer, result }).await;
+        });
+    }
+
     fn request(&mut self, id: ReqId, peer: PeerIdx, chunks: std::ops::Range<u64>) {
         let Some(conn) = self.sources[peer].conn.clone() else {
             self.sched
@@ -374,6 +453,7 @@ impl Run {
         let reports = self.reports_tx.clone();
         let (tree, sink) = (self.tree, self.sink.clone());
         let stall = self.ctx.config.schedule.min_request_timeout;
+        let chunks_start = chunks.start;
         let written = Arc::new(AtomicU64::new(chunks.start));
         let progress = written.clone();
         let task = self.tasks.spawn(async move {
@@ -385,6 +465,7 @@ impl Run {
             InFlight {
                 peer,
                 task,
+                start: chunks_start,
                 written,
             },
         );
@@ -417,6 +498,20 @@ impl Run {
                 self.reserved = Reserve::Done;
                 self.sched.set_paused(false);
                 tracing::debug!(target: DOWNLOAD_TARGET, bytes = self.target.archive_size, "disk reserved");
+                self.offer();
+            }
+            Report::Have { peer, result } => {
+                let result = result.map_err(|e| {
+                    tracing::debug!(target: DOWNLOAD_TARGET, peer = %self.sources[peer].addr.peer_id, error = %e, "could not learn what the peer holds");
+                    let failure = match &e {
+                        FetchError::Refused(_, failure) => *failure,
+                        FetchError::Protocol(_) => Failure::Fatal,
+                        _ => Failure::Transient,
+                    };
+                    self.sources[peer].last_error = Some(e.to_string());
+                    failure
+                });
+                self.sched.handle_have(peer, result, now);
             }
             Report::Connected {
                 peer,
@@ -431,7 +526,12 @@ impl Run {
                     tracing::warn!(target: DOWNLOAD_TARGET, peer = %source.addr.peer_id, "peer refused our SNAPSHOT_TOKEN");
                 }
                 source.last_error = Some(error.to_string());
-                self.sched.handle_connect_failed(peer, error.failure(), now);
+                let failure = if source.partial {
+                    error.failure_of_partial()
+                } else {
+                    error.failure()
+                };
+                self.sched.handle_connect_failed(peer, failure, now);
             }
             Report::Disconnected {
                 peer,
@@ -454,11 +554,18 @@ impl Run {
 
     fn connected(&mut self, peer: PeerIdx, conn: quinn::Connection, manifest: Manifest) {
         tracing::debug!(target: DOWNLOAD_TARGET, peer = %self.sources[peer].addr.peer_id, addr = %self.sources[peer].addr.addr, "connected");
-        if self.manifest.is_none() {
+        // The manifest of the first holder; a complete holder's replaces a partial one's (both
+        // match the target; only a complete holder has served the snapshot it publishes).
+        let partial = self.sources[peer].partial;
+        if self.manifest.is_none() || (self.manifest_partial && !partial) {
             let from = self.sources[peer].addr.peer_id;
             self.manifest_tx
                 .send_replace(Some((manifest.clone(), from)));
             self.manifest = Some(manifest);
+            self.manifest_partial = partial;
+            // Offered again under the manifest taken.
+            self.offer = None;
+            self.offer();
         }
         let reports = self.reports_tx.clone();
         let watched = conn.clone();
@@ -559,12 +666,43 @@ impl Run {
         }
     }
 
+    /// Offers the verified chunks to the streamer, once the files have their size and the
+    /// manifest is known (unless serving while downloading is off).
+    fn offer(&mut self) {
+        if self.offer.is_some() || self.reserved != Reserve::Done || !self.ctx.config.serve_partial
+        {
+            return;
+        }
+        let Some(manifest) = self.manifest.clone() else {
+            return;
+        };
+        let dir = self.partial.dir();
+        match ChunkSource::open(self.tree, &dir.join(PART_FILE), &dir.join(OUTBOARD_FILE)) {
+            Ok(source) => {
+                self.offer = Some(self.ctx.store.offer_partial(PartialOffer {
+                    manifest,
+                    source: Arc::new(source),
+                    verified: self.verified.clone(),
+                    served: self.served.clone(),
+                }));
+                tracing::debug!(target: DOWNLOAD_TARGET, verified = self.verified.count(), "serving the verified chunks meanwhile");
+            }
+            Err(e) => {
+                tracing::warn!(target: DOWNLOAD_TARGET, error = %e, "cannot serve the partial download");
+            }
+        }
+    }
+
     /// Counts the chunks request `id` has checked and written so far as on disk.
     fn credit(&mut self, id: ReqId) {
         let Some(r) = self.requests.get(&id) else {
             return;
         };
         let upto = r.written.load(Ordering::Acquire);
+        // Written with their proof nodes and checked: they may be served from now on.
+        for c in r.start..upto {
+            self.verified.set(c);
+        }
         let added = self.sched.handle_written(id, upto, Instant::now());
         if added > 0 {
             self.fetched_bytes += added;
@@ -618,6 +756,7 @@ impl Run {
             done_bytes: done,
             total_bytes: self.target.archive_size,
             resumed_bytes: self.resumed_bytes,
+            served_bytes: self.served.load(Ordering::Relaxed),
             rate,
             eta: (rate > 0.0).then(|| Duration::from_secs_f64(remaining as f64 / rate)),
             peers: (0..self.sources.len())
@@ -628,6 +767,7 @@ impl Run {
                         bytes: r.bytes,
                         rate: r.rate,
                         inflight: r.inflight,
+                        partial: r.partial,
                         status: match r.fate {
                             PeerFate::Alive => PeerStatus::Active,
                             PeerFate::Banned => PeerStatus::Banned,
@@ -676,6 +816,8 @@ impl Run {
     async fn finish(mut self) -> Result<Downloaded, DownloadError> {
         let finish_started = Instant::now();
         self.tasks.abort_all();
+        // Served as a published snapshot from now on.
+        self.offer = None;
         self.log_connections();
         self.close_connections(b"done");
         self.publish_progress(false);
@@ -714,6 +856,7 @@ impl Run {
             snapshot,
             fetched_bytes: self.fetched_bytes,
             resumed_bytes: self.resumed_bytes,
+            served_bytes: self.served.load(Ordering::Relaxed),
             elapsed,
             per_peer,
         })

@@ -11,7 +11,17 @@
 //!   and gets a new one as soon as one completes, so a faster peer serves more. The window is the
 //!   peer's measured delivery rate x its best request latency (bandwidth x delay), in requests,
 //!   plus slack; bounded per peer and in total (memory).
-//! - **In order.** Missing pieces are handed out lowest first (sequential disk writes).
+//! - **In order, or as a swarm.** While every source holds the whole snapshot, missing pieces
+//!   are handed out lowest first (sequential disk writes, a loader keeps pace). Once a source
+//!   holds only part of it (another downloader serving what it verified), the pieces of each
+//!   source are picked as `picker.rs` says: the first few at random, then rarest first, and a
+//!   complete source is spent on what no partial source with room holds. A partial source is
+//!   asked what it holds when it connects and again, at most every `have_interval`, when it
+//!   has room and nothing it is known to hold is open; a piece it says it does not hold after
+//!   all is handed out again, and after `MAX_NOT_HELD` of those in a row it is dropped.
+//! - **Busy is no failure.** A source that is busy uploading to others is asked again after a
+//!   backoff, but never dropped for it; a download that waits for its turn is not stuck until
+//!   `4 x no_progress_timeout`.
 //! - **Hedged tail.** Once nothing is missing but some pieces are still in flight, an idle peer
 //!   also fetches a piece another peer holds, when it would finish sooner or the holder is late.
 //!   The first answer wins; the other request is cancelled.
@@ -36,8 +46,11 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use rand::SeedableRng;
+use rand_xoshiro::Xoshiro256PlusPlus;
 
 use super::bits::Bits;
+use super::picker::{Availability, Have, OpenSet, Pick};
 use crate::transfer::rate::Ewma;
 
 /// Index of a peer in the scheduler.
@@ -60,6 +73,7 @@ pub(crate) struct SchedulerConfig {
     pub(crate) backoff_max: Duration,
     pub(crate) max_peer_failures: u32,
     pub(crate) no_progress_timeout: Duration,
+    pub(crate) have_interval: Duration,
     pub(crate) jitter_seed: Option<u64>,
 }
 
@@ -76,6 +90,8 @@ pub(crate) enum Command {
     },
     /// Abandon this request (its piece is done elsewhere, it timed out, or its peer is banned).
     Cancel(ReqId),
+    /// Ask the (partial) peer which pieces it holds; answer with [`Scheduler::handle_have`].
+    AskHave(PeerIdx),
 }
 
 /// How a request or connection failed.
@@ -85,6 +101,10 @@ pub(crate) enum Failure {
     Transient,
     /// The peer cannot serve this download (unknown snapshot, wrong token, wrong chunk size).
     Fatal,
+    /// The peer is busy serving others: ask again after a backoff, but it counts as no failure.
+    Busy,
+    /// The peer (a partial holder) does not hold these chunks yet.
+    NotHeld,
 }
 
 /// Why a download cannot go on.
@@ -124,6 +144,14 @@ struct Peer {
     backoff_until: Option<Instant>,
     backoff: ExponentialBackoff,
     bytes: u64,
+    /// What it holds.
+    have: Have,
+    /// A have request is under way.
+    have_pending: bool,
+    /// When it last said what it holds.
+    have_at: Option<Instant>,
+    /// Requests it answered "not held" in a row.
+    not_held: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -142,6 +170,8 @@ pub(crate) struct PeerReport {
     pub(crate) rate: f64,
     pub(crate) inflight: usize,
     pub(crate) fate: PeerFate,
+    /// It holds part of the snapshot only (it downloads it too).
+    pub(crate) partial: bool,
 }
 
 /// The scheduler of one download.
@@ -171,7 +201,22 @@ pub(crate) struct Scheduler {
     paused: bool,
     /// Commands queued by inputs, handed out first.
     queued: VecDeque<Command>,
+    /// Pieces neither done nor in flight.
+    open: OpenSet,
+    /// How many partial peers hold each piece.
+    avail: Availability,
+    /// Pieces picked at random so far (the first few are).
+    random_picks: usize,
+    /// The last time a peer said it is busy (waiting for a turn is not being stuck).
+    last_busy: Option<Instant>,
+    rng: Xoshiro256PlusPlus,
 }
+
+/// Pieces picked at random before rarest first.
+const RANDOM_FIRST: usize = 4;
+
+/// "Not held" answers in a row after which a partial peer is dropped.
+pub(crate) const MAX_NOT_HELD: u32 = 8;
 
 /// EWMA weight of a new rate sample.
 const RATE_ALPHA: f64 = 0.3;
@@ -216,11 +261,20 @@ impl Scheduler {
             prefix_chunks: 0,
             paused: false,
             queued: VecDeque::new(),
+            open: OpenSet::full(n),
+            avail: Availability::new(n),
+            random_picks: 0,
+            last_busy: None,
+            rng: match config.jitter_seed {
+                Some(seed) => Xoshiro256PlusPlus::seed_from_u64(seed),
+                None => Xoshiro256PlusPlus::from_os_rng(),
+            },
         };
         for p in 0..n {
             let range = s.chunks_of(p);
             if range.clone().all(|c| s.chunk_done.get(c as usize)) {
                 s.piece_done.set(p);
+                s.open.remove(p);
             }
         }
         s
@@ -252,8 +306,19 @@ impl Scheduler {
         first..last + 1
     }
 
-    /// Adds a peer; it will be connected by a later [`Command::Connect`].
+    /// Adds a peer that holds the whole snapshot; it will be connected by a later
+    /// [`Command::Connect`].
     pub(crate) fn add_peer(&mut self) -> PeerIdx {
+        self.add(Have::All)
+    }
+
+    /// Adds a peer that holds part of the snapshot (it downloads it too): it is asked what it
+    /// holds once connected.
+    pub(crate) fn add_partial_peer(&mut self) -> PeerIdx {
+        self.add(Have::Unknown)
+    }
+
+    fn add(&mut self, have: Have) -> PeerIdx {
         let mut builder = ExponentialBuilder::default()
             .with_min_delay(self.config.backoff_min)
             .with_max_delay(self.config.backoff_max)
@@ -274,16 +339,12 @@ impl Scheduler {
             backoff_until: None,
             backoff: builder.build(),
             bytes: 0,
+            have,
+            have_pending: false,
+            have_at: None,
+            not_held: 0,
         });
         self.peers.len() - 1
-    }
-
-    /// Peers neither banned nor dropped.
-    pub(crate) fn alive(&self) -> usize {
-        self.peers
-            .iter()
-            .filter(|p| p.fate == PeerFate::Alive)
-            .count()
     }
 
     pub(crate) fn is_complete(&self) -> bool {
@@ -296,6 +357,11 @@ impl Scheduler {
 
     pub(crate) fn chunk_done(&self) -> &Bits {
         &self.chunk_done
+    }
+
+    /// Pieces done.
+    pub(crate) fn pieces_done(&self) -> &Bits {
+        &self.piece_done
     }
 
     /// Pauses or resumes requests (connections go on either way): a download requests nothing
@@ -325,6 +391,7 @@ impl Scheduler {
             rate: p.rate.get().unwrap_or(0.0),
             inflight: p.inflight,
             fate: p.fate,
+            partial: p.have.is_partial(),
         }
     }
 
@@ -377,8 +444,8 @@ impl Scheduler {
             && p.inflight < self.window(p)
     }
 
-    /// The next thing to do, if any: what inputs queued first, then connections and
-    /// requests. Call until `None`.
+    /// The next thing to do, if any: what inputs queued first, then connections, requests
+    /// and have requests. Call until `None`.
     pub(crate) fn poll_command(&mut self, now: Instant) -> Option<Command> {
         if let Some(c) = self.queued.pop_front() {
             return Some(c);
@@ -387,27 +454,111 @@ impl Scheduler {
             self.peers[i].conn = Conn::Connecting;
             return Some(Command::Connect(i));
         }
+        if let Some(c) = self.next_request(now) {
+            return Some(c);
+        }
+        self.next_have_ask(now)
+    }
+
+    fn next_request(&mut self, now: Instant) -> Option<Command> {
         if self.paused || self.is_complete() || self.requests.len() >= self.config.max_inflight {
             return None;
         }
         // The peer with the most room in its window goes first.
-        let peer = (0..self.peers.len())
+        let mut ready: Vec<PeerIdx> = (0..self.peers.len())
             .filter(|&i| self.can_request(&self.peers[i], now))
-            .max_by_key(|&i| self.window(&self.peers[i]) - self.peers[i].inflight)?;
-        if let Some(piece) = self.next_missing() {
-            return Some(self.start(peer, piece, now));
-        }
-        if self.config.hedge
-            && let Some(piece) = self.hedge_candidate(peer, now)
-        {
-            return Some(self.start(peer, piece, now));
+            .collect();
+        ready.sort_by_key(|&i| {
+            std::cmp::Reverse(self.window(&self.peers[i]) - self.peers[i].inflight)
+        });
+        let crowd = self.is_crowd();
+        for peer in ready {
+            let piece = if crowd {
+                self.pick(peer, now)
+            } else {
+                self.next_missing()
+            };
+            if let Some(piece) = piece {
+                return Some(self.start(peer, piece, now));
+            }
+            // The endgame: every missing piece is in flight.
+            if self.config.hedge
+                && self.open.len() == 0
+                && let Some(piece) = self.hedge_candidate(peer, now)
+            {
+                return Some(self.start(peer, piece, now));
+            }
         }
         None
     }
 
+    /// Whether some source alive holds only part of the snapshot: pieces are then picked as a
+    /// swarm does.
+    fn is_crowd(&self) -> bool {
+        self.peers
+            .iter()
+            .any(|p| p.fate == PeerFate::Alive && p.have.is_partial())
+    }
+
+    /// A piece for `peer` in a crowd (see `picker.rs`).
+    fn pick(&mut self, peer: PeerIdx, now: Instant) -> Option<usize> {
+        let random_first = self.random_picks < RANDOM_FIRST;
+        let avail = &self.avail;
+        let rarity = |p: usize| u32::from(avail.count(p));
+        let pick = Pick {
+            open: &self.open,
+            rarity: &rarity,
+            random_first,
+        };
+        let picked = match &self.peers[peer].have {
+            Have::All => {
+                // Partial peers that could take a piece now.
+                let spare: Vec<&Bits> = self
+                    .peers
+                    .iter()
+                    .filter(|q| self.can_request(q, now))
+                    .filter_map(|q| q.have.bits())
+                    .collect();
+                let spare = |p: usize| spare.iter().any(|b| b.get(p));
+                pick.for_complete(&spare, &mut self.rng)
+            }
+            Have::Some(bits) => pick.for_partial(bits, &self.piece_done, &mut self.rng),
+            Have::Unknown => None,
+        };
+        if picked.is_some() && random_first {
+            self.random_picks += 1;
+        }
+        picked
+    }
+
+    /// A partial peer to ask what it holds: one never asked, or one with room that was asked
+    /// over `have_interval` ago (its holdings grow as it downloads).
+    fn next_have_ask(&mut self, now: Instant) -> Option<Command> {
+        if self.is_complete() {
+            return None;
+        }
+        let interval = self.config.have_interval;
+        // In a crowd, complete peers are asked too: a seed that many ask offers each a few
+        // pieces it has sent least (see the streamer's `slots.rs`).
+        let crowd = self.is_crowd();
+        let due = (0..self.peers.len()).find(|&i| {
+            let p = &self.peers[i];
+            p.fate == PeerFate::Alive
+                && p.conn == Conn::Connected
+                && (crowd || p.have.is_partial())
+                && !p.have_pending
+                && match p.have_at {
+                    None => true,
+                    Some(at) => at + interval <= now && p.inflight < self.window(p),
+                }
+        })?;
+        self.peers[due].have_pending = true;
+        Some(Command::AskHave(due))
+    }
+
     fn next_missing(&mut self) -> Option<usize> {
         while self.cursor < self.piece_done.len() {
-            if !self.piece_done.get(self.cursor) && self.holders_of(self.cursor).is_empty() {
+            if self.open.contains(self.cursor) {
                 return Some(self.cursor);
             }
             self.cursor += 1;
@@ -423,7 +574,11 @@ impl Scheduler {
         let mut best: Option<(Instant, usize)> = None;
         for req in self.requests.values() {
             let holders = self.holders_of(req.piece);
-            if holders.len() >= 2 || holders.iter().any(|h| self.requests[h].peer == peer) {
+            if self.piece_done.get(req.piece)
+                || holders.len() >= 2
+                || holders.iter().any(|h| self.requests[h].peer == peer)
+                || !mine.have.has(req.piece)
+            {
                 continue;
             }
             let holder = &self.peers[req.peer];
@@ -445,6 +600,7 @@ impl Scheduler {
     }
 
     fn start(&mut self, peer: PeerIdx, piece: usize, now: Instant) -> Command {
+        debug_assert!(!self.piece_done.get(piece), "piece {piece} is done");
         let id = self.next_id;
         self.next_id += 1;
         let chunks = self.missing_chunks(piece);
@@ -460,8 +616,15 @@ impl Scheduler {
             },
         );
         self.holders.entry(piece).or_default().push(id);
+        self.open.remove(piece);
         self.peers[peer].inflight += 1;
         Command::Request { id, peer, chunks }
+    }
+
+    /// Every chunk of `piece` is on disk.
+    fn piece_finished(&mut self, piece: usize) {
+        self.piece_done.set(piece);
+        self.open.remove(piece);
     }
 
     fn finish_request(&mut self, id: ReqId) -> Option<Request> {
@@ -477,10 +640,11 @@ impl Scheduler {
             .chunks_of(req.piece)
             .all(|c| self.chunk_done.get(c as usize))
         {
-            self.piece_done.set(req.piece);
+            self.piece_finished(req.piece);
         }
         if !self.piece_done.get(req.piece) && self.holders_of(req.piece).is_empty() {
             self.cursor = self.cursor.min(req.piece);
+            self.open.insert(req.piece);
         }
         Some(req)
     }
@@ -535,12 +699,17 @@ impl Scheduler {
         peer.last_delivery = Some(now);
         peer.bytes += bytes;
         peer.failures = 0;
+        peer.not_held = 0;
         peer.backoff_until = None;
         if !self.piece_done.get(req.piece) {
             let full = self.chunks_of(req.piece);
             if full.clone().all(|c| self.chunk_done.get(c as usize)) {
-                self.piece_done.set(req.piece);
+                self.piece_finished(req.piece);
             }
+        }
+        // The piece is on disk (maybe completed already by what its duplicates delivered):
+        // they are not needed any more.
+        if self.piece_done.get(req.piece) {
             for other in self.holders_of(req.piece).to_vec() {
                 self.cancel(other);
             }
@@ -554,18 +723,80 @@ impl Scheduler {
         }
     }
 
-    /// Request `id` failed. The piece is handed out again.
+    /// Request `id` failed. The piece is handed out again. A partial peer that does not hold
+    /// it is no longer counted on for it (and is asked again what it holds).
     pub(crate) fn handle_failure(&mut self, id: ReqId, failure: Failure, now: Instant) {
-        if let Some(req) = self.finish_request(id) {
+        let Some(req) = self.finish_request(id) else {
+            return;
+        };
+        if failure == Failure::NotHeld {
+            self.not_held(req.peer, req.piece);
+        } else {
             self.peer_failed(req.peer, failure, now);
         }
+    }
+
+    fn not_held(&mut self, peer: PeerIdx, piece: usize) {
+        let p = &mut self.peers[peer];
+        p.not_held += 1;
+        if p.not_held >= MAX_NOT_HELD {
+            p.fate = PeerFate::Dropped;
+            let old = std::mem::replace(&mut p.have, Have::Unknown);
+            self.avail.update(&old, &Have::Unknown);
+            self.cancel_requests_of(peer);
+            return;
+        }
+        match &mut p.have {
+            Have::Some(bits) => {
+                let old = Have::Some(bits.clone());
+                bits.clear(piece);
+                let new = p.have.clone();
+                self.avail.update(&old, &new);
+            }
+            // A peer that holds everything says it does not: it is a partial peer after all.
+            Have::All => {
+                p.have = Have::Unknown;
+                p.have_at = None;
+            }
+            Have::Unknown => {}
+        }
+    }
+
+    /// `peer` said what it holds (`Have::All`: everything), or could not say, and how that
+    /// failed (a peer that no longer serves the snapshot is dropped, one that may be asked
+    /// again backs off). Pieces are counted for rarity.
+    pub(crate) fn handle_have(&mut self, peer: PeerIdx, have: Result<Have, Failure>, now: Instant) {
+        let p = &mut self.peers[peer];
+        p.have_pending = false;
+        p.have_at = Some(now);
+        let have = match have {
+            Ok(have) => have,
+            Err(failure) => {
+                let failure = if failure == Failure::NotHeld {
+                    Failure::Transient
+                } else {
+                    failure
+                };
+                self.peer_failed(peer, failure, now);
+                return;
+            }
+        };
+        if p.fate != PeerFate::Alive {
+            return;
+        }
+        let old = std::mem::replace(&mut p.have, have);
+        let new = p.have.clone();
+        self.avail.update(&old, &new);
     }
 
     /// Request `id` delivered a chunk that does not match the content root: its peer is banned
     /// and everything it holds is cancelled and handed out again.
     pub(crate) fn handle_corrupt(&mut self, id: ReqId) {
         if let Some(req) = self.finish_request(id) {
-            self.peers[req.peer].fate = PeerFate::Banned;
+            let p = &mut self.peers[req.peer];
+            p.fate = PeerFate::Banned;
+            let old = std::mem::replace(&mut p.have, Have::Unknown);
+            self.avail.update(&old, &Have::Unknown);
             self.cancel_requests_of(req.peer);
         }
     }
@@ -585,9 +816,22 @@ impl Scheduler {
     fn peer_failed(&mut self, peer: PeerIdx, failure: Failure, now: Instant) {
         let max = self.config.max_peer_failures;
         let p = &mut self.peers[peer];
-        if failure == Failure::Fatal {
-            p.fate = PeerFate::Dropped;
-            return;
+        match failure {
+            Failure::Fatal => {
+                p.fate = PeerFate::Dropped;
+                let old = std::mem::replace(&mut p.have, Have::Unknown);
+                self.avail.update(&old, &Have::Unknown);
+                return;
+            }
+            Failure::Busy => {
+                // Its slots turn over within seconds: asked again after a have interval.
+                self.last_busy = Some(now);
+                if p.backoff_until.is_none_or(|t| t <= now) {
+                    p.backoff_until = Some(now + self.config.have_interval);
+                }
+                return;
+            }
+            Failure::NotHeld | Failure::Transient => {}
         }
         // Failures while already backing off (e.g. every request of a lost connection) count
         // once.
@@ -597,6 +841,8 @@ impl Scheduler {
         p.failures += 1;
         if p.failures >= max {
             p.fate = PeerFate::Dropped;
+            let old = std::mem::replace(&mut p.have, Have::Unknown);
+            self.avail.update(&old, &Have::Unknown);
             return;
         }
         let delay = p.backoff.next().unwrap_or(self.config.backoff_max);
@@ -621,6 +867,7 @@ impl Scheduler {
     /// idle, or to make room) is reconnected when wanted, and counts as no failure.
     pub(crate) fn handle_disconnected(&mut self, peer: PeerIdx, failed: bool, now: Instant) {
         self.peers[peer].conn = Conn::Disconnected;
+        self.peers[peer].have_pending = false;
         self.cancel_requests_of(peer);
         if failed && self.peers[peer].fate == PeerFate::Alive {
             self.peer_failed(peer, Failure::Transient, now);
@@ -651,7 +898,14 @@ impl Scheduler {
         if self.is_complete() {
             return None;
         }
-        if now.saturating_duration_since(self.last_progress) >= self.config.no_progress_timeout {
+        let limit = self.config.no_progress_timeout;
+        let quiet = now.saturating_duration_since(self.last_progress);
+        // Peers that said lately they are busy serving others: this download waits its turn,
+        // for a while.
+        let waiting = self
+            .last_busy
+            .is_some_and(|t| t > self.last_progress && now.saturating_duration_since(t) < limit);
+        if quiet >= limit && !(waiting && quiet < limit * 4) {
             return Some(Stuck::NoProgress);
         }
         None
@@ -661,6 +915,10 @@ impl Scheduler {
     /// becoming worth it, the no-progress limit.
     pub(crate) fn poll_timeout(&self, now: Instant) -> Instant {
         let mut next = self.last_progress + self.config.no_progress_timeout;
+        if next <= now {
+            // Waiting for a busy peer's turn: look again at the end of the wait.
+            next = now.max(self.last_progress + self.config.no_progress_timeout * 4);
+        }
         for d in self.requests.values().filter_map(|r| r.deadline) {
             next = next.min(d);
         }
@@ -672,7 +930,24 @@ impl Scheduler {
                 next = next.min(t);
             }
         }
-        if self.config.hedge && self.cursor >= self.piece_done.len() && !self.requests.is_empty() {
+        if !self.is_complete() {
+            let crowd = self.is_crowd();
+            for p in &self.peers {
+                if p.fate == PeerFate::Alive
+                    && p.conn == Conn::Connected
+                    && (crowd || p.have.is_partial())
+                    && let Some(at) = p.have_at
+                    && at + self.config.have_interval > now
+                {
+                    next = next.min(at + self.config.have_interval);
+                }
+            }
+        }
+        if self.config.hedge
+            && self.open.len() == 0
+            && !self.requests.is_empty()
+            && self.peers.iter().any(|p| self.can_request(p, now))
+        {
             // In the tail, look again soon for stragglers worth hedging.
             next = next.min(now + Duration::from_millis(20));
         }
@@ -699,6 +974,7 @@ mod tests {
             backoff_max: Duration::from_secs(2),
             max_peer_failures: 3,
             no_progress_timeout: Duration::from_secs(30),
+            have_interval: Duration::from_secs(1),
             jitter_seed: Some(1),
         }
     }
@@ -1126,5 +1402,213 @@ mod tests {
         assert_eq!(s.verified_prefix(), 0);
         success(&mut s, reqs[0].0, now);
         assert_eq!(s.verified_prefix(), 8 * CHUNK);
+    }
+
+    fn pieces(n: usize, held: impl Fn(usize) -> bool) -> Have {
+        let mut b = Bits::new(n);
+        (0..n).filter(|p| held(*p)).for_each(|p| b.set(p));
+        Have::Some(b)
+    }
+
+    fn has_asks(actions: &[Command]) -> Vec<PeerIdx> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Command::AskHave(p) => Some(*p),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A scheduler with `complete` seeds and `partial` partial peers, all connected.
+    fn crowd(chunks: u64, complete: usize, partial: usize) -> (Scheduler, Instant, Vec<Command>) {
+        let (mut s, now) = sched(chunks);
+        for _ in 0..complete {
+            s.add_peer();
+        }
+        for _ in 0..partial {
+            s.add_partial_peer();
+        }
+        let mut first = Vec::new();
+        for a in drain(&mut s, now) {
+            match a {
+                Command::Connect(p) => s.handle_connected(p),
+                other => first.push(other),
+            }
+        }
+        first.extend(drain(&mut s, now));
+        (s, now, first)
+    }
+
+    #[test]
+    fn a_partial_peer_is_asked_what_it_holds_and_asked_only_for_that() {
+        let (mut s, now, first) = crowd(64, 0, 1);
+        assert_eq!(has_asks(&first), vec![0]);
+        assert!(requests(&first).is_empty(), "nothing asked before it says");
+        // It holds pieces 3 and 9 of 16.
+        s.handle_have(0, Ok(pieces(16, |p| p == 3 || p == 9)), now);
+        let reqs = requests(&drain(&mut s, now));
+        let mut got: Vec<u64> = reqs.iter().map(|r| r.2.start / 4).collect();
+        got.sort();
+        assert_eq!(got, vec![3, 9]);
+        assert!(reqs.iter().all(|r| r.1 == 0));
+    }
+
+    #[test]
+    fn a_seed_in_a_crowd_is_spent_on_what_no_partial_peer_with_room_holds() {
+        let (mut s, now, first) = crowd(64, 1, 2);
+        let seed_first: Vec<ReqId> = requests(&first).iter().map(|r| r.0).collect();
+        assert_eq!(seed_first.len(), 2, "the seed starts at once");
+        // Peer 2 holds pieces 8 to 15 and fills its window; peer 1 holds 0 to 7, with room.
+        s.handle_have(2, Ok(pieces(16, |p| p >= 8)), now);
+        let to_2 = requests(&drain(&mut s, now));
+        assert!(to_2.iter().all(|r| r.1 == 2 && r.2.start / 4 >= 8));
+        s.handle_have(1, Ok(pieces(16, |p| p < 8)), now);
+        for id in seed_first {
+            s.handle_success(id, now);
+        }
+        // Every piece is as rare as any other: the seed still takes none peer 1 could give.
+        let reqs = requests(&drain(&mut s, now));
+        assert!(
+            reqs.iter().any(|r| r.1 == 0) && reqs.iter().any(|r| r.1 == 1),
+            "{reqs:?}"
+        );
+        for (_, peer, chunks) in &reqs {
+            let piece = chunks.start / 4;
+            match peer {
+                0 => assert!(
+                    piece >= 8,
+                    "the seed is asked for {piece}, which peer 1 holds"
+                ),
+                _ => assert!(piece < 8),
+            }
+        }
+    }
+
+    #[test]
+    fn the_first_pieces_of_a_crowd_are_random_then_the_rarest_go_first() {
+        // Two runs with different seeds start on different pieces: a crowd starting together
+        // holds different pieces at once.
+        let firsts: Vec<Vec<u64>> = [1, 2]
+            .iter()
+            .map(|seed| {
+                let mut cfg = config();
+                cfg.jitter_seed = Some(*seed);
+                let now = Instant::now();
+                let mut s = Scheduler::new(cfg, 256 * CHUNK, CHUNK, 256, &Bits::new(0), now);
+                s.add_peer();
+                s.add_partial_peer();
+                for a in drain(&mut s, now) {
+                    if let Command::Connect(p) = a {
+                        s.handle_connected(p);
+                    }
+                }
+                s.handle_have(1, Ok(pieces(64, |_| false)), now);
+                requests(&drain(&mut s, now))
+                    .iter()
+                    .map(|r| r.2.start / 4)
+                    .collect()
+            })
+            .collect();
+        assert_eq!(firsts[0].len(), 2);
+        assert_ne!(firsts[0], firsts[1]);
+        assert_ne!(firsts[0], vec![0, 1], "not in order");
+        // Then rarest first: piece 5 is held by one partial peer, the rest by two.
+        let (mut s, now, _) = crowd(64, 0, 2);
+        s.random_picks = RANDOM_FIRST;
+        s.handle_have(0, Ok(pieces(16, |_| true)), now);
+        s.handle_have(1, Ok(pieces(16, |p| p != 5)), now);
+        let reqs = requests(&drain(&mut s, now));
+        let from_0: Vec<u64> = reqs
+            .iter()
+            .filter(|r| r.1 == 0)
+            .map(|r| r.2.start / 4)
+            .collect();
+        assert!(from_0.contains(&5), "{from_0:?}");
+    }
+
+    #[test]
+    fn a_piece_not_held_goes_elsewhere_and_a_peer_that_keeps_saying_so_is_dropped() {
+        let (mut s, now, first) = crowd(64, 1, 1);
+        s.handle_have(1, Ok(pieces(16, |_| true)), now);
+        let reqs = requests(&drain(&mut s, now));
+        let (id, _, chunks) = reqs.iter().find(|r| r.1 == 1).cloned().unwrap();
+        let reqs = requests(&first);
+        s.handle_failure(id, Failure::NotHeld, now);
+        // No backoff, no failure counted: the peer is asked for something else at once, and
+        // the piece goes to the seed once it has room (now the rarest piece).
+        let again = requests(&drain(&mut s, now));
+        assert!(again.iter().all(|r| r.2 != chunks) && again.iter().any(|r| r.1 == 1));
+        assert_eq!(s.peer_report(1).fate, PeerFate::Alive);
+        assert!(!s.peers[1].have.has(chunks.start as usize / 4));
+        for (id, ..) in reqs.iter().filter(|r| r.1 == 0) {
+            s.handle_success(*id, now);
+        }
+        let seed = requests(&drain(&mut s, now));
+        assert!(seed.iter().any(|r| r.2 == chunks && r.1 == 0), "{seed:?}");
+        // A peer that says "not held" to everything it is asked is dropped, not banned.
+        for _ in 0..MAX_NOT_HELD {
+            let mine: Vec<ReqId> = s
+                .requests
+                .iter()
+                .filter(|(_, r)| r.peer == 1)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in mine {
+                s.handle_failure(id, Failure::NotHeld, now);
+            }
+            let _ = drain(&mut s, now);
+        }
+        assert_eq!(s.peer_report(1).fate, PeerFate::Dropped);
+        assert_eq!(
+            s.avail.count(0),
+            0,
+            "a dropped peer's pieces no longer count"
+        );
+    }
+
+    #[test]
+    fn busy_backs_off_but_never_drops_and_waiting_for_a_turn_is_not_being_stuck() {
+        let (mut s, now) = sched(16);
+        connect_all(&mut s, 1, now);
+        let mut t = now;
+        for _ in 0..3 * config().max_peer_failures {
+            for (id, ..) in requests(&drain(&mut s, t)) {
+                s.handle_failure(id, Failure::Busy, t);
+            }
+            assert_eq!(s.peer_report(0).fate, PeerFate::Alive);
+            t = s.poll_timeout(t).max(t + Duration::from_millis(1));
+            s.handle_timeout(t);
+        }
+        // Past the no-progress limit while the peer keeps saying it is busy: not stuck yet.
+        let later = now + config().no_progress_timeout + Duration::from_secs(1);
+        for (id, ..) in requests(&drain(&mut s, later)) {
+            s.handle_failure(id, Failure::Busy, later);
+        }
+        assert_eq!(s.stuck(later), None);
+        // It cannot hold the download forever.
+        assert_eq!(
+            s.stuck(now + config().no_progress_timeout * 4),
+            Some(Stuck::NoProgress)
+        );
+    }
+
+    #[test]
+    fn a_partial_peer_with_room_and_nothing_wanted_is_asked_again_after_the_interval() {
+        let (mut s, now, _) = crowd(64, 0, 1);
+        s.handle_have(0, Ok(pieces(16, |p| p == 0)), now);
+        let reqs = requests(&drain(&mut s, now));
+        assert_eq!(reqs.len(), 1);
+        success(&mut s, reqs[0].0, now);
+        // Nothing more it is known to hold: it is asked again, once the interval has passed.
+        assert!(has_asks(&drain(&mut s, now)).is_empty());
+        let wake = s.poll_timeout(now);
+        assert_eq!(wake, now + config().have_interval);
+        assert_eq!(has_asks(&drain(&mut s, wake)), vec![0]);
+        assert!(has_asks(&drain(&mut s, wake)).is_empty(), "one at a time");
+        // It now holds everything: a complete peer from then on.
+        s.handle_have(0, Ok(Have::All), wake);
+        assert!(!s.peer_report(0).partial);
+        assert_eq!(requests(&drain(&mut s, wake)).len(), 2);
     }
 }

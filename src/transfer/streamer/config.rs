@@ -27,6 +27,8 @@ pub struct StreamerConfig {
     pub(super) write_timeout: Duration,
     pub(super) min_client_rate: u64,
     pub(super) idle_close: Duration,
+    pub(super) max_uploads: usize,
+    pub(super) upload_slot: Duration,
     pub(super) transport: TransportTuning,
 }
 
@@ -50,6 +52,8 @@ impl Default for StreamerConfig {
             write_timeout: Duration::from_secs(10),
             min_client_rate: 64 << 10,
             idle_close: Duration::from_secs(30),
+            max_uploads: 4,
+            upload_slot: Duration::from_secs(10),
             transport: TransportTuning::default(),
         }
     }
@@ -281,6 +285,31 @@ impl StreamerConfig {
         self.idle_close
     }
 
+    /// Sets how many peers are sent chunks at once (default 4); others are told the server is
+    /// busy and fetch elsewhere, then take their turn. An uplink split among a few peers gets
+    /// each piece out sooner, which in a crowd is what lets the others fetch it from them.
+    pub fn with_max_uploads(mut self, value: usize) -> Self {
+        self.max_uploads = value;
+        self
+    }
+
+    /// How many peers are sent chunks at once.
+    pub fn max_uploads(&self) -> usize {
+        self.max_uploads
+    }
+
+    /// Sets how long a peer keeps its upload slot while others wait (default 10 s): then the
+    /// slot goes to one of them.
+    pub fn with_upload_slot(mut self, value: Duration) -> Self {
+        self.upload_slot = value;
+        self
+    }
+
+    /// How long a peer keeps its upload slot while others wait.
+    pub fn upload_slot(&self) -> Duration {
+        self.upload_slot
+    }
+
     /// QUIC transport settings.
     pub fn with_transport(mut self, value: TransportTuning) -> Self {
         self.transport = value;
@@ -348,6 +377,8 @@ impl StreamerConfig {
         ConfigError::nonzero_duration("streamer.request_timeout", self.request_timeout)?;
         ConfigError::nonzero_duration("streamer.write_timeout", self.write_timeout)?;
         ConfigError::nonzero_duration("streamer.idle_close", self.idle_close)?;
+        ConfigError::nonzero("streamer.max_uploads", self.max_uploads as u64)?;
+        ConfigError::nonzero_duration("streamer.upload_slot", self.upload_slot)?;
         ConfigError::nonzero("streamer.min_client_rate", self.min_client_rate)?;
         self.transport.validate()
     }

@@ -36,6 +36,8 @@ pub(super) struct Allowance {
     pub(super) memory_kib: u32,
     /// What it did, for choosing whom to close when full.
     pub(super) activity: Arc<Activity>,
+    /// The peer it serves.
+    pub(super) peer: PeerId,
 }
 
 /// Serves one connection until it ends. `slot` holds its place in the limits until then.
@@ -64,6 +66,7 @@ pub(super) async fn serve(
         memory: Semaphore::new(share as usize),
         memory_kib: share,
         activity: Arc::new(Activity::new()),
+        peer,
     });
     let _guard = PeerGuard {
         shared,

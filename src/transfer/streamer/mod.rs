@@ -5,12 +5,15 @@
 //!   counting as its /64), room made for a newcomer by closing the authenticated connection
 //!   that serves least (idle or slow) when full, counters.
 //! - `connection.rs`: one connection: handshake and token proofs, refusals, per-peer guards.
-//! - `serve.rs`: one request: a manifest or a chunk range, written through one response path
-//!   with pacing and write deadlines.
+//! - `serve.rs`: one request: a manifest, a chunk range or which chunks it holds, written
+//!   through one response path with pacing and write deadlines; a snapshot this node is still
+//!   downloading is served from its verified chunks, and a range it does not hold yet is
+//!   refused with its own status; a bounded number of peers is uploaded to at once.
 
 mod config;
 mod connection;
 mod serve;
+pub(crate) mod slots;
 
 pub use config::StreamerConfig;
 
@@ -24,6 +27,7 @@ use libp2p::identity::Keypair;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use self::slots::{SeedOffers, UploadSlots};
 use super::limit::ByteLimiter;
 use super::protocol::{TokenKey, close};
 use super::tls::{self, EndpointError};
@@ -143,6 +147,73 @@ pub(crate) struct Served {
     activity: Arc<Activity>,
 }
 
+impl Shared {
+    fn uploads(&self) -> std::sync::MutexGuard<'_, UploadSlots<PeerId>> {
+        self.uploads.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether more peers want uploads than there are slots.
+    pub(crate) fn uploads_contended(&self) -> bool {
+        self.uploads().contended(std::time::Instant::now())
+    }
+
+    /// What this seed offers `peer` of the snapshot `root` (of `chunks` chunks), in blocks of
+    /// `block`, given what it holds: a few blocks if it gets an upload slot, none if not.
+    pub(crate) fn offer(
+        &self,
+        root: &ContentRoot,
+        chunks: u64,
+        block: u64,
+        holding: &[u8],
+        peer: PeerId,
+    ) -> Vec<u8> {
+        let now = std::time::Instant::now();
+        let n = chunks.div_ceil(block.max(1)).div_ceil(8) as usize;
+        if self.upload_slot(peer).is_none() {
+            return vec![0; n];
+        }
+        let mut offers = self.seed_offers.lock().unwrap_or_else(|p| p.into_inner());
+        if !offers.contains_key(root) && offers.len() >= OPEN_SOURCES {
+            let any = *offers.keys().next().expect("not empty");
+            offers.remove(&any);
+        }
+        offers
+            .entry(*root)
+            .or_insert_with(|| SeedOffers::new(chunks, block, rand::random::<u64>() as usize, now))
+            .answer(slots::OFFER_BLOCKS, block, Some(holding), now)
+    }
+
+    /// Chunks `range` of the published snapshot `root` were sent (for the offers).
+    pub(crate) fn offered_sent(&self, root: &ContentRoot, range: std::ops::Range<u64>) {
+        let mut offers = self.seed_offers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(o) = offers.get_mut(root) {
+            o.sent(range);
+        }
+    }
+
+    /// An upload slot for one response to `peer`, if it may be sent chunks now (see
+    /// `slots.rs`); held until the guard is dropped.
+    pub(crate) fn upload_slot(&self, peer: PeerId) -> Option<UploadGuard<'_>> {
+        // (The lock is released before a guard exists: dropping one takes it.)
+        let admitted = self.uploads().admit(peer, std::time::Instant::now());
+        admitted.then(|| UploadGuard { shared: self, peer })
+    }
+}
+
+/// One response's hold on its peer's upload slot.
+pub(crate) struct UploadGuard<'a> {
+    shared: &'a Shared,
+    peer: PeerId,
+}
+
+impl Drop for UploadGuard<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .uploads()
+            .done(self.peer, std::time::Instant::now());
+    }
+}
+
 /// How long a connection is given before it can be judged idle or slow.
 const EVICTION_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -163,6 +234,10 @@ pub(crate) struct Shared {
     per_peer: Mutex<HashMap<PeerId, PeerUsage>>,
     global_limit: Option<ByteLimiter>,
     sources: Mutex<Vec<OpenSource>>,
+    /// The peers uploaded to now.
+    uploads: Mutex<UploadSlots<PeerId>>,
+    /// What this node offers of the snapshots it seeds, when many ask (a few at most).
+    seed_offers: Mutex<HashMap<ContentRoot, SeedOffers>>,
     /// Authenticated connections, each with its share of `send_memory` as its send window.
     serving: Mutex<Vec<Served>>,
     /// Response memory, in KiB permits.
@@ -227,6 +302,12 @@ impl Streamer {
             per_ip: Mutex::new(HashMap::new()),
             per_peer: Mutex::new(HashMap::new()),
             sources: Mutex::new(Vec::new()),
+            seed_offers: Mutex::new(HashMap::new()),
+            uploads: Mutex::new(UploadSlots::new(
+                config.max_uploads,
+                config.upload_slot,
+                slots::UPLOAD_LINGER,
+            )),
             serving: Mutex::new(Vec::new()),
             memory: Semaphore::new(memory_kib as usize),
             memory_kib,

@@ -1,6 +1,11 @@
-//! One request: a manifest, or a range of verifiable chunks. Every response goes through
-//! [`respond`]: header, body in paced pieces, each under the write deadline and all of it
-//! within the time `min_client_rate` allows, finish.
+//! One request: a manifest, a range of verifiable chunks, or which chunks the server holds.
+//! Every response goes through [`Responder::respond`]: header, body in paced pieces, each under
+//! the write deadline and all of it within the time `min_client_rate` allows, finish.
+//!
+//! What is served comes from a published snapshot, or from a snapshot this node is still
+//! downloading: its checked manifest, and of its chunks only those verified on disk with their
+//! proof nodes. A range of it not wholly verified yet is refused as not held, which is no
+//! misbehaviour of anyone.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -17,8 +22,9 @@ use crate::chunk::{ChunkError, ChunkSource};
 use crate::hash::ContentRoot;
 use crate::metrics::Outcome;
 use crate::proto;
+use crate::snapshot::PartialOffer;
 use crate::transfer::STREAMER_TARGET;
-use crate::transfer::protocol::{self, CANCELLED, MAX_FRAME, read_frame};
+use crate::transfer::protocol::{self, CANCELLED, MAX_FRAME, MAX_HAVE_BITS, read_frame};
 
 /// Pieces a response is sent in, each paced by the rate limits. 256 KiB keeps QUIC's send
 /// batches large under a cap (measured: steadier and a few percent faster than 64 KiB).
@@ -28,6 +34,30 @@ const SEND_PIECE: usize = 256 << 10;
 struct Refusal {
     status: proto::Status,
     message: String,
+}
+
+/// A snapshot served: published, or being downloaded (its verified chunks only).
+#[derive(Clone)]
+enum Served {
+    Complete(Arc<ChunkSource>),
+    Partial(Arc<PartialOffer>),
+}
+
+impl Served {
+    fn source(&self) -> &Arc<ChunkSource> {
+        match self {
+            Served::Complete(s) => s,
+            Served::Partial(p) => &p.source,
+        }
+    }
+
+    /// Whether every chunk of `range` is held.
+    fn holds(&self, range: &Range<u64>) -> bool {
+        match self {
+            Served::Complete(_) => true,
+            Served::Partial(p) => p.verified.all(range.clone()),
+        }
+    }
 }
 
 fn refusal(status: proto::Status, message: impl Into<String>) -> Refusal {
@@ -44,7 +74,19 @@ impl Refusal {
             message: self.message,
             manifest: None,
             encoded_len: 0,
+            complete: false,
         }
+    }
+}
+
+/// An OK header for a body of `encoded_len` bytes.
+fn ok(encoded_len: u64) -> proto::ResponseHeader {
+    proto::ResponseHeader {
+        status: proto::Status::Ok as i32,
+        message: String::new(),
+        manifest: None,
+        encoded_len,
+        complete: false,
     }
 }
 
@@ -97,6 +139,7 @@ pub(super) async fn request(
             out.respond(header, None).await
         }
         Some(proto::request::Kind::Chunks(get)) => out.chunks(&get).await,
+        Some(proto::request::Kind::Have(get)) => out.have(&get).await,
         None => {
             let header = refusal(proto::Status::BadRequest, "empty request");
             out.respond(header.header(), None).await
@@ -109,18 +152,22 @@ fn manifest_header(get: &proto::GetManifest, shared: &Shared) -> proto::Response
     let Ok(root) = ContentRoot::from_slice(&get.content_root) else {
         return refusal(proto::Status::BadRequest, "content root must be 32 bytes").header();
     };
-    match shared.store.get(&root) {
-        None => refusal(
-            proto::Status::UnknownSnapshot,
-            "no snapshot with this content root",
-        )
-        .header(),
-        Some(snap) => proto::ResponseHeader {
-            status: proto::Status::Ok as i32,
-            message: String::new(),
-            manifest: Some(snap.manifest().to_proto()),
-            encoded_len: 0,
+    let manifest = match shared.store.get(&root) {
+        Some(snap) => snap.manifest().clone(),
+        None => match shared.store.partial_offer(&root) {
+            Some(offer) => offer.manifest.clone(),
+            None => {
+                return refusal(
+                    proto::Status::UnknownSnapshot,
+                    "no snapshot with this content root",
+                )
+                .header();
+            }
         },
+    };
+    proto::ResponseHeader {
+        manifest: Some(manifest.to_proto()),
+        ..ok(0)
     }
 }
 
@@ -129,10 +176,19 @@ impl Responder<'_> {
     /// share of the response memory, encodes the range with its proof and sends it.
     async fn chunks(&mut self, get: &proto::GetChunks) -> Result<(), ServeError> {
         let shared = self.shared;
-        let (source, range, encoded_len, data_bytes) = match prepare_chunks(get, shared) {
+        let (served, range, encoded_len, data_bytes) = match prepare_chunks(get, shared) {
             Ok(v) => v,
             Err(r) => return self.respond(r.header(), None).await,
         };
+        if !served.holds(&range) {
+            let not_held = refusal(proto::Status::NotHeld, "this range is not held yet");
+            return self.respond(not_held.header(), None).await;
+        }
+        let Some(_slot) = shared.upload_slot(self.allowance.peer) else {
+            let busy = refusal(proto::Status::Busy, "uploading to others; try again");
+            return self.respond(busy.header(), None).await;
+        };
+        let source = served.source().clone();
         // Memory first, from the connection's share and the streamer's, within the request
         // timeout: held until the response is handed to QUIC or abandoned.
         let kib = (encoded_len.div_ceil(1024) as u32).min(shared.memory_kib);
@@ -150,18 +206,21 @@ impl Responder<'_> {
         .map_err(|_| ServeError::Refused("encoder panicked"))?;
         match encoded {
             Ok(e) if e.len() as u64 == encoded_len => {
-                let header = proto::ResponseHeader {
-                    status: proto::Status::Ok as i32,
-                    message: String::new(),
-                    manifest: None,
-                    encoded_len,
-                };
+                let header = ok(encoded_len);
                 let body = Body {
                     bytes: Bytes::from(e),
                     chunks: range.end - range.start,
                     data_bytes,
                 };
-                self.respond(header, Some(body)).await
+                self.respond(header, Some(body)).await?;
+                match &served {
+                    Served::Partial(offer) => {
+                        offer.served.fetch_add(data_bytes, Ordering::Relaxed);
+                        shared.metrics.served_partial_bytes.inc_by(data_bytes);
+                    }
+                    Served::Complete(_) => shared.offered_sent(&root, range),
+                }
+                Ok(())
             }
             Ok(_) | Err(_) => {
                 tracing::warn!(target: STREAMER_TARGET, root = %root.short(), "cannot read a served snapshot");
@@ -169,6 +228,16 @@ impl Responder<'_> {
                 self.respond(header.header(), None).await
             }
         }
+    }
+
+    /// Answers which blocks of chunks this node holds of a snapshot: all of a published one,
+    /// the verified ones of one it downloads.
+    async fn have(&mut self, get: &proto::GetHave) -> Result<(), ServeError> {
+        let (header, body) = match have_answer(get, self.shared, self.allowance.peer) {
+            Ok(v) => v,
+            Err(r) => return self.respond(r.header(), None).await,
+        };
+        self.respond(header, body).await
     }
 
     /// The one response path: the header, then the body in pieces paced by the rate limits,
@@ -248,16 +317,71 @@ async fn memory<'a>(
         .flatten()
 }
 
-/// A validated chunk request: the source, the chunk range, the encoded and the data length.
-type Prepared = (Arc<ChunkSource>, Range<u64>, u64, u64);
+/// The answer to a have request: its header and bitfield.
+fn have_answer(
+    get: &proto::GetHave,
+    shared: &Shared,
+    peer: libp2p::PeerId,
+) -> Result<(proto::ResponseHeader, Option<Body>), Refusal> {
+    let root = ContentRoot::from_slice(&get.content_root)
+        .map_err(|_| refusal(proto::Status::BadRequest, "content root must be 32 bytes"))?;
+    let block = u64::from(get.block_chunks);
+    let served = shared.served(&root)?;
+    let chunks = served.source().tree().chunk_count();
+    if block == 0 || chunks.div_ceil(block) > MAX_HAVE_BITS {
+        return Err(refusal(
+            proto::Status::TooLarge,
+            format!(
+                "blocks of at least {} chunks",
+                chunks.div_ceil(MAX_HAVE_BITS)
+            ),
+        ));
+    }
+    let len = chunks.div_ceil(block).div_ceil(8);
+    let holding = (!get.holding.is_empty()).then_some(&get.holding[..]);
+    if holding.is_some_and(|h| h.len() as u64 != len) {
+        return Err(refusal(
+            proto::Status::BadRequest,
+            format!("a holding bitfield of {len} bytes"),
+        ));
+    }
+    let bits = match served {
+        Served::Partial(offer) => offer.verified.blocks(block),
+        Served::Complete(_) => match holding {
+            // A seed in a crowd offers this asker a few blocks (see `slots.rs`).
+            Some(holding) if shared.uploads_contended() => {
+                shared.offer(&root, chunks, block, holding, peer)
+            }
+            _ => {
+                let complete = proto::ResponseHeader {
+                    complete: true,
+                    ..ok(0)
+                };
+                return Ok((complete, None));
+            }
+        },
+    };
+    Ok((
+        ok(bits.len() as u64),
+        Some(Body {
+            bytes: Bytes::from(bits),
+            chunks: 0,
+            data_bytes: 0,
+        }),
+    ))
+}
+
+/// A validated chunk request: what is served, the chunk range, the encoded and the data
+/// length.
+type Prepared = (Served, Range<u64>, u64, u64);
 
 /// Validates a chunk request: a known snapshot, the same chunk size, a range within it and
 /// within the size limit. The range is checked before any arithmetic on it.
 fn prepare_chunks(get: &proto::GetChunks, shared: &Shared) -> Result<Prepared, Refusal> {
     let root = ContentRoot::from_slice(&get.content_root)
         .map_err(|_| refusal(proto::Status::BadRequest, "content root must be 32 bytes"))?;
-    let source = shared.source(&root)?;
-    let tree = *source.tree();
+    let served = shared.served(&root)?;
+    let tree = *served.source().tree();
     if get.chunk_size != tree.chunk_size().bytes() {
         return Err(refusal(
             proto::Status::ChunkSizeMismatch,
@@ -282,12 +406,23 @@ fn prepare_chunks(get: &proto::GetChunks, shared: &Shared) -> Result<Prepared, R
             ),
         ));
     }
-    Ok((source, range, encoded_len, data.end - data.start))
+    Ok((served, range, encoded_len, data.end - data.start))
 }
 
 impl Shared {
-    /// The open source of the snapshot with `root`: kept open, and the snapshot pinned against
-    /// retention, while it is among the few most recently served.
+    /// The snapshot with `root`: published, else being downloaded here.
+    fn served(&self, root: &ContentRoot) -> Result<Served, Refusal> {
+        match self.source(root) {
+            Ok(source) => Ok(Served::Complete(source)),
+            Err(r) => match self.store.partial_offer(root) {
+                Some(offer) => Ok(Served::Partial(offer)),
+                None => Err(r),
+            },
+        }
+    }
+
+    /// The open source of the published snapshot with `root`: kept open, and the snapshot
+    /// pinned against retention, while it is among the few most recently served.
     fn source(&self, root: &ContentRoot) -> Result<Arc<ChunkSource>, Refusal> {
         let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = sources.iter().position(|(r, ..)| r == root) {

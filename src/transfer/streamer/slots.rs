@@ -1,0 +1,328 @@
+//! [`UploadSlots`]: which peers are sent chunks now, a pure state machine with injected time.
+//!
+//! An uplink split among a few peers gets each piece out sooner than one split among all, and in
+//! a crowd a piece that is out is one the others can fetch from its new holder. So at most
+//! `max` peers hold a slot at once; the others are told the server is busy (they fetch
+//! elsewhere and try again later). A slot lapses `linger` after its peer's last request or
+//! response, and
+//! once slots are full, the one held longest is given to a newcomer when it has been held for
+//! `hold`: every peer gets its turn.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+/// How long after its last chunk request a peer keeps its slot.
+pub(crate) const UPLOAD_LINGER: Duration = Duration::from_secs(1);
+
+/// The upload slots of a server.
+#[derive(Debug)]
+pub(crate) struct UploadSlots<P> {
+    max: usize,
+    hold: Duration,
+    linger: Duration,
+    slots: HashMap<P, Slot>,
+    /// When a peer was last refused for want of a slot.
+    refused: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    granted: Instant,
+    /// When its last response ended (or it last asked).
+    last: Instant,
+    /// Its responses under way: a slot does not lapse while it has any.
+    active: usize,
+}
+
+impl<P: Copy + Eq + Hash> UploadSlots<P> {
+    /// At most `max` peers at once; a slot is given up to a newcomer after `hold`.
+    pub(crate) fn new(max: usize, hold: Duration, linger: Duration) -> Self {
+        Self {
+            max: max.max(1),
+            hold,
+            linger,
+            slots: HashMap::new(),
+            refused: None,
+        }
+    }
+
+    /// Whether `peer` may be sent a response now: it holds a slot, or gets one (a free one, or
+    /// the one held longest, once held over `hold`). When it may, the response is under way
+    /// until [`UploadSlots::done`].
+    pub(crate) fn admit(&mut self, peer: P, now: Instant) -> bool {
+        let linger = self.linger;
+        self.slots
+            .retain(|_, s| s.active > 0 || now.saturating_duration_since(s.last) < linger);
+        if let Some(s) = self.slots.get_mut(&peer) {
+            s.last = now;
+            s.active += 1;
+            return true;
+        }
+        if self.slots.len() >= self.max {
+            let longest = self
+                .slots
+                .iter()
+                .min_by_key(|(_, s)| s.granted)
+                .map(|(p, s)| (*p, s.granted));
+            match longest {
+                Some((p, granted)) if now.saturating_duration_since(granted) >= self.hold => {
+                    self.slots.remove(&p);
+                }
+                _ => {
+                    self.refused = Some(now);
+                    return false;
+                }
+            }
+        }
+        self.slots.insert(
+            peer,
+            Slot {
+                granted: now,
+                last: now,
+                active: 1,
+            },
+        );
+        true
+    }
+
+    /// A response to `peer` that [`UploadSlots::admit`] let through has ended (sent or not):
+    /// its slot lapses `linger` after its last one.
+    pub(crate) fn done(&mut self, peer: P, now: Instant) {
+        if let Some(s) = self.slots.get_mut(&peer) {
+            s.active = s.active.saturating_sub(1);
+            s.last = s.last.max(now);
+        }
+    }
+
+    /// Whether more peers want uploads than there are slots: a peer was refused within the
+    /// time a slot is held.
+    pub(crate) fn contended(&self, now: Instant) -> bool {
+        self.refused
+            .is_some_and(|t| now.saturating_duration_since(t) < self.hold)
+    }
+
+    /// Peers holding a slot.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    /// A response admitted and ended at once.
+    fn ask(s: &mut UploadSlots<u32>, peer: u32, t: Instant) -> bool {
+        let ok = s.admit(peer, t);
+        if ok {
+            s.done(peer, t);
+        }
+        ok
+    }
+
+    #[test]
+    fn a_few_peers_at_a_time_each_in_turn() {
+        let t0 = Instant::now();
+        let mut s = UploadSlots::new(2, 10 * SEC, SEC);
+        assert!(ask(&mut s, 1, t0) && ask(&mut s, 2, t0));
+        assert!(!s.contended(t0 - SEC));
+        assert!(!ask(&mut s, 3, t0), "full: the third waits");
+        assert!(s.contended(t0 + 9 * SEC) && !s.contended(t0 + 10 * SEC));
+        // The holders keep asking: they keep their slots until one has held it for 10 s.
+        for i in 1..20 {
+            let t = t0 + i * SEC / 2;
+            assert!(ask(&mut s, 1, t) && ask(&mut s, 2, t));
+            assert!(!ask(&mut s, 3, t));
+        }
+        let t = t0 + 10 * SEC;
+        assert!(
+            ask(&mut s, 3, t),
+            "the slot held longest goes to the one waiting"
+        );
+        assert_eq!(s.len(), 2);
+        // A peer that stops asking gives its slot up after the linger.
+        let later = t + 2 * SEC;
+        assert!(ask(&mut s, 4, later) && ask(&mut s, 5, later));
+    }
+
+    #[test]
+    fn a_slot_does_not_lapse_while_its_responses_wait() {
+        let t0 = Instant::now();
+        let mut s = UploadSlots::new(1, 10 * SEC, SEC);
+        assert!(s.admit(1, t0));
+        // Its response takes five seconds: the slot stays its own meanwhile.
+        assert!(!ask(&mut s, 2, t0 + 5 * SEC));
+        s.done(1, t0 + 5 * SEC);
+        assert!(!ask(&mut s, 2, t0 + 5 * SEC + SEC / 2));
+        assert!(ask(&mut s, 2, t0 + 7 * SEC));
+    }
+}
+
+/// Blocks a seed in a crowd offers each asker.
+pub(crate) const OFFER_BLOCKS: usize = 8;
+
+/// How long an offered block is kept for its asker before it may be offered to another.
+pub(crate) const OFFER_HOLD: Duration = Duration::from_secs(2);
+
+/// Which pieces a seed in a crowd offers each downloader that asks what it holds (what
+/// BitTorrent calls super-seeding): a few of those the asker lacks that the seed has sent
+/// least, each kept for its asker for [`OFFER_HOLD`], so that the seed's uplink puts out one
+/// whole copy before it sends any piece twice and the crowd trades the rest among itself. It
+/// is advice: a seed still serves any range it is asked for. Kept per block of chunks (five
+/// bytes each: 10 MiB for 1 TiB in 16 KiB chunks and blocks of 32).
+#[derive(Debug, Clone)]
+pub(crate) struct SeedOffers {
+    block: u64,
+    chunks: u64,
+    sent: Vec<u8>,
+    /// Until when each block is kept for the asker it was offered to, milliseconds from
+    /// `epoch`.
+    held_until: Vec<u32>,
+    epoch: Instant,
+    /// Where the next offer starts looking, so that askers get different blocks of a level.
+    cursor: usize,
+}
+
+impl SeedOffers {
+    /// Counters for `chunks` chunks in blocks of `block`; offers start at block `start` (at
+    /// random, so that seeds that do not talk to each other offer different blocks first).
+    pub(crate) fn new(chunks: u64, block: u64, start: usize, now: Instant) -> Self {
+        let block = block.max(1);
+        let n = chunks.div_ceil(block) as usize;
+        Self {
+            block,
+            chunks,
+            sent: vec![0; n],
+            held_until: vec![0; n],
+            epoch: now,
+            cursor: start % n.max(1),
+        }
+    }
+
+    /// Chunks `range` were sent.
+    pub(crate) fn sent(&mut self, range: Range<u64>) {
+        if range.is_empty() {
+            return;
+        }
+        let first = (range.start / self.block) as usize;
+        let last = ((range.end - 1) / self.block) as usize;
+        for b in first..=last.min(self.sent.len().saturating_sub(1)) {
+            self.sent[b] = self.sent[b].saturating_add(1);
+        }
+    }
+
+    fn ms(&self, t: Instant) -> u32 {
+        t.saturating_duration_since(self.epoch)
+            .as_millis()
+            .min(u128::from(u32::MAX)) as u32
+    }
+
+    /// The offer to one asker at `now`, as a bitfield of its blocks of `client_block` chunks
+    /// (bit `i` is bit `i % 8` of byte `i / 8`): up to `k` blocks it lacks (`holding`, a
+    /// bitfield of the same shape, says what it holds), the least sent first, those not kept
+    /// for another asker before those that are, the first from where the last offer stopped.
+    /// A client block is offered when it overlaps an offered block.
+    pub(crate) fn answer(
+        &mut self,
+        k: usize,
+        client_block: u64,
+        holding: Option<&[u8]>,
+        now: Instant,
+    ) -> Vec<u8> {
+        let client_block = client_block.max(1);
+        let n_client = self.chunks.div_ceil(client_block);
+        let mut bits = vec![0u8; n_client.div_ceil(8) as usize];
+        let bit = |bytes: &[u8], i: u64| {
+            bytes
+                .get((i / 8) as usize)
+                .is_some_and(|b| b & (1 << (i % 8)) != 0)
+        };
+        let now_ms = self.ms(now);
+        let n = self.sent.len();
+        // The `k` lowest (sent, kept for another, distance from the cursor) it lacks.
+        let mut best: Vec<(u8, bool, usize, usize)> = Vec::with_capacity(k + 1);
+        for i in 0..n {
+            let b = (self.cursor + i) % n;
+            let start = b as u64 * self.block;
+            let end = (start + self.block).min(self.chunks);
+            let lacks = holding.is_none_or(|h| {
+                (start / client_block..=(end.max(1) - 1) / client_block).any(|c| !bit(h, c))
+            });
+            if !lacks {
+                continue;
+            }
+            let key = (self.sent[b], self.held_until[b] > now_ms, i, b);
+            if best.len() < k || key < best[best.len() - 1] {
+                let at = best.partition_point(|x| *x < key);
+                best.insert(at, key);
+                best.truncate(k);
+            }
+            // Nothing can beat k blocks never sent nor kept.
+            if best.len() == k && best[k - 1].0 == 0 && !best[k - 1].1 {
+                break;
+            }
+        }
+        if let Some(last) = best
+            .iter()
+            .map(|x| x.3)
+            .max_by_key(|b| (b + n - self.cursor) % n)
+        {
+            self.cursor = (last + 1) % n;
+        }
+        let until = self.ms(now + OFFER_HOLD);
+        for (_, _, _, b) in best {
+            self.held_until[b] = until;
+            let start = b as u64 * self.block;
+            let end = (start + self.block).min(self.chunks);
+            for i in start / client_block..=(end.max(1) - 1) / client_block {
+                bits[(i / 8) as usize] |= 1 << (i % 8);
+            }
+        }
+        bits
+    }
+}
+
+#[cfg(test)]
+mod offer_tests {
+    use super::*;
+
+    fn offered(bits: &[u8]) -> Vec<usize> {
+        (0..bits.len() * 8)
+            .filter(|i| bits[i / 8] & (1 << (i % 8)) != 0)
+            .collect()
+    }
+
+    #[test]
+    fn each_asker_is_offered_different_pieces_it_lacks_of_those_sent_least() {
+        let t0 = Instant::now();
+        let mut o = SeedOffers::new(10 * 32, 32, 0, t0);
+        let a = offered(&o.answer(4, 32, None, t0));
+        let b = offered(&o.answer(4, 32, None, t0));
+        assert_eq!(a, vec![0, 1, 2, 3]);
+        assert_eq!(b, vec![4, 5, 6, 7]);
+        // 0 to 5 were sent; 6 and 7 are kept for the second asker: 8 and 9 come first, then
+        // the kept ones.
+        for p in 0..6 {
+            o.sent(p * 32..(p + 1) * 32);
+        }
+        assert_eq!(offered(&o.answer(4, 32, None, t0)), vec![6, 7, 8, 9]);
+        // Once kept no longer, and for an asker that holds 6 to 9: what it lacks, least sent
+        // first.
+        let later = t0 + OFFER_HOLD;
+        o.sent(0..32);
+        let holding = [0b1100_0000u8, 0b11];
+        assert_eq!(
+            offered(&o.answer(3, 32, Some(&holding), later)),
+            vec![1, 2, 3]
+        );
+        // One that holds everything is offered nothing.
+        assert!(offered(&o.answer(3, 32, Some(&[0xff, 0b11]), later)).is_empty());
+        // An asker with other blocks gets the blocks that overlap the offer.
+        assert_eq!(offered(&o.answer(1, 64, None, later)).len(), 1);
+    }
+}

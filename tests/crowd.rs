@@ -1,0 +1,423 @@
+//! A crowd feeds itself, over real QUIC on 127.0.0.1: a node that downloads a snapshot serves
+//! the chunks it has verified meanwhile, a joiner takes from such partial holders only what
+//! they hold, works around one that lies, and a crowd of joiners from one capped seed trades
+//! most of the bytes among itself.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::wire::*;
+use common::*;
+use prost::Message;
+use snapsync::proto;
+use snapsync::snapshot::{Manifest, Snapshot};
+/// Download settings for a crowd: quick retries, and requests given the time a capped seed
+/// shared by many needs.
+fn crowd_config() -> DownloadConfig {
+    fast()
+        .with_min_request_timeout(Duration::from_secs(10))
+        .with_no_progress_timeout(Duration::from_secs(60))
+}
+
+use snapsync::transfer::{
+    DownloadConfig, DownloadHandle, DownloadTarget, Downloaded, PeerAddr, PeerStatus, Streamer,
+    StreamerConfig,
+};
+
+/// Sends `request` on a new stream of `conn`; returns the header and the body.
+async fn ask(
+    conn: &quinn::Connection,
+    request: proto::Request,
+) -> (proto::ResponseHeader, Vec<u8>) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&frame(&request)).await.unwrap();
+    send.finish().unwrap();
+    let header: proto::ResponseHeader = read(&mut recv).await.unwrap();
+    let mut body = vec![0u8; header.encoded_len as usize];
+    recv.read_exact(&mut body).await.unwrap();
+    (header, body)
+}
+
+fn have(root: snapsync::ContentRoot, block_chunks: u32) -> proto::Request {
+    proto::Request {
+        kind: Some(proto::request::Kind::Have(proto::GetHave {
+            content_root: root.0.to_vec().into(),
+            block_chunks,
+            holding: Default::default(),
+        })),
+    }
+}
+
+fn chunks(root: snapsync::ContentRoot, range: std::ops::Range<u64>, size: u32) -> proto::Request {
+    proto::Request::decode(&get_chunks(root, range.start, range.end, size)[4..]).unwrap()
+}
+
+/// Waits until `handle` has at least `bytes` verified (and is not finished).
+async fn until_done_bytes(handle: &DownloadHandle, bytes: u64) {
+    let mut progress = handle.progress();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            {
+                let p = progress.borrow_and_update();
+                assert!(!p.finished, "finished before {bytes} bytes were seen");
+                if p.done_bytes >= bytes {
+                    return;
+                }
+            }
+            progress.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("progress in time");
+}
+
+/// A seed capped at `rate` bytes/s and a node downloading from it (serving what it verified),
+/// stopped half way through.
+struct HalfWay {
+    seed: Node,
+    snap: Arc<Snapshot>,
+    seed_streamer: Streamer,
+    holder: Node,
+    holder_streamer: Streamer,
+    handle: DownloadHandle,
+}
+
+async fn half_way(kib: u64, rate: u64) -> HalfWay {
+    let (seed, snap) = Node::with_snapshot(kib, 50, 11);
+    let seed_streamer = serve(&seed, StreamerConfig::default().with_rate_limit(Some(rate)));
+    let holder = Node::new();
+    let holder_streamer = serve(&holder, StreamerConfig::default());
+    let handle = downloader(&holder, crowd_config()).start(
+        DownloadTarget::from_manifest(snap.manifest()),
+        vec![peer(&seed, &seed_streamer)],
+    );
+    until_done_bytes(&handle, snap.manifest().archive_size / 3).await;
+    HalfWay {
+        seed,
+        snap,
+        seed_streamer,
+        holder,
+        holder_streamer,
+        handle,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downloading_node_serves_exactly_the_chunks_it_has_verified() {
+    init_tracing();
+    let h = half_way(4096, 600_000).await;
+    let m = h.snap.manifest();
+    let (root, size) = (m.content_root, m.chunk_size.bytes());
+    let client = RawClient::new();
+    let conn = client
+        .hello(h.holder.peer_id(), h.holder_streamer.local_addr())
+        .await;
+    // The manifest it checked.
+    let (header, _) = ask(
+        &conn,
+        proto::Request {
+            kind: Some(proto::request::Kind::Manifest(proto::GetManifest {
+                content_root: root.0.to_vec().into(),
+            })),
+        },
+    )
+    .await;
+    assert_eq!(header.status, proto::Status::Ok as i32);
+    assert_eq!(
+        Manifest::from_proto(header.manifest.as_ref().unwrap()).unwrap(),
+        *m
+    );
+    // What it holds: some blocks, not all.
+    let tree = m.chunk_tree();
+    let blocks = tree.chunk_count().div_ceil(32);
+    let (header, bits) = ask(&conn, have(root, 32)).await;
+    assert_eq!(header.status, proto::Status::Ok as i32);
+    assert!(!header.complete);
+    assert_eq!(bits.len() as u64, blocks.div_ceil(8));
+    let held = |b: u64| bits[(b / 8) as usize] & (1 << (b % 8)) != 0;
+    let first_held = (0..blocks).find(|b| held(*b)).expect("a block held");
+    let first_missing = (0..blocks).find(|b| !held(*b)).expect("a block missing");
+    // A block it holds is served, and checks against the root.
+    let range = first_held * 32..((first_held + 1) * 32).min(tree.chunk_count());
+    let (header, body) = ask(&conn, chunks(root, range.clone(), size)).await;
+    assert_eq!(
+        header.status,
+        proto::Status::Ok as i32,
+        "{}",
+        header.message
+    );
+    let mut decoder = tree.range_decoder(range.clone()).unwrap();
+    let mut data = Vec::new();
+    decoder
+        .feed(
+            &body,
+            &mut |_, d: &[u8]| {
+                data.extend_from_slice(d);
+                Ok(())
+            },
+            &mut |_, _: &[u8]| Ok(()),
+        )
+        .unwrap();
+    decoder.finish().unwrap();
+    let archive = std::fs::read(h.snap.archive_path()).unwrap();
+    let start = (range.start * u64::from(size)) as usize;
+    assert_eq!(data, archive[start..start + data.len()]);
+    // One it does not hold yet is refused as not held: no misbehaviour, the connection stays.
+    let range = first_missing * 32..((first_missing + 1) * 32).min(tree.chunk_count());
+    let (header, body) = ask(&conn, chunks(root, range, size)).await;
+    assert_eq!(header.status, proto::Status::NotHeld as i32);
+    assert!(body.is_empty());
+    let (header, _) = ask(&conn, have(root, 32)).await;
+    assert_eq!(header.status, proto::Status::Ok as i32);
+    // Once published, it holds everything.
+    let got = h.handle.wait().await.unwrap();
+    assert_exact(&got, &h.snap, &h.holder);
+    let (header, body) = ask(&conn, have(root, 32)).await;
+    assert!(header.complete && body.is_empty());
+    assert!(got.served_bytes > 0);
+    drop(h.seed_streamer);
+    drop(h.seed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joiner_takes_from_a_partial_holder_what_it_holds_and_the_rest_from_the_seed() {
+    init_tracing();
+    let h = half_way(4096, 400_000).await;
+    let joiner = Node::new();
+    let handle = downloader(&joiner, crowd_config()).start(
+        DownloadTarget::from_manifest(h.snap.manifest()),
+        vec![peer(&h.seed, &h.seed_streamer)],
+    );
+    assert!(handle.add_partial_peer(peer(&h.holder, &h.holder_streamer)));
+    let got = handle.wait().await.unwrap();
+    assert_exact(&got, &h.snap, &joiner);
+    let from_holder = got
+        .per_peer
+        .iter()
+        .find(|(p, _)| *p == h.holder.peer_id())
+        .map_or(0, |(_, b)| *b);
+    let from_seed = got
+        .per_peer
+        .iter()
+        .find(|(p, _)| *p == h.seed.peer_id())
+        .map_or(0, |(_, b)| *b);
+    println!("from the partial holder {from_holder} B, from the seed {from_seed} B");
+    assert!(from_holder > 0, "the partial holder served nothing");
+    assert!(
+        from_seed > 0,
+        "the partial holder cannot have held everything"
+    );
+    let served = h.holder_streamer.stats().bytes_served;
+    assert!(served >= from_holder);
+    h.handle.wait().await.unwrap();
+}
+
+/// How a fake partial holder lies.
+#[derive(Clone, Copy, PartialEq)]
+enum Lie {
+    /// It says it holds everything and refuses every range as not held.
+    NotHeld,
+    /// It says it holds everything and sends bytes that do not check out.
+    Garbage,
+}
+
+/// A fake partial holder of `manifest` that lies as `lie` says.
+async fn liar(manifest: Manifest, lie: Lie) -> PeerAddr {
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let mut tls = libp2p_tls::make_server_config(&keypair).unwrap();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let endpoint =
+        quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(crypto)), local())
+            .unwrap();
+    let addr: SocketAddr = endpoint.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let manifest = manifest.clone();
+            tokio::spawn(async move {
+                let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                    return;
+                };
+                let _hello: Result<proto::Hello, _> = read(&mut recv).await;
+                let welcome = proto::Welcome {
+                    protocol_version: 2,
+                    refused: proto::Refusal::None as i32,
+                    message: String::new(),
+                    proof: Default::default(),
+                };
+                let _ = send.write_all(&frame(&welcome)).await;
+                let _ = send.finish();
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    tokio::spawn(answer_lying(send, recv, manifest.clone(), lie));
+                }
+            });
+        }
+    });
+    PeerAddr {
+        peer_id: keypair.public().to_peer_id(),
+        addr,
+    }
+}
+
+async fn answer_lying(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    manifest: Manifest,
+    lie: Lie,
+) {
+    let Ok(request) = read::<proto::Request>(&mut recv).await else {
+        return;
+    };
+    let header = |status: proto::Status, encoded_len: u64| proto::ResponseHeader {
+        status: status as i32,
+        encoded_len,
+        ..Default::default()
+    };
+    let tree = manifest.chunk_tree();
+    let (head, body) = match request.kind {
+        Some(proto::request::Kind::Manifest(_)) => (
+            proto::ResponseHeader {
+                manifest: Some(manifest.to_proto()),
+                ..header(proto::Status::Ok, 0)
+            },
+            Vec::new(),
+        ),
+        Some(proto::request::Kind::Have(h)) => {
+            let n = tree
+                .chunk_count()
+                .div_ceil(u64::from(h.block_chunks.max(1)));
+            let bits = vec![0xffu8; n.div_ceil(8) as usize];
+            (header(proto::Status::Ok, bits.len() as u64), bits)
+        }
+        Some(proto::request::Kind::Chunks(c)) => match lie {
+            Lie::NotHeld => (header(proto::Status::NotHeld, 0), Vec::new()),
+            Lie::Garbage => {
+                let len = tree.encoded_len(c.start_chunk..c.end_chunk).unwrap_or(0);
+                (header(proto::Status::Ok, len), vec![0x5a; len as usize])
+            }
+        },
+        None => return,
+    };
+    let _ = send.write_all(&frame(&head)).await;
+    let _ = send.write_all(&body).await;
+    let _ = send.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_holder_that_lies_about_what_it_holds_is_worked_around_and_blamed_only_for_bad_bytes()
+ {
+    init_tracing();
+    let (seed, snap) = Node::with_snapshot(2048, 50, 12);
+    let seed_streamer = serve(
+        &seed,
+        StreamerConfig::default().with_rate_limit(Some(2_000_000)),
+    );
+    let says_not_held = liar(snap.manifest().clone(), Lie::NotHeld).await;
+    let sends_garbage = liar(snap.manifest().clone(), Lie::Garbage).await;
+    let joiner = Node::new();
+    let handle = downloader(&joiner, crowd_config()).start(
+        DownloadTarget::from_manifest(snap.manifest()),
+        vec![peer(&seed, &seed_streamer)],
+    );
+    assert!(handle.add_partial_peer(says_not_held));
+    assert!(handle.add_partial_peer(sends_garbage));
+    let progress = handle.progress();
+    let got = handle.wait().await.unwrap();
+    assert_exact(&got, &snap, &joiner);
+    let status = |p: &PeerAddr| {
+        progress
+            .borrow()
+            .peers
+            .iter()
+            .find(|q| q.peer_id == p.peer_id)
+            .map(|q| q.status)
+    };
+    // The one that only said "not held" is no longer asked, but not blamed: it sent no byte
+    // that was wrong.
+    assert_ne!(status(&says_not_held), Some(PeerStatus::Banned));
+    // The one whose bytes did not check out is banned for them.
+    assert_eq!(status(&sends_garbage), Some(PeerStatus::Banned));
+    assert!(
+        got.per_peer
+            .iter()
+            .filter(|(p, _)| *p != seed.peer_id())
+            .all(|(_, b)| *b == 0),
+        "the liars delivered nothing"
+    );
+}
+
+/// One joiner of a crowd: its disk, its streamer and its download.
+struct Joiner {
+    node: Node,
+    streamer: Streamer,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_of_eight_from_one_capped_seed_feeds_itself() {
+    init_tracing();
+    let (seed, snap) = Node::with_snapshot(8192, 50, 13);
+    let size = snap.manifest().archive_size;
+    let seed_streamer = serve(
+        &seed,
+        StreamerConfig::default().with_rate_limit(Some(2_000_000)),
+    );
+    let joiners: Vec<Joiner> = (0..8)
+        .map(|_| {
+            let node = Node::new();
+            let streamer = serve(&node, StreamerConfig::default());
+            Joiner { node, streamer }
+        })
+        .collect();
+    let config = crowd_config();
+    let handles: Vec<DownloadHandle> = joiners
+        .iter()
+        .map(|j| {
+            let handle = downloader(&j.node, config).start(
+                DownloadTarget::from_manifest(snap.manifest()),
+                vec![peer(&seed, &seed_streamer)],
+            );
+            for other in joiners
+                .iter()
+                .filter(|o| o.node.peer_id() != j.node.peer_id())
+            {
+                assert!(handle.add_partial_peer(peer(&other.node, &other.streamer)));
+            }
+            handle
+        })
+        .collect();
+    let results: Vec<Downloaded> = futures::future::join_all(handles)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let mut from_joiners = 0;
+    for (j, got) in joiners.iter().zip(&results) {
+        assert_exact(got, &snap, &j.node);
+        from_joiners += got
+            .per_peer
+            .iter()
+            .filter(|(p, _)| *p != seed.peer_id())
+            .map(|(_, b)| b)
+            .sum::<u64>();
+    }
+    let total: u64 = results.iter().map(|r| r.fetched_bytes).sum();
+    let seed_sent = seed_streamer.stats().bytes_served;
+    let share = from_joiners as f64 / total as f64;
+    println!(
+        "8 joiners: {:.0}% of {} bytes from other joiners; the seed sent {:.2} copies",
+        100.0 * share,
+        total,
+        seed_sent as f64 / size as f64
+    );
+    assert_eq!(total, 8 * size);
+    assert!(share > 0.5, "only {:.0}% from other joiners", 100.0 * share);
+    assert!(
+        seed_sent <= 2 * size,
+        "the seed sent {:.2} copies",
+        seed_sent as f64 / size as f64
+    );
+}
