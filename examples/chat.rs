@@ -3,7 +3,9 @@
 //! composed beside `snapsync::Behaviour`, and syncs state snapshots with the others.
 //!
 //! ```text
-//! cargo run --example chat -- --produce --state-mib 32   # a producer
+//! cargo run --example chat -- --produce --state-mib 32 --genesis-unix-ms G   # a validator
+//! cargo run --example chat -- --produce --state-mib 32 --genesis-unix-ms G   # another: it syncs
+//!                                                        # from the first, then executes on
 //! cargo run --example chat                               # a peer that syncs
 //! ```
 //!
@@ -38,9 +40,14 @@ struct Args {
     /// A peer to dial (repeatable); mDNS finds peers on the LAN either way.
     #[arg(long)]
     peer: Vec<Multiaddr>,
-    /// Execute the chain and make snapshots.
+    /// Execute the chain and make snapshots. Empty or behind the chain (by its clock: see
+    /// --genesis-unix-ms, --slot-ms), the node syncs from its peers first, then executes on.
     #[arg(long)]
     produce: bool,
+    /// When the chain's slot 0 was, milliseconds since the Unix epoch (default: now). Nodes
+    /// executing one chain must agree on it.
+    #[arg(long)]
+    genesis_unix_ms: Option<u64>,
     /// The chain's initial state, in MiB.
     #[arg(long, default_value_t = 16)]
     state_mib: u64,
@@ -125,7 +132,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         seed: 1,
         state_mib: args.state_mib,
         slot_ms: args.slot_ms,
-        genesis_unix_ms: node::now_unix_ms(),
+        genesis_unix_ms: args.genesis_unix_ms.unwrap_or_else(node::now_unix_ms),
     });
     opts.range_for_snapshot = args.range_for_snapshot;
     opts.full_interval = args.full_interval;

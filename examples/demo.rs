@@ -2,10 +2,13 @@
 //! flow. A producer executes a chain and makes a full snapshot; three peers discover it over
 //! gossipsub and sync it; a late joiner discovers all four and syncs from all of them at once,
 //! with a progress bar. Then the chain moves on, the producer makes an incremental snapshot,
-//! and every node catches up by fetching only what changed. A summary closes.
+//! and every node catches up by fetching only what changed. A summary follows. Last, a cluster
+//! restart: validators of the same chain start empty, behind its clock; they sync together from
+//! the producer alone, each serving the others the chunks it has verified meanwhile, then
+//! execute the chain on and make the same snapshots as the producer.
 //!
 //! ```text
-//! cargo run --example demo [-- --state-mib 128 --peers 3 --cap-mibs 25]
+//! cargo run --example demo [-- --state-mib 128 --peers 3 --cap-mibs 25 --validators 4]
 //! ```
 
 #[path = "support/node.rs"]
@@ -32,6 +35,9 @@ struct Args {
     /// Serving cap per downloading peer, MiB/s (so the progress can be watched).
     #[arg(long, default_value_t = 25)]
     cap_mibs: u64,
+    /// Validators restarted together at the end.
+    #[arg(long, default_value_t = 4)]
+    validators: usize,
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -43,9 +49,20 @@ struct Net {
     names: HashMap<PeerId, String>,
     events: mpsc::Receiver<(usize, NodeEvent)>,
     tx: mpsc::Sender<(usize, NodeEvent)>,
+    /// Every snapshot each node made, by node.
+    created: HashMap<usize, Vec<snapsync::snapshot::Manifest>>,
 }
 
 impl Net {
+    /// The next event of any node (the snapshots made are noted on the way).
+    async fn next(&mut self) -> (usize, NodeEvent) {
+        let (i, e) = self.events.recv().await.expect("nodes alive");
+        if let NodeEvent::Snap(Event::SnapshotCreated { manifest }) = &e {
+            self.created.entry(i).or_default().push(manifest.clone());
+        }
+        (i, e)
+    }
+
     async fn start(&mut self, index: usize, name: &str, opts: Options) -> (NodeHandle, Multiaddr) {
         let mut handle = node::start(opts).await.expect("node starts");
         self.names.insert(handle.peer_id, name.to_string());
@@ -69,7 +86,7 @@ impl Net {
 
     async fn wait<T>(&mut self, mut f: impl FnMut(usize, &NodeEvent) -> Option<T>) -> T {
         loop {
-            let (i, e) = self.events.recv().await.expect("nodes alive");
+            let (i, e) = self.next().await;
             if let Some(t) = f(i, &e) {
                 return t;
             }
@@ -98,6 +115,7 @@ struct Synced {
     bank_hash: snapsync::BankHash,
     kind: &'static str,
     fetched: u64,
+    served: u64,
     secs: f64,
     download_secs: f64,
     per_peer: Vec<(PeerId, u64)>,
@@ -121,7 +139,7 @@ async fn follow(net: &mut Net, names: &[(usize, String)]) -> HashMap<usize, Sync
     let mut downloaded_at: HashMap<usize, Instant> = HashMap::new();
     let mut done = HashMap::new();
     while done.len() < names.len() {
-        let (i, e) = net.events.recv().await.expect("nodes alive");
+        let (i, e) = net.next().await;
         let Some((_, name)) = names.iter().find(|(n, _)| *n == i) else {
             continue;
         };
@@ -176,6 +194,7 @@ async fn follow(net: &mut Net, names: &[(usize, String)]) -> HashMap<usize, Sync
                 kind,
                 with_full,
                 fetched_bytes,
+                served_bytes,
                 elapsed,
                 per_peer,
                 ..
@@ -204,6 +223,7 @@ async fn follow(net: &mut Net, names: &[(usize, String)]) -> HashMap<usize, Sync
                         bank_hash,
                         kind,
                         fetched: fetched_bytes,
+                        served: served_bytes,
                         secs,
                         download_secs,
                         per_peer,
@@ -237,6 +257,7 @@ async fn main() {
         names: HashMap::new(),
         events,
         tx,
+        created: HashMap::new(),
     };
     println!(
         "snapsync demo: a producer, {} and a late joiner on 127.0.0.1 (data in {})\n",
@@ -247,11 +268,12 @@ async fn main() {
     // The producer: the chain's state, then slots up to the first snapshot.
     println!("[producer] writing {} MiB of state ...", args.state_mib);
     let mut p = options(&tmp.path().join("producer"), args.cap_mibs);
+    let genesis = node::now_unix_ms();
     p.chain = Some(Chain {
         seed: 1,
         state_mib: args.state_mib,
         slot_ms: 10,
-        genesis_unix_ms: node::now_unix_ms(),
+        genesis_unix_ms: genesis,
     });
     p.stop_at_slot = Some(RANGE);
     let (producer, producer_addr) = net.start(0, "producer", p).await;
@@ -348,7 +370,130 @@ async fn main() {
         "\nthe catch-up fetched {:.2}% of what the first sync did",
         100.0 * catch_up.fetched as f64 / first.fetched.max(1) as f64
     );
-    drop(peers);
+    // Everyone but the producer leaves: it is the only seed of the restart.
+    for p in peers {
+        p.shutdown().await;
+    }
     late.shutdown().await;
+    restart(&mut net, &tmp, &args, &producer, &producer_addr, genesis).await;
     producer.shutdown().await;
+}
+
+/// A cluster restart: validators of the producer's chain start empty and behind its clock, sync
+/// together from the producer alone (serving each other what they verified), then execute on
+/// and make the producer's snapshots.
+async fn restart(
+    net: &mut Net,
+    tmp: &tempfile::TempDir,
+    args: &Args,
+    producer: &NodeHandle,
+    producer_addr: &Multiaddr,
+    genesis_unix_ms: u64,
+) {
+    if args.validators == 0 {
+        return;
+    }
+    // The producer moves on to a snapshot the validators will sync, and waits there (so that the
+    // demo's fast chain does not outrun their downloads).
+    producer
+        .query(|_, p| p.stop_at = 4 * RANGE)
+        .await
+        .expect("producer alive");
+    while created_by_producer(net).await.slot < 4 * RANGE {}
+    println!(
+        "\n[restart] {} of the chain start empty, far behind its clock; the producer, at slot {}, is their only seed",
+        plural(args.validators, "validator"),
+        4 * RANGE
+    );
+    let base = 200;
+    let mut handles = Vec::new();
+    let mut names = Vec::new();
+    for v in 0..args.validators {
+        let name = format!("validator-{}", v + 1);
+        let mut o = options(&tmp.path().join(&name), args.cap_mibs);
+        o.chain = Some(Chain {
+            seed: 1,
+            state_mib: args.state_mib,
+            slot_ms: 10,
+            genesis_unix_ms,
+        });
+        o.peers = vec![producer_addr.clone()];
+        o.discovery_interval = std::time::Duration::from_secs(2);
+        o.stop_at_slot = Some(6 * RANGE);
+        let (h, _) = net.start(base + v, &name, o).await;
+        handles.push(h);
+        names.push((base + v, name));
+    }
+    let synced = follow(net, &names).await;
+    println!("\n[restart] where the bytes came from");
+    let producer_id = producer.peer_id;
+    for (i, name) in &names {
+        let s = &synced[i];
+        let from_seed: u64 = s
+            .per_peer
+            .iter()
+            .filter(|(p, _)| *p == producer_id)
+            .map(|(_, b)| *b)
+            .sum();
+        let from_others: u64 = s
+            .per_peer
+            .iter()
+            .filter(|(p, _)| *p != producer_id)
+            .map(|(_, b)| *b)
+            .sum();
+        println!(
+            "  {name:<12} {} from the producer, {} from other validators, {} served to them while downloading",
+            human_bytes(from_seed),
+            human_bytes(from_others),
+            human_bytes(s.served)
+        );
+    }
+    // Then each executes on and makes the next snapshot, the producer's byte for byte.
+    producer
+        .query(|_, p| p.stop_at = 6 * RANGE)
+        .await
+        .expect("producer alive");
+    // The first snapshot each validator made after its sync, and the producer's of that slot.
+    let pairs = loop {
+        let pairs: Option<Vec<_>> = names
+            .iter()
+            .map(|(i, _)| {
+                let theirs = net
+                    .created
+                    .get(i)?
+                    .iter()
+                    .find(|m| m.slot > synced[i].slot)?;
+                let mine = net
+                    .created
+                    .get(&0)?
+                    .iter()
+                    .find(|m| m.slot == theirs.slot)?;
+                Some((theirs.clone(), mine.clone()))
+            })
+            .collect();
+        if let Some(pairs) = pairs {
+            break pairs;
+        }
+        net.next().await;
+    };
+    println!("\n[restart] executing on");
+    for ((_, name), (m, p)) in names.iter().zip(&pairs) {
+        let same = (p.kind, p.bank_hash, p.content_root) == (m.kind, m.bank_hash, m.content_root);
+        println!(
+            "  {name:<12} made the {} snapshot at slot {}: bank hash {}, content root {}: {}",
+            m.kind.as_str(),
+            m.slot,
+            m.bank_hash.short(),
+            m.content_root.short(),
+            if same {
+                "the producer's, byte for byte"
+            } else {
+                "DIFFERENT from the producer's"
+            }
+        );
+        assert!(same, "{name} diverged from the producer");
+    }
+    for h in handles {
+        h.shutdown().await;
+    }
 }

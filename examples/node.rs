@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! # a producer executing a chain (several producers with the same --genesis-unix-ms and
-//! # --state-mib execute the same chain and make byte-identical snapshots)
+//! # --state-mib execute the same chain and make byte-identical snapshots; one that starts
+//! # empty or behind the chain's clock syncs from the others first, then executes on)
 //! cargo run --example node -- --data-dir /tmp/a --produce --state-mib 64
 //! # a node that syncs from it and exits
 //! cargo run --example node -- --data-dir /tmp/b --peer /ip4/127.0.0.1/udp/PORT/quic-v1/p2p/ID --exit-after-sync
@@ -44,7 +45,8 @@ struct Args {
     /// A peer to dial (repeatable); without any, peers are found on the LAN by mDNS.
     #[arg(long)]
     peer: Vec<Multiaddr>,
-    /// Execute the chain and make snapshots (a producer does not sync).
+    /// Execute the chain and make snapshots. Empty or behind the chain (by its clock: see
+    /// --genesis-unix-ms, --slot-ms), the node syncs from its peers first, then executes on.
     #[arg(long)]
     produce: bool,
     /// The chain's initial state, in MiB.

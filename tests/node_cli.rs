@@ -95,3 +95,65 @@ fn a_bad_chunk_size_is_refused_at_start() {
         "{err}"
     );
 }
+
+/// Chain arguments every validator of one chain shares.
+fn chain_args(genesis: &str) -> Vec<&str> {
+    vec![
+        "--produce",
+        "--state-mib",
+        "2",
+        "--slot-ms",
+        "20",
+        "--range-for-snapshot",
+        "25",
+        "--full-interval",
+        "100",
+        "--genesis-unix-ms",
+        genesis,
+        "--discovery-secs",
+        "2",
+    ]
+}
+
+#[test]
+fn a_validator_started_behind_syncs_then_executes_and_makes_the_producers_snapshots() {
+    let tmp = tempfile::tempdir().unwrap();
+    let genesis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    let dir = tmp.path().join("first");
+    let first = Proc::start(
+        &on_loopback(dir.to_str().unwrap(), &chain_args(&genesis)),
+        "t",
+    );
+    let addr = first.wait_event("listening")["addrs"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The chain runs well past what a node may replay by itself (100 slots behind).
+    first.find_event("snapshot_created", |v| v["slot"].as_u64().unwrap() >= 200);
+    let dir = tmp.path().join("late");
+    let mut args = chain_args(&genesis);
+    args.extend(["--peer", &addr]);
+    let late = Proc::start(&on_loopback(dir.to_str().unwrap(), &args), "t");
+    let synced = late.wait_event("synced");
+    let synced_slot = synced["slot"].as_u64().unwrap();
+    assert!(synced_slot >= 200, "{synced}");
+    // Then it executes on, and makes the same snapshots as the validator it synced from: an
+    // incremental and a full one at least, same slots, bank hashes and content roots.
+    let mut kinds = std::collections::HashSet::new();
+    while kinds.len() < 2 {
+        let made = late.wait_event("snapshot_created");
+        let slot = made["slot"].as_u64().unwrap();
+        if slot <= synced_slot {
+            continue;
+        }
+        let theirs = first.find_event("snapshot_created", |v| v["slot"].as_u64() == Some(slot));
+        for field in ["kind", "bank_hash", "content_root", "base_slot", "bytes"] {
+            assert_eq!(made[field], theirs[field], "{field} at slot {slot}");
+        }
+        kinds.insert(made["kind"].as_str().unwrap().to_string());
+    }
+}

@@ -50,7 +50,11 @@ pub struct Options {
     pub peers: Vec<Multiaddr>,
     /// Find peers on the LAN by mDNS.
     pub mdns: bool,
-    /// Execute this chain (and make snapshots); `None`: do not produce, sync instead.
+    /// Execute this chain (and make snapshots); `None`: do not produce, sync instead. A node
+    /// that executes a chain and is empty or behind it by the chain's clock (by more than
+    /// `behind_threshold` slots) syncs from its peers first, under its trust settings, then
+    /// executes on from the synced slot; it replays the chain from its own state only when it
+    /// is close to the tip or no peer offers a snapshot.
     pub chain: Option<Chain>,
     /// Stop producing at this slot.
     pub stop_at_slot: Option<u64>,
@@ -268,6 +272,16 @@ impl Producer {
         self.slot
     }
 
+    /// The state was replaced (by a sync): execution goes on from its slot.
+    pub fn reload(&mut self) {
+        self.slot = self.db.slot().ok().flatten().unwrap_or(0);
+    }
+
+    /// Whether the state is behind the chain's clock by more than `threshold` slots.
+    pub fn behind(&self, threshold: u64) -> bool {
+        self.chain.is_some() && self.chain_slot() > self.slot.saturating_add(threshold)
+    }
+
     /// The slot the chain is at now, by the clock.
     pub fn chain_slot(&self) -> u64 {
         match self.chain {
@@ -337,6 +351,10 @@ fn chat_gossipsub(keypair: &libp2p::identity::Keypair) -> gossipsub::Behaviour {
     g
 }
 
+/// Discovery rounds with nothing to take after which a node behind the chain replays it from
+/// its own state instead of waiting for a snapshot.
+const REPLAY_AFTER_ROUNDS: u32 = 3;
+
 /// Most slots executed per loop turn when catching up, so the node stays responsive.
 const CATCH_UP_BATCH: u64 = 64;
 
@@ -359,10 +377,15 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
         .with_range_for_snapshot(opts.range_for_snapshot)
         .with_full_interval(opts.full_interval)
         .with_retention(Retention::default());
+    // Every node syncs when behind; one that executes the chain knows the tip by its clock.
+    let clock = opts.chain.map(|c| {
+        snapsync::ChainClock::new(c.genesis_unix_ms, Duration::from_millis(c.slot_ms.max(1)))
+    });
     let discovery = snapsync::DiscoveryConfig::default()
         .with_discovery_interval(opts.discovery_interval)
         .with_behind_threshold(opts.behind_threshold)
-        .with_sync_enabled(opts.chain.is_none());
+        .with_chain_clock(clock)
+        .with_sync_enabled(true);
     let mut config = snapsync::Config::from_env(opts.data_dir.join("snapshots"))?
         .with_discovery(discovery)
         .with_trust(opts.trust.clone())
@@ -415,6 +438,16 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
     let (commands, mut commands_rx) = mpsc::channel::<Command>(64);
     let dial = opts.peers.clone();
     let producing = opts.chain.is_some();
+    // Behind the chain at start: sync first, execute after.
+    let mut syncing = producing && producer.behind(opts.behind_threshold);
+    let mut empty_rounds = 0u32;
+    if syncing {
+        tracing::info!(
+            slot = producer.slot(),
+            chain_slot = producer.chain_slot(),
+            "behind the chain: syncing from peers before executing"
+        );
+    }
     let slot_ms = opts.chain.map_or(1_000_000, |c| c.slot_ms.max(1));
     let task = tokio::spawn(async move {
         use libp2p::metrics::Recorder;
@@ -436,7 +469,7 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
                 }
             };
             let event = tokio::select! {
-                _ = slots.tick(), if producing && producer.slot() < producer.stop_at => {
+                _ = slots.tick(), if producing && !syncing && producer.slot() < producer.stop_at => {
                     let target = producer.chain_slot().max(1).min(producer.stop_at);
                     let mut last = None;
                     for _ in 0..CATCH_UP_BATCH {
@@ -494,7 +527,35 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
                             }
                             continue;
                         }
-                        SwarmEvent::Behaviour(NodeBehaviourEvent::Snapsync(e)) => NodeEvent::Snap(e),
+                        SwarmEvent::Behaviour(NodeBehaviourEvent::Snapsync(e)) => {
+                            if producing {
+                                match &e {
+                                    // A sync replaces the state: execution waits for it.
+                                    snapsync::Event::SnapshotFound { .. } => syncing = true,
+                                    snapsync::Event::SnapshotSynced { .. } => {
+                                        producer.reload();
+                                        syncing = false;
+                                        slots.reset_immediately();
+                                    }
+                                    // Nothing to sync from, round after round (or the sync
+                                    // failed): replay the chain from the node's own state.
+                                    snapsync::Event::NoSnapshotAvailable { .. } if syncing => {
+                                        empty_rounds += 1;
+                                        if empty_rounds >= REPLAY_AFTER_ROUNDS {
+                                            tracing::info!(rounds = empty_rounds, "no peer offers a snapshot: replaying the chain from the node's own state");
+                                            syncing = false;
+                                            slots.reset_immediately();
+                                        }
+                                    }
+                                    snapsync::Event::SyncFailed { .. } if syncing => {
+                                        syncing = false;
+                                        slots.reset_immediately();
+                                    }
+                                    _ => {}
+                                }
+                            }
+                            NodeEvent::Snap(e)
+                        }
                         SwarmEvent::Behaviour(NodeBehaviourEvent::Chat(gossipsub::Event::Message { message, .. })) => {
                             let Some(from) = message.source else { continue };
                             let text = String::from_utf8_lossy(&message.data).into_owned();

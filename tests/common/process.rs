@@ -71,8 +71,15 @@ impl Proc {
         }
     }
 
+    /// The next `name` event, within two minutes.
     pub fn wait_event(&self, name: &str) -> serde_json::Value {
+        let started = std::time::Instant::now();
         loop {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "no {name} event in two minutes; stderr:\n{}",
+                self.stderr.lock().unwrap()
+            );
             let v = self
                 .lines
                 .recv_timeout(Duration::from_secs(60))
