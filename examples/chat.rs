@@ -69,6 +69,13 @@ struct Args {
     /// Serve Prometheus metrics on this address (at /metrics).
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// A web source (repeatable): the base URL of a directory of published snapshots on a
+    /// static HTTP(S) server or bucket. What it lists counts as one untrusted peer's advert.
+    #[arg(long)]
+    web_source: Vec<String>,
+    /// Mirror this node's snapshots into this directory, for a static web server to serve.
+    #[arg(long)]
+    publish_dir: Option<PathBuf>,
 }
 
 fn phase_words(p: Phase) -> &'static str {
@@ -138,6 +145,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     opts.full_interval = args.full_interval;
     opts.discovery_interval = Duration::from_secs(10);
     opts.metrics = args.metrics;
+    opts.web_sources = args.web_source.clone();
+    opts.publish_dir = args.publish_dir.clone();
     if !args.trust_peer.is_empty() {
         opts.trust = TrustPolicy::TrustedPeers {
             peers: args.trust_peer.iter().copied().collect(),

@@ -95,6 +95,13 @@ struct Args {
     /// Serve Prometheus metrics on this address (at /metrics).
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// A web source (repeatable): the base URL of a directory of published snapshots on a
+    /// static HTTP(S) server or bucket. What it lists counts as one untrusted peer's advert.
+    #[arg(long)]
+    web_source: Vec<String>,
+    /// Mirror this node's snapshots into this directory, for a static web server to serve.
+    #[arg(long)]
+    publish_dir: Option<PathBuf>,
 }
 
 fn emit(value: serde_json::Value) {
@@ -163,6 +170,8 @@ async fn main() {
         }
     };
     opts.metrics = args.metrics;
+    opts.web_sources = args.web_source.clone();
+    opts.publish_dir = args.publish_dir.clone();
     let mut node = match node::start(opts).await {
         Ok(n) => n,
         Err(e) => fail(&format!("cannot start the node: {e}")),

@@ -4,6 +4,9 @@
 //! - (b) snapsync from 4 peers, each capped at 1/4 of (a)'s rate,
 //! - (c) a plain TCP copy (tokio, no TLS, no checks),
 //! - (d) a minimal quinn single-stream copy (default transport settings, no checks),
+//! - (e) snapsync from a web source alone: the snapshot published to a directory served by a
+//!   static HTTP server with Range support (nginx-style: it serves files, nothing else),
+//! - (f) snapsync from one peer and that web source at once,
 //!
 //! with MiB/s, client CPU seconds and client peak RSS for each, then the ratios. Servers and
 //! clients run as separate processes, so each client's CPU and memory are its own.
@@ -51,6 +54,74 @@ async fn serve_snapsync(store: &Path, count: usize, cap: Option<u64>) {
     }
     std::io::stdout().flush().unwrap();
     std::future::pending::<()>().await;
+}
+
+/// A static HTTP/1.1 file server over `root` with single-range `Range` support and keep-alive:
+/// what nginx does for a published directory, nothing more.
+async fn serve_web(root: &Path) {
+    let listener = tokio::net::TcpListener::bind(local()).await.unwrap();
+    println!("{{\"addr\":\"{}\"}}", listener.local_addr().unwrap());
+    std::io::stdout().flush().unwrap();
+    loop {
+        let (sock, _) = listener.accept().await.unwrap();
+        let root = root.to_path_buf();
+        tokio::spawn(async move {
+            let _ = serve_web_conn(sock, &root).await;
+        });
+    }
+}
+
+async fn serve_web_conn(sock: tokio::net::TcpStream, root: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    use tokio::io::AsyncBufReadExt;
+    let mut sock = tokio::io::BufReader::new(sock);
+    let mut buf = vec![0u8; 256 << 10];
+    let mut head = Vec::new();
+    loop {
+        head.clear();
+        while !head.ends_with(b"\r\n\r\n") {
+            if sock.read_until(b'\n', &mut head).await? == 0 {
+                return Ok(());
+            }
+        }
+        let text = String::from_utf8_lossy(&head).into_owned();
+        let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let range = text.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            let (a, b) = k
+                .eq_ignore_ascii_case("range")
+                .then_some(v.trim().strip_prefix("bytes=")?)?
+                .split_once('-')?;
+            Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?))
+        });
+        let Ok(file) = std::fs::File::open(root.join(path.trim_start_matches('/'))) else {
+            sock.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                .await?;
+            continue;
+        };
+        let size = file.metadata()?.len();
+        let (start, end, status, extra) = match range {
+            Some((a, b)) if a <= b && b < size => (
+                a,
+                b + 1,
+                "206 Partial Content",
+                format!("Content-Range: bytes {a}-{b}/{size}\r\n"),
+            ),
+            _ => (0, size, "200 OK", String::new()),
+        };
+        let header = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{extra}\r\n",
+            end - start
+        );
+        sock.write_all(header.as_bytes()).await?;
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], at)?;
+            sock.write_all(&buf[..n]).await?;
+            at += n as u64;
+        }
+    }
 }
 
 async fn serve_tcp(file: &Path) {
@@ -240,7 +311,12 @@ fn report(started: Instant, before: support::Usage, bytes: u64) {
     );
 }
 
-async fn get_snapsync(store: &Path, peers: Vec<PeerAddr>, manifest: &Manifest) {
+async fn get_snapsync(
+    store: &Path,
+    peers: Vec<PeerAddr>,
+    web: Option<String>,
+    manifest: &Manifest,
+) {
     let store = SnapshotStore::open(store).unwrap();
     let downloader = Downloader::new(
         Keypair::generate_ed25519(),
@@ -252,17 +328,23 @@ async fn get_snapsync(store: &Path, peers: Vec<PeerAddr>, manifest: &Manifest) {
     .unwrap();
     let before = usage();
     let started = Instant::now();
-    let got = downloader
-        .download(DownloadTarget::from_manifest(manifest), peers)
-        .await
-        .unwrap();
+    let handle = downloader.start(DownloadTarget::from_manifest(manifest), peers);
+    if let Some(url) = web {
+        handle.add_web_source(snapsync::transfer::WebSource::new(&url).unwrap());
+    }
+    let got = handle.wait().await.unwrap();
     report(started, before, manifest.archive_size);
     let served: Vec<String> = got
         .per_peer
         .iter()
         .map(|(_, b)| format!("{:.0}", mib(*b)))
+        .chain(
+            got.per_web
+                .iter()
+                .map(|(_, b)| format!("{:.0} (web)", mib(*b))),
+        )
         .collect();
-    eprintln!("    MiB per peer: {}", served.join(", "));
+    eprintln!("    MiB per source: {}", served.join(", "));
 }
 
 async fn get_tcp(addr: SocketAddr, out: &Path, size: u64) {
@@ -352,6 +434,7 @@ fn peers_arg(lines: &[String]) -> String {
 
 fn parse_peers(s: &str) -> Vec<PeerAddr> {
     s.split(',')
+        .filter(|p| !p.is_empty())
         .map(|p| {
             let (id, addr) = p.split_once('@').unwrap();
             PeerAddr {
@@ -393,13 +476,16 @@ fn main() {
                     println!("{{\"root\":\"{}\"}}", m.content_root);
                 }
                 "serve-tcp" => serve_tcp(&path("--file")).await,
+                "serve-web" => serve_web(&path("--dir")).await,
                 "serve-quinn" => serve_quinn(&path("--file"), arg("--tuned").is_some()).await,
                 "get-snapsync" => {
-                    let server = SnapshotStore::open(path("--server-store")).unwrap();
-                    let manifest = server.latest().unwrap().manifest().clone();
+                    // (The server process holds its store: its manifest file is read directly.)
+                    let bytes = std::fs::read(path("--manifest")).unwrap();
+                    let manifest = Manifest::decode(&bytes).unwrap();
                     get_snapsync(
                         &path("--store"),
-                        parse_peers(&arg("--peers").unwrap()),
+                        parse_peers(&arg("--peers").unwrap_or_default()),
+                        arg("--web"),
                         &manifest,
                     )
                     .await
@@ -434,8 +520,21 @@ fn main() {
     std::fs::create_dir_all(&server_store).unwrap();
     eprintln!("writing a {size_mib} MiB snapshot ...");
     let manifest = support::random_snapshot(&server_store, size_mib << 20);
+    // The store is opened once here, and closed before any server process opens it.
     let store = SnapshotStore::open(&server_store).unwrap();
-    let archive = store.latest().unwrap().archive_path();
+    let latest = store.latest().unwrap();
+    let archive = latest.archive_path();
+    let manifest_s = latest
+        .dir()
+        .join(snapsync::snapshot::MANIFEST_FILE)
+        .to_str()
+        .unwrap()
+        .to_string();
+    // The same snapshot published for a static web server.
+    let www = tmp.path().join("www");
+    snapsync::snapshot::publish(&latest, &www).unwrap();
+    drop(latest);
+    drop(store);
     let archive_s = archive.to_str().unwrap().to_string();
     let server_s = server_store.to_str().unwrap().to_string();
     let size_s = manifest.archive_size.to_string();
@@ -525,8 +624,8 @@ fn main() {
         owned(&[
             "--role",
             "get-snapsync",
-            "--server-store",
-            &server_s,
+            "--manifest",
+            &manifest_s,
             "--store",
             &client_s,
             "--peers",
@@ -564,6 +663,48 @@ fn main() {
         4,
         &get_snapsync,
     );
+    // The web source alone, and beside one peer.
+    let www_s = www.to_str().unwrap().to_string();
+    let web_alone = scenario(
+        "(e) snapsync, a web source alone",
+        &["--role", "serve-web", "--dir", &www_s],
+        1,
+        &|l| {
+            let url = format!("http://{}/", support::text(&l[0], "addr"));
+            owned(&[
+                "--role",
+                "get-snapsync",
+                "--manifest",
+                &manifest_s,
+                "--store",
+                &client_s,
+                "--web",
+                &url,
+            ])
+        },
+    );
+    let (mut web_child, web_lines) =
+        support::start_server(&["--role", "serve-web", "--dir", &www_s], 1);
+    let url = format!("http://{}/", support::text(&web_lines[0], "addr"));
+    let mixed = scenario(
+        "(f) snapsync, 1 peer and the web source",
+        &[
+            "--role",
+            "serve-snapsync",
+            "--store",
+            &server_s,
+            "--count",
+            "1",
+        ],
+        1,
+        &|l| {
+            let mut args = get_snapsync(l);
+            args.extend(["--web".to_string(), url.clone()]);
+            args
+        },
+    );
+    web_child.kill().unwrap();
+    web_child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&client_dir);
 
     let cap_sum_mibs = mib(cap) * 4.0;
@@ -578,6 +719,8 @@ fn main() {
         ("(c) plain TCP copy", &tcp),
         ("(d) quinn single stream copy", &quinn),
         ("(d') same, snapsync's QUIC tuning", &quinn_tuned),
+        ("(e) snapsync, web source alone", &web_alone),
+        ("(f) snapsync, 1 peer + web source", &mixed),
     ] {
         println!(
             "{:<36} {:>9.0} {:>9.2} {:>13.0}",
@@ -599,9 +742,17 @@ fn main() {
         "(a) / (d') = {:.2}x (what the checks and multi-peer machinery cost over equally tuned quinn)",
         field(&one, "mibs") / field(&quinn_tuned, "mibs")
     );
-    let peak = field(&one, "peak_rss_mib").max(field(&four, "peak_rss_mib"));
     println!(
-        "{{\"one_peer_mibs\":{:.1},\"four_peer_mibs\":{:.1},\"cap_sum_mibs\":{cap_sum_mibs:.1},\"tcp_mibs\":{:.1},\"quinn_mibs\":{:.1},\"quinn_tuned_mibs\":{:.1},\"peak_rss_mib\":{peak:.1},\"one_peer_cpu_s\":{:.2},\"four_peer_cpu_s\":{:.2},\"tcp_cpu_s\":{:.2},\"quinn_cpu_s\":{:.2},\"one_vs_quinn\":{a_vs_d:.3},\"four_vs_caps\":{b_vs_caps:.3},\"size_mib\":{size_mib}}}",
+        "(e) / (a) = {:.2}x, (f) / (a) = {:.2}x (a web source alone, and beside the peer)",
+        field(&web_alone, "mibs") / field(&one, "mibs"),
+        field(&mixed, "mibs") / field(&one, "mibs")
+    );
+    let peak = field(&one, "peak_rss_mib")
+        .max(field(&four, "peak_rss_mib"))
+        .max(field(&web_alone, "peak_rss_mib"))
+        .max(field(&mixed, "peak_rss_mib"));
+    println!(
+        "{{\"one_peer_mibs\":{:.1},\"four_peer_mibs\":{:.1},\"cap_sum_mibs\":{cap_sum_mibs:.1},\"tcp_mibs\":{:.1},\"quinn_mibs\":{:.1},\"quinn_tuned_mibs\":{:.1},\"peak_rss_mib\":{peak:.1},\"one_peer_cpu_s\":{:.2},\"four_peer_cpu_s\":{:.2},\"tcp_cpu_s\":{:.2},\"quinn_cpu_s\":{:.2},\"one_vs_quinn\":{a_vs_d:.3},\"four_vs_caps\":{b_vs_caps:.3},\"web_mibs\":{:.1},\"web_cpu_s\":{:.2},\"mixed_mibs\":{:.1},\"mixed_cpu_s\":{:.2},\"size_mib\":{size_mib}}}",
         field(&one, "mibs"),
         field(&four, "mibs"),
         field(&tcp, "mibs"),
@@ -611,6 +762,10 @@ fn main() {
         field(&four, "cpu"),
         field(&tcp, "cpu"),
         field(&quinn, "cpu"),
+        field(&web_alone, "mibs"),
+        field(&web_alone, "cpu"),
+        field(&mixed, "mibs"),
+        field(&mixed, "cpu"),
     );
     let _ = Duration::ZERO;
 }

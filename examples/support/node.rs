@@ -72,6 +72,10 @@ pub struct Options {
     pub trust: snapsync::TrustPolicy,
     /// Prometheus endpoint address.
     pub metrics: Option<SocketAddr>,
+    /// Base URLs of published snapshot directories on web servers.
+    pub web_sources: Vec<String>,
+    /// Mirror the node's snapshots into this directory, for a static web server.
+    pub publish_dir: Option<PathBuf>,
 }
 
 impl Options {
@@ -91,6 +95,8 @@ impl Options {
             behind_threshold: 100,
             trust: snapsync::TrustPolicy::default(),
             metrics: None,
+            web_sources: Vec::new(),
+            publish_dir: None,
         }
     }
 }
@@ -389,7 +395,9 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
     let mut config = snapsync::Config::from_env(opts.data_dir.join("snapshots"))?
         .with_discovery(discovery)
         .with_trust(opts.trust.clone())
-        .with_metrics(metrics);
+        .with_metrics(metrics)
+        .with_web_sources(opts.web_sources.clone())
+        .with_publish_dir(opts.publish_dir.clone());
     let options = config.creator().options();
     config = config
         .with_creator(creator.with_options(options))

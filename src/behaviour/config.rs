@@ -37,6 +37,8 @@ pub struct Config {
     download: DownloadConfig,
     load: LoadLimits,
     metrics: Metrics,
+    web_sources: Vec<String>,
+    publish_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -54,6 +56,8 @@ impl Config {
             download: DownloadConfig::default(),
             load: LoadLimits::default(),
             metrics: Metrics::default(),
+            web_sources: Vec::new(),
+            publish_dir: None,
         }
     }
 
@@ -261,6 +265,37 @@ impl Config {
     /// Where the node counts.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Sets the web sources (feature `web`): base URLs of directories of published snapshots
+    /// (see [`crate::snapshot::publish`]) on static HTTP(S) servers or object stores. What a
+    /// source's index lists counts as one untrusted peer's advert: the trust policy decides
+    /// whether it may be taken (a pinned snapshot or trusted peers make a web source safe to use
+    /// alone); once chosen, a web source serves chunks like a peer, each checked against the
+    /// content root.
+    #[cfg(feature = "web")]
+    pub fn with_web_sources(mut self, urls: Vec<String>) -> Self {
+        self.web_sources = urls;
+        self
+    }
+
+    /// The web sources' base URLs.
+    pub fn web_sources(&self) -> &[String] {
+        &self.web_sources
+    }
+
+    /// Sets a directory that mirrors the node's snapshots for a static web server or an object
+    /// store (default none): after each snapshot made or synced, the directory holds exactly
+    /// the snapshots the store retains, in the store's layout, with an index (see
+    /// [`crate::snapshot::publish`]).
+    pub fn with_publish_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.publish_dir = dir;
+        self
+    }
+
+    /// The directory the snapshots are mirrored to, if any.
+    pub fn publish_dir(&self) -> Option<&Path> {
+        self.publish_dir.as_deref()
     }
 
     /// The gossip topic of this network.

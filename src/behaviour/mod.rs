@@ -12,6 +12,8 @@ mod direct;
 mod event;
 mod protocols;
 mod sync_job;
+#[cfg(feature = "web")]
+mod web;
 
 pub use config::Config;
 pub use event::{BehaviourError, DialFailure, DiscoveryStats, Event, Phase, Status, SyncError};
@@ -36,7 +38,7 @@ use libp2p::{PeerId, gossipsub, request_response};
 use lru::LruCache;
 
 use self::protocols::{Protocols, ProtocolsEvent};
-use self::sync_job::{JobEvent, SyncJob};
+use self::sync_job::{JobEvent, JobSource, SyncJob};
 use crate::db::StateDb;
 use crate::discovery::{Action, Discovery, Local, Plan, Stage, SyncOutcome, Verdict};
 use crate::log::DISCOVERY as TARGET;
@@ -120,6 +122,11 @@ pub struct Behaviour {
     /// The IP each connected peer is reached on, to pick its chunk-stream address.
     peer_ips: LruCache<PeerId, IpAddr>,
     chain_tip: Option<u64>,
+    /// The web sources, each standing as an identity of its own.
+    #[cfg(feature = "web")]
+    web: web::WebSources,
+    /// Mirroring the store into the publish directory: one at a time.
+    publishing: Arc<std::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Behaviour {
@@ -181,7 +188,15 @@ impl Behaviour {
             trust = %config.trust().describe(),
             "snapsync started"
         );
+        #[cfg(feature = "web")]
+        let web = web::WebSources::new(config.web_sources(), config.download().connect_timeout())
+            .map_err(|e| {
+            crate::config_error::ConfigError::new("web_sources", "http(s) URLs", e.to_string())
+        })?;
         let mut b = Self {
+            #[cfg(feature = "web")]
+            web,
+            publishing: Arc::new(std::sync::Mutex::new(())),
             protocols,
             metrics,
             topic,
@@ -373,6 +388,21 @@ impl Behaviour {
             chunk_size: Some(self.config.creator().options().chunk_size()),
         });
         self.refresh_partials();
+        self.mirror();
+    }
+
+    /// Mirrors the store into the publish directory, if one is set, in the background.
+    fn mirror(&self) {
+        let Some(dir) = self.config.publish_dir().map(|d| d.to_path_buf()) else {
+            return;
+        };
+        let (store, lock) = (self.store.clone(), self.publishing.clone());
+        tokio::task::spawn_blocking(move || {
+            let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = crate::snapshot::mirror(&store, &dir) {
+                tracing::warn!(target: TARGET, dir = %dir.display(), error = %e, "could not publish the snapshots");
+            }
+        });
     }
 
     /// What this node serves of the snapshots it downloads.
@@ -421,6 +451,11 @@ impl Behaviour {
     fn carry_out(&mut self, action: Action) {
         match action {
             Action::Publish { kind, bytes } => {
+                // When the node asks its peers, it reads its web sources' indexes too.
+                #[cfg(feature = "web")]
+                if kind == crate::discovery::Published::Request {
+                    self.web.ask_all();
+                }
                 let delivered = match self.protocols.gossipsub.publish(self.topic.clone(), bytes) {
                     Ok(_) => true,
                     // Normal at start: the first peer to join gets the request.
@@ -462,10 +497,17 @@ impl Behaviour {
                 addrs,
                 partial,
             } => {
+                #[cfg(feature = "web")]
+                if let Some(source) = self.web.get(&peer) {
+                    if let Some(job) = &mut self.job {
+                        job.add_peer(&key, JobSource::Web(source), false);
+                    }
+                    return;
+                }
                 if let Some(addr) = peer_addr(&mut self.peer_ips, peer, &addrs)
                     && let Some(job) = &mut self.job
                 {
-                    job.add_peer(&key, addr, partial);
+                    job.add_peer(&key, JobSource::Peer(addr), partial);
                 }
             }
             Action::DeleteSnapshot(root) => {
@@ -489,7 +531,15 @@ impl Behaviour {
         self.stopping = None;
         self.metrics.syncs_started.inc();
         let ips = &mut self.peer_ips;
-        let mut peers = |peer: PeerId, addrs: &[SocketAddr]| peer_addr(ips, peer, addrs);
+        #[cfg(feature = "web")]
+        let web = &self.web;
+        let mut peers = |peer: PeerId, addrs: &[SocketAddr]| {
+            #[cfg(feature = "web")]
+            if let Some(source) = web.get(&peer) {
+                return Some(JobSource::Web(source));
+            }
+            peer_addr(ips, peer, addrs).map(JobSource::Peer)
+        };
         let job = SyncJob::start(
             &plan,
             &self.downloader,
@@ -684,6 +734,18 @@ impl Behaviour {
         }
     }
 
+    /// A web source's index was read: its listing goes to discovery as that source's advert.
+    fn poll_web(&mut self, _cx: &mut Context<'_>) -> bool {
+        #[cfg(feature = "web")]
+        if let Poll::Ready(advert) = self.web.poll(_cx) {
+            if let Some(advert) = advert {
+                self.discovery.handle_web_advert(advert, Instant::now());
+            }
+            return true;
+        }
+        false
+    }
+
     /// A snapshot being made ended.
     fn poll_creating(&mut self, cx: &mut Context<'_>) -> bool {
         for i in 0..self.creating.len() {
@@ -866,6 +928,7 @@ impl NetworkBehaviour for Behaviour {
                 continue;
             }
             if self.poll_stopping(cx)
+                | self.poll_web(cx)
                 | self.poll_creating(cx)
                 | self.poll_timer(cx)
                 | self.carry_out_actions()

@@ -80,6 +80,14 @@ pub(crate) struct Failed {
     pub(crate) outcome: SyncFailure,
 }
 
+/// Where a download of the job fetches from: a peer's chunk stream, or a web source.
+#[derive(Debug, Clone)]
+pub(crate) enum JobSource {
+    Peer(PeerAddr),
+    #[cfg(feature = "web")]
+    Web(crate::transfer::WebSource),
+}
+
 /// One download of the job.
 struct Leg {
     kind: LegKind,
@@ -98,22 +106,34 @@ impl Leg {
         kind: LegKind,
         target: &Target,
         downloader: &Downloader,
-        addr_of: &mut dyn FnMut(PeerId, &[SocketAddr]) -> Option<PeerAddr>,
+        addr_of: &mut dyn FnMut(PeerId, &[SocketAddr]) -> Option<JobSource>,
     ) -> Self {
-        let peers: Vec<PeerAddr> = target
-            .peers
-            .iter()
-            .filter_map(|(p, addrs)| addr_of(*p, addrs))
-            .collect();
+        let mut peers: Vec<PeerAddr> = Vec::new();
+        #[cfg(feature = "web")]
+        let mut web = Vec::new();
+        for (p, addrs) in &target.peers {
+            match addr_of(*p, addrs) {
+                Some(JobSource::Peer(a)) => peers.push(a),
+                #[cfg(feature = "web")]
+                Some(JobSource::Web(w)) => web.push((*p, w)),
+                None => {}
+            }
+        }
         let handle = downloader.start(
             DownloadTarget::of(&target.ad, target.counts_vouched),
             peers.clone(),
         );
         let progress = handle.progress_stream();
         let mut ids: Vec<PeerId> = peers.iter().map(|p| p.peer_id).collect();
+        #[cfg(feature = "web")]
+        for (p, w) in web {
+            if handle.add_web_source(w) {
+                ids.push(p);
+            }
+        }
         // Peers downloading it too, as sources of what they verified.
         for (p, addrs) in &target.partial_peers {
-            if let Some(addr) = addr_of(*p, addrs)
+            if let Some(JobSource::Peer(addr)) = addr_of(*p, addrs)
                 && handle.add_partial_peer(addr)
             {
                 ids.push(*p);
@@ -187,7 +207,7 @@ impl SyncJob {
         db: Arc<dyn StateDb>,
         store: SnapshotStore,
         limits: LoadLimits,
-        addr_of: &mut dyn FnMut(PeerId, &[SocketAddr]) -> Option<PeerAddr>,
+        addr_of: &mut dyn FnMut(PeerId, &[SocketAddr]) -> Option<JobSource>,
     ) -> Self {
         let mut legs = Vec::new();
         if let Some(t) = &plan.full {
@@ -226,15 +246,25 @@ impl SyncJob {
 
     /// Adds a peer that advertises one of the job's snapshots (`partial`: one that downloads
     /// it too and serves what it verified).
-    pub(crate) fn add_peer(&mut self, key: &SnapshotKey, peer: PeerAddr, partial: bool) {
-        if let Some(leg) = self.legs.iter_mut().find(|l| l.key == *key)
-            && leg.done.is_none()
-            && leg.peers.insert(peer.peer_id)
-        {
-            if partial {
-                leg.handle.add_partial_peer(peer);
-            } else {
-                leg.handle.add_peer(peer);
+    pub(crate) fn add_peer(&mut self, key: &SnapshotKey, source: JobSource, partial: bool) {
+        let Some(leg) = self.legs.iter_mut().find(|l| l.key == *key) else {
+            return;
+        };
+        if leg.done.is_some() {
+            return;
+        }
+        match source {
+            JobSource::Peer(peer) if leg.peers.insert(peer.peer_id) => {
+                if partial {
+                    leg.handle.add_partial_peer(peer);
+                } else {
+                    leg.handle.add_peer(peer);
+                }
+            }
+            JobSource::Peer(_) => {}
+            #[cfg(feature = "web")]
+            JobSource::Web(w) => {
+                leg.handle.add_web_source(w);
             }
         }
     }

@@ -21,6 +21,8 @@ pub(crate) use builder::TreeWriter;
 pub use builder::{TreeBuilder, write_outboard};
 pub(crate) use size::{ChunkSize, ChunkSizeError};
 pub use source::ChunkSource;
+#[cfg(feature = "web")]
+pub(crate) use tree::Part;
 pub use tree::{ChunkTree, RangeDecoder};
 pub(crate) use verified::VerifiedChunks;
 

@@ -5,10 +5,10 @@ use std::io;
 use std::ops::Range;
 use std::path::Path;
 
-use bao_tree::io::sync::{ReadAt, truncate_ranges};
-use bao_tree::iter::{BaoChunk, ResponseIterRef};
+use bao_tree::io::sync::ReadAt;
 use positioned_io::RandomAccessFile;
 
+use super::tree::Part;
 use super::{ChunkError, ChunkTree};
 
 /// An archive and its outboard, opened for serving verifiable chunks.
@@ -53,27 +53,16 @@ impl ChunkSource {
     /// `out`, reading the data and the nodes straight into it. Blocking file I/O. The bytes are
     /// not checked here: the downloader checks every one of them.
     pub fn encode(&self, range: Range<u64>, out: &mut Vec<u8>) -> Result<(), ChunkError> {
-        self.tree.check_range(&range)?;
-        let tree = self.tree.bao();
-        let ranges = self.tree.bao_ranges(&range);
-        let ranges = truncate_ranges(&ranges, self.tree.size());
-        for item in ResponseIterRef::new(tree, ranges) {
+        for part in self.tree.encoding(range)? {
             let start = out.len();
-            match item {
-                BaoChunk::Parent { node, .. } => {
-                    let offset = tree.post_order_offset(node).ok_or_else(|| {
-                        io::Error::new(io::ErrorKind::InvalidData, "outboard lacks a tree node")
-                    })?;
+            match part {
+                Part::Node { offset } => {
                     out.resize(start + 64, 0);
-                    self.outboard
-                        .read_exact_at(offset.value() * 64, &mut out[start..])?;
+                    self.outboard.read_exact_at(offset, &mut out[start..])?;
                 }
-                BaoChunk::Leaf {
-                    start_chunk, size, ..
-                } => {
-                    out.resize(start + size, 0);
-                    self.archive
-                        .read_exact_at(start_chunk.to_bytes(), &mut out[start..])?;
+                Part::Data { offset, len } => {
+                    out.resize(start + len, 0);
+                    self.archive.read_exact_at(offset, &mut out[start..])?;
                 }
             }
         }

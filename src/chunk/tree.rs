@@ -133,6 +133,34 @@ impl ChunkTree {
         decoder.finish()
     }
 
+    /// What the encoding of chunks `range` is made of, in order: tree nodes (64 bytes at an
+    /// offset of the outboard) and pieces of data (at an offset of the archive).
+    pub(crate) fn encoding(&self, range: Range<u64>) -> Result<Vec<Part>, ChunkError> {
+        self.check_range(&range)?;
+        let tree = self.bao();
+        let ranges = self.bao_ranges(&range);
+        let ranges = truncate_ranges(&ranges, self.size);
+        ResponseIterRef::new(tree, ranges)
+            .map(|item| match item {
+                BaoChunk::Parent { node, .. } => tree
+                    .post_order_offset(node)
+                    .map(|o| Part::Node {
+                        offset: o.value() * 64,
+                    })
+                    .ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidData, "a tree node without a place")
+                            .into()
+                    }),
+                BaoChunk::Leaf {
+                    start_chunk, size, ..
+                } => Ok(Part::Data {
+                    offset: start_chunk.to_bytes(),
+                    len: size,
+                }),
+            })
+            .collect()
+    }
+
     /// A decoder that checks an encoded range of chunks as it arrives, in pieces of any size,
     /// holding at most one chunk in memory.
     pub fn range_decoder(&self, range: Range<u64>) -> Result<RangeDecoder, ChunkError> {
@@ -150,6 +178,15 @@ impl ChunkTree {
             pending: Vec::new(),
         })
     }
+}
+
+/// One part of an encoded chunk range (see [`ChunkTree::encoding`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Part {
+    /// A tree node: 64 bytes at this offset of the outboard.
+    Node { offset: u64 },
+    /// Data: `len` bytes at this offset of the archive.
+    Data { offset: u64, len: usize },
 }
 
 /// Checks an encoded range of chunks against the content root as its bytes arrive (see

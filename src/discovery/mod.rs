@@ -616,6 +616,16 @@ impl Discovery {
         }
     }
 
+    /// A web source's index, read as the advert of the identity it stands as: recorded like an
+    /// untrusted peer's announcement (it vouches for nothing more).
+    #[cfg_attr(not(feature = "web"), allow(dead_code))]
+    pub(crate) fn handle_web_advert(&mut self, advert: Advert, now: Instant) {
+        if self.ignores(&advert.peer, now) {
+            return;
+        }
+        self.on_advert(advert, Standing::Announced, now);
+    }
+
     /// An announcement: recorded (within what its relay may bring in), and forwarded only when
     /// someone besides its one stranger vouches for its snapshot.
     fn on_announcement(&mut self, a: Advert, relay: PeerId, now: Instant) -> Verdict {

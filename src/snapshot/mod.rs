@@ -1,11 +1,13 @@
 //! Snapshots on a node's own disk: the archive format and its [`Manifest`], the
 //! [`SnapshotStore`] directory, creating ([`create_snapshot`], [`create_incremental`],
-//! [`Creator`]) and loading ([`load_snapshot`], [`load_chain`]).
+//! [`Creator`]), loading ([`load_snapshot`], [`load_chain`]) and publishing for static web
+//! servers ([`publish`], [`mirror`]).
 
 pub(crate) mod archive;
 mod create;
 mod load;
 pub(crate) mod manifest;
+pub(crate) mod publish;
 mod store;
 
 pub(crate) use archive::SnapshotKind;
@@ -21,6 +23,7 @@ pub use load::{
 pub(crate) use load::{Loaded, load_chain_legs};
 pub(crate) use manifest::{Base, SnapshotKey};
 pub use manifest::{FORMAT_VERSION, MAX_MANIFEST_BYTES, Manifest, ManifestError};
+pub use publish::{INDEX_FILE, INDEX_FORMAT, PublishError, mirror, publish, write_index};
 pub use store::{
     ARCHIVE_FILE, MANIFEST_FILE, OUTBOARD_FILE, Retention, ServingPin, Snapshot, SnapshotStore,
     StoreError,

@@ -13,10 +13,14 @@ mod protocol;
 mod rate;
 mod streamer;
 mod tls;
+#[cfg(feature = "web")]
+mod web;
+#[cfg(feature = "web")]
+pub use web::{MAX_INDEX_BYTES, MAX_INDEX_SNAPSHOTS, WebError, WebListing, WebSource};
 
 pub use download::{
     DownloadConfig, DownloadError, DownloadHandle, DownloadTarget, Downloaded, Downloader,
-    PeerProgress, PeerStatus, Progress,
+    PeerProgress, PeerStatus, Progress, WebProgress,
 };
 
 #[cfg(any(fuzzing, test))]

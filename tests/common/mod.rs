@@ -150,6 +150,7 @@ pub mod chain;
 pub mod net;
 pub mod process;
 pub mod relay;
+pub mod web;
 pub mod wire;
 
 use std::sync::Arc;

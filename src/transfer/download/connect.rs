@@ -40,6 +40,10 @@ pub(super) enum ConnectError {
     Manifest(String),
     #[error("{0}")]
     Endpoint(#[from] EndpointError),
+    /// A web source's index or manifest could not be read.
+    #[cfg(feature = "web")]
+    #[error("{0}")]
+    Web(#[from] crate::transfer::web::WebError),
 }
 
 impl ConnectError {
@@ -55,6 +59,10 @@ impl ConnectError {
             | ConnectError::Unknown(_)
             | ConnectError::Status(_) => Failure::Fatal,
             ConnectError::Connection(quinn::ConnectionError::TransportError(_)) => Failure::Fatal,
+            #[cfg(feature = "web")]
+            ConnectError::Web(e) if e.is_transient() => Failure::Transient,
+            #[cfg(feature = "web")]
+            ConnectError::Web(_) => Failure::Fatal,
             _ => Failure::Transient,
         }
     }

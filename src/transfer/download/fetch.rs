@@ -38,6 +38,10 @@ pub(super) enum FetchError {
     Stalled(Duration),
     #[error("{0}")]
     Closed(#[from] quinn::ClosedStream),
+    /// A web source's answer was not what was asked for.
+    #[cfg(feature = "web")]
+    #[error("{0}")]
+    Web(crate::transfer::web::WebError),
 }
 
 /// A refusal, with what it means for the peer: busy or not holding the range yet are no
@@ -181,28 +185,7 @@ pub(super) async fn fetch(
             header.encoded_len
         )));
     }
-    // Which file a local write failed on (the decoder's error does not say).
-    let write_error = std::sync::Mutex::new(None);
-    let failed = |file: &'static str, e: &std::io::Error| {
-        if let Ok(mut slot) = write_error.lock() {
-            *slot = Some((file, std::io::Error::new(e.kind(), e.to_string())));
-        }
-    };
-    let chunk_bytes = u64::from(tree.chunk_size().bytes());
-    let mut to_archive = |offset: u64, data: &[u8]| {
-        sink.archive
-            .write_all_at(data, offset)
-            .inspect_err(|e| failed(PART_FILE, e))?;
-        // A whole chunk, checked (its proof nodes came before it).
-        let end = (offset + data.len() as u64).div_ceil(chunk_bytes);
-        written.fetch_max(end, Ordering::Release);
-        Ok(())
-    };
-    let mut to_outboard = |offset: u64, pair: &[u8]| {
-        sink.outboard
-            .write_all_at(pair, offset)
-            .inspect_err(|e| failed(OUTBOARD_FILE, e))
-    };
+    let landing = Landing::new(sink, tree, written);
     let mut decoder = tree
         .range_decoder(chunks.clone())
         .map_err(|e| FetchError::Protocol(e.to_string()))?;
@@ -216,7 +199,7 @@ pub(super) async fn fetch(
             Err(_) => return Err(FetchError::Stalled(stall)),
             Ok(Ok(Some(piece))) => {
                 received += piece.bytes.len() as u64;
-                if let Err(e) = decoder.feed(&piece.bytes, &mut to_archive, &mut to_outboard) {
+                if let Err(e) = landing.feed(&mut decoder, &piece.bytes) {
                     break Err(e);
                 }
             }
@@ -225,19 +208,78 @@ pub(super) async fn fetch(
             Ok(Err(e)) => return Err(e.into()),
         }
     };
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) if e.is_corrupt_data() => Err(FetchError::Corrupt(e)),
-        Err(e) => {
-            let (file, error) = write_error
-                .into_inner()
-                .ok()
-                .flatten()
-                .unwrap_or((PART_FILE, std::io::Error::other(e.to_string())));
-            Err(FetchError::Local(StoreError::at(
-                &sink.dir.join(file),
-                error,
-            )))
+    landing.finish(result)
+}
+
+/// Where a request's checked bytes land: each chunk at its offset of the archive, each proof
+/// node at its offset of the outboard, and how far the chunks written reach.
+pub(super) struct Landing<'a> {
+    sink: &'a Sink,
+    written: &'a AtomicU64,
+    chunk_bytes: u64,
+    /// Which file a local write failed on (the decoder's error does not say).
+    write_error: std::sync::Mutex<Option<(&'static str, std::io::Error)>>,
+}
+
+impl<'a> Landing<'a> {
+    pub(super) fn new(sink: &'a Sink, tree: ChunkTree, written: &'a AtomicU64) -> Self {
+        Self {
+            sink,
+            written,
+            chunk_bytes: u64::from(tree.chunk_size().bytes()),
+            write_error: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn failed(&self, file: &'static str, e: &std::io::Error) {
+        if let Ok(mut slot) = self.write_error.lock() {
+            *slot = Some((file, std::io::Error::new(e.kind(), e.to_string())));
+        }
+    }
+
+    /// Feeds `bytes` of the encoding to `decoder`, landing what it checks.
+    pub(super) fn feed(
+        &self,
+        decoder: &mut crate::chunk::RangeDecoder,
+        bytes: &[u8],
+    ) -> Result<(), ChunkError> {
+        let mut to_archive = |offset: u64, data: &[u8]| {
+            self.sink
+                .archive
+                .write_all_at(data, offset)
+                .inspect_err(|e| self.failed(PART_FILE, e))?;
+            // A whole chunk, checked (its proof nodes came before it).
+            let end = (offset + data.len() as u64).div_ceil(self.chunk_bytes);
+            self.written.fetch_max(end, Ordering::Release);
+            Ok(())
+        };
+        let mut to_outboard = |offset: u64, pair: &[u8]| {
+            self.sink
+                .outboard
+                .write_all_at(pair, offset)
+                .inspect_err(|e| self.failed(OUTBOARD_FILE, e))
+        };
+        decoder.feed(bytes, &mut to_archive, &mut to_outboard)
+    }
+
+    /// What the decoding's end means: done, bad data from the source, or a local write that
+    /// failed (named with its file).
+    pub(super) fn finish(self, result: Result<(), ChunkError>) -> Result<(), FetchError> {
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_corrupt_data() => Err(FetchError::Corrupt(e)),
+            Err(e) => {
+                let (file, error) = self
+                    .write_error
+                    .into_inner()
+                    .ok()
+                    .flatten()
+                    .unwrap_or((PART_FILE, std::io::Error::other(e.to_string())));
+                Err(FetchError::Local(StoreError::at(
+                    &self.sink.dir.join(file),
+                    error,
+                )))
+            }
         }
     }
 }

@@ -19,6 +19,8 @@ mod run;
 mod scheduler;
 #[cfg(any(test, feature = "sim"))]
 pub mod swarm;
+#[cfg(feature = "web")]
+mod web;
 
 #[cfg(test)]
 pub(crate) use bits::Bits;
@@ -167,6 +169,21 @@ pub struct PeerProgress {
     pub partial: bool,
 }
 
+/// One web source's part in a download.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebProgress {
+    /// Its base URL.
+    pub url: String,
+    /// Verified data bytes it delivered.
+    pub bytes: u64,
+    /// Its delivery rate, bytes per second.
+    pub rate: f64,
+    /// Requests in flight to it.
+    pub inflight: usize,
+    /// How it stands.
+    pub status: PeerStatus,
+}
+
 /// A progress update of a download.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Progress {
@@ -186,6 +203,8 @@ pub struct Progress {
     pub eta: Option<Duration>,
     /// Every peer's part.
     pub peers: Vec<PeerProgress>,
+    /// Every web source's part (feature `web`).
+    pub web: Vec<WebProgress>,
     /// Whether the download has finished (successfully or not).
     pub finished: bool,
 }
@@ -205,6 +224,8 @@ pub struct Downloaded {
     pub elapsed: Duration,
     /// Verified bytes each peer delivered.
     pub per_peer: Vec<(PeerId, u64)>,
+    /// Verified bytes each web source delivered, by base URL.
+    pub per_web: Vec<(String, u64)>,
 }
 
 /// A download failed.
@@ -309,7 +330,7 @@ impl Drop for DownloadContext {
 #[derive(Debug)]
 pub struct DownloadHandle {
     progress: watch::Receiver<Progress>,
-    manifest: watch::Receiver<Option<(Manifest, PeerId)>>,
+    manifest: watch::Receiver<Option<(Manifest, Option<PeerId>)>>,
     peers: mpsc::Sender<run::NewPeer>,
     cancel: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<Downloaded, DownloadError>>,
@@ -343,15 +364,27 @@ impl DownloadHandle {
         self.manifest.borrow().as_ref().map(|(m, _)| m.clone())
     }
 
-    /// The peer whose manifest the download took.
+    /// The peer whose manifest the download took (`None` before, or from a web source).
     pub fn manifest_from(&self) -> Option<PeerId> {
-        self.manifest.borrow().as_ref().map(|(_, p)| *p)
+        self.manifest.borrow().as_ref().and_then(|(_, p)| *p)
     }
 
     /// Adds a peer to the download (one that advertised the same snapshot later). Ignored
     /// beyond the download's peer limit.
     pub fn add_peer(&self, peer: PeerAddr) -> bool {
-        self.peers.try_send((peer, false)).is_ok()
+        self.peers
+            .try_send((run::Origin::Peer(peer), false))
+            .is_ok()
+    }
+
+    /// Adds a web source: a directory of published snapshots on an HTTP(S) server (feature
+    /// `web`). It serves like a peer that holds the snapshot, its every chunk checked against
+    /// the content root. Ignored beyond the download's peer limit.
+    #[cfg(feature = "web")]
+    pub fn add_web_source(&self, source: crate::transfer::web::WebSource) -> bool {
+        self.peers
+            .try_send((run::Origin::Web(Arc::new(source)), false))
+            .is_ok()
     }
 
     /// Adds a peer that downloads the same snapshot and serves the chunks it has verified (a
@@ -359,7 +392,7 @@ impl DownloadHandle {
     /// (see [`DownloadConfig::with_have_interval`]). It vouches for nothing: every chunk is
     /// checked against the content root like any other. Ignored beyond the download's limits.
     pub fn add_partial_peer(&self, peer: PeerAddr) -> bool {
-        self.peers.try_send((peer, true)).is_ok()
+        self.peers.try_send((run::Origin::Peer(peer), true)).is_ok()
     }
 
     /// The archive as it arrives: a loader reading it gets only verified bytes, waiting for

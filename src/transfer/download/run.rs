@@ -18,6 +18,7 @@ use super::picker::Have;
 use super::scheduler::{Command, Failure, PeerFate, PeerIdx, ReqId, Scheduler, Stuck};
 use super::{
     DownloadContext, DownloadError, DownloadTarget, Downloaded, PeerProgress, PeerStatus, Progress,
+    WebProgress,
 };
 use crate::chunk::{ChunkSource, ChunkTree, VerifiedChunks};
 use crate::disk::Writeback;
@@ -27,6 +28,15 @@ use crate::snapshot::{
 use crate::transfer::protocol::close;
 use crate::transfer::rate::Ewma;
 use crate::transfer::{DOWNLOAD_TARGET, PeerAddr};
+
+/// How a source stands, for progress reports.
+fn status(fate: PeerFate) -> PeerStatus {
+    match fate {
+        PeerFate::Alive => PeerStatus::Active,
+        PeerFate::Banned => PeerStatus::Banned,
+        PeerFate::Dropped => PeerStatus::Dropped,
+    }
+}
 
 /// EWMA weight of a new sample of the download's overall rate.
 const RATE_ALPHA: f64 = 0.3;
@@ -56,26 +66,76 @@ enum Report {
         peer: PeerIdx,
         result: Result<Have, FetchError>,
     },
+    /// A web source lists the snapshot in `path`, with this manifest.
+    #[cfg(feature = "web")]
+    WebConnected {
+        peer: PeerIdx,
+        path: String,
+        manifest: Box<Manifest>,
+    },
     Reserved(Result<(), DownloadError>),
+}
+
+/// Where a source of a download is: a peer's chunk stream, or a web server.
+#[derive(Debug, Clone)]
+pub(super) enum Origin {
+    Peer(PeerAddr),
+    #[cfg(feature = "web")]
+    Web(Arc<crate::transfer::web::WebSource>),
+}
+
+impl Origin {
+    /// The peer, for a peer.
+    fn peer_id(&self) -> Option<libp2p::PeerId> {
+        match self {
+            Origin::Peer(a) => Some(a.peer_id),
+            #[cfg(feature = "web")]
+            Origin::Web(_) => None,
+        }
+    }
+
+    /// Whether both are the same source.
+    fn same(&self, other: &Origin) -> bool {
+        match (self, other) {
+            (Origin::Peer(a), Origin::Peer(b)) => a.peer_id == b.peer_id,
+            #[cfg(feature = "web")]
+            (Origin::Web(a), Origin::Web(b)) => a.base() == b.base(),
+            #[cfg(feature = "web")]
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Peer(a) => write!(f, "{} at {}", a.peer_id, a.addr),
+            #[cfg(feature = "web")]
+            Origin::Web(w) => write!(f, "{w}"),
+        }
+    }
 }
 
 /// One source of a download: where it is, its connection, and what went wrong last.
 struct Source {
-    addr: PeerAddr,
+    origin: Origin,
     /// It downloads the snapshot too (it holds part of it).
     partial: bool,
     conn: Option<quinn::Connection>,
+    /// A web source: the snapshot's directory there (once found), and the proof nodes read.
+    #[cfg(feature = "web")]
+    web: Option<(String, Arc<super::web::NodeCache>)>,
     last_error: Option<String>,
     unauthorized: bool,
 }
 
-/// A peer to take on: where it is, and whether it holds part of the snapshot only.
-pub(super) type NewPeer = (PeerAddr, bool);
+/// A source to take on: where it is, and whether it holds part of the snapshot only.
+pub(super) type NewPeer = (Origin, bool);
 
 /// Where a download talks back to its handle.
 pub(super) struct Channels {
     pub(super) progress: watch::Sender<Progress>,
-    pub(super) manifest: watch::Sender<Option<(Manifest, libp2p::PeerId)>>,
+    pub(super) manifest: watch::Sender<Option<(Manifest, Option<libp2p::PeerId>)>>,
     pub(super) watermark: Arc<Watermark>,
     pub(super) new_peers: mpsc::Receiver<NewPeer>,
     pub(super) cancel: oneshot::Receiver<()>,
@@ -90,7 +150,7 @@ pub(super) async fn run(
 ) -> Result<Downloaded, DownloadError> {
     let mut run = Run::open(ctx, target, &channels).await?;
     for p in peers {
-        run.add_peer(p, false);
+        run.add_peer(Origin::Peer(p), false);
     }
     tracing::info!(
         target: DOWNLOAD_TARGET,
@@ -136,7 +196,7 @@ struct Run {
     reports_tx: mpsc::Sender<Report>,
     reports_rx: mpsc::Receiver<Report>,
     progress_tx: watch::Sender<Progress>,
-    manifest_tx: watch::Sender<Option<(Manifest, libp2p::PeerId)>>,
+    manifest_tx: watch::Sender<Option<(Manifest, Option<libp2p::PeerId>)>>,
     watermark: Arc<Watermark>,
     started: Instant,
     resumed_bytes: u64,
@@ -281,9 +341,10 @@ impl Run {
     /// quarters of the active places, and a complete holder is taken on beyond the limit while
     /// fewer than a quarter of the active peers are complete: a crowd of downloaders cannot
     /// crowd out the peers that hold the whole snapshot.
-    fn add_peer(&mut self, addr: PeerAddr, partial: bool) {
-        let known = |a: &PeerAddr| a.peer_id == addr.peer_id;
-        if self.sources.iter().any(|p| known(&p.addr)) || self.spares.iter().any(|(a, _)| known(a))
+    fn add_peer(&mut self, addr: Origin, partial: bool) {
+        let known = |a: &Origin| a.same(&addr);
+        if self.sources.iter().any(|p| known(&p.origin))
+            || self.spares.iter().any(|(a, _)| known(a))
         {
             return;
         }
@@ -292,7 +353,7 @@ impl Run {
         } else if self.spares.len() < 3 * self.ctx.config.max_peers {
             self.spares.push_back((addr, partial));
         } else {
-            tracing::debug!(target: DOWNLOAD_TARGET, peer = %addr.peer_id, "peer limit of the download reached; not adding");
+            tracing::debug!(target: DOWNLOAD_TARGET, source = %addr, "peer limit of the download reached; not adding");
         }
     }
 
@@ -321,12 +382,12 @@ impl Run {
             .position(|(_, partial)| self.has_room(*partial))
         {
             let (addr, partial) = self.spares.remove(i).expect("a spare at i");
-            tracing::debug!(target: DOWNLOAD_TARGET, peer = %addr.peer_id, partial, "taking on a spare peer");
+            tracing::debug!(target: DOWNLOAD_TARGET, source = %addr, partial, "taking on a spare peer");
             self.activate(addr, partial);
         }
     }
 
-    fn activate(&mut self, addr: PeerAddr, partial: bool) {
+    fn activate(&mut self, addr: Origin, partial: bool) {
         let idx = if partial {
             self.sched.add_partial_peer()
         } else {
@@ -334,9 +395,11 @@ impl Run {
         };
         debug_assert_eq!(idx, self.sources.len());
         self.sources.push(Source {
-            addr,
+            origin: addr,
             partial,
             conn: None,
+            #[cfg(feature = "web")]
+            web: None,
             last_error: None,
             unauthorized: false,
         });
@@ -405,7 +468,11 @@ impl Run {
 
     fn connect(&mut self, peer: PeerIdx) {
         let ctx = self.ctx.clone();
-        let addr = self.sources[peer].addr;
+        let addr = match &self.sources[peer].origin {
+            Origin::Peer(addr) => *addr,
+            #[cfg(feature = "web")]
+            Origin::Web(web) => return self.connect_web(peer, web.clone()),
+        };
         let target = self.target;
         let reports = self.reports_tx.clone();
         let timeout = self.ctx.config.connect_timeout;
@@ -425,7 +492,31 @@ impl Run {
         });
     }
 
+    #[cfg(feature = "web")]
+    fn connect_web(&mut self, peer: PeerIdx, web: Arc<crate::transfer::web::WebSource>) {
+        let reports = self.reports_tx.clone();
+        let (target, timeout) = (self.target, self.ctx.config.connect_timeout);
+        self.tasks.spawn(async move {
+            let report = match super::web::connect_web(&web, target, timeout).await {
+                Ok((path, manifest)) => Report::WebConnected {
+                    peer,
+                    path,
+                    manifest: Box::new(manifest),
+                },
+                Err(error) => Report::ConnectFailed { peer, error },
+            };
+            let _ = reports.send(report).await;
+        });
+    }
+
     fn ask_have(&mut self, peer: PeerIdx) {
+        // A web source holds the whole snapshot.
+        #[cfg(feature = "web")]
+        if matches!(self.sources[peer].origin, Origin::Web(_)) {
+            self.sched
+                .handle_have(peer, Ok(super::picker::Have::All), Instant::now());
+            return;
+        }
         let Some(conn) = self.sources[peer].conn.clone() else {
             self.sched
                 .handle_have(peer, Err(Failure::Transient), Instant::now());
@@ -445,6 +536,35 @@ impl Run {
     }
 
     fn request(&mut self, id: ReqId, peer: PeerIdx, chunks: std::ops::Range<u64>) {
+        #[cfg(feature = "web")]
+        if let (Origin::Web(web), Some((path, nodes))) =
+            (&self.sources[peer].origin, &self.sources[peer].web)
+        {
+            let (web, path, nodes) = (web.clone(), path.clone(), nodes.clone());
+            let reports = self.reports_tx.clone();
+            let (tree, sink) = (self.tree, self.sink.clone());
+            let stall = self.ctx.config.schedule.min_request_timeout;
+            let chunks_start = chunks.start;
+            let written = Arc::new(AtomicU64::new(chunks.start));
+            let progress = written.clone();
+            let task = self.tasks.spawn(async move {
+                let result = super::web::fetch_web(
+                    &web, &path, &nodes, tree, chunks, &sink, stall, &progress,
+                )
+                .await;
+                let _ = reports.send(Report::Fetched { id, result }).await;
+            });
+            self.requests.insert(
+                id,
+                InFlight {
+                    peer,
+                    task,
+                    start: chunks_start,
+                    written,
+                },
+            );
+            return;
+        }
         let Some(conn) = self.sources[peer].conn.clone() else {
             self.sched
                 .handle_failure(id, Failure::Transient, Instant::now());
@@ -502,7 +622,7 @@ impl Run {
             }
             Report::Have { peer, result } => {
                 let result = result.map_err(|e| {
-                    tracing::debug!(target: DOWNLOAD_TARGET, peer = %self.sources[peer].addr.peer_id, error = %e, "could not learn what the peer holds");
+                    tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, error = %e, "could not learn what the peer holds");
                     let failure = match &e {
                         FetchError::Refused(_, failure) => *failure,
                         FetchError::Protocol(_) => Failure::Fatal,
@@ -520,10 +640,10 @@ impl Run {
             } => self.connected(peer, conn, *manifest),
             Report::ConnectFailed { peer, error } => {
                 let source = &mut self.sources[peer];
-                tracing::debug!(target: DOWNLOAD_TARGET, peer = %source.addr.peer_id, addr = %source.addr.addr, %error, "connect failed");
+                tracing::debug!(target: DOWNLOAD_TARGET, source = %source.origin, %error, "connect failed");
                 if error.is_unauthorized() {
                     source.unauthorized = true;
-                    tracing::warn!(target: DOWNLOAD_TARGET, peer = %source.addr.peer_id, "peer refused our SNAPSHOT_TOKEN");
+                    tracing::warn!(target: DOWNLOAD_TARGET, source = %source.origin, "peer refused our SNAPSHOT_TOKEN");
                 }
                 source.last_error = Some(error.to_string());
                 let failure = if source.partial {
@@ -543,22 +663,33 @@ impl Run {
                 if source.conn.as_ref().map(|c| c.stable_id()) == Some(conn_id) {
                     source.conn = None;
                     source.last_error = Some("connection lost".into());
-                    tracing::debug!(target: DOWNLOAD_TARGET, peer = %source.addr.peer_id, benign, "connection lost");
+                    tracing::debug!(target: DOWNLOAD_TARGET, source = %source.origin, benign, "connection lost");
                     self.sched.handle_disconnected(peer, !benign, now);
                 }
             }
             Report::Fetched { id, result } => return self.fetched(id, result, now),
+            #[cfg(feature = "web")]
+            Report::WebConnected {
+                peer,
+                path,
+                manifest,
+            } => {
+                tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, %path, "web source lists the snapshot");
+                self.sources[peer].web = Some((path, Arc::new(super::web::NodeCache::new())));
+                self.take_manifest(peer, *manifest);
+                self.sched.handle_connected(peer);
+                self.start_reserve();
+            }
         }
         Ok(())
     }
 
-    fn connected(&mut self, peer: PeerIdx, conn: quinn::Connection, manifest: Manifest) {
-        tracing::debug!(target: DOWNLOAD_TARGET, peer = %self.sources[peer].addr.peer_id, addr = %self.sources[peer].addr.addr, "connected");
-        // The manifest of the first holder; a complete holder's replaces a partial one's (both
-        // match the target; only a complete holder has served the snapshot it publishes).
+    /// The manifest of the first holder; a complete holder's replaces a partial one's (both
+    /// match the target; only a complete holder has served the snapshot it publishes).
+    fn take_manifest(&mut self, peer: PeerIdx, manifest: Manifest) {
         let partial = self.sources[peer].partial;
         if self.manifest.is_none() || (self.manifest_partial && !partial) {
-            let from = self.sources[peer].addr.peer_id;
+            let from = self.sources[peer].origin.peer_id();
             self.manifest_tx
                 .send_replace(Some((manifest.clone(), from)));
             self.manifest = Some(manifest);
@@ -567,6 +698,11 @@ impl Run {
             self.offer = None;
             self.offer();
         }
+    }
+
+    fn connected(&mut self, peer: PeerIdx, conn: quinn::Connection, manifest: Manifest) {
+        tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, "connected");
+        self.take_manifest(peer, manifest);
         let reports = self.reports_tx.clone();
         let watched = conn.clone();
         let conn_id = conn.stable_id();
@@ -607,7 +743,7 @@ impl Run {
                 m.verification_failures.inc();
                 m.peer_bans.inc();
                 let source = &mut self.sources[peer];
-                tracing::warn!(target: DOWNLOAD_TARGET, peer = %source.addr.peer_id, error = %e, "peer sent a chunk that does not match the content root; banned for this download");
+                tracing::warn!(target: DOWNLOAD_TARGET, source = %source.origin, error = %e, "a source sent a chunk that does not match the content root; banned for this download");
                 source.last_error = Some(format!("banned: {e}"));
                 if let Some(conn) = &source.conn {
                     conn.close(close::DONE, b"bad data");
@@ -619,8 +755,19 @@ impl Run {
                 self.sources[peer].last_error = Some(why);
                 self.sched.handle_failure(id, failure, now);
             }
+            #[cfg(feature = "web")]
+            Err(FetchError::Web(e)) => {
+                tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, error = %e, "web request failed");
+                let failure = if e.is_transient() {
+                    Failure::Transient
+                } else {
+                    Failure::Fatal
+                };
+                self.sources[peer].last_error = Some(e.to_string());
+                self.sched.handle_failure(id, failure, now);
+            }
             Err(e) => {
-                tracing::debug!(target: DOWNLOAD_TARGET, peer = %self.sources[peer].addr.peer_id, error = %e, "request failed");
+                tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, error = %e, "request failed");
                 self.sources[peer].last_error = Some(e.to_string());
                 self.sched.handle_failure(id, Failure::Transient, now);
             }
@@ -653,9 +800,8 @@ impl Run {
                         .iter()
                         .map(|p| {
                             format!(
-                                "{} at {}: {}",
-                                p.addr.peer_id,
-                                p.addr.addr,
+                                "{}: {}",
+                                p.origin,
                                 p.last_error.as_deref().unwrap_or("unavailable")
                             )
                         })
@@ -760,24 +906,45 @@ impl Run {
             rate,
             eta: (rate > 0.0).then(|| Duration::from_secs_f64(remaining as f64 / rate)),
             peers: (0..self.sources.len())
-                .map(|i| {
+                .filter_map(|i| {
                     let r = self.sched.peer_report(i);
-                    PeerProgress {
-                        peer_id: self.sources[i].addr.peer_id,
+                    Some(PeerProgress {
+                        peer_id: self.sources[i].origin.peer_id()?,
                         bytes: r.bytes,
                         rate: r.rate,
                         inflight: r.inflight,
                         partial: r.partial,
-                        status: match r.fate {
-                            PeerFate::Alive => PeerStatus::Active,
-                            PeerFate::Banned => PeerStatus::Banned,
-                            PeerFate::Dropped => PeerStatus::Dropped,
-                        },
-                    }
+                        status: status(r.fate),
+                    })
                 })
                 .collect(),
+            web: self.web_progress(),
             finished,
         }
+    }
+
+    /// The web sources' parts.
+    fn web_progress(&self) -> Vec<WebProgress> {
+        #[cfg(feature = "web")]
+        {
+            (0..self.sources.len())
+                .filter_map(|i| match &self.sources[i].origin {
+                    Origin::Web(w) => {
+                        let r = self.sched.peer_report(i);
+                        Some(WebProgress {
+                            url: w.base().to_string(),
+                            bytes: r.bytes,
+                            rate: r.rate,
+                            inflight: r.inflight,
+                            status: status(r.fate),
+                        })
+                    }
+                    Origin::Peer(_) => None,
+                })
+                .collect()
+        }
+        #[cfg(not(feature = "web"))]
+        Vec::new()
     }
 
     fn publish_progress(&mut self, finished: bool) {
@@ -800,7 +967,7 @@ impl Run {
                 let path = conn.stats().path;
                 tracing::debug!(
                     target: DOWNLOAD_TARGET,
-                    peer = %source.addr.peer_id,
+                    source = %source.origin,
                     mtu = path.current_mtu,
                     rtt_us = path.rtt.as_micros() as u64,
                     cwnd = path.cwnd,
@@ -829,10 +996,15 @@ impl Run {
         let snapshot = partial.publish_in(&self.ctx.store, manifest).await?;
         self.watermark.advance(self.target.archive_size);
         let per_peer: Vec<_> = (0..self.sources.len())
-            .map(|i| {
-                let peer = self.sources[i].addr.peer_id;
-                (peer, self.sched.peer_report(i).bytes)
+            .filter_map(|i| {
+                let peer = self.sources[i].origin.peer_id()?;
+                Some((peer, self.sched.peer_report(i).bytes))
             })
+            .collect();
+        let per_web: Vec<_> = self
+            .web_progress()
+            .into_iter()
+            .map(|w| (w.url, w.bytes))
             .collect();
         let elapsed = self.started.elapsed();
         tracing::debug!(
@@ -859,6 +1031,7 @@ impl Run {
             served_bytes: self.served.load(Ordering::Relaxed),
             elapsed,
             per_peer,
+            per_web,
         })
     }
 }

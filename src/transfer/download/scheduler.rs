@@ -889,9 +889,16 @@ impl Scheduler {
         }
     }
 
-    /// Whether the download cannot go on: no peer left, or nothing arrived for too long. (A
-    /// complete download can still be stuck without peers: its manifest comes from one.)
+    /// Whether the download cannot go on: no peer left (or none ever given, for
+    /// `no_progress_timeout`), or nothing arrived for too long. (A complete download can still
+    /// be stuck without peers: its manifest comes from one.)
     pub(crate) fn stuck(&self, now: Instant) -> Option<Stuck> {
+        // A download given no source yet waits for one (added right after it starts, say) as
+        // long as it would wait for progress.
+        if self.peers.is_empty() {
+            let quiet = now.saturating_duration_since(self.last_progress);
+            return (quiet >= self.config.no_progress_timeout).then_some(Stuck::NoPeers);
+        }
         if self.peers.iter().all(|p| p.fate != PeerFate::Alive) {
             return Some(Stuck::NoPeers);
         }

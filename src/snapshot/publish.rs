@@ -1,0 +1,253 @@
+//! Publishing snapshots for static web servers and object stores: [`publish`] puts a snapshot
+//! into a directory in the store's own layout and rewrites the directory's index, so that any
+//! server of plain files (nginx, a CDN, an S3-compatible bucket) serves it with no code of its
+//! own; a downloader reads the index, the manifest, the outboard and archive ranges from it and
+//! checks every chunk against the content root, as it does a peer's.
+//!
+//! The layout under the published directory (the base URL of a web source):
+//!
+//! ```text
+//! index.json                                   what the directory holds (below)
+//! full-<slot, 20 digits>-<root, 16 hex>/       one directory per snapshot, as in the store:
+//!     manifest.pb                              its manifest (protobuf)
+//!     archive.zst                              the archive
+//!     outboard.bao                             the BLAKE3 tree's inner nodes
+//! incr-<slot>-<root>/ ...
+//! ```
+//!
+//! `index.json` is one JSON object: `{"format": 1, "snapshots": [...]}`, each snapshot an
+//! object with `path` (its directory), `kind` (`"full"` or `"incremental"`), `slot`,
+//! `bank_hash`, `content_root` (64 hex digits each), `archive_size`, `chunk_size`,
+//! `entry_count`, `state_bytes` and `base` (`null`, or `{"slot", "bank_hash",
+//! "content_root"}` for an incremental). It is written to a temporary file, fsynced and renamed
+//! over the old one, so a server never serves half of one. What it lists is a claim: a node
+//! takes it as a candidate, the trust policy decides, and every byte is checked.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::SnapshotKind;
+use super::manifest::Manifest;
+use super::store::{ARCHIVE_FILE, MANIFEST_FILE, OUTBOARD_FILE, Snapshot, SnapshotStore};
+use crate::disk;
+
+/// The index of a published directory.
+pub const INDEX_FILE: &str = "index.json";
+
+/// Version of the index format.
+pub const INDEX_FORMAT: u32 = 1;
+
+/// Publishing failed. What was published before stays as it was.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What failed.
+        source: io::Error,
+    },
+}
+
+fn at(path: &Path) -> impl FnOnce(io::Error) -> PublishError + '_ {
+    move |source| PublishError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Puts `snapshot` into the directory `dir` (created if needed) in the store's layout, hard
+/// linked where the file system allows and copied where not, and rewrites the index. A snapshot
+/// published already is left alone. The files are fsynced and renamed into place before the
+/// index names them. Returns the snapshot's directory there.
+pub fn publish(snapshot: &Snapshot, dir: &Path) -> Result<PathBuf, PublishError> {
+    fs::create_dir_all(dir).map_err(at(dir))?;
+    let name = snapshot
+        .dir()
+        .file_name()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(snapshot.manifest().content_root.to_hex()));
+    let target = dir.join(&name);
+    if !target.join(MANIFEST_FILE).exists() {
+        let mut staging = dir.join(".publishing-");
+        staging.as_mut_os_string().push(&name);
+        disk::remove_path(&staging).map_err(at(&staging))?;
+        fs::create_dir_all(&staging).map_err(at(&staging))?;
+        for file in [ARCHIVE_FILE, OUTBOARD_FILE, MANIFEST_FILE] {
+            let from = snapshot.dir().join(file);
+            let to = staging.join(file);
+            if fs::hard_link(&from, &to).is_err() {
+                fs::copy(&from, &to).map_err(at(&to))?;
+                fs::File::open(&to)
+                    .and_then(|f| f.sync_all())
+                    .map_err(at(&to))?;
+            }
+        }
+        disk::sync_dir(&staging).map_err(at(&staging))?;
+        fs::rename(&staging, &target).map_err(at(&target))?;
+        disk::sync_dir(dir).map_err(at(dir))?;
+    }
+    write_index(dir)?;
+    Ok(target)
+}
+
+/// Makes `dir` hold exactly the snapshots of `store`: publishes those missing, removes those the
+/// store no longer holds (after the index stops naming them), rewrites the index.
+pub fn mirror(store: &SnapshotStore, dir: &Path) -> Result<(), PublishError> {
+    let held = store.list();
+    for snap in &held {
+        publish(snap, dir)?;
+    }
+    let keep: Vec<_> = held
+        .iter()
+        .filter_map(|s| s.dir().file_name().map(|n| n.to_owned()))
+        .collect();
+    let gone: Vec<PathBuf> = published(dir)?
+        .into_iter()
+        .filter(|(name, _)| !keep.iter().any(|k| k.to_string_lossy() == name.as_str()))
+        .map(|(name, _)| dir.join(name))
+        .collect();
+    if !gone.is_empty() {
+        // The index first stops naming them, then they go.
+        write_index_except(dir, &gone)?;
+        for path in gone {
+            disk::remove_path(&path).map_err(at(&path))?;
+        }
+    }
+    write_index(dir)
+}
+
+/// The snapshots published in `dir`: each subdirectory (not hidden) with a manifest that reads.
+fn published(dir: &Path) -> Result<Vec<(String, Manifest)>, PublishError> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(at(dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(at(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !entry.path().is_dir() {
+            continue;
+        }
+        let path = entry.path().join(MANIFEST_FILE);
+        let Ok(bytes) = fs::read(&path) else { continue };
+        if let Ok(m) = Manifest::decode(&bytes) {
+            out.push((name, m));
+        }
+    }
+    out.sort_by(|a, b| (a.1.slot, &a.0).cmp(&(b.1.slot, &b.0)));
+    Ok(out)
+}
+
+/// Rewrites `dir`'s index from what it holds, atomically.
+pub fn write_index(dir: &Path) -> Result<(), PublishError> {
+    write_index_except(dir, &[])
+}
+
+fn write_index_except(dir: &Path, except: &[PathBuf]) -> Result<(), PublishError> {
+    let listed: Vec<(String, Manifest)> = published(dir)?
+        .into_iter()
+        .filter(|(name, _)| !except.iter().any(|p| p.ends_with(name)))
+        .collect();
+    let path = dir.join(INDEX_FILE);
+    disk::replace_synced(&path, index_json(&listed).as_bytes()).map_err(at(&path))
+}
+
+/// The index of `snapshots` (directory name, manifest), as JSON.
+pub(crate) fn index_json(snapshots: &[(String, Manifest)]) -> String {
+    let entries: Vec<String> = snapshots
+        .iter()
+        .map(|(path, m)| {
+            let base = match &m.base {
+                None => "null".to_string(),
+                Some(b) => format!(
+                    "{{\"slot\":{},\"bank_hash\":\"{}\",\"content_root\":\"{}\"}}",
+                    b.slot,
+                    b.bank_hash.to_hex(),
+                    b.content_root.to_hex()
+                ),
+            };
+            format!(
+                "{{\"path\":{},\"kind\":\"{}\",\"slot\":{},\"bank_hash\":\"{}\",\"content_root\":\"{}\",\"archive_size\":{},\"chunk_size\":{},\"entry_count\":{},\"state_bytes\":{},\"base\":{}}}",
+                json_string(path),
+                match m.kind {
+                    SnapshotKind::Full => "full",
+                    SnapshotKind::Incremental => "incremental",
+                },
+                m.slot,
+                m.bank_hash.to_hex(),
+                m.content_root.to_hex(),
+                m.archive_size,
+                m.chunk_size.bytes(),
+                m.entry_count,
+                m.state_bytes,
+                base
+            )
+        })
+        .collect();
+    format!(
+        "{{\"format\":{INDEX_FORMAT},\"snapshots\":[\n{}\n]}}\n",
+        entries.join(",\n")
+    )
+}
+
+/// `s` as a JSON string (directory names are plain ASCII; anything else is escaped).
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || !c.is_ascii() => {
+                out.push_str(&format!("\\u{:04x}", c as u32 & 0xffff))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::{LmdbState, StateDb};
+    use crate::snapshot::{CreateOptions, create_snapshot};
+
+    #[test]
+    fn a_published_directory_holds_the_store_layout_and_an_index_naming_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = LmdbState::open(tmp.path().join("db")).unwrap();
+        db.commit_slot(7, |w| w.put(b"k", b"v")).unwrap();
+        let store = SnapshotStore::open(tmp.path().join("store")).unwrap();
+        let view = db.view().unwrap();
+        let snap = create_snapshot(&store, view.as_ref(), &CreateOptions::default()).unwrap();
+        let out = tmp.path().join("www");
+        let dir = publish(&snap, &out).unwrap();
+        for f in [ARCHIVE_FILE, OUTBOARD_FILE, MANIFEST_FILE] {
+            assert_eq!(
+                fs::read(dir.join(f)).unwrap(),
+                fs::read(snap.dir().join(f)).unwrap()
+            );
+        }
+        let index = fs::read_to_string(out.join(INDEX_FILE)).unwrap();
+        let m = snap.manifest();
+        assert!(index.contains(&m.content_root.to_hex()), "{index}");
+        assert!(index.contains(&format!("\"slot\":{}", m.slot)));
+        assert!(index.contains("\"base\":null"));
+        // Publishing again changes nothing; mirroring an emptied store empties the directory.
+        publish(&snap, &out).unwrap();
+        store.remove(&snap).unwrap();
+        mirror(&store, &out).unwrap();
+        assert!(!dir.exists());
+        let index = fs::read_to_string(out.join(INDEX_FILE)).unwrap();
+        assert!(!index.contains(&m.content_root.to_hex()));
+        assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+    }
+}

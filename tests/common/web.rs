@@ -1,0 +1,151 @@
+//! A static file server for tests: HTTP/1.1 on 127.0.0.1 over a directory, with `Range`
+//! support (one range per request), and the faults real servers have.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How the server behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// As a static server should.
+    None,
+    /// It ignores `Range` and sends the whole file with 200.
+    IgnoreRange,
+    /// It announces the range, then closes half way through the body of archive reads.
+    Truncate,
+    /// It flips a byte of every archive read.
+    FlipByte,
+}
+
+/// A running server.
+pub struct WebServer {
+    pub addr: SocketAddr,
+    /// Body bytes sent.
+    pub sent: Arc<AtomicU64>,
+    /// Requests answered.
+    pub requests: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WebServer {
+    /// The base URL of the directory served.
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    /// Serves `root` with `fault`, each connection's bodies at `rate` bytes/s at most.
+    pub async fn start(root: PathBuf, fault: Fault, rate: Option<u64>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sent = Arc::new(AtomicU64::new(0));
+        let requests = Arc::new(AtomicU64::new(0));
+        let (s, r) = (sent.clone(), requests.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let (root, s, r) = (root.clone(), s.clone(), r.clone());
+                tokio::spawn(async move {
+                    let _ = serve(sock, &root, fault, rate, &s, &r).await;
+                });
+            }
+        });
+        Self {
+            addr,
+            sent,
+            requests,
+            task,
+        }
+    }
+}
+
+impl Drop for WebServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(
+    mut sock: tokio::net::TcpStream,
+    root: &std::path::Path,
+    fault: Fault,
+    rate: Option<u64>,
+    sent: &AtomicU64,
+    requests: &AtomicU64,
+) -> std::io::Result<()> {
+    loop {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if sock.read(&mut byte).await? == 0 {
+                return Ok(());
+            }
+            head.push(byte[0]);
+            if head.len() > 16 * 1024 {
+                return Ok(());
+            }
+        }
+        requests.fetch_add(1, Ordering::Relaxed);
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let range = head.lines().find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            if !name.eq_ignore_ascii_case("range") {
+                return None;
+            }
+            let spec = value.trim().strip_prefix("bytes=")?;
+            let (a, b) = spec.split_once('-')?;
+            Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?))
+        });
+        let file = root.join(path.trim_start_matches('/'));
+        let Ok(bytes) = std::fs::read(&file) else {
+            sock.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                .await?;
+            continue;
+        };
+        let archive = path.ends_with("archive.zst");
+        let (status, mut body, extra) = match range {
+            Some((a, b)) if fault != Fault::IgnoreRange && a <= b && (b as usize) < bytes.len() => {
+                (
+                    "206 Partial Content",
+                    bytes[a as usize..=b as usize].to_vec(),
+                    format!("Content-Range: bytes {a}-{b}/{}\r\n", bytes.len()),
+                )
+            }
+            Some(_) if fault != Fault::IgnoreRange => {
+                sock.write_all(b"HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 0\r\n\r\n")
+                    .await?;
+                continue;
+            }
+            _ => ("200 OK", bytes, String::new()),
+        };
+        if archive && fault == Fault::FlipByte && !body.is_empty() {
+            let at = body.len() / 2;
+            body[at] ^= 0x40;
+        }
+        let header = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{extra}Content-Type: application/octet-stream\r\n\r\n",
+            body.len()
+        );
+        sock.write_all(header.as_bytes()).await?;
+        let end = if archive && fault == Fault::Truncate {
+            body.len() / 2
+        } else {
+            body.len()
+        };
+        for piece in body[..end].chunks(16 * 1024) {
+            if let Some(rate) = rate {
+                let secs = piece.len() as f64 / rate as f64;
+                tokio::time::sleep(std::time::Duration::from_secs_f64(secs)).await;
+            }
+            sock.write_all(piece).await?;
+            sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
+        }
+        if end < body.len() {
+            // Cut short: the connection closes with the body half sent.
+            return Ok(());
+        }
+    }
+}
