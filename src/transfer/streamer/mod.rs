@@ -9,6 +9,9 @@
 //!   through one response path with pacing and write deadlines; a snapshot this node is still
 //!   downloading is served from its verified chunks, and a range it does not hold yet is
 //!   refused with its own status; a bounded number of peers is uploaded to at once.
+//! - `slots.rs`: who is uploaded to: a bounded set of upload slots, each kept for a while
+//!   others wait, and the blocks a contended holder offers each slot holder (those it has sent
+//!   least), so that its uplink goes into distinct pieces a crowd then copies among itself.
 
 mod config;
 mod connection;
