@@ -258,9 +258,13 @@ impl AdvertBook {
             .adverts
             .get(&peer)
             .map_or(standing, |old| standing.max(old.standing));
-        let present = self.adverts.contains_key(&peer);
-        let full = !present
-            && (self.adverts.len() >= self.cap || self.count(standing) >= self.cap_of(standing));
+        let before = self.adverts.get(&peer).map(|old| old.standing);
+        // A newcomer needs room in the table and in its standing's share; a peer whose
+        // standing rises (partial holdings, then an announcement) needs room in its new share.
+        let full = match before {
+            None => self.adverts.len() >= self.cap || self.count(standing) >= self.cap_of(standing),
+            Some(old) => old != standing && self.count(standing) >= self.cap_of(standing),
+        };
         if full {
             // Within its own standing's share, or in a full table: the oldest below or at it.
             let within = self.count(standing) >= self.cap_of(standing);
@@ -397,6 +401,7 @@ impl AdvertBook {
 mod tests {
     use super::*;
     use crate::chunk::ChunkSize;
+    use crate::discovery::message::PartialAd;
     use crate::hash::BankHash;
     use crate::snapshot::SnapshotKind;
 
@@ -536,5 +541,40 @@ mod tests {
         }
         assert_eq!(book.len(), 16);
         assert_eq!(book.entry(&key).unwrap().trusted, 3);
+    }
+
+    #[test]
+    fn a_stranger_whose_standing_rises_needs_room_in_its_new_share() {
+        let policy = TrustPolicy::default();
+        let mut book = AdvertBook::new(16);
+        let now = Instant::now();
+        let answerer = PeerId::random();
+        book.insert(advert(answerer, 100), Standing::Answered, now, &policy);
+        // Strangers come in with partial holdings only, then announce snapshots: the
+        // announcements still hold a quarter of the table at most.
+        for i in 0..64u64 {
+            let p = PeerId::random();
+            let at = now + Duration::from_millis(2 * i + 1);
+            let mut partial_only = advert(p, 200 + i);
+            let ad = partial_only.snapshots.pop().unwrap();
+            partial_only.partial = vec![PartialAd {
+                ad,
+                verified_bytes: 1,
+            }];
+            book.insert(partial_only, Standing::Announced, at, &policy);
+            book.insert(
+                advert(p, 200 + i),
+                Standing::Announced,
+                at + Duration::from_millis(1),
+                &policy,
+            );
+        }
+        let announced = book
+            .adverts
+            .values()
+            .filter(|s| s.standing == Standing::Announced)
+            .count();
+        assert_eq!(announced, 16 / 4);
+        assert_eq!(book.standing(&answerer), Some(Standing::Answered));
     }
 }

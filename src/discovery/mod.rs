@@ -617,13 +617,14 @@ impl Discovery {
     }
 
     /// A web source's index, read as the advert of the identity it stands as: recorded like an
-    /// untrusted peer's announcement (it vouches for nothing more).
+    /// untrusted peer's answer to this node (it vouches for nothing more), so strangers'
+    /// announcements cannot push out a source the owner configured.
     #[cfg_attr(not(feature = "web"), allow(dead_code))]
     pub(crate) fn handle_web_advert(&mut self, advert: Advert, now: Instant) {
         if self.ignores(&advert.peer, now) {
             return;
         }
-        self.on_advert(advert, Standing::Announced, now);
+        self.on_advert(advert, Standing::Answered, now);
     }
 
     /// An announcement: recorded (within what its relay may bring in), and forwarded only when

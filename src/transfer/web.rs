@@ -97,8 +97,8 @@ pub enum WebError {
         /// The limit.
         limit: usize,
     },
-    /// Nothing arrived within the deadline.
-    #[error("{url}: nothing received for {after:?}")]
+    /// Nothing arrived within the deadline, or a small file did not arrive whole within it.
+    #[error("{url}: not received within {after:?}")]
     Stalled {
         /// What was asked for.
         url: String,
@@ -232,8 +232,8 @@ impl WebSource {
         Ok(resp)
     }
 
-    /// The whole of a small file (an index, a manifest), at most `limit` bytes, within
-    /// `timeout` for each read.
+    /// The whole of a small file (an index, a manifest), at most `limit` bytes, all within
+    /// `timeout`: a server that trickles bytes cannot hold the reader.
     async fn small(
         &self,
         path: &str,
@@ -241,6 +241,20 @@ impl WebSource {
         timeout: Duration,
     ) -> Result<Vec<u8>, WebError> {
         let url = self.url(path);
+        tokio::time::timeout(timeout, self.small_within(url.clone(), limit, timeout))
+            .await
+            .unwrap_or(Err(WebError::Stalled {
+                url,
+                after: timeout,
+            }))
+    }
+
+    async fn small_within(
+        &self,
+        url: String,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, WebError> {
         let resp = self.get(&url, None, timeout).await?;
         if resp.status() != StatusCode::OK {
             return Err(WebError::Status {
@@ -424,7 +438,7 @@ fn parse_listing(e: &serde_json::Value) -> Result<WebListing, String> {
     let digest = |v: &serde_json::Value, name: &str| -> Result<[u8; 32], String> {
         let hex = text(v, name)?;
         let mut out = [0u8; 32];
-        if hex.len() != 64 {
+        if hex.len() != 64 || !hex.is_ascii() {
             return Err(format!("{name} is not 64 hex digits"));
         }
         for (i, b) in out.iter_mut().enumerate() {
@@ -524,6 +538,8 @@ mod tests {
             json.replace("\"kind\":\"incremental\"", "\"kind\":\"full\""),
             json.replace("\"chunk_size\":16384", "\"chunk_size\":3"),
             json.replace(&"02".repeat(32), "zz"),
+            // 64 bytes, not 64 hex digits (a byte-wise slice would split a character).
+            json.replace(&"02".repeat(32), &"\u{e9}".repeat(32)),
             "not json".to_string(),
         ] {
             assert!(parse_index(bad.as_bytes()).is_err(), "{bad}");

@@ -101,13 +101,7 @@ async fn ask_have_inner(
         held
     };
     let (mut send, mut recv) = conn.open_bi().await?;
-    let request = proto::Request {
-        kind: Some(proto::request::Kind::Have(proto::GetHave {
-            content_root: tree.root().0.to_vec().into(),
-            block_chunks,
-            holding: holding.to_bytes().into(),
-        })),
-    };
+    let request = have_request(&tree, block_chunks, &holding);
     write_frame(&mut send, &request).await?;
     send.finish()?;
     let header: proto::ResponseHeader = read_frame(&mut recv, MAX_FRAME).await?;
@@ -140,6 +134,27 @@ async fn ask_have_inner(
         }
     }
     Ok(Have::Some(held))
+}
+
+/// The largest holding a have request carries: with the rest of the request it stays well
+/// within one frame. A larger one (a snapshot of more than 64 Ki blocks) is left out: the
+/// holding only steers what a contended holder offers, and the answer is the same without it.
+const MAX_HOLDING_BYTES: usize = 8 * 1024;
+
+/// A have request for blocks of `block_chunks` chunks, with what this download holds in them
+/// when that fits.
+fn have_request(tree: &ChunkTree, block_chunks: u32, holding: &Bits) -> proto::Request {
+    let mut holding = holding.to_bytes();
+    if holding.len() > MAX_HOLDING_BYTES {
+        holding.clear();
+    }
+    proto::Request {
+        kind: Some(proto::request::Kind::Have(proto::GetHave {
+            content_root: tree.root().0.to_vec().into(),
+            block_chunks,
+            holding: holding.into(),
+        })),
+    }
 }
 
 /// Where a download's verified bytes go.
@@ -281,5 +296,45 @@ impl<'a> Landing<'a> {
                 )))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+    use crate::chunk::ChunkSize;
+    use crate::hash::ContentRoot;
+
+    #[test]
+    fn a_have_request_fits_one_frame_for_the_largest_snapshot() {
+        // The most chunks a download may have, at the smallest chunk size, asked about in
+        // the finest blocks the answer allows.
+        let chunks: u64 = 1 << 26;
+        let size = ChunkSize::new(1024).unwrap();
+        let tree = ChunkTree::new(chunks * 1024, size, ContentRoot([7; 32]));
+        let blocks = MAX_HAVE_BITS as usize;
+        let block_chunks = u32::try_from(chunks / MAX_HAVE_BITS).unwrap();
+        for held in [Bits::new(blocks), {
+            let mut all = Bits::new(blocks);
+            (0..blocks).for_each(|b| all.set(b));
+            all
+        }] {
+            let request = have_request(&tree, block_chunks, &held);
+            assert!(
+                request.encoded_len() + 4 <= MAX_FRAME,
+                "{}",
+                request.encoded_len()
+            );
+        }
+        // A small holding goes along whole.
+        let mut small = Bits::new(100);
+        small.set(3);
+        let request = have_request(&tree, block_chunks, &small);
+        let Some(proto::request::Kind::Have(have)) = request.kind else {
+            panic!("a have request")
+        };
+        assert_eq!(have.holding.as_ref(), small.to_bytes().as_slice());
     }
 }

@@ -689,7 +689,9 @@ impl Run {
     fn take_manifest(&mut self, peer: PeerIdx, manifest: Manifest) {
         let partial = self.sources[peer].partial;
         if self.manifest.is_none() || (self.manifest_partial && !partial) {
-            let from = self.sources[peer].origin.peer_id();
+            // A partial holder passes on the manifest it took from its own source: counts it
+            // gets wrong are not proven to be its lie, so it is not named for them.
+            let from = self.sources[peer].origin.peer_id().filter(|_| !partial);
             self.manifest_tx
                 .send_replace(Some((manifest.clone(), from)));
             self.manifest = Some(manifest);
@@ -983,8 +985,6 @@ impl Run {
     async fn finish(mut self) -> Result<Downloaded, DownloadError> {
         let finish_started = Instant::now();
         self.tasks.abort_all();
-        // Served as a published snapshot from now on.
-        self.offer = None;
         self.log_connections();
         self.close_connections(b"done");
         self.publish_progress(false);
@@ -994,6 +994,10 @@ impl Run {
             .expect("a manifest from the first connection");
         let partial = Partial::reopen(&self.partial)?;
         let snapshot = partial.publish_in(&self.ctx.store, manifest).await?;
+        // Served as a published snapshot from now on (the store is looked in first); until
+        // here, from the verified chunks, so downloaders fetching from this node never see a
+        // moment where it holds nothing.
+        self.offer = None;
         self.watermark.advance(self.target.archive_size);
         let per_peer: Vec<_> = (0..self.sources.len())
             .filter_map(|i| {
