@@ -167,24 +167,26 @@ fn target(
     })
 }
 
-/// The partial holders of `key` serving it in `chunk_size`, most held first, that are not among
-/// `complete` holders.
+/// The partial holders of `key` serving it in `chunk_size` that are not among `complete`
+/// holders: those that answered this node first, then those heard of longest. (How much each
+/// says it holds is a claim: ranking by it would let fresh identities claiming everything take
+/// every place.)
 pub(crate) fn partial_sources(
     book: &AdvertBook,
     key: &SnapshotKey,
     chunk_size: ChunkSize,
     complete: &std::collections::HashSet<PeerId>,
 ) -> Vec<(PeerId, Vec<SocketAddr>)> {
-    let mut holders: Vec<(PeerId, u64)> = book
+    let mut holders: Vec<PeerId> = book
         .partial_holders(key)
         .filter(|(p, h)| h.ad.chunk_size == chunk_size && !complete.contains(p))
-        .map(|(p, h)| (p, h.verified_bytes))
+        .map(|(p, _)| p)
         .collect();
-    holders.sort_by_key(|(p, held)| (std::cmp::Reverse(*held), *p));
+    holders.sort_by_key(|p| (std::cmp::Reverse(book.standing(p)), book.since(p), *p));
     holders
         .into_iter()
         .take(MAX_PARTIAL_SOURCES)
-        .map(|(p, _)| (p, book.addrs(&p)))
+        .map(|p| (p, book.addrs(&p)))
         .collect()
 }
 

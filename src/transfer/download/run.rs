@@ -41,6 +41,10 @@ fn status(fate: PeerFate) -> PeerStatus {
 /// EWMA weight of a new sample of the download's overall rate.
 const RATE_ALPHA: f64 = 0.3;
 
+/// Most source entries one download keeps, those that gave their places up included: beyond
+/// it, busy sources are no longer rotated out.
+const MAX_SOURCES: usize = 256;
+
 /// What the request and connection tasks report to the download's loop.
 enum Report {
     Connected {
@@ -374,6 +378,29 @@ impl Run {
         }
     }
 
+    /// Sources that have answered only "busy" for a while give their places to spares that
+    /// wait, and wait at the back of the spares themselves (see the scheduler's docs). Bounded:
+    /// a download keeps at most `MAX_SOURCES` entries of sources, retired ones included.
+    fn retire_busy(&mut self, now: Instant) {
+        for peer in self.sched.poll_busy_too_long(now) {
+            let partial = self.sources[peer].partial;
+            let waiting = self.spares.iter().any(|(_, p)| *p == partial);
+            if !waiting || self.sources.len() >= MAX_SOURCES {
+                continue;
+            }
+            let source = &mut self.sources[peer];
+            tracing::debug!(target: DOWNLOAD_TARGET, source = %source.origin, "busy for long: giving its place to a waiting peer");
+            if let Some(conn) = source.conn.take() {
+                conn.close(close::DONE, b"busy");
+            }
+            let origin = source.origin.clone();
+            self.sched.handle_retired(peer);
+            if self.spares.len() < 3 * self.ctx.config.max_peers {
+                self.spares.push_back((origin, partial));
+            }
+        }
+    }
+
     /// Active peers that were banned or dropped are replaced by spares.
     fn take_on_spares(&mut self) {
         while let Some(i) = self
@@ -413,6 +440,7 @@ impl Run {
         let mut peers_open = true;
         loop {
             let now = Instant::now();
+            self.retire_busy(now);
             self.take_on_spares();
             self.carry_out_commands(now);
             // Every chunk may be on disk already (a resumed download that was complete): the

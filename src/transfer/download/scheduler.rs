@@ -21,7 +21,10 @@
 //!   all is handed out again, and after `MAX_NOT_HELD` of those in a row it is dropped.
 //! - **Busy is no failure.** A source that is busy uploading to others is asked again after a
 //!   backoff, but never dropped for it; a download that waits for its turn is not stuck until
-//!   `4 x no_progress_timeout`.
+//!   `4 x no_progress_timeout`. One that has answered only "busy" for `BUSY_TURN` while
+//!   other sources wait for a place gives its place up to them (`poll_busy_too_long`,
+//!   `handle_retired`), so identities that only ever say "busy" cannot hold every
+//!   place of a download.
 //! - **Hedged tail.** Once nothing is missing but some pieces are still in flight, an idle peer
 //!   also fetches a piece another peer holds, when it would finish sooner or the holder is late.
 //!   The first answer wins; the other request is cancelled.
@@ -152,6 +155,8 @@ struct Peer {
     have_at: Option<Instant>,
     /// Requests it answered "not held" in a row.
     not_held: u32,
+    /// Since when it has answered only "busy" (cleared by a delivery).
+    busy_since: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -217,6 +222,10 @@ const RANDOM_FIRST: usize = 4;
 
 /// "Not held" answers in a row after which a partial peer is dropped.
 pub(crate) const MAX_NOT_HELD: u32 = 8;
+
+/// How long a source may answer only "busy" before it gives its place to a waiting spare:
+/// three turns of a default upload slot.
+pub(crate) const BUSY_TURN: Duration = Duration::from_secs(30);
 
 /// EWMA weight of a new rate sample.
 const RATE_ALPHA: f64 = 0.3;
@@ -343,6 +352,7 @@ impl Scheduler {
             have_pending: false,
             have_at: None,
             not_held: 0,
+            busy_since: None,
         });
         self.peers.len() - 1
     }
@@ -382,6 +392,29 @@ impl Scheduler {
 
     fn holders_of(&self, piece: usize) -> &[ReqId] {
         self.holders.get(&piece).map_or(&[], |h| h.as_slice())
+    }
+
+    /// Live peers that have answered only "busy" for `BUSY_TURN`: the driver gives their
+    /// places to spares, when some wait (see the module docs).
+    pub(crate) fn poll_busy_too_long(&self, now: Instant) -> Vec<PeerIdx> {
+        (0..self.peers.len())
+            .filter(|&i| {
+                let p = &self.peers[i];
+                p.fate == PeerFate::Alive
+                    && p.busy_since
+                        .is_some_and(|t| now.saturating_duration_since(t) >= BUSY_TURN)
+            })
+            .collect()
+    }
+
+    /// `peer` gives its place up (it may come back as another peer later): dropped from this
+    /// download, its requests handed out again. No blame: it was only busy.
+    pub(crate) fn handle_retired(&mut self, peer: PeerIdx) {
+        self.cancel_requests_of(peer);
+        let p = &mut self.peers[peer];
+        p.fate = PeerFate::Dropped;
+        let old = std::mem::replace(&mut p.have, Have::Unknown);
+        self.avail.update(&old, &Have::Unknown);
     }
 
     pub(crate) fn peer_report(&self, peer: PeerIdx) -> PeerReport {
@@ -700,6 +733,7 @@ impl Scheduler {
         peer.bytes += bytes;
         peer.failures = 0;
         peer.not_held = 0;
+        peer.busy_since = None;
         peer.backoff_until = None;
         if !self.piece_done.get(req.piece) {
             let full = self.chunks_of(req.piece);
@@ -826,6 +860,7 @@ impl Scheduler {
             Failure::Busy => {
                 // Its slots turn over within seconds: asked again after a have interval.
                 self.last_busy = Some(now);
+                p.busy_since.get_or_insert(now);
                 if p.backoff_until.is_none_or(|t| t <= now) {
                     p.backoff_until = Some(now + self.config.have_interval);
                 }
@@ -1597,6 +1632,42 @@ mod tests {
         assert_eq!(
             s.stuck(now + config().no_progress_timeout * 4),
             Some(Stuck::NoProgress)
+        );
+    }
+
+    #[test]
+    fn a_peer_only_ever_busy_gives_its_place_up_and_one_that_delivers_keeps_it() {
+        let (mut s, now) = sched(16);
+        connect_all(&mut s, 2, now);
+        // Peer 0 only ever says it is busy; peer 1 is busy too, then delivers.
+        let mut t = now;
+        let mut delivered = false;
+        while t < now + BUSY_TURN + Duration::from_secs(1) {
+            for (id, peer, ..) in requests(&drain(&mut s, t)) {
+                if peer == 1 && t >= now + BUSY_TURN / 2 && !delivered {
+                    success(&mut s, id, t);
+                    delivered = true;
+                } else {
+                    s.handle_failure(id, Failure::Busy, t);
+                }
+            }
+            assert!(
+                t >= now + BUSY_TURN || s.poll_busy_too_long(t).is_empty(),
+                "not before its turn has passed"
+            );
+            t = s.poll_timeout(t).max(t + Duration::from_millis(100));
+            s.handle_timeout(t);
+        }
+        assert!(delivered);
+        assert_eq!(s.poll_busy_too_long(t), vec![0]);
+        s.handle_retired(0);
+        assert_eq!(s.peer_report(0).fate, PeerFate::Dropped);
+        assert!(s.poll_busy_too_long(t).is_empty());
+        assert!(
+            requests(&drain(&mut s, t))
+                .iter()
+                .all(|(_, peer, ..)| *peer == 1),
+            "its work goes to the others"
         );
     }
 

@@ -6,15 +6,24 @@
 //! elsewhere and try again later). A slot lapses `linger` after its peer's last request or
 //! response, and
 //! once slots are full, the one held longest is given to a newcomer when it has been held for
-//! `hold`: every peer gets its turn.
+//! `hold`: every peer gets its turn. Turns go in the order peers were first refused: a slot that
+//! comes free goes to the peer that has waited longest, not to whoever asks first, so asking
+//! often wins nothing. A waiter that has not asked for [`WAIT_LAPSE`] has left the queue.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
 /// How long after its last chunk request a peer keeps its slot.
 pub(crate) const UPLOAD_LINGER: Duration = Duration::from_secs(1);
+
+/// How long a refused peer keeps its place in the queue without asking again (a downloader
+/// told the server is busy asks again within about a second).
+pub(crate) const WAIT_LAPSE: Duration = Duration::from_secs(3);
+
+/// Most peers queued for a slot (far above the connections a server admits).
+const MAX_WAITING: usize = 1024;
 
 /// The upload slots of a server.
 #[derive(Debug)]
@@ -25,6 +34,9 @@ pub(crate) struct UploadSlots<P> {
     slots: HashMap<P, Slot>,
     /// When a peer was last refused for want of a slot.
     refused: Option<Instant>,
+    /// Peers refused for want of a slot, in the order they were first refused, with when
+    /// they last asked.
+    waiting: VecDeque<(P, Instant)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -45,12 +57,13 @@ impl<P: Copy + Eq + Hash> UploadSlots<P> {
             linger,
             slots: HashMap::new(),
             refused: None,
+            waiting: VecDeque::new(),
         }
     }
 
-    /// Whether `peer` may be sent a response now: it holds a slot, or gets one (a free one, or
-    /// the one held longest, once held over `hold`). When it may, the response is under way
-    /// until [`UploadSlots::done`].
+    /// Whether `peer` may be sent a response now: it holds a slot, or its turn has come and it
+    /// gets one (a free one, or the one held longest, once held over `hold`). When it may, the
+    /// response is under way until [`UploadSlots::done`].
     pub(crate) fn admit(&mut self, peer: P, now: Instant) -> bool {
         let linger = self.linger;
         self.slots
@@ -60,20 +73,35 @@ impl<P: Copy + Eq + Hash> UploadSlots<P> {
             s.active += 1;
             return true;
         }
+        self.waiting
+            .retain(|(_, asked)| now.saturating_duration_since(*asked) < WAIT_LAPSE);
+        let hold = self.hold;
+        let overdue = |s: &Slot| now.saturating_duration_since(s.granted) >= hold;
+        // Slots that can be had now: the free ones, and those held over `hold`.
+        let room = self.max.saturating_sub(self.slots.len())
+            + self.slots.values().filter(|s| overdue(s)).count();
+        let place = self.waiting.iter().position(|(p, _)| *p == peer);
+        if place.unwrap_or(self.waiting.len()) >= room {
+            self.refused = Some(now);
+            match place {
+                Some(i) => self.waiting[i].1 = now,
+                None if self.waiting.len() < MAX_WAITING => self.waiting.push_back((peer, now)),
+                None => {}
+            }
+            return false;
+        }
+        if let Some(i) = place {
+            self.waiting.remove(i);
+        }
         if self.slots.len() >= self.max {
             let longest = self
                 .slots
                 .iter()
+                .filter(|(_, s)| overdue(s))
                 .min_by_key(|(_, s)| s.granted)
-                .map(|(p, s)| (*p, s.granted));
-            match longest {
-                Some((p, granted)) if now.saturating_duration_since(granted) >= self.hold => {
-                    self.slots.remove(&p);
-                }
-                _ => {
-                    self.refused = Some(now);
-                    return false;
-                }
+                .map(|(p, _)| *p);
+            if let Some(p) = longest {
+                self.slots.remove(&p);
             }
         }
         self.slots.insert(
@@ -160,6 +188,46 @@ mod tests {
         s.done(1, t0 + 5 * SEC);
         assert!(!ask(&mut s, 2, t0 + 5 * SEC + SEC / 2));
         assert!(ask(&mut s, 2, t0 + 7 * SEC));
+    }
+
+    #[test]
+    fn turns_go_in_the_order_peers_waited_not_to_who_asks_most() {
+        let t0 = Instant::now();
+        let mut s = UploadSlots::new(1, 10 * SEC, SEC);
+        assert!(s.admit(1, t0));
+        // Peer 2 is refused first and asks again every second; peer 3 asks every 10 ms.
+        assert!(!ask(&mut s, 2, t0 + SEC));
+        let mut t = t0 + SEC;
+        while t < t0 + 11 * SEC {
+            t += Duration::from_millis(10);
+            assert!(!ask(&mut s, 3, t), "3 never jumps the queue");
+            if (t - t0).as_millis().is_multiple_of(1000) {
+                let turn = ask(&mut s, 2, t);
+                assert_eq!(
+                    turn,
+                    t >= t0 + 10 * SEC,
+                    "2 gets the slot once it is overdue"
+                );
+                if turn {
+                    break;
+                }
+            }
+        }
+        assert_eq!(s.len(), 1);
+        // A waiter that stops asking leaves the queue: the next in line is served.
+        let mut s = UploadSlots::new(1, 10 * SEC, SEC);
+        assert!(s.admit(1, t0));
+        assert!(!ask(&mut s, 2, t0), "2 is first in line");
+        assert!(!ask(&mut s, 3, t0 + SEC), "then 3");
+        s.done(1, t0 + SEC);
+        assert!(
+            !ask(&mut s, 3, t0 + 2 * SEC + SEC / 2),
+            "the slot is free: it is 2's turn"
+        );
+        assert!(
+            ask(&mut s, 3, t0 + 3 * SEC + SEC / 2),
+            "2 has not asked for over 3 s: it has left the queue"
+        );
     }
 }
 
