@@ -29,7 +29,9 @@ use std::path::{Path, PathBuf};
 
 use super::SnapshotKind;
 use super::manifest::Manifest;
-use super::store::{ARCHIVE_FILE, MANIFEST_FILE, OUTBOARD_FILE, Snapshot, SnapshotStore};
+use super::store::{
+    ARCHIVE_FILE, FULL_PREFIX, INCR_PREFIX, MANIFEST_FILE, OUTBOARD_FILE, Snapshot, SnapshotStore,
+};
 use crate::disk;
 
 /// The index of a published directory.
@@ -61,63 +63,125 @@ fn at(path: &Path) -> impl FnOnce(io::Error) -> PublishError + '_ {
 
 /// Puts `snapshot` into the directory `dir` (created if needed) in the store's layout, hard
 /// linked where the file system allows and copied where not, and rewrites the index. A snapshot
-/// published already is left alone. The files are fsynced and renamed into place before the
-/// index names them. Returns the snapshot's directory there.
+/// published already is left alone, but for its manifest, rewritten if the store's changed
+/// (counts corrected after a load). The files are fsynced and renamed into place before the
+/// index names them; a failure (a full disk, say) leaves nothing half made behind. Returns the
+/// snapshot's directory there.
 pub fn publish(snapshot: &Snapshot, dir: &Path) -> Result<PathBuf, PublishError> {
     fs::create_dir_all(dir).map_err(at(dir))?;
+    let target = place(snapshot, dir)?;
+    write_index(dir)?;
+    Ok(target)
+}
+
+/// Puts `snapshot`'s files in place under `dir`, without touching the index.
+fn place(snapshot: &Snapshot, dir: &Path) -> Result<PathBuf, PublishError> {
     let name = snapshot
         .dir()
         .file_name()
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(snapshot.manifest().content_root.to_hex()));
     let target = dir.join(&name);
-    if !target.join(MANIFEST_FILE).exists() {
-        let mut staging = dir.join(".publishing-");
-        staging.as_mut_os_string().push(&name);
-        disk::remove_path(&staging).map_err(at(&staging))?;
-        fs::create_dir_all(&staging).map_err(at(&staging))?;
-        for file in [ARCHIVE_FILE, OUTBOARD_FILE, MANIFEST_FILE] {
-            let from = snapshot.dir().join(file);
-            let to = staging.join(file);
-            if fs::hard_link(&from, &to).is_err() {
-                fs::copy(&from, &to).map_err(at(&to))?;
-                fs::File::open(&to)
-                    .and_then(|f| f.sync_all())
-                    .map_err(at(&to))?;
-            }
+    let manifest = snapshot.manifest().encode();
+    let placed = target.join(MANIFEST_FILE);
+    if let Ok(old) = fs::read(&placed) {
+        if old != manifest {
+            disk::replace_synced(&placed, &manifest).map_err(at(&placed))?;
         }
-        disk::sync_dir(&staging).map_err(at(&staging))?;
-        fs::rename(&staging, &target).map_err(at(&target))?;
-        disk::sync_dir(dir).map_err(at(dir))?;
+        return Ok(target);
     }
-    write_index(dir)?;
-    Ok(target)
+    let mut staging = dir.join(STAGING_PREFIX);
+    staging.as_mut_os_string().push(&name);
+    let made = stage(snapshot, &staging).and_then(|()| {
+        fs::rename(&staging, &target).map_err(at(&target))?;
+        disk::sync_dir(dir).map_err(at(dir))
+    });
+    if made.is_err() {
+        let _ = disk::remove_path(&staging);
+    }
+    made.map(|()| target)
 }
 
-/// Makes `dir` hold exactly the snapshots of `store`: publishes those missing, removes those the
-/// store no longer holds (after the index stops naming them), rewrites the index.
-pub fn mirror(store: &SnapshotStore, dir: &Path) -> Result<(), PublishError> {
-    let held = store.list();
-    for snap in &held {
-        publish(snap, dir)?;
+/// The snapshot's files in `staging`, fsynced.
+fn stage(snapshot: &Snapshot, staging: &Path) -> Result<(), PublishError> {
+    disk::remove_path(staging).map_err(at(staging))?;
+    fs::create_dir_all(staging).map_err(at(staging))?;
+    for file in [ARCHIVE_FILE, OUTBOARD_FILE, MANIFEST_FILE] {
+        let from = snapshot.dir().join(file);
+        let to = staging.join(file);
+        if fs::hard_link(&from, &to).is_err() {
+            fs::copy(&from, &to).map_err(at(&to))?;
+            fs::File::open(&to)
+                .and_then(|f| f.sync_all())
+                .map_err(at(&to))?;
+        }
     }
+    disk::sync_dir(staging).map_err(at(staging))
+}
+
+/// Directories being made (hidden: never listed).
+const STAGING_PREFIX: &str = ".publishing-";
+
+/// Directories being removed (hidden: never listed).
+const REMOVING_PREFIX: &str = ".removing-";
+
+/// Makes `dir` hold exactly the snapshots of `store`: removes those the store no longer holds
+/// (once the index stops naming them: renamed out of sight at once, then deleted), then
+/// publishes those missing, then rewrites the index. Removing first frees the disk the new
+/// ones need; leftovers of an interrupted run are cleared first.
+pub fn mirror(store: &SnapshotStore, dir: &Path) -> Result<(), PublishError> {
+    fs::create_dir_all(dir).map_err(at(dir))?;
+    clear_leftovers(dir)?;
+    let held = store.list();
     let keep: Vec<_> = held
         .iter()
         .filter_map(|s| s.dir().file_name().map(|n| n.to_owned()))
         .collect();
-    let gone: Vec<PathBuf> = published(dir)?
+    // Every snapshot directory not held, whether or not its manifest still reads.
+    let gone: Vec<String> = snapshot_dirs(dir)?
         .into_iter()
-        .filter(|(name, _)| !keep.iter().any(|k| k.to_string_lossy() == name.as_str()))
-        .map(|(name, _)| dir.join(name))
+        .filter(|name| !keep.iter().any(|k| k.to_string_lossy() == name.as_str()))
         .collect();
     if !gone.is_empty() {
-        // The index first stops naming them, then they go.
-        write_index_except(dir, &gone)?;
-        for path in gone {
-            disk::remove_path(&path).map_err(at(&path))?;
+        let paths: Vec<PathBuf> = gone.iter().map(|n| dir.join(n)).collect();
+        write_index_except(dir, &paths)?;
+        for name in &gone {
+            let hidden = dir.join(format!("{REMOVING_PREFIX}{name}"));
+            fs::rename(dir.join(name), &hidden).map_err(at(&hidden))?;
         }
+        disk::sync_dir(dir).map_err(at(dir))?;
+        clear_leftovers(dir)?;
+    }
+    for snap in &held {
+        place(snap, dir)?;
     }
     write_index(dir)
+}
+
+/// Removes what an interrupted publish or removal left (hidden directories of ours).
+fn clear_leftovers(dir: &Path) -> Result<(), PublishError> {
+    for entry in fs::read_dir(dir).map_err(at(dir))? {
+        let entry = entry.map_err(at(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(STAGING_PREFIX) || name.starts_with(REMOVING_PREFIX) {
+            disk::remove_path(&entry.path()).map_err(at(&entry.path()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The names of the snapshot directories in `dir` (as the store names them).
+fn snapshot_dirs(dir: &Path) -> Result<Vec<String>, PublishError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(at(dir))? {
+        let entry = entry.map_err(at(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if (name.starts_with(FULL_PREFIX) || name.starts_with(INCR_PREFIX)) && entry.path().is_dir()
+        {
+            out.push(name);
+        }
+    }
+    Ok(out)
 }
 
 /// The snapshots published in `dir`: each subdirectory (not hidden) with a manifest that reads.
@@ -241,13 +305,29 @@ mod tests {
         assert!(index.contains(&m.content_root.to_hex()), "{index}");
         assert!(index.contains(&format!("\"slot\":{}", m.slot)));
         assert!(index.contains("\"base\":null"));
-        // Publishing again changes nothing; mirroring an emptied store empties the directory.
+        // Publishing again changes nothing but a manifest the store corrected since.
         publish(&snap, &out).unwrap();
-        store.remove(&snap).unwrap();
+        store
+            .correct_counts(&m.content_root, m.entry_count + 1, m.state_bytes + 100)
+            .unwrap();
+        let corrected = store.get(&m.content_root).unwrap();
+        publish(&corrected, &out).unwrap();
+        assert_eq!(
+            fs::read(dir.join(MANIFEST_FILE)).unwrap(),
+            corrected.manifest().encode()
+        );
+        assert_ne!(corrected.manifest().encode(), m.encode());
+        // Leftovers of an interrupted run go; mirroring an emptied store empties the directory.
+        let leftovers = [out.join(".publishing-x"), out.join(".removing-y")];
+        for l in &leftovers {
+            fs::create_dir_all(l.join("inner")).unwrap();
+        }
+        store.remove(&corrected).unwrap();
         mirror(&store, &out).unwrap();
         assert!(!dir.exists());
         let index = fs::read_to_string(out.join(INDEX_FILE)).unwrap();
         assert!(!index.contains(&m.content_root.to_hex()));
+        assert!(leftovers.iter().all(|l| !l.exists()));
         assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
     }
 }

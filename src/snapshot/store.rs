@@ -45,8 +45,8 @@ pub const OUTBOARD_FILE: &str = "outboard.bao";
 /// File name of the manifest inside a snapshot directory.
 pub const MANIFEST_FILE: &str = "manifest.pb";
 
-const FULL_PREFIX: &str = "full-";
-const INCR_PREFIX: &str = "incr-";
+pub(super) const FULL_PREFIX: &str = "full-";
+pub(super) const INCR_PREFIX: &str = "incr-";
 const TMP_PREFIX: &str = ".tmp-";
 const TRASH_PREFIX: &str = ".trash-";
 pub(crate) const PARTIAL_PREFIX: &str = ".partial-";

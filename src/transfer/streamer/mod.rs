@@ -32,7 +32,7 @@ use tokio::task::JoinSet;
 
 use self::slots::{SeedOffers, UploadSlots};
 use super::limit::ByteLimiter;
-use super::protocol::{TokenKey, close};
+use super::protocol::{MAX_HAVE_BITS, TokenKey, close};
 use super::tls::{self, EndpointError};
 use super::{STREAMER_TARGET, Token};
 use crate::chunk::ChunkSource;
@@ -83,6 +83,9 @@ pub enum StreamerError {
 /// Open chunk sources, so that a download keeps going from the same open files even if
 /// retention deletes the snapshot meanwhile, and files are not reopened per request.
 const OPEN_SOURCES: usize = 4;
+
+/// The block a seed counts what it sent in: a default request's worth of chunks.
+const SEED_BLOCK_CHUNKS: u64 = 32;
 
 /// Connections per address.
 #[derive(Debug, Default, Clone, Copy)]
@@ -180,9 +183,14 @@ impl Shared {
             let any = *offers.keys().next().expect("not empty");
             offers.remove(&any);
         }
+        // The seed counts in blocks of its own choosing (a default request's worth of chunks,
+        // or coarser for a huge snapshot), whatever block size this asker picked.
+        let own_block = SEED_BLOCK_CHUNKS.max(chunks.div_ceil(MAX_HAVE_BITS));
         offers
             .entry(*root)
-            .or_insert_with(|| SeedOffers::new(chunks, block, rand::random::<u64>() as usize, now))
+            .or_insert_with(|| {
+                SeedOffers::new(chunks, own_block, rand::random::<u64>() as usize, now)
+            })
             .answer(slots::OFFER_BLOCKS, block, Some(holding), now)
     }
 

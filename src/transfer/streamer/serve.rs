@@ -233,6 +233,17 @@ impl Responder<'_> {
     /// Answers which blocks of chunks this node holds of a snapshot: all of a published one,
     /// the verified ones of one it downloads.
     async fn have(&mut self, get: &proto::GetHave) -> Result<(), ServeError> {
+        // Its memory first, as a chunk response's: the bitfield is held until it is sent.
+        let kib = (have_bytes(get, self.shared).div_ceil(1024) as u32).min(self.shared.memory_kib);
+        let _permits = if kib > 0 {
+            let Some(p) = memory(self.shared, self.allowance, kib).await else {
+                let busy = refusal(proto::Status::Busy, "no response memory free; try again");
+                return self.respond(busy.header(), None).await;
+            };
+            Some(p)
+        } else {
+            None
+        };
         let (header, body) = match have_answer(get, self.shared, self.allowance.peer) {
             Ok(v) => v,
             Err(r) => return self.respond(r.header(), None).await,
@@ -315,6 +326,28 @@ async fn memory<'a>(
         .await
         .ok()
         .flatten()
+}
+
+/// The most bytes the bitfield answering `get` can take (0 when it will be refused).
+fn have_bytes(get: &proto::GetHave, shared: &Shared) -> u64 {
+    let (Ok(root), block) = (
+        ContentRoot::from_slice(&get.content_root),
+        u64::from(get.block_chunks),
+    ) else {
+        return 0;
+    };
+    match shared.served(&root) {
+        // An uncontended seed answers "complete", with no bitfield.
+        Ok(Served::Complete(_)) if !shared.uploads_contended() => 0,
+        Ok(served) if block > 0 => served
+            .source()
+            .tree()
+            .chunk_count()
+            .div_ceil(block)
+            .min(MAX_HAVE_BITS)
+            .div_ceil(8),
+        _ => 0,
+    }
 }
 
 /// The answer to a have request: its header and bitfield.
