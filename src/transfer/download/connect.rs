@@ -111,6 +111,16 @@ pub(super) async fn connect(
     peer: PeerAddr,
     target: DownloadTarget,
 ) -> Result<(quinn::Connection, Manifest), ConnectError> {
+    let conn = handshake(ctx, &peer).await?;
+    let manifest = manifest_of(&conn, target).await?;
+    Ok((conn, manifest))
+}
+
+/// The connection, once both sides proved the token and agreed on the protocol.
+async fn handshake(
+    ctx: &DownloadContext,
+    peer: &PeerAddr,
+) -> Result<quinn::Connection, ConnectError> {
     let config = tls::client_config(&ctx.keypair, peer.peer_id, &ctx.config.transport)?;
     let conn = ctx
         .endpoint
@@ -163,7 +173,14 @@ pub(super) async fn connect(
         conn.close(close::SERVER_UNAUTHENTICATED, b"no token proof");
         return Err(ConnectError::ServerUnauthenticated);
     }
-    // The manifest, which must be the advertised snapshot.
+    Ok(conn)
+}
+
+/// The peer's manifest of the target, which must be the advertised snapshot.
+async fn manifest_of(
+    conn: &quinn::Connection,
+    target: DownloadTarget,
+) -> Result<Manifest, ConnectError> {
     let (mut send, mut recv) = conn
         .open_bi()
         .await
@@ -194,7 +211,7 @@ pub(super) async fn connect(
     if let Some(what) = target.mismatch(&manifest) {
         return Err(ConnectError::Mismatch(what));
     }
-    Ok((conn, manifest))
+    Ok(manifest)
 }
 
 /// A response header's status and message, for error text.

@@ -252,6 +252,19 @@ enum Reserve {
     Done,
 }
 
+/// Where verified chunks of `partial` are written, and the writeback that follows them.
+fn sink_of(partial: &Partial) -> Result<(Writeback, Arc<Sink>), StoreError> {
+    let dir = partial.dir().to_path_buf();
+    let clone = |f: &std::fs::File| f.try_clone().map_err(|e| StoreError::at(&dir, e));
+    let writeback = Writeback::start(clone(partial.file())?);
+    let sink = Arc::new(Sink {
+        archive: clone(partial.file())?,
+        outboard: clone(partial.outboard())?,
+        dir: dir.clone(),
+    });
+    Ok((writeback, sink))
+}
+
 impl Run {
     /// Opens the download's partial state on disk and its scheduler.
     async fn open(
@@ -290,14 +303,7 @@ impl Run {
         let resumed_bytes = sched.done_bytes();
         // A loader may start on what a previous run left verified on disk.
         channels.watermark.advance(sched.verified_prefix());
-        let dir = partial.dir().to_path_buf();
-        let clone = |f: &std::fs::File| f.try_clone().map_err(|e| StoreError::at(&dir, e));
-        let writeback = Writeback::start(clone(partial.file())?);
-        let sink = Arc::new(Sink {
-            archive: clone(partial.file())?,
-            outboard: clone(partial.outboard())?,
-            dir: dir.clone(),
-        });
+        let (writeback, sink) = sink_of(&partial)?;
         let persister = Persister::new(&partial, resumed_bytes)?;
         let verified = Arc::new(VerifiedChunks::new(tree.chunk_count()));
         for c in 0..tree.chunk_count() {

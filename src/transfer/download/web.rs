@@ -83,9 +83,37 @@ pub(super) async fn fetch_web(
 ) -> Result<(), FetchError> {
     let protocol = |e: crate::chunk::ChunkError| FetchError::Protocol(e.to_string());
     let parts = tree.encoding(chunks.clone()).map_err(protocol)?;
-    let mut have: HashMap<u64, [u8; 64]> = HashMap::new();
-    let mut missing: Vec<u64> = Vec::new();
-    for part in &parts {
+    let (mut have, missing) = cached_nodes(&parts, nodes);
+    let data = parts.iter().filter_map(|p| match p {
+        Part::Data { offset, len } => Some((*offset, *len as u64)),
+        Part::Node { .. } => None,
+    });
+    let Some(span) = data.fold(None, |span: Option<Range<u64>>, (offset, len)| {
+        Some(span.map_or(offset, |s| s.start)..offset + len)
+    }) else {
+        return Err(FetchError::Protocol("a range without data".into()));
+    };
+    // The proof nodes and the archive bytes are asked for at once.
+    let outboard = format!("{path}/{OUTBOARD_FILE}");
+    let archive = format!("{path}/{ARCHIVE_FILE}");
+    let (read, body) = tokio::join!(
+        read_nodes(web, &outboard, &missing, nodes, &mut have, stall),
+        web.range(&archive, span, stall)
+    );
+    read?;
+    let mut body = body?;
+    let mut decoder = tree.range_decoder(chunks).map_err(protocol)?;
+    let landing = Landing::new(sink, tree, written);
+    let result = feed(&parts, &have, &mut body, &mut decoder, &landing).await?;
+    let result = result.and_then(|()| decoder.finish());
+    landing.finish(result)
+}
+
+/// The proof nodes of `parts` the cache holds, and the offsets of those it lacks (sorted).
+fn cached_nodes(parts: &[Part], nodes: &NodeCache) -> (HashMap<u64, [u8; 64]>, Vec<u64>) {
+    let mut have = HashMap::new();
+    let mut missing = Vec::new();
+    for part in parts {
         if let Part::Node { offset } = part {
             match nodes.get(*offset) {
                 Some(n) => {
@@ -97,53 +125,61 @@ pub(super) async fn fetch_web(
     }
     missing.sort_unstable();
     missing.dedup();
-    let data: Vec<(u64, usize)> = parts
-        .iter()
-        .filter_map(|p| match p {
-            Part::Data { offset, len } => Some((*offset, *len)),
-            Part::Node { .. } => None,
-        })
-        .collect();
-    let (Some(first), Some(last)) = (data.first(), data.last()) else {
-        return Err(FetchError::Protocol("a range without data".into()));
-    };
-    // The proof nodes and the archive bytes are asked for at once.
-    let archive = format!("{path}/{ARCHIVE_FILE}");
-    let outboard = format!("{path}/{OUTBOARD_FILE}");
-    let read_nodes = async {
-        for span in spans(&missing) {
-            let mut body = web.range(&outboard, span.clone(), stall).await?;
-            let mut bytes = Vec::with_capacity((span.end - span.start) as usize);
-            while let Some(piece) = body.next().await? {
-                bytes.extend_from_slice(&piece);
-            }
-            for offset in missing.iter().filter(|o| span.contains(o)) {
-                let at = (offset - span.start) as usize;
-                let mut node = [0u8; 64];
-                node.copy_from_slice(&bytes[at..at + 64]);
-                nodes.put(*offset, node);
-                have.insert(*offset, node);
-            }
+    (have, missing)
+}
+
+/// Reads the nodes at `missing` from the outboard, in merged spans, into `have` and the cache.
+async fn read_nodes(
+    web: &WebSource,
+    outboard: &str,
+    missing: &[u64],
+    nodes: &NodeCache,
+    have: &mut HashMap<u64, [u8; 64]>,
+    stall: Duration,
+) -> Result<(), WebError> {
+    for span in spans(missing) {
+        let mut body = web.range(outboard, span.clone(), stall).await?;
+        let mut bytes = Vec::with_capacity((span.end - span.start) as usize);
+        while let Some(piece) = body.next().await? {
+            bytes.extend_from_slice(&piece);
         }
-        Ok::<(), WebError>(())
-    };
-    let (read, body) = tokio::join!(
-        read_nodes,
-        web.range(&archive, first.0..last.0 + last.1 as u64, stall)
-    );
-    read?;
-    let mut body = body?;
-    let mut decoder = tree.range_decoder(chunks).map_err(protocol)?;
-    let landing = Landing::new(sink, tree, written);
+        for offset in missing.iter().filter(|o| span.contains(o)) {
+            let at = (offset - span.start) as usize;
+            // The body is exactly the span (checked as it is read): every node is in it.
+            let Some(node) = bytes
+                .get(at..at + 64)
+                .and_then(|b| <[u8; 64]>::try_from(b).ok())
+            else {
+                return Err(WebError::Truncated {
+                    url: web.url(outboard),
+                    got: bytes.len() as u64,
+                    expected: span.end - span.start,
+                });
+            };
+            nodes.put(*offset, node);
+            have.insert(*offset, node);
+        }
+    }
+    Ok(())
+}
+
+/// Feeds the decoder in encoding order: each node from `have`, the data from `body`. Returns
+/// the landing's verdict (a chunk that fails its proof, a write that fails), or the body's
+/// error.
+async fn feed(
+    parts: &[Part],
+    have: &HashMap<u64, [u8; 64]>,
+    body: &mut crate::transfer::web::Body,
+    decoder: &mut crate::chunk::RangeDecoder,
+    landing: &Landing<'_>,
+) -> Result<Result<(), crate::chunk::ChunkError>, FetchError> {
     let mut piece = prost::bytes::Bytes::new();
-    let mut result = Ok(());
-    'parts: for part in &parts {
+    for part in parts {
         match part {
             Part::Node { offset } => {
                 let node = have.get(offset).expect("every node read above");
-                if let Err(e) = landing.feed(&mut decoder, node) {
-                    result = Err(e);
-                    break;
+                if let Err(e) = landing.feed(decoder, node) {
+                    return Ok(Err(e));
                 }
             }
             Part::Data { len, .. } => {
@@ -152,23 +188,21 @@ pub(super) async fn fetch_web(
                     if piece.is_empty() {
                         piece = match body.next().await {
                             Ok(Some(p)) => p,
-                            Ok(None) => break 'parts,
+                            Ok(None) => return Ok(Ok(())),
                             Err(e) => return Err(e.into()),
                         };
                     }
                     let take = left.min(piece.len());
                     let bytes = piece.split_to(take);
                     left -= take;
-                    if let Err(e) = landing.feed(&mut decoder, &bytes) {
-                        result = Err(e);
-                        break 'parts;
+                    if let Err(e) = landing.feed(decoder, &bytes) {
+                        return Ok(Err(e));
                     }
                 }
             }
         }
     }
-    let result = result.and_then(|()| decoder.finish());
-    landing.finish(result)
+    Ok(Ok(()))
 }
 
 /// Outboard reads covering `offsets` (sorted): nodes close together share one read.
