@@ -6,10 +6,11 @@
 //! cargo run --release --example load_bench [-- --clients 32 --mib 32]
 //! ```
 //!
-//! It reports the aggregate rate against the lone client's, every client's share while all are
-//! active (its rate over the window from the moment the last one received its first byte until
-//! the first one finished, as a ratio to the mean), and the streamer's peak RSS (it runs as its
-//! own process; the parent reads its `VmHWM`). Every download must complete exactly.
+//! It reports the aggregate rate against the lone client's, when the clients finished (the
+//! streamer uploads to `max_uploads` peers at a time and the others take their turns in the
+//! order they asked, so finishing times spread evenly from the first turn to the last), and
+//! the streamer's peak RSS (it runs as its own process; the parent reads its `VmHWM`). Every
+//! download must complete exactly.
 //!
 //! Two cases of attack follow. **Held slots**: 64 connections under fresh identities, from
 //! four more addresses, prove the token (none is set), keep themselves alive and never ask for
@@ -226,9 +227,8 @@ async fn held_slots(dir: &Path, peer: PeerAddr, m: &Manifest) -> (bool, f64, usi
 /// What one round measured.
 struct Round {
     secs: f64,
-    /// Each client's rate over the window when all were active, bytes per second.
-    shares: Vec<f64>,
-    window_secs: f64,
+    /// When each client finished, seconds from the start, in order.
+    finished: Vec<f64>,
 }
 
 /// Downloads the snapshot into `clients` fresh stores at once, sampling progress.
@@ -281,28 +281,17 @@ async fn round(dir: &Path, clients: usize, peer: PeerAddr, m: &Manifest) -> Roun
     for (_, store) in &downloaders {
         let _ = std::fs::remove_dir_all(store);
     }
-    // The window: from the last client's first byte to the first client's last.
-    let from = samples
-        .iter()
-        .position(|(_, d)| d.iter().all(|&b| b > 0))
-        .expect("every client received something");
-    let to = samples
-        .iter()
-        .rposition(|(_, d)| d.iter().all(|&b| b < m.archive_size))
-        .unwrap_or(from);
-    let (t0, d0) = &samples[from];
-    let (t1, d1) = &samples[to.max(from)];
-    let window_secs = t1 - t0;
-    let shares = d0
-        .iter()
-        .zip(d1)
-        .map(|(a, b)| (b - a) as f64 / window_secs.max(1e-9))
+    // When each client's last byte was seen (to the sampling's 100 ms).
+    let mut finished: Vec<f64> = (0..clients)
+        .map(|i| {
+            samples
+                .iter()
+                .find(|(_, d)| d[i] == m.archive_size)
+                .map_or(secs, |(t, _)| *t)
+        })
         .collect();
-    Round {
-        secs,
-        shares,
-        window_secs,
-    }
+    finished.sort_by(f64::total_cmp);
+    Round { secs, finished }
 }
 
 /// Peak RSS of process `pid`, MiB (Linux).
@@ -376,11 +365,12 @@ fn main() {
 
     let alone_rate = mib(m.archive_size) / alone.secs;
     let aggregate = mib(m.archive_size * clients as u64) / all.secs;
-    let mean = all.shares.iter().sum::<f64>() / all.shares.len() as f64;
-    let ratios: Vec<f64> = all.shares.iter().map(|s| s / mean).collect();
-    let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = ratios.iter().copied().fold(0.0, f64::max);
-    let within = ratios.iter().filter(|r| (0.75..=1.25).contains(*r)).count();
+    let (first, median, last) = (
+        all.finished[0],
+        all.finished[all.finished.len() / 2],
+        all.finished[all.finished.len() - 1],
+    );
+    let slots = snapsync::transfer::StreamerConfig::default().max_uploads();
     println!(
         "{clients} clients x {:.0} MiB from one streamer: all complete and exact",
         mib(m.archive_size)
@@ -390,13 +380,11 @@ fn main() {
         alone.secs
     );
     println!(
-        "{clients} clients at once: {:.2} s, {aggregate:.0} MiB/s in all, {:.1} MiB/s mean share",
-        all.secs,
-        mib(mean as u64)
+        "{clients} clients at once: {:.2} s, {aggregate:.0} MiB/s in all",
+        all.secs
     );
     println!(
-        "shares while all active ({:.2} s window): min {min:.2}x, max {max:.2}x of the mean; {within} of {clients} within +-25%",
-        all.window_secs
+        "turns ({slots} upload slots): the first finished at {first:.1} s, the median at {median:.1} s, the last at {last:.1} s"
     );
     println!("streamer peak RSS: {server_peak:.0} MiB ({rss_idle:.0} MiB idle)");
     println!(
@@ -412,9 +400,8 @@ fn main() {
         std::fs::metadata(&archive).map_or(0, |m| m.len() >> 10)
     );
     println!(
-        "{{\"clients\":{clients},\"archive_mib\":{:.1},\"alone_mibs\":{alone_rate:.1},\"aggregate_mibs\":{aggregate:.1},\"all_secs\":{:.3},\"window_secs\":{:.3},\"share_min\":{min:.3},\"share_max\":{max:.3},\"within_25pct\":{within},\"server_peak_rss_mib\":{server_peak:.1},\"server_idle_rss_mib\":{rss_idle:.1},\"held_slots_first_try\":{first_try},\"held_slots_secs\":{held_secs:.3},\"held_slots_evicted\":{evicted},\"crafted_loader_peak_rss_mib\":{loader_peak:.1},\"decode_budget_mib\":{budget_mib:.0}}}",
+        "{{\"clients\":{clients},\"archive_mib\":{:.1},\"alone_mibs\":{alone_rate:.1},\"aggregate_mibs\":{aggregate:.1},\"all_secs\":{:.3},\"upload_slots\":{slots},\"first_done_secs\":{first:.3},\"median_done_secs\":{median:.3},\"last_done_secs\":{last:.3},\"server_peak_rss_mib\":{server_peak:.1},\"server_idle_rss_mib\":{rss_idle:.1},\"held_slots_first_try\":{first_try},\"held_slots_secs\":{held_secs:.3},\"held_slots_evicted\":{evicted},\"crafted_loader_peak_rss_mib\":{loader_peak:.1},\"decode_budget_mib\":{budget_mib:.0}}}",
         mib(m.archive_size),
         all.secs,
-        all.window_secs
     );
 }

@@ -64,6 +64,8 @@ async fn serve_web(root: &Path) {
     std::io::stdout().flush().unwrap();
     loop {
         let (sock, _) = listener.accept().await.unwrap();
+        // As nginx does (tcp_nodelay on): a response's last segment does not wait for an ACK.
+        sock.set_nodelay(true).unwrap();
         let root = root.to_path_buf();
         tokio::spawn(async move {
             let _ = serve_web_conn(sock, &root).await;

@@ -129,6 +129,16 @@ impl WebError {
 
 type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
+/// The TCP side of the client: no Nagle delay (a request is one write, and a response's last
+/// small segment must not wait for an ACK), a bounded connect.
+fn connector() -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    http
+}
+
 /// A published directory on a web server: its base URL and an HTTP(S) client.
 #[derive(Clone)]
 pub struct WebSource {
@@ -180,7 +190,7 @@ impl WebSource {
             })?
             .https_or_http()
             .enable_http1()
-            .build();
+            .wrap_connector(connector());
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(8)

@@ -46,6 +46,7 @@ impl WebServer {
         let (s, r) = (sent.clone(), requests.clone());
         let task = tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
+                let _ = sock.set_nodelay(true);
                 let (root, s, r) = (root.clone(), s.clone(), r.clone());
                 tokio::spawn(async move {
                     let _ = serve(sock, &root, fault, rate, &s, &r).await;

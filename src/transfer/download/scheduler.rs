@@ -223,6 +223,9 @@ const RANDOM_FIRST: usize = 4;
 /// "Not held" answers in a row after which a partial peer is dropped.
 pub(crate) const MAX_NOT_HELD: u32 = 8;
 
+/// How soon a source that answered "busy" is asked again (at most `have_interval`).
+pub(crate) const BUSY_RETRY: Duration = Duration::from_millis(250);
+
 /// How long a source may answer only "busy" before it gives its place to a waiting spare:
 /// three turns of a default upload slot.
 pub(crate) const BUSY_TURN: Duration = Duration::from_secs(30);
@@ -858,11 +861,12 @@ impl Scheduler {
                 return;
             }
             Failure::Busy => {
-                // Its slots turn over within seconds: asked again after a have interval.
+                // Its slots turn over within seconds, and turns go in the order peers asked:
+                // asked again soon.
                 self.last_busy = Some(now);
                 p.busy_since.get_or_insert(now);
                 if p.backoff_until.is_none_or(|t| t <= now) {
-                    p.backoff_until = Some(now + self.config.have_interval);
+                    p.backoff_until = Some(now + BUSY_RETRY.min(self.config.have_interval));
                 }
                 return;
             }

@@ -316,6 +316,9 @@ impl Drop for PeerGuard<'_> {
             slot.connections = slot.connections.saturating_sub(1);
             if slot.connections == 0 {
                 peers.remove(&self.peer);
+                // Gone: its upload slot goes to the next in line at once.
+                drop(peers);
+                self.shared.release_upload(self.peer);
             }
         }
     }

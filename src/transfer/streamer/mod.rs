@@ -202,6 +202,11 @@ impl Shared {
         }
     }
 
+    /// `peer` has no connection left: its upload slot, if it holds one, is free.
+    pub(crate) fn release_upload(&self, peer: PeerId) {
+        self.uploads().release(peer);
+    }
+
     /// An upload slot for one response to `peer`, if it may be sent chunks now (see
     /// `slots.rs`); held until the guard is dropped.
     pub(crate) fn upload_slot(&self, peer: PeerId) -> Option<UploadGuard<'_>> {

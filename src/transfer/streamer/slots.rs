@@ -124,6 +124,13 @@ impl<P: Copy + Eq + Hash> UploadSlots<P> {
         }
     }
 
+    /// `peer` is gone: its slot is free at once (once its responses under way have ended).
+    pub(crate) fn release(&mut self, peer: P) {
+        if self.slots.get(&peer).is_some_and(|s| s.active == 0) {
+            self.slots.remove(&peer);
+        }
+    }
+
     /// Whether more peers want uploads than there are slots: a peer was refused within the
     /// time a slot is held.
     pub(crate) fn contended(&self, now: Instant) -> bool {
