@@ -110,7 +110,10 @@ pub(crate) struct KeyEntry {
 struct Stored {
     advert: Advert,
     standing: Standing,
+    /// When its latest advert came.
     at: Instant,
+    /// When its first advert came (kept while it stays in the table).
+    first: Instant,
 }
 
 /// Peers' advertisements, by peer and by snapshot.
@@ -283,6 +286,7 @@ impl AdvertBook {
                 None => return false,
             }
         }
+        let first = self.adverts.get(&peer).map_or(now, |old| old.first);
         self.remove(&peer, policy);
         self.index(&advert, policy, now);
         self.order.entry(standing).or_default().insert((now, peer));
@@ -292,6 +296,7 @@ impl AdvertBook {
                 advert,
                 standing,
                 at: now,
+                first,
             },
         );
         true
@@ -373,9 +378,9 @@ impl AdvertBook {
         self.adverts.get(peer).map(|s| s.standing)
     }
 
-    /// When `peer`'s advert was recorded.
+    /// When `peer`'s first advert was recorded (it has been heard of since).
     pub(crate) fn since(&self, peer: &PeerId) -> Option<Instant> {
-        self.adverts.get(peer).map(|s| s.at)
+        self.adverts.get(peer).map(|s| s.first)
     }
 
     /// Every advert.

@@ -15,7 +15,7 @@ use super::scheduler::Failure;
 use crate::chunk::{ChunkError, ChunkTree};
 use crate::proto;
 use crate::snapshot::{OUTBOARD_FILE, StoreError};
-use crate::transfer::protocol::{FrameError, MAX_FRAME, MAX_HAVE_BITS, read_frame, write_frame};
+use crate::transfer::protocol::{FrameError, MAX_FRAME, read_frame, write_frame};
 
 /// Why a chunk request failed.
 #[derive(Debug, thiserror::Error)]
@@ -81,8 +81,9 @@ async fn ask_have_inner(
     let piece_chunks = piece_chunks.max(1);
     let chunks = tree.chunk_count();
     let pieces = chunks.div_ceil(piece_chunks);
-    // Pieces per block: as few as the bitfield's limit allows.
-    let per_block = pieces.div_ceil(MAX_HAVE_BITS).max(1);
+    // Pieces per block: as few as keep the asker's holding within its limit (a block is 16
+    // MiB of a 1 TiB snapshot, a piece of anything under 32 GiB).
+    let per_block = pieces.div_ceil(MAX_HOLDING_BYTES as u64 * 8).max(1);
     let block_chunks = u32::try_from(piece_chunks * per_block)
         .map_err(|_| FetchError::Protocol("pieces too large to ask about".into()))?;
     let blocks = chunks.div_ceil(u64::from(block_chunks));
@@ -137,8 +138,8 @@ async fn ask_have_inner(
 }
 
 /// The largest holding a have request carries: with the rest of the request it stays well
-/// within one frame. A larger one (a snapshot of more than 64 Ki blocks) is left out: the
-/// holding only steers what a contended holder offers, and the answer is the same without it.
+/// within one frame. Blocks are asked for coarse enough that it fits; a holding that did not
+/// would be left out (a contended seed then answers as an uncontended one, with no offer).
 const MAX_HOLDING_BYTES: usize = 8 * 1024;
 
 /// A have request for blocks of `block_chunks` chunks, with what this download holds in them
@@ -306,6 +307,7 @@ mod tests {
     use super::*;
     use crate::chunk::ChunkSize;
     use crate::hash::ContentRoot;
+    use crate::transfer::protocol::MAX_HAVE_BITS;
 
     #[test]
     fn a_have_request_fits_one_frame_for_the_largest_snapshot() {

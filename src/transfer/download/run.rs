@@ -388,21 +388,40 @@ impl Run {
     /// wait, and wait at the back of the spares themselves (see the scheduler's docs). Bounded:
     /// a download keeps at most `MAX_SOURCES` entries of sources, retired ones included.
     fn retire_busy(&mut self, now: Instant) {
-        for peer in self.sched.poll_busy_too_long(now) {
+        let busy = self.sched.poll_busy_too_long(now);
+        if busy.is_empty() || self.spares.is_empty() {
+            return;
+        }
+        // Spares never tried yet, of each kind (complete, partial): a retired source waits
+        // at the back, and does not count as one to give a place to.
+        let fresh = |partial: bool| {
+            self.spares
+                .iter()
+                .filter(|(a, p)| *p == partial && !self.sources.iter().any(|s| s.origin.same(a)))
+                .count()
+        };
+        let mut waiting = [fresh(false), fresh(true)];
+        // What arrived so far counts before a place is given up.
+        self.credit_all();
+        let mut retired = Vec::new();
+        for peer in busy {
             let partial = self.sources[peer].partial;
-            let waiting = self.spares.iter().any(|(_, p)| *p == partial);
-            if !waiting || self.sources.len() >= MAX_SOURCES {
+            let room = &mut waiting[usize::from(partial)];
+            if *room == 0 || self.sources.len() + retired.len() >= MAX_SOURCES {
                 continue;
             }
+            *room -= 1;
             let source = &mut self.sources[peer];
             tracing::debug!(target: DOWNLOAD_TARGET, source = %source.origin, "busy for long: giving its place to a waiting peer");
             if let Some(conn) = source.conn.take() {
                 conn.close(close::DONE, b"busy");
             }
-            let origin = source.origin.clone();
+            retired.push((source.origin.clone(), partial));
             self.sched.handle_retired(peer);
+        }
+        for spare in retired {
             if self.spares.len() < 3 * self.ctx.config.max_peers {
-                self.spares.push_back((origin, partial));
+                self.spares.push_back(spare);
             }
         }
     }
@@ -708,6 +727,9 @@ impl Run {
                 path,
                 manifest,
             } => {
+                if self.sched.peer_report(peer).fate != PeerFate::Alive {
+                    return Ok(());
+                }
                 tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, %path, "web source lists the snapshot");
                 self.sources[peer].web = Some((path, Arc::new(super::web::NodeCache::new())));
                 self.take_manifest(peer, *manifest);
@@ -737,6 +759,11 @@ impl Run {
     }
 
     fn connected(&mut self, peer: PeerIdx, conn: quinn::Connection, manifest: Manifest) {
+        if self.sched.peer_report(peer).fate != PeerFate::Alive {
+            // Dropped or retired while connecting: the connection is not used.
+            conn.close(close::DONE, b"not needed");
+            return;
+        }
         tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, "connected");
         self.take_manifest(peer, manifest);
         let reports = self.reports_tx.clone();

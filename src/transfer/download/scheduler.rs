@@ -693,10 +693,12 @@ impl Scheduler {
         let Some(req) = self.requests.get(&id) else {
             return 0;
         };
-        let range = req.chunks.start..upto.min(req.chunks.end);
+        let (peer, range) = (req.peer, req.chunks.start..upto.min(req.chunks.end));
         let added = self.mark(range);
         if added > 0 {
             self.last_progress = now;
+            // Its turn has come: it delivers.
+            self.peers[peer].busy_since = None;
         }
         added
     }
@@ -853,6 +855,10 @@ impl Scheduler {
     fn peer_failed(&mut self, peer: PeerIdx, failure: Failure, now: Instant) {
         let max = self.config.max_peer_failures;
         let p = &mut self.peers[peer];
+        // A late report of a peer already banned, dropped or retired changes nothing.
+        if p.fate != PeerFate::Alive {
+            return;
+        }
         match failure {
             Failure::Fatal => {
                 p.fate = PeerFate::Dropped;
@@ -899,6 +905,12 @@ impl Scheduler {
     pub(crate) fn handle_connect_failed(&mut self, peer: PeerIdx, failure: Failure, now: Instant) {
         self.peers[peer].conn = Conn::Disconnected;
         self.peer_failed(peer, failure, now);
+        // A server too full to take the connection is tried again after a have interval,
+        // not as soon as a busy request: each attempt costs it a handshake.
+        if failure == Failure::Busy {
+            let p = &mut self.peers[peer];
+            p.backoff_until = p.backoff_until.max(Some(now + self.config.have_interval));
+        }
     }
 
     /// The connection to `peer` was lost: its requests are cancelled and handed out again, and

@@ -46,6 +46,8 @@ struct Slot {
     last: Instant,
     /// Its responses under way: a slot does not lapse while it has any.
     active: usize,
+    /// Its peer is gone: the slot is freed when its last response ends.
+    released: bool,
 }
 
 impl<P: Copy + Eq + Hash> UploadSlots<P> {
@@ -110,6 +112,7 @@ impl<P: Copy + Eq + Hash> UploadSlots<P> {
                 granted: now,
                 last: now,
                 active: 1,
+                released: false,
             },
         );
         true
@@ -121,13 +124,22 @@ impl<P: Copy + Eq + Hash> UploadSlots<P> {
         if let Some(s) = self.slots.get_mut(&peer) {
             s.active = s.active.saturating_sub(1);
             s.last = s.last.max(now);
+            if s.released && s.active == 0 {
+                self.slots.remove(&peer);
+            }
         }
     }
 
-    /// `peer` is gone: its slot is free at once (once its responses under way have ended).
+    /// `peer` is gone: its slot is free at once (once its responses under way have ended),
+    /// and it leaves the queue.
     pub(crate) fn release(&mut self, peer: P) {
-        if self.slots.get(&peer).is_some_and(|s| s.active == 0) {
-            self.slots.remove(&peer);
+        self.waiting.retain(|(p, _)| *p != peer);
+        if let Some(s) = self.slots.get_mut(&peer) {
+            if s.active == 0 {
+                self.slots.remove(&peer);
+            } else {
+                s.released = true;
+            }
         }
     }
 
@@ -195,6 +207,23 @@ mod tests {
         s.done(1, t0 + 5 * SEC);
         assert!(!ask(&mut s, 2, t0 + 5 * SEC + SEC / 2));
         assert!(ask(&mut s, 2, t0 + 7 * SEC));
+    }
+
+    #[test]
+    fn a_gone_peer_frees_its_slot_and_its_place_in_the_queue() {
+        let t0 = Instant::now();
+        let mut s = UploadSlots::new(1, 10 * SEC, SEC);
+        assert!(s.admit(1, t0));
+        assert!(!ask(&mut s, 2, t0), "2 waits first");
+        assert!(!ask(&mut s, 3, t0), "then 3");
+        // 1 goes while a response is under way: the slot is free once it ends.
+        s.release(1);
+        assert_eq!(s.len(), 1);
+        s.done(1, t0);
+        assert_eq!(s.len(), 0);
+        // 2 goes too: 3 is next, at once.
+        s.release(2);
+        assert!(ask(&mut s, 3, t0));
     }
 
     #[test]
