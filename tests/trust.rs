@@ -36,25 +36,35 @@ fn config(dir: &std::path::Path) -> snapsync::Config {
     )
 }
 
+/// `n` serve-only producers executing the honest chain to slot 25, each dialled by the one
+/// before it.
+async fn producers(n: usize, events: &Events) -> (Vec<TestNode>, Running) {
+    let mut nodes: Vec<TestNode> = Vec::new();
+    for i in 0..n {
+        let (dir, db) = node_dir(0, 0, 0);
+        let cfg = serve_only(config(dir.path()));
+        let node = start_node(i, dir.clone(), db, cfg, events.tx.clone()).await;
+        if let Some(before) = nodes.last() {
+            before.dial(node.addr.clone());
+        }
+        nodes.push(node);
+    }
+    let chain = Running::start(
+        HONEST,
+        nodes.iter().map(|p| p.ctl()).collect(),
+        0,
+        Duration::from_millis(20),
+    );
+    chain.stop_at(25);
+    (nodes, chain)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attacker_chain_racing_ahead_is_never_loaded() {
     init_tracing();
     let mut events = Events::new();
     // Two honest producers of the chain.
-    let mut honest = Vec::new();
-    for i in 0..2 {
-        let (dir, db) = node_dir(0, 0, 0);
-        let cfg = serve_only(config(dir.path()));
-        honest.push(start_node(i, dir.clone(), db, cfg, events.tx.clone()).await);
-    }
-    honest[0].dial(honest[1].addr.clone());
-    let chain = Running::start(
-        HONEST,
-        honest.iter().map(|p| p.ctl()).collect(),
-        0,
-        Duration::from_millis(20),
-    );
-    chain.stop_at(25);
+    let (honest, _chain) = producers(2, &events).await;
     // The attacker: its own state, a self-consistent full snapshot at a slot far ahead.
     let (dir, db) = node_dir(0, 0, 0);
     for s in 1..=3 {
@@ -303,21 +313,7 @@ async fn an_attacker_announcing_a_slot_near_the_end_of_time_does_not_replace_a_p
 async fn one_ground_identity_among_three_trusted_producers_cannot_stall_or_discredit_them() {
     init_tracing();
     let mut events = Events::new();
-    let mut producers = Vec::new();
-    for i in 0..3 {
-        let (dir, db) = node_dir(0, 0, 0);
-        let cfg = serve_only(config(dir.path()));
-        producers.push(start_node(i, dir.clone(), db, cfg, events.tx.clone()).await);
-    }
-    producers[0].dial(producers[1].addr.clone());
-    producers[1].dial(producers[2].addr.clone());
-    let chain = Running::start(
-        HONEST,
-        producers.iter().map(|p| p.ctl()).collect(),
-        0,
-        Duration::from_millis(20),
-    );
-    chain.stop_at(25);
+    let (producers, _chain) = producers(3, &events).await;
     let honest = made_at(&mut events, 20, 3).await;
     // The attacker's identity sorts below every producer's.
     let lowest = producers.iter().map(|p| p.peer_id).min().unwrap();

@@ -515,6 +515,16 @@ impl LmdbState {
         Ok(())
     }
 
+    /// The live generation, held (a swap waits) for a write, once writes are allowed.
+    fn writable(&self) -> Result<std::sync::RwLockReadGuard<'_, Generation>, DbError> {
+        self.check_usable()?;
+        Ok(self
+            .generations
+            .live
+            .read()
+            .unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// The DB's directory.
     pub fn dir(&self) -> &Path {
         &self.generations.dir
@@ -539,13 +549,8 @@ impl LmdbState {
     where
         F: FnOnce(&mut SlotWriter<'_, '_>) -> Result<(), DbError>,
     {
-        self.check_usable()?;
         // Hold the read side for the whole transaction so that an import's swap waits.
-        let guard = self
-            .generations
-            .live
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
+        let guard = self.writable()?;
         let g = &*guard;
         let mut txn = g.env.write_txn().map_err(backend)?;
         let mut meta = g.read_meta(&txn)?;
@@ -633,12 +638,7 @@ impl StateDb for LmdbState {
     }
 
     fn apply_changes(&self, slot: u64, changes: &mut ApplyFn<'_>) -> Result<(), DbError> {
-        self.check_usable()?;
-        let guard = self
-            .generations
-            .live
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
+        let guard = self.writable()?;
         apply_on(&guard, slot, changes)
     }
 

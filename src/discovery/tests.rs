@@ -818,16 +818,21 @@ fn what_lies_outside_the_key_comes_from_the_trusted_and_they_are_tried_first() {
     assert_eq!(t.peers.len(), 23, "the others serve too, after them");
 }
 
-#[test]
-fn counts_no_policy_vouches_for_are_marked_as_claims() {
-    let t0 = Instant::now();
+/// A node pinned to the state at slot 500 of `full(500, 1)`, any root.
+fn pinned_500() -> DiscoveryConfig {
     let mut c = config();
     c.policy = TrustPolicy::TrustedSnapshot {
         slot: 500,
         bank_hash: BankHash([1; 32]),
         content_root: None,
     };
-    let (mut d, nonce) = asking(c, t0, None);
+    c
+}
+
+#[test]
+fn counts_no_policy_vouches_for_are_marked_as_claims() {
+    let t0 = Instant::now();
+    let (mut d, nonce) = asking(pinned_500(), t0, None);
     let p = PeerId::random();
     d.handle_answer(p, &answer(p, &[full(500, 1)], nonce), false, t0);
     d.handle_timeout(t0 + SEC);
@@ -837,13 +842,7 @@ fn counts_no_policy_vouches_for_are_marked_as_claims() {
 #[test]
 fn fresh_roots_for_a_pinned_state_do_not_keep_the_one_heard_first_from_being_tried() {
     let t0 = Instant::now();
-    let mut c = config();
-    c.policy = TrustPolicy::TrustedSnapshot {
-        slot: 500,
-        bank_hash: BankHash([1; 32]),
-        content_root: None,
-    };
-    let (mut d, nonce) = asking(c, t0, None);
+    let (mut d, nonce) = asking(pinned_500(), t0, None);
     let honest = full(500, 1);
     for _ in 0..3 {
         let p = PeerId::random();

@@ -589,48 +589,45 @@ impl Run {
     }
 
     fn request(&mut self, id: ReqId, peer: PeerIdx, chunks: std::ops::Range<u64>) {
+        let (tree, sink) = (self.tree, self.sink.clone());
+        let stall = self.ctx.config.schedule.min_request_timeout;
+        let written = Arc::new(AtomicU64::new(chunks.start));
+        let progress = written.clone();
         #[cfg(feature = "web")]
         if let (Origin::Web(web), Some((path, nodes))) =
             (&self.sources[peer].origin, &self.sources[peer].web)
         {
             let (web, path, nodes) = (web.clone(), path.clone(), nodes.clone());
-            let reports = self.reports_tx.clone();
-            let (tree, sink) = (self.tree, self.sink.clone());
-            let stall = self.ctx.config.schedule.min_request_timeout;
-            let chunks_start = chunks.start;
-            let written = Arc::new(AtomicU64::new(chunks.start));
-            let progress = written.clone();
-            let task = self.tasks.spawn(async move {
-                let result = super::web::fetch_web(
-                    &web, &path, &nodes, tree, chunks, &sink, stall, &progress,
-                )
-                .await;
-                let _ = reports.send(Report::Fetched { id, result }).await;
+            let start = chunks.start;
+            return self.spawn_fetch(id, peer, start, written, async move {
+                super::web::fetch_web(&web, &path, &nodes, tree, chunks, &sink, stall, &progress)
+                    .await
             });
-            self.requests.insert(
-                id,
-                InFlight {
-                    peer,
-                    task,
-                    start: chunks_start,
-                    written,
-                },
-            );
-            return;
         }
         let Some(conn) = self.sources[peer].conn.clone() else {
             self.sched
                 .handle_failure(id, Failure::Transient, Instant::now());
             return;
         };
+        let start = chunks.start;
+        self.spawn_fetch(id, peer, start, written, async move {
+            fetch(conn, tree, chunks, &sink, stall, &progress).await
+        });
+    }
+
+    /// Runs the fetch of request `id` from `peer` (chunks from `start` on), its progress
+    /// followed through `written`; its end is reported.
+    fn spawn_fetch(
+        &mut self,
+        id: ReqId,
+        peer: PeerIdx,
+        start: u64,
+        written: Arc<AtomicU64>,
+        fetch: impl std::future::Future<Output = Result<(), FetchError>> + Send + 'static,
+    ) {
         let reports = self.reports_tx.clone();
-        let (tree, sink) = (self.tree, self.sink.clone());
-        let stall = self.ctx.config.schedule.min_request_timeout;
-        let chunks_start = chunks.start;
-        let written = Arc::new(AtomicU64::new(chunks.start));
-        let progress = written.clone();
         let task = self.tasks.spawn(async move {
-            let result = fetch(conn, tree, chunks, &sink, stall, &progress).await;
+            let result = fetch.await;
             let _ = reports.send(Report::Fetched { id, result }).await;
         });
         self.requests.insert(
@@ -638,7 +635,7 @@ impl Run {
             InFlight {
                 peer,
                 task,
-                start: chunks_start,
+                start,
                 written,
             },
         );
