@@ -622,18 +622,25 @@ fn main() {
             ])
         },
     );
-    let get_snapsync = |l: &[String]| {
-        owned(&[
+    // The client's arguments: the servers a scenario started, a web source, or both.
+    let client = |peers: Option<&[String]>, web: Option<&str>| {
+        let mut args = owned(&[
             "--role",
             "get-snapsync",
             "--manifest",
             &manifest_s,
             "--store",
             &client_s,
-            "--peers",
-            &peers_arg(l),
-        ])
+        ]);
+        if let Some(l) = peers {
+            args.extend(["--peers".to_string(), peers_arg(l)]);
+        }
+        if let Some(url) = web {
+            args.extend(["--web".to_string(), url.to_string()]);
+        }
+        args
     };
+    let get_snapsync = |l: &[String]| client(Some(l), None);
     let one = scenario(
         "(a) snapsync, 1 peer",
         &[
@@ -672,17 +679,10 @@ fn main() {
         &["--role", "serve-web", "--dir", &www_s],
         1,
         &|l| {
-            let url = format!("http://{}/", support::text(&l[0], "addr"));
-            owned(&[
-                "--role",
-                "get-snapsync",
-                "--manifest",
-                &manifest_s,
-                "--store",
-                &client_s,
-                "--web",
-                &url,
-            ])
+            client(
+                None,
+                Some(&format!("http://{}/", support::text(&l[0], "addr"))),
+            )
         },
     );
     let (mut web_child, web_lines) =
@@ -699,11 +699,7 @@ fn main() {
             "1",
         ],
         1,
-        &|l| {
-            let mut args = get_snapsync(l);
-            args.extend(["--web".to_string(), url.clone()]);
-            args
-        },
+        &|l| client(Some(l), Some(&url)),
     );
     web_child.kill().unwrap();
     web_child.wait().unwrap();

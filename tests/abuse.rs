@@ -306,14 +306,7 @@ async fn a_lying_advert_reserves_nothing_before_an_authenticated_peer_serves_its
 /// A QUIC server with a libp2p identity that records every byte its clients send, answers the
 /// hello with a welcome that claims to accept (with a made-up proof), and serves nothing.
 async fn recording_server() -> (libp2p::PeerId, SocketAddr, Arc<Mutex<Vec<u8>>>) {
-    let keypair = libp2p::identity::Keypair::generate_ed25519();
-    let mut tls = libp2p_tls::make_server_config(&keypair).unwrap();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
-    let endpoint =
-        quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(crypto)), local())
-            .unwrap();
-    let addr = endpoint.local_addr().unwrap();
+    let (peer_id, addr, endpoint) = hostile_endpoint();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let record = seen.clone();
     tokio::spawn(async move {
@@ -339,7 +332,7 @@ async fn recording_server() -> (libp2p::PeerId, SocketAddr, Arc<Mutex<Vec<u8>>>)
             });
         }
     });
-    (keypair.public().to_peer_id(), addr, seen)
+    (peer_id, addr, seen)
 }
 
 /// Finding 2: the token was sent to whoever advertised. A fake streamer that records every

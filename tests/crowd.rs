@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -226,14 +225,7 @@ enum Lie {
 
 /// A fake partial holder of `manifest` that lies as `lie` says.
 async fn liar(manifest: Manifest, lie: Lie) -> PeerAddr {
-    let keypair = libp2p::identity::Keypair::generate_ed25519();
-    let mut tls = libp2p_tls::make_server_config(&keypair).unwrap();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
-    let endpoint =
-        quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(crypto)), local())
-            .unwrap();
-    let addr: SocketAddr = endpoint.local_addr().unwrap();
+    let (peer_id, addr, endpoint) = hostile_endpoint();
     tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {
             let Ok(conn) = incoming.await else { continue };
@@ -257,10 +249,7 @@ async fn liar(manifest: Manifest, lie: Lie) -> PeerAddr {
             });
         }
     });
-    PeerAddr {
-        peer_id: keypair.public().to_peer_id(),
-        addr,
-    }
+    PeerAddr { peer_id, addr }
 }
 
 async fn answer_lying(

@@ -3,7 +3,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::relay::{Impairment, Relay};
@@ -211,13 +210,7 @@ async fn an_unknown_snapshot_fails_with_a_typed_error() {
 /// A QUIC server with a libp2p identity that accepts connections and streams and never
 /// answers.
 async fn stalled_server() -> (libp2p::PeerId, SocketAddr, tokio::task::JoinHandle<()>) {
-    let keypair = libp2p::identity::Keypair::generate_ed25519();
-    let mut tls = libp2p_tls::make_server_config(&keypair).unwrap();
-    tls.alpn_protocols = vec![b"snapsync/chunks/2".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
-    let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let endpoint = quinn::Endpoint::server(config, local()).unwrap();
-    let addr = endpoint.local_addr().unwrap();
+    let (peer_id, addr, endpoint) = common::wire::hostile_endpoint();
     let task = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Some(incoming) = endpoint.accept().await {
@@ -233,7 +226,7 @@ async fn stalled_server() -> (libp2p::PeerId, SocketAddr, tokio::task::JoinHandl
             }
         }
     });
-    (keypair.public().to_peer_id(), addr, task)
+    (peer_id, addr, task)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

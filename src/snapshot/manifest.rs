@@ -283,31 +283,33 @@ impl Manifest {
     }
 }
 
+/// A manifest for tests: a full or an incremental one (on a base at slot 50), fields set.
+#[cfg(test)]
+pub(crate) fn sample(kind: SnapshotKind) -> Manifest {
+    Manifest {
+        format_version: FORMAT_VERSION,
+        kind,
+        slot: 100,
+        bank_hash: BankHash([1; 32]),
+        content_root: ContentRoot([2; 32]),
+        archive_size: 5000,
+        chunk_size: ChunkSize::DEFAULT,
+        created_unix_ms: 7,
+        entry_count: 10,
+        state_bytes: 1000,
+        zstd_level: 1,
+        base: (kind == SnapshotKind::Incremental).then_some(Base {
+            slot: 50,
+            bank_hash: BankHash([3; 32]),
+            content_root: ContentRoot([4; 32]),
+        }),
+        zstd_version: zstd_version(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sample(kind: SnapshotKind) -> Manifest {
-        Manifest {
-            format_version: FORMAT_VERSION,
-            kind,
-            slot: 100,
-            bank_hash: BankHash([1; 32]),
-            content_root: ContentRoot([2; 32]),
-            archive_size: 5000,
-            chunk_size: ChunkSize::DEFAULT,
-            created_unix_ms: 7,
-            entry_count: 10,
-            state_bytes: 1000,
-            zstd_level: 1,
-            base: (kind == SnapshotKind::Incremental).then_some(Base {
-                slot: 50,
-                bank_hash: BankHash([3; 32]),
-                content_root: ContentRoot([4; 32]),
-            }),
-            zstd_version: zstd_version(),
-        }
-    }
 
     #[test]
     fn round_trips_and_refuses_impossible_ones() {

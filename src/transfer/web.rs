@@ -518,25 +518,7 @@ mod tests {
 
     #[test]
     fn the_index_the_publisher_writes_is_read_back_and_bad_ones_are_refused() {
-        let m = Manifest {
-            format_version: crate::snapshot::FORMAT_VERSION,
-            kind: SnapshotKind::Incremental,
-            slot: 150,
-            bank_hash: BankHash([1; 32]),
-            content_root: ContentRoot([2; 32]),
-            archive_size: 4096,
-            chunk_size: ChunkSize::DEFAULT,
-            created_unix_ms: 0,
-            entry_count: 3,
-            state_bytes: 99,
-            zstd_level: 3,
-            base: Some(Base {
-                slot: 100,
-                bank_hash: BankHash([3; 32]),
-                content_root: ContentRoot([4; 32]),
-            }),
-            zstd_version: 0,
-        };
+        let m = crate::snapshot::manifest::sample(SnapshotKind::Incremental);
         let json = crate::snapshot::publish::index_json(&[("incr-150".into(), m.clone())]);
         let listed = parse_index(json.as_bytes()).unwrap();
         assert_eq!(listed.len(), 1);

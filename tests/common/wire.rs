@@ -120,6 +120,20 @@ pub struct RawClient {
 /// ALPN of the chunk stream.
 pub const ALPN: &[u8] = b"snapsync/chunks/2";
 
+/// A bare QUIC server endpoint on 127.0.0.1 with a fresh libp2p identity and the chunk
+/// stream's ALPN: the start of any hostile server. Returns its PeerId and address too.
+pub fn hostile_endpoint() -> (PeerId, SocketAddr, quinn::Endpoint) {
+    let keypair = Keypair::generate_ed25519();
+    let mut tls = libp2p_tls::make_server_config(&keypair).unwrap();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let endpoint =
+        quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(crypto)), local())
+            .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    (keypair.public().to_peer_id(), addr, endpoint)
+}
+
 impl RawClient {
     pub fn new() -> Self {
         Self::with_endpoint(quinn::Endpoint::client(local()).unwrap())

@@ -388,8 +388,12 @@ impl Run {
     /// wait, and wait at the back of the spares themselves (see the scheduler's docs). Bounded:
     /// a download keeps at most `MAX_SOURCES` entries of sources, retired ones included.
     fn retire_busy(&mut self, now: Instant) {
+        // (Run on every turn of the loop: nothing is looked at while no spare waits.)
+        if self.spares.is_empty() {
+            return;
+        }
         let busy = self.sched.poll_busy_too_long(now);
-        if busy.is_empty() || self.spares.is_empty() {
+        if busy.is_empty() {
             return;
         }
         // Spares never tried yet, of each kind (complete, partial): a retired source waits
