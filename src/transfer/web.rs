@@ -446,16 +446,10 @@ fn parse_listing(e: &serde_json::Value) -> Result<WebListing, String> {
             .ok_or(format!("no {name}"))
     };
     let digest = |v: &serde_json::Value, name: &str| -> Result<[u8; 32], String> {
-        let hex = text(v, name)?;
-        let mut out = [0u8; 32];
-        if hex.len() != 64 || !hex.is_ascii() {
-            return Err(format!("{name} is not 64 hex digits"));
-        }
-        for (i, b) in out.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-                .map_err(|_| format!("{name} is not hex"))?;
-        }
-        Ok(out)
+        text(v, name)?
+            .parse::<ContentRoot>()
+            .map(|digest| digest.0)
+            .map_err(|_| format!("{name} is not 64 hex digits"))
     };
     let path = text(e, "path")?;
     if path.is_empty()
@@ -532,6 +526,7 @@ mod tests {
             json.replace(&"02".repeat(32), "zz"),
             // 64 bytes, not 64 hex digits (a byte-wise slice would split a character).
             json.replace(&"02".repeat(32), &"\u{e9}".repeat(32)),
+            json.replace(&"02".repeat(32), &"+2".repeat(32)),
             "not json".to_string(),
         ] {
             assert!(parse_index(bad.as_bytes()).is_err(), "{bad}");
