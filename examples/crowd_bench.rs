@@ -14,7 +14,18 @@
 //! ```text
 //! cargo run --release --example crowd_bench [-- --mib 64 --joiners 8 --cap-mbit 100]
 //! ```
+//!
+//! With `--net` (as root), the crowd runs on real links instead: `node` processes on hosts in
+//! network namespaces, every uplink shaped by `tbf` (see `support/crowd_net.rs`):
+//!
+//! ```text
+//! cargo run --release --example crowd_bench -- --net [--joiners 8 --state-mib 128 --mbit 25 --loss 1]
+//! ```
 
+#[path = "support/crowd_net.rs"]
+mod crowd_net;
+#[path = "support/netns.rs"]
+mod netns;
 #[path = "support/mod.rs"]
 mod support;
 
@@ -139,6 +150,9 @@ async fn round(seed: &Node, manifest: &Manifest, n: usize, cap: u64, swarm: bool
 
 #[tokio::main]
 async fn main() {
+    if support::flag("--net") {
+        return crowd_net::main();
+    }
     let size_mib: u64 = arg("--mib").map_or(64, |v| v.parse().expect("--mib"));
     let n: usize = arg("--joiners").map_or(8, |v| v.parse().expect("--joiners"));
     let cap_mbit: u64 = arg("--cap-mbit").map_or(100, |v| v.parse().expect("--cap-mbit"));

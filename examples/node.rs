@@ -102,6 +102,9 @@ struct Args {
     /// Mirror this node's snapshots into this directory, for a static web server to serve.
     #[arg(long)]
     publish_dir: Option<PathBuf>,
+    /// Print a `stats` line (what the chunk stream served, CPU time) every this many seconds.
+    #[arg(long)]
+    stats_secs: Option<u64>,
 }
 
 fn emit(value: serde_json::Value) {
@@ -112,6 +115,15 @@ fn fail(message: &str) -> ! {
     eprintln!("error: {message}");
     emit(json!({"event": "error", "message": message}));
     std::process::exit(2);
+}
+
+/// CPU seconds this process has used.
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    ((tv(ru.ru_utime) + tv(ru.ru_stime)) * 1000.0).round() / 1000.0
 }
 
 /// Seconds, to the millisecond.
@@ -184,6 +196,8 @@ async fn main() {
     let mut unreachable: BTreeMap<String, String> = BTreeMap::new();
     let signal = shutdown_signal();
     tokio::pin!(signal);
+    let mut stats =
+        tokio::time::interval(Duration::from_secs(args.stats_secs.unwrap_or(3600).max(1)));
     loop {
         let next = async {
             match deadline {
@@ -196,6 +210,19 @@ async fn main() {
                 node.shutdown().await;
                 emit(json!({"event": "shutdown"}));
                 std::process::exit(0);
+            }
+            _ = stats.tick(), if args.stats_secs.is_some() => {
+                if let Some(s) = node.query(|s, _| s.behaviour().snapsync.streamer_stats()).await {
+                    emit(json!({
+                        "event": "stats",
+                        "served_bytes": s.bytes_served,
+                        "requests_served": s.requests_served,
+                        "connections_accepted": s.connections_accepted,
+                        "closed_too_slow": s.closed_too_slow,
+                        "cpu_secs": cpu_secs(),
+                    }));
+                }
+                continue;
             }
             event = next => event,
         };
@@ -314,6 +341,7 @@ async fn main() {
                         "fetched_bytes": fetched_bytes,
                         "served_bytes": served_bytes,
                         "secs": secs(took),
+                        "cpu_secs": cpu_secs(),
                         "peers": per_peer.iter().filter(|(_, b)| *b > 0).count(),
                         "per_peer": per_peer.iter().map(|(p, b)| json!({"peer_id": p.to_string(), "bytes": b})).collect::<Vec<_>>(),
                     }));

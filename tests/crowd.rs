@@ -45,7 +45,7 @@ fn have(root: snapsync::ContentRoot, block_chunks: u32) -> proto::Request {
         kind: Some(proto::request::Kind::Have(proto::GetHave {
             content_root: root.0.to_vec().into(),
             block_chunks,
-            holding: Default::default(),
+            ..Default::default()
         })),
     }
 }
@@ -409,4 +409,95 @@ async fn a_crowd_of_eight_from_one_capped_seed_feeds_itself() {
         "the seed sent {:.2} copies",
         seed_sent as f64 / size as f64
     );
+}
+
+/// Waits until `handle`'s progress shows `peer` in `status` (and is not finished).
+async fn until_status(handle: &DownloadHandle, peer: libp2p::PeerId, status: PeerStatus) {
+    let mut progress = handle.progress();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            {
+                let p = progress.borrow_and_update();
+                assert!(!p.finished, "finished before {peer} was {status:?}");
+                if p.peers
+                    .iter()
+                    .any(|s| s.peer_id == peer && s.status == status)
+                {
+                    return;
+                }
+            }
+            progress.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("status in time");
+}
+
+/// Bytes add up: with one place, a source cut off gives it to the other, which is cut off in
+/// turn and gives it back; the first reconnects and finishes. What the download credits each
+/// source adds up to what it fetched, and no source is credited more than its streamer says
+/// it served (what it served beyond is what was in flight when its link was cut).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bytes_credited_to_sources_add_up_across_a_place_given_up_and_taken_again() {
+    use common::relay::{Impairment, Relay};
+    init_tracing();
+    let (a, snap) = Node::with_snapshot(8 * 1024, 50, 21);
+    let b = Node::holding(&snap);
+    let capped = || StreamerConfig::default().with_rate_limit(Some(1_500_000));
+    let (a_streamer, b_streamer) = (serve(&a, capped()), serve(&b, capped()));
+    let a_relay = Relay::start(a_streamer.local_addr(), Impairment::default(), 1).await;
+    let b_relay = Relay::start(b_streamer.local_addr(), Impairment::default(), 2).await;
+    let via = |node: &Node, relay: &Relay| PeerAddr {
+        peer_id: node.peer_id(),
+        addr: relay.addr,
+    };
+    let client = Node::new();
+    let config = crowd_config()
+        .with_max_peers(1)
+        .with_snub_timeout(Duration::from_secs(1))
+        .with_min_request_timeout(Duration::from_millis(800));
+    let size = snap.manifest().archive_size;
+    let handle = downloader(&client, config).start(
+        DownloadTarget::from_manifest(snap.manifest()),
+        vec![via(&a, &a_relay), via(&b, &b_relay)],
+    );
+    // A holds the place; cut off, it gives it to B.
+    until_done_bytes(&handle, size / 4).await;
+    a_relay.cut(true);
+    until_status(&handle, b.peer_id(), PeerStatus::Active).await;
+    until_done_bytes(&handle, size / 2).await;
+    // B is cut off in turn; A, back, takes the place again and finishes.
+    a_relay.cut(false);
+    b_relay.cut(true);
+    let got = handle.wait().await.unwrap();
+    assert_exact(&got, &snap, &client);
+    let credited = |peer: libp2p::PeerId| {
+        got.per_peer
+            .iter()
+            .find(|(p, _)| *p == peer)
+            .map_or(0, |(_, b)| *b)
+    };
+    let (from_a, from_b) = (credited(a.peer_id()), credited(b.peer_id()));
+    println!(
+        "fetched {}, from A {from_a} (it served {}), from B {from_b} (it served {}), {} duplicate",
+        got.fetched_bytes,
+        a_streamer.stats().bytes_served,
+        b_streamer.stats().bytes_served,
+        got.duplicate_bytes
+    );
+    assert!(from_a > size / 4 && from_b > 0, "both delivered");
+    assert_eq!(
+        from_a + from_b,
+        got.fetched_bytes,
+        "per-source bytes add up"
+    );
+    assert_eq!(got.fetched_bytes, size);
+    for (credit, streamer) in [(from_a, &a_streamer), (from_b, &b_streamer)] {
+        let served = streamer.stats().bytes_served;
+        assert!(credit <= served, "credited {credit}, served {served}");
+        assert!(
+            served - credit <= 2 << 20,
+            "served {served}, credited {credit}: more lost than a cut link held"
+        );
+    }
 }

@@ -103,11 +103,13 @@ async fn servers_that_ignore_range_truncate_or_flip_a_byte_are_handled_and_the_r
     };
     // The server that ignores Range cannot serve this download: dropped, no byte taken.
     assert_eq!(status(&ignores), (PeerStatus::Dropped, 0));
-    // The one whose bytes do not check out is banned for them.
-    assert_eq!(status(&flips), (PeerStatus::Banned, 0));
-    // The one that cuts its bodies short delivered nothing whole; it is retried, then dropped
-    // (or still retried when the rest completed first).
-    assert_eq!(status(&truncates).1, 0);
+    // The one whose bytes do not check out is banned for them (the chunks before the bad one
+    // were checked, and count as delivered).
+    assert_eq!(status(&flips).0, PeerStatus::Banned);
+    // The one that cuts its bodies short is credited with the chunks it got through whole
+    // (checked), never banned for the cut: it is retried, then dropped (or still retried when
+    // the rest completed first).
+    assert!(status(&truncates).1 < snap.manifest().archive_size);
     assert_ne!(status(&truncates).0, PeerStatus::Banned);
 }
 

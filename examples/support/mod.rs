@@ -4,6 +4,11 @@
 
 pub mod state;
 
+/// Whether `name` is on the command line.
+pub fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
+
 use std::io::Write;
 use std::io::{BufRead, BufReader};
 use std::path::Path;

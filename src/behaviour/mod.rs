@@ -159,10 +159,15 @@ impl Behaviour {
             token,
             metrics.clone(),
         )?;
+        // Downloads tell the sources they ask where this node serves what it verified.
+        let serve_port = config
+            .download()
+            .serve_partial()
+            .then(|| streamer.local_addr().port());
         let downloader = Downloader::new(
             keypair.clone(),
             store.clone(),
-            *config.download(),
+            config.download().with_serve_port(serve_port),
             token,
             metrics.clone(),
         )?;
@@ -408,7 +413,8 @@ impl Behaviour {
     /// What this node serves of the snapshots it downloads.
     fn partial_holdings(&self) -> Vec<crate::discovery::PartialAd> {
         self.store
-            .partial_offers()
+            .exchange()
+            .all_offered()
             .iter()
             .map(|o| crate::discovery::PartialAd {
                 ad: crate::discovery::SnapshotAd::of(&o.manifest),

@@ -115,7 +115,8 @@ impl DiscoveryConfig {
     }
 
     /// Sets how long answers are collected before the choice is made (default 1 s): long
-    /// enough for holders a few round trips away, short enough not to delay a sync.
+    /// enough for holders a few round trips away, short enough not to delay a sync. A round
+    /// that knows an acceptable newer snapshot decides once no answer came for a quarter of it.
     pub fn with_answer_window(mut self, window: Duration) -> Self {
         self.answer_window = window;
         self

@@ -15,7 +15,9 @@
 //!   snapshots to nodes that asked that recently) and heard of nothing newer than that. A node
 //!   that restarts behind therefore asks at once.
 //! - **A round** publishes a request on the topic and asks directly the connected peers not
-//!   known to be on the topic, then collects answers for `answer_window` and decides. A peer
+//!   known to be on the topic, then collects answers for `answer_window` and decides (sooner
+//!   once a snapshot newer than the node's state is acceptable and no answer came for a
+//!   quarter of the window: nearby holders answer within milliseconds). A peer
 //!   that connects while the node needs a snapshot is asked through the topic once it joins
 //!   it, or directly if it has not joined a moment later (a peer restarted under the same
 //!   identity gets no subscription message from a node that still holds its old connection).
@@ -238,6 +240,9 @@ pub(crate) struct Discovery {
     round: u64,
     next_tick: Instant,
     last_request: Option<Instant>,
+    /// When the last advert was taken in (a round with an acceptable snapshot decides once
+    /// the answers have gone quiet, before its window ends).
+    last_advert: Option<Instant>,
     /// `last_request` before the newest request, restored should its publishing fail.
     previous_request: Option<Instant>,
     request_pending: Option<Instant>,
@@ -287,6 +292,7 @@ impl Discovery {
             round: 0,
             next_tick: now,
             last_request: None,
+            last_advert: None,
             previous_request: None,
             request_pending: None,
             outstanding: VecDeque::new(),
@@ -321,6 +327,9 @@ impl Discovery {
         let mut next = self.next_tick;
         if let Stage::Collecting { until, .. } = self.stage {
             next = next.min(until);
+            if let Some(at) = self.last_advert {
+                next = next.min(until.min(at + self.quiet_period()));
+            }
         }
         if let Some(at) = self.request_pending {
             next = next.min(at);
@@ -762,7 +771,7 @@ impl Discovery {
             }
         }
         if let Stage::Collecting { round, until } = self.stage
-            && until <= now
+            && (until <= now || self.quiet(now))
         {
             self.decide(round, now);
         }
@@ -825,6 +834,27 @@ impl Discovery {
             .last_request
             .is_some_and(|t| now.saturating_duration_since(t) < self.config.announce_window);
         informed && !self.best_newer(now)
+    }
+
+    /// How long answers must have been quiet for a round to decide early.
+    fn quiet_period(&self) -> Duration {
+        self.config.answer_window / 4
+    }
+
+    /// Whether the round may decide before its window ends: an acceptable snapshot newer than
+    /// the node's state is known and no answer came for a quarter of the window (on a LAN, the
+    /// answers of everyone asked are in within milliseconds; the window is for the far ones).
+    fn quiet(&self, now: Instant) -> bool {
+        let Stage::Collecting { until, .. } = self.stage else {
+            return false;
+        };
+        let started = until - self.config.answer_window;
+        let quiet = self.quiet_period();
+        now.saturating_duration_since(started) >= quiet
+            && self
+                .last_advert
+                .is_some_and(|t| now.saturating_duration_since(t) >= quiet)
+            && self.best_newer(now)
     }
 
     fn start_round(&mut self, now: Instant) {
@@ -991,6 +1021,7 @@ impl Discovery {
     }
 
     fn on_advert(&mut self, advert: Advert, standing: Standing, now: Instant) {
+        self.last_advert = Some(now);
         let peer = advert.peer;
         let addrs = advert.streamer_addrs.clone();
         let keys: Vec<(SnapshotKey, bool)> = advert

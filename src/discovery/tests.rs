@@ -174,6 +174,37 @@ fn the_first_tick_is_at_once_and_rounds_end_with_the_answer_window() {
 }
 
 #[test]
+fn a_round_with_an_acceptable_snapshot_decides_once_the_answers_have_gone_quiet() {
+    let t0 = Instant::now();
+    let mut d = machine(config(), t0);
+    d.handle_timeout(t0);
+    let nonce = last_nonce(&drain(&mut d));
+    let ms = |n: u64| Duration::from_millis(n);
+    let (a, b) = (PeerId::random(), PeerId::random());
+    d.handle_answer(a, &answer(a, &[full(100, 1)], nonce), false, t0 + ms(5));
+    // Another answer within a quarter of the window keeps the round open.
+    assert_eq!(d.poll_timeout(), Some(t0 + ms(255)));
+    d.handle_answer(b, &answer(b, &[full(120, 2)], nonce), false, t0 + ms(200));
+    d.handle_timeout(t0 + ms(255));
+    assert!(
+        plan_of(&drain(&mut d)).is_none(),
+        "an answer came 55 ms ago"
+    );
+    assert_eq!(d.poll_timeout(), Some(t0 + ms(450)));
+    d.handle_timeout(t0 + ms(450));
+    let plan = plan_of(&drain(&mut d)).expect("quiet for a quarter of the window: decided");
+    assert_eq!(plan.last().ad.key.slot, 120, "the best of what came");
+    // With nothing acceptable, the round waits for its whole window.
+    let mut d = machine(config(), t0);
+    d.handle_local(local(Some(1000), vec![]));
+    d.handle_timeout(t0);
+    let nonce = last_nonce(&drain(&mut d));
+    d.handle_answer(a, &answer(a, &[full(900, 1)], nonce), false, t0 + ms(5));
+    d.handle_timeout(t0 + ms(500));
+    assert!(matches!(d.stage(), Stage::Collecting { .. }));
+}
+
+#[test]
 fn a_node_that_restarts_behind_asks_by_itself() {
     // Its DB holds a slot, it has heard no advert: it does not know it is current.
     let t0 = Instant::now();

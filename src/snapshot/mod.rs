@@ -5,6 +5,7 @@
 
 pub(crate) mod archive;
 mod create;
+mod exchange;
 mod load;
 pub(crate) mod manifest;
 pub(crate) mod publish;
@@ -16,6 +17,7 @@ pub use create::{
     CreateError, CreateOptions, CreationTask, Creator, CreatorConfig, CreatorConfigError,
     DEFAULT_FULL_INTERVAL, DEFAULT_RANGE_FOR_SNAPSHOT, create_incremental, create_snapshot,
 };
+pub(crate) use exchange::{Introducer, OfferGuard, PartialOffer};
 pub use load::{
     ArchiveSource, HashStage, LoadError, LoadLimits, LoadReport, Watermark, load_chain,
     load_snapshot,
@@ -28,4 +30,4 @@ pub use store::{
     ARCHIVE_FILE, MANIFEST_FILE, OUTBOARD_FILE, Retention, ServingPin, Snapshot, SnapshotStore,
     StoreError,
 };
-pub(crate) use store::{IoAt, OfferGuard, PartialClaim, PartialOffer, now_unix_ms};
+pub(crate) use store::{IoAt, PartialClaim, now_unix_ms};

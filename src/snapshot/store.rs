@@ -36,6 +36,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::disk;
 use crate::hash::ContentRoot;
 use crate::snapshot::archive::SnapshotKind;
+use crate::snapshot::exchange::Exchange;
 use crate::snapshot::{Manifest, ManifestError};
 
 /// File name of the archive inside a snapshot directory.
@@ -246,32 +247,8 @@ struct StoreInner {
     claimed: Mutex<Holds>,
     /// Woken when a claim ends.
     released: tokio::sync::Notify,
-    /// Partial downloads offered for serving their verified chunks, by content root.
-    offers: Mutex<HashMap<ContentRoot, Arc<PartialOffer>>>,
-}
-
-/// A partial download whose verified chunks may be served: its checked manifest, its files
-/// opened for serving, and which chunks are verified on disk (with their proof nodes).
-#[derive(Debug)]
-pub(crate) struct PartialOffer {
-    pub(crate) manifest: Manifest,
-    pub(crate) source: Arc<crate::chunk::ChunkSource>,
-    pub(crate) verified: Arc<crate::chunk::VerifiedChunks>,
-    /// Data bytes served from it.
-    pub(crate) served: Arc<AtomicU64>,
-}
-
-/// Withdraws a partial offer when dropped.
-#[derive(Debug)]
-pub(crate) struct OfferGuard {
-    store: SnapshotStore,
-    root: ContentRoot,
-}
-
-impl Drop for OfferGuard {
-    fn drop(&mut self) {
-        self.store.offers().remove(&self.root);
-    }
+    /// What the streamer and the downloads share.
+    exchange: Arc<Exchange>,
 }
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
@@ -434,7 +411,7 @@ impl SnapshotStore {
                 serving: Mutex::new(HashMap::new()),
                 claimed: Mutex::new(Holds::default()),
                 released: tokio::sync::Notify::new(),
-                offers: Mutex::new(HashMap::new()),
+                exchange: Arc::new(Exchange::default()),
             }),
         };
         // Make sure the directory is writable now rather than at the first snapshot.
@@ -529,28 +506,9 @@ impl SnapshotStore {
             .is_some_and(|(n, at)| *n > 0 || at.elapsed() < grace)
     }
 
-    fn offers(&self) -> std::sync::MutexGuard<'_, HashMap<ContentRoot, Arc<PartialOffer>>> {
-        self.inner.offers.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Offers a partial download's verified chunks for serving until the guard is dropped.
-    pub(crate) fn offer_partial(&self, offer: PartialOffer) -> OfferGuard {
-        let root = offer.manifest.content_root;
-        self.offers().insert(root, Arc::new(offer));
-        OfferGuard {
-            store: self.clone(),
-            root,
-        }
-    }
-
-    /// The partial download of `root` offered for serving, if any.
-    pub(crate) fn partial_offer(&self, root: &ContentRoot) -> Option<Arc<PartialOffer>> {
-        self.offers().get(root).cloned()
-    }
-
-    /// Every partial download offered for serving.
-    pub(crate) fn partial_offers(&self) -> Vec<Arc<PartialOffer>> {
-        self.offers().values().cloned().collect()
+    /// What the streamer and the downloads over this store share.
+    pub(crate) fn exchange(&self) -> &Arc<Exchange> {
+        &self.inner.exchange
     }
 
     fn claims(&self) -> std::sync::MutexGuard<'_, Holds> {

@@ -238,3 +238,129 @@ pub fn get_chunks(root: snapsync::ContentRoot, start: u64, end: u64, chunk_size:
         })),
     })
 }
+
+/// How a lying chunk server delivers nothing while looking like a holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lie {
+    /// Chunks: "not held"; have requests: an empty bitfield.
+    NotHeld,
+    /// Chunks: "not held"; have requests: every block held (a stale or false bitfield).
+    Stale,
+    /// Everything but the manifest: "busy".
+    Busy,
+    /// Chunk and have requests are read and never answered.
+    Stall,
+}
+
+/// What a liar was asked.
+#[derive(Debug, Default)]
+pub struct LiarStats {
+    pub manifests: std::sync::atomic::AtomicU64,
+    pub chunks: std::sync::atomic::AtomicU64,
+    pub haves: std::sync::atomic::AtomicU64,
+}
+
+/// A chunk server under `keypair`'s identity that proves nothing (open mode), serves the
+/// true `manifest` of the snapshot (its protobuf, as stored in `manifest.pb`) and then lies as
+/// `lie` says. Runs until the endpoint is dropped.
+pub fn liar_server(
+    keypair: &Keypair,
+    manifest: snapsync::proto::Manifest,
+    lie: Lie,
+) -> (SocketAddr, Arc<LiarStats>, quinn::Endpoint) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut tls = libp2p_tls::make_server_config(keypair).unwrap();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+    let endpoint =
+        quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(crypto)), local())
+            .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let stats = Arc::new(LiarStats::default());
+    let (ep, st) = (endpoint.clone(), stats.clone());
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            let (manifest, st) = (manifest.clone(), st.clone());
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                    return;
+                };
+                let Ok(_hello) = read::<proto::Hello>(&mut recv).await else {
+                    return;
+                };
+                let welcome = proto::Welcome {
+                    protocol_version: 2,
+                    ..Default::default()
+                };
+                let _ = send.write_all(&frame(&welcome)).await;
+                let _ = send.finish();
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let (manifest, st) = (manifest.clone(), st.clone());
+                    tokio::spawn(async move {
+                        let Ok(request) = read::<proto::Request>(&mut recv).await else {
+                            return;
+                        };
+                        let status = |s: proto::Status| proto::ResponseHeader {
+                            status: s as i32,
+                            message: "no".into(),
+                            ..Default::default()
+                        };
+                        let (header, body) = match request.kind {
+                            Some(proto::request::Kind::Manifest(_)) => {
+                                st.manifests.fetch_add(1, Relaxed);
+                                let header = proto::ResponseHeader {
+                                    manifest: Some(manifest),
+                                    ..Default::default()
+                                };
+                                (header, Vec::new())
+                            }
+                            Some(proto::request::Kind::Chunks(_)) => {
+                                st.chunks.fetch_add(1, Relaxed);
+                                match lie {
+                                    Lie::NotHeld | Lie::Stale => {
+                                        (status(proto::Status::NotHeld), Vec::new())
+                                    }
+                                    Lie::Busy => (status(proto::Status::Busy), Vec::new()),
+                                    Lie::Stall => {
+                                        std::future::pending::<()>().await;
+                                        unreachable!()
+                                    }
+                                }
+                            }
+                            Some(proto::request::Kind::Have(get)) => {
+                                st.haves.fetch_add(1, Relaxed);
+                                match lie {
+                                    Lie::NotHeld | Lie::Stale => {
+                                        let chunk = u64::from(manifest.chunk_size);
+                                        let chunks = manifest.archive_size.div_ceil(chunk);
+                                        let block = u64::from(get.block_chunks.max(1));
+                                        let n = chunks.div_ceil(block).div_ceil(8);
+                                        let header = proto::ResponseHeader {
+                                            encoded_len: n,
+                                            ..Default::default()
+                                        };
+                                        let fill = if lie == Lie::Stale { 0xff } else { 0 };
+                                        (header, vec![fill; n as usize])
+                                    }
+                                    Lie::Busy => (status(proto::Status::Busy), Vec::new()),
+                                    Lie::Stall => {
+                                        std::future::pending::<()>().await;
+                                        unreachable!()
+                                    }
+                                }
+                            }
+                            None => return,
+                        };
+                        let _ = send.write_all(&frame(&header)).await;
+                        let _ = send.write_all(&body).await;
+                        let _ = send.finish();
+                        // Keep the stream until the client has read it.
+                        let _ = send.stopped().await;
+                    });
+                }
+            });
+        }
+    });
+    (addr, stats, endpoint)
+}

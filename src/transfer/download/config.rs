@@ -14,7 +14,6 @@ pub struct DownloadConfig {
     pub(super) bind: SocketAddr,
     /// What the scheduler of each download runs with.
     pub(super) schedule: SchedulerConfig,
-    pub(super) max_peers: usize,
     pub(super) connect_timeout: Duration,
     pub(super) persist_interval: Duration,
     pub(super) progress_interval: Duration,
@@ -22,6 +21,7 @@ pub struct DownloadConfig {
     pub(super) disk_headroom: u64,
     pub(super) max_chunks: u64,
     pub(super) serve_partial: bool,
+    pub(super) serve_port: u16,
     pub(super) transport: TransportTuning,
 }
 
@@ -42,9 +42,11 @@ impl Default for DownloadConfig {
                 max_peer_failures: 8,
                 no_progress_timeout: Duration::from_secs(120),
                 have_interval: Duration::from_secs(1),
+                max_peers: 16,
+                snub_timeout: Duration::from_secs(20),
+                rotate_interval: Duration::from_secs(30),
                 jitter_seed: None,
             },
-            max_peers: 16,
             connect_timeout: Duration::from_secs(10),
             persist_interval: Duration::from_secs(1),
             progress_interval: Duration::from_millis(250),
@@ -52,6 +54,7 @@ impl Default for DownloadConfig {
             disk_headroom: 1 << 30,
             max_chunks: 1 << 26,
             serve_partial: true,
+            serve_port: 0,
             transport: TransportTuning::default(),
         }
     }
@@ -193,13 +196,29 @@ impl DownloadConfig {
 
     /// Most peers one download uses (default 16); others that advertise it are ignored.
     pub fn with_max_peers(mut self, value: usize) -> Self {
-        self.max_peers = value;
+        self.schedule.max_peers = value;
         self
     }
 
     /// Most peers one download uses (default 16); others that advertise it are ignored.
     pub fn max_peers(&self) -> usize {
-        self.max_peers
+        self.schedule.max_peers
+    }
+
+    /// A source in a place that has delivered no verified byte for this long (busy, "not
+    /// held", an empty bitfield, a stall) gives its place to a waiting one (default 20 s).
+    /// Shorter turns places over faster, at the cost of dropping sources that would have
+    /// delivered after a pause.
+    pub fn with_snub_timeout(mut self, value: Duration) -> Self {
+        self.schedule.snub_timeout = value;
+        self
+    }
+
+    /// How often the sources that delivered least give their places to sources never tried,
+    /// while some wait (default 30 s): how soon a fast newcomer gets tried.
+    pub fn with_rotate_interval(mut self, value: Duration) -> Self {
+        self.schedule.rotate_interval = value;
+        self
     }
 
     /// The download fails when no verified byte has arrived for this long (default 120 s).
@@ -224,6 +243,15 @@ impl DownloadConfig {
     /// Whether the chunks verified so far are served while the download runs.
     pub fn serve_partial(&self) -> bool {
         self.serve_partial
+    }
+
+    /// The UDP port this node's streamer listens on (default none). A downloader that serves
+    /// what it verifies tells the sources it asks what they hold, so that one downloading the
+    /// same snapshot takes it as a source in turn, as BitTorrent peers trade both ways: a
+    /// crowd's uplinks are found without waiting for discovery.
+    pub fn with_serve_port(mut self, port: Option<u16>) -> Self {
+        self.serve_port = port.unwrap_or(0);
+        self
     }
 
     /// A source that downloads the snapshot too is asked again what it holds at most this
@@ -334,7 +362,7 @@ impl DownloadConfig {
             "download.max_peer_failures",
             u64::from(self.schedule.max_peer_failures),
         )?;
-        ConfigError::nonzero("download.max_peers", self.max_peers as u64)?;
+        ConfigError::nonzero("download.max_peers", self.schedule.max_peers as u64)?;
         ConfigError::nonzero("download.min_peer_rate", self.schedule.min_peer_rate)?;
         ConfigError::nonzero("download.max_chunks", self.max_chunks)?;
         if self.schedule.max_window < self.schedule.initial_window {
@@ -355,6 +383,8 @@ impl DownloadConfig {
                 self.schedule.no_progress_timeout,
             ),
             ("download.have_interval", self.schedule.have_interval),
+            ("download.snub_timeout", self.schedule.snub_timeout),
+            ("download.rotate_interval", self.schedule.rotate_interval),
             ("download.connect_timeout", self.connect_timeout),
             ("download.persist_interval", self.persist_interval),
             ("download.progress_interval", self.progress_interval),

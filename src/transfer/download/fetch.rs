@@ -57,7 +57,8 @@ fn refused(header: &proto::ResponseHeader) -> FetchError {
 }
 
 /// Asks a peer which pieces of `piece_chunks` chunks it holds (or, a seed in a crowd, offers),
-/// telling it which this download holds (`done`), within `timeout`. Its answer is checked for
+/// telling it which this download holds (`done`) and where this node serves them
+/// (`serve_port`, 0 for nowhere), within `timeout`. Its answer is checked for
 /// its exact length before a byte is read; a piece counts as held when the block it falls in
 /// is held whole.
 pub(super) async fn ask_have(
@@ -65,9 +66,11 @@ pub(super) async fn ask_have(
     tree: ChunkTree,
     piece_chunks: u64,
     done: Bits,
+    serve_port: u16,
     timeout: Duration,
 ) -> Result<Have, FetchError> {
-    tokio::time::timeout(timeout, ask_have_inner(conn, tree, piece_chunks, done))
+    let ask = ask_have_inner(conn, tree, piece_chunks, done, serve_port);
+    tokio::time::timeout(timeout, ask)
         .await
         .unwrap_or(Err(FetchError::Stalled(timeout)))
 }
@@ -77,6 +80,7 @@ async fn ask_have_inner(
     tree: ChunkTree,
     piece_chunks: u64,
     done: Bits,
+    serve_port: u16,
 ) -> Result<Have, FetchError> {
     let piece_chunks = piece_chunks.max(1);
     let chunks = tree.chunk_count();
@@ -102,7 +106,7 @@ async fn ask_have_inner(
         held
     };
     let (mut send, mut recv) = conn.open_bi().await?;
-    let request = have_request(&tree, block_chunks, &holding);
+    let request = have_request(&tree, block_chunks, &holding, serve_port);
     write_frame(&mut send, &request).await?;
     send.finish()?;
     let header: proto::ResponseHeader = read_frame(&mut recv, MAX_FRAME).await?;
@@ -144,7 +148,12 @@ const MAX_HOLDING_BYTES: usize = 8 * 1024;
 
 /// A have request for blocks of `block_chunks` chunks, with what this download holds in them
 /// when that fits.
-fn have_request(tree: &ChunkTree, block_chunks: u32, holding: &Bits) -> proto::Request {
+fn have_request(
+    tree: &ChunkTree,
+    block_chunks: u32,
+    holding: &Bits,
+    serve_port: u16,
+) -> proto::Request {
     let mut holding = holding.to_bytes();
     if holding.len() > MAX_HOLDING_BYTES {
         holding.clear();
@@ -154,6 +163,7 @@ fn have_request(tree: &ChunkTree, block_chunks: u32, holding: &Bits) -> proto::R
             content_root: tree.root().0.to_vec().into(),
             block_chunks,
             holding: holding.into(),
+            serve_port: u32::from(serve_port),
         })),
     }
 }
@@ -323,7 +333,7 @@ mod tests {
             (0..blocks).for_each(|b| all.set(b));
             all
         }] {
-            let request = have_request(&tree, block_chunks, &held);
+            let request = have_request(&tree, block_chunks, &held, 0);
             assert!(
                 request.encoded_len() + 4 <= MAX_FRAME,
                 "{}",
@@ -333,7 +343,7 @@ mod tests {
         // A small holding goes along whole.
         let mut small = Bits::new(100);
         small.set(3);
-        let request = have_request(&tree, block_chunks, &small);
+        let request = have_request(&tree, block_chunks, &small, 0);
         let Some(proto::request::Kind::Have(have)) = request.kind else {
             panic!("a have request")
         };

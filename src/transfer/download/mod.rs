@@ -5,6 +5,7 @@
 //! - `connect.rs`: connecting to a peer and the handshake;
 //! - `fetch.rs`: one request, checked chunk by chunk as it arrives;
 //! - `run.rs`: the loop of one download, carrying out what the scheduler commands;
+//! - `report.rs`: what a download reports (progress, and at its end what each source gave);
 //! - `picker.rs`: which piece a source is asked for in a crowd;
 //! - `partial.rs`, `bits.rs`: the download's state on disk (open, reserve, persist, publish);
 //! - `swarm.rs`: a simulator of a crowd downloading one snapshot (feature `sim`).
@@ -15,6 +16,7 @@ mod connect;
 mod fetch;
 mod partial;
 mod picker;
+mod report;
 mod run;
 mod scheduler;
 #[cfg(any(test, feature = "sim"))]
@@ -146,9 +148,13 @@ impl DownloadTarget {
 pub enum PeerStatus {
     /// Serving, or will be retried.
     Active,
+    /// Waits for a place in the download: it gave its place up (it delivered nothing for a
+    /// while, failed again and again, or delivered least while untried sources waited), and
+    /// may be tried again.
+    Waiting,
     /// Sent a chunk that does not match the content root; not used again in this download.
     Banned,
-    /// Cannot serve this download (refused, unreachable, failed too often).
+    /// Cannot serve this download (it refused it: unknown snapshot, wrong token or chunk size).
     Dropped,
 }
 
@@ -214,8 +220,12 @@ pub struct Progress {
 pub struct Downloaded {
     /// The snapshot, published in the store.
     pub snapshot: Arc<Snapshot>,
-    /// Data bytes fetched over the network in this run.
+    /// Data bytes fetched over the network in this run (new, verified bytes: the per-source
+    /// figures add up to it).
     pub fetched_bytes: u64,
+    /// Verified bytes sources delivered that another source had delivered first (the hedged
+    /// tail's duplicates), not counted in `fetched_bytes`.
+    pub duplicate_bytes: u64,
     /// Bytes resumed from a previous run.
     pub resumed_bytes: u64,
     /// Data bytes of the snapshot served to other downloaders while it was downloaded.
@@ -266,8 +276,8 @@ pub enum DownloadError {
         /// Why each peer is out, one per peer.
         reasons: String,
     },
-    /// No verified byte arrived for the configured time.
-    #[error("no verified chunk arrived for {0:?}; giving up")]
+    /// No verified byte arrived for the configured time, and every source heard of was tried.
+    #[error("no verified chunk arrived for {0:?} from any source; giving up")]
     NoProgress(Duration),
     /// The assembled download does not add up to the content root (local disk corruption:
     /// every chunk and proof was checked before it was written). The partial download is
@@ -508,6 +518,7 @@ impl Downloader {
         let (manifest_tx, manifest) = watch::channel(None);
         let (peers_tx, peers_rx) = mpsc::channel(64);
         let (cancel_tx, cancel_rx) = oneshot::channel();
+        let introduce = peers_tx.clone();
         let watermark = Arc::new(Watermark::new());
         let source = self.source(&target, watermark.clone());
         let channels = run::Channels {
@@ -515,6 +526,7 @@ impl Downloader {
             manifest: manifest_tx,
             watermark: watermark.clone(),
             new_peers: peers_rx,
+            introduce,
             cancel: cancel_rx,
         };
         let ctx = self.ctx.clone();

@@ -1,12 +1,14 @@
-//! The loop of one download: a thin tokio layer over the [`Scheduler`]. It opens the
-//! connections and requests the scheduler commands, feeds their outcomes back, moves the
-//! verified prefix for a loader and reports progress. Every disk step (open, reserve, persist,
-//! publish) is the [`Partial`]'s.
+//! The loop of one download: a thin tokio layer over the [`Scheduler`]. It hands the scheduler
+//! every source it hears of, opens and closes the connections and runs the requests the
+//! scheduler commands, feeds their outcomes back, moves the verified prefix for a loader and
+//! reports progress (`report.rs`). Which sources hold a place, and when the download is done,
+//! are the scheduler's rules; every disk step (open, reserve, persist, publish) is the
+//! [`Partial`]'s.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
@@ -14,36 +16,23 @@ use tokio::task::{AbortHandle, JoinSet};
 use super::connect::{ConnectError, connect};
 use super::fetch::{FetchError, Sink, ask_have, fetch};
 use super::partial::{PART_FILE, Partial, Persister};
-use super::picker::Have;
-use super::scheduler::{Command, Failure, PeerFate, PeerIdx, ReqId, Scheduler, Stuck};
-use super::{
-    DownloadContext, DownloadError, DownloadTarget, Downloaded, PeerProgress, PeerStatus, Progress,
-    WebProgress,
-};
+use super::scheduler::{Command, Failure, PeerIdx, ReqId, Scheduler, Standing, Stuck};
+use super::{DownloadContext, DownloadError, DownloadTarget, Downloaded, Progress};
 use crate::chunk::{ChunkSource, ChunkTree, VerifiedChunks};
 use crate::disk::Writeback;
 use crate::snapshot::{
-    Manifest, OUTBOARD_FILE, OfferGuard, PartialClaim, PartialOffer, StoreError, Watermark,
+    Introducer, Manifest, OUTBOARD_FILE, OfferGuard, PartialClaim, PartialOffer, StoreError,
+    Watermark,
 };
 use crate::transfer::protocol::close;
 use crate::transfer::rate::Ewma;
 use crate::transfer::{DOWNLOAD_TARGET, PeerAddr};
 
-/// How a source stands, for progress reports.
-fn status(fate: PeerFate) -> PeerStatus {
-    match fate {
-        PeerFate::Alive => PeerStatus::Active,
-        PeerFate::Banned => PeerStatus::Banned,
-        PeerFate::Dropped => PeerStatus::Dropped,
-    }
-}
-
 /// EWMA weight of a new sample of the download's overall rate.
 const RATE_ALPHA: f64 = 0.3;
 
-/// Most source entries one download keeps, those that gave their places up included: beyond
-/// it, busy sources are no longer rotated out.
-const MAX_SOURCES: usize = 256;
+/// Askers a download remembers having taken as sources (each is passed on once).
+const INTRODUCED: std::num::NonZeroUsize = std::num::NonZeroUsize::new(1024).expect("not zero");
 
 /// What the request and connection tasks report to the download's loop.
 enum Report {
@@ -68,7 +57,7 @@ enum Report {
     },
     Have {
         peer: PeerIdx,
-        result: Result<Have, FetchError>,
+        result: Result<super::picker::Have, FetchError>,
     },
     /// A web source lists the snapshot in `path`, with this manifest.
     #[cfg(feature = "web")]
@@ -88,9 +77,17 @@ pub(super) enum Origin {
     Web(Arc<crate::transfer::web::WebSource>),
 }
 
+/// What tells two sources apart.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum SourceId {
+    Peer(libp2p::PeerId),
+    #[cfg(feature = "web")]
+    Web(String),
+}
+
 impl Origin {
     /// The peer, for a peer.
-    fn peer_id(&self) -> Option<libp2p::PeerId> {
+    pub(super) fn peer_id(&self) -> Option<libp2p::PeerId> {
         match self {
             Origin::Peer(a) => Some(a.peer_id),
             #[cfg(feature = "web")]
@@ -98,14 +95,11 @@ impl Origin {
         }
     }
 
-    /// Whether both are the same source.
-    fn same(&self, other: &Origin) -> bool {
-        match (self, other) {
-            (Origin::Peer(a), Origin::Peer(b)) => a.peer_id == b.peer_id,
+    fn id(&self) -> SourceId {
+        match self {
+            Origin::Peer(a) => SourceId::Peer(a.peer_id),
             #[cfg(feature = "web")]
-            (Origin::Web(a), Origin::Web(b)) => a.base() == b.base(),
-            #[cfg(feature = "web")]
-            _ => false,
+            Origin::Web(w) => SourceId::Web(w.base().to_string()),
         }
     }
 }
@@ -121,15 +115,13 @@ impl std::fmt::Display for Origin {
 }
 
 /// One source of a download: where it is, its connection, and what went wrong last.
-struct Source {
-    origin: Origin,
-    /// It downloads the snapshot too (it holds part of it).
-    partial: bool,
+pub(super) struct Source {
+    pub(super) origin: Origin,
     conn: Option<quinn::Connection>,
     /// A web source: the snapshot's directory there (once found), and the proof nodes read.
     #[cfg(feature = "web")]
     web: Option<(String, Arc<super::web::NodeCache>)>,
-    last_error: Option<String>,
+    pub(super) last_error: Option<String>,
     unauthorized: bool,
 }
 
@@ -142,6 +134,8 @@ pub(super) struct Channels {
     pub(super) manifest: watch::Sender<Option<(Manifest, Option<libp2p::PeerId>)>>,
     pub(super) watermark: Arc<Watermark>,
     pub(super) new_peers: mpsc::Receiver<NewPeer>,
+    /// Where the streamer introduces the downloaders that ask this node what it holds.
+    pub(super) introduce: mpsc::Sender<NewPeer>,
     pub(super) cancel: oneshot::Receiver<()>,
 }
 
@@ -154,7 +148,7 @@ pub(super) async fn run(
 ) -> Result<Downloaded, DownloadError> {
     let mut run = Run::open(ctx, target, &channels).await?;
     for p in peers {
-        run.add_peer(Origin::Peer(p), false);
+        run.add_source(Origin::Peer(p), false);
     }
     tracing::info!(
         target: DOWNLOAD_TARGET,
@@ -170,43 +164,42 @@ pub(super) async fn run(
 }
 
 /// One download's loop state.
-struct Run {
-    ctx: Arc<DownloadContext>,
-    target: DownloadTarget,
+pub(super) struct Run {
+    pub(super) ctx: Arc<DownloadContext>,
+    pub(super) target: DownloadTarget,
     tree: ChunkTree,
     partial: Partial,
     persister: Persister,
     sink: Arc<Sink>,
-    sched: Scheduler,
-    sources: Vec<Source>,
-    /// Peers beyond the active ones, taken on as active ones are banned or dropped (bounded):
-    /// a few peers that misbehave cannot leave the download without sources.
-    spares: std::collections::VecDeque<NewPeer>,
+    pub(super) sched: Scheduler,
+    /// Every source heard of, by the scheduler's index.
+    pub(super) sources: Vec<Source>,
+    known: HashMap<SourceId, PeerIdx>,
     manifest: Option<Manifest>,
-    /// The manifest came from a partial holder: a complete holder's replaces it.
-    manifest_partial: bool,
     /// Which chunks are on disk, verified, with their proof nodes: what may be served.
     verified: Arc<VerifiedChunks>,
     /// The verified chunks are offered to the streamer while this is held.
     offer: Option<OfferGuard>,
+    /// Where the streamer introduces downloaders of this snapshot that ask what it holds.
+    introduce: mpsc::Sender<NewPeer>,
     /// Data bytes served from this download while it ran.
-    served: Arc<AtomicU64>,
+    pub(super) served: Arc<AtomicU64>,
     /// Whether the files have their full size: until then no chunk is requested.
     reserved: Reserve,
     tasks: Tasks,
-    /// Requests under way: their peer, their task, and the end of the chunks they have checked
-    /// and written so far.
+    /// Requests under way: their source, their task, and the end of the chunks they have
+    /// checked and written so far.
     requests: HashMap<ReqId, InFlight>,
     reports_tx: mpsc::Sender<Report>,
     reports_rx: mpsc::Receiver<Report>,
     progress_tx: watch::Sender<Progress>,
     manifest_tx: watch::Sender<Option<(Manifest, Option<libp2p::PeerId>)>>,
     watermark: Arc<Watermark>,
-    started: Instant,
-    resumed_bytes: u64,
-    fetched_bytes: u64,
-    rate: Ewma,
-    last_tick: (Instant, u64),
+    pub(super) started: Instant,
+    pub(super) resumed_bytes: u64,
+    pub(super) fetched_bytes: u64,
+    pub(super) rate: Ewma,
+    pub(super) last_tick: (Instant, u64),
     _writeback: Writeback,
     /// The partial download is this run's until it ends.
     _claim: PartialClaim,
@@ -243,6 +236,8 @@ struct InFlight {
     /// The first chunk asked for.
     start: u64,
     written: Arc<AtomicU64>,
+    /// When it was sent.
+    sent: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,7 +294,7 @@ impl Run {
             &done,
             now,
         );
-        sched.set_paused(reserved != Reserve::Done);
+        sched.set_paused(reserved != Reserve::Done, now);
         let resumed_bytes = sched.done_bytes();
         // A loader may start on what a previous run left verified on disk.
         channels.watermark.advance(sched.verified_prefix());
@@ -311,7 +306,7 @@ impl Run {
                 verified.set(c);
             }
         }
-        let capacity = ctx.config.schedule.max_inflight + 4 * ctx.config.max_peers + 64;
+        let capacity = ctx.config.schedule.max_inflight + 4 * ctx.config.schedule.max_peers + 64;
         let (reports_tx, reports_rx) = mpsc::channel(capacity);
         Ok(Self {
             ctx,
@@ -322,11 +317,11 @@ impl Run {
             sink,
             sched,
             sources: Vec::new(),
-            spares: Default::default(),
+            known: HashMap::new(),
             manifest: None,
-            manifest_partial: false,
             verified,
             offer: None,
+            introduce: channels.introduce.clone(),
             served: Arc::new(AtomicU64::new(0)),
             reserved,
             tasks: Tasks::default(),
@@ -346,122 +341,39 @@ impl Run {
         })
     }
 
-    /// Takes a peer on: active when fewer than `max_peers` are, else a spare (up to three times
-    /// `max_peers` of those; beyond, it is ignored). Partial holders take at most three
-    /// quarters of the active places, and a complete holder is taken on beyond the limit while
-    /// fewer than a quarter of the active peers are complete: a crowd of downloaders cannot
-    /// crowd out the peers that hold the whole snapshot.
-    fn add_peer(&mut self, addr: Origin, partial: bool) {
-        let known = |a: &Origin| a.same(&addr);
-        if self.sources.iter().any(|p| known(&p.origin))
-            || self.spares.iter().any(|(a, _)| known(a))
-        {
+    /// A source heard of goes to the scheduler, which decides when it takes a place. One heard
+    /// of again changes nothing, unless it holds all of the snapshot now.
+    fn add_source(&mut self, origin: Origin, partial: bool) {
+        let id = origin.id();
+        if let Some(&peer) = self.known.get(&id) {
+            if !partial {
+                self.sched.handle_source_complete(peer);
+            }
             return;
         }
-        if self.has_room(partial) {
-            self.activate(addr, partial);
-        } else if self.spares.len() < 3 * self.ctx.config.max_peers {
-            self.spares.push_back((addr, partial));
-        } else {
-            tracing::debug!(target: DOWNLOAD_TARGET, source = %addr, "peer limit of the download reached; not adding");
-        }
-    }
-
-    /// Whether a complete (or a partial) holder may be made active now.
-    fn has_room(&self, partial: bool) -> bool {
-        let max = self.ctx.config.max_peers;
-        let alive = |want_partial: bool| {
-            (0..self.sources.len())
-                .filter(|&i| self.sources[i].partial == want_partial)
-                .filter(|&i| self.sched.peer_report(i).fate == PeerFate::Alive)
-                .count()
-        };
-        let (complete, partials) = (alive(false), alive(true));
-        if partial {
-            complete + partials < max && partials < (max * 3 / 4).max(1)
-        } else {
-            complete + partials < max || complete < max.div_ceil(4)
-        }
-    }
-
-    /// Sources that have answered only "busy" for a while give their places to spares that
-    /// wait, and wait at the back of the spares themselves (see the scheduler's docs). Bounded:
-    /// a download keeps at most `MAX_SOURCES` entries of sources, retired ones included.
-    fn retire_busy(&mut self, now: Instant) {
-        // (Run on every turn of the loop: nothing is looked at while no spare waits.)
-        if self.spares.is_empty() {
+        let Some(peer) = self.sched.handle_source(partial, Instant::now()) else {
+            tracing::debug!(target: DOWNLOAD_TARGET, source = %origin, "too many sources known; not keeping this one");
             return;
-        }
-        let busy = self.sched.poll_busy_too_long(now);
-        if busy.is_empty() {
-            return;
-        }
-        // Spares never tried yet, of each kind (complete, partial): a retired source waits
-        // at the back, and does not count as one to give a place to.
-        let fresh = |partial: bool| {
-            self.spares
-                .iter()
-                .filter(|(a, p)| *p == partial && !self.sources.iter().any(|s| s.origin.same(a)))
-                .count()
         };
-        let mut waiting = [fresh(false), fresh(true)];
-        // What arrived so far counts before a place is given up.
-        self.credit_all();
-        let mut retired = Vec::new();
-        for peer in busy {
-            let partial = self.sources[peer].partial;
-            let room = &mut waiting[usize::from(partial)];
-            if *room == 0 || self.sources.len() + retired.len() >= MAX_SOURCES {
-                continue;
-            }
-            *room -= 1;
-            let source = &mut self.sources[peer];
-            tracing::debug!(target: DOWNLOAD_TARGET, source = %source.origin, "busy for long: giving its place to a waiting peer");
-            if let Some(conn) = source.conn.take() {
-                conn.close(close::DONE, b"busy");
-            }
-            retired.push((source.origin.clone(), partial));
-            self.sched.handle_retired(peer);
-        }
-        for spare in retired {
-            if self.spares.len() < 3 * self.ctx.config.max_peers {
-                self.spares.push_back(spare);
-            }
-        }
-    }
-
-    /// Active peers that were banned or dropped are replaced by spares.
-    fn take_on_spares(&mut self) {
-        while let Some(i) = self
-            .spares
-            .iter()
-            .position(|(_, partial)| self.has_room(*partial))
-        {
-            let (addr, partial) = self.spares.remove(i).expect("a spare at i");
-            tracing::debug!(target: DOWNLOAD_TARGET, source = %addr, partial, "taking on a spare peer");
-            self.activate(addr, partial);
-        }
-    }
-
-    fn activate(&mut self, addr: Origin, partial: bool) {
-        let idx = if partial {
-            self.sched.add_partial_peer()
-        } else {
-            self.sched.add_peer()
-        };
-        debug_assert_eq!(idx, self.sources.len());
-        self.sources.push(Source {
-            origin: addr,
-            partial,
+        let source = Source {
+            origin,
             conn: None,
             #[cfg(feature = "web")]
             web: None,
             last_error: None,
             unauthorized: false,
-        });
+        };
+        if peer == self.sources.len() {
+            self.sources.push(source);
+        } else {
+            // It takes the entry of a source that delivered nothing.
+            let old = std::mem::replace(&mut self.sources[peer], source);
+            self.known.remove(&old.origin.id());
+        }
+        self.known.insert(id, peer);
     }
 
-    /// Runs the download until every chunk is in (and a peer served the manifest), it is
+    /// Runs the download until every chunk is in (and a source served the manifest), it is
     /// stuck, or it is cancelled.
     async fn drive(mut self, channels: &mut Channels) -> Result<Downloaded, DownloadError> {
         let mut persist = tokio::time::interval(self.ctx.config.persist_interval);
@@ -469,12 +381,10 @@ impl Run {
         let mut peers_open = true;
         loop {
             let now = Instant::now();
-            self.retire_busy(now);
-            self.take_on_spares();
             self.carry_out_commands(now);
             // Every chunk may be on disk already (a resumed download that was complete): the
-            // manifest still has to come from a peer.
-            if self.sched.is_complete() && self.manifest.is_some() {
+            // manifest still has to come from a source.
+            if self.sched.is_finished() {
                 break;
             }
             if let Some(stuck) = self.sched.stuck(now) {
@@ -492,7 +402,7 @@ impl Run {
                 }
                 Some(report) = self.reports_rx.recv() => self.handle(report)?,
                 peer = channels.new_peers.recv(), if peers_open => match peer {
-                    Some((peer, partial)) => self.add_peer(peer, partial),
+                    Some((peer, partial)) => self.add_source(peer, partial),
                     None => peers_open = false,
                 },
                 _ = tokio::time::sleep_until(deadline) => {
@@ -512,10 +422,14 @@ impl Run {
         while let Some(command) = self.sched.poll_command(now) {
             match command {
                 Command::Connect(peer) => self.connect(peer),
+                Command::Close(peer) => self.close(peer),
                 Command::Request { id, peer, chunks } => self.request(id, peer, chunks),
                 Command::Cancel(id) => {
+                    // What it delivered counts, however it ended.
+                    self.credit(id);
                     if let Some(r) = self.requests.remove(&id) {
                         r.task.abort();
+                        tracing::trace!(target: DOWNLOAD_TARGET, source = %self.sources[r.peer].origin, after_ms = r.sent.elapsed().as_millis() as u64, "request abandoned");
                     }
                 }
                 Command::AskHave(peer) => self.ask_have(peer),
@@ -530,6 +444,7 @@ impl Run {
             #[cfg(feature = "web")]
             Origin::Web(web) => return self.connect_web(peer, web.clone()),
         };
+        tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, "taking a place: connecting");
         let target = self.target;
         let reports = self.reports_tx.clone();
         let timeout = self.ctx.config.connect_timeout;
@@ -547,6 +462,19 @@ impl Run {
             };
             let _ = reports.send(report).await;
         });
+    }
+
+    /// `peer` gave its place up: its connection is closed (the scheduler still knows it).
+    fn close(&mut self, peer: PeerIdx) {
+        let source = &mut self.sources[peer];
+        tracing::debug!(target: DOWNLOAD_TARGET, source = %source.origin, "giving its place up");
+        if let Some(conn) = source.conn.take() {
+            conn.close(close::DONE, b"place given up");
+        }
+        #[cfg(feature = "web")]
+        {
+            source.web = None;
+        }
     }
 
     #[cfg(feature = "web")]
@@ -586,8 +514,9 @@ impl Run {
             self.ctx.config.schedule.min_request_timeout,
         );
         let done = self.sched.pieces_done().clone();
+        let serve_port = self.ctx.config.serve_port;
         self.tasks.spawn(async move {
-            let result = ask_have(conn, tree, piece, done, timeout).await;
+            let result = ask_have(conn, tree, piece, done, serve_port, timeout).await;
             let _ = reports.send(Report::Have { peer, result }).await;
         });
     }
@@ -641,11 +570,12 @@ impl Run {
                 task,
                 start,
                 written,
+                sent: Instant::now(),
             },
         );
     }
 
-    /// A peer proved the token and served the advertised manifest: the files get their full
+    /// A source proved the token and served the advertised manifest: the files get their full
     /// size now (after a free-space check), in the background.
     fn start_reserve(&mut self) {
         if self.reserved != Reserve::No {
@@ -670,13 +600,13 @@ impl Run {
             Report::Reserved(result) => {
                 result?;
                 self.reserved = Reserve::Done;
-                self.sched.set_paused(false);
+                self.sched.set_paused(false, now);
                 tracing::debug!(target: DOWNLOAD_TARGET, bytes = self.target.archive_size, "disk reserved");
                 self.offer();
             }
             Report::Have { peer, result } => {
                 let result = result.map_err(|e| {
-                    tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, error = %e, "could not learn what the peer holds");
+                    tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, error = %e, "could not learn what the source holds");
                     let failure = match &e {
                         FetchError::Refused(_, failure) => *failure,
                         FetchError::Protocol(_) => Failure::Fatal,
@@ -700,7 +630,7 @@ impl Run {
                     tracing::warn!(target: DOWNLOAD_TARGET, source = %source.origin, "peer refused our SNAPSHOT_TOKEN");
                 }
                 source.last_error = Some(error.to_string());
-                let failure = if source.partial {
+                let failure = if self.sched.peer_report(peer).partial {
                     error.failure_of_partial()
                 } else {
                     error.failure()
@@ -728,45 +658,44 @@ impl Run {
                 path,
                 manifest,
             } => {
-                if self.sched.peer_report(peer).fate != PeerFate::Alive {
+                let Some(take) = self.sched.handle_connected(peer) else {
                     return Ok(());
-                }
+                };
                 tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, %path, "web source lists the snapshot");
                 self.sources[peer].web = Some((path, Arc::new(super::web::NodeCache::new())));
-                self.take_manifest(peer, *manifest);
-                self.sched.handle_connected(peer);
+                if take {
+                    self.take_manifest(peer, *manifest);
+                }
                 self.start_reserve();
             }
         }
         Ok(())
     }
 
-    /// The manifest of the first holder; a complete holder's replaces a partial one's (both
-    /// match the target; only a complete holder has served the snapshot it publishes).
+    /// Takes `peer`'s manifest as the download's (the scheduler said so).
     fn take_manifest(&mut self, peer: PeerIdx, manifest: Manifest) {
-        let partial = self.sources[peer].partial;
-        if self.manifest.is_none() || (self.manifest_partial && !partial) {
-            // A partial holder passes on the manifest it took from its own source: counts it
-            // gets wrong are not proven to be its lie, so it is not named for them.
-            let from = self.sources[peer].origin.peer_id().filter(|_| !partial);
-            self.manifest_tx
-                .send_replace(Some((manifest.clone(), from)));
-            self.manifest = Some(manifest);
-            self.manifest_partial = partial;
-            // Offered again under the manifest taken.
-            self.offer = None;
-            self.offer();
-        }
+        let partial = self.sched.peer_report(peer).partial;
+        // A partial holder passes on the manifest it took from its own source: counts it
+        // gets wrong are not proven to be its lie, so it is not named for them.
+        let from = self.sources[peer].origin.peer_id().filter(|_| !partial);
+        self.manifest_tx
+            .send_replace(Some((manifest.clone(), from)));
+        self.manifest = Some(manifest);
+        // Offered again under the manifest taken.
+        self.offer = None;
+        self.offer();
     }
 
     fn connected(&mut self, peer: PeerIdx, conn: quinn::Connection, manifest: Manifest) {
-        if self.sched.peer_report(peer).fate != PeerFate::Alive {
-            // Dropped or retired while connecting: the connection is not used.
+        let Some(take) = self.sched.handle_connected(peer) else {
+            // It gave its place up while connecting: the connection is not used.
             conn.close(close::DONE, b"not needed");
             return;
-        }
+        };
         tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, "connected");
-        self.take_manifest(peer, manifest);
+        if take {
+            self.take_manifest(peer, manifest);
+        }
         let reports = self.reports_tx.clone();
         let watched = conn.clone();
         let conn_id = conn.stable_id();
@@ -784,8 +713,8 @@ impl Run {
             };
             let _ = reports.send(report).await;
         });
+        self.sched.handle_rtt(peer, conn.rtt());
         self.sources[peer].conn = Some(conn);
-        self.sched.handle_connected(peer);
         self.start_reserve();
     }
 
@@ -797,11 +726,20 @@ impl Run {
     ) -> Result<(), DownloadError> {
         // What it delivered counts, however it ended.
         self.credit(id);
-        let Some(InFlight { peer, .. }) = self.requests.remove(&id) else {
+        let Some(InFlight { peer, sent, .. }) = self.requests.remove(&id) else {
             return Ok(());
         };
+        if let Err(e) = &result {
+            tracing::trace!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, after_ms = sent.elapsed().as_millis() as u64, error = %e, "request ended without its chunks");
+        }
         match result {
-            Ok(()) => self.sched.handle_success(id, now),
+            Ok(()) => {
+                if let Some(conn) = &self.sources[peer].conn {
+                    self.sched.handle_rtt(peer, conn.rtt());
+                }
+                let added = self.sched.handle_success(id, now);
+                self.count_fetched(peer, added);
+            }
             Err(FetchError::Corrupt(e)) => {
                 let m = &self.ctx.metrics;
                 m.verification_failures.inc();
@@ -809,10 +747,7 @@ impl Run {
                 let source = &mut self.sources[peer];
                 tracing::warn!(target: DOWNLOAD_TARGET, source = %source.origin, error = %e, "a source sent a chunk that does not match the content root; banned for this download");
                 source.last_error = Some(format!("banned: {e}"));
-                if let Some(conn) = &source.conn {
-                    conn.close(close::DONE, b"bad data");
-                }
-                self.sched.handle_corrupt(id);
+                self.sched.handle_corrupt(id, now);
             }
             Err(FetchError::Local(e)) => return Err(e.into()),
             Err(FetchError::Refused(why, failure)) => {
@@ -842,20 +777,22 @@ impl Run {
     fn stuck_error(&self, stuck: Stuck) -> DownloadError {
         let missing_bytes = self.target.archive_size - self.sched.done_bytes();
         match stuck {
-            Stuck::NoProgress => {
+            // Something came, then nothing for too long.
+            Stuck::NoProgress if self.fetched_bytes > 0 => {
                 DownloadError::NoProgress(self.ctx.config.schedule.no_progress_timeout)
             }
-            Stuck::NoPeers
+            // Nothing at all came: why each source could not serve says more.
+            Stuck::NoPeers | Stuck::NoProgress
                 if !self.sources.is_empty() && self.sources.iter().all(|p| p.unauthorized) =>
             {
                 DownloadError::Unauthorized {
                     peers: self.sources.len(),
                 }
             }
-            Stuck::NoPeers => DownloadError::NoPeers {
+            Stuck::NoPeers | Stuck::NoProgress => DownloadError::NoPeers {
                 missing_bytes,
                 banned: (0..self.sources.len())
-                    .filter(|i| self.sched.peer_report(*i).fate == PeerFate::Banned)
+                    .filter(|i| self.sched.peer_report(*i).standing == Standing::Banned)
                     .count(),
                 reasons: if self.sources.is_empty() {
                     "no peers".into()
@@ -889,11 +826,22 @@ impl Run {
         let dir = self.partial.dir();
         match ChunkSource::open(self.tree, &dir.join(PART_FILE), &dir.join(OUTBOARD_FILE)) {
             Ok(source) => {
-                self.offer = Some(self.ctx.store.offer_partial(PartialOffer {
+                let introduce = self.introduce.clone();
+                // Each asker once: the same channel brings discovery's sources.
+                let seen = std::sync::Mutex::new(lru::LruCache::new(INTRODUCED));
+                self.offer = Some(self.ctx.store.exchange().offer(PartialOffer {
                     manifest,
                     source: Arc::new(source),
                     verified: self.verified.clone(),
                     served: self.served.clone(),
+                    introduce: Introducer(Box::new(move |peer_id, addr| {
+                        let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                        if seen.put(peer_id, ()).is_some() {
+                            return false;
+                        }
+                        let peer = PeerAddr { peer_id, addr };
+                        introduce.try_send((Origin::Peer(peer), true)).is_ok()
+                    })),
                 }));
                 tracing::debug!(target: DOWNLOAD_TARGET, verified = self.verified.count(), "serving the verified chunks meanwhile");
             }
@@ -903,21 +851,31 @@ impl Run {
         }
     }
 
-    /// Counts the chunks request `id` has checked and written so far as on disk.
+    /// Counts the chunks request `id` has checked and written so far as on disk, delivered by
+    /// its source.
     fn credit(&mut self, id: ReqId) {
         let Some(r) = self.requests.get(&id) else {
             return;
         };
-        let upto = r.written.load(Ordering::Acquire);
+        let (peer, upto) = (r.peer, r.written.load(Ordering::Acquire));
         // Written with their proof nodes and checked: they may be served from now on.
         for c in r.start..upto {
             self.verified.set(c);
         }
         let added = self.sched.handle_written(id, upto, Instant::now());
+        self.count_fetched(peer, added);
+    }
+
+    /// `peer` delivered `added` new verified bytes: counted, and credited to it (the streamer
+    /// serves first the peers that give).
+    fn count_fetched(&mut self, peer: PeerIdx, added: u64) {
         if added > 0 {
             self.fetched_bytes += added;
             self.ctx.metrics.downloaded_bytes.inc_by(added);
             self.watermark.advance(self.sched.verified_prefix());
+            if let Some(id) = self.sources[peer].origin.peer_id() {
+                self.ctx.store.exchange().credit(id, added, Instant::now());
+            }
         }
     }
 
@@ -950,68 +908,7 @@ impl Run {
         self.persister.flush(self.sched.chunk_done(), done).await
     }
 
-    fn progress(&mut self, finished: bool) -> Progress {
-        let now = Instant::now();
-        let done = self.sched.done_bytes();
-        let (t0, d0) = self.last_tick;
-        let dt = now.duration_since(t0).as_secs_f64();
-        if dt > 0.05 {
-            self.rate.update((done - d0) as f64 / dt);
-            self.last_tick = (now, done);
-        }
-        let rate = self.rate.get().unwrap_or(0.0);
-        let remaining = self.target.archive_size - done;
-        Progress {
-            root: self.target.content_root,
-            done_bytes: done,
-            total_bytes: self.target.archive_size,
-            resumed_bytes: self.resumed_bytes,
-            served_bytes: self.served.load(Ordering::Relaxed),
-            rate,
-            eta: (rate > 0.0).then(|| Duration::from_secs_f64(remaining as f64 / rate)),
-            peers: (0..self.sources.len())
-                .filter_map(|i| {
-                    let r = self.sched.peer_report(i);
-                    Some(PeerProgress {
-                        peer_id: self.sources[i].origin.peer_id()?,
-                        bytes: r.bytes,
-                        rate: r.rate,
-                        inflight: r.inflight,
-                        partial: r.partial,
-                        status: status(r.fate),
-                    })
-                })
-                .collect(),
-            web: self.web_progress(),
-            finished,
-        }
-    }
-
-    /// The web sources' parts.
-    fn web_progress(&self) -> Vec<WebProgress> {
-        #[cfg(feature = "web")]
-        {
-            (0..self.sources.len())
-                .filter_map(|i| match &self.sources[i].origin {
-                    Origin::Web(w) => {
-                        let r = self.sched.peer_report(i);
-                        Some(WebProgress {
-                            url: w.base().to_string(),
-                            bytes: r.bytes,
-                            rate: r.rate,
-                            inflight: r.inflight,
-                            status: status(r.fate),
-                        })
-                    }
-                    Origin::Peer(_) => None,
-                })
-                .collect()
-        }
-        #[cfg(not(feature = "web"))]
-        Vec::new()
-    }
-
-    fn publish_progress(&mut self, finished: bool) {
+    pub(super) fn publish_progress(&mut self, finished: bool) {
         let p = self.progress(finished);
         self.progress_tx.send_replace(p);
     }
@@ -1026,19 +923,27 @@ impl Run {
 
     /// Logs what each connection measured of its path.
     fn log_connections(&self) {
-        for source in &self.sources {
-            if let Some(conn) = &source.conn {
-                let path = conn.stats().path;
-                tracing::debug!(
-                    target: DOWNLOAD_TARGET,
-                    source = %source.origin,
-                    mtu = path.current_mtu,
-                    rtt_us = path.rtt.as_micros() as u64,
-                    cwnd = path.cwnd,
-                    lost_packets = path.lost_packets,
-                    "connection figures"
-                );
+        for (i, source) in self.sources.iter().enumerate() {
+            let r = self.sched.peer_report(i);
+            if !r.tried {
+                continue;
             }
+            let t = r.tally;
+            let path = source.conn.as_ref().map(|c| c.stats().path);
+            tracing::debug!(
+                target: DOWNLOAD_TARGET,
+                source = %source.origin,
+                bytes = r.bytes,
+                requests = t.requests,
+                delivered = t.delivered,
+                busy = t.busy,
+                not_held = t.not_held,
+                failed = t.failed,
+                haves = t.haves,
+                rtt_us = path.map(|p| p.rtt.as_micros() as u64),
+                lost_packets = path.map(|p| p.lost_packets),
+                "source figures"
+            );
         }
     }
 
@@ -1046,6 +951,8 @@ impl Run {
     /// publishes the archive.
     async fn finish(mut self) -> Result<Downloaded, DownloadError> {
         let finish_started = Instant::now();
+        // What the requests still under way delivered counts, before they are stopped.
+        self.credit_all();
         self.tasks.abort_all();
         self.log_connections();
         self.close_connections(b"done");
@@ -1061,44 +968,13 @@ impl Run {
         // moment where it holds nothing.
         self.offer = None;
         self.watermark.advance(self.target.archive_size);
-        let per_peer: Vec<_> = (0..self.sources.len())
-            .filter_map(|i| {
-                let peer = self.sources[i].origin.peer_id()?;
-                Some((peer, self.sched.peer_report(i).bytes))
-            })
-            .collect();
-        let per_web: Vec<_> = self
-            .web_progress()
-            .into_iter()
-            .map(|w| (w.url, w.bytes))
-            .collect();
-        let elapsed = self.started.elapsed();
         tracing::debug!(
             target: DOWNLOAD_TARGET,
             finish_secs = finish_started.elapsed().as_secs_f64(),
             "made durable and published"
         );
         self.publish_progress(true);
-        tracing::info!(
-            target: DOWNLOAD_TARGET,
-            slot = snapshot.manifest().slot,
-            kind = %snapshot.manifest().kind,
-            root = %self.target.content_root.short(),
-            fetched = self.fetched_bytes,
-            resumed = self.resumed_bytes,
-            secs = elapsed.as_secs_f64(),
-            peers = per_peer.iter().filter(|(_, b)| *b > 0).count(),
-            "download complete and verified"
-        );
-        Ok(Downloaded {
-            snapshot,
-            fetched_bytes: self.fetched_bytes,
-            resumed_bytes: self.resumed_bytes,
-            served_bytes: self.served.load(Ordering::Relaxed),
-            elapsed,
-            per_peer,
-            per_web,
-        })
+        Ok(self.downloaded(snapshot))
     }
 }
 

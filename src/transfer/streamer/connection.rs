@@ -38,6 +38,14 @@ pub(super) struct Allowance {
     pub(super) activity: Arc<Activity>,
     /// The peer it serves.
     pub(super) peer: PeerId,
+    /// Where the connection comes from.
+    pub(super) remote: std::net::SocketAddr,
+    /// The connection, for its send window.
+    pub(super) conn: quinn::Connection,
+    /// Responses are sent one at a time, in the order their requests came: each goes out at
+    /// the connection's whole rate, and a response's deadline counts from its turn, not from
+    /// the time it waited behind the others (a busy uplink is not a slow client).
+    pub(super) turn: tokio::sync::Mutex<()>,
 }
 
 /// Serves one connection until it ends. `slot` holds its place in the limits until then.
@@ -67,6 +75,9 @@ pub(super) async fn serve(
         memory_kib: share,
         activity: Arc::new(Activity::new()),
         peer,
+        remote: conn.remote_address(),
+        conn: conn.clone(),
+        turn: tokio::sync::Mutex::new(()),
     });
     let _guard = PeerGuard {
         shared,
@@ -270,8 +281,19 @@ fn rebalance(shared: &Shared, serving: &[Served]) {
         serving.len(),
     );
     for s in serving {
+        s.activity.send_share.store(share, Ordering::Relaxed);
         s.conn.set_send_window(share);
     }
+}
+
+/// The send window of a connection about to be sent a response: what its path carries in
+/// one round trip, twice over (what is in flight, and as much waiting to go), within its
+/// share of the send memory. More would only queue inside this server, where a response
+/// waits behind the others for seconds while its client counts the time, and a client that
+/// gives up on it has made the uplink carry bytes nobody takes.
+pub(super) fn send_window_now(conn: &quinn::Connection, share: u64) -> u64 {
+    let cwnd = conn.stats().path.cwnd;
+    (2 * cwnd).clamp(MIN_SEND_WINDOW.min(share), share.max(1))
 }
 
 /// Adds an authenticated connection to those sharing the send memory (and those that may be

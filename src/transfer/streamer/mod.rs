@@ -123,6 +123,8 @@ pub(crate) struct Activity {
     pub(crate) requests: AtomicUsize,
     /// Data bytes served.
     pub(crate) served: std::sync::atomic::AtomicU64,
+    /// Its share of the send memory: the most its send window may be.
+    pub(crate) send_share: std::sync::atomic::AtomicU64,
     since: std::time::Instant,
 }
 
@@ -131,6 +133,7 @@ impl Activity {
         Self {
             requests: AtomicUsize::new(0),
             served: std::sync::atomic::AtomicU64::new(0),
+            send_share: std::sync::atomic::AtomicU64::new(0),
             since: std::time::Instant::now(),
         }
     }
@@ -211,8 +214,14 @@ impl Shared {
     /// `slots.rs`); held until the guard is dropped.
     pub(crate) fn upload_slot(&self, peer: PeerId) -> Option<UploadGuard<'_>> {
         // (The lock is released before a guard exists: dropping one takes it.)
-        let admitted = self.uploads().admit(peer, std::time::Instant::now());
-        admitted.then(|| UploadGuard { shared: self, peer })
+        let now = std::time::Instant::now();
+        let exchange = self.store.exchange();
+        let admitted = self.uploads().admit(peer, now, |p| exchange.given(p, now));
+        admitted.then(|| UploadGuard {
+            shared: self,
+            peer,
+            sent: 0,
+        })
     }
 }
 
@@ -220,13 +229,15 @@ impl Shared {
 pub(crate) struct UploadGuard<'a> {
     shared: &'a Shared,
     peer: PeerId,
+    /// Data bytes the response sent.
+    pub(crate) sent: u64,
 }
 
 impl Drop for UploadGuard<'_> {
     fn drop(&mut self) {
         self.shared
             .uploads()
-            .done(self.peer, std::time::Instant::now());
+            .done(self.peer, self.sent, std::time::Instant::now());
     }
 }
 
@@ -323,6 +334,7 @@ impl Streamer {
                 config.max_uploads,
                 config.upload_slot,
                 slots::UPLOAD_LINGER,
+                config.min_client_rate,
             )),
             serving: Mutex::new(Vec::new()),
             memory: Semaphore::new(memory_kib as usize),

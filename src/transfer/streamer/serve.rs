@@ -102,6 +102,8 @@ struct Responder<'a> {
     send: quinn::SendStream,
     shared: &'a Shared,
     allowance: &'a Allowance,
+    /// Data bytes of the response's body handed to QUIC so far.
+    handed: u64,
 }
 
 /// Serves one request stream.
@@ -115,6 +117,7 @@ pub(super) async fn request(
         send,
         shared,
         allowance,
+        handed: 0,
     };
     let read = tokio::time::timeout(
         shared.config.request_timeout,
@@ -154,7 +157,7 @@ fn manifest_header(get: &proto::GetManifest, shared: &Shared) -> proto::Response
     };
     let manifest = match shared.store.get(&root) {
         Some(snap) => snap.manifest().clone(),
-        None => match shared.store.partial_offer(&root) {
+        None => match shared.store.exchange().offered(&root) {
             Some(offer) => offer.manifest.clone(),
             None => {
                 return refusal(
@@ -184,11 +187,12 @@ impl Responder<'_> {
             let not_held = refusal(proto::Status::NotHeld, "this range is not held yet");
             return self.respond(not_held.header(), None).await;
         }
-        let Some(_slot) = shared.upload_slot(self.allowance.peer) else {
+        let Some(mut slot) = shared.upload_slot(self.allowance.peer) else {
             let busy = refusal(proto::Status::Busy, "uploading to others; try again");
             return self.respond(busy.header(), None).await;
         };
         let source = served.source().clone();
+        let asked = Instant::now();
         // Memory first, from the connection's share and the streamer's, within the request
         // timeout: held until the response is handed to QUIC or abandoned.
         let kib = (encoded_len.div_ceil(1024) as u32).min(shared.memory_kib);
@@ -212,15 +216,20 @@ impl Responder<'_> {
                     chunks: range.end - range.start,
                     data_bytes,
                 };
-                self.respond(header, Some(body)).await?;
+                let memory_ms = asked.elapsed().as_millis() as u64;
+                let result = self.respond(header, Some(body)).await;
+                // What was handed to QUIC counts, however the response ended.
+                let handed = self.handed;
+                slot.sent = handed;
+                tracing::trace!(target: STREAMER_TARGET, peer = %self.allowance.peer, memory_ms, total_ms = asked.elapsed().as_millis() as u64, handed, "chunks handed to QUIC");
                 match &served {
                     Served::Partial(offer) => {
-                        offer.served.fetch_add(data_bytes, Ordering::Relaxed);
-                        shared.metrics.served_partial_bytes.inc_by(data_bytes);
+                        offer.served.fetch_add(handed, Ordering::Relaxed);
+                        shared.metrics.served_partial_bytes.inc_by(handed);
                     }
                     Served::Complete(_) => shared.offered_sent(&root, range),
                 }
-                Ok(())
+                result
             }
             Ok(_) | Err(_) => {
                 tracing::warn!(target: STREAMER_TARGET, root = %root.short(), "cannot read a served snapshot");
@@ -248,7 +257,26 @@ impl Responder<'_> {
             Ok(v) => v,
             Err(r) => return self.respond(r.header(), None).await,
         };
+        self.introduce(get);
         self.respond(header, body).await
+    }
+
+    /// An asker that downloads a snapshot this node downloads too, and serves it, becomes a
+    /// source of this node's download in turn.
+    fn introduce(&self, get: &proto::GetHave) {
+        let (Ok(port), Ok(root)) = (
+            u16::try_from(get.serve_port),
+            ContentRoot::from_slice(&get.content_root),
+        ) else {
+            return;
+        };
+        if port == 0 || self.shared.store.get(&root).is_some() {
+            return;
+        }
+        if let Some(offer) = self.shared.store.exchange().offered(&root) {
+            let addr = std::net::SocketAddr::new(self.allowance.remote.ip(), port);
+            (offer.introduce.0)(self.allowance.peer, addr);
+        }
     }
 
     /// The one response path: the header, then the body in pieces paced by the rate limits,
@@ -262,45 +290,77 @@ impl Responder<'_> {
         let shared = self.shared;
         let ok = header.status == proto::Status::Ok as i32;
         let len = body.as_ref().map_or(0, |b| b.bytes.len() as u64);
+        // Its turn first: the responses of a connection go out one after another.
+        let allowance = self.allowance;
+        let _turn = match &body {
+            Some(b) if b.data_bytes > 0 => Some(allowance.turn.lock().await),
+            _ => None,
+        };
         let whole = Duration::from_secs_f64(len as f64 / shared.config.min_client_rate as f64)
             .max(shared.config.write_timeout);
         let deadline = Instant::now() + whole;
         let header = Bytes::from(protocol::encode_frame(&header));
-        self.write_within(header, deadline).await?;
-        if let Some(body) = &body {
-            let mut at = 0;
-            while at < body.bytes.len() {
-                let end = (at + SEND_PIECE).min(body.bytes.len());
-                if let Some(limit) = &shared.global_limit {
-                    limit.take(end - at).await;
-                }
-                if let Some(limit) = &self.allowance.limit {
-                    limit.take(end - at).await;
-                }
-                // Handed to QUIC without another copy: each piece is a view of the same buffer.
-                self.write_within(body.bytes.slice(at..end), deadline)
-                    .await?;
-                at = end;
-            }
+        if let Err(e) = self.write_body(header, body.as_ref(), deadline).await {
+            // Reset, never finished: a client must not read a response cut short as whole.
+            let _ = self.send.reset(CANCELLED);
+            return Err(e);
         }
-        // Counted once all is handed to QUIC, before the end of the stream can reach the client.
         let m = &shared.metrics;
         m.served(if ok { Outcome::Ok } else { Outcome::Refused });
         if let Some(body) = &body {
-            m.served_bytes.inc_by(body.data_bytes);
             m.served_chunks.inc_by(body.chunks);
+        }
+        self.send.finish()?;
+        Ok(())
+    }
+
+    /// Writes the header, then the body in pieces paced by the rate limits; counts the data
+    /// bytes of each piece as served as it is handed to QUIC, so that what a client credits
+    /// this server with (the chunks it verified) never exceeds what was counted.
+    async fn write_body(
+        &mut self,
+        header: Bytes,
+        body: Option<&Body>,
+        deadline: Instant,
+    ) -> Result<(), ServeError> {
+        self.write_within(header, deadline).await?;
+        let Some(body) = body else {
+            return Ok(());
+        };
+        let shared = self.shared;
+        let len = body.bytes.len() as u64;
+        let mut at = 0;
+        while at < body.bytes.len() {
+            let end = (at + SEND_PIECE).min(body.bytes.len());
+            if let Some(limit) = &shared.global_limit {
+                limit.take(end - at).await;
+            }
+            if let Some(limit) = &self.allowance.limit {
+                limit.take(end - at).await;
+            }
+            // Handed to QUIC without another copy: each piece is a view of the same buffer.
+            self.write_within(body.bytes.slice(at..end), deadline)
+                .await?;
+            at = end;
+            let upto = body.data_bytes * at as u64 / len.max(1);
+            let piece = upto - self.handed;
+            self.handed = upto;
+            shared.metrics.served_bytes.inc_by(piece);
             self.allowance
                 .activity
                 .served
-                .fetch_add(body.data_bytes, Ordering::Relaxed);
+                .fetch_add(piece, Ordering::Relaxed);
         }
-        self.send.finish()?;
         Ok(())
     }
 
     /// Writes `data` within the write deadline and by `deadline`: a client that does not take
     /// it in time is too slow.
     async fn write_within(&mut self, data: Bytes, deadline: Instant) -> Result<(), ServeError> {
+        let a = self.allowance;
+        let share = a.activity.send_share.load(Ordering::Relaxed);
+        a.conn
+            .set_send_window(super::connection::send_window_now(&a.conn, share));
         let by = deadline.min(Instant::now() + self.shared.config.write_timeout);
         match tokio::time::timeout_at(by, self.send.write_chunk(data)).await {
             Ok(r) => r.map_err(ServeError::from),
@@ -447,7 +507,7 @@ impl Shared {
     fn served(&self, root: &ContentRoot) -> Result<Served, Refusal> {
         match self.source(root) {
             Ok(source) => Ok(Served::Complete(source)),
-            Err(r) => match self.store.partial_offer(root) {
+            Err(r) => match self.store.exchange().offered(root) {
                 Some(offer) => Ok(Served::Partial(offer)),
                 None => Err(r),
             },

@@ -3,27 +3,46 @@
 //! An uplink split among a few peers gets each piece out sooner than one split among all, and in
 //! a crowd a piece that is out is one the others can fetch from its new holder. So at most
 //! `max` peers hold a slot at once; the others are told the server is busy (they fetch
-//! elsewhere and try again later). A slot lapses `linger` after its peer's last request or
-//! response, and
-//! once slots are full, the one held longest is given to a newcomer when it has been held for
-//! `hold`: every peer gets its turn. Turns go in the order peers were first refused: a slot that
-//! comes free goes to the peer that has waited longest, not to whoever asks first, so asking
-//! often wins nothing. A waiter that has not asked for [`WAIT_LAPSE`] has left the queue.
+//! elsewhere and ask again soon). A slot lapses `linger` after its peer's last request or
+//! response. Who gets a slot once all are held is BitTorrent's choker:
+//! - **Tit for tat.** A slot held for `hold` goes to an asker that gave this node more verified
+//!   bytes lately than its holder did (what the node's own downloads measured): the peers that
+//!   redistribute what they get to this node are served first, and a crowd's uplinks go to
+//!   those that upload in turn.
+//! - **Slow readers lose their slot.** A slot held for `hold` whose holder took less than
+//!   `min_rate` over it goes to any asker.
+//! - **Turns among equals.** Of peers that gave alike (nothing, for a seed), the slot held longest
+//!   goes, once held for `hold`, to the peer that has waited longest, not to whoever asks most
+//!   often: every peer gets its turn. A waiter that has not asked for [`WAIT_LAPSE`] has left
+//!   the queue.
+//! - **One optimistic slot** (with two or more) goes to the peer that has waited longest
+//!   whatever it gave, and moves on after three times `hold`, so that a newcomer with nothing
+//!   to give yet gets pieces, and a fast one gets found.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-/// How long after its last chunk request a peer keeps its slot.
-pub(crate) const UPLOAD_LINGER: Duration = Duration::from_secs(1);
+/// How long after its last chunk request a peer keeps its slot: a holder with work keeps a
+/// request queued here (its next one is on its way within a round trip), and one without
+/// gives the slot to the next in line soon.
+pub(crate) const UPLOAD_LINGER: Duration = Duration::from_millis(500);
 
 /// How long a refused peer keeps its place in the queue without asking again (a downloader
-/// told the server is busy asks again within about a second).
+/// told the server is busy asks again within a second).
 pub(crate) const WAIT_LAPSE: Duration = Duration::from_secs(3);
+
+/// How long a free slot is kept for the peers ahead in the queue: after it, whoever asks first
+/// takes it, so that a slot never stays free while someone asks (those ahead may have gone
+/// elsewhere, or ask less often).
+pub(crate) const CLAIM_GRACE: Duration = Duration::from_millis(300);
 
 /// Most peers queued for a slot (far above the connections a server admits).
 const MAX_WAITING: usize = 1024;
+
+/// How many times `hold` the optimistic slot is held before it moves on.
+const OPTIMISTIC_HOLDS: u32 = 3;
 
 /// The upload slots of a server.
 #[derive(Debug)]
@@ -31,12 +50,16 @@ pub(crate) struct UploadSlots<P> {
     max: usize,
     hold: Duration,
     linger: Duration,
+    /// Bytes per second a holder must take over its slot to keep it past `hold`.
+    min_rate: f64,
     slots: HashMap<P, Slot>,
     /// When a peer was last refused for want of a slot.
     refused: Option<Instant>,
     /// Peers refused for want of a slot, in the order they were first refused, with when
     /// they last asked.
     waiting: VecDeque<(P, Instant)>,
+    /// Since when a slot has been free (while one is).
+    free_since: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -48,28 +71,65 @@ struct Slot {
     active: usize,
     /// Its peer is gone: the slot is freed when its last response ends.
     released: bool,
+    /// The optimistic slot.
+    optimistic: bool,
+    /// Data bytes sent to it over the slot.
+    sent: u64,
+}
+
+impl Slot {
+    /// Whether it was held long enough to be given to another.
+    fn overdue(&self, hold: Duration, now: Instant) -> bool {
+        let hold = if self.optimistic {
+            hold * OPTIMISTIC_HOLDS
+        } else {
+            hold
+        };
+        now.saturating_duration_since(self.granted) >= hold
+    }
+
+    /// Bytes per second it took over the slot.
+    fn rate(&self, now: Instant) -> f64 {
+        let secs = now.saturating_duration_since(self.granted).as_secs_f64();
+        self.sent as f64 / secs.max(1e-3)
+    }
 }
 
 impl<P: Copy + Eq + Hash> UploadSlots<P> {
-    /// At most `max` peers at once; a slot is given up to a newcomer after `hold`.
-    pub(crate) fn new(max: usize, hold: Duration, linger: Duration) -> Self {
+    /// At most `max` peers at once; a slot may be given to another after `hold`, or taken from
+    /// a holder that took less than `min_rate` bytes per second over it.
+    pub(crate) fn new(max: usize, hold: Duration, linger: Duration, min_rate: u64) -> Self {
         Self {
             max: max.max(1),
             hold,
             linger,
+            min_rate: min_rate as f64,
             slots: HashMap::new(),
             refused: None,
             waiting: VecDeque::new(),
+            free_since: None,
         }
     }
 
-    /// Whether `peer` may be sent a response now: it holds a slot, or its turn has come and it
-    /// gets one (a free one, or the one held longest, once held over `hold`). When it may, the
+    /// Whether `peer` may be sent a response now: it holds a slot, or it gets one (see the
+    /// module docs; `given` says how much a peer gave this node lately). When it may, the
     /// response is under way until [`UploadSlots::done`].
-    pub(crate) fn admit(&mut self, peer: P, now: Instant) -> bool {
+    pub(crate) fn admit(&mut self, peer: P, now: Instant, given: impl Fn(&P) -> f64) -> bool {
         let linger = self.linger;
-        self.slots
-            .retain(|_, s| s.active > 0 || now.saturating_duration_since(s.last) < linger);
+        self.slots.retain(|_, s| {
+            let keep = s.active > 0 || now.saturating_duration_since(s.last) < linger;
+            if !keep {
+                // Free since its linger ended.
+                let lapsed = s.last + linger;
+                self.free_since = Some(self.free_since.map_or(lapsed, |t| t.min(lapsed)));
+            }
+            keep
+        });
+        if self.slots.len() < self.max {
+            self.free_since.get_or_insert(now);
+        } else {
+            self.free_since = None;
+        }
         if let Some(s) = self.slots.get_mut(&peer) {
             s.last = now;
             s.active += 1;
@@ -77,13 +137,20 @@ impl<P: Copy + Eq + Hash> UploadSlots<P> {
         }
         self.waiting
             .retain(|(_, asked)| now.saturating_duration_since(*asked) < WAIT_LAPSE);
-        let hold = self.hold;
-        let overdue = |s: &Slot| now.saturating_duration_since(s.granted) >= hold;
-        // Slots that can be had now: the free ones, and those held over `hold`.
-        let room = self.max.saturating_sub(self.slots.len())
-            + self.slots.values().filter(|s| overdue(s)).count();
         let place = self.waiting.iter().position(|(p, _)| *p == peer);
-        if place.unwrap_or(self.waiting.len()) >= room {
+        // Peers ahead of it in the queue, and the slots free now; a slot left free past the
+        // grace goes to whoever asks.
+        let ahead = place.unwrap_or(self.waiting.len());
+        let free = self.max.saturating_sub(self.slots.len());
+        let unclaimed = self
+            .free_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= CLAIM_GRACE);
+        let granted = if ahead < free || (free > 0 && unclaimed) {
+            Some(None)
+        } else {
+            self.slot_to_take(peer, ahead == 0, now, &given).map(Some)
+        };
+        let Some(replaced) = granted else {
             self.refused = Some(now);
             match place {
                 Some(i) => self.waiting[i].1 = now,
@@ -91,21 +158,15 @@ impl<P: Copy + Eq + Hash> UploadSlots<P> {
                 None => {}
             }
             return false;
-        }
+        };
         if let Some(i) = place {
             self.waiting.remove(i);
         }
-        if self.slots.len() >= self.max {
-            let longest = self
-                .slots
-                .iter()
-                .filter(|(_, s)| overdue(s))
-                .min_by_key(|(_, s)| s.granted)
-                .map(|(p, _)| *p);
-            if let Some(p) = longest {
-                self.slots.remove(&p);
-            }
-        }
+        let optimistic = match replaced {
+            Some(holder) => self.slots.remove(&holder).is_some_and(|s| s.optimistic),
+            // The first slot, when more than one, starts as the optimistic one.
+            None => self.max > 1 && !self.slots.values().any(|s| s.optimistic),
+        };
         self.slots.insert(
             peer,
             Slot {
@@ -113,17 +174,53 @@ impl<P: Copy + Eq + Hash> UploadSlots<P> {
                 last: now,
                 active: 1,
                 released: false,
+                optimistic,
+                sent: 0,
             },
         );
+        if self.slots.len() >= self.max {
+            self.free_since = None;
+        }
         true
     }
 
-    /// A response to `peer` that [`UploadSlots::admit`] let through has ended (sent or not):
-    /// its slot lapses `linger` after its last one.
-    pub(crate) fn done(&mut self, peer: P, now: Instant) {
+    /// The slot `peer` may take from its holder now, if any (`first`: it has waited longest).
+    fn slot_to_take(
+        &self,
+        peer: P,
+        first: bool,
+        now: Instant,
+        given: &impl Fn(&P) -> f64,
+    ) -> Option<P> {
+        let mine = given(&peer);
+        self.slots
+            .iter()
+            .filter(|(_, s)| s.overdue(self.hold, now))
+            .filter(|(holder, s)| {
+                let slow = s.rate(now) < self.min_rate;
+                let theirs = given(holder);
+                slow || if s.optimistic {
+                    first
+                } else {
+                    mine > theirs || (mine == theirs && first)
+                }
+            })
+            // The holder that gave least, then the one that held longest.
+            .min_by(|(a, sa), (b, sb)| {
+                given(a)
+                    .total_cmp(&given(b))
+                    .then(sa.granted.cmp(&sb.granted))
+            })
+            .map(|(holder, _)| *holder)
+    }
+
+    /// A response to `peer` that [`UploadSlots::admit`] let through has ended, having sent
+    /// `sent` data bytes: its slot lapses `linger` after its last one.
+    pub(crate) fn done(&mut self, peer: P, sent: u64, now: Instant) {
         if let Some(s) = self.slots.get_mut(&peer) {
             s.active = s.active.saturating_sub(1);
             s.last = s.last.max(now);
+            s.sent += sent;
             if s.released && s.active == 0 {
                 self.slots.remove(&peer);
             }
@@ -165,17 +262,22 @@ mod tests {
 
     /// A response admitted and ended at once.
     fn ask(s: &mut UploadSlots<u32>, peer: u32, t: Instant) -> bool {
-        let ok = s.admit(peer, t);
+        let ok = s.admit(peer, t, |_| 0.0);
         if ok {
-            s.done(peer, t);
+            s.done(peer, 0, t);
         }
         ok
+    }
+
+    /// Slots with no rate asked of their holders.
+    fn slots(max: usize) -> UploadSlots<u32> {
+        UploadSlots::new(max, 10 * SEC, SEC, 0)
     }
 
     #[test]
     fn a_few_peers_at_a_time_each_in_turn() {
         let t0 = Instant::now();
-        let mut s = UploadSlots::new(2, 10 * SEC, SEC);
+        let mut s = slots(2);
         assert!(ask(&mut s, 1, t0) && ask(&mut s, 2, t0));
         assert!(!s.contended(t0 - SEC));
         assert!(!ask(&mut s, 3, t0), "full: the third waits");
@@ -200,11 +302,11 @@ mod tests {
     #[test]
     fn a_slot_does_not_lapse_while_its_responses_wait() {
         let t0 = Instant::now();
-        let mut s = UploadSlots::new(1, 10 * SEC, SEC);
-        assert!(s.admit(1, t0));
+        let mut s = slots(1);
+        assert!(s.admit(1, t0, |_| 0.0));
         // Its response takes five seconds: the slot stays its own meanwhile.
         assert!(!ask(&mut s, 2, t0 + 5 * SEC));
-        s.done(1, t0 + 5 * SEC);
+        s.done(1, 0, t0 + 5 * SEC);
         assert!(!ask(&mut s, 2, t0 + 5 * SEC + SEC / 2));
         assert!(ask(&mut s, 2, t0 + 7 * SEC));
     }
@@ -212,14 +314,14 @@ mod tests {
     #[test]
     fn a_gone_peer_frees_its_slot_and_its_place_in_the_queue() {
         let t0 = Instant::now();
-        let mut s = UploadSlots::new(1, 10 * SEC, SEC);
-        assert!(s.admit(1, t0));
+        let mut s = slots(1);
+        assert!(s.admit(1, t0, |_| 0.0));
         assert!(!ask(&mut s, 2, t0), "2 waits first");
         assert!(!ask(&mut s, 3, t0), "then 3");
         // 1 goes while a response is under way: the slot is free once it ends.
         s.release(1);
         assert_eq!(s.len(), 1);
-        s.done(1, t0);
+        s.done(1, 0, t0);
         assert_eq!(s.len(), 0);
         // 2 goes too: 3 is next, at once.
         s.release(2);
@@ -229,15 +331,14 @@ mod tests {
     #[test]
     fn turns_go_in_the_order_peers_waited_not_to_who_asks_most() {
         let t0 = Instant::now();
-        let mut s = UploadSlots::new(1, 10 * SEC, SEC);
-        assert!(s.admit(1, t0));
-        // Peer 2 is refused first and asks again every second; peer 3 asks every 10 ms.
+        let mut s = slots(1);
+        assert!(s.admit(1, t0, |_| 0.0));
+        // Peer 2 is refused first and asks again every half second; peer 3 every 10 ms.
         assert!(!ask(&mut s, 2, t0 + SEC));
         let mut t = t0 + SEC;
         while t < t0 + 11 * SEC {
             t += Duration::from_millis(10);
-            assert!(!ask(&mut s, 3, t), "3 never jumps the queue");
-            if (t - t0).as_millis().is_multiple_of(1000) {
+            if (t - t0).as_millis().is_multiple_of(500) {
                 let turn = ask(&mut s, 2, t);
                 assert_eq!(
                     turn,
@@ -248,30 +349,156 @@ mod tests {
                     break;
                 }
             }
+            assert!(!ask(&mut s, 3, t), "3 never jumps the queue");
         }
         assert_eq!(s.len(), 1);
-        // A waiter that stops asking leaves the queue: the next in line is served.
-        let mut s = UploadSlots::new(1, 10 * SEC, SEC);
-        assert!(s.admit(1, t0));
+        // A free slot waits a moment for the peer first in line, then goes to whoever asks.
+        let ms = |n: u64| Duration::from_millis(n);
+        let mut s = UploadSlots::new(1, 10 * SEC, UPLOAD_LINGER, 0);
+        assert!(s.admit(1, t0, |_| 0.0));
         assert!(!ask(&mut s, 2, t0), "2 is first in line");
-        assert!(!ask(&mut s, 3, t0 + SEC), "then 3");
-        s.done(1, t0 + SEC);
+        assert!(!ask(&mut s, 3, t0 + ms(200)), "then 3");
+        // 1's last response ends at 300 ms: its slot is free 500 ms later.
+        s.done(1, 0, t0 + ms(300));
         assert!(
-            !ask(&mut s, 3, t0 + 2 * SEC + SEC / 2),
+            !ask(&mut s, 3, t0 + ms(900)),
             "the slot is free: it is 2's turn"
         );
         assert!(
-            ask(&mut s, 3, t0 + 3 * SEC + SEC / 2),
-            "2 has not asked for over 3 s: it has left the queue"
+            ask(&mut s, 3, t0 + ms(1100)),
+            "2 did not claim it in time: it goes to the one that asks"
         );
+    }
+
+    /// Every peer of `askers` asks at each half second from `from` until `to`, each response
+    /// sending `sent(peer)` bytes; returns who held a slot at each ask, in order.
+    fn rounds(
+        s: &mut UploadSlots<u32>,
+        askers: &[u32],
+        from: Instant,
+        to: Instant,
+        given: impl Fn(&u32) -> f64,
+        sent: impl Fn(&u32) -> u64,
+    ) -> Vec<(Instant, u32)> {
+        let mut served = Vec::new();
+        let mut t = from;
+        while t < to {
+            for &p in askers {
+                if s.admit(p, t, &given) {
+                    s.done(p, sent(&p), t);
+                    served.push((t, p));
+                }
+            }
+            t += SEC / 2;
+        }
+        served
+    }
+
+    fn holders_at(served: &[(Instant, u32)], t: Instant) -> Vec<u32> {
+        let mut h: Vec<u32> = served
+            .iter()
+            .filter(|(at, _)| *at == t)
+            .map(|(_, p)| *p)
+            .collect();
+        h.sort();
+        h
+    }
+
+    #[test]
+    fn a_slot_goes_to_the_peer_that_gave_more_and_one_that_gives_keeps_its_own() {
+        let t0 = Instant::now();
+        let mut s = slots(2);
+        // 1 and 2 hold the slots (1 the optimistic one); 3 gives this node a lot, 2 nothing.
+        let given = |p: &u32| if *p == 3 { 1e6 } else { 0.0 };
+        let none = |_: &u32| 0;
+        rounds(&mut s, &[1, 2], t0, t0 + SEC, given, none);
+        let early = rounds(&mut s, &[1, 2, 3], t0 + SEC, t0 + 10 * SEC, given, none);
+        assert!(
+            early.iter().all(|(_, p)| *p != 3),
+            "not before the slot was held for its time"
+        );
+        let later = rounds(
+            &mut s,
+            &[1, 2, 3],
+            t0 + 10 * SEC,
+            t0 + 25 * SEC,
+            given,
+            none,
+        );
+        assert_eq!(
+            holders_at(&later, t0 + 10 * SEC),
+            vec![1, 2, 3],
+            "3 takes 2's slot..."
+        );
+        assert_eq!(
+            holders_at(&later, t0 + 10 * SEC + SEC / 2),
+            vec![1, 3],
+            "...for good"
+        );
+        // 3 gave more than 2: it keeps the slot, turn after turn.
+        assert!(later.iter().all(|(t, p)| *p != 2 || *t == t0 + 10 * SEC));
+    }
+
+    #[test]
+    fn a_holder_that_reads_slowly_loses_its_slot_to_any_asker() {
+        let t0 = Instant::now();
+        // 1 gives more than 2, but takes 2 KB/s of its slot.
+        let given = |p: &u32| if *p == 1 { 1e6 } else { 0.0 };
+        let mut s = UploadSlots::new(1, 10 * SEC, SEC, 100_000);
+        rounds(&mut s, &[1], t0, t0 + SEC, given, |_| 1000);
+        let got = rounds(&mut s, &[1, 2], t0 + SEC, t0 + 12 * SEC, given, |_| 1000);
+        let first_2 = got.iter().find(|(_, p)| *p == 2).map(|(t, _)| *t);
+        assert_eq!(
+            first_2,
+            Some(t0 + 10 * SEC),
+            "slow: the slot goes when it is due"
+        );
+        // One that reads fast keeps it against one that gave nothing.
+        let mut s = UploadSlots::new(1, 10 * SEC, SEC, 100_000);
+        let got = rounds(&mut s, &[1, 2], t0, t0 + 30 * SEC, given, |_| 1_000_000);
+        assert!(got.iter().all(|(_, p)| *p == 1));
+    }
+
+    #[test]
+    fn the_optimistic_slot_goes_round_the_waiting_whatever_they_gave() {
+        let t0 = Instant::now();
+        let mut s = slots(2);
+        // 1 and 2 give a lot, 3 and 4 nothing. 3 and 4 first wait for a slot, 3 first.
+        let given = |p: &u32| if *p <= 2 { 1e6 } else { 0.0 };
+        let none = |_: &u32| 0;
+        rounds(&mut s, &[1, 2], t0, t0 + SEC, given, none);
+        rounds(&mut s, &[1, 2, 3], t0 + SEC, t0 + 2 * SEC, given, none);
+        let got = rounds(
+            &mut s,
+            &[1, 2, 3, 4],
+            t0 + 2 * SEC,
+            t0 + 100 * SEC,
+            given,
+            none,
+        );
+        // The optimistic slot moves after three holds, to the peer that waited longest.
+        let mut turns: Vec<u32> = Vec::new();
+        for (_, p) in &got {
+            if *p >= 3 && turns.last() != Some(p) {
+                turns.push(*p);
+            }
+        }
+        assert_eq!(turns[..2], [3, 4], "each waiter in its turn: {turns:?}");
+        // A giver keeps the regular slot all along.
+        let mut t = t0 + 2 * SEC;
+        while t < t0 + 100 * SEC {
+            let h = holders_at(&got, t);
+            assert!(h.contains(&1) || h.contains(&2), "{h:?} at {:?}", t - t0);
+            t += SEC / 2;
+        }
     }
 }
 
 /// Blocks a seed in a crowd offers each asker.
-pub(crate) const OFFER_BLOCKS: usize = 8;
+pub(crate) const OFFER_BLOCKS: usize = 4;
 
 /// How long an offered block is kept for its asker before it may be offered to another.
-pub(crate) const OFFER_HOLD: Duration = Duration::from_secs(2);
+pub(crate) const OFFER_HOLD: Duration = Duration::from_secs(10);
 
 /// Which pieces a seed in a crowd offers each downloader that asks what it holds (what
 /// BitTorrent calls super-seeding): a few of those the asker lacks that the seed has sent
