@@ -32,6 +32,28 @@ pub struct StreamerConfig {
     pub(super) transport: TransportTuning,
 }
 
+impl StreamerConfig {
+    /// The limits the admission rules apply.
+    pub(crate) fn limits(&self) -> super::admission::Limits {
+        super::admission::Limits {
+            max_connections: self.max_connections,
+            max_pending_per_ip: self.max_pending_per_ip,
+            max_connections_per_ip: self.max_connections_per_ip,
+            max_connections_per_peer: self.max_connections_per_peer,
+            retry_after_pending: self.retry_after_pending,
+            min_client_rate: self.min_client_rate,
+            response_memory: self.response_memory,
+            // A largest request's data, its proof (at most a sixteenth of it, at 1 KiB chunks)
+            // and the framing.
+            largest_response: self.max_request_bytes + self.max_request_bytes / 16 + (64 << 10),
+            send_memory: self.send_memory,
+            send_window: self.transport.send_window,
+            max_uploads: self.max_uploads,
+            upload_slot: self.upload_slot,
+        }
+    }
+}
+
 impl Default for StreamerConfig {
     fn default() -> Self {
         Self {

@@ -1,10 +1,10 @@
 //! The serving side of the chunk stream: [`Streamer`] (log target `SNAPSHOT:STREAMER`).
 //!
-//! - `mod.rs`: binding, the accept loop and its admission rules (connection limits before any
-//!   work, QUIC Retry under load, per-address limits before authentication, an IPv6 address
-//!   counting as its /64), room made for a newcomer by closing the authenticated connection
-//!   that serves least (idle or slow) when full, counters.
-//! - `connection.rs`: one connection: handshake and token proofs, refusals, per-peer guards.
+//! - `admission.rs`: the rules, a pure state machine: connection limits before any work, QUIC
+//!   Retry under load, per-address and per-peer places, room made for a newcomer, send and
+//!   response memory shares, upload slots.
+//! - `mod.rs`: binding, the accept loop, and the driver that carries out what the rules ask.
+//! - `connection.rs`: one connection: handshake and token proofs, refusals.
 //! - `serve.rs`: one request: a manifest, a chunk range or which chunks it holds, written
 //!   through one response path with pacing and write deadlines; a snapshot this node is still
 //!   downloading is served from its verified chunks, and a range it does not hold yet is
@@ -13,6 +13,7 @@
 //!   others wait, and the blocks a contended holder offers each slot holder (those it has sent
 //!   least), so that its uplink goes into distinct pieces a crowd then copies among itself.
 
+mod admission;
 mod config;
 mod connection;
 mod serve;
@@ -21,18 +22,20 @@ pub(crate) mod slots;
 pub use config::StreamerConfig;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
-use self::slots::{SeedOffers, UploadSlots};
+use self::admission::{Admission, ConnId, Incoming, Output};
+use self::slots::Offers;
 use super::limit::ByteLimiter;
-use super::protocol::{MAX_HAVE_BITS, TokenKey, close};
+use super::protocol::{TokenKey, close};
 use super::tls::{self, EndpointError};
 use super::{STREAMER_TARGET, Token};
 use crate::chunk::ChunkSource;
@@ -84,192 +87,34 @@ pub enum StreamerError {
 /// retention deletes the snapshot meanwhile, and files are not reopened per request.
 const OPEN_SOURCES: usize = 4;
 
-/// The block a seed counts what it sent in: a default request's worth of chunks.
-const SEED_BLOCK_CHUNKS: u64 = 32;
-
-/// Connections per address.
-#[derive(Debug, Default, Clone, Copy)]
-struct IpSlot {
-    pending: usize,
-    authenticated: usize,
-}
-
-/// What one peer uses of the streamer: its connections and its rate limiter.
-struct PeerUsage {
-    connections: usize,
-    limit: Option<Arc<ByteLimiter>>,
-}
-
-/// The address group limits count by: an IPv4 address, or an IPv6 address's /64 (a host is
-/// given a /64, so any of its 2^64 addresses is the same host).
-pub(crate) fn ip_group(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut o = v6.octets();
-                o[8..].fill(0);
-                IpAddr::V6(o.into())
-            }
-        },
-    }
-}
-
-/// What an authenticated connection did, for choosing whom to close when full.
-#[derive(Debug)]
-pub(crate) struct Activity {
-    /// Requests being served now.
-    pub(crate) requests: AtomicUsize,
-    /// Data bytes served.
-    pub(crate) served: std::sync::atomic::AtomicU64,
-    /// Its share of the send memory: the most its send window may be.
-    pub(crate) send_share: std::sync::atomic::AtomicU64,
-    since: std::time::Instant,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            requests: AtomicUsize::new(0),
-            served: std::sync::atomic::AtomicU64::new(0),
-            send_share: std::sync::atomic::AtomicU64::new(0),
-            since: std::time::Instant::now(),
-        }
-    }
-
-    /// Data bytes per second served since it was authenticated.
-    fn rate(&self, now: std::time::Instant) -> f64 {
-        let secs = now
-            .saturating_duration_since(self.since)
-            .as_secs_f64()
-            .max(1e-3);
-        self.served.load(Ordering::Relaxed) as f64 / secs
-    }
-}
-
-/// An authenticated connection: its id, the connection, its address group and what it did.
-pub(crate) struct Served {
-    id: usize,
+/// A connection the driver holds: the connection, and the most its send window may be.
+struct Held {
     conn: quinn::Connection,
-    group: IpAddr,
-    activity: Arc<Activity>,
+    send_share: Arc<AtomicU64>,
 }
-
-impl Shared {
-    fn uploads(&self) -> std::sync::MutexGuard<'_, UploadSlots<PeerId>> {
-        self.uploads.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Whether more peers want uploads than there are slots.
-    pub(crate) fn uploads_contended(&self) -> bool {
-        self.uploads().contended(std::time::Instant::now())
-    }
-
-    /// What this seed offers `peer` of the snapshot `root` (of `chunks` chunks), in blocks of
-    /// `block`, given what it holds: a few blocks if it gets an upload slot, none if not.
-    pub(crate) fn offer(
-        &self,
-        root: &ContentRoot,
-        chunks: u64,
-        block: u64,
-        holding: &[u8],
-        peer: PeerId,
-    ) -> Vec<u8> {
-        let now = std::time::Instant::now();
-        let n = chunks.div_ceil(block.max(1)).div_ceil(8) as usize;
-        if self.upload_slot(peer).is_none() {
-            return vec![0; n];
-        }
-        let mut offers = self.seed_offers.lock().unwrap_or_else(|p| p.into_inner());
-        if !offers.contains_key(root) && offers.len() >= OPEN_SOURCES {
-            let any = *offers.keys().next().expect("not empty");
-            offers.remove(&any);
-        }
-        // The seed counts in blocks of its own choosing (a default request's worth of chunks,
-        // or coarser for a huge snapshot), whatever block size this asker picked.
-        let own_block = SEED_BLOCK_CHUNKS.max(chunks.div_ceil(MAX_HAVE_BITS));
-        offers
-            .entry(*root)
-            .or_insert_with(|| {
-                SeedOffers::new(chunks, own_block, rand::random::<u64>() as usize, now)
-            })
-            .answer(slots::OFFER_BLOCKS, block, Some(holding), now)
-    }
-
-    /// Chunks `range` of the published snapshot `root` were sent (for the offers).
-    pub(crate) fn offered_sent(&self, root: &ContentRoot, range: std::ops::Range<u64>) {
-        let mut offers = self.seed_offers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(o) = offers.get_mut(root) {
-            o.sent(range);
-        }
-    }
-
-    /// `peer` has no connection left: its upload slot, if it holds one, is free.
-    pub(crate) fn release_upload(&self, peer: PeerId) {
-        self.uploads().release(peer);
-    }
-
-    /// An upload slot for one response to `peer`, if it may be sent chunks now (see
-    /// `slots.rs`); held until the guard is dropped.
-    pub(crate) fn upload_slot(&self, peer: PeerId) -> Option<UploadGuard<'_>> {
-        // (The lock is released before a guard exists: dropping one takes it.)
-        let now = std::time::Instant::now();
-        let exchange = self.store.exchange();
-        let admitted = self.uploads().admit(peer, now, |p| exchange.given(p, now));
-        admitted.then(|| UploadGuard {
-            shared: self,
-            peer,
-            sent: 0,
-        })
-    }
-}
-
-/// One response's hold on its peer's upload slot.
-pub(crate) struct UploadGuard<'a> {
-    shared: &'a Shared,
-    peer: PeerId,
-    /// Data bytes the response sent.
-    pub(crate) sent: u64,
-}
-
-impl Drop for UploadGuard<'_> {
-    fn drop(&mut self) {
-        self.shared
-            .uploads()
-            .done(self.peer, self.sent, std::time::Instant::now());
-    }
-}
-
-/// How long a connection is given before it can be judged idle or slow.
-const EVICTION_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A snapshot being served: its chunk source, and the pin that keeps retention off it.
 type OpenSource = (ContentRoot, Arc<ChunkSource>, Arc<ServingPin>);
 
+/// What the streamer's tasks share: the rules ([`Admission`]) and what carries them out.
 pub(crate) struct Shared {
     store: SnapshotStore,
     local: PeerId,
     token: Option<TokenKey>,
     config: StreamerConfig,
     metrics: Metrics,
-    /// Connections open, authenticated or not.
-    connections: AtomicUsize,
-    /// Connections still in their handshake.
-    pending: AtomicUsize,
-    per_ip: Mutex<HashMap<IpAddr, IpSlot>>,
-    per_peer: Mutex<HashMap<PeerId, PeerUsage>>,
     global_limit: Option<ByteLimiter>,
     sources: Mutex<Vec<OpenSource>>,
-    /// The peers uploaded to now.
-    uploads: Mutex<UploadSlots<PeerId>>,
-    /// What this node offers of the snapshots it seeds, when many ask (a few at most).
-    seed_offers: Mutex<HashMap<ContentRoot, SeedOffers>>,
-    /// Authenticated connections, each with its share of `send_memory` as its send window.
-    serving: Mutex<Vec<Served>>,
-    /// Response memory, in KiB permits.
-    memory: Semaphore,
-    memory_kib: u32,
+    /// The rules: who is let in, the places, the memory, the upload slots.
+    admission: Mutex<Admission>,
+    /// Woken when response memory is given back.
+    memory_freed: Notify,
+    /// The connections let in, for what the rules ask of them.
+    held: Mutex<HashMap<ConnId, Held>>,
+    /// Each peer's rate limiter, shared by its connections (with their count).
+    limiters: Mutex<HashMap<PeerId, (usize, Arc<ByteLimiter>)>>,
+    /// What this node offers of the snapshots it seeds, when many ask.
+    offers: Mutex<Offers>,
 }
 
 /// Serves the snapshots of a [`SnapshotStore`] over QUIC to downloaders that prove the token.
@@ -313,8 +158,6 @@ impl Streamer {
             Arc::new(quinn::TokioRuntime),
         )?;
         let local_addr = endpoint.local_addr()?;
-        let memory_kib =
-            (config.response_memory / 1024).clamp(1024, u64::from(u32::MAX >> 3)) as u32;
         if token.is_none() {
             tracing::warn!(target: STREAMER_TARGET, %local_addr, "no SNAPSHOT_TOKEN configured: serving snapshots to any peer");
         }
@@ -324,21 +167,12 @@ impl Streamer {
             token: token.map(TokenKey::new),
             global_limit: config.rate_limit.map(ByteLimiter::new),
             metrics,
-            connections: AtomicUsize::new(0),
-            pending: AtomicUsize::new(0),
-            per_ip: Mutex::new(HashMap::new()),
-            per_peer: Mutex::new(HashMap::new()),
             sources: Mutex::new(Vec::new()),
-            seed_offers: Mutex::new(HashMap::new()),
-            uploads: Mutex::new(UploadSlots::new(
-                config.max_uploads,
-                config.upload_slot,
-                slots::UPLOAD_LINGER,
-                config.min_client_rate,
-            )),
-            serving: Mutex::new(Vec::new()),
-            memory: Semaphore::new(memory_kib as usize),
-            memory_kib,
+            admission: Mutex::new(Admission::new(config.limits())),
+            memory_freed: Notify::new(),
+            held: Mutex::new(HashMap::new()),
+            limiters: Mutex::new(HashMap::new()),
+            offers: Mutex::new(Offers::new(OPEN_SOURCES)),
             config,
         });
         tracing::info!(target: STREAMER_TARGET, %local_addr, "chunk streamer listening");
@@ -364,7 +198,7 @@ impl Streamer {
             refused_unauthorized: m.refusals(RefusedReason::Unauthorized),
             refused_busy: m.refusals(RefusedReason::Busy),
             closed_too_slow: m.refusals(RefusedReason::TooSlow),
-            connections_open: self.shared.connections.load(Ordering::Relaxed) as u64,
+            connections_open: self.shared.admission().counts().1 as u64,
             requests_served: m.served_count(Outcome::Ok),
             requests_refused: m.served_count(Outcome::Refused),
             chunks_served: m.served_chunks.get(),
@@ -398,116 +232,227 @@ impl Drop for Streamer {
     }
 }
 
+/// Takes a lock, whether or not a task panicked while holding it.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Shared {
-    fn lock_ips(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, IpSlot>> {
-        self.per_ip.lock().unwrap_or_else(|p| p.into_inner())
+    fn admission(&self) -> MutexGuard<'_, Admission> {
+        lock(&self.admission)
     }
 
-    /// Admits a new connection from `ip` before any work is done for it, or says why not. A
-    /// full streamer makes room by closing the connection that serves least, when one serves
-    /// less than `min_client_rate` (idle, or reading slowly): connections that hold slots and
-    /// take nothing cannot keep honest downloaders out.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, RefusedReason> {
-        let ip = ip_group(ip);
-        if self.connections.load(Ordering::Acquire) >= self.config.max_connections
-            && !self.evict_one()
-        {
-            return Err(RefusedReason::Busy);
-        }
-        {
-            let mut ips = self.lock_ips();
-            let slot = ips.entry(ip).or_default();
-            if slot.pending >= self.config.max_pending_per_ip {
-                return Err(RefusedReason::Busy);
+    /// Carries out what the rules asked: closes to make room, send windows.
+    fn carry_out(&self) {
+        loop {
+            let Some(output) = self.admission().poll_output() else {
+                return;
+            };
+            let held = lock(&self.held);
+            match output {
+                Output::Evict(id) => {
+                    if let Some(h) = held.get(&id) {
+                        self.metrics.refused(RefusedReason::Evicted);
+                        tracing::debug!(target: STREAMER_TARGET, remote = %h.conn.remote_address(), "full: closing the connection that serves least to make room");
+                        h.conn
+                            .close(close::EVICTED, b"busy: made room for another downloader");
+                    }
+                }
+                Output::SendShare(id, share) => {
+                    if let Some(h) = held.get(&id) {
+                        h.send_share.store(share, Ordering::Relaxed);
+                        h.conn.set_send_window(share);
+                    }
+                }
             }
-            slot.pending += 1;
         }
-        self.connections.fetch_add(1, Ordering::AcqRel);
-        self.pending.fetch_add(1, Ordering::AcqRel);
-        Ok(Slot {
-            shared: self.clone(),
-            ip,
-            authenticated: false,
+    }
+
+    /// Whether more peers want uploads than there are slots.
+    pub(crate) fn uploads_contended(&self) -> bool {
+        self.admission().contended(Instant::now())
+    }
+
+    /// What this seed offers `peer` of the snapshot `root` (of `chunks` chunks), in blocks of
+    /// `block`, given what it holds: a few blocks if it gets an upload slot, none if not.
+    pub(crate) fn offer(
+        &self,
+        root: &ContentRoot,
+        chunks: u64,
+        block: u64,
+        holding: &[u8],
+        peer: PeerId,
+    ) -> Vec<u8> {
+        if self.upload_slot(peer).is_none() {
+            return vec![0; chunks.div_ceil(block.max(1)).div_ceil(8) as usize];
+        }
+        lock(&self.offers).answer(root, chunks, block, holding, Instant::now())
+    }
+
+    /// Chunks `range` of the published snapshot `root` were sent (for the offers).
+    pub(crate) fn offered_sent(&self, root: &ContentRoot, range: std::ops::Range<u64>) {
+        lock(&self.offers).sent(root, range);
+    }
+
+    /// An upload slot for one response to `peer`, if it may be sent chunks now (see
+    /// `slots.rs`); held until the guard is dropped.
+    pub(crate) fn upload_slot(&self, peer: PeerId) -> Option<UploadGuard<'_>> {
+        let now = Instant::now();
+        let exchange = self.store.exchange();
+        let admitted = self
+            .admission()
+            .upload_slot(peer, now, |p| exchange.given(p, now));
+        admitted.then(|| UploadGuard {
+            shared: self,
+            peer,
+            sent: 0,
         })
     }
 
-    /// Closes the authenticated connection that serves least, if one serves less than
-    /// `min_client_rate` after its grace (the most crowded address group first). Returns
-    /// whether one was closed.
-    fn evict_one(&self) -> bool {
-        let now = std::time::Instant::now();
-        let serving = self.serving.lock().unwrap_or_else(|p| p.into_inner());
-        let mut per_group: HashMap<IpAddr, usize> = HashMap::new();
-        for s in serving.iter() {
-            *per_group.entry(s.group).or_default() += 1;
+    /// `bytes` of response memory for a response on `conn`, waited for within the request
+    /// timeout (taken whole when its peer's, its address group's and the streamer's shares
+    /// have room); `None` if it did not come in time.
+    pub(crate) async fn memory(&self, conn: ConnId, bytes: u64) -> Option<MemoryGuard<'_>> {
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        loop {
+            let freed = self.memory_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.admission().reserve_memory(conn, bytes) {
+                return Some(MemoryGuard {
+                    shared: self,
+                    conn,
+                    bytes,
+                });
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return None;
+            }
         }
-        let min_rate = self.config.min_client_rate as f64;
-        let victim = serving
-            .iter()
-            .filter(|s| now.saturating_duration_since(s.activity.since) >= EVICTION_GRACE)
-            .map(|s| (s, s.activity.rate(now)))
-            .filter(|(_, rate)| *rate < min_rate)
-            .min_by(|(a, ra), (b, rb)| {
-                per_group[&b.group]
-                    .cmp(&per_group[&a.group])
-                    .then(ra.total_cmp(rb))
+    }
+
+    /// `bytes` of have-answer memory for `conn`, if there is room now.
+    pub(crate) fn have_memory(&self, conn: ConnId, bytes: u64) -> Option<HaveGuard<'_>> {
+        self.admission()
+            .reserve_have(conn, bytes)
+            .then_some(HaveGuard {
+                shared: self,
+                conn,
+                bytes,
             })
-            .map(|(s, _)| s.conn.clone());
-        drop(serving);
-        match victim {
-            Some(conn) => {
-                self.metrics.refused(RefusedReason::Evicted);
-                tracing::debug!(target: STREAMER_TARGET, remote = %conn.remote_address(), "full: closing the connection that serves least to make room");
-                conn.close(close::EVICTED, b"busy: made room for another downloader");
-                true
-            }
-            None => false,
-        }
+    }
+
+    /// `conn` handed `bytes` data bytes to its client.
+    pub(crate) fn served_on(&self, conn: ConnId, bytes: u64) {
+        self.admission().handle_served(conn, bytes);
+    }
+
+    /// `conn` proved the token as `peer`: its places are taken (or it is busy), and its peer's
+    /// rate limiter is returned.
+    fn authenticated(
+        &self,
+        conn: ConnId,
+        peer: PeerId,
+    ) -> Result<Option<Arc<ByteLimiter>>, RefusedReason> {
+        let taken = self
+            .admission()
+            .handle_authenticated(conn, peer, Instant::now());
+        self.carry_out();
+        taken?;
+        let Some(rate) = self.config.rate_limit_per_peer else {
+            return Ok(None);
+        };
+        let mut limiters = lock(&self.limiters);
+        let entry = limiters
+            .entry(peer)
+            .or_insert_with(|| (0, Arc::new(ByteLimiter::new(rate))));
+        entry.0 += 1;
+        Ok(Some(entry.1.clone()))
     }
 }
 
-/// A connection's place in the limits, released on every path (drop).
-pub(crate) struct Slot {
-    shared: Arc<Shared>,
-    ip: IpAddr,
-    authenticated: bool,
+/// One response's hold on its peer's upload slot.
+pub(crate) struct UploadGuard<'a> {
+    shared: &'a Shared,
+    peer: PeerId,
+    /// Data bytes the response sent.
+    pub(crate) sent: u64,
 }
 
-impl Slot {
-    /// The connection proved the token: from pending to authenticated, if its address has room.
-    fn authenticate(&mut self) -> bool {
-        let mut ips = self.shared.lock_ips();
-        let slot = ips.entry(self.ip).or_default();
-        if slot.authenticated >= self.shared.config.max_connections_per_ip {
-            return false;
-        }
-        slot.pending = slot.pending.saturating_sub(1);
-        slot.authenticated += 1;
-        self.authenticated = true;
-        self.shared.pending.fetch_sub(1, Ordering::AcqRel);
-        true
-    }
-}
-
-impl Drop for Slot {
+impl Drop for UploadGuard<'_> {
     fn drop(&mut self) {
-        {
-            let mut ips = self.shared.lock_ips();
-            if let Some(slot) = ips.get_mut(&self.ip) {
-                if self.authenticated {
-                    slot.authenticated = slot.authenticated.saturating_sub(1);
-                } else {
-                    slot.pending = slot.pending.saturating_sub(1);
-                }
-                if slot.pending == 0 && slot.authenticated == 0 {
-                    ips.remove(&self.ip);
+        self.shared
+            .admission()
+            .upload_done(self.peer, self.sent, Instant::now());
+    }
+}
+
+/// Response memory a response holds, given back when dropped.
+pub(crate) struct MemoryGuard<'a> {
+    shared: &'a Shared,
+    conn: ConnId,
+    bytes: u64,
+}
+
+impl Drop for MemoryGuard<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .admission()
+            .release_memory(self.conn, self.bytes);
+        self.shared.memory_freed.notify_waiters();
+    }
+}
+
+/// Have-answer memory a response holds, given back when dropped.
+pub(crate) struct HaveGuard<'a> {
+    shared: &'a Shared,
+    conn: ConnId,
+    bytes: u64,
+}
+
+impl Drop for HaveGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.admission().release_have(self.conn, self.bytes);
+    }
+}
+
+/// A connection's places in the rules, given back on every path (drop).
+pub(crate) struct ConnGuard {
+    shared: Arc<Shared>,
+    pub(crate) id: ConnId,
+    /// Its peer, once authenticated (its limiter's count).
+    peer: Option<PeerId>,
+}
+
+impl ConnGuard {
+    /// The connection is let in: it is held for what the rules may ask of it.
+    fn hold(&self, conn: &quinn::Connection) -> Arc<AtomicU64> {
+        let send_share = Arc::new(AtomicU64::new(0));
+        lock(&self.shared.held).insert(
+            self.id,
+            Held {
+                conn: conn.clone(),
+                send_share: send_share.clone(),
+            },
+        );
+        send_share
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        lock(&self.shared.held).remove(&self.id);
+        self.shared.admission().handle_closed(self.id);
+        self.shared.carry_out();
+        if let Some(peer) = self.peer {
+            let mut limiters = lock(&self.shared.limiters);
+            if let Some(entry) = limiters.get_mut(&peer) {
+                entry.0 -= 1;
+                if entry.0 == 0 {
+                    limiters.remove(&peer);
                 }
             }
         }
-        if !self.authenticated {
-            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
-        }
-        self.shared.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -518,29 +463,34 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 let remote = incoming.remote_address();
-                // Under load, a client must first show it receives at its address: a spoofed
-                // source costs the server one small Retry packet and no state.
-                if shared.pending.load(Ordering::Acquire) >= shared.config.retry_after_pending
-                    && !incoming.remote_address_validated()
-                    && incoming.may_retry()
-                {
-                    shared.metrics.refused(RefusedReason::Retry);
-                    let _ = incoming.retry();
-                    continue;
-                }
-                let slot = match shared.admit(remote.ip()) {
-                    Ok(slot) => slot,
-                    Err(reason) => {
+                let decision = shared.admission().handle_incoming(
+                    remote.ip(),
+                    incoming.remote_address_validated(),
+                    incoming.may_retry(),
+                    Instant::now(),
+                );
+                shared.carry_out();
+                let id = match decision {
+                    Incoming::Accept(id) => id,
+                    // Under load, a client must first show it receives at its address: a
+                    // spoofed source costs the server one small Retry packet and no state.
+                    Incoming::Retry => {
+                        shared.metrics.refused(RefusedReason::Retry);
+                        let _ = incoming.retry();
+                        continue;
+                    }
+                    Incoming::Refuse(reason) => {
                         shared.metrics.refused(reason);
                         tracing::debug!(target: STREAMER_TARGET, %remote, "connection limit reached; refusing");
                         incoming.refuse();
                         continue;
                     }
                 };
+                let guard = ConnGuard { shared: shared.clone(), id, peer: None };
                 let shared = shared.clone();
                 let span = tracing::debug_span!(target: STREAMER_TARGET, "connection", %remote);
                 connections.spawn(tracing::Instrument::instrument(async move {
-                    if let Err(e) = connection::serve(incoming, slot, &shared).await {
+                    if let Err(e) = connection::serve(incoming, guard, &shared).await {
                         tracing::debug!(target: STREAMER_TARGET, error = %e, "connection ended");
                     }
                 }, span));

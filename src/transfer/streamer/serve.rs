@@ -13,9 +13,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use prost::bytes::Bytes;
-use tokio::sync::SemaphorePermit;
 use tokio::time::Instant;
 
+use super::admission::send_window_now;
 use super::connection::Allowance;
 use super::{OPEN_SOURCES, ServeError, Shared};
 use crate::chunk::{ChunkError, ChunkSource};
@@ -195,8 +195,7 @@ impl Responder<'_> {
         let asked = Instant::now();
         // Memory first, from the connection's share and the streamer's, within the request
         // timeout: held until the response is handed to QUIC or abandoned.
-        let kib = (encoded_len.div_ceil(1024) as u32).min(shared.memory_kib);
-        let Some(_permits) = memory(self.shared, self.allowance, kib).await else {
+        let Some(_memory) = shared.memory(self.allowance.id, encoded_len).await else {
             let busy = refusal(proto::Status::Busy, "no response memory free; try again");
             return self.respond(busy.header(), None).await;
         };
@@ -242,19 +241,21 @@ impl Responder<'_> {
     /// Answers which blocks of chunks this node holds of a snapshot: all of a published one,
     /// the verified ones of one it downloads.
     async fn have(&mut self, get: &proto::GetHave) -> Result<(), ServeError> {
-        // Its memory first, as a chunk response's: the bitfield is held until it is sent.
-        let kib = (have_bytes(get, self.shared).div_ceil(1024) as u32).min(self.shared.memory_kib);
-        let _permits = if kib > 0 {
-            let Some(p) = memory(self.shared, self.allowance, kib).await else {
-                let busy = refusal(proto::Status::Busy, "no response memory free; try again");
-                return self.respond(busy.header(), None).await;
-            };
-            Some(p)
-        } else {
-            None
+        // Its memory first, from the small budget of have answers (not the chunk responses'):
+        // the bitfield is held until it is sent.
+        let bytes = have_bytes(get, self.shared);
+        let Some(_memory) = self.shared.have_memory(self.allowance.id, bytes) else {
+            let busy = refusal(proto::Status::Busy, "no memory for have answers; try again");
+            return self.respond(busy.header(), None).await;
         };
         let (header, body) = match have_answer(get, self.shared, self.allowance.peer) {
-            Ok(v) => v,
+            Ok(HaveAnswer::Ready(header, body)) => (*header, body),
+            Ok(HaveAnswer::Summarize(offer, block)) => {
+                let bits = tokio::task::spawn_blocking(move || offer.verified.summarize(block))
+                    .await
+                    .map_err(|_| ServeError::Refused("summary panicked"))?;
+                have_body(bits)
+            }
             Err(r) => return self.respond(r.header(), None).await,
         };
         self.introduce(get);
@@ -346,10 +347,7 @@ impl Responder<'_> {
             let piece = upto - self.handed;
             self.handed = upto;
             shared.metrics.served_bytes.inc_by(piece);
-            self.allowance
-                .activity
-                .served
-                .fetch_add(piece, Ordering::Relaxed);
+            shared.served_on(self.allowance.id, piece);
         }
         Ok(())
     }
@@ -358,34 +356,15 @@ impl Responder<'_> {
     /// it in time is too slow.
     async fn write_within(&mut self, data: Bytes, deadline: Instant) -> Result<(), ServeError> {
         let a = self.allowance;
-        let share = a.activity.send_share.load(Ordering::Relaxed);
-        a.conn
-            .set_send_window(super::connection::send_window_now(&a.conn, share));
+        let share = a.send_share.load(Ordering::Relaxed);
+        let cwnd = a.conn.stats().path.cwnd;
+        a.conn.set_send_window(send_window_now(cwnd, share));
         let by = deadline.min(Instant::now() + self.shared.config.write_timeout);
         match tokio::time::timeout_at(by, self.send.write_chunk(data)).await {
             Ok(r) => r.map_err(ServeError::from),
             Err(_) => Err(ServeError::TooSlow),
         }
     }
-}
-
-/// `kib` of response memory from the connection's share and from the streamer's, waited for
-/// within the request timeout; `None` if it did not come in time.
-async fn memory<'a>(
-    shared: &'a Shared,
-    allowance: &'a Allowance,
-    kib: u32,
-) -> Option<(SemaphorePermit<'a>, SemaphorePermit<'a>)> {
-    let mine = kib.min(allowance.memory_kib);
-    let wait = async {
-        let own = allowance.memory.acquire_many(mine).await.ok()?;
-        let all = shared.memory.acquire_many(kib).await.ok()?;
-        Some((own, all))
-    };
-    tokio::time::timeout(shared.config.request_timeout, wait)
-        .await
-        .ok()
-        .flatten()
 }
 
 /// The most bytes the bitfield answering `get` can take (0 when it will be refused).
@@ -415,7 +394,7 @@ fn have_answer(
     get: &proto::GetHave,
     shared: &Shared,
     peer: libp2p::PeerId,
-) -> Result<(proto::ResponseHeader, Option<Body>), Refusal> {
+) -> Result<HaveAnswer, Refusal> {
     let root = ContentRoot::from_slice(&get.content_root)
         .map_err(|_| refusal(proto::Status::BadRequest, "content root must be 32 bytes"))?;
     let block = u64::from(get.block_chunks);
@@ -439,7 +418,11 @@ fn have_answer(
         ));
     }
     let bits = match served {
-        Served::Partial(offer) => offer.verified.blocks(block),
+        Served::Partial(offer) => match offer.verified.blocks(block) {
+            Some(bits) => bits,
+            // A block size nobody asked lately: its summary is built off the runtime.
+            None => return Ok(HaveAnswer::Summarize(offer, block)),
+        },
         Served::Complete(_) => match holding {
             // A seed in a crowd offers this asker a few blocks (see `slots.rs`).
             Some(holding) if shared.uploads_contended() => {
@@ -450,18 +433,29 @@ fn have_answer(
                     complete: true,
                     ..ok(0)
                 };
-                return Ok((complete, None));
+                return Ok(HaveAnswer::Ready(Box::new(complete), None));
             }
         },
     };
-    Ok((
-        ok(bits.len() as u64),
-        Some(Body {
-            bytes: Bytes::from(bits),
-            chunks: 0,
-            data_bytes: 0,
-        }),
-    ))
+    let (header, body) = have_body(bits);
+    Ok(HaveAnswer::Ready(Box::new(header), body))
+}
+
+/// The header and body of a have answer carrying `bits`.
+fn have_body(bits: Vec<u8>) -> (proto::ResponseHeader, Option<Body>) {
+    let header = ok(bits.len() as u64);
+    let body = Body {
+        bytes: Bytes::from(bits),
+        chunks: 0,
+        data_bytes: 0,
+    };
+    (header, Some(body))
+}
+
+/// The answer to a have request, or the block size whose summary must be built first.
+enum HaveAnswer {
+    Ready(Box<proto::ResponseHeader>, Option<Body>),
+    Summarize(Arc<crate::snapshot::PartialOffer>, u64),
 }
 
 /// A validated chunk request: what is served, the chunk range, the encoded and the data
@@ -484,11 +478,18 @@ fn prepare_chunks(get: &proto::GetChunks, shared: &Shared) -> Result<Prepared, R
             ),
         ));
     }
+    // Every bound in O(1) first: the walk that measures the encoding is then bounded by the
+    // request's size, never by the snapshot's.
     let range = get.start_chunk..get.end_chunk;
-    let encoded_len = tree.encoded_len(range.clone()).map_err(|e| match e {
-        ChunkError::OutOfRange { .. } => refusal(proto::Status::OutOfRange, e.to_string()),
-        other => refusal(proto::Status::Internal, other.to_string()),
-    })?;
+    let count = tree.chunk_count();
+    if range.start >= range.end || range.end > count {
+        let e = ChunkError::OutOfRange {
+            start: range.start,
+            end: range.end,
+            count,
+        };
+        return Err(refusal(proto::Status::OutOfRange, e.to_string()));
+    }
     let data = tree.byte_range(range.clone());
     if data.end - data.start > shared.config.max_request_bytes {
         return Err(refusal(
@@ -499,6 +500,10 @@ fn prepare_chunks(get: &proto::GetChunks, shared: &Shared) -> Result<Prepared, R
             ),
         ));
     }
+    let encoded_len = tree.encoded_len(range.clone()).map_err(|e| match e {
+        ChunkError::OutOfRange { .. } => refusal(proto::Status::OutOfRange, e.to_string()),
+        other => refusal(proto::Status::Internal, other.to_string()),
+    })?;
     Ok((served, range, encoded_len, data.end - data.start))
 }
 

@@ -494,6 +494,59 @@ mod tests {
     }
 }
 
+/// The offers of the few snapshots this node seeds at once, each made when first asked about.
+#[derive(Debug)]
+pub(crate) struct Offers {
+    max: usize,
+    by_root: std::collections::HashMap<crate::hash::ContentRoot, SeedOffers>,
+}
+
+/// The block a seed counts what it sent in: a default request's worth of chunks.
+const SEED_BLOCK_CHUNKS: u64 = 32;
+
+impl Offers {
+    /// Offers for at most `max` snapshots (one more replaces one of them).
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            by_root: std::collections::HashMap::new(),
+        }
+    }
+
+    /// What this seed offers an asker of the snapshot `root` (of `chunks` chunks) that holds
+    /// `holding`, in blocks of `block` (see [`SeedOffers::answer`]).
+    pub(crate) fn answer(
+        &mut self,
+        root: &crate::hash::ContentRoot,
+        chunks: u64,
+        block: u64,
+        holding: &[u8],
+        now: Instant,
+    ) -> Vec<u8> {
+        if !self.by_root.contains_key(root) && self.by_root.len() >= self.max {
+            let any = *self.by_root.keys().next().expect("not empty");
+            self.by_root.remove(&any);
+        }
+        // The seed counts in blocks of its own choosing (a default request's worth of chunks,
+        // or coarser for a huge snapshot), whatever block size this asker picked.
+        let own_block =
+            SEED_BLOCK_CHUNKS.max(chunks.div_ceil(crate::transfer::protocol::MAX_HAVE_BITS));
+        self.by_root
+            .entry(*root)
+            .or_insert_with(|| {
+                SeedOffers::new(chunks, own_block, rand::random::<u64>() as usize, now)
+            })
+            .answer(OFFER_BLOCKS, block, Some(holding), now)
+    }
+
+    /// Chunks `range` of the snapshot `root` were sent.
+    pub(crate) fn sent(&mut self, root: &crate::hash::ContentRoot, range: Range<u64>) {
+        if let Some(o) = self.by_root.get_mut(root) {
+            o.sent(range);
+        }
+    }
+}
+
 /// Blocks a seed in a crowd offers each asker.
 pub(crate) const OFFER_BLOCKS: usize = 4;
 
