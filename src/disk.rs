@@ -66,9 +66,9 @@ pub(crate) fn remove_path(path: &Path) -> io::Result<()> {
 }
 
 /// Gives `file` exactly `len` bytes, reserving the disk space where the file system allows, so
-/// that a disk too small fails now rather than half-way through a download.
+/// that a disk too small fails now rather than half-way through a download. The bytes it holds
+/// stay.
 pub(crate) fn preallocate(file: &File, len: u64) -> io::Result<()> {
-    file.set_len(0)?;
     #[cfg(target_os = "linux")]
     if len > 0 {
         use std::os::fd::AsRawFd;
@@ -221,8 +221,11 @@ mod tests {
     #[test]
     fn preallocation_gives_the_exact_length() {
         let dir = tempfile::tempdir().unwrap();
-        let f = File::create(dir.path().join("p")).unwrap();
+        let path = dir.path().join("p");
+        fs::write(&path, b"kept").unwrap();
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
         preallocate(&f, 12345).unwrap();
         assert_eq!(f.metadata().unwrap().len(), 12345);
+        assert_eq!(&fs::read(&path).unwrap()[..4], b"kept");
     }
 }

@@ -30,4 +30,4 @@ pub use store::{
     ARCHIVE_FILE, MANIFEST_FILE, OUTBOARD_FILE, Retention, ServingPin, Snapshot, SnapshotStore,
     StoreError,
 };
-pub(crate) use store::{IoAt, PartialClaim, now_unix_ms};
+pub(crate) use store::{IoAt, PartialClaim, VOUCHED_FILE, now_unix_ms};

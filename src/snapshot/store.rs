@@ -9,7 +9,8 @@
 //!     manifest.pb      the Manifest (protobuf)
 //!   .tmp-*/            a snapshot being written (removed at open: an interrupted creation)
 //!   .trash-*/          a snapshot being deleted (removed at open)
-//!   .partial-<root>/   a download in progress, kept for resume
+//!   .partial-<root>-<size>/   a download in progress, kept for resume (see
+//!                    `transfer/download/partial.rs`): the root and size fix its bytes
 //! ```
 //!
 //! The directory itself is locked (flock) by the one process that has the store open: a second
@@ -51,6 +52,9 @@ pub(super) const INCR_PREFIX: &str = "incr-";
 const TMP_PREFIX: &str = ".tmp-";
 const TRASH_PREFIX: &str = ".trash-";
 pub(crate) const PARTIAL_PREFIX: &str = ".partial-";
+/// A file in a partial directory whose download the trust policy vouched for: only a download
+/// vouched for too may delete it to make room.
+pub(crate) const VOUCHED_FILE: &str = "vouched";
 
 /// Log target of the store (snapshots are part of discovery's story).
 const TARGET: &str = crate::log::DISCOVERY;
@@ -277,6 +281,8 @@ pub(crate) fn now_unix_ms() -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PartialInfo {
     pub(crate) root: Option<ContentRoot>,
+    /// Its download was vouched for (see [`VOUCHED_FILE`]).
+    pub(crate) vouched: bool,
     pub(crate) path: PathBuf,
     pub(crate) bytes: u64,
     pub(crate) modified: SystemTime,
@@ -550,8 +556,18 @@ impl SnapshotStore {
         Ok(StagingDir { path: Some(path) })
     }
 
-    /// Directory a download of `root` keeps its partial archive in (for resume).
-    pub(crate) fn partial_dir(&self, root: &ContentRoot) -> PathBuf {
+    /// Directory a download of the archive with `root` and `size` keeps its state in (for
+    /// resume): keyed by what fixes the archive's bytes, so that no other archive (another
+    /// size claimed for the same root, another root for the same slot) ever touches it, and
+    /// any chunk size of the same archive finds it.
+    pub(crate) fn partial_dir(&self, root: &ContentRoot, size: u64) -> PathBuf {
+        self.inner
+            .dir
+            .join(format!("{PARTIAL_PREFIX}{}-{size}", root.to_hex()))
+    }
+
+    /// The directory earlier versions kept a download of `root` in (keyed by the root alone).
+    pub(crate) fn legacy_partial_dir(&self, root: &ContentRoot) -> PathBuf {
         self.inner
             .dir
             .join(format!("{PARTIAL_PREFIX}{}", root.to_hex()))
@@ -562,9 +578,10 @@ impl SnapshotStore {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.inner.dir).at(&self.inner.dir)?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(hex) = name.strip_prefix(PARTIAL_PREFIX) else {
+            let Some(key) = name.strip_prefix(PARTIAL_PREFIX) else {
                 continue;
             };
+            let hex = key.split_once('-').map_or(key, |(hex, _)| hex);
             let path = entry.path();
             let (mut bytes, mut modified) = (0u64, SystemTime::UNIX_EPOCH);
             if let Ok(files) = fs::read_dir(&path) {
@@ -578,6 +595,7 @@ impl SnapshotStore {
             }
             out.push(PartialInfo {
                 root: hex.parse().ok(),
+                vouched: path.join(VOUCHED_FILE).exists(),
                 path,
                 bytes,
                 modified,
@@ -586,21 +604,22 @@ impl SnapshotStore {
         Ok(out)
     }
 
-    /// Keeps the partial downloads other than `keep` (and those claimed) within `budget` bytes
-    /// on disk, deleting the least recently touched first; ones that are not partial downloads
-    /// of a root are deleted. Returns the roots deleted.
+    /// Keeps the partial downloads of roots other than `keep` (and those claimed) within
+    /// `budget` bytes on disk, deleting the least recently touched first; ones that are not
+    /// partial downloads of a root are deleted. A download the policy did not vouch for
+    /// (`vouched` false) never deletes one it vouched for: a snapshot anyone can advertise
+    /// cannot wipe the progress of one the node's trust chose. Returns the roots deleted.
     pub(crate) fn trim_partials(
         &self,
-        keep: &[ContentRoot],
+        keep: &ContentRoot,
         budget: u64,
+        vouched: bool,
     ) -> Result<Vec<ContentRoot>, StoreError> {
         let mut others: Vec<PartialInfo> = self
             .partials()?
             .into_iter()
-            .filter(|p| {
-                p.root
-                    .is_none_or(|r| !keep.contains(&r) && !self.is_claimed(&r))
-            })
+            .filter(|p| vouched || !p.vouched)
+            .filter(|p| p.root.is_none_or(|r| r != *keep && !self.is_claimed(&r)))
             .collect();
         // Newest first: the oldest are dropped once the budget is spent.
         others.sort_by_key(|p| std::cmp::Reverse(p.modified));
@@ -842,7 +861,7 @@ mod tests {
     use super::*;
 
     fn partial(store: &SnapshotStore, root: ContentRoot, mib: usize) {
-        let dir = store.partial_dir(&root);
+        let dir = store.partial_dir(&root, (mib as u64) << 20);
         fs::create_dir_all(&dir).unwrap();
         fs::write(dir.join("archive.part"), vec![1u8; mib << 20]).unwrap();
         // Distinct modification times, oldest first.
@@ -864,7 +883,9 @@ mod tests {
         }
         fs::create_dir(tmp.path().join(format!("{PARTIAL_PREFIX}not-a-root"))).unwrap();
         // Room for two of the others besides the download under way.
-        let removed = store.trim_partials(&[current], (2 << 20) + 4096).unwrap();
+        let removed = store
+            .trim_partials(&current, (2 << 20) + 4096, false)
+            .unwrap();
         assert_eq!(removed, vec![old]);
         let roots_left = || -> Vec<_> {
             store
@@ -882,12 +903,12 @@ mod tests {
         // Within the budget, another attempt deletes nothing.
         assert!(
             store
-                .trim_partials(&[current], (2 << 20) + 4096)
+                .trim_partials(&current, (2 << 20) + 4096, false)
                 .unwrap()
                 .is_empty()
         );
         // With no budget, only the download under way stays.
-        store.trim_partials(&[current], 0).unwrap();
+        store.trim_partials(&current, 0, false).unwrap();
         assert_eq!(roots_left(), vec![Some(current)]);
     }
 
@@ -920,8 +941,13 @@ mod tests {
         // other's claim keeps it too.
         let full_claim = store.claim_partial(full).await;
         let inc_claim = store.claim_partial(incremental).await;
-        assert!(store.trim_partials(&[incremental], 0).unwrap().is_empty());
-        assert!(store.trim_partials(&[full], 0).unwrap().is_empty());
+        assert!(
+            store
+                .trim_partials(&incremental, 0, true)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(store.trim_partials(&full, 0, true).unwrap().is_empty());
         assert_eq!(store.partials().unwrap().len(), 2);
         // A second download of the same snapshot waits until the first lets go.
         let second = {
@@ -938,6 +964,34 @@ mod tests {
         drop(again);
         drop(inc_claim);
         // Released: trimmed like any other.
-        assert_eq!(store.trim_partials(&[], 0).unwrap().len(), 2);
+        assert_eq!(
+            store
+                .trim_partials(&ContentRoot([9; 32]), 0, true)
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn a_download_not_vouched_for_never_deletes_one_that_was() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open(tmp.path()).unwrap();
+        let (chosen, other, fake) = (
+            ContentRoot([1; 32]),
+            ContentRoot([2; 32]),
+            ContentRoot([3; 32]),
+        );
+        partial(&store, chosen, 1);
+        fs::write(store.partial_dir(&chosen, 1 << 20).join(VOUCHED_FILE), b"").unwrap();
+        partial(&store, other, 1);
+        // A root anyone may advertise, with no room at all: only the unvouched one goes.
+        assert_eq!(store.trim_partials(&fake, 0, false).unwrap(), vec![other]);
+        assert_eq!(store.partials().unwrap().len(), 1);
+        // Another size claimed for the chosen root is another directory: it deletes nothing
+        // of its own root.
+        assert!(store.trim_partials(&chosen, 0, true).unwrap().is_empty());
+        // One vouched for may.
+        assert_eq!(store.trim_partials(&fake, 0, true).unwrap(), vec![chosen]);
     }
 }

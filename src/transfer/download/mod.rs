@@ -72,6 +72,10 @@ pub struct DownloadTarget {
     pub lineage: Option<(SnapshotKind, Option<Base>)>,
     /// Record count and uncompressed bytes, if known from a source vouched for.
     pub counts: Option<(u64, u64)>,
+    /// The trust policy vouched for this root and size (a pinned root, trusted peers' adverts),
+    /// beyond accepting its slot and bank hash: its partial download on disk is then never
+    /// deleted to make room for a download not vouched for.
+    pub vouched: bool,
 }
 
 impl DownloadTarget {
@@ -85,6 +89,7 @@ impl DownloadTarget {
             bank_hash: None,
             lineage: None,
             counts: None,
+            vouched: false,
         }
     }
 
@@ -99,19 +104,21 @@ impl DownloadTarget {
         }
     }
 
-    /// The target an advertisement describes; its counts only when `counts_vouched`.
-    pub fn of(ad: &SnapshotAd, counts_vouched: bool) -> Self {
+    /// The target an advertisement describes; its counts only when `counts_vouched`; its
+    /// root and size `vouched` for or not.
+    pub fn of(ad: &SnapshotAd, counts_vouched: bool, vouched: bool) -> Self {
         let k = ad.key;
         Self {
             slot: Some(k.slot),
             bank_hash: Some(k.bank_hash),
             lineage: Some((k.kind, k.base)),
             counts: counts_vouched.then_some((ad.entry_count, ad.state_bytes)),
+            vouched,
             ..Self::new(k.content_root, k.archive_size, ad.chunk_size)
         }
     }
 
-    fn tree(&self) -> ChunkTree {
+    pub(crate) fn tree(&self) -> ChunkTree {
         ChunkTree::new(self.archive_size, self.chunk_size, self.content_root)
     }
 
@@ -564,16 +571,9 @@ impl Downloader {
     /// through this handle even once the completed download has been renamed into a published
     /// snapshot. (Creating an empty file reserves nothing.)
     fn source(&self, target: &DownloadTarget, watermark: Arc<Watermark>) -> ArchiveSource {
-        let dir = self.ctx.store.partial_dir(&target.content_root);
+        let dir = partial::dir_of(&self.ctx.store, &target.tree());
+        let file = partial::archive_in(&dir);
         let path = dir.join(partial::PART_FILE);
-        let file = std::fs::create_dir_all(&dir).and_then(|()| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-        });
         ArchiveSource::growing(path, file.ok(), target.archive_size, watermark)
     }
 

@@ -278,9 +278,8 @@ impl Run {
         // One download of a snapshot at a time (a cancelled one may still be making its
         // progress durable), and no other download trims this one's partial.
         let claim = ctx.store.claim_partial(target.content_root).await;
-        // Partials of other snapshots stay, within the disk budget.
-        let (partial, done) = Partial::open_in(&ctx.store, tree, ctx.config.partial_budget).await?;
-        let reserved = if done.ones() > 0 {
+        let (partial, done) = Partial::open_in(&ctx.store, tree, target.vouched).await?;
+        let reserved = if done.ones() > 0 && partial.is_reserved()? {
             Reserve::Done
         } else {
             Reserve::No
@@ -301,9 +300,12 @@ impl Run {
         let (writeback, sink) = sink_of(&partial)?;
         let persister = Persister::new(&partial, resumed_bytes)?;
         let verified = Arc::new(VerifiedChunks::new(tree.chunk_count()));
-        for c in 0..tree.chunk_count() {
-            if done.get(c as usize) {
-                verified.set(c);
+        // Served from the start: the chunks whose proof nodes are on disk.
+        if !partial.derived() {
+            for c in 0..tree.chunk_count() {
+                if done.get(c as usize) {
+                    verified.set(c);
+                }
             }
         }
         let capacity = ctx.config.schedule.max_inflight + 4 * ctx.config.schedule.max_peers + 64;
@@ -584,10 +586,11 @@ impl Run {
         self.reserved = Reserve::Running;
         let reports = self.reports_tx.clone();
         let (store, headroom) = (self.ctx.store.clone(), self.ctx.config.disk_headroom);
+        let (budget, vouched) = (self.ctx.config.partial_budget, self.target.vouched);
         let partial = Partial::reopen(&self.partial);
         self.tasks.spawn(async move {
             let result = match partial {
-                Ok(partial) => partial.reserve_in(&store, headroom).await,
+                Ok(partial) => partial.reserve_in(&store, headroom, budget, vouched).await,
                 Err(e) => Err(e.into()),
             };
             let _ = reports.send(Report::Reserved(result)).await;
