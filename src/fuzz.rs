@@ -234,7 +234,7 @@ mod tests {
             done.set(i);
         }
         let mut progress = vec![64, 0];
-        progress.extend(crate::transfer::progress_bytes(&tree, &done));
+        progress.extend(crate::transfer::progress_bytes(&tree, &done, false));
         out.push(("progress", progress));
         out
     }

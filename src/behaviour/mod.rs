@@ -320,9 +320,16 @@ impl Behaviour {
 
     /// Cancels a sync in progress (downloaded chunks are kept for resume).
     pub fn cancel_sync(&mut self) {
-        if let Some(job) = self.job.take() {
+        if self.job.is_some() {
             self.discovery
                 .handle_sync_ended(SyncOutcome::Cancelled, Instant::now());
+            self.stop_job();
+        }
+    }
+
+    /// Stops the sync job, if any, in the background (progress is kept).
+    fn stop_job(&mut self) {
+        if let Some(job) = self.job.take() {
             self.stopping = Some(tokio::spawn(job.cancel()));
         }
     }
@@ -497,6 +504,7 @@ impl Behaviour {
                 );
             }
             Action::StartSync(plan) => self.start_sync(*plan),
+            Action::CancelSync => self.stop_job(),
             Action::AddSyncPeer {
                 key,
                 peer,

@@ -120,7 +120,7 @@ impl Leg {
             }
         }
         let handle = downloader.start(
-            DownloadTarget::of(&target.ad, target.counts_vouched),
+            DownloadTarget::of(&target.ad, target.counts_vouched, target.vouched),
             peers.clone(),
         );
         let progress = handle.progress_stream();

@@ -92,6 +92,10 @@ pub(crate) enum Standing {
     Announced,
     /// An answer to a request or ask of this node.
     Answered,
+    /// Of a snapshot the policy accepts on its own (the pinned one, one the owner's verifier
+    /// accepts), from a peer it does not trust: identities advertising other snapshots, in
+    /// any number, cannot push it out.
+    Vouched,
     /// From a peer the policy trusts.
     Trusted,
 }
@@ -146,7 +150,7 @@ impl AdvertBook {
     fn cap_of(&self, standing: Standing) -> usize {
         match standing {
             Standing::Partial | Standing::Announced => self.cap / 4,
-            Standing::Answered | Standing::Trusted => self.cap,
+            Standing::Answered | Standing::Vouched | Standing::Trusted => self.cap,
         }
     }
 
@@ -224,6 +228,7 @@ impl AdvertBook {
             Standing::Partial,
             Standing::Announced,
             Standing::Answered,
+            Standing::Vouched,
             Standing::Trusted,
         ]
         .into_iter()
@@ -253,6 +258,12 @@ impl AdvertBook {
             Standing::Trusted
         } else if advert.snapshots.is_empty() {
             Standing::Partial
+        } else if advert
+            .snapshots
+            .iter()
+            .any(|s| policy.accepts_alone(&s.key))
+        {
+            Standing::Vouched
         } else {
             standing
         };

@@ -31,6 +31,7 @@ pub struct DiscoveryConfig {
     pub(crate) strike_decay: Duration,
     pub(crate) announcements_per_source: u32,
     pub(crate) chain_clock: Option<ChainClock>,
+    pub(crate) executes: bool,
     /// Set from [`crate::Config::with_trust`], where the trust settings live.
     pub(crate) policy: TrustPolicy,
 }
@@ -96,6 +97,7 @@ impl Default for DiscoveryConfig {
             strike_decay: Duration::from_secs(600),
             announcements_per_source: 16,
             chain_clock: None,
+            executes: true,
             policy: TrustPolicy::default(),
         }
     }
@@ -137,6 +139,17 @@ impl DiscoveryConfig {
     /// How far behind a node's state may be before it syncs, in slots.
     pub fn behind_threshold(&self) -> u64 {
         self.behind_threshold
+    }
+
+    /// Sets whether the node executes the chain from its start (default true): a node with
+    /// state then keeps it, taking only what a vouching policy accepts, until it is told it is
+    /// behind (a chain tip, the chain clock), from the first moment after a restart rather
+    /// than from its first committed slot. A node that only follows snapshots turns this
+    /// off; it counts as executing once it reports a committed slot, and a sync it chose
+    /// before that which the policy would no longer take is cancelled then.
+    pub fn with_executes(mut self, executes: bool) -> Self {
+        self.executes = executes;
+        self
     }
 
     /// Sets whether the node downloads snapshots itself (default true). A node that only

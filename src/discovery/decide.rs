@@ -48,6 +48,9 @@ pub(crate) struct Target {
     pub ad: SnapshotAd,
     /// Whether the policy vouches for the counts (else they are one peer's claim).
     pub counts_vouched: bool,
+    /// Whether the policy vouches for the root and size themselves (see
+    /// [`TrustPolicy::vouches_root`]).
+    pub vouched: bool,
     /// Peers advertising it in the chunk size most of them serve, with their chunk-stream
     /// addresses.
     pub peers: Vec<(PeerId, Vec<SocketAddr>)>,
@@ -129,9 +132,10 @@ pub(crate) fn acceptable(
     local: &LocalState,
     policy: &TrustPolicy,
 ) -> bool {
-    policy.accepts(key, entry.peers.len(), entry.trusted)
-        && local.ceiling.is_none_or(|c| key.slot <= c)
+    // The cheap bounds first: a verifier is not asked about what they rule out.
+    local.ceiling.is_none_or(|c| key.slot <= c)
         && !(local.vouched_only && policy.is_untrusted())
+        && policy.accepts(key, entry.peers.len(), entry.trusted)
 }
 
 /// The fetch of `key`: its sources, best first, in the chunk size the trusted ones serve (else
@@ -162,6 +166,7 @@ fn target(
     Some(Target {
         ad,
         counts_vouched,
+        vouched: policy.vouches_root(key, entry.trusted),
         peers: chosen.iter().map(|(p, _)| (*p, book.addrs(p))).collect(),
         partial_peers: partial_sources(book, key, ad.chunk_size, &entry.peers),
     })

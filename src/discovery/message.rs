@@ -154,6 +154,32 @@ pub(crate) struct AdvertLimits {
     pub(crate) max_chunks: u64,
 }
 
+impl AdvertLimits {
+    /// An archive of `size` bytes in chunks of `chunk_size` is within the limits.
+    fn check_size(&self, size: u64, chunk_size: ChunkSize) -> Result<(), MessageError> {
+        if size == 0
+            || size > self.max_archive_bytes
+            || size.div_ceil(u64::from(chunk_size.bytes())) > self.max_chunks
+        {
+            return Err(MessageError::BadSize(size));
+        }
+        Ok(())
+    }
+
+    /// A snapshot parsed elsewhere (a web source's index) is within the limits an advert's is
+    /// held to.
+    pub(crate) fn check(&self, ad: &SnapshotAd) -> Result<(), MessageError> {
+        self.check_size(ad.key.archive_size, ad.chunk_size)?;
+        match ad.key.base {
+            Some(base) if base.slot >= ad.key.slot => Err(MessageError::BadBase(ad.key.slot)),
+            None if ad.key.kind == SnapshotKind::Incremental => {
+                Err(MessageError::BadBase(ad.key.slot))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 fn usable(addr: &SocketAddr) -> bool {
     let ip = addr.ip();
     !ip.is_unspecified() && !ip.is_multicast() && addr.port() != 0 && !is_broadcast(&ip)
@@ -224,12 +250,7 @@ fn check_descriptor(
     limits: AdvertLimits,
 ) -> Result<SnapshotAd, MessageError> {
     let chunk_size = ChunkSize::new(u64::from(d.chunk_size))?;
-    if d.archive_size == 0
-        || d.archive_size > limits.max_archive_bytes
-        || d.archive_size.div_ceil(u64::from(chunk_size.bytes())) > limits.max_chunks
-    {
-        return Err(MessageError::BadSize(d.archive_size));
-    }
+    limits.check_size(d.archive_size, chunk_size)?;
     let kind = match proto::Kind::try_from(d.kind) {
         Ok(proto::Kind::Full) => SnapshotKind::Full,
         Ok(proto::Kind::Incremental) => SnapshotKind::Incremental,

@@ -130,6 +130,8 @@ pub(crate) enum Action {
     },
     /// Start syncing this plan.
     StartSync(Box<Plan>),
+    /// Stop the sync under way, keeping its progress: it is no longer to be taken.
+    CancelSync,
     /// Delete this snapshot from the node's store: its content is proven bad.
     DeleteSnapshot(ContentRoot),
     /// A peer advertises a snapshot the sync fetches: add it.
@@ -223,6 +225,8 @@ const SUBSCRIBE_GRACE: Duration = Duration::from_millis(250);
 #[derive(Debug)]
 pub(crate) struct Discovery {
     config: DiscoveryConfig,
+    /// The owner's verifier's verdicts, when the policy has one.
+    verdicts: Option<std::sync::Arc<policy::Verdicts>>,
     me: PeerId,
     metrics: Metrics,
     rng: Rng,
@@ -230,7 +234,8 @@ pub(crate) struct Discovery {
     streamer_addrs: Vec<SocketAddr>,
     listen_addrs: Vec<Multiaddr>,
     tip: Option<(u64, Instant)>,
-    /// Whether the owner executes the chain (it reported a committed slot).
+    /// Whether the owner executes the chain (it said so at construction, or reported a
+    /// committed slot).
     executing: bool,
     /// The wall clock at an instant, to read the chain clock from.
     wall: Option<(Instant, u64)>,
@@ -277,7 +282,10 @@ impl Discovery {
         seed: u64,
     ) -> Self {
         let cap = config.max_tracked_peers;
+        let (policy, verdicts) = policy::Verdicts::wrap(config.policy.clone());
+        let config = DiscoveryConfig { policy, ..config };
         Self {
+            verdicts,
             me,
             metrics,
             rng: Rng::seed_from_u64(seed),
@@ -285,7 +293,7 @@ impl Discovery {
             streamer_addrs: Vec::new(),
             listen_addrs: Vec::new(),
             tip: None,
-            executing: false,
+            executing: config.executes,
             wall: None,
             relayed: PeerTable::new(cap),
             stage: Stage::Idle,
@@ -455,9 +463,20 @@ impl Discovery {
         self.listen_addrs = addrs;
     }
 
-    /// The owner committed `slot`: this node executes the chain (see the module docs).
-    pub(crate) fn handle_slot(&mut self, _slot: u64, _now: Instant) {
+    /// The owner committed `slot`: this node executes the chain (see the module docs). A sync
+    /// chosen before, which the policy would not take from an executing node, is cancelled:
+    /// the choice is checked again before anything replaces the live state.
+    pub(crate) fn handle_slot(&mut self, slot: u64, now: Instant) {
         self.executing = true;
+        let local = self.local_state(now);
+        if let Stage::Syncing { plan } = &self.stage
+            && local.vouched_only
+            && self.config.policy.is_untrusted()
+        {
+            tracing::warn!(target: TARGET, slot, plan_slot = plan.last().ad.key.slot, "the node executes the chain now: cancelling a sync no vouching policy chose");
+            self.stage = Stage::Idle;
+            self.actions.push_back(Action::CancelSync);
+        }
     }
 
     /// The wall clock reads `unix_ms` at `now` (for the chain clock).
@@ -629,8 +648,20 @@ impl Discovery {
     /// untrusted peer's answer to this node (it vouches for nothing more), so strangers'
     /// announcements cannot push out a source the owner configured.
     #[cfg_attr(not(feature = "web"), allow(dead_code))]
-    pub(crate) fn handle_web_advert(&mut self, advert: Advert, now: Instant) {
+    pub(crate) fn handle_web_advert(&mut self, mut advert: Advert, now: Instant) {
         if self.ignores(&advert.peer, now) {
+            return;
+        }
+        // Held to the limits of any advert: a web server's bytes are as hostile as a peer's.
+        let limits = self.config.limits;
+        advert.snapshots.retain(|ad| match limits.check(ad) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(target: TARGET, peer = %advert.peer, error = %e, "a web source lists a snapshot beyond the limits");
+                false
+            }
+        });
+        if advert.snapshots.is_empty() {
             return;
         }
         self.on_advert(advert, Standing::Answered, now);
@@ -858,6 +889,9 @@ impl Discovery {
     }
 
     fn start_round(&mut self, now: Instant) {
+        if let Some(v) = &self.verdicts {
+            v.forget_refusals();
+        }
         self.request(now);
         // Peers connected but not seen on the topic are asked directly: gossip may not reach
         // them (a peer restarted under the same identity gets no subscription message).

@@ -190,6 +190,7 @@ mod tests {
         Target {
             ad,
             counts_vouched: true,
+            vouched: false,
             peers: Vec::new(),
             partial_peers: Vec::new(),
         }

@@ -68,6 +68,61 @@ pub enum TrustPolicy {
     Verifier(Arc<dyn SnapshotVerifier>),
 }
 
+/// Most verdicts [`Verdicts`] keeps.
+const MAX_VERDICTS: usize = 4096;
+
+/// The owner's verifier, asked once per snapshot: its acceptances are kept (a state it found on
+/// its chain stays there), its refusals until the next round (it may not know yet). Adverts
+/// arrive by the thousand; the verifier may read a light client or a DB.
+#[derive(Debug)]
+pub(crate) struct Verdicts {
+    inner: Arc<dyn SnapshotVerifier>,
+    kept: std::sync::Mutex<lru::LruCache<(u64, BankHash), bool>>,
+}
+
+impl Verdicts {
+    /// `policy` with its verifier, if it has one, asked through a cache; and the cache.
+    pub(crate) fn wrap(policy: TrustPolicy) -> (TrustPolicy, Option<Arc<Verdicts>>) {
+        match policy {
+            TrustPolicy::Verifier(inner) => {
+                let cache = Arc::new(Verdicts {
+                    inner,
+                    kept: std::sync::Mutex::new(lru::LruCache::new(
+                        std::num::NonZeroUsize::new(MAX_VERDICTS).expect("nonzero"),
+                    )),
+                });
+                (TrustPolicy::Verifier(cache.clone()), Some(cache))
+            }
+            other => (other, None),
+        }
+    }
+
+    /// Forgets the refusals: the verifier is asked about them again.
+    pub(crate) fn forget_refusals(&self) {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let refused: Vec<(u64, BankHash)> = kept
+            .iter()
+            .filter(|(_, accepted)| !**accepted)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in refused {
+            kept.pop(&k);
+        }
+    }
+}
+
+impl SnapshotVerifier for Verdicts {
+    fn verify(&self, slot: u64, bank_hash: &BankHash) -> bool {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = kept.get(&(slot, *bank_hash)) {
+            return *v;
+        }
+        let v = self.inner.verify(slot, bank_hash);
+        kept.put((slot, *bank_hash), v);
+        v
+    }
+}
+
 impl Default for TrustPolicy {
     fn default() -> Self {
         TrustPolicy::Untrusted {
@@ -126,6 +181,17 @@ impl TrustPolicy {
         }
     }
 
+    /// Whether the policy accepts `key` whoever advertises it: a pinned snapshot, one the
+    /// owner's verifier accepts.
+    pub(crate) fn accepts_alone(&self, key: &SnapshotKey) -> bool {
+        match self {
+            TrustPolicy::TrustedSnapshot { .. } | TrustPolicy::Verifier(_) => {
+                self.accepts(key, 0, 0)
+            }
+            TrustPolicy::Untrusted { .. } | TrustPolicy::TrustedPeers { .. } => false,
+        }
+    }
+
     /// How much the advertisers of a snapshot weigh for this policy when snapshots of one slot
     /// compete: distinct peers when untrusted, trusted peers when trusted, nothing for a
     /// pinned snapshot or a verifier (identities are free).
@@ -145,6 +211,20 @@ impl TrustPolicy {
             TrustPolicy::Untrusted { min_agreeing_peers } => peers >= (*min_agreeing_peers).max(1),
             TrustPolicy::TrustedPeers { quorum, .. } => trusted >= (*quorum).max(1),
             TrustPolicy::TrustedSnapshot { .. } | TrustPolicy::Verifier(_) => false,
+        }
+    }
+
+    /// Whether the policy vouches for `key`'s root and size themselves, `trusted` trusted
+    /// peers advertising it: trusted peers in quorum, or a pinned root. Counting free
+    /// identities vouches for nothing, and a pinned bank hash or a verifier vouch for the
+    /// state, not for which archive claims to hold it.
+    pub(crate) fn vouches_root(&self, key: &SnapshotKey, trusted: usize) -> bool {
+        match self {
+            TrustPolicy::TrustedPeers { quorum, .. } => trusted >= (*quorum).max(1),
+            TrustPolicy::TrustedSnapshot { content_root, .. } => {
+                content_root.is_some_and(|r| r == key.content_root)
+            }
+            TrustPolicy::Untrusted { .. } | TrustPolicy::Verifier(_) => false,
         }
     }
 
@@ -230,6 +310,30 @@ mod tests {
         let verified = TrustPolicy::Verifier(Arc::new(Chain));
         assert!(verified.accepts(&k, 1, 0));
         assert!(!verified.accepts(&key(100, 2), 100, 100));
+    }
+
+    #[test]
+    fn only_trusted_peers_or_a_pinned_root_vouch_for_an_archive() {
+        let k = key(100, 1);
+        let untrusted = TrustPolicy::Untrusted {
+            min_agreeing_peers: 3,
+        };
+        assert!(!untrusted.vouches_root(&k, 100));
+        let peers = TrustPolicy::TrustedPeers {
+            peers: [PeerId::random(), PeerId::random()].into(),
+            quorum: 2,
+        };
+        assert!(!peers.vouches_root(&k, 1));
+        assert!(peers.vouches_root(&k, 2));
+        let pin = |content_root| TrustPolicy::TrustedSnapshot {
+            slot: 100,
+            bank_hash: BankHash([1; 32]),
+            content_root,
+        };
+        assert!(pin(Some(k.content_root)).vouches_root(&k, 0));
+        assert!(!pin(Some(ContentRoot([9; 32]))).vouches_root(&k, 0));
+        assert!(!pin(None).vouches_root(&k, 0), "the state, not the archive");
+        assert!(!TrustPolicy::Verifier(Arc::new(Chain)).vouches_root(&k, 0));
     }
 
     #[test]

@@ -219,7 +219,10 @@ impl Sim {
                     self.push(when, Ev::SyncDone(n));
                 }
                 Action::Notice(Notice::Started { .. }) => self.rounds += 1,
-                Action::Notice(_) | Action::AddSyncPeer { .. } | Action::DeleteSnapshot(_) => {}
+                Action::Notice(_)
+                | Action::AddSyncPeer { .. }
+                | Action::DeleteSnapshot(_)
+                | Action::CancelSync => {}
             }
         }
         if let Some(t) = self.nodes[n].disc.poll_timeout() {

@@ -38,6 +38,9 @@ fn config() -> DiscoveryConfig {
         strike_decay: 600 * SEC,
         announcements_per_source: 16,
         chain_clock: None,
+        // The rules of a node that follows snapshots; those of one that executes from its
+        // start are tested apart.
+        executes: false,
     }
 }
 
@@ -783,6 +786,64 @@ fn a_node_that_executes_the_chain_keeps_its_live_state_unless_told_it_is_behind(
 }
 
 #[test]
+fn a_restarted_node_that_executes_keeps_its_state_before_its_first_slot() {
+    let t0 = Instant::now();
+    let config = DiscoveryConfig {
+        executes: true,
+        ..config()
+    };
+    // Restarted with state at 100; the first tick asks at once, before any slot is committed.
+    let (mut d, nonce) = asking(config, t0, Some(100));
+    let attacker = PeerId::random();
+    d.handle_answer(
+        attacker,
+        &answer(attacker, &[full(u64::MAX - 1, 9), full(150, 8)], nonce),
+        false,
+        t0,
+    );
+    d.handle_timeout(t0 + SEC);
+    assert!(
+        plan_of(&drain(&mut d)).is_none(),
+        "one advert takes nothing"
+    );
+    // Told it is behind, it syncs within what the tip makes plausible.
+    d.handle_chain_tip(150, t0 + 2 * SEC);
+    let nonce = last_nonce(&drain(&mut d));
+    d.handle_answer(
+        attacker,
+        &answer(attacker, &[full(150, 8)], nonce),
+        false,
+        t0 + 2 * SEC,
+    );
+    d.handle_timeout(t0 + 3 * SEC);
+    assert_eq!(plan_of(&drain(&mut d)).unwrap().last().ad.key.slot, 150);
+}
+
+#[test]
+fn a_sync_chosen_before_the_node_executes_is_cancelled_when_it_does() {
+    let t0 = Instant::now();
+    let (mut d, nonce) = asking(config(), t0, Some(100));
+    let peer = PeerId::random();
+    d.handle_answer(peer, &answer(peer, &[full(400, 1)], nonce), false, t0);
+    d.handle_timeout(t0 + SEC);
+    assert!(plan_of(&drain(&mut d)).is_some(), "a follower takes it");
+    // The owner commits a slot of its own: the untrusted choice no longer stands.
+    d.handle_slot(101, t0 + 2 * SEC);
+    assert!(drain(&mut d).contains(&Action::CancelSync));
+    assert_eq!(d.stage(), &Stage::Idle);
+    // A choice a vouching policy made stands.
+    let trusted: Vec<PeerId> = (0..2).map(|_| PeerId::random()).collect();
+    let (mut d, nonce) = asking(trusted_config(&trusted, 2), t0, Some(100));
+    for p in &trusted {
+        d.handle_answer(*p, &answer(*p, &[full(400, 1)], nonce), false, t0);
+    }
+    d.handle_timeout(t0 + SEC);
+    assert!(plan_of(&drain(&mut d)).is_some());
+    d.handle_slot(101, t0 + 2 * SEC);
+    assert!(!drain(&mut d).contains(&Action::CancelSync));
+}
+
+#[test]
 fn an_executing_node_takes_what_a_vouching_policy_accepts_without_being_told() {
     let t0 = Instant::now();
     let trusted: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
@@ -1171,4 +1232,123 @@ fn a_downloading_node_answers_with_what_it_holds_and_announces_a_new_holding() {
     let q = PeerId::random();
     d.handle_gossip(Some(q), q, &gossip_request(q, 6, None), at + 2 * SEC);
     assert_eq!(answers(&drain(&mut d)), vec![q]);
+}
+
+#[test]
+fn a_web_listing_is_held_to_the_limits_of_any_advert() {
+    let t0 = Instant::now();
+    let mut d = machine(config(), t0);
+    let web = PeerId::random();
+    let mut huge = full(100, 1);
+    // 64 TiB in 16 KiB chunks: beyond the 1 GiB and 2^20 chunks of the limits.
+    huge.key.archive_size = 64 << 40;
+    let mut orphan = incremental(120, 3, &full(100, 1));
+    orphan.key.base = None;
+    let fine = full(90, 2);
+    d.handle_web_advert(
+        Advert {
+            peer: web,
+            snapshots: vec![orphan, huge, fine],
+            partial: Vec::new(),
+            streamer_addrs: Vec::new(),
+            holder_slot: None,
+            modified_time: 0,
+        },
+        t0,
+    );
+    let listed: Vec<SnapshotKey> = d
+        .adverts()
+        .flat_map(|a| a.snapshots.iter().map(|s| s.key))
+        .collect();
+    assert_eq!(listed, vec![fine.key]);
+}
+
+/// A verifier that counts how often it is asked, accepting slots below 1000.
+#[derive(Debug, Default)]
+struct Counting(std::sync::atomic::AtomicU64);
+
+impl crate::SnapshotVerifier for Counting {
+    fn verify(&self, slot: u64, _bank_hash: &BankHash) -> bool {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        slot < 1000
+    }
+}
+
+#[test]
+fn the_owners_verifier_is_asked_once_per_snapshot_not_per_advert() {
+    let t0 = Instant::now();
+    let verifier = std::sync::Arc::new(Counting::default());
+    let config = DiscoveryConfig {
+        policy: TrustPolicy::Verifier(verifier.clone()),
+        ..config()
+    };
+    let (mut d, nonce) = asking(config, t0, Some(10));
+    // 40 identities each advertise 5 of 50 snapshots (half of them refused by the verifier),
+    // twice over.
+    let peers: Vec<PeerId> = (0..40).map(|_| PeerId::random()).collect();
+    for _ in 0..2 {
+        for (i, p) in peers.iter().enumerate() {
+            let snaps: Vec<SnapshotAd> = (0..5)
+                .map(|j| {
+                    let n = ((i * 5 + j) % 50) as u64;
+                    full(
+                        if n.is_multiple_of(2) {
+                            100 + n
+                        } else {
+                            2000 + n
+                        },
+                        n as u8,
+                    )
+                })
+                .collect();
+            d.handle_answer(*p, &answer(*p, &snaps, nonce), false, t0);
+            d.best_known_slot(t0);
+        }
+    }
+    let asked = verifier.0.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(asked <= 50, "asked {asked} times about 50 snapshots");
+    // A new round asks again about those it refused, not about those it accepted.
+    d.handle_timeout(t0 + SEC);
+    drain(&mut d);
+    d.handle_timeout(t0 + 31 * SEC);
+    drain(&mut d);
+    d.best_known_slot(t0 + 31 * SEC);
+    let again = verifier.0.load(std::sync::atomic::Ordering::Relaxed) - asked;
+    assert!(again <= 25, "asked {again} more times");
+    assert_eq!(d.best_known_slot(t0 + 31 * SEC), Some(148));
+}
+
+#[test]
+fn identities_advertising_other_snapshots_cannot_push_out_the_pinned_ones_holder() {
+    let t0 = Instant::now();
+    let pinned = full(200, 1);
+    let config = DiscoveryConfig {
+        max_tracked_peers: 4,
+        policy: TrustPolicy::TrustedSnapshot {
+            slot: 200,
+            bank_hash: pinned.key.bank_hash,
+            content_root: None,
+        },
+        ..config()
+    };
+    let (mut d, nonce) = asking(config, t0, None);
+    let honest = PeerId::random();
+    d.handle_answer(honest, &answer(honest, &[pinned], nonce), false, t0);
+    // Twelve fresh identities answer after it, each with a snapshot of its own.
+    for i in 0..12u8 {
+        let p = PeerId::random();
+        d.handle_answer(
+            p,
+            &answer(p, &[full(300 + u64::from(i), 50 + i)], nonce),
+            false,
+            t0 + SEC / 100 * u32::from(i + 1),
+        );
+    }
+    assert!(
+        d.adverts().any(|a| a.peer == honest),
+        "the pinned snapshot's holder was pushed out"
+    );
+    d.handle_timeout(t0 + SEC);
+    let plan = plan_of(&drain(&mut d)).expect("the pinned snapshot is chosen");
+    assert_eq!(plan.last().peers[0].0, honest);
 }
