@@ -214,86 +214,12 @@ async fn a_joiner_takes_from_a_partial_holder_what_it_holds_and_the_rest_from_th
     h.handle.wait().await.unwrap();
 }
 
-/// How a fake partial holder lies.
-#[derive(Clone, Copy, PartialEq)]
-enum Lie {
-    /// It says it holds everything and refuses every range as not held.
-    NotHeld,
-    /// It says it holds everything and sends bytes that do not check out.
-    Garbage,
-}
-
-/// A fake partial holder of `manifest` that lies as `lie` says.
-async fn liar(manifest: Manifest, lie: Lie) -> PeerAddr {
-    let (peer_id, addr, endpoint) = hostile_endpoint();
-    tokio::spawn(async move {
-        while let Some(incoming) = endpoint.accept().await {
-            let Ok(conn) = incoming.await else { continue };
-            let manifest = manifest.clone();
-            tokio::spawn(async move {
-                let Ok((mut send, mut recv)) = conn.accept_bi().await else {
-                    return;
-                };
-                let _hello: Result<proto::Hello, _> = read(&mut recv).await;
-                let welcome = proto::Welcome {
-                    protocol_version: 2,
-                    refused: proto::Refusal::None as i32,
-                    message: String::new(),
-                    proof: Default::default(),
-                };
-                let _ = send.write_all(&frame(&welcome)).await;
-                let _ = send.finish();
-                while let Ok((send, recv)) = conn.accept_bi().await {
-                    tokio::spawn(answer_lying(send, recv, manifest.clone(), lie));
-                }
-            });
-        }
-    });
-    PeerAddr { peer_id, addr }
-}
-
-async fn answer_lying(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    manifest: Manifest,
-    lie: Lie,
-) {
-    let Ok(request) = read::<proto::Request>(&mut recv).await else {
-        return;
-    };
-    let header = |status: proto::Status, encoded_len: u64| proto::ResponseHeader {
-        status: status as i32,
-        encoded_len,
-        ..Default::default()
-    };
-    let tree = manifest.chunk_tree();
-    let (head, body) = match request.kind {
-        Some(proto::request::Kind::Manifest(_)) => (
-            proto::ResponseHeader {
-                manifest: Some(manifest.to_proto()),
-                ..header(proto::Status::Ok, 0)
-            },
-            Vec::new(),
-        ),
-        Some(proto::request::Kind::Have(h)) => {
-            let n = tree
-                .chunk_count()
-                .div_ceil(u64::from(h.block_chunks.max(1)));
-            let bits = vec![0xffu8; n.div_ceil(8) as usize];
-            (header(proto::Status::Ok, bits.len() as u64), bits)
-        }
-        Some(proto::request::Kind::Chunks(c)) => match lie {
-            Lie::NotHeld => (header(proto::Status::NotHeld, 0), Vec::new()),
-            Lie::Garbage => {
-                let len = tree.encoded_len(c.start_chunk..c.end_chunk).unwrap_or(0);
-                (header(proto::Status::Ok, len), vec![0x5a; len as usize])
-            }
-        },
-        None => return,
-    };
-    let _ = send.write_all(&frame(&head)).await;
-    let _ = send.write_all(&body).await;
-    let _ = send.finish();
+/// A fake partial holder of `manifest` that lies as `lie` says, and what it was asked.
+fn liar(manifest: &Manifest, lie: Lie) -> (PeerAddr, Arc<LiarStats>, quinn::Endpoint) {
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let (addr, stats, endpoint) = liar_server(&keypair, manifest.to_proto(), lie);
+    let peer_id = keypair.public().to_peer_id();
+    (PeerAddr { peer_id, addr }, stats, endpoint)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,8 +231,10 @@ async fn a_partial_holder_that_lies_about_what_it_holds_is_worked_around_and_bla
         &seed,
         StreamerConfig::default().with_rate_limit(Some(2_000_000)),
     );
-    let says_not_held = liar(snap.manifest().clone(), Lie::NotHeld).await;
-    let sends_garbage = liar(snap.manifest().clone(), Lie::Garbage).await;
+    // One says it holds everything and refuses every range; one sends bytes that do not
+    // check out.
+    let (says_not_held, not_held_asked, _e1) = liar(snap.manifest(), Lie::Stale);
+    let (sends_garbage, garbage_asked, _e2) = liar(snap.manifest(), Lie::Garbage);
     let joiner = Node::new();
     let handle = downloader(&joiner, crowd_config()).start(
         DownloadTarget::from_manifest(snap.manifest()),
@@ -336,6 +264,16 @@ async fn a_partial_holder_that_lies_about_what_it_holds_is_worked_around_and_bla
             .filter(|(p, _)| *p != seed.peer_id())
             .all(|(_, b)| *b == 0),
         "the liars delivered nothing"
+    );
+    // Both were asked for chunks: what is asserted above was shown, not assumed.
+    let asked = |s: &LiarStats| s.chunks.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        asked(&not_held_asked) > 0,
+        "the one saying 'not held' was never asked"
+    );
+    assert!(
+        asked(&garbage_asked) > 0,
+        "the one sending garbage was never asked"
     );
 }
 

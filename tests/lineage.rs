@@ -67,14 +67,9 @@ async fn start_syncing(
     (dir, db): &(std::sync::Arc<tempfile::TempDir>, snapsync::db::LmdbState),
     peers: &[&TestNode],
 ) -> TestNode {
-    let node = start_node(
-        index,
-        dir.clone(),
-        db.clone(),
-        lineage_config(dir.path()),
-        events.tx.clone(),
-    )
-    .await;
+    // A node that follows snapshots and does not execute the chain itself.
+    let follower = tune(lineage_config(dir.path()), |d| d.with_executes(false));
+    let node = start_node(index, dir.clone(), db.clone(), follower, events.tx.clone()).await;
     for p in peers {
         node.dial(p.addr.clone());
     }

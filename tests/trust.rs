@@ -264,28 +264,22 @@ async fn an_attacker_announcing_a_slot_near_the_end_of_time_does_not_replace_a_p
             }
         })
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
-    while tokio::time::Instant::now() < deadline {
-        let left = deadline - tokio::time::Instant::now();
-        let _ = tokio::time::timeout(
-            left,
-            events.wait(LONG, "", |i, e| match e {
-                Ev::Snap(Event::SnapshotFound { key, .. } | Event::DownloadStarted { key, .. })
-                    if i == 0 =>
-                {
-                    panic!(
-                        "the producer went for the attacker's snapshot at {}",
-                        key.slot
-                    )
-                }
-                Ev::Snap(Event::SnapshotSynced { slot, .. }) if i == 0 => {
-                    panic!("the producer loaded a snapshot at {slot}")
-                }
-                _ => None::<()>,
-            }),
-        )
+    events
+        .none_for(Duration::from_secs(6), |i, e| match e {
+            Ev::Snap(Event::SnapshotFound { key, .. } | Event::DownloadStarted { key, .. })
+                if i == 0 =>
+            {
+                panic!(
+                    "the producer went for the attacker's snapshot at {}",
+                    key.slot
+                )
+            }
+            Ev::Snap(Event::SnapshotSynced { slot, .. }) if i == 0 => {
+                panic!("the producer loaded a snapshot at {slot}")
+            }
+            _ => {}
+        })
         .await;
-    }
     let heard = producer
         .query(move |s| {
             s.behaviour()
@@ -303,6 +297,75 @@ async fn an_attacker_announcing_a_slot_near_the_end_of_time_does_not_replace_a_p
     chain.reached(now + 5).await;
     assert!(producer.db.slot().unwrap().unwrap() >= now + 5);
     assert!(producer.db.slot().unwrap().unwrap() < 1 << 32);
+}
+
+/// A validator restarted on its state is executing from its first moment, before it commits
+/// a slot: its first tick asks at once, and one advert of any higher slot, under the default
+/// policy, used to be chosen in that first round and replace its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_validator_keeps_its_state_before_its_first_slot() {
+    init_tracing();
+    let mut events = Events::new();
+    let (adir, adb) = node_dir(0, 0, 0);
+    FORGED.commit(&adb, 1, 1024);
+    adb.commit_slot(1_000, |w| w.put(b"mine", b"now")).unwrap();
+    let attacker = start_node(
+        1,
+        adir.clone(),
+        adb,
+        serve_only(config(adir.path())),
+        events.tx.clone(),
+    )
+    .await;
+    attacker.run(|s| s.behaviour_mut().snapsync.create_snapshot_now());
+    events
+        .wait(LONG, "the attacker's snapshot", |i, e| match e {
+            Ev::Snap(Event::SnapshotCreated { manifest }) if i == 1 => Some(manifest.slot),
+            _ => None,
+        })
+        .await;
+    // The validator's state, as a restart finds it: slots 1..=5 committed, no slot since.
+    let (vdir, vdb) = node_dir(0, 0, 0);
+    for slot in 1..=5 {
+        HONEST.commit(&vdb, slot, 1024);
+    }
+    let validator = start_node(0, vdir.clone(), vdb, config(vdir.path()), events.tx.clone()).await;
+    validator.dial(attacker.addr.clone());
+    let asking = {
+        let v = validator.ctl();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                v.query(|s| s.behaviour_mut().snapsync.sync_now()).await;
+            }
+        })
+    };
+    events
+        .none_for(Duration::from_secs(4), |i, e| match e {
+            Ev::Snap(Event::SnapshotFound { key, .. } | Event::DownloadStarted { key, .. })
+                if i == 0 =>
+            {
+                panic!(
+                    "the restarted validator went for a snapshot at {}",
+                    key.slot
+                )
+            }
+            _ => {}
+        })
+        .await;
+    asking.abort();
+    let heard = validator
+        .query(|s| {
+            s.behaviour()
+                .snapsync
+                .status()
+                .adverts
+                .iter()
+                .any(|a| a.newest().is_some_and(|n| n.key.slot == 1_000))
+        })
+        .await;
+    assert!(heard, "the attacker's advert was heard");
+    assert_eq!(validator.db.slot().unwrap(), Some(5));
 }
 
 /// Trust finding 2: what an advert says beyond its key was taken from whichever advertiser's

@@ -81,13 +81,14 @@ async fn servers_that_ignore_range_truncate_or_flip_a_byte_are_handled_and_the_r
     let root = www.path().to_path_buf();
     let ignores = WebServer::start(root.clone(), Fault::IgnoreRange, None).await;
     let truncates = WebServer::start(root.clone(), Fault::Truncate, None).await;
+    let unsized_cut = WebServer::start(root.clone(), Fault::TruncateUnsized, None).await;
     let flips = WebServer::start(root, Fault::FlipByte, None).await;
     let client = Node::new();
     let handle = downloader(&client, web_config()).start(
         DownloadTarget::from_manifest(snap.manifest()),
         vec![peer(&node, &streamer)],
     );
-    for s in [&ignores, &truncates, &flips] {
+    for s in [&ignores, &truncates, &unsized_cut, &flips] {
         handle.add_web_source(WebSource::new(&s.url()).unwrap());
     }
     let progress = handle.progress();
@@ -109,8 +110,13 @@ async fn servers_that_ignore_range_truncate_or_flip_a_byte_are_handled_and_the_r
     // The one that cuts its bodies short is credited with the chunks it got through whole
     // (checked), never banned for the cut: it is retried, then dropped (or still retried when
     // the rest completed first).
-    assert!(status(&truncates).1 < snap.manifest().archive_size);
-    assert_ne!(status(&truncates).0, PeerStatus::Banned);
+    // The same when the cut body carries no length (its end looks like the connection's).
+    for cut in [&truncates, &unsized_cut] {
+        assert!(status(cut).1 < snap.manifest().archive_size);
+        assert_ne!(status(cut).0, PeerStatus::Banned);
+        // Asked for chunks (not only its index): what is asserted was shown.
+        assert!(cut.archive_reads.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

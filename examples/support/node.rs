@@ -391,6 +391,7 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
         .with_discovery_interval(opts.discovery_interval)
         .with_behind_threshold(opts.behind_threshold)
         .with_chain_clock(clock)
+        .with_executes(opts.chain.is_some())
         .with_sync_enabled(true);
     let mut config = snapsync::Config::from_env(opts.data_dir.join("snapshots"))?
         .with_discovery(discovery)

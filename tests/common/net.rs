@@ -328,6 +328,18 @@ impl Events {
     }
 }
 
+impl Events {
+    /// Watches the events for `period`, calling `check` on each (which panics on one that must
+    /// not come).
+    pub async fn none_for(&mut self, period: Duration, mut check: impl FnMut(usize, &Ev)) {
+        let deadline = Instant::now() + period;
+        while let Ok(Some((i, ev))) = tokio::time::timeout_at(deadline.into(), self.rx.recv()).await
+        {
+            check(i, &ev);
+        }
+    }
+}
+
 impl Default for Events {
     fn default() -> Self {
         Self::new()

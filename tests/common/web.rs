@@ -17,6 +17,9 @@ pub enum Fault {
     IgnoreRange,
     /// It announces the range, then closes half way through the body of archive reads.
     Truncate,
+    /// It sends archive reads with no length, closing the connection half way through the
+    /// body: the end of the body looks like the end of the connection.
+    TruncateUnsized,
     /// It flips a byte of every archive read.
     FlipByte,
 }
@@ -28,6 +31,8 @@ pub struct WebServer {
     pub sent: Arc<AtomicU64>,
     /// Requests answered.
     pub requests: Arc<AtomicU64>,
+    /// Reads of an archive among them.
+    pub archive_reads: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -43,13 +48,15 @@ impl WebServer {
         let addr = listener.local_addr().unwrap();
         let sent = Arc::new(AtomicU64::new(0));
         let requests = Arc::new(AtomicU64::new(0));
-        let (s, r) = (sent.clone(), requests.clone());
+        let archive_reads = Arc::new(AtomicU64::new(0));
+        let counters = (sent.clone(), requests.clone(), archive_reads.clone());
         let task = tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
                 let _ = sock.set_nodelay(true);
-                let (root, s, r) = (root.clone(), s.clone(), r.clone());
+                let (root, counters) = (root.clone(), counters.clone());
                 tokio::spawn(async move {
-                    let _ = serve(sock, &root, fault, rate, &s, &r).await;
+                    let (s, r, a) = &counters;
+                    let _ = serve(sock, &root, fault, rate, s, [r, a]).await;
                 });
             }
         });
@@ -57,6 +64,7 @@ impl WebServer {
             addr,
             sent,
             requests,
+            archive_reads,
             task,
         }
     }
@@ -74,7 +82,7 @@ async fn serve(
     fault: Fault,
     rate: Option<u64>,
     sent: &AtomicU64,
-    requests: &AtomicU64,
+    [requests, archive_reads]: [&AtomicU64; 2],
 ) -> std::io::Result<()> {
     loop {
         let mut head = Vec::new();
@@ -107,6 +115,9 @@ async fn serve(
             continue;
         };
         let archive = path.ends_with("archive.zst");
+        if archive {
+            archive_reads.fetch_add(1, Ordering::Relaxed);
+        }
         let (status, mut body, extra) = match range {
             Some((a, b)) if fault != Fault::IgnoreRange && a <= b && (b as usize) < bytes.len() => {
                 (
@@ -126,12 +137,17 @@ async fn serve(
             let at = body.len() / 2;
             body[at] ^= 0x40;
         }
+        let unsized_cut = archive && fault == Fault::TruncateUnsized;
+        let length = if unsized_cut {
+            "Connection: close\r\n".to_string()
+        } else {
+            format!("Content-Length: {}\r\n", body.len())
+        };
         let header = format!(
-            "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{extra}Content-Type: application/octet-stream\r\n\r\n",
-            body.len()
+            "HTTP/1.1 {status}\r\n{length}{extra}Content-Type: application/octet-stream\r\n\r\n"
         );
         sock.write_all(header.as_bytes()).await?;
-        let end = if archive && fault == Fault::Truncate {
+        let end = if archive && (fault == Fault::Truncate || unsized_cut) {
             body.len() / 2
         } else {
             body.len()

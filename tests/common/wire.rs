@@ -250,6 +250,9 @@ pub enum Lie {
     Busy,
     /// Chunk and have requests are read and never answered.
     Stall,
+    /// Chunks: bytes of the right length that do not check out; have requests: every block
+    /// held.
+    Garbage,
 }
 
 /// What a liar was asked.
@@ -315,7 +318,7 @@ pub fn liar_server(
                                 };
                                 (header, Vec::new())
                             }
-                            Some(proto::request::Kind::Chunks(_)) => {
+                            Some(proto::request::Kind::Chunks(get)) => {
                                 st.chunks.fetch_add(1, Relaxed);
                                 match lie {
                                     Lie::NotHeld | Lie::Stale => {
@@ -326,12 +329,33 @@ pub fn liar_server(
                                         std::future::pending::<()>().await;
                                         unreachable!()
                                     }
+                                    Lie::Garbage => {
+                                        let tree = snapsync::chunk::ChunkTree::new(
+                                            manifest.archive_size,
+                                            snapsync::ChunkSize::new(u64::from(
+                                                manifest.chunk_size,
+                                            ))
+                                            .unwrap(),
+                                            snapsync::ContentRoot::from_slice(
+                                                &manifest.content_root,
+                                            )
+                                            .unwrap(),
+                                        );
+                                        let len = tree
+                                            .encoded_len(get.start_chunk..get.end_chunk)
+                                            .unwrap_or(0);
+                                        let header = proto::ResponseHeader {
+                                            encoded_len: len,
+                                            ..Default::default()
+                                        };
+                                        (header, vec![0x5a; len as usize])
+                                    }
                                 }
                             }
                             Some(proto::request::Kind::Have(get)) => {
                                 st.haves.fetch_add(1, Relaxed);
                                 match lie {
-                                    Lie::NotHeld | Lie::Stale => {
+                                    Lie::NotHeld | Lie::Stale | Lie::Garbage => {
                                         let chunk = u64::from(manifest.chunk_size);
                                         let chunks = manifest.archive_size.div_ceil(chunk);
                                         let block = u64::from(get.block_chunks.max(1));
@@ -340,7 +364,7 @@ pub fn liar_server(
                                             encoded_len: n,
                                             ..Default::default()
                                         };
-                                        let fill = if lie == Lie::Stale { 0xff } else { 0 };
+                                        let fill = if lie == Lie::NotHeld { 0 } else { 0xff };
                                         (header, vec![fill; n as usize])
                                     }
                                     Lie::Busy => (status(proto::Status::Busy), Vec::new()),
