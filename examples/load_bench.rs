@@ -12,14 +12,21 @@
 //! the streamer's peak RSS (it runs as its own process; the parent reads its `VmHWM`). Every
 //! download must complete exactly.
 //!
-//! Two cases of attack follow. **Held slots**: 64 connections under fresh identities, from
+//! Cases of attack follow. **Held slots**: 64 connections under fresh identities, from
 //! four more addresses, prove the token (none is set), keep themselves alive and never ask for
 //! anything, or ask and never read; then an honest downloader, allowed one failure, must be
 //! served at its first try. **Crafted archive**: a loader (its own process) reads an archive
 //! whose first record is 64 MiB of random bytes and whose next 32 are 64 MiB each of one
 //! repeated byte in zstd RLE blocks (about a kilobyte each on the wire), declared as holding
 //! one record: the decoding threads race ahead while the first is written; the loader's peak
-//! memory is reported against its decode budget. The last line printed is one JSON object.
+//! memory is reported against its decode budget. **A request for a whole huge snapshot**: the
+//! streamer also holds a snapshot declared 64 GiB (sparse files); 2000 requests for every one
+//! of its chunks are refused for their size, and the server's CPU per request (from
+//! `/proc/PID/stat`) is printed beside that of 2000 requests for one chunk of the small
+//! snapshot, served. **One identity, four slow connections**: one PeerId asks on each of four
+//! connections for the largest range a request may name, every quarter second, and reads
+//! nothing, while an honest downloader fetches the whole small snapshot; its time is printed
+//! beside the lone client's. The last line printed is one JSON object.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -159,35 +166,214 @@ fn craft(dir: &Path) -> (PathBuf, PathBuf) {
     (path, manifest)
 }
 
-/// A connection that proves the token (none is set) under a fresh identity and then holds its
-/// slot: keeps itself alive, asks for nothing.
-async fn hold_slot(endpoint: &quinn::Endpoint, peer: PeerAddr) -> quinn::Connection {
-    use prost::Message;
-    let keypair = Keypair::generate_ed25519();
-    let mut tls = libp2p_tls::make_client_config(&keypair, Some(peer.peer_id)).unwrap();
+/// A connection under `keypair` that proves the token (none is set) and is let in.
+async fn connect_raw(
+    endpoint: &quinn::Endpoint,
+    peer: PeerAddr,
+    keypair: &Keypair,
+    transport: quinn::TransportConfig,
+) -> quinn::Connection {
+    let mut tls = libp2p_tls::make_client_config(keypair, Some(peer.peer_id)).unwrap();
     tls.alpn_protocols = vec![b"snapsync/chunks/2".to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut config = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
-    let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(1)));
-    config.transport_config(std::sync::Arc::new(t));
+    config.transport_config(std::sync::Arc::new(transport));
     let conn = endpoint
         .connect_with(config, peer.addr, "snapsync")
         .unwrap()
         .await
         .unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let hello = snapsync::proto::Hello {
         protocol_version: 2,
         proof: Default::default(),
     };
-    let mut frame = (hello.encoded_len() as u32).to_be_bytes().to_vec();
-    hello.encode(&mut frame).unwrap();
-    send.write_all(&frame).await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&frame(&hello)).await.unwrap();
     send.finish().unwrap();
     let mut len = [0u8; 4];
     recv.read_exact(&mut len).await.unwrap();
     conn
+}
+
+/// A connection that proves the token (none is set) under a fresh identity and then holds its
+/// slot: keeps itself alive, asks for nothing.
+async fn hold_slot(endpoint: &quinn::Endpoint, peer: PeerAddr) -> quinn::Connection {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    connect_raw(endpoint, peer, &Keypair::generate_ed25519(), t).await
+}
+
+/// `msg` with its length in front, as the chunk stream frames it.
+fn frame(msg: &impl prost::Message) -> Vec<u8> {
+    let mut out = (msg.encoded_len() as u32).to_be_bytes().to_vec();
+    msg.encode(&mut out).unwrap();
+    out
+}
+
+/// A request for chunks `start..end` of `m`'s snapshot.
+fn get_chunks(m: &Manifest, start: u64, end: u64) -> Vec<u8> {
+    use snapsync::proto::{GetChunks, Request, request::Kind};
+    frame(&Request {
+        kind: Some(Kind::Chunks(GetChunks {
+            content_root: m.content_root.0.to_vec().into(),
+            start_chunk: start,
+            end_chunk: end,
+            chunk_size: m.chunk_size.bytes(),
+        })),
+    })
+}
+
+/// Sends `request` on a new stream and reads the whole answer: its status and its length.
+async fn ask(conn: &quinn::Connection, request: &[u8]) -> (i32, usize) {
+    use prost::Message;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(request).await.unwrap();
+    send.finish().unwrap();
+    let answer = recv.read_to_end(64 << 20).await.unwrap_or_default();
+    let status = answer
+        .get(..4)
+        .map(|l| u32::from_be_bytes(l.try_into().unwrap()) as usize)
+        .and_then(|l| answer.get(4..4 + l))
+        .and_then(|h| snapsync::proto::ResponseHeader::decode(h).ok())
+        .map_or(-1, |h| h.status);
+    (status, answer.len())
+}
+
+/// CPU seconds (user and system, every thread) process `pid` has used (Linux counts them in
+/// hundredths of a second).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name: state is the first, utime the 12th, stime the 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// Has the server answer `requests` copies of `request` (50 to a connection, each under a
+/// fresh identity, as one after another an attacker would send them): the server's CPU
+/// seconds per request, the client's mean seconds per answer, and the statuses seen.
+async fn cpu_per_request(
+    server: u32,
+    peer: PeerAddr,
+    request: &[u8],
+    requests: usize,
+) -> (f64, f64, Vec<i32>) {
+    let endpoint = quinn::Endpoint::client("127.0.1.30:0".parse().unwrap()).unwrap();
+    let mut statuses = Vec::new();
+    let cpu = cpu_secs(server);
+    let started = Instant::now();
+    for _ in 0..requests.div_ceil(50) {
+        let key = Keypair::generate_ed25519();
+        let conn = connect_raw(&endpoint, peer, &key, quinn::TransportConfig::default()).await;
+        for _ in 0..50 {
+            let (status, _) = ask(&conn, request).await;
+            if !statuses.contains(&status) {
+                statuses.push(status);
+            }
+        }
+        conn.close(0u32.into(), b"done");
+    }
+    let n = (requests.div_ceil(50) * 50) as f64;
+    let wall = started.elapsed().as_secs_f64() / n;
+    endpoint.wait_idle().await;
+    ((cpu_secs(server) - cpu) / n, wall, statuses)
+}
+
+/// Writes into `store` a published snapshot declared `size` bytes: its archive and outboard
+/// are sparse files of the sizes its manifest says (it is only asked about, never read).
+fn huge(store: &Path, size: u64) -> Manifest {
+    let chunk = snapsync::ChunkSize::DEFAULT;
+    let root = snapsync::ContentRoot([0x5a; 32]);
+    let tree = snapsync::chunk::ChunkTree::new(size, chunk, root);
+    let m = Manifest {
+        format_version: snapsync::snapshot::FORMAT_VERSION,
+        slot: 1,
+        bank_hash: snapsync::BankHash([0; 32]),
+        content_root: root,
+        archive_size: size,
+        chunk_size: chunk,
+        created_unix_ms: 0,
+        entry_count: 0,
+        state_bytes: size,
+        zstd_level: 1,
+        kind: snapsync::SnapshotKind::Full,
+        base: None,
+        zstd_version: 0,
+    };
+    let dir = store.join(format!("full-{:020}-{}", m.slot, &root.to_hex()[..16]));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sparse = |name: &str, len: u64| {
+        std::fs::File::create(dir.join(name))
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+    };
+    sparse(snapsync::snapshot::ARCHIVE_FILE, size);
+    sparse(snapsync::snapshot::OUTBOARD_FILE, tree.outboard_size());
+    std::fs::write(dir.join(snapsync::snapshot::MANIFEST_FILE), m.encode()).unwrap();
+    m
+}
+
+/// One identity with four connections (the most a peer may have) from one address asks, on
+/// each, for the largest range a request may name every quarter second and reads nothing,
+/// while an honest downloader fetches the whole snapshot: whether it got it, and in how long.
+async fn hog_and_honest(dir: &Path, peer: PeerAddr, m: &Manifest) -> (bool, f64) {
+    let endpoint = quinn::Endpoint::client("127.0.1.40:0".parse().unwrap()).unwrap();
+    let hog = Keypair::generate_ed25519();
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let mut t = quinn::TransportConfig::default();
+        t.stream_receive_window(16_384u32.into());
+        t.receive_window(65_536u32.into());
+        conns.push(connect_raw(&endpoint, peer, &hog, t).await);
+    }
+    let most = StreamerConfig::default().max_request_bytes() / u64::from(m.chunk_size.bytes());
+    let request = get_chunks(
+        m,
+        0,
+        most.min(m.archive_size.div_ceil(m.chunk_size.bytes().into())),
+    );
+    let hogging = tokio::spawn(async move {
+        let mut streams = Vec::new();
+        loop {
+            for conn in &conns {
+                let open = tokio::time::timeout(Duration::from_millis(50), conn.open_bi());
+                if let Ok(Ok((mut send, recv))) = open.await {
+                    let _ = send.write_all(&request).await;
+                    let _ = send.finish();
+                    streams.push((send, recv));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let store = dir.join("hog-client");
+    let d = Downloader::new(
+        Keypair::generate_ed25519(),
+        SnapshotStore::open(&store).unwrap(),
+        DownloadConfig::default().with_bind("127.0.1.41:0".parse().unwrap()),
+        None,
+        Metrics::new(),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let got = d
+        .download(DownloadTarget::from_manifest(m), vec![peer])
+        .await;
+    let secs = started.elapsed().as_secs_f64();
+    hogging.abort();
+    let _ = std::fs::remove_dir_all(&store);
+    (got.is_ok(), secs)
 }
 
 /// Holds every connection slot of the streamer, then has an honest downloader (allowed one
@@ -324,6 +510,7 @@ fn main() {
     let tmp = tempfile::tempdir_in(arg("--dir").unwrap_or_else(|| ".".into())).unwrap();
     let server_store = tmp.path().join("server");
     let m = support::random_snapshot(&server_store, size_mib << 20);
+    let big = huge(&server_store, 64 << 30);
     let store_arg = server_store.to_str().unwrap().to_string();
     let (mut server, lines) = support::start_server(&["--role", "serve", "--store", &store_arg], 1);
     let peer = PeerAddr {
@@ -339,6 +526,27 @@ fn main() {
     let server_peak = peak_rss_mib(server.id());
     support::quiesce();
     let (first_try, held_secs, evicted) = rt.block_on(held_slots(tmp.path(), peer, &m));
+    support::quiesce();
+    // Every chunk of the 64 GiB snapshot in one request, against one chunk of the small one.
+    let whole = get_chunks(
+        &big,
+        0,
+        big.archive_size.div_ceil(big.chunk_size.bytes().into()),
+    );
+    let (huge_cpu, huge_wall, huge_statuses) =
+        rt.block_on(cpu_per_request(server.id(), peer, &whole, 2000));
+    let (one_cpu, one_wall, one_statuses) = rt.block_on(cpu_per_request(
+        server.id(),
+        peer,
+        &get_chunks(&m, 0, 1),
+        2000,
+    ));
+    let too_large = snapsync::proto::Status::TooLarge as i32;
+    let ok = snapsync::proto::Status::Ok as i32;
+    assert_eq!(huge_statuses, vec![too_large], "the whole-range requests");
+    assert_eq!(one_statuses, vec![ok], "the one-chunk requests");
+    support::quiesce();
+    let (hog_ok, hog_secs) = rt.block_on(hog_and_honest(tmp.path(), peer, &m));
     drop(server.stdin.take());
     let _ = server.wait();
     // The crafted archive, loaded by a process of its own.
@@ -396,12 +604,29 @@ fn main() {
         }
     );
     println!(
+        "a request for all {} chunks of a {:.0} GiB snapshot: refused (too large) with {:.1} us of server CPU each, {:.0} us to the answer (2000 requests, 50 to a connection); one chunk of the small snapshot, served: {:.1} us of CPU, {:.0} us",
+        big.archive_size.div_ceil(big.chunk_size.bytes().into()),
+        big.archive_size as f64 / f64::from(1u32 << 30),
+        huge_cpu * 1e6,
+        huge_wall * 1e6,
+        one_cpu * 1e6,
+        one_wall * 1e6,
+    );
+    println!(
+        "one identity, four connections asking for 8 MiB each every 250 ms and reading nothing: an honest downloader {} the {:.0} MiB in {hog_secs:.2} s ({:.2} s alone)",
+        if hog_ok { "fetched" } else { "did NOT fetch" },
+        mib(m.archive_size),
+        alone.secs,
+    );
+    println!(
         "crafted archive (33 x 64 MiB records, ~{} KiB on the wire, declared as 1 record): the loader stopped with \"{crafted_error}\"; its peak RSS {loader_peak:.0} MiB (decode budget {budget_mib:.0} MiB, plus a frame of 64 MiB being written and one being decoded)",
         std::fs::metadata(&archive).map_or(0, |m| m.len() >> 10)
     );
     println!(
-        "{{\"clients\":{clients},\"archive_mib\":{:.1},\"alone_mibs\":{alone_rate:.1},\"aggregate_mibs\":{aggregate:.1},\"all_secs\":{:.3},\"upload_slots\":{slots},\"first_done_secs\":{first:.3},\"median_done_secs\":{median:.3},\"last_done_secs\":{last:.3},\"server_peak_rss_mib\":{server_peak:.1},\"server_idle_rss_mib\":{rss_idle:.1},\"held_slots_first_try\":{first_try},\"held_slots_secs\":{held_secs:.3},\"held_slots_evicted\":{evicted},\"crafted_loader_peak_rss_mib\":{loader_peak:.1},\"decode_budget_mib\":{budget_mib:.0}}}",
+        "{{\"clients\":{clients},\"archive_mib\":{:.1},\"alone_mibs\":{alone_rate:.1},\"aggregate_mibs\":{aggregate:.1},\"all_secs\":{:.3},\"upload_slots\":{slots},\"first_done_secs\":{first:.3},\"median_done_secs\":{median:.3},\"last_done_secs\":{last:.3},\"server_peak_rss_mib\":{server_peak:.1},\"server_idle_rss_mib\":{rss_idle:.1},\"held_slots_first_try\":{first_try},\"held_slots_secs\":{held_secs:.3},\"held_slots_evicted\":{evicted},\"crafted_loader_peak_rss_mib\":{loader_peak:.1},\"decode_budget_mib\":{budget_mib:.0},\"huge_request_cpu_us\":{:.2},\"one_chunk_cpu_us\":{:.2},\"hog_honest_ok\":{hog_ok},\"hog_honest_secs\":{hog_secs:.3}}}",
         mib(m.archive_size),
         all.secs,
+        huge_cpu * 1e6,
+        one_cpu * 1e6,
     );
 }

@@ -118,28 +118,32 @@ async fn a_request_for_a_whole_huge_snapshot_is_refused_at_once_and_freezes_noth
     }
 }
 
-/// One PeerId with four connections (the most a peer may have), each asking for a large
-/// range and reading nothing, cannot hold the response memory every peer shares: an honest
-/// downloader asking at the same time is served, not told the server is busy. (Small send
-/// buffers, as a server with many connections has: a response waits in its memory until the
-/// client takes it.)
+/// One PeerId with four connections (the most a peer may have), asking on each for many
+/// ranges and reading nothing, cannot hold the response memory every peer shares: an honest
+/// downloader on another address, asking at the same time, is served, not told the server is
+/// busy. (Small send buffers, as a server with many connections has: a response waits in its
+/// memory until the client takes it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_peer_with_four_slow_connections_cannot_hold_the_response_memory() {
     init_tracing();
     let (server, snap) = Node::with_snapshot(9 * 1024, 50, 41);
     let m = snap.manifest();
+    // 16 MiB shared by 4 upload slots: one peer holds at most 4 MiB of responses of 1 MiB.
     let streamer = serve(
         &server,
         StreamerConfig::default()
             .with_write_timeout(Duration::from_secs(30))
             .with_request_timeout(Duration::from_secs(3))
+            .with_max_request_bytes(1 << 20)
             .with_response_memory(16 << 20)
             .with_send_memory(1 << 20),
     );
     let chunk = m.chunk_size.bytes();
-    let per_request = (7u64 << 20) / u64::from(chunk);
-    // The hog: one identity, four connections, a 7 MiB request on each every quarter second
-    // (so that one of its requests always waits for memory), none read.
+    let per_request = (1u64 << 20) / u64::from(chunk) - 1;
+    let chunks = m.archive_size.div_ceil(u64::from(chunk));
+    assert!(chunks > per_request, "the snapshot holds a full request");
+    // The hog: one identity, four connections, a request of nearly 1 MiB on each every 100 ms
+    // (enough for all the memory in a second), none read.
     let hog = RawClient::new();
     let mut held = Vec::new();
     for _ in 0..4 {
@@ -154,22 +158,26 @@ async fn one_peer_with_four_slow_connections_cannot_hold_the_response_memory() {
         let mut streams = Vec::new();
         loop {
             for conn in &conns {
-                if let Ok((mut send, recv)) = conn.open_bi().await {
+                let open = tokio::time::timeout(Duration::from_millis(20), conn.open_bi());
+                if let Ok(Ok((mut send, recv))) = open.await {
+                    let start = (streams.len() as u64 * 7) % (chunks - per_request);
                     let _ = send
-                        .write_all(&get_chunks(root, 0, per_request, chunk))
+                        .write_all(&get_chunks(root, start, start + per_request, chunk))
                         .await;
                     let _ = send.finish();
                     streams.push((send, recv));
                 }
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // An honest client asks for a little, and is served.
-    let honest = RawClient::new();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // An honest client on another address asks for half a MiB, and is served.
+    let endpoint = quinn::Endpoint::client("127.0.0.2:0".parse().unwrap()).unwrap();
+    let honest = RawClient::with_endpoint(endpoint);
     let conn = honest.hello(server.peer_id(), streamer.local_addr()).await;
-    let header = ask(&conn, &get_chunks(m.content_root, 0, 4, chunk)).await;
+    let want = (512u64 << 10) / u64::from(chunk);
+    let header = ask(&conn, &get_chunks(m.content_root, 0, want, chunk)).await;
     assert_eq!(
         header.status,
         proto::Status::Ok as i32,
