@@ -293,3 +293,38 @@ async fn progress_survives_a_variant_of_the_snapshot_in_other_chunks() {
         std::fs::read(snap.archive_path()).unwrap()
     );
 }
+
+/// A response the server gives up on (its client took too long to read) ends in a reset of
+/// the stream and the close of the connection, never in a clean end of stream: a client must
+/// not take a response cut short as whole, find it wrong and blame an honest server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_given_up_on_never_ends_cleanly() {
+    init_tracing();
+    let (server, snap) = Node::with_snapshot(4 * 1024, 50, 45);
+    let m = snap.manifest();
+    let streamer = serve(
+        &server,
+        StreamerConfig::default().with_write_timeout(Duration::from_secs(1)),
+    );
+    let client = RawClient::new();
+    let conn = client
+        .hello_with(server.peer_id(), streamer.local_addr(), small_windows())
+        .await;
+    let chunk = m.chunk_size.bytes();
+    let chunks = ((2u64 << 20) / u64::from(chunk)).min(m.archive_size / u64::from(chunk));
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&get_chunks(m.content_root, 0, chunks, chunk))
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    // Nothing read for longer than the server waits for a write to go out.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    use quinn::{ReadError, ReadToEndError};
+    match recv.read_to_end(64 << 20).await {
+        Err(ReadToEndError::Read(ReadError::Reset(_) | ReadError::ConnectionLost(_))) => {}
+        other => panic!(
+            "the response ended otherwise than cut: {:?}",
+            other.map(|bytes| format!("a clean end after {} bytes", bytes.len()))
+        ),
+    }
+}
