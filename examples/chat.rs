@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use libp2p::{Multiaddr, PeerId};
 use node::{Chain, NodeEvent, Options, human_bytes, plural};
-use snapsync::{ContentRoot, Event, Phase, TrustPolicy};
+use snapsync::event::Phase;
+use snapsync::{ContentRoot, Event, TrustPolicy};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// A chat-style snapsync peer.

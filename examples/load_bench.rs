@@ -152,12 +152,12 @@ fn craft(dir: &Path) -> (PathBuf, PathBuf) {
         bank_hash: snapsync::BankHash([0; 32]),
         content_root: root,
         archive_size: archive.len() as u64,
-        chunk_size: snapsync::ChunkSize::DEFAULT,
+        chunk_size: snapsync::chunk::ChunkSize::DEFAULT,
         created_unix_ms: 0,
         entry_count: 1,
         state_bytes: 34 * VALUE as u64,
         zstd_level: 1,
-        kind: snapsync::SnapshotKind::Full,
+        kind: snapsync::snapshot::SnapshotKind::Full,
         base: None,
         zstd_version: 0,
     };
@@ -291,7 +291,7 @@ async fn cpu_per_request(
 /// Writes into `store` a published snapshot declared `size` bytes: its archive and outboard
 /// are sparse files of the sizes its manifest says (it is only asked about, never read).
 fn huge(store: &Path, size: u64) -> Manifest {
-    let chunk = snapsync::ChunkSize::DEFAULT;
+    let chunk = snapsync::chunk::ChunkSize::DEFAULT;
     let root = snapsync::ContentRoot([0x5a; 32]);
     let tree = snapsync::chunk::ChunkTree::new(size, chunk, root);
     let m = Manifest {
@@ -305,7 +305,7 @@ fn huge(store: &Path, size: u64) -> Manifest {
         entry_count: 0,
         state_bytes: size,
         zstd_level: 1,
-        kind: snapsync::SnapshotKind::Full,
+        kind: snapsync::snapshot::SnapshotKind::Full,
         base: None,
         zstd_version: 0,
     };

@@ -77,6 +77,17 @@
 //! }
 //! ```
 //!
+//! # What is where
+//!
+//! The root holds what a node needs: the [`Behaviour`], its [`Config`] (with
+//! [`DiscoveryConfig`] and the [`TrustPolicy`], a [`SnapshotVerifier`] and a [`ChainClock`]),
+//! its [`Event`]s and [`Status`] (what they carry is in [`event`]), the errors, the two hashes
+//! ([`BankHash`], [`ContentRoot`]) and [`Metrics`]; [`db`] is the seam to the state DB. Semver
+//! covers these. The lower layers the behaviour is built from, [`snapshot`] (create, store,
+//! load), [`transfer`] (the chunk stream's server and downloader), [`chunk`] (proofs) and
+//! [`bank_hash`], are public for tools, benchmarks and tests; they follow the crate's version
+//! but may change in a minor release: pin an exact version to build on them.
+//!
 //! In debug builds, build the dependencies optimized (QUIC crypto, BLAKE3, zstd and LMDB are
 //! ten times slower without): `[profile.dev.package."*"] opt-level = 3`.
 #![warn(missing_docs, unreachable_pub)]
@@ -116,20 +127,19 @@ pub mod fuzz;
 /// The behaviour's own protocols, named by its connection handler type; not part of the API.
 #[doc(hidden)]
 pub use behaviour::wire;
-pub use behaviour::{
-    Behaviour, BehaviourError, Config, DialFailure, DiscoveryStats, Event, Phase, Status, SyncError,
-};
-pub use chunk::size::{CHUNK_SIZE_ENV, ChunkSize, ChunkSizeError};
+pub use behaviour::{Behaviour, BehaviourError, Config, Event, Status, SyncError};
 pub use config_error::ConfigError;
 #[cfg(feature = "sim")]
 pub use discovery::sim;
-pub use discovery::{
-    Advert, ChainClock, Conflict, DiscoveryConfig, PartialAd, SnapshotAd, SnapshotVerifier,
-    TrustPolicy,
-};
+pub use discovery::{ChainClock, DiscoveryConfig, SnapshotVerifier, TrustPolicy};
 pub use hash::{BankHash, ContentRoot, DigestError};
 pub use metrics::Metrics;
-pub use snapshot::archive::SnapshotKind;
-pub use snapshot::manifest::{Base, SnapshotKey};
+
+/// What [`Event`]s and [`Status`] carry: the phase of a sync, what peers advertise, why a dial
+/// failed, discovery's counters.
+pub mod event {
+    pub use crate::behaviour::{DialFailure, DiscoveryStats, Phase};
+    pub use crate::discovery::{Advert, Conflict, PartialAd, SnapshotAd};
+}
 #[cfg(feature = "sim")]
 pub use transfer::swarm;

@@ -343,7 +343,11 @@ async fn a_fake_streamer_that_records_every_byte_never_sees_the_token() {
     let secret = "correct horse battery staple 2026";
     let (fake, addr, seen) = recording_server().await;
     let client = Node::new();
-    let target = DownloadTarget::new(ContentRoot([9; 32]), 1 << 20, snapsync::ChunkSize::DEFAULT);
+    let target = DownloadTarget::new(
+        ContentRoot([9; 32]),
+        1 << 20,
+        snapsync::chunk::ChunkSize::DEFAULT,
+    );
     let err = downloader_token(&client, fast(), Some(Token::new(secret)))
         .download(
             target,
@@ -397,8 +401,8 @@ async fn a_manifest_that_differs_in_any_field_is_not_taken_nor_published() {
         (
             "kind",
             doctored(&snap, |m| {
-                m.kind = snapsync::SnapshotKind::Incremental;
-                m.base = Some(snapsync::Base {
+                m.kind = snapsync::snapshot::SnapshotKind::Incremental;
+                m.base = Some(snapsync::snapshot::Base {
                     slot: 1,
                     bank_hash: snapsync::BankHash([1; 32]),
                     content_root: ContentRoot([1; 32]),

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use common::wire::*;
 use common::*;
+use snapsync::chunk::ChunkSize;
 use snapsync::chunk::ChunkTree;
 use snapsync::proto;
 use snapsync::snapshot::{Manifest, SnapshotStore};
 use snapsync::transfer::{DownloadTarget, StreamerConfig};
-use snapsync::{BankHash, ChunkSize, ContentRoot};
+use snapsync::{BankHash, ContentRoot};
 
 /// A receive window so small that a response nobody reads holds its memory on the server.
 fn small_windows() -> quinn::TransportConfig {
@@ -58,7 +59,7 @@ fn huge(size: u64) -> (Node, Manifest) {
         entry_count: 0,
         state_bytes: size,
         zstd_level: 1,
-        kind: snapsync::SnapshotKind::Full,
+        kind: snapsync::snapshot::SnapshotKind::Full,
         base: None,
         zstd_version: 0,
     };

@@ -11,10 +11,11 @@ use common::chain::{Chain, HOT, Running, churn};
 use common::net::*;
 use common::{entries, init_tracing};
 use snapsync::db::StateDb;
+use snapsync::snapshot::SnapshotKind;
 use snapsync::snapshot::{
     CreatorConfig, Manifest, SnapshotStore, create_incremental, create_snapshot,
 };
-use snapsync::{ContentRoot, Event, SnapshotKind};
+use snapsync::{ContentRoot, Event};
 
 const LONG: Duration = Duration::from_secs(60);
 const RANGE: u64 = 10;

@@ -10,14 +10,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use snapsync::ContentRoot;
 use snapsync::chunk::{ChunkError, ChunkTree};
+use snapsync::chunk::{ChunkSize, ChunkSizeError};
 use snapsync::db::{LmdbState, StateDb};
 use snapsync::snapshot::{
     ArchiveSource, CreateError, CreateOptions, Creator, CreatorConfig, HashStage, LoadError,
     LoadLimits, Manifest, Retention, SnapshotStore, StoreError, create_snapshot, load_chain,
     load_snapshot,
 };
-use snapsync::{ChunkSize, ChunkSizeError, ContentRoot};
 
 fn create(store: &SnapshotStore, db: &LmdbState) -> Arc<snapsync::snapshot::Snapshot> {
     let view = db.view().unwrap();

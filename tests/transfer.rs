@@ -390,7 +390,7 @@ async fn child_download() {
     let target = DownloadTarget::new(
         var("SNAPSYNC_CHILD_ROOT").parse().unwrap(),
         var("SNAPSYNC_CHILD_SIZE").parse().unwrap(),
-        snapsync::ChunkSize::DEFAULT,
+        snapsync::chunk::ChunkSize::DEFAULT,
     );
     let peer = PeerAddr {
         peer_id: var("SNAPSYNC_CHILD_PEER").parse().unwrap(),

@@ -15,8 +15,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use snapsync::BankHash;
+use snapsync::chunk::ChunkSize;
 use snapsync::snapshot::{FORMAT_VERSION, Manifest};
-use snapsync::{BankHash, ChunkSize};
 
 /// The value after `name` on the command line.
 pub fn arg(name: &str) -> Option<String> {
@@ -193,7 +194,7 @@ pub fn random_snapshot(store_dir: &Path, bytes: u64) -> Manifest {
         entry_count: 0,
         state_bytes: size,
         zstd_level: 1,
-        kind: snapsync::SnapshotKind::Full,
+        kind: snapsync::snapshot::SnapshotKind::Full,
         base: None,
         zstd_version: 0,
     };

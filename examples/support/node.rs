@@ -699,9 +699,9 @@ pub fn short(peer: &PeerId) -> String {
 }
 
 /// What a sync fetched, in words: `full`, `incremental`, or `full + incremental`.
-pub fn sync_words(kind: snapsync::SnapshotKind, with_full: bool) -> &'static str {
+pub fn sync_words(kind: snapsync::snapshot::SnapshotKind, with_full: bool) -> &'static str {
     match (with_full, kind) {
-        (true, snapsync::SnapshotKind::Incremental) => "full + incremental",
+        (true, snapsync::snapshot::SnapshotKind::Incremental) => "full + incremental",
         (_, kind) => kind.as_str(),
     }
 }

@@ -19,7 +19,7 @@ mod verified;
 
 pub(crate) use builder::TreeWriter;
 pub use builder::{TreeBuilder, write_outboard};
-pub(crate) use size::{ChunkSize, ChunkSizeError};
+pub use size::{CHUNK_SIZE_ENV, ChunkSize, ChunkSizeError};
 pub use source::ChunkSource;
 #[cfg(feature = "web")]
 pub(crate) use tree::Part;

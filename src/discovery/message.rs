@@ -54,7 +54,7 @@ pub(crate) enum MessageError {
     BadDigest(&'static str),
     /// The chunk size is out of bounds.
     #[error("chunk size: {0}")]
-    BadChunkSize(#[from] crate::ChunkSizeError),
+    BadChunkSize(#[from] crate::chunk::ChunkSizeError),
     /// The archive size is zero or over the limit, or it has more chunks than allowed.
     #[error("archive size {0} is out of bounds")]
     BadSize(u64),

@@ -11,7 +11,7 @@ pub(crate) mod manifest;
 pub(crate) mod publish;
 mod store;
 
-pub(crate) use archive::SnapshotKind;
+pub use archive::SnapshotKind;
 pub use archive::{ArchiveError, ArchiveReader, DEFAULT_ZSTD_LEVEL};
 pub use create::{
     CreateError, CreateOptions, CreationTask, Creator, CreatorConfig, CreatorConfigError,
@@ -23,7 +23,7 @@ pub use load::{
     load_snapshot,
 };
 pub(crate) use load::{Loaded, load_chain_legs};
-pub(crate) use manifest::{Base, SnapshotKey};
+pub use manifest::{Base, SnapshotKey};
 pub use manifest::{FORMAT_VERSION, MAX_MANIFEST_BYTES, Manifest, ManifestError};
 pub use publish::{INDEX_FILE, INDEX_FORMAT, PublishError, mirror, publish, write_index};
 pub use store::{

@@ -332,7 +332,7 @@ pub fn liar_server(
                                     Lie::Garbage => {
                                         let tree = snapsync::chunk::ChunkTree::new(
                                             manifest.archive_size,
-                                            snapsync::ChunkSize::new(u64::from(
+                                            snapsync::chunk::ChunkSize::new(u64::from(
                                                 manifest.chunk_size,
                                             ))
                                             .unwrap(),
