@@ -11,9 +11,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use snapsync::ContentRoot;
+use snapsync::bank_hash::Lattice;
 use snapsync::chunk::{ChunkError, ChunkTree};
 use snapsync::chunk::{ChunkSize, ChunkSizeError};
-use snapsync::db::{LmdbState, StateDb};
+use snapsync::db::{
+    ApplyFn, DbError, LmdbState, StateDb, StateImport, StateView, TouchedVisitor, VisitError,
+    Visitor,
+};
 use snapsync::snapshot::{
     ArchiveSource, CreateError, CreateOptions, Creator, CreatorConfig, HashStage, LoadError,
     LoadLimits, Manifest, Retention, SnapshotStore, StoreError, create_snapshot, load_chain,
@@ -477,16 +481,101 @@ fn retention_deletes_exactly_the_old_snapshots() {
     assert_eq!(reopened.list(), store.list());
 }
 
+/// A DB whose views hold every visit until the test opens the gate: a creation started on it
+/// stays running for as long as the test needs, however fast the machine.
+struct GatedDb {
+    inner: Arc<LmdbState>,
+    gate: Arc<Gate>,
+}
+
+#[derive(Default)]
+struct Gate {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+struct GatedView {
+    inner: Box<dyn StateView>,
+    gate: Arc<Gate>,
+}
+
+impl StateView for GatedView {
+    fn slot(&self) -> Option<u64> {
+        self.inner.slot()
+    }
+
+    fn visit(&self, visitor: &mut Visitor<'_>) -> Result<(), VisitError> {
+        self.gate.wait();
+        self.inner.visit(visitor)
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        self.inner.get(key)
+    }
+
+    fn lattice(&self) -> Result<Lattice, DbError> {
+        self.gate.wait();
+        self.inner.lattice()
+    }
+
+    fn visit_touched_since(
+        &self,
+        slot: u64,
+        visitor: &mut TouchedVisitor<'_>,
+    ) -> Result<bool, VisitError> {
+        self.gate.wait();
+        self.inner.visit_touched_since(slot, visitor)
+    }
+}
+
+impl StateDb for GatedDb {
+    fn slot(&self) -> Result<Option<u64>, DbError> {
+        self.inner.slot()
+    }
+
+    fn view(&self) -> Result<Box<dyn StateView>, DbError> {
+        Ok(Box::new(GatedView {
+            inner: self.inner.view()?,
+            gate: self.gate.clone(),
+        }))
+    }
+
+    fn begin_import(&self, slot: u64) -> Result<Box<dyn StateImport>, DbError> {
+        self.inner.begin_import(slot)
+    }
+
+    fn apply_changes(&self, slot: u64, changes: &mut ApplyFn<'_>) -> Result<(), DbError> {
+        self.inner.apply_changes(slot, changes)
+    }
+
+    fn prune_touched(&self, slot: u64) -> Result<(), DbError> {
+        self.inner.prune_touched(slot)
+    }
+}
+
 #[test]
 fn the_creator_runs_in_the_background_from_a_consistent_view() {
     let tmp = tempfile::tempdir().unwrap();
     let db = Arc::new(open_db(tmp.path()));
-    // Enough state that creation takes a while.
     let mut rng = Rng::new(3);
     for batch in 0..16u64 {
         db.commit_slot(50, |w| {
             for i in 0..64u64 {
-                w.put(&key(batch * 64 + i), &rng.bytes(32 << 10))?;
+                w.put(&key(batch * 64 + i), &rng.bytes(4 << 10))?;
             }
             Ok(())
         })
@@ -494,7 +583,13 @@ fn the_creator_runs_in_the_background_from_a_consistent_view() {
     }
     let at_50 = state_id(db.as_ref());
     let store = SnapshotStore::open(tmp.path().join("snapshots")).unwrap();
-    let creator = Creator::new(store.clone(), db.clone(), CreatorConfig::default());
+    // The creation's view is taken at once; reading it waits for the gate.
+    let gate = Arc::new(Gate::default());
+    let gated = Arc::new(GatedDb {
+        inner: db.clone(),
+        gate: gate.clone(),
+    });
+    let creator = Creator::new(store.clone(), gated, CreatorConfig::default());
     let task = creator.on_slot(50).expect("due at 50");
     assert!(creator.is_busy());
     // Writes go on while the snapshot is made, and do not wait for it.
@@ -506,15 +601,13 @@ fn the_creator_runs_in_the_background_from_a_consistent_view() {
         .unwrap();
         writes += 1;
     }
+    assert_eq!(writes, 10);
     // A creation due while one runs is skipped, not queued.
-    assert!(
-        creator.is_busy(),
-        "creation finished too fast to test skipping"
-    );
+    assert!(creator.is_busy());
     assert!(creator.create_now().is_none());
+    gate.open();
     let snap = task.wait().unwrap();
     assert!(!creator.is_busy());
-    assert_eq!(writes, 10);
     assert_eq!(snap.manifest().slot, 50);
     assert_eq!(snap.manifest().bank_hash, at_50.1);
     // Loading it gives the state of slot 50, without the later writes.
@@ -523,6 +616,9 @@ fn the_creator_runs_in_the_background_from_a_consistent_view() {
     assert_eq!(state_id(&target), at_50);
     assert!(target.get(b"later/55").unwrap().is_none());
     assert!(db.get(b"later/55").unwrap().is_some());
+    // Once it is done, the next one starts.
+    let next = creator.create_now().expect("not busy any more");
+    assert_eq!(next.wait().unwrap().manifest().slot, 60);
 }
 
 #[test]
