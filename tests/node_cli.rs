@@ -157,3 +157,38 @@ fn a_validator_started_behind_syncs_then_executes_and_makes_the_producers_snapsh
         kinds.insert(made["kind"].as_str().unwrap().to_string());
     }
 }
+
+#[test]
+fn a_validator_refuses_another_chains_state_by_its_own_state_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let genesis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    // A producer of another chain (another seed) on the same clock: valid snapshots, their bank
+    // hashes proven, of a state that is not this chain's.
+    let dir = tmp.path().join("other");
+    let mut args = chain_args(&genesis);
+    args.extend(["--chain-seed", "2"]);
+    let other = Proc::start(&on_loopback(dir.to_str().unwrap(), &args), "t");
+    let addr = other.wait_event("listening")["addrs"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    other.find_event("snapshot_created", |v| v["slot"].as_u64().unwrap() >= 200);
+    // A validator of this chain, behind, told only that peer: the chain's root (a light client
+    // of its own) refuses every state it offers, and nothing is swapped in.
+    let dir = tmp.path().join("late");
+    let mut args = chain_args(&genesis);
+    args.extend(["--peer", &addr]);
+    let late = Proc::start(&on_loopback(dir.to_str().unwrap(), &args), "t");
+    let failed = late.wait_event("sync_failed");
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("state check refused"), "{failed}");
+    assert!(
+        error.contains("differs from the chain's header"),
+        "{failed}"
+    );
+    assert!(!late.saw("synced"), "it loaded the other chain's state");
+}

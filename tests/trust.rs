@@ -578,3 +578,144 @@ async fn serving_copy(from: &tempfile::TempDir, index: usize, events: &Events) -
     let cfg = serve_only(config(dir.path()));
     start_node(index, dir.clone(), db, cfg, events.tx.clone()).await
 }
+
+/// A chain's own state root, as its light client knows it for each slot: here a hash of the
+/// hot key and every account (distinct from snapsync's bank hash).
+fn app_root(read: &dyn Fn(&[u8]) -> Option<Vec<u8>>, chain: &Chain) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(&read(common::chain::HOT).unwrap_or_default());
+    for i in 0..chain.accounts {
+        h.update(&read(&common::chain::account(i)).unwrap_or_default());
+    }
+    h.finalize()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_applications_state_check_refuses_another_chains_state_and_the_next_candidate_is_taken()
+{
+    use snapsync::db::{CheckedState, StateVerdict};
+    init_tracing();
+    let mut events = Events::new();
+    // The light client: the honest chain's root at every slot, from its headers (here, by
+    // executing it).
+    let (_ldir, ldb) = node_dir(0, 0, 0);
+    let mut roots = std::collections::HashMap::new();
+    for s in 1..=25 {
+        HONEST.commit(&ldb, s, 1024);
+        roots.insert(s, app_root(&|k| ldb.get(k).unwrap(), &HONEST));
+    }
+    let (honest, _chain) = producers(2, &events).await;
+    let honest_20 = made_at(&mut events, 20, 2).await;
+    // Two identities serve another chain's state at slot 25: a valid snapshot, newer than the
+    // honest one, its bank hash proven, at a slot the chain has: only the application can tell.
+    let (fdir, fdb) = node_dir(0, 0, 0);
+    for s in 1..=3 {
+        FORGED.commit(&fdb, s, 1024);
+    }
+    fdb.commit_slot(25, |w| w.put(common::chain::HOT, &25u64.to_le_bytes()))
+        .unwrap();
+    let store = snapsync::snapshot::SnapshotStore::open(fdir.path().join("snapshots")).unwrap();
+    let view = fdb.view().unwrap();
+    let forged =
+        snapsync::snapshot::create_snapshot(&store, view.as_ref(), &Default::default()).unwrap();
+    drop(view);
+    let liars = [
+        serving_copy(&fdir, 20, &events).await,
+        serving_copy(&fdir, 21, &events).await,
+    ];
+    // The joiner's check compares the state's root with the light client's.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let check = {
+        let seen = seen.clone();
+        move |state: &CheckedState<'_>| {
+            let root = app_root(&|k| state.read.get(k).unwrap(), &HONEST);
+            let verdict = match roots.get(&state.slot) {
+                None => StateVerdict::Undecided(format!("no header for slot {}", state.slot)),
+                Some(r) if *r == root => StateVerdict::Accept,
+                Some(_) => StateVerdict::Refuse("the state root differs from the header's".into()),
+            };
+            seen.lock().unwrap().push((state.slot, verdict.clone()));
+            verdict
+        }
+    };
+    let (ndir, ndb) = node_dir(0, 0, 0);
+    let node = start_node(
+        10,
+        ndir.clone(),
+        ndb,
+        // One strike is enough to be ignored: a strike shows as an event.
+        tune(config(ndir.path()), |d| d.with_max_strikes(1)).with_state_check(check),
+        events.tx.clone(),
+    )
+    .await;
+    for l in &liars {
+        node.dial(l.addr.clone());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for h in &honest {
+        node.dial(h.addr.clone());
+    }
+    let mut struck = std::collections::HashSet::new();
+    let mut failed = 0;
+    let synced = loop {
+        let got = events
+            .wait(LONG, "the node's sync", |i, e| match e {
+                Ev::Snap(Event::SnapshotSynced {
+                    slot, bank_hash, ..
+                }) if i == 10 => Some(Ok((*slot, *bank_hash))),
+                Ev::Snap(Event::SyncFailed { key, error }) if i == 10 => {
+                    Some(Err(Some((key.slot, error.to_string()))))
+                }
+                Ev::Snap(Event::PeerMisbehaved { peer, reason }) if i == 10 => {
+                    assert!(reason.contains("check refused"), "{reason}");
+                    struck.insert(*peer);
+                    Some(Err(None))
+                }
+                _ => None,
+            })
+            .await;
+        match got {
+            Ok(s) => break s,
+            Err(Some((slot, error))) => {
+                failed += 1;
+                assert_eq!(slot, 25, "{error}");
+                assert!(error.contains("state check refused"), "{error}");
+                assert_eq!(node.db.slot().unwrap(), None, "nothing was swapped in");
+            }
+            Err(None) => {}
+        }
+    };
+    assert_eq!(synced, (20, honest_20.bank_hash));
+    assert_eq!(node.db.slot().unwrap(), Some(20));
+    assert_eq!(failed, 1, "the refused snapshot was not chosen again");
+    // The check saw the forged state first, then the honest one.
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![
+            (
+                25,
+                StateVerdict::Refuse("the state root differs from the header's".into())
+            ),
+            (20, StateVerdict::Accept)
+        ]
+    );
+    // Both advertisers of the refused state were struck, no honest one.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    while let Ok(Some((i, e))) =
+        tokio::time::timeout(Duration::from_millis(10), events.rx.recv()).await
+    {
+        if let (10, Ev::Snap(Event::PeerMisbehaved { peer, .. })) = (i, e) {
+            struck.insert(peer);
+        }
+    }
+    let liar_ids: std::collections::HashSet<_> = liars.iter().map(|l| l.peer_id).collect();
+    assert_eq!(struck, liar_ids);
+    // It keeps nothing of the refused snapshot to serve.
+    let kept = snapsync::snapshot::SnapshotStore::open(ndir.path().join("snapshots")).unwrap();
+    assert!(
+        kept.list()
+            .iter()
+            .all(|s| s.manifest().content_root != forged.manifest().content_root),
+    );
+}

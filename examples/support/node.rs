@@ -23,6 +23,9 @@ use tokio::sync::{mpsc, oneshot};
 /// The chat topic of the node's own gossipsub.
 pub const CHAT_TOPIC: &str = "snapsync-chat";
 
+#[path = "app_root.rs"]
+pub mod app_root;
+
 /// The chain a producer executes: every node executing the same chain (same seed, same
 /// genesis, same slot length, same initial state) holds the same state at the same slot.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +38,44 @@ pub struct Chain {
     pub slot_ms: u64,
     /// When slot 0 was, milliseconds since the Unix epoch.
     pub genesis_unix_ms: u64,
+}
+
+impl Chain {
+    /// Accounts written at slot 1.
+    pub fn accounts(&self) -> u64 {
+        (self.state_mib * 1024).max(64)
+    }
+
+    /// The slot the chain is at now, by its clock.
+    pub fn head(&self) -> u64 {
+        now_unix_ms().saturating_sub(self.genesis_unix_ms) / self.slot_ms.max(1)
+    }
+
+    /// What `slot` (after the first) writes, in order (`None`: a deletion): a few accounts
+    /// updated, and churn (a key created, deleted three slots later, some re-created).
+    pub fn writes(&self, slot: u64) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let accounts = self.accounts();
+        let r = mix(self.seed ^ slot.rotate_left(17));
+        let mut w = Vec::with_capacity(10);
+        for k in 0..8u64 {
+            let i = mix(r.wrapping_add(k)) % accounts;
+            w.push((account(i), Some(account_value(self.seed, i, slot))));
+        }
+        w.push((
+            format!("churn/{slot:012}").into_bytes(),
+            Some(slot.to_le_bytes().to_vec()),
+        ));
+        if slot > 3 {
+            w.push((format!("churn/{:012}", slot - 3).into_bytes(), None));
+        }
+        if slot > 10 && slot.is_multiple_of(7) {
+            w.push((
+                format!("churn/{:012}", slot - 7).into_bytes(),
+                Some(b"again".to_vec()),
+            ));
+        }
+        w
+    }
 }
 
 /// How a node is set up.
@@ -290,26 +331,29 @@ impl Producer {
 
     /// The slot the chain is at now, by the clock.
     pub fn chain_slot(&self) -> u64 {
-        match self.chain {
-            Some(c) => now_unix_ms().saturating_sub(c.genesis_unix_ms) / c.slot_ms.max(1),
-            None => self.slot,
-        }
+        self.chain.map_or(self.slot, |c| c.head())
     }
 
-    /// Commits the next slot. Slot 1 writes the chain's initial state; every slot updates a
-    /// few accounts and churns keys (created, deleted three slots later, some re-created), so
-    /// incremental snapshots hold changes, creations and deletions alike.
+    /// Commits the next slot. Slot 1 writes the chain's initial state; every later slot the
+    /// chain's writes ([`Chain::writes`]) and the chat lines typed, and the chain's own state
+    /// root over the chain's writes ([`app_root`]).
     pub fn step(&mut self) -> Result<u64, snapsync::db::DbError> {
         let chain = self.chain.expect("a chain to execute");
         let slot = self.slot + 1;
-        let accounts = (chain.state_mib * 1024).max(64);
         if slot == 1 {
+            let accounts = chain.accounts();
             let mut i = 0;
             while i < accounts {
                 let end = (i + 2048).min(accounts);
                 self.db.commit_slot(1, |w| {
                     for j in i..end {
                         w.put(&account(j), &account_value(chain.seed, j, 1))?;
+                    }
+                    if end == accounts {
+                        w.put(
+                            app_root::APP_ROOT,
+                            &app_root::genesis_root(chain.seed, accounts),
+                        )?;
                     }
                     Ok(())
                 })?;
@@ -319,23 +363,24 @@ impl Producer {
             return Ok(1);
         }
         let lines = std::mem::take(&mut self.pending);
-        let r = mix(chain.seed ^ slot.rotate_left(17));
+        let writes = chain.writes(slot);
+        let before: [u8; 32] = self
+            .db
+            .get(app_root::APP_ROOT)?
+            .and_then(|r| r.try_into().ok())
+            .unwrap_or([0; 32]);
+        let root = app_root::next_root(&before, slot, &writes);
         self.db.commit_slot(slot, |w| {
-            for k in 0..8u64 {
-                let i = mix(r.wrapping_add(k)) % accounts;
-                w.put(&account(i), &account_value(chain.seed, i, slot))?;
-            }
-            w.put(format!("churn/{slot:012}").as_bytes(), &slot.to_le_bytes())?;
-            if slot > 3 {
-                w.delete(format!("churn/{:012}", slot - 3).as_bytes())?;
-            }
-            if slot > 10 && slot.is_multiple_of(7) {
-                w.put(format!("churn/{:012}", slot - 7).as_bytes(), b"again")?;
+            for (key, value) in &writes {
+                match value {
+                    Some(v) => w.put(key, v)?,
+                    None => w.delete(key)?,
+                }
             }
             for (n, line) in lines.iter().enumerate() {
                 w.put(format!("chat/{slot:012}/{n}").as_bytes(), line.as_bytes())?;
             }
-            Ok(())
+            w.put(app_root::APP_ROOT, &root)
         })?;
         self.slot = slot;
         Ok(slot)
@@ -399,6 +444,11 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
         .with_metrics(metrics)
         .with_web_sources(opts.web_sources.clone())
         .with_publish_dir(opts.publish_dir.clone());
+    // A node that knows the chain checks a synced state's own root against the chain's.
+    if let Some(chain) = opts.chain {
+        let light = app_root::LightClient::new(chain);
+        config = config.with_state_check(move |s: &snapsync::db::CheckedState<'_>| light.check(s));
+    }
     let options = config.creator().options();
     config = config
         .with_creator(creator.with_options(options))

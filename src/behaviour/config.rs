@@ -10,12 +10,14 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p::PeerId;
 
 use crate::chunk::{ChunkSize, ChunkSizeError};
 use crate::config_error::ConfigError;
+use crate::db::StateCheck;
 use crate::discovery::{DiscoveryConfig, TrustPolicy};
 use crate::hash::BankHash;
 use crate::metrics::Metrics;
@@ -36,9 +38,20 @@ pub struct Config {
     streamer: StreamerConfig,
     download: DownloadConfig,
     load: LoadLimits,
+    state_check: AppCheck,
     metrics: Metrics,
     web_sources: Vec<String>,
     publish_dir: Option<PathBuf>,
+}
+
+/// The application's state check, if any (a closure has no `Debug`).
+#[derive(Clone, Default)]
+struct AppCheck(Option<Arc<dyn StateCheck>>);
+
+impl std::fmt::Debug for AppCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
+    }
 }
 
 impl Config {
@@ -55,6 +68,7 @@ impl Config {
             streamer: StreamerConfig::default(),
             download: DownloadConfig::default(),
             load: LoadLimits::default(),
+            state_check: AppCheck::default(),
             metrics: Metrics::default(),
             web_sources: Vec::new(),
             publish_dir: None,
@@ -253,6 +267,19 @@ impl Config {
     /// Loading limits.
     pub fn load_limits(&self) -> &LoadLimits {
         &self.load
+    }
+
+    /// Sets the application's check of every state before it goes live (see [`StateCheck`]):
+    /// how a chain compares a loaded state with the state root its light client or finalized
+    /// headers know. None by default: a state whose bank hash is proven goes live.
+    pub fn with_state_check(mut self, check: impl StateCheck) -> Self {
+        self.state_check = AppCheck(Some(Arc::new(check)));
+        self
+    }
+
+    /// The application's state check, if one is set.
+    pub fn state_check(&self) -> Option<&Arc<dyn StateCheck>> {
+        self.state_check.0.as_ref()
     }
 
     /// Sets where to count what the node does (see [`Metrics::register`]); shared by

@@ -559,7 +559,10 @@ impl Behaviour {
             &self.downloader,
             self.db.clone(),
             self.store.clone(),
-            *self.config.load_limits(),
+            (
+                *self.config.load_limits(),
+                self.config.state_check().cloned(),
+            ),
             &mut peers,
         );
         self.job = Some(job);

@@ -29,7 +29,7 @@ use futures::stream::BoxStream;
 use libp2p::PeerId;
 
 use super::event::SyncError;
-use crate::db::StateDb;
+use crate::db::{StateCheck, StateDb};
 use crate::discovery::{Failure, Leg as LegKind, Plan, SyncFailure, Target};
 use crate::log::DISCOVERY as TARGET;
 use crate::snapshot::{
@@ -194,6 +194,7 @@ pub(crate) struct SyncJob {
     db: Arc<dyn StateDb>,
     store: SnapshotStore,
     limits: LoadLimits,
+    check: Option<Arc<dyn StateCheck>>,
     started: Instant,
     queued: std::collections::VecDeque<JobEvent>,
     finished: bool,
@@ -206,7 +207,7 @@ impl SyncJob {
         downloader: &Downloader,
         db: Arc<dyn StateDb>,
         store: SnapshotStore,
-        limits: LoadLimits,
+        (limits, check): (LoadLimits, Option<Arc<dyn StateCheck>>),
         addr_of: &mut dyn FnMut(PeerId, &[SocketAddr]) -> Option<JobSource>,
     ) -> Self {
         let mut legs = Vec::new();
@@ -224,6 +225,7 @@ impl SyncJob {
             db,
             store,
             limits,
+            check,
             started: Instant::now(),
             queued: Default::default(),
             finished: false,
@@ -312,10 +314,12 @@ impl SyncJob {
             self.limits.ignoring_declared_counts()
         };
         let (db, stop, has_full) = (self.db.clone(), self.stop.clone(), self.has_full());
+        let check = self.check.clone();
         self.load = Some(tokio::task::spawn_blocking(move || {
             let full = has_full.then(|| (&sources[0].0, &sources[0].1));
             let incremental = sources.get(usize::from(has_full)).map(|(s, m)| (s, m));
-            load_chain_legs(db.as_ref(), full, incremental, &limits, Some(&stop))
+            let check = check.as_deref();
+            load_chain_legs(db.as_ref(), full, incremental, &limits, Some(&stop), check)
         }));
     }
 
@@ -530,6 +534,8 @@ fn load_failure(e: &LoadError, with_full: bool) -> Failure {
         | LoadError::Db(_)
         | LoadError::Nothing => Failure::Local,
         LoadError::Stopped => Failure::Aborted,
+        LoadError::StateRefused { .. } => Failure::NotTheChain,
+        LoadError::StateUndecided { .. } => Failure::Undecided,
     }
 }
 
@@ -564,6 +570,16 @@ mod tests {
             available: 1,
         };
         assert_eq!(load_failure(&space, true), Failure::Local);
+        let refused = LoadError::StateRefused {
+            slot: 1,
+            reason: "another root".into(),
+        };
+        assert_eq!(load_failure(&refused, false), Failure::NotTheChain);
+        let undecided = LoadError::StateUndecided {
+            slot: 1,
+            reason: "behind".into(),
+        };
+        assert_eq!(load_failure(&undecided, true), Failure::Undecided);
         assert_eq!(
             download_failure(&DownloadError::Unauthorized { peers: 1 }),
             Failure::Unauthorized

@@ -729,6 +729,15 @@ impl ChangeWriter for LmdbChanges<'_, '_> {
     fn delete(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
         delete_tracked(self.generation, self.txn, None, self.slot, key)
     }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        Ok(self
+            .generation
+            .state
+            .get(self.txn, key)
+            .map_err(backend)?
+            .map(<[u8]>::to_vec))
+    }
 }
 
 struct LmdbView {

@@ -19,10 +19,15 @@
 //! - a full import into a fresh DB beside the live one ([`StateDb::begin_import`]), checked
 //!   before it is swapped in atomically ([`StagedState::commit`]),
 //! - a set of changes applied in one atomic transaction that snapsync may still abort after
-//!   seeing the result ([`StateDb::apply_changes`]): how an incremental snapshot is loaded.
+//!   seeing the result ([`StateDb::apply_changes`]): how an incremental snapshot is loaded,
+//! - reads of a state before it goes live, for the application's own [`StateCheck`]
+//!   ([`StateView::get`], [`ChangeWriter::get`]).
 
+mod check;
 mod lmdb;
 
+pub use self::check::{CheckedState, StateCheck, StateRead, StateVerdict};
+pub(crate) use self::check::{ViewRead, WriterRead};
 pub use self::lmdb::{LmdbOptions, LmdbState, SlotWriter};
 
 use std::io;
@@ -164,6 +169,9 @@ pub trait ChangeWriter {
 
     /// Removes `key`; returns the value it had.
     fn delete(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError>;
+
+    /// The value of `key` with the changes written so far in this transaction.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError>;
 }
 
 /// A consistent, read-only view of the state at one slot.

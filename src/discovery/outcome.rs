@@ -47,6 +47,10 @@ pub(crate) enum Failure {
     NotOnBase,
     /// The load stopped without a result.
     Aborted,
+    /// The application's state check refused the state: the snapshot is not the chain's.
+    NotTheChain,
+    /// The application's state check could not tell whether the state is the chain's.
+    Undecided,
 }
 
 /// A failed sync, as the driver saw it.
@@ -81,6 +85,11 @@ pub(crate) enum Offence {
         /// The snapshot's slot.
         slot: u64,
     },
+    /// It advertised a state the application's check proved is not the chain's.
+    NotTheChain {
+        /// The snapshot's slot.
+        slot: u64,
+    },
 }
 
 impl std::fmt::Display for Offence {
@@ -90,6 +99,10 @@ impl std::fmt::Display for Offence {
             Offence::FalseAdvert { slot } => write!(
                 f,
                 "advertised a snapshot whose content contradicts its advert (slot {slot})"
+            ),
+            Offence::NotTheChain { slot } => write!(
+                f,
+                "advertised a state the application's check refused (slot {slot})"
             ),
         }
     }
@@ -123,19 +136,27 @@ pub(crate) fn judge(plan: &Plan, failed: &SyncFailure, book: &AdvertBook) -> Con
         }
     }
     match failed.failure {
-        Failure::Unavailable | Failure::Unauthorized | Failure::Local | Failure::Aborted => {
+        Failure::Unavailable
+        | Failure::Unauthorized
+        | Failure::Local
+        | Failure::Aborted
+        | Failure::Undecided => {
             c.cool_down.push(key);
         }
-        Failure::Content => {
+        Failure::Content | Failure::NotTheChain => {
             c.cool_down.push(key);
             c.delete.push(key.content_root);
+            let offence = if failed.failure == Failure::Content {
+                Offence::FalseAdvert { slot: key.slot }
+            } else {
+                Offence::NotTheChain { slot: key.slot }
+            };
             if let Some(entry) = book.entry(&key) {
                 let mut liars: Vec<PeerId> = entry.peers.iter().copied().collect();
                 liars.sort();
                 for peer in liars {
                     if !c.strike.iter().any(|(p, _)| *p == peer) {
-                        c.strike
-                            .push((peer, Offence::FalseAdvert { slot: key.slot }));
+                        c.strike.push((peer, offence));
                     }
                 }
             }
@@ -288,6 +309,40 @@ mod tests {
                 .iter()
                 .all(|(_, o)| *o == Offence::FalseAdvert { slot: 100 })
         );
+    }
+
+    #[test]
+    fn a_state_the_applications_check_refuses_strikes_its_advertisers_and_is_deleted() {
+        let holders = [PeerId::random(), PeerId::random()];
+        let (plan, book) = setup(&holders, true);
+        let inc = plan.last().ad.key;
+        let c = judge(
+            &plan,
+            &failure(Leg::Incremental, Failure::NotTheChain, vec![]),
+            &book,
+        );
+        assert_eq!(c.cool_down, vec![inc]);
+        assert_eq!(c.delete, vec![inc.content_root]);
+        assert_eq!(c.strike.len(), 2);
+        assert!(
+            c.strike
+                .iter()
+                .all(|(p, o)| holders.contains(p) && *o == Offence::NotTheChain { slot: 150 })
+        );
+        assert!(c.not_on.is_none());
+    }
+
+    #[test]
+    fn a_state_the_applications_check_cannot_judge_is_cooled_down_and_blames_nobody() {
+        let holders = [PeerId::random()];
+        let (plan, book) = setup(&holders, true);
+        let c = judge(
+            &plan,
+            &failure(Leg::Full, Failure::Undecided, vec![]),
+            &book,
+        );
+        assert_eq!(c.cool_down, vec![plan.full.as_ref().unwrap().ad.key]);
+        assert!(c.strike.is_empty() && c.delete.is_empty() && c.not_on.is_none());
     }
 
     #[test]

@@ -93,6 +93,11 @@ impl Proc {
         }
     }
 
+    /// Whether a `name` event was read already.
+    pub fn saw(&self, name: &str) -> bool {
+        self.seen.borrow().iter().any(|v| v["event"] == name)
+    }
+
     /// The first `name` event, read already or still to come, for which `pred` holds.
     pub fn find_event(
         &self,

@@ -3,20 +3,23 @@
 //! only, and the transaction committed only if it matches.
 
 use super::read::read_archive;
-use super::{ArchiveSource, HashStage, LoadError, LoadLimits, Progress, Read, check_source};
+use super::{
+    ArchiveSource, HashStage, LoadError, LoadLimits, Progress, Read, check_source, run_check,
+};
 use crate::bank_hash::Lattice;
-use crate::db::{ApplyFn, ChangeWriter, DbError, Decision};
+use crate::db::{ApplyFn, ChangeWriter, CheckedState, DbError, Decision, StateCheck, WriterRead};
 use crate::snapshot::Manifest;
 
 /// Applies the incremental archive `source` through `apply` (the live DB's or a staged one's
 /// [`crate::db::StateDb::apply_changes`]). Commits only if the resulting state's bank hash is
-/// the manifest's.
+/// the manifest's and `check`, when given, accepts the result.
 pub(super) fn apply_incremental(
     apply: &mut dyn FnMut(u64, &mut ApplyFn<'_>) -> Result<(), DbError>,
     source: &ArchiveSource,
     m: &Manifest,
     limits: &LoadLimits,
     progress: &mut Progress<'_>,
+    check: Option<&dyn StateCheck>,
 ) -> Result<Read, LoadError> {
     let base = m
         .base
@@ -35,7 +38,18 @@ pub(super) fn apply_incremental(
         }
         let result = write_changes(writer, lattice, source, m, limits, progress)
             // Asked to stop while writing: nothing is committed.
-            .and_then(|r| progress.check_stop().map(|()| r));
+            .and_then(|r| progress.check_stop().map(|()| r))
+            .and_then(|r| {
+                if let Some(check) = check {
+                    let state = CheckedState {
+                        slot: m.slot,
+                        bank_hash: r.0.bank_hash,
+                        read: &WriterRead(&*writer),
+                    };
+                    run_check(check, &state)?;
+                }
+                Ok(r)
+            });
         let decision = match &result {
             Ok((_, lattice)) => Decision::Commit(Box::new(lattice.clone())),
             Err(_) => Decision::Abort,

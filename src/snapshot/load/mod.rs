@@ -20,7 +20,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::db::{DbError, StateDb};
+use crate::db::{CheckedState, DbError, StateCheck, StateDb, StateVerdict, ViewRead};
 use crate::hash::{BankHash, ContentRoot};
 use crate::snapshot::Manifest;
 use crate::snapshot::archive::{ArchiveError, SnapshotKind};
@@ -134,6 +134,47 @@ pub enum LoadError {
     /// Nothing to load.
     #[error("nothing to load")]
     Nothing,
+    /// The application's [`StateCheck`] refused the state: it is not the chain's.
+    #[error("the application's state check refused the state at slot {slot}: {reason}")]
+    StateRefused {
+        /// The state's slot.
+        slot: u64,
+        /// What the check said.
+        reason: String,
+    },
+    /// The application's [`StateCheck`] could not tell whether the state is the chain's.
+    #[error("the application's state check could not judge the state at slot {slot}: {reason}")]
+    StateUndecided {
+        /// The state's slot.
+        slot: u64,
+        /// What the check said.
+        reason: String,
+    },
+}
+
+/// Runs the application's check on a state about to go live; an error unless it accepts.
+fn run_check(check: &dyn StateCheck, state: &CheckedState<'_>) -> Result<(), LoadError> {
+    let started = Instant::now();
+    let verdict = check.check(state);
+    tracing::info!(
+        target: TARGET,
+        slot = state.slot,
+        bank_hash = %state.bank_hash.short(),
+        ?verdict,
+        ms = started.elapsed().as_millis() as u64,
+        "the application's state check ran"
+    );
+    match verdict {
+        StateVerdict::Accept => Ok(()),
+        StateVerdict::Refuse(reason) => Err(LoadError::StateRefused {
+            slot: state.slot,
+            reason,
+        }),
+        StateVerdict::Undecided(reason) => Err(LoadError::StateUndecided {
+            slot: state.slot,
+            reason,
+        }),
+    }
 }
 
 /// Limits a loader applies on top of what the manifest declares (a manifest comes from a peer
@@ -375,7 +416,7 @@ pub fn load_chain(
     incremental: Option<(&ArchiveSource, &Manifest)>,
     limits: &LoadLimits,
 ) -> Result<LoadReport, LoadError> {
-    load_chain_legs(db, full, incremental, limits, None)
+    load_chain_legs(db, full, incremental, limits, None, None)
         .map(|l| l.report)
         .map_err(|(_, e)| e)
 }
@@ -390,13 +431,15 @@ pub(crate) struct Loaded {
 
 /// [`load_chain`], saying which snapshot a failure is about (the full one: its import, or the
 /// two not fitting together; the incremental one: its apply), stopping when `stop` is set
-/// (never swapping in anything after), and saying what each archive held.
+/// (never swapping in anything after), swapping in only a state `check` accepts, and saying
+/// what each archive held.
 pub(crate) fn load_chain_legs(
     db: &dyn StateDb,
     full: Option<(&ArchiveSource, &Manifest)>,
     incremental: Option<(&ArchiveSource, &Manifest)>,
     limits: &LoadLimits,
     stop: Option<&std::sync::atomic::AtomicBool>,
+    check: Option<&dyn StateCheck>,
 ) -> Result<Loaded, (SnapshotKind, LoadError)> {
     let on_full = |e: LoadError| (SnapshotKind::Full, e);
     let started = Instant::now();
@@ -421,10 +464,10 @@ pub(crate) fn load_chain_legs(
     }
     let mut progress = Progress::new(db, limits, stop);
     let reads = match (full, incremental) {
-        (Some(full), inc) => load_on_full(db, full, inc, limits, &mut progress)?,
+        (Some(full), inc) => load_on_full(db, full, inc, limits, &mut progress, check)?,
         (None, Some(inc)) => vec![(
             SnapshotKind::Incremental,
-            apply_alone(db, inc, limits, &mut progress)
+            apply_alone(db, inc, limits, &mut progress, check)
                 .map_err(|e| (SnapshotKind::Incremental, e))?,
         )],
         (None, None) => return Err(on_full(LoadError::Nothing)),
@@ -459,13 +502,15 @@ pub(crate) fn load_chain_legs(
 }
 
 /// Imports a full snapshot beside the live DB, applies an incremental one on it if given, and
-/// swaps the result in (unless asked to stop first). Returns what each archive gave.
+/// swaps the result in (unless asked to stop first, or `check` does not accept it). Returns
+/// what each archive gave.
 fn load_on_full(
     db: &dyn StateDb,
     (fs, fm): (&ArchiveSource, &Manifest),
     incremental: Option<(&ArchiveSource, &Manifest)>,
     limits: &LoadLimits,
     progress: &mut Progress<'_>,
+    check: Option<&dyn StateCheck>,
 ) -> Result<Vec<(SnapshotKind, Read)>, (SnapshotKind, LoadError)> {
     let on_full = |e: LoadError| (SnapshotKind::Full, e);
     if !fm.is_full() {
@@ -486,11 +531,24 @@ fn load_on_full(
             im,
             limits,
             progress,
+            None,
         )
         .map_err(|e| (SnapshotKind::Incremental, e))?;
         reads.push((SnapshotKind::Incremental, read));
     }
     progress.check_stop().map_err(on_full)?;
+    if let Some(check) = check {
+        // The state is the last snapshot's: a refusal is about it.
+        let (kind, read) = reads.last().expect("the full snapshot was read");
+        let slot = incremental.map_or(fm.slot, |(_, m)| m.slot);
+        let view = staged.view().map_err(|e| on_full(e.into()))?;
+        let state = CheckedState {
+            slot,
+            bank_hash: read.bank_hash,
+            read: &ViewRead(view.as_ref()),
+        };
+        run_check(check, &state).map_err(|e| (*kind, e))?;
+    }
     staged.commit().map_err(|e| on_full(e.into()))?;
     Ok(reads)
 }
@@ -501,6 +559,7 @@ fn apply_alone(
     (is, im): (&ArchiveSource, &Manifest),
     limits: &LoadLimits,
     progress: &mut Progress<'_>,
+    check: Option<&dyn StateCheck>,
 ) -> Result<Read, LoadError> {
     limits.check_space(db, im.state_bytes)?;
     apply::apply_incremental(
@@ -509,6 +568,7 @@ fn apply_alone(
         im,
         limits,
         progress,
+        check,
     )
 }
 
@@ -560,115 +620,4 @@ fn check_source(source: &ArchiveSource, m: &Manifest) -> Result<(), LoadError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::Duration;
-
-    use super::*;
-    use crate::db::LmdbState;
-    use crate::snapshot::{CreateOptions, SnapshotStore, create_snapshot};
-
-    /// A DB of about `mib` MiB of incompressible values at slot 10, and its full snapshot.
-    fn snapshot_of(
-        dir: &Path,
-        mib: u32,
-    ) -> (SnapshotStore, std::sync::Arc<crate::snapshot::Snapshot>) {
-        let db = LmdbState::open(dir.join("source")).unwrap();
-        for batch in 0..mib {
-            db.commit_slot(10, |w| {
-                for i in 0..256u32 {
-                    let k = (batch * 256 + i).to_be_bytes();
-                    let v: Vec<u8> = (0..4096u32)
-                        .map(|j| (j.wrapping_mul(2_654_435_761) ^ (batch * 256 + i)) as u8)
-                        .collect();
-                    w.put(&k, &v)?;
-                }
-                Ok(())
-            })
-            .unwrap();
-        }
-        let store = SnapshotStore::open(dir.join("snapshots")).unwrap();
-        let view = db.view().unwrap();
-        let snap = create_snapshot(&store, view.as_ref(), &CreateOptions::default()).unwrap();
-        (store, snap)
-    }
-
-    #[test]
-    fn a_load_asked_to_stop_stops_and_swaps_nothing_in() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_store, snap) = snapshot_of(dir.path(), 64);
-        let m = snap.manifest();
-        let source = ArchiveSource::file(snap.archive_path(), m.archive_size);
-        let target = LmdbState::open(dir.path().join("target")).unwrap();
-        target.commit_slot(1, |w| w.put(b"old", b"x")).unwrap();
-        let limits = LoadLimits::default();
-        // Asked to stop before it starts: it reads a segment at most, and swaps nothing in.
-        let stop = AtomicBool::new(true);
-        let err =
-            load_chain_legs(&target, Some((&source, m)), None, &limits, Some(&stop)).unwrap_err();
-        assert!(
-            matches!(err, (SnapshotKind::Full, LoadError::Stopped)),
-            "{err:?}"
-        );
-        // Asked while it runs: it stops within a moment.
-        let stop = AtomicBool::new(false);
-        let started = Instant::now();
-        let result = std::thread::scope(|s| {
-            s.spawn(|| {
-                std::thread::sleep(Duration::from_millis(20));
-                stop.store(true, Ordering::Release);
-            });
-            load_chain_legs(&target, Some((&source, m)), None, &limits, Some(&stop))
-        });
-        assert!(
-            matches!(result, Err((_, LoadError::Stopped))),
-            "{:?}",
-            result.map(|l| l.report)
-        );
-        assert!(started.elapsed() < Duration::from_secs(5));
-        assert_eq!(target.slot().unwrap(), Some(1), "the live DB is as it was");
-        assert_eq!(target.get(b"old").unwrap(), Some(b"x".to_vec()));
-        assert_eq!(crate::db::StateDb::slot(&target).unwrap(), Some(1));
-        // Not asked: it loads.
-        let loaded = load_chain_legs(&target, Some((&source, m)), None, &limits, None).unwrap();
-        assert_eq!(loaded.report.slot, 10);
-        assert_eq!(
-            loaded.counts,
-            vec![(SnapshotKind::Full, m.entry_count, m.state_bytes)]
-        );
-    }
-
-    #[test]
-    fn counts_nobody_vouched_for_bound_nothing_and_the_disk_is_watched_instead() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_store, snap) = snapshot_of(dir.path(), 4);
-        let honest = snap.manifest().clone();
-        let source = ArchiveSource::file(snap.archive_path(), honest.archive_size);
-        // A peer's manifest claims one record and the largest state: trusted, the claim fails
-        // the load (too few records declared, no room for the state declared)...
-        let lying = Manifest {
-            entry_count: 1,
-            state_bytes: u64::MAX / 4,
-            ..honest.clone()
-        };
-        let target = LmdbState::open(dir.path().join("target")).unwrap();
-        let limits = LoadLimits::default().with_headroom_bytes(0);
-        let err = load_chain(&target, Some((&source, &lying)), None, &limits).unwrap_err();
-        assert!(matches!(err, LoadError::NoSpace { .. }), "{err}");
-        let few = Manifest {
-            entry_count: 1,
-            ..honest.clone()
-        };
-        let err = load_chain(&target, Some((&source, &few)), None, &limits).unwrap_err();
-        assert!(matches!(err, LoadError::Archive(_)), "{err}");
-        // ...as a claim nobody vouched for, it bounds nothing; what the archive held is said.
-        let unvouched = limits.ignoring_declared_counts();
-        let loaded =
-            load_chain_legs(&target, Some((&source, &lying)), None, &unvouched, None).unwrap();
-        assert_eq!(loaded.report.slot, honest.slot);
-        assert_eq!(
-            loaded.counts,
-            vec![(SnapshotKind::Full, honest.entry_count, honest.state_bytes)]
-        );
-    }
-}
+mod tests;
