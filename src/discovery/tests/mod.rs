@@ -9,6 +9,7 @@ use super::message::{self, AdvertLimits};
 use super::*;
 use crate::chunk::ChunkSize;
 use crate::hash::{BankHash, ContentRoot};
+use crate::metrics::MessageKind;
 use crate::snapshot::{Base, SnapshotKind};
 
 mod asking;
