@@ -1,0 +1,240 @@
+//! The trust policy and the chain clock: what a node accepts, whose word it takes for what
+//! lies outside the key, and how often it asks its owner's verifier.
+
+use super::*;
+
+#[test]
+fn adverts_the_policy_rejects_move_neither_the_best_slot_nor_the_choice() {
+    let t0 = Instant::now();
+    let trusted: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
+    let mut c = config();
+    c.policy = TrustPolicy::TrustedPeers {
+        peers: trusted.iter().copied().collect(),
+        quorum: 2,
+    };
+    let mut d = machine(c, t0);
+    d.handle_local(local(Some(1000), vec![]));
+    d.handle_timeout(t0);
+    let nonce = last_nonce(&drain(&mut d));
+    // An attacker with many identities races ahead.
+    for _ in 0..10 {
+        let p = PeerId::random();
+        d.handle_answer(p, &answer(p, &[full(1 << 60, 9)], nonce), false, t0);
+    }
+    assert_eq!(d.best_known_slot(t0), None);
+    // One trusted peer is not a quorum of two.
+    d.handle_answer(
+        trusted[0],
+        &answer(trusted[0], &[full(1200, 1)], nonce),
+        false,
+        t0,
+    );
+    assert_eq!(d.best_known_slot(t0), None);
+    d.handle_answer(
+        trusted[1],
+        &answer(trusted[1], &[full(1200, 1)], nonce),
+        false,
+        t0,
+    );
+    assert_eq!(d.best_known_slot(t0), Some(1200));
+    d.handle_timeout(t0 + SEC);
+    let plan = plan_of(&drain(&mut d)).expect("a plan");
+    assert_eq!(plan.last().ad.key.slot, 1200);
+}
+
+#[test]
+fn the_chain_clock_makes_far_future_slots_implausible_for_every_node() {
+    let t0 = Instant::now();
+    let mut c = config();
+    // Slot 0 a thousand seconds ago, one slot a second: the chain is at slot 1000.
+    c.chain_clock = Some(ChainClock::new(1_000_000, SEC));
+    let mut d = machine(c, t0);
+    d.handle_wall_clock(2_000_000, t0);
+    d.handle_timeout(t0);
+    let nonce = last_nonce(&drain(&mut d));
+    let (liar, honest) = (PeerId::random(), PeerId::random());
+    d.handle_answer(liar, &answer(liar, &[full(1 << 40, 9)], nonce), false, t0);
+    d.handle_answer(honest, &answer(honest, &[full(990, 1)], nonce), false, t0);
+    assert_eq!(d.best_known_slot(t0), Some(990));
+    // Ten slots later the clock reads 1010: still within the threshold (10) of it.
+    assert_eq!(d.best_known_slot(t0 + 10 * SEC), Some(990));
+    d.handle_timeout(t0 + SEC);
+    assert_eq!(plan_of(&drain(&mut d)).unwrap().last().ad.key.slot, 990);
+}
+
+#[test]
+fn what_lies_outside_the_key_comes_from_the_trusted_and_they_are_tried_first() {
+    let t0 = Instant::now();
+    let trusted: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
+    let (mut d, nonce) = asking(trusted_config(&trusted, 2), t0, None);
+    let honest = full(500, 1);
+    // Identities that sort anywhere advertise the same key with counts that cannot load.
+    let mut lying = honest;
+    lying.entry_count = 1;
+    lying.state_bytes = u64::MAX;
+    for _ in 0..20 {
+        let p = PeerId::random();
+        d.handle_answer(p, &answer(p, &[lying], nonce), false, t0);
+    }
+    for p in &trusted {
+        d.handle_answer(
+            *p,
+            &answer(*p, &[honest], nonce),
+            false,
+            t0 + Duration::from_millis(1),
+        );
+    }
+    d.handle_timeout(t0 + SEC);
+    let plan = plan_of(&drain(&mut d)).unwrap();
+    let t = plan.last();
+    assert!(t.counts_vouched);
+    assert_eq!((t.ad.entry_count, t.ad.state_bytes), (10, 1 << 21));
+    let first: Vec<PeerId> = t.peers.iter().take(3).map(|(p, _)| *p).collect();
+    for p in &trusted {
+        assert!(first.contains(p), "trusted peers come first: {first:?}");
+    }
+    assert_eq!(t.peers.len(), 23, "the others serve too, after them");
+}
+
+/// A node pinned to the state at slot 500 of `full(500, 1)`, any root.
+fn pinned_500() -> DiscoveryConfig {
+    let mut c = config();
+    c.policy = TrustPolicy::TrustedSnapshot {
+        slot: 500,
+        bank_hash: BankHash([1; 32]),
+        content_root: None,
+    };
+    c
+}
+
+#[test]
+fn counts_no_policy_vouches_for_are_marked_as_claims() {
+    let t0 = Instant::now();
+    let (mut d, nonce) = asking(pinned_500(), t0, None);
+    let p = PeerId::random();
+    d.handle_answer(p, &answer(p, &[full(500, 1)], nonce), false, t0);
+    d.handle_timeout(t0 + SEC);
+    assert!(!plan_of(&drain(&mut d)).unwrap().last().counts_vouched);
+}
+
+#[test]
+fn fresh_roots_for_a_pinned_state_do_not_keep_the_one_heard_first_from_being_tried() {
+    let t0 = Instant::now();
+    let (mut d, nonce) = asking(pinned_500(), t0, None);
+    let honest = full(500, 1);
+    for _ in 0..3 {
+        let p = PeerId::random();
+        d.handle_answer(p, &answer(p, &[honest], nonce), false, t0);
+    }
+    // After each failure the attacker brings a fresh, lower root from more fresh identities.
+    for round in 0..3u8 {
+        let mut fake = honest;
+        fake.key.content_root = ContentRoot([0; 32]);
+        fake.key.content_root.0[31] = round;
+        let at = t0 + Duration::from_secs(2 + u64::from(round));
+        for _ in 0..10 {
+            let p = PeerId::random();
+            d.handle_answer(p, &answer(p, &[fake], nonce), false, at);
+        }
+        d.handle_sync_now(at);
+        drain(&mut d);
+        d.handle_timeout(at + SEC);
+        let plan = plan_of(&drain(&mut d)).expect("a plan");
+        assert_eq!(
+            plan.last().ad.key.content_root,
+            honest.key.content_root,
+            "round {round}"
+        );
+        d.handle_sync_ended(SyncOutcome::Cancelled, at + SEC);
+    }
+}
+
+/// A verifier that counts how often it is asked, accepting slots below 1000.
+#[derive(Debug, Default)]
+struct Counting(std::sync::atomic::AtomicU64);
+
+impl crate::SnapshotVerifier for Counting {
+    fn verify(&self, slot: u64, _bank_hash: &BankHash) -> bool {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        slot < 1000
+    }
+}
+
+#[test]
+fn the_owners_verifier_is_asked_once_per_snapshot_not_per_advert() {
+    let t0 = Instant::now();
+    let verifier = std::sync::Arc::new(Counting::default());
+    let config = DiscoveryConfig {
+        policy: TrustPolicy::Verifier(verifier.clone()),
+        ..config()
+    };
+    let (mut d, nonce) = asking(config, t0, Some(10));
+    // 40 identities each advertise 5 of 50 snapshots (half of them refused by the verifier),
+    // twice over.
+    let peers: Vec<PeerId> = (0..40).map(|_| PeerId::random()).collect();
+    for _ in 0..2 {
+        for (i, p) in peers.iter().enumerate() {
+            let snaps: Vec<SnapshotAd> = (0..5)
+                .map(|j| {
+                    let n = ((i * 5 + j) % 50) as u64;
+                    full(
+                        if n.is_multiple_of(2) {
+                            100 + n
+                        } else {
+                            2000 + n
+                        },
+                        n as u8,
+                    )
+                })
+                .collect();
+            d.handle_answer(*p, &answer(*p, &snaps, nonce), false, t0);
+            d.best_known_slot(t0);
+        }
+    }
+    let asked = verifier.0.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(asked <= 50, "asked {asked} times about 50 snapshots");
+    // A new round asks again about those it refused, not about those it accepted.
+    d.handle_timeout(t0 + SEC);
+    drain(&mut d);
+    d.handle_timeout(t0 + 31 * SEC);
+    drain(&mut d);
+    d.best_known_slot(t0 + 31 * SEC);
+    let again = verifier.0.load(std::sync::atomic::Ordering::Relaxed) - asked;
+    assert!(again <= 25, "asked {again} more times");
+    assert_eq!(d.best_known_slot(t0 + 31 * SEC), Some(148));
+}
+
+#[test]
+fn identities_advertising_other_snapshots_cannot_push_out_the_pinned_ones_holder() {
+    let t0 = Instant::now();
+    let pinned = full(200, 1);
+    let config = DiscoveryConfig {
+        max_tracked_peers: 4,
+        policy: TrustPolicy::TrustedSnapshot {
+            slot: 200,
+            bank_hash: pinned.key.bank_hash,
+            content_root: None,
+        },
+        ..config()
+    };
+    let (mut d, nonce) = asking(config, t0, None);
+    let honest = PeerId::random();
+    d.handle_answer(honest, &answer(honest, &[pinned], nonce), false, t0);
+    // Twelve fresh identities answer after it, each with a snapshot of its own.
+    for i in 0..12u8 {
+        let p = PeerId::random();
+        d.handle_answer(
+            p,
+            &answer(p, &[full(300 + u64::from(i), 50 + i)], nonce),
+            false,
+            t0 + SEC / 100 * u32::from(i + 1),
+        );
+    }
+    assert!(
+        d.adverts().any(|a| a.peer == honest),
+        "the pinned snapshot's holder was pushed out"
+    );
+    d.handle_timeout(t0 + SEC);
+    let plan = plan_of(&drain(&mut d)).expect("the pinned snapshot is chosen");
+    assert_eq!(plan.last().peers[0].0, honest);
+}
