@@ -99,6 +99,10 @@ struct Args {
     /// static HTTP(S) server or bucket. What it lists counts as one untrusted peer's advert.
     #[arg(long)]
     web_source: Vec<String>,
+    /// A CA bundle (PEM, repeatable) HTTPS web sources are checked against, beside the Mozilla
+    /// roots and the OS's trust store: a mirror behind a private CA.
+    #[arg(long)]
+    web_ca: Vec<PathBuf>,
     /// Mirror this node's snapshots into this directory, for a static web server to serve.
     #[arg(long)]
     publish_dir: Option<PathBuf>,
@@ -183,6 +187,7 @@ async fn main() {
     };
     opts.metrics = args.metrics;
     opts.web_sources = args.web_source.clone();
+    opts.web_ca_files = args.web_ca.clone();
     opts.publish_dir = args.publish_dir.clone();
     let mut node = match node::start(opts).await {
         Ok(n) => n,

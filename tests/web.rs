@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::net::*;
-use common::web::{Fault, WebServer};
+use common::web::{Fault, PrivateCa, WebServer};
 use common::wire::*;
 use common::*;
 use snapsync::snapshot::{Snapshot, publish};
 use snapsync::transfer::{
-    DownloadConfig, DownloadError, DownloadTarget, PeerStatus, StreamerConfig, WebSource,
+    DownloadConfig, DownloadError, DownloadTarget, PeerStatus, StreamerConfig, WebRoots, WebSource,
 };
 
 /// A node with a snapshot of about `kib` KiB, published into a directory of its own.
@@ -185,4 +185,62 @@ async fn a_node_that_hears_of_no_peer_syncs_from_its_web_source_once_the_policy_
     assert_eq!((synced.slot, synced.bank_hash), (m.slot, m.bank_hash));
     assert_eq!(state_id(&db), (Some(m.slot), m.bank_hash));
     drop((node, strict_node));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_mirror_behind_a_private_ca_is_used_with_its_bundle_and_named_without() {
+    init_tracing();
+    let (_node, snap, www) = published(1024, 36);
+    let ca = PrivateCa::new();
+    let server = WebServer::start_tls(www.path().to_path_buf(), ca.server.clone()).await;
+    let url = server.url();
+    assert!(url.starts_with("https://"), "{url}");
+    // Without the bundle, the server's certificate is refused: the error names the URL and the
+    // certificate problem.
+    let plain = WebSource::new(&url).unwrap();
+    let err = plain.index(Duration::from_secs(10)).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains(&url), "{text}");
+    assert!(text.contains("certificate"), "{text}");
+    assert!(text.contains("UnknownIssuer"), "{text}");
+    // A bundle that cannot be read is an error naming it, when the node is built.
+    let pems = tempfile::tempdir().unwrap();
+    let missing = pems.path().join("missing-ca.pem");
+    let (dir, db) = node_dir(0, 0, 0);
+    let cfg = test_config(dir.path()).with_web_ca_files(vec![missing.clone()]);
+    let keypair = snapsync::libp2p::identity::Keypair::generate_ed25519();
+    let state: Arc<dyn snapsync::db::StateDb> = Arc::new(db);
+    let err = snapsync::Behaviour::new(&keypair, state, cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("web_ca_files"), "{err}");
+    assert!(err.contains("missing-ca.pem"), "{err}");
+    // With the private CA's bundle, a pinned node syncs from the mirror alone.
+    let bundle = pems.path().join("company-ca.pem");
+    std::fs::write(&bundle, &ca.ca_pem).unwrap();
+    let roots = WebRoots::new(std::slice::from_ref(&bundle)).unwrap();
+    let listed = WebSource::with_roots(&url, &roots)
+        .unwrap()
+        .index(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    let mut events = Events::new();
+    let (dir, db) = node_dir(0, 0, 0);
+    let m = snap.manifest();
+    let pinned = test_config(dir.path())
+        .with_trusted_snapshot(m.slot, m.bank_hash)
+        .with_web_sources(vec![url.clone()])
+        .with_web_ca_files(vec![bundle]);
+    let node = start_node(1, dir, db.clone(), pinned, events.tx.clone()).await;
+    let synced = events.synced(Some(1)).await;
+    assert_eq!((synced.slot, synced.bank_hash), (m.slot, m.bank_hash));
+    assert_eq!(state_id(&db), (Some(m.slot), m.bank_hash));
+    assert!(
+        server
+            .archive_reads
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    drop(node);
 }

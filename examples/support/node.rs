@@ -115,6 +115,8 @@ pub struct Options {
     pub metrics: Option<SocketAddr>,
     /// Base URLs of published snapshot directories on web servers.
     pub web_sources: Vec<String>,
+    /// CA bundles web sources are checked against besides the usual roots.
+    pub web_ca_files: Vec<PathBuf>,
     /// Mirror the node's snapshots into this directory, for a static web server.
     pub publish_dir: Option<PathBuf>,
 }
@@ -137,6 +139,7 @@ impl Options {
             trust: snapsync::TrustPolicy::default(),
             metrics: None,
             web_sources: Vec::new(),
+            web_ca_files: Vec::new(),
             publish_dir: None,
         }
     }
@@ -443,6 +446,7 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
         .with_trust(opts.trust.clone())
         .with_metrics(metrics)
         .with_web_sources(opts.web_sources.clone())
+        .with_web_ca_files(opts.web_ca_files.clone())
         .with_publish_dir(opts.publish_dir.clone());
     // A node that knows the chain checks a synced state's own root against the chain's.
     if let Some(chain) = opts.chain {

@@ -41,6 +41,7 @@ pub struct Config {
     state_check: AppCheck,
     metrics: Metrics,
     web_sources: Vec<String>,
+    web_ca_files: Vec<PathBuf>,
     publish_dir: Option<PathBuf>,
 }
 
@@ -71,6 +72,7 @@ impl Config {
             state_check: AppCheck::default(),
             metrics: Metrics::default(),
             web_sources: Vec::new(),
+            web_ca_files: Vec::new(),
             publish_dir: None,
         }
     }
@@ -309,6 +311,21 @@ impl Config {
     /// The web sources' base URLs.
     pub fn web_sources(&self) -> &[String] {
         &self.web_sources
+    }
+
+    /// Sets CA bundles (PEM files) HTTPS web sources are checked against, beside the Mozilla
+    /// roots and the OS's trust store (see [`crate::transfer::WebRoots`]): a mirror behind a
+    /// private CA. A bundle that cannot be read is an error naming it when the behaviour is
+    /// built.
+    #[cfg(feature = "web")]
+    pub fn with_web_ca_files(mut self, files: Vec<PathBuf>) -> Self {
+        self.web_ca_files = files;
+        self
+    }
+
+    /// The CA bundles web sources are checked against besides the usual roots.
+    pub fn web_ca_files(&self) -> &[PathBuf] {
+        &self.web_ca_files
     }
 
     /// Sets a directory that mirrors the node's snapshots for a static web server or an object

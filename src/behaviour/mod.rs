@@ -194,10 +194,7 @@ impl Behaviour {
             "snapsync started"
         );
         #[cfg(feature = "web")]
-        let web = web::WebSources::new(config.web_sources(), config.download().connect_timeout())
-            .map_err(|e| {
-            crate::config_error::ConfigError::new("web_sources", "http(s) URLs", e.to_string())
-        })?;
+        let web = web::WebSources::new(&config)?;
         let mut b = Self {
             #[cfg(feature = "web")]
             web,

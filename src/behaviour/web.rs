@@ -9,9 +9,11 @@ use std::time::Duration;
 use libp2p::PeerId;
 use tokio::sync::mpsc;
 
+use super::Config;
+use crate::config_error::ConfigError;
 use crate::discovery::{Advert, SnapshotAd};
 use crate::log::DISCOVERY as TARGET;
-use crate::transfer::{WebError, WebListing, WebSource};
+use crate::transfer::{WebError, WebListing, WebRoots, WebSource};
 
 /// Most snapshots of one index taken as an advert (the newest).
 const MAX_LISTED: usize = 8;
@@ -25,12 +27,19 @@ pub(super) struct WebSources {
 }
 
 impl WebSources {
-    /// The sources at `urls`; an URL that is not one is an error naming it.
-    pub(super) fn new(urls: &[String], timeout: Duration) -> Result<Self, WebError> {
+    /// The sources `config` names, HTTPS servers checked against the roots it trusts; an URL
+    /// that is not one, or a CA bundle that cannot be used, is an error naming it.
+    pub(super) fn new(config: &Config) -> Result<Self, ConfigError> {
+        let urls = config.web_sources();
+        let timeout = config.download().connect_timeout();
+        let roots = WebRoots::new(config.web_ca_files()).map_err(|e| {
+            ConfigError::new("web_ca_files", "readable PEM CA bundles", e.to_string())
+        })?;
         let sources = urls
             .iter()
-            .map(|u| Ok((PeerId::random(), WebSource::new(u)?, false)))
-            .collect::<Result<Vec<_>, WebError>>()?;
+            .map(|u| Ok((PeerId::random(), WebSource::with_roots(u, &roots)?, false)))
+            .collect::<Result<Vec<_>, WebError>>()
+            .map_err(|e| ConfigError::new("web_sources", "http(s) URLs", e.to_string()))?;
         let (tx, rx) = mpsc::channel(sources.len().max(1));
         Ok(Self {
             sources,

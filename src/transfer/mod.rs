@@ -16,7 +16,11 @@ mod tls;
 #[cfg(feature = "web")]
 mod web;
 #[cfg(feature = "web")]
+mod web_roots;
+#[cfg(feature = "web")]
 pub use web::{MAX_INDEX_BYTES, MAX_INDEX_SNAPSHOTS, WebError, WebListing, WebSource};
+#[cfg(feature = "web")]
+pub use web_roots::{RootsError, WebRoots};
 
 pub use download::{
     DownloadConfig, DownloadError, DownloadHandle, DownloadTarget, Downloaded, Downloader,

@@ -9,7 +9,6 @@
 //! early or stalls are typed errors. Each read has its deadline.
 
 use std::ops::Range;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
@@ -21,6 +20,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use prost::bytes::Bytes;
 
+use super::WebRoots;
 use crate::chunk::ChunkSize;
 use crate::discovery::SnapshotAd;
 use crate::hash::{BankHash, ContentRoot};
@@ -129,6 +129,22 @@ impl WebError {
 
 type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
+/// An error with its causes, the way an operator needs it: a client error says "connect", its
+/// cause says which certificate check failed.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// The TCP side of the client: no Nagle delay (a request is one write, and a response's last
 /// small segment must not wait for an ACK), a bounded connect.
 fn connector() -> HttpConnector {
@@ -171,8 +187,18 @@ pub struct WebListing {
 
 impl WebSource {
     /// The published directory at `base` (`http://` or `https://`; a trailing `/` is added).
-    /// HTTPS servers are checked against the Mozilla roots, with the crate's TLS provider.
+    /// HTTPS servers are checked against the Mozilla roots and the OS's trust store (see
+    /// [`WebRoots`]); [`WebSource::with_roots`] adds CA bundles.
     pub fn new(base: &str) -> Result<Self, WebError> {
+        let roots = WebRoots::new(&[]).map_err(|e| WebError::Http {
+            url: base.to_string(),
+            message: e.to_string(),
+        })?;
+        Self::with_roots(base, &roots)
+    }
+
+    /// The published directory at `base`, HTTPS servers checked against `roots`.
+    pub fn with_roots(base: &str, roots: &WebRoots) -> Result<Self, WebError> {
         let mut base = base.trim().to_string();
         if !base.ends_with('/') {
             base.push('/');
@@ -181,13 +207,8 @@ impl WebSource {
         if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
             return Err(WebError::BadUrl(base));
         }
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(provider)
-            .map_err(|e| WebError::Http {
-                url: base.clone(),
-                message: e.to_string(),
-            })?
+            .with_tls_config(roots.client_config())
             .https_or_http()
             .enable_http1()
             .wrap_connector(connector());
@@ -230,7 +251,7 @@ impl WebSource {
             })?
             .map_err(|e| WebError::Http {
                 url: url.to_string(),
-                message: e.to_string(),
+                message: with_causes(&e),
             })?;
         let status = resp.status();
         if status.is_redirection() {

@@ -27,6 +27,8 @@ pub enum Fault {
 /// A running server.
 pub struct WebServer {
     pub addr: SocketAddr,
+    /// Whether it speaks HTTPS.
+    https: bool,
     /// Body bytes sent.
     pub sent: Arc<AtomicU64>,
     /// Requests answered.
@@ -39,11 +41,28 @@ pub struct WebServer {
 impl WebServer {
     /// The base URL of the directory served.
     pub fn url(&self) -> String {
-        format!("http://{}/", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}/", self.addr)
     }
 
     /// Serves `root` with `fault`, each connection's bodies at `rate` bytes/s at most.
     pub async fn start(root: PathBuf, fault: Fault, rate: Option<u64>) -> Self {
+        Self::start_with(root, fault, rate, None).await
+    }
+
+    /// Serves `root` over HTTPS with the certificate of `tls`.
+    pub async fn start_tls(root: PathBuf, tls: Arc<rustls::ServerConfig>) -> Self {
+        Self::start_with(root, Fault::None, None, Some(tls)).await
+    }
+
+    async fn start_with(
+        root: PathBuf,
+        fault: Fault,
+        rate: Option<u64>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Self {
+        let https = tls.is_some();
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let sent = Arc::new(AtomicU64::new(0));
@@ -54,14 +73,22 @@ impl WebServer {
             while let Ok((sock, _)) = listener.accept().await {
                 let _ = sock.set_nodelay(true);
                 let (root, counters) = (root.clone(), counters.clone());
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let (s, r, a) = &counters;
-                    let _ = serve(sock, &root, fault, rate, s, [r, a]).await;
+                    let _ = match acceptor {
+                        Some(acceptor) => match acceptor.accept(sock).await {
+                            Ok(tls) => serve(tls, &root, fault, rate, s, [r, a]).await,
+                            Err(e) => Err(e),
+                        },
+                        None => serve(sock, &root, fault, rate, s, [r, a]).await,
+                    };
                 });
             }
         });
         Self {
             addr,
+            https,
             sent,
             requests,
             archive_reads,
@@ -77,7 +104,7 @@ impl Drop for WebServer {
 }
 
 async fn serve(
-    mut sock: tokio::net::TcpStream,
+    mut sock: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     root: &std::path::Path,
     fault: Fault,
     rate: Option<u64>,
@@ -163,6 +190,46 @@ async fn serve(
         if end < body.len() {
             // Cut short: the connection closes with the body half sent.
             return Ok(());
+        }
+    }
+}
+
+/// A private certificate authority, as a company runs one, and a server certificate it signed
+/// for 127.0.0.1.
+pub struct PrivateCa {
+    /// The CA's certificate, PEM.
+    pub ca_pem: String,
+    /// The server's TLS settings.
+    pub server: Arc<rustls::ServerConfig>,
+}
+
+impl PrivateCa {
+    pub fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "snapsync test private CA");
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        leaf.subject_alt_names
+            .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        let cert = leaf.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        Self {
+            ca_pem: ca_cert.pem(),
+            server: Arc::new(server),
         }
     }
 }
