@@ -142,6 +142,37 @@ pub fn progress(data: &[u8]) {
     let _ = crate::transfer::parse_progress(&data[2..], &tree);
 }
 
+/// A have-bitfield from a peer, for a download whose shape the first bytes give.
+pub fn have_bitfield(data: &[u8]) {
+    if data.len() < 3 {
+        return;
+    }
+    let pieces = 1 + usize::from(u16::from_le_bytes([data[0], data[1]]));
+    let per_block = 1 + usize::from(data[2] % 16);
+    let blocks = pieces.div_ceil(per_block);
+    if let Some(held) = crate::transfer::have_from_bytes(&data[3..], blocks, pieces, per_block) {
+        // Whatever is taken is the download's shape, and follows the blocks held.
+        assert_eq!(held.len(), pieces);
+        assert!(held.ones() <= pieces);
+        for p in 0..pieces {
+            let block = data[3 + p / per_block / 8] & (1 << (p / per_block % 8)) != 0;
+            assert_eq!(held.get(p), block, "piece {p}");
+        }
+    }
+}
+
+/// A web server's `index.json`.
+#[cfg(feature = "web")]
+pub fn web_index(data: &[u8]) {
+    if let Ok(listings) = crate::transfer::parse_index(data) {
+        assert!(listings.len() <= crate::transfer::MAX_INDEX_SNAPSHOTS);
+        for l in &listings {
+            assert!(!l.path.is_empty() && l.path.len() <= 128);
+            assert_eq!(l.ad.key.base.is_some(), !l.ad.key.is_full());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +267,11 @@ mod tests {
         let mut progress = vec![64, 0];
         progress.extend(crate::transfer::progress_bytes(&tree, &done, false));
         out.push(("progress", progress));
+        // A have-bitfield: 20 pieces in blocks of 3, blocks 0, 2 and 6 held.
+        out.push(("have_bitfield", vec![19, 0, 2, 0b0100_0101]));
+        // A web index naming the small archive's snapshot.
+        let index = crate::snapshot::publish::index_json(&[("full-40".to_string(), m.clone())]);
+        out.push(("web_index", index.into_bytes()));
         out
     }
 
@@ -325,6 +361,15 @@ mod tests {
                 "progress" => {
                     let tree = ChunkTree::new(64 * 1024, ChunkSize::MIN, ContentRoot([0; 32]));
                     assert!(crate::transfer::parse_progress(&bytes[2..], &tree).is_some());
+                }
+                "have_bitfield" => {
+                    let held = crate::transfer::have_from_bytes(&bytes[3..], 7, 20, 3).unwrap();
+                    assert_eq!(held.ones(), 3 + 3 + 2);
+                    have_bitfield(&bytes);
+                }
+                "web_index" => {
+                    assert_eq!(crate::transfer::parse_index(&bytes).unwrap().len(), 1);
+                    web_index(&bytes);
                 }
                 other => panic!("{other}"),
             }

@@ -27,12 +27,14 @@ pub use download::{
     PeerProgress, PeerStatus, Progress, WebProgress,
 };
 
-#[cfg(any(fuzzing, test))]
-pub(crate) use download::parse_progress;
 #[cfg(test)]
 pub(crate) use download::{Bits, progress_bytes};
+#[cfg(any(fuzzing, test))]
+pub(crate) use download::{have_from_bytes, parse_progress};
 pub use streamer::{Streamer, StreamerConfig, StreamerError, StreamerStats};
 pub use tls::{EndpointError, TransportTuning};
+#[cfg(all(feature = "web", any(fuzzing, test)))]
+pub(crate) use web::parse_index;
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -79,6 +79,32 @@ impl Bits {
     }
 }
 
+/// A have-bitfield a peer sent: one bit per block of `per_block` pieces (the last block may be
+/// short), `blocks` bits in `bytes`; the pieces it holds, `pieces` bits. `None` when `bytes` is
+/// not `blocks` bits long or the block count does not cover the pieces.
+pub(crate) fn have_from_bytes(
+    bytes: &[u8],
+    blocks: usize,
+    pieces: usize,
+    per_block: usize,
+) -> Option<Bits> {
+    let per_block = per_block.max(1);
+    if blocks != pieces.div_ceil(per_block) {
+        return None;
+    }
+    let held = Bits::from_bytes(bytes, blocks)?;
+    if per_block == 1 {
+        return Some(held);
+    }
+    let mut out = Bits::new(pieces);
+    for p in 0..pieces {
+        if held.get(p / per_block) {
+            out.set(p);
+        }
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +131,18 @@ mod tests {
         assert_eq!(bytes[0], 0b1000_0001);
         assert_eq!(Bits::from_bytes(&bytes, 130), Some(b));
         assert_eq!(Bits::from_bytes(&bytes, 200), None);
+    }
+
+    #[test]
+    fn a_have_bitfield_of_blocks_gives_the_pieces_of_the_blocks_held() {
+        // 10 pieces in blocks of 4: blocks 0 and 2 (the short last one) held.
+        let held = have_from_bytes(&[0b101], 3, 10, 4).unwrap();
+        let got: Vec<usize> = (0..10).filter(|&p| held.get(p)).collect();
+        assert_eq!(got, vec![0, 1, 2, 3, 8, 9]);
+        assert_eq!(held.len(), 10);
+        // Wrong lengths: refused.
+        assert_eq!(have_from_bytes(&[0b101, 0], 3, 10, 4), None);
+        assert_eq!(have_from_bytes(&[0b101], 2, 10, 4), None);
+        assert_eq!(have_from_bytes(&[0b11], 2, 2, 1).map(|b| b.ones()), Some(2));
     }
 }

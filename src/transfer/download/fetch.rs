@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::bits::Bits;
+use super::bits::{Bits, have_from_bytes};
 use super::connect::status_text;
 use super::partial::PART_FILE;
 use super::picker::Have;
@@ -127,17 +127,8 @@ async fn ask_have_inner(
     recv.read_exact(&mut bytes)
         .await
         .map_err(|e| FetchError::Protocol(format!("have bitfield: {e}")))?;
-    let blocks = Bits::from_bytes(&bytes, blocks as usize)
+    let held = have_from_bytes(&bytes, blocks as usize, pieces as usize, per_block as usize)
         .ok_or_else(|| FetchError::Protocol("have bitfield length".into()))?;
-    if per_block == 1 {
-        return Ok(Have::Some(blocks));
-    }
-    let mut held = Bits::new(pieces as usize);
-    for p in 0..pieces as usize {
-        if blocks.get(p / per_block as usize) {
-            held.set(p);
-        }
-    }
     Ok(Have::Some(held))
 }
 

@@ -26,6 +26,8 @@ mod web;
 
 #[cfg(test)]
 pub(crate) use bits::Bits;
+#[cfg(any(fuzzing, test))]
+pub(crate) use bits::have_from_bytes;
 pub use config::DownloadConfig;
 #[cfg(any(fuzzing, test))]
 pub(crate) use partial::parse_progress;
