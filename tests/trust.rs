@@ -719,3 +719,72 @@ async fn the_applications_state_check_refuses_another_chains_state_and_the_next_
             .all(|s| s.manifest().content_root != forged.manifest().content_root),
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_trusted_set_takes_effect_without_a_restart() {
+    init_tracing();
+    let mut events = Events::new();
+    let (honest, _chain) = producers(1, &events).await;
+    let made = made_at(&mut events, 20, 1).await;
+    // A node that trusts last epoch's validator, gone now: the producer's snapshot is heard
+    // but not taken.
+    let gone = snapsync::libp2p::PeerId::random();
+    let (dir, db) = node_dir(0, 0, 0);
+    let node = start_node(
+        10,
+        dir.clone(),
+        db,
+        config(dir.path()).with_trusted_peers([gone], 1),
+        events.tx.clone(),
+    )
+    .await;
+    node.dial(honest[0].addr.clone());
+    events
+        .wait(LONG, "a round with nothing to take", |i, e| {
+            matches!(
+                e,
+                Ev::Snap(Event::NoSnapshotAvailable { adverts, .. }) if i == 10 && *adverts > 0
+            )
+            .then_some(())
+        })
+        .await;
+    assert_eq!(node.db.slot().unwrap(), None);
+    // A policy that cannot work is refused, and changes nothing.
+    let producer = honest[0].peer_id;
+    let refused = node
+        .query(move |s| {
+            s.behaviour_mut()
+                .snapsync
+                .set_trust(snapsync::TrustPolicy::TrustedPeers {
+                    peers: [producer].into(),
+                    quorum: 2,
+                })
+                .map_err(|e| e.to_string())
+        })
+        .await;
+    assert!(refused.unwrap_err().contains("quorum"));
+    // The new epoch's set names the producer: it syncs, without a restart.
+    let changed = tokio::time::Instant::now();
+    node.query(move |s| {
+        s.behaviour_mut()
+            .snapsync
+            .set_trust(snapsync::TrustPolicy::TrustedPeers {
+                peers: [producer].into(),
+                quorum: 1,
+            })
+            .unwrap()
+    })
+    .await;
+    let synced = events.synced(Some(10)).await;
+    println!("synced {:?} after the change", changed.elapsed());
+    assert_eq!((synced.slot, synced.bank_hash), (20, made.bank_hash));
+    let kept = node
+        .query(move |s| {
+            matches!(
+                s.behaviour().snapsync.config().trust(),
+                snapsync::TrustPolicy::TrustedPeers { peers, quorum: 1 } if peers.contains(&producer)
+            )
+        })
+        .await;
+    assert!(kept, "the config says the policy in force");
+}

@@ -39,8 +39,9 @@ use lru::LruCache;
 
 use self::protocols::{Protocols, ProtocolsEvent};
 use self::sync_job::{JobEvent, JobSource, SyncJob};
+use crate::config_error::ConfigError;
 use crate::db::StateDb;
-use crate::discovery::{Action, Discovery, Local, Plan, Stage, SyncOutcome, Verdict};
+use crate::discovery::{Action, Discovery, Local, Plan, Stage, SyncOutcome, TrustPolicy, Verdict};
 use crate::log::DISCOVERY as TARGET;
 use crate::metrics::Metrics;
 use crate::proto;
@@ -300,6 +301,19 @@ impl Behaviour {
     pub fn set_chain_tip(&mut self, slot: u64) {
         self.chain_tip = Some(slot);
         self.discovery.handle_chain_tip(slot, Instant::now());
+    }
+
+    /// Changes the trust policy while the node runs (a validator set that changes by epoch):
+    /// what peers advertised is counted again under the new policy, a sync it would not
+    /// choose is cancelled (its progress kept), and the node decides again at once. A policy
+    /// that cannot work is refused with the same error [`Behaviour::new`] gives, and nothing
+    /// changes.
+    pub fn set_trust(&mut self, policy: TrustPolicy) -> Result<(), ConfigError> {
+        policy.validate()?;
+        tracing::info!(target: TARGET, trust = %policy.describe(), "trust policy changed");
+        self.config = self.config.clone().with_trust(policy.clone());
+        self.discovery.handle_policy(policy, Instant::now());
+        Ok(())
     }
 
     /// Starts a full snapshot of the current state now (unless one is being made).

@@ -313,6 +313,42 @@ impl AdvertBook {
         true
     }
 
+    /// The trust policy changed to `policy`: every advert is counted and placed again under it,
+    /// in the order the adverts came, keeping when each was heard and when each snapshot was
+    /// first heard of. What the old policy raised (a trusted peer's advert, one of a snapshot
+    /// it vouched for) came as an answer or an announcement and stands as an answer now,
+    /// unless the new policy raises it again.
+    pub(crate) fn retrust(&mut self, policy: &TrustPolicy) {
+        let first_seen: HashMap<SnapshotKey, Instant> = self
+            .by_key
+            .iter()
+            .map(|(k, e)| (*k, e.first_seen))
+            .collect();
+        let mut stored: Vec<Stored> = self.adverts.drain().map(|(_, s)| s).collect();
+        stored.sort_by_key(|s| (s.at, s.advert.peer));
+        self.order.clear();
+        self.by_key.clear();
+        self.fulls.clear();
+        self.partials.clear();
+        for s in stored {
+            let peer = s.advert.peer;
+            let standing = match s.standing {
+                Standing::Trusted | Standing::Vouched => Standing::Answered,
+                other => other,
+            };
+            if self.insert(s.advert, standing, s.at, policy)
+                && let Some(kept) = self.adverts.get_mut(&peer)
+            {
+                kept.first = s.first;
+            }
+        }
+        for (key, e) in &mut self.by_key {
+            if let Some(t) = first_seen.get(key) {
+                e.first_seen = e.first_seen.min(*t);
+            }
+        }
+    }
+
     /// Forgets adverts older than `age`.
     pub(crate) fn expire(&mut self, now: Instant, age: Duration, policy: &TrustPolicy) {
         let old: Vec<PeerId> = self
@@ -592,5 +628,40 @@ mod tests {
             .count();
         assert_eq!(announced, 16 / 4);
         assert_eq!(book.standing(&answerer), Some(Standing::Answered));
+    }
+
+    #[test]
+    fn a_changed_trust_policy_counts_and_places_every_advert_again() {
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let only_a = TrustPolicy::TrustedPeers {
+            peers: [a].into(),
+            quorum: 1,
+        };
+        let t0 = Instant::now();
+        let mut book = AdvertBook::new(16);
+        for (i, p) in [a, b, c].into_iter().enumerate() {
+            let at = t0 + Duration::from_millis(i as u64);
+            assert!(book.insert(advert(p, 10), Standing::Announced, at, &only_a));
+        }
+        let key = advert(a, 10).snapshots[0].key;
+        assert_eq!(book.entry(&key).unwrap().trusted, 1);
+        assert_eq!(book.standing(&a), Some(Standing::Trusted));
+        let first_seen = book.entry(&key).unwrap().first_seen;
+        // b and c are trusted now, a no longer: counts and standings follow; times stay.
+        let b_and_c = TrustPolicy::TrustedPeers {
+            peers: [b, c].into(),
+            quorum: 2,
+        };
+        book.retrust(&b_and_c);
+        let e = book.entry(&key).unwrap();
+        assert_eq!((e.peers.len(), e.trusted), (3, 2));
+        assert_eq!(e.first_seen, first_seen);
+        assert_eq!(book.standing(&a), Some(Standing::Answered));
+        assert_eq!(book.standing(&b), Some(Standing::Trusted));
+        assert_eq!(book.since(&c), Some(t0 + Duration::from_millis(2)));
+        // Removing an advert counts down under the policy it was counted with.
+        book.forget(&b, &b_and_c);
+        book.forget(&a, &b_and_c);
+        assert_eq!(book.entry(&key).unwrap().trusted, 1);
     }
 }

@@ -420,6 +420,30 @@ impl Discovery {
         }
     }
 
+    /// The owner changed the trust policy (a validator set that changes by epoch): adverts
+    /// are counted again under it, a sync the new policy would not choose is cancelled, and
+    /// the next tick comes at once, so a snapshot it now accepts is taken.
+    pub(crate) fn handle_policy(&mut self, policy: TrustPolicy, now: Instant) {
+        let (policy, verdicts) = policy::Verdicts::wrap(policy);
+        self.config.policy = policy;
+        self.verdicts = verdicts;
+        self.book.retrust(&self.config.policy);
+        let local = self.local_state(now);
+        if let Stage::Syncing { plan } = &self.stage {
+            let key = plan.last().ad.key;
+            let still = self
+                .book
+                .entry(&key)
+                .is_some_and(|e| decide::acceptable(&key, e, &local, &self.config.policy));
+            if !still {
+                tracing::warn!(target: TARGET, slot = key.slot, "the new trust policy does not accept the snapshot being synced: cancelling");
+                self.stage = Stage::Idle;
+                self.actions.push_back(Action::CancelSync);
+            }
+        }
+        self.next_tick = now;
+    }
+
     /// The wall clock reads `unix_ms` at `now` (for the chain clock).
     pub(crate) fn handle_wall_clock(&mut self, unix_ms: u64, now: Instant) {
         self.wall = Some((now, unix_ms));

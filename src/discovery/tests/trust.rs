@@ -238,3 +238,57 @@ fn identities_advertising_other_snapshots_cannot_push_out_the_pinned_ones_holder
     let plan = plan_of(&drain(&mut d)).expect("the pinned snapshot is chosen");
     assert_eq!(plan.last().peers[0].0, honest);
 }
+
+#[test]
+fn a_changed_trusted_set_takes_effect_at_once_and_cancels_a_sync_it_no_longer_accepts() {
+    let t0 = Instant::now();
+    let (old, new) = (PeerId::random(), PeerId::random());
+    let mut c = config();
+    c.policy = TrustPolicy::TrustedPeers {
+        peers: [old].into(),
+        quorum: 1,
+    };
+    let mut d = machine(c, t0);
+    d.handle_local(local(None, vec![]));
+    d.handle_timeout(t0);
+    let nonce = last_nonce(&drain(&mut d));
+    // Only the new validator answers: under the old set, nothing is acceptable.
+    d.handle_answer(new, &answer(new, &[full(500, 1)], nonce), false, t0);
+    d.handle_timeout(t0 + SEC);
+    assert!(plan_of(&drain(&mut d)).is_none());
+    assert_eq!(d.best_known_slot(t0 + SEC), None);
+    // The set changes (an epoch): the advert already heard counts, and the node decides at
+    // once, without waiting for its next interval.
+    let t1 = t0 + 2 * SEC;
+    d.handle_policy(
+        TrustPolicy::TrustedPeers {
+            peers: [new].into(),
+            quorum: 1,
+        },
+        t1,
+    );
+    assert_eq!(d.best_known_slot(t1), Some(500));
+    let mut plan = None;
+    for ms in (0..=2000).step_by(100) {
+        d.handle_timeout(t1 + Duration::from_millis(ms));
+        if let Some(p) = plan_of(&drain(&mut d)) {
+            plan = Some(p);
+            break;
+        }
+    }
+    assert_eq!(plan.expect("a plan").last().ad.key.slot, 500);
+    // The set changes again, dropping that validator: the sync it chose is cancelled.
+    d.handle_policy(
+        TrustPolicy::TrustedPeers {
+            peers: [old].into(),
+            quorum: 1,
+        },
+        t1 + 3 * SEC,
+    );
+    assert!(
+        drain(&mut d)
+            .iter()
+            .any(|a| matches!(a, Action::CancelSync))
+    );
+    assert_eq!(d.best_known_slot(t1 + 3 * SEC), None);
+}
