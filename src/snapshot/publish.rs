@@ -208,7 +208,9 @@ fn published(dir: &Path) -> Result<Vec<(String, Manifest)>, PublishError> {
     Ok(out)
 }
 
-/// Rewrites `dir`'s index from what it holds, atomically.
+/// Rewrites `dir`'s index from what it holds, atomically; an index that says that already is
+/// left as it is (a node mirrors at every slot: nothing is written, nothing synced, when the
+/// listing did not change).
 pub fn write_index(dir: &Path) -> Result<(), PublishError> {
     write_index_except(dir, &[])
 }
@@ -219,7 +221,11 @@ fn write_index_except(dir: &Path, except: &[PathBuf]) -> Result<(), PublishError
         .filter(|(name, _)| !except.iter().any(|p| p.ends_with(name)))
         .collect();
     let path = dir.join(INDEX_FILE);
-    disk::replace_synced(&path, index_json(&listed).as_bytes()).map_err(at(&path))
+    let index = index_json(&listed);
+    if fs::read(&path).is_ok_and(|old| old == index.as_bytes()) {
+        return Ok(());
+    }
+    disk::replace_synced(&path, index.as_bytes()).map_err(at(&path))
 }
 
 /// The index of `snapshots` (directory name, manifest), as JSON.
@@ -305,8 +311,13 @@ mod tests {
         assert!(index.contains(&m.content_root.to_hex()), "{index}");
         assert!(index.contains(&format!("\"slot\":{}", m.slot)));
         assert!(index.contains("\"base\":null"));
-        // Publishing again changes nothing but a manifest the store corrected since.
+        // Publishing or mirroring again writes nothing: the index is the same file.
+        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+        let before = inode(&out.join(INDEX_FILE));
         publish(&snap, &out).unwrap();
+        mirror(&store, &out).unwrap();
+        assert_eq!(inode(&out.join(INDEX_FILE)), before);
+        // ...but a manifest the store corrected since is written, and the index with it.
         store
             .correct_counts(&m.content_root, m.entry_count + 1, m.state_bytes + 100)
             .unwrap();
