@@ -233,6 +233,13 @@ impl Metrics {
     /// Registers every metric in `registry`, prefixed `snapsync_`.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("snapsync");
+        self.register_syncs(r);
+        self.register_transfers(r);
+        self.register_discovery(r);
+    }
+
+    /// Snapshots made, syncs started, done and failed.
+    fn register_syncs(&self, r: &mut Registry) {
         r.register(
             "snapshots_created",
             "Snapshots this node created, by kind",
@@ -253,6 +260,10 @@ impl Metrics {
             "Syncs started (a choice made, its downloads begun)",
             self.syncs_started.clone(),
         );
+    }
+
+    /// The chunk stream: what was served and downloaded, connections, bad chunks.
+    fn register_transfers(&self, r: &mut Registry) {
         r.register_with_unit(
             "served",
             "Archive bytes served to downloaders",
@@ -306,6 +317,10 @@ impl Metrics {
             "Peers banned from a download for bad chunks",
             self.peer_bans.clone(),
         );
+    }
+
+    /// Discovery and the node's state.
+    fn register_discovery(&self, r: &mut Registry) {
         r.register(
             "discovery_rounds",
             "Discovery rounds started",

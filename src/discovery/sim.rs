@@ -380,50 +380,62 @@ fn snapshots() -> Vec<SnapshotAd> {
 
 /// Runs a simulation.
 pub fn run(config: &SimConfig) -> SimReport {
-    let base = Instant::now();
     let n = config.nodes.max(2);
     let joiners = config.joiners.min(n - 1);
-    let snaps = snapshots();
-    let mut sim = Sim {
-        base,
-        now: Duration::ZERO,
-        nodes: Vec::with_capacity(n),
-        index: HashMap::new(),
-        queue: BinaryHeap::new(),
-        events: HashMap::new(),
-        seq: 0,
-        config: config.clone(),
-        rng: SplitMix64::seed_from_u64(config.seed),
-        messages: 0,
-        bytes: 0,
-        rounds: 0,
-        snapshots: snaps.clone(),
-    };
+    let mut sim = Sim::new(config);
     for i in 0..n {
-        let joiner = i < joiners;
+        sim.add_node(i < joiners);
+    }
+    sim.link(config.mesh_degree.min(n - 1));
+    sim.run_until_chosen(config.horizon);
+    sim.report(joiners)
+}
+
+impl Sim {
+    /// A simulation with no node yet.
+    fn new(config: &SimConfig) -> Self {
+        Sim {
+            base: Instant::now(),
+            now: Duration::ZERO,
+            nodes: Vec::with_capacity(config.nodes),
+            index: HashMap::new(),
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            seq: 0,
+            config: config.clone(),
+            rng: SplitMix64::seed_from_u64(config.seed),
+            messages: 0,
+            bytes: 0,
+            rounds: 0,
+            snapshots: snapshots(),
+        }
+    }
+
+    /// Adds a node: a joiner that syncs, or a holder of the snapshots.
+    fn add_node(&mut self, joiner: bool) {
         let mut dc = DiscoveryConfig {
             sync_enabled: joiner,
             ..DiscoveryConfig::default()
         };
         dc.announce_delay = Duration::from_secs(1);
-        let seed = sim.rand();
+        let seed = self.rand();
         // Nodes start within the first second, not all at once.
-        let start = Duration::from_millis(sim.rand() % 1000);
+        let start = Duration::from_millis(self.rand() % 1000);
         let key = libp2p::identity::Keypair::ed25519_from_bytes(mix(seed).to_le_bytes().repeat(4))
             .expect("32 bytes");
         let me = key.public().to_peer_id();
-        let mut disc = Discovery::new(dc, me, Metrics::new(), base + start, seed);
+        let mut disc = Discovery::new(dc, me, Metrics::new(), self.base + start, seed);
         disc.handle_streamer_addrs(vec!["10.0.0.1:7000".parse().expect("an address")]);
         if !joiner {
             disc.handle_local(Local {
                 slot: Some(25_310),
-                snapshots: snaps.clone(),
+                snapshots: self.snapshots.clone(),
                 modified_time: 0,
                 chunk_size: None,
             });
         }
-        sim.index.insert(me, i);
-        sim.nodes.push(SimNode {
+        self.index.insert(me, self.nodes.len());
+        self.nodes.push(SimNode {
             disc,
             links: Vec::new(),
             seen: HashSet::new(),
@@ -433,56 +445,68 @@ pub fn run(config: &SimConfig) -> SimReport {
             chosen: None,
         });
     }
-    // The mesh: each node links to `mesh_degree` others; links go both ways.
-    let degree = config.mesh_degree.min(n - 1);
-    for i in 0..n {
-        while sim.nodes[i].links.len() < degree {
-            let j = (sim.rand() % n as u64) as usize;
-            if j != i && !sim.nodes[i].links.contains(&j) {
-                sim.nodes[i].links.push(j);
-                sim.nodes[j].links.push(i);
+
+    /// The mesh: each node links to `degree` others (links go both ways), and every node
+    /// hears of its links.
+    fn link(&mut self, degree: usize) {
+        let n = self.nodes.len();
+        for i in 0..n {
+            while self.nodes[i].links.len() < degree {
+                let j = (self.rand() % n as u64) as usize;
+                if j != i && !self.nodes[i].links.contains(&j) {
+                    self.nodes[i].links.push(j);
+                    self.nodes[j].links.push(i);
+                }
+            }
+        }
+        for i in 0..n {
+            let links = self.nodes[i].links.clone();
+            for j in links {
+                let peer = self.peer(j);
+                let t = self.base;
+                self.nodes[i].disc.handle_connected(peer, t);
+                self.nodes[i].disc.handle_subscribed(peer, t);
+            }
+            self.drain(i);
+        }
+    }
+
+    /// Delivers events in time order until every joiner chose, or `horizon`.
+    fn run_until_chosen(&mut self, horizon: Duration) {
+        while let Some(Reverse((when, seq, _))) = self.queue.pop() {
+            if when > horizon {
+                break;
+            }
+            self.now = self.now.max(when);
+            let ev = self.events.remove(&(seq as usize)).expect("queued");
+            self.handle(ev);
+            if self
+                .nodes
+                .iter()
+                .filter(|x| x.joiner)
+                .all(|x| x.chosen.is_some())
+            {
+                break;
             }
         }
     }
-    for i in 0..n {
-        let links = sim.nodes[i].links.clone();
-        for j in links {
-            let peer = sim.peer(j);
-            let t = base;
-            sim.nodes[i].disc.handle_connected(peer, t);
-            sim.nodes[i].disc.handle_subscribed(peer, t);
+
+    /// What the run cost and when the joiners chose.
+    fn report(&self, joiners: usize) -> SimReport {
+        let chosen: Vec<Duration> = self.nodes.iter().filter_map(|x| x.chosen).collect();
+        let rounds = self.rounds.max(1);
+        SimReport {
+            nodes: self.nodes.len(),
+            joiners,
+            rounds: self.rounds,
+            messages: self.messages,
+            bytes: self.bytes,
+            messages_per_round: self.messages as f64 / rounds as f64,
+            bytes_per_round: self.bytes as f64 / rounds as f64,
+            chosen: chosen.len(),
+            time_to_all_chosen: (chosen.len() == joiners)
+                .then(|| chosen.iter().copied().max().unwrap_or_default()),
         }
-        sim.drain(i);
-    }
-    while let Some(Reverse((when, seq, _))) = sim.queue.pop() {
-        if when > config.horizon {
-            break;
-        }
-        sim.now = sim.now.max(when);
-        let ev = sim.events.remove(&(seq as usize)).expect("queued");
-        sim.handle(ev);
-        if sim
-            .nodes
-            .iter()
-            .filter(|x| x.joiner)
-            .all(|x| x.chosen.is_some())
-        {
-            break;
-        }
-    }
-    let chosen: Vec<Duration> = sim.nodes.iter().filter_map(|x| x.chosen).collect();
-    let rounds = sim.rounds.max(1);
-    SimReport {
-        nodes: n,
-        joiners,
-        rounds: sim.rounds,
-        messages: sim.messages,
-        bytes: sim.bytes,
-        messages_per_round: sim.messages as f64 / rounds as f64,
-        bytes_per_round: sim.bytes as f64 / rounds as f64,
-        chosen: chosen.len(),
-        time_to_all_chosen: (chosen.len() == joiners)
-            .then(|| chosen.iter().copied().max().unwrap_or_default()),
     }
 }
 
