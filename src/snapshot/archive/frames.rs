@@ -128,6 +128,23 @@ impl<R: Read> FrameReader<R> {
         let mut bytes = Vec::with_capacity(5 + rest.len() + content_size.min(SEGMENT_HINT) + 64);
         bytes.extend_from_slice(&head);
         bytes.extend_from_slice(rest);
+        self.read_blocks(index, &mut bytes, content_size)?;
+        self.next_index += 1;
+        Ok(Some(Frame {
+            index,
+            bytes,
+            content_size,
+        }))
+    }
+
+    /// Reads frame `index`'s blocks into `bytes` (which holds its header), up to the last one,
+    /// refusing a frame larger than its `content_size` allows.
+    fn read_blocks(
+        &mut self,
+        index: u64,
+        bytes: &mut Vec<u8>,
+        content_size: usize,
+    ) -> Result<(), ArchiveError> {
         // Each block stores at most 128 KiB and costs a 3-byte header, so a frame of honest
         // blocks is never much larger than its content.
         let max_len = bytes.len() + content_size + 3 * (content_size / MAX_BLOCK + 2);
@@ -157,12 +174,7 @@ impl<R: Read> FrameReader<R> {
                 break;
             }
         }
-        self.next_index += 1;
-        Ok(Some(Frame {
-            index,
-            bytes,
-            content_size,
-        }))
+        Ok(())
     }
 
     /// The BLAKE3 hash of every byte read so far: the content root, once all is read.

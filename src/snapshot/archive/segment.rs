@@ -126,6 +126,24 @@ pub(crate) fn decode_segment(
     if data.is_empty() {
         return Err(bad(frame.index, "empty segment"));
     }
+    let (spans, sum) = parse_records(&data, frame.index, kind, lattice)?;
+    Ok(Segment::Records(Records {
+        index: frame.index,
+        data,
+        spans,
+        lattice: sum.map(Box::new),
+    }))
+}
+
+/// The records of segment `frame`'s decompressed `data`: their spans (key offset and length,
+/// value offset and length), each checked in itself, against the one before it and against
+/// `kind`; with `lattice`, the values summed into one.
+fn parse_records(
+    data: &[u8],
+    frame: u64,
+    kind: SnapshotKind,
+    lattice: bool,
+) -> Result<(Vec<[u32; 4]>, Option<Lattice>), ArchiveError> {
     let u32_at = |data: &[u8], at: usize| -> Option<u32> {
         data.get(at..at + 4)
             .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
@@ -135,9 +153,9 @@ pub(crate) fn decode_segment(
     let mut sum = lattice.then(Lattice::new);
     while at < data.len() {
         let index = spans.len() as u64;
-        let kl = u32_at(&data, at).ok_or_else(|| bad(frame.index, "record cut short"))?;
+        let kl = u32_at(data, at).ok_or_else(|| bad(frame, "record cut short"))?;
         if kl == MARK {
-            return Err(bad(frame.index, "end record inside a segment"));
+            return Err(bad(frame, "end record inside a segment"));
         }
         if kl == 0 || kl as usize > MAX_KEY_LEN {
             return Err(ArchiveError::KeyOutOfBounds {
@@ -147,7 +165,7 @@ pub(crate) fn decode_segment(
         }
         let ko = at + 4;
         let vl_at = ko + kl as usize;
-        let vl = u32_at(&data, vl_at).ok_or_else(|| bad(frame.index, "record cut short"))?;
+        let vl = u32_at(data, vl_at).ok_or_else(|| bad(frame, "record cut short"))?;
         let vo = vl_at + 4;
         let end = if vl == MARK {
             if kind == SnapshotKind::Full {
@@ -164,7 +182,7 @@ pub(crate) fn decode_segment(
             vo + vl as usize
         };
         if end > data.len() {
-            return Err(bad(frame.index, "record cut short"));
+            return Err(bad(frame, "record cut short"));
         }
         let key = &data[ko..vl_at];
         if let Some(&[pko, pkl, _, _]) = spans.last() {
@@ -182,12 +200,7 @@ pub(crate) fn decode_segment(
         at = end;
     }
     if spans.len() > 1 && data.len() > SEGMENT_BYTES {
-        return Err(ArchiveError::NonCanonicalSegment { frame: frame.index });
+        return Err(ArchiveError::NonCanonicalSegment { frame });
     }
-    Ok(Segment::Records(Records {
-        index: frame.index,
-        data,
-        spans,
-        lattice: sum.map(Box::new),
-    }))
+    Ok((spans, sum))
 }
