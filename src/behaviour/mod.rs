@@ -4,14 +4,21 @@
 //! what the machine queued: gossip, direct asks and answers, syncs. `poll` dispatches; the rest
 //! lives elsewhere: `event.rs` (what it reports, and how notices and dial errors become events),
 //! `config.rs` (its settings), `protocols.rs` (its gossipsub and direct protocol), `sync_job.rs`
-//! (one sync, a child it polls), `addr.rs` (which addresses), `direct.rs` (the direct codec).
+//! (one sync, a child it polls), `addr.rs` (which addresses), `direct.rs` (the direct codec),
+//! `actions.rs` (carrying out what discovery queued), `messages.rs` (what peers send),
+//! `syncing.rs` (starting, stopping and following the sync job), `holdings.rs` (what the node
+//! holds, snapshots made here included, told to discovery).
 
+mod actions;
 mod addr;
 mod config;
 mod direct;
 mod event;
+mod holdings;
+mod messages;
 mod protocols;
 mod sync_job;
+mod syncing;
 #[cfg(feature = "web")]
 mod web;
 
@@ -37,14 +44,13 @@ use libp2p::swarm::{
 use libp2p::{PeerId, gossipsub, request_response};
 use lru::LruCache;
 
-use self::protocols::{Protocols, ProtocolsEvent};
-use self::sync_job::{JobEvent, JobSource, SyncJob};
+use self::protocols::Protocols;
+use self::sync_job::SyncJob;
 use crate::config_error::ConfigError;
 use crate::db::StateDb;
-use crate::discovery::{Action, Discovery, Local, Plan, Stage, SyncOutcome, TrustPolicy, Verdict};
+use crate::discovery::{Discovery, Plan, Stage, SyncOutcome, TrustPolicy};
 use crate::log::DISCOVERY as TARGET;
 use crate::metrics::Metrics;
-use crate::proto;
 use crate::snapshot::{CreationTask, Creator, SnapshotStore};
 use crate::transfer::{Downloader, PeerAddr, Streamer};
 
@@ -152,26 +158,7 @@ impl Behaviour {
         let me = keypair.public().to_peer_id();
         let metrics = config.metrics().clone();
         let store = SnapshotStore::open(config.snapshot_dir())?;
-        let token = config.token();
-        let streamer = Streamer::bind(
-            keypair,
-            store.clone(),
-            *config.streamer(),
-            token,
-            metrics.clone(),
-        )?;
-        // Downloads tell the sources they ask where this node serves what it verified.
-        let serve_port = config
-            .download()
-            .serve_partial()
-            .then(|| streamer.local_addr().port());
-        let downloader = Downloader::new(
-            keypair.clone(),
-            store.clone(),
-            config.download().with_serve_port(serve_port),
-            token,
-            metrics.clone(),
-        )?;
+        let (streamer, downloader) = transfer(keypair, &store, &config, &metrics)?;
         let creator = Creator::new(store.clone(), db.clone(), *config.creator());
         let (protocols, topic) = protocols::build(keypair, &config)?;
         let now = Instant::now();
@@ -338,13 +325,6 @@ impl Behaviour {
         }
     }
 
-    /// Stops the sync job, if any, in the background (progress is kept).
-    fn stop_job(&mut self) {
-        if let Some(job) = self.job.take() {
-            self.stopping = Some(tokio::spawn(job.cancel()));
-        }
-    }
-
     /// Shuts snapsync down gracefully: cancels the sync in progress and waits until its
     /// progress is durable, then closes every chunk-stream connection, telling each peer. The
     /// swarm's own connections are the owner's to close.
@@ -387,67 +367,6 @@ impl Behaviour {
         self.events.push_back(event);
     }
 
-    /// Tells discovery what the node holds now.
-    fn refresh_local(&mut self) {
-        let slot = self.db.slot().unwrap_or_else(|e| {
-            tracing::warn!(target: TARGET, error = %e, "cannot read the DB's slot");
-            None
-        });
-        let held = self.store.list();
-        let (snapshots, modified_time) =
-            crate::discovery::advertised(held.iter().map(|s| s.manifest()));
-        if let Some(newest) = snapshots.iter().map(|s| s.key.slot).max() {
-            self.metrics
-                .newest_snapshot_slot
-                .set(newest.min(i64::MAX as u64) as i64);
-        }
-        if let Some(s) = slot {
-            self.metrics.local_slot.set(s.min(i64::MAX as u64) as i64);
-        }
-        self.discovery.handle_local(Local {
-            slot,
-            snapshots,
-            modified_time,
-            chunk_size: Some(self.config.creator().options().chunk_size()),
-        });
-        self.refresh_partials();
-        self.mirror();
-    }
-
-    /// Mirrors the store into the publish directory, if one is set, in the background.
-    fn mirror(&self) {
-        let Some(dir) = self.config.publish_dir().map(|d| d.to_path_buf()) else {
-            return;
-        };
-        let (store, lock) = (self.store.clone(), self.publishing.clone());
-        tokio::task::spawn_blocking(move || {
-            let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = crate::snapshot::mirror(&store, &dir) {
-                tracing::warn!(target: TARGET, dir = %dir.display(), error = %e, "could not publish the snapshots");
-            }
-        });
-    }
-
-    /// What this node serves of the snapshots it downloads.
-    fn partial_holdings(&self) -> Vec<crate::discovery::PartialAd> {
-        self.store
-            .exchange()
-            .all_offered()
-            .iter()
-            .map(|o| crate::discovery::PartialAd {
-                ad: crate::discovery::SnapshotAd::of(&o.manifest),
-                verified_bytes: (o.verified.count() * u64::from(o.manifest.chunk_size.bytes()))
-                    .min(o.manifest.archive_size),
-            })
-            .collect()
-    }
-
-    /// Tells discovery what this node serves of the snapshots it downloads.
-    fn refresh_partials(&mut self) {
-        let partials = self.partial_holdings();
-        self.discovery.handle_partials(partials, Instant::now());
-    }
-
     fn streamer_addrs(&self) -> Vec<SocketAddr> {
         addr::streamer_addrs(
             self.config.advertise_addrs(),
@@ -462,306 +381,6 @@ impl Behaviour {
             .handle_listen_addrs(self.listen_addrs.clone());
     }
 
-    /// Carries out what discovery queued. Returns whether there was anything.
-    fn carry_out_actions(&mut self) -> bool {
-        let mut any = false;
-        while let Some(action) = self.discovery.poll() {
-            any = true;
-            self.carry_out(action);
-        }
-        any
-    }
-
-    fn carry_out(&mut self, action: Action) {
-        match action {
-            Action::Publish { kind, bytes } => {
-                // When the node asks its peers, it reads its web sources' indexes too.
-                #[cfg(feature = "web")]
-                if kind == crate::discovery::Published::Request {
-                    self.web.ask_all();
-                }
-                let delivered = match self.protocols.gossipsub.publish(self.topic.clone(), bytes) {
-                    Ok(_) => true,
-                    // Normal at start: the first peer to join gets the request.
-                    Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
-                        tracing::debug!(target: TARGET, ?kind, "no snapsync peer on the topic yet");
-                        false
-                    }
-                    Err(e) => {
-                        tracing::warn!(target: TARGET, ?kind, error = %e, "cannot publish on the topic");
-                        false
-                    }
-                };
-                self.discovery.handle_published(kind, delivered);
-            }
-            Action::Ask { peer, request } => {
-                let body = Some(proto::direct_request::Body::Ask(request));
-                let id = self
-                    .protocols
-                    .direct
-                    .send_request(&peer, proto::DirectRequest { body });
-                self.asks.push(id, peer);
-            }
-            Action::Answer {
-                peer,
-                answer,
-                addrs,
-            } => {
-                let body = Some(proto::direct_request::Body::Answer(answer));
-                self.protocols.direct.send_request_with_addresses(
-                    &peer,
-                    proto::DirectRequest { body },
-                    addrs,
-                );
-            }
-            Action::StartSync(plan) => self.start_sync(*plan),
-            Action::CancelSync => self.stop_job(),
-            Action::AddSyncPeer {
-                key,
-                peer,
-                addrs,
-                partial,
-            } => {
-                #[cfg(feature = "web")]
-                if let Some(source) = self.web.get(&peer) {
-                    if let Some(job) = &mut self.job {
-                        job.add_peer(&key, JobSource::Web(source), false);
-                    }
-                    return;
-                }
-                if let Some(addr) = peer_addr(&mut self.peer_ips, peer, &addrs)
-                    && let Some(job) = &mut self.job
-                {
-                    job.add_peer(&key, JobSource::Peer(addr), partial);
-                }
-            }
-            Action::DeleteSnapshot(root) => {
-                if let Some(snap) = self.store.get(&root)
-                    && let Err(e) = self.store.remove(&snap)
-                {
-                    tracing::warn!(target: TARGET, root = %root.short(), error = %e, "could not delete a snapshot that did not load");
-                }
-                self.refresh_local();
-            }
-            Action::Notice(notice) => self.push_event(notice.into()),
-        }
-    }
-
-    /// Starts syncing `plan`, once a cancelled job has stopped.
-    fn start_sync(&mut self, plan: Plan) {
-        if self.stopping.as_ref().is_some_and(|t| !t.is_finished()) {
-            self.deferred = Some(plan);
-            return;
-        }
-        self.stopping = None;
-        self.metrics.syncs_started.inc();
-        let ips = &mut self.peer_ips;
-        #[cfg(feature = "web")]
-        let web = &self.web;
-        let mut peers = |peer: PeerId, addrs: &[SocketAddr]| {
-            #[cfg(feature = "web")]
-            if let Some(source) = web.get(&peer) {
-                return Some(JobSource::Web(source));
-            }
-            peer_addr(ips, peer, addrs).map(JobSource::Peer)
-        };
-        let job = SyncJob::start(
-            &plan,
-            &self.downloader,
-            self.db.clone(),
-            self.store.clone(),
-            (
-                *self.config.load_limits(),
-                self.config.state_check().cloned(),
-            ),
-            &mut peers,
-        );
-        self.job = Some(job);
-    }
-
-    /// A cancelled job stopped: a plan chosen meanwhile starts now.
-    fn poll_stopping(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(stopping) = &mut self.stopping else {
-            return false;
-        };
-        if Pin::new(stopping).poll(cx).is_pending() {
-            return false;
-        }
-        self.stopping = None;
-        match self.deferred.take() {
-            Some(plan) => {
-                self.start_sync(plan);
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn handle_job(&mut self, event: JobEvent) {
-        match event {
-            JobEvent::Started {
-                key,
-                peers,
-                resumed_bytes,
-            } => self.push_event(Event::DownloadStarted {
-                key,
-                peers,
-                resumed_bytes,
-            }),
-            JobEvent::Progress(p) => {
-                self.refresh_partials();
-                self.push_event(Event::DownloadProgress(p));
-            }
-            JobEvent::Synced(synced) => {
-                self.job = None;
-                let r = synced.report;
-                self.metrics.synced(r.kind);
-                if let Err(e) = self.store.retain(self.config.creator().retention()) {
-                    tracing::warn!(target: TARGET, error = %e, "could not delete old snapshots");
-                }
-                tracing::info!(target: TARGET, slot = r.slot, kind = %r.kind, with_full = synced.with_full, bank_hash = %r.bank_hash.short(), fetched = synced.fetched_bytes, secs = synced.elapsed.as_secs_f64(), "synced");
-                self.refresh_local();
-                self.discovery.handle_sync_ended(
-                    SyncOutcome::Synced {
-                        bad_peers: synced.bad_peers,
-                    },
-                    Instant::now(),
-                );
-                self.push_event(Event::SnapshotSynced {
-                    slot: r.slot,
-                    bank_hash: r.bank_hash,
-                    kind: r.kind,
-                    with_full: synced.with_full,
-                    bytes: synced.bytes,
-                    fetched_bytes: synced.fetched_bytes,
-                    served_bytes: synced.served_bytes,
-                    elapsed: synced.elapsed,
-                    per_peer: synced.per_peer,
-                });
-            }
-            JobEvent::Failed(failed) => {
-                self.job = None;
-                let failed = *failed;
-                self.metrics.sync_failures.inc();
-                tracing::warn!(target: TARGET, slot = failed.key.slot, kind = %failed.key.kind, error = %failed.error, "sync failed");
-                self.refresh_local();
-                self.discovery
-                    .handle_sync_ended(SyncOutcome::Failed(failed.outcome), Instant::now());
-                self.push_event(Event::SyncFailed {
-                    key: failed.key,
-                    error: failed.error,
-                });
-            }
-        }
-    }
-
-    fn handle_protocols(&mut self, event: ProtocolsEvent) {
-        let now = Instant::now();
-        match event {
-            ProtocolsEvent::Gossipsub(gossipsub::Event::Message {
-                propagation_source,
-                message_id,
-                message,
-            }) => {
-                let verdict = if message.topic == self.topic.hash() {
-                    self.discovery.handle_gossip(
-                        message.source,
-                        propagation_source,
-                        &message.data,
-                        now,
-                    )
-                } else {
-                    Verdict::Ignore
-                };
-                let acceptance = match verdict {
-                    Verdict::Accept => gossipsub::MessageAcceptance::Accept,
-                    Verdict::Reject => gossipsub::MessageAcceptance::Reject,
-                    Verdict::Ignore => gossipsub::MessageAcceptance::Ignore,
-                };
-                self.protocols.gossipsub.report_message_validation_result(
-                    &message_id,
-                    &propagation_source,
-                    acceptance,
-                );
-            }
-            ProtocolsEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic })
-                if topic == self.topic.hash() =>
-            {
-                tracing::debug!(target: TARGET, peer = %peer_id, "a snapsync peer joined the topic");
-                self.discovery.handle_subscribed(peer_id, now);
-            }
-            ProtocolsEvent::Gossipsub(_) => {}
-            ProtocolsEvent::Direct(event) => self.handle_direct(event, now),
-        }
-    }
-
-    fn handle_direct(
-        &mut self,
-        event: request_response::Event<proto::DirectRequest, proto::DirectResponse>,
-        now: Instant,
-    ) {
-        use request_response::{Event as Rr, Message};
-        match event {
-            Rr::Message {
-                peer,
-                message:
-                    Message::Request {
-                        request, channel, ..
-                    },
-                ..
-            } => {
-                let answer = match request.body {
-                    Some(proto::direct_request::Body::Ask(ask)) => {
-                        self.discovery.handle_ask(peer, &ask, now)
-                    }
-                    Some(proto::direct_request::Body::Answer(answer)) => {
-                        self.discovery.handle_answer(peer, &answer, false, now);
-                        None
-                    }
-                    None => None,
-                };
-                let _ = self
-                    .protocols
-                    .direct
-                    .send_response(channel, proto::DirectResponse { answer });
-            }
-            Rr::Message {
-                peer,
-                message:
-                    Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if self.asks.pop(&request_id).is_some()
-                    && let Some(answer) = response.answer
-                {
-                    self.discovery.handle_answer(peer, &answer, true, now);
-                }
-            }
-            Rr::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                self.asks.pop(&request_id);
-                if matches!(
-                    error,
-                    request_response::OutboundFailure::UnsupportedProtocols
-                ) {
-                    self.discovery.handle_not_snapsync(peer);
-                }
-                tracing::debug!(target: TARGET, %peer, %error, "a direct message did not go through");
-            }
-            Rr::InboundFailure { peer, error, .. } => {
-                tracing::debug!(target: TARGET, %peer, %error, "could not read a direct message");
-            }
-            Rr::ResponseSent { .. } => {}
-        }
-    }
-
     /// A web source's index was read: its listing goes to discovery as that source's advert.
     fn poll_web(&mut self, _cx: &mut Context<'_>) -> bool {
         #[cfg(feature = "web")]
@@ -770,28 +389,6 @@ impl Behaviour {
                 self.discovery.handle_web_advert(advert, Instant::now());
             }
             return true;
-        }
-        false
-    }
-
-    /// A snapshot being made ended.
-    fn poll_creating(&mut self, cx: &mut Context<'_>) -> bool {
-        for i in 0..self.creating.len() {
-            if let Poll::Ready(result) = Pin::new(&mut self.creating[i]).poll(cx) {
-                drop(self.creating.swap_remove(i));
-                match result {
-                    Ok(snap) => {
-                        self.metrics.created(snap.manifest().kind);
-                        self.refresh_local();
-                        self.discovery.handle_snapshot_created(Instant::now());
-                        self.push_event(Event::SnapshotCreated {
-                            manifest: snap.manifest().clone(),
-                        });
-                    }
-                    Err(e) => self.push_event(Event::CreationFailed(e)),
-                }
-                return true;
-            }
         }
         false
     }
@@ -813,6 +410,37 @@ impl Behaviour {
         }
         false
     }
+}
+
+/// The chunk streamer, bound, and the downloader (whose downloads tell the sources they ask
+/// where the streamer serves what they verified).
+fn transfer(
+    keypair: &Keypair,
+    store: &SnapshotStore,
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<(Streamer, Downloader), BehaviourError> {
+    let token = config.token();
+    let streamer = Streamer::bind(
+        keypair,
+        store.clone(),
+        *config.streamer(),
+        token,
+        metrics.clone(),
+    )?;
+    // Downloads tell the sources they ask where this node serves what it verified.
+    let serve_port = config
+        .download()
+        .serve_partial()
+        .then(|| streamer.local_addr().port());
+    let downloader = Downloader::new(
+        keypair.clone(),
+        store.clone(),
+        config.download().with_serve_port(serve_port),
+        token,
+        metrics.clone(),
+    )?;
+    Ok((streamer, downloader))
 }
 
 /// A peer's chunk-stream address, picked by the IP it is connected on.

@@ -52,7 +52,7 @@ pub enum StateVerdict {
     Undecided(String),
 }
 
-/// The application's check of a state before it goes live (see the [module docs](self)).
+/// The application's check of a state before it goes live (see the [`db` module docs](crate::db)).
 ///
 /// Called on a blocking thread, once per load, with the full state written: it may read as
 /// many entries as it needs. A closure `Fn(&CheckedState<'_>) -> StateVerdict` is one.

@@ -26,9 +26,15 @@
 //! `max(F / U_seeds, F / d, N F / (U_seeds + N u))` (the first copy must leave the seeds, each
 //! joiner must take it in, and N copies must be uploaded by someone), the share of the bytes
 //! joiners served, and how many copies the seeds uploaded.
+//!
+//! The joiners' side is `swarm/client.rs`, what a node answers `swarm/serve.rs`, and the
+//! servers' uplinks `swarm/uplink.rs`.
 
+mod client;
+mod serve;
 #[cfg(test)]
 mod tests;
+mod uplink;
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -42,8 +48,8 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use super::DownloadConfig;
 use super::bits::Bits;
 use super::picker::Have;
-use super::scheduler::{Command, Failure, PeerIdx, ReqId, Scheduler};
-use crate::transfer::streamer::slots::{OFFER_BLOCKS, SeedOffers, UPLOAD_LINGER, UploadSlots};
+use super::scheduler::{Failure, PeerIdx, ReqId, Scheduler};
+use crate::transfer::streamer::slots::{SeedOffers, UPLOAD_LINGER, UploadSlots};
 
 /// Bytes of a QUIC packet's payload, for the loss model.
 const MSS: f64 = 1200.0;
@@ -312,14 +318,15 @@ struct Sim<'a> {
     events: u64,
 }
 
-/// Runs a simulation.
-pub fn run(config: &SwarmConfig) -> SwarmReport {
-    let mut rng = Xoshiro256PlusPlus::seed_from_u64(config.seed);
-    let chunk_count = config.archive_bytes.div_ceil(config.chunk_bytes);
-    let piece_chunks = config.download.request_chunks().max(1);
-    let total = config.seeds + config.joiners;
-    let base = Instant::now();
-    let nodes = (0..total)
+/// The seeds (the first `config.seeds`) and the joiners, none started yet.
+fn new_nodes(
+    config: &SwarmConfig,
+    chunk_count: u64,
+    piece_chunks: u64,
+    base: Instant,
+    rng: &mut Xoshiro256PlusPlus,
+) -> Vec<Node> {
+    (0..config.seeds + config.joiners)
         .map(|i| {
             let seed = i < config.seeds;
             Node {
@@ -349,7 +356,17 @@ pub fn run(config: &SwarmConfig) -> SwarmReport {
                 wake_gen: 0,
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Runs a simulation.
+pub fn run(config: &SwarmConfig) -> SwarmReport {
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(config.seed);
+    let chunk_count = config.archive_bytes.div_ceil(config.chunk_bytes);
+    let piece_chunks = config.download.request_chunks().max(1);
+    let total = config.seeds + config.joiners;
+    let base = Instant::now();
+    let nodes = new_nodes(config, chunk_count, piece_chunks, base, &mut rng);
     let mut sim = Sim {
         config,
         base,
@@ -509,371 +526,6 @@ impl Sim<'_> {
         }
     }
 
-    fn start(&mut self, j: NodeId) {
-        let mut download = self.config.download;
-        download.schedule.jitter_seed = Some(self.config.seed ^ (j as u64) << 20);
-        let now = self.instant();
-        let mut s = Scheduler::new(
-            download.schedule,
-            self.config.archive_bytes,
-            self.config.chunk_bytes,
-            self.chunk_count,
-            &Bits::new(0),
-            now,
-        );
-        for &p in &self.nodes[j].peers {
-            s.handle_source(!self.nodes[p].seed, now);
-        }
-        self.nodes[j].sched = Some(s);
-        self.drive(j);
-    }
-
-    /// Carries out what `j`'s scheduler commands, and sets its next wake-up.
-    fn drive(&mut self, j: NodeId) {
-        let now = self.instant();
-        let Some(s) = self.nodes[j].sched.as_mut() else {
-            return;
-        };
-        let commands: Vec<Command> = std::iter::from_fn(|| s.poll_command(now)).collect();
-        let complete = s.is_complete();
-        let wake = s.poll_timeout(now).saturating_duration_since(self.base);
-        for c in commands {
-            match c {
-                Command::Connect(p) => {
-                    let at = self.now + self.rtt(j, self.nodes[j].peers[p]);
-                    self.push(at, Ev::Connected(j, p));
-                }
-                Command::Request { id, peer, chunks } => {
-                    let server = self.nodes[j].peers[peer];
-                    let at = self.message(j, server);
-                    let job = Job {
-                        server,
-                        client: j,
-                        id,
-                        chunks,
-                    };
-                    self.push(at, Ev::Arrive(job));
-                }
-                Command::Cancel(id) => {
-                    self.cancelled.insert((j, id));
-                }
-                // Its requests were cancelled; nothing else is held for a connection here.
-                Command::Close(_) => {}
-                Command::AskHave(p) => {
-                    self.have_asks += 1;
-                    let server = self.nodes[j].peers[p];
-                    let have = self.have_of(server, j);
-                    let asked = self.message(j, server);
-                    let at = asked + self.rtt(j, server) / 2 + self.queued(server);
-                    self.push(at, Ev::Have(j, p, have));
-                }
-            }
-        }
-        if complete && self.nodes[j].done_at.is_none() {
-            self.nodes[j].done_at = Some(self.now);
-        }
-        let node = &mut self.nodes[j];
-        if !complete && node.wake.is_none_or(|w| w != wake) && wake > self.now {
-            node.wake_gen += 1;
-            node.wake = Some(wake);
-            let generation = node.wake_gen;
-            self.push(wake, Ev::Wake(j, generation));
-        }
-    }
-
-    /// What `node` gave `peer`'s ledger lately, as `peer` sees it.
-    fn given(&self, peer: NodeId, node: NodeId) -> f64 {
-        let now = self.now;
-        self.nodes[peer].given.get(&node).map_or(0.0, |g| {
-            let halves = now.saturating_sub(g.at).as_secs_f64() / 20.0;
-            g.bytes * 0.5f64.powf(halves)
-        })
-    }
-
-    /// What `node` says it holds to `asker` (everything once complete, or, when more ask than
-    /// it has upload slots for, the few pieces it offers this asker if it holds a slot, none
-    /// if not; else its pieces on disk). A node that downloads too takes the asker as a
-    /// source in turn.
-    fn have_of(&mut self, node: NodeId, asker: NodeId) -> Have {
-        let now = self.instant();
-        let pieces = self.chunk_count.div_ceil(self.piece_chunks) as usize;
-        let holding = self.nodes[asker]
-            .sched
-            .as_ref()
-            .map(|s| s.pieces_done().to_bytes());
-        let complete = self.nodes[node].seed || self.nodes[node].done_at.is_some();
-        if !complete
-            && !self.nodes[node].peers.contains(&asker)
-            && let Some(s) = self.nodes[node].sched.as_mut()
-            && s.handle_source(true, now).is_some()
-        {
-            self.nodes[node].peers.push(asker);
-        }
-        let given: HashMap<NodeId, f64> = self.nodes[node]
-            .slots_candidates(asker)
-            .into_iter()
-            .map(|p| (p, self.given(node, p)))
-            .collect();
-        let n = &mut self.nodes[node];
-        if complete && n.slots.contended(now) {
-            let given = |p: &NodeId| given.get(p).copied().unwrap_or(0.0);
-            if !n.slots.admit(asker, now, given) {
-                return Have::Some(Bits::new(pieces));
-            }
-            n.slots.done(asker, 0, now);
-            let offer = n
-                .offers
-                .answer(OFFER_BLOCKS, self.piece_chunks, holding.as_deref(), now);
-            return Have::Some(Bits::from_bytes(&offer, pieces).expect("the length asked"));
-        }
-        match &n.sched {
-            _ if complete => Have::All,
-            None => Have::Some(Bits::new(pieces)),
-            Some(s) => {
-                let done = s.chunk_done();
-                let mut bits = Bits::new(pieces);
-                for p in 0..pieces {
-                    let start = p as u64 * self.piece_chunks;
-                    let end = (start + self.piece_chunks).min(self.chunk_count);
-                    if (start..end).all(|c| done.get(c as usize)) {
-                        bits.set(p);
-                    }
-                }
-                Have::Some(bits)
-            }
-        }
-    }
-
-    /// A request reaches its server: refused when it does not hold the range or has no upload
-    /// slot for the client, else queued on the client's connection.
-    fn arrive(&mut self, job: Job) {
-        if self.cancelled.contains(&(job.client, job.id)) {
-            return;
-        }
-        let (server, client, id) = (job.server, job.client, job.id);
-        let n = &self.nodes[server];
-        let holds = n.seed
-            || n.done_at.is_some()
-            || n.sched
-                .as_ref()
-                .is_some_and(|s| job.chunks.clone().all(|c| s.chunk_done().get(c as usize)));
-        let failure = if !holds {
-            self.not_held += 1;
-            Some(Failure::NotHeld)
-        } else {
-            let now = self.instant();
-            let given: HashMap<NodeId, f64> = self.nodes[server]
-                .slots_candidates(client)
-                .into_iter()
-                .map(|p| (p, self.given(server, p)))
-                .collect();
-            let given = |p: &NodeId| given.get(p).copied().unwrap_or(0.0);
-            if self.nodes[server].slots.admit(client, now, given) {
-                None
-            } else {
-                self.busy += 1;
-                Some(Failure::Busy)
-            }
-        };
-        if let Some(failure) = failure {
-            let at = self.message(server, client);
-            self.push(
-                at,
-                Ev::Refused {
-                    client,
-                    id,
-                    failure,
-                },
-            );
-            return;
-        }
-        self.advance(server);
-        let n = &mut self.nodes[server];
-        if n.seed || n.done_at.is_some() {
-            n.offers.sent(job.chunks.clone());
-        }
-
-        n.queues.entry(client).or_default().push_back(job);
-        if !n.sending.iter().any(|s| s.job.client == client) {
-            self.next_of(server, client);
-        }
-        self.reschedule(server);
-    }
-
-    /// The next response on `client`'s connection to `server` goes on the wire.
-    fn next_of(&mut self, server: NodeId, client: NodeId) {
-        let now = self.instant();
-        let cap = self.flow_cap(server, client);
-        loop {
-            let Some(job) = self.nodes[server]
-                .queues
-                .get_mut(&client)
-                .and_then(|q| q.pop_front())
-            else {
-                return;
-            };
-            if self.cancelled.contains(&(job.client, job.id)) {
-                self.nodes[server].slots.done(client, 0, now);
-                continue;
-            }
-            let left = self.bytes_of(&job.chunks) as f64;
-            self.nodes[server].sending.push(Sending { job, left, cap });
-            return;
-        }
-    }
-
-    /// A flow's rate limit under loss (unbounded without loss).
-    fn flow_cap(&self, a: NodeId, b: NodeId) -> f64 {
-        flow_cap(self.link(a, b) * 2, self.config.loss)
-    }
-
-    /// Each response's share of `server`'s uplink now: even, within each flow's cap.
-    fn shares(&self, server: NodeId) -> Vec<f64> {
-        let n = &self.nodes[server];
-        let mut shares = vec![0.0; n.sending.len()];
-        let mut left = n.uplink;
-        let mut open: Vec<usize> = (0..n.sending.len()).collect();
-        // Water-filling: flows below the even share keep their cap, the rest share the rest.
-        while !open.is_empty() {
-            let even = left / open.len() as f64;
-            let (capped, free): (Vec<usize>, Vec<usize>) =
-                open.iter().partition(|&&i| n.sending[i].cap < even);
-            if capped.is_empty() {
-                for i in free {
-                    shares[i] = even;
-                }
-                break;
-            }
-            for i in capped {
-                shares[i] = n.sending[i].cap;
-                left -= n.sending[i].cap;
-            }
-            open = free;
-        }
-        shares
-    }
-
-    /// Moves `server`'s responses on to now.
-    fn advance(&mut self, server: NodeId) {
-        let elapsed = self
-            .now
-            .saturating_sub(self.nodes[server].sending_since)
-            .as_secs_f64();
-        let shares = self.shares(server);
-        let n = &mut self.nodes[server];
-        for (s, share) in n.sending.iter_mut().zip(shares) {
-            let sent = (share * elapsed).min(s.left);
-            s.left -= sent;
-            self.sent_bytes += sent;
-            if n.seed {
-                self.seed_uploaded += sent;
-            }
-        }
-        n.sending_since = self.now;
-    }
-
-    /// Sets `server`'s next uplink tick: when its first response ends.
-    fn reschedule(&mut self, server: NodeId) {
-        let shares = self.shares(server);
-        let n = &mut self.nodes[server];
-        n.uplink_gen += 1;
-        let next = n
-            .sending
-            .iter()
-            .zip(&shares)
-            .map(|(s, share)| s.left / share.max(1.0))
-            .min_by(f64::total_cmp);
-        if let Some(secs) = next {
-            let at = self.now + Duration::from_secs_f64(secs.max(0.0));
-            let generation = n.uplink_gen;
-            self.push(at, Ev::Uplink(server, generation));
-        }
-    }
-
-    /// `server`'s uplink moved on: finished responses are delivered, given-up ones dropped,
-    /// and each of their connections sends its next.
-    fn uplink(&mut self, server: NodeId) {
-        self.advance(server);
-        let now = self.instant();
-        let mut i = 0;
-        while i < self.nodes[server].sending.len() {
-            let s = &self.nodes[server].sending[i];
-            let gone = self.cancelled.contains(&(s.job.client, s.job.id));
-            if s.left > 0.5 && !gone {
-                i += 1;
-                continue;
-            }
-            let s = self.nodes[server].sending.swap_remove(i);
-            let bytes = self.bytes_of(&s.job.chunks);
-            let client = s.job.client;
-            self.nodes[server].slots.done(client, bytes, now);
-            if gone {
-                self.wasted += bytes as f64 - s.left;
-            } else {
-                self.sent(server, s.job, bytes);
-            }
-            self.next_of(server, client);
-        }
-        self.reschedule(server);
-    }
-
-    /// A response left `server` whole: it reaches its client after the link, the queue and
-    /// the client's downlink.
-    fn sent(&mut self, server: NodeId, job: Job, bytes: u64) {
-        if self.nodes[server].seed {
-            for c in job.chunks.clone() {
-                self.seed_sent.set(c as usize);
-            }
-            if self.first_copy_out.is_none() && self.seed_sent.ones() == self.seed_sent.len() {
-                self.first_copy_out = Some(self.now);
-            }
-        }
-        let c = job.client;
-        let take_in = Duration::from_secs_f64(bytes as f64 / self.config.downlink);
-        let arrival = (self.now + self.link(server, c) + self.config.queue_delay)
-            .max(self.nodes[c].recv_free + take_in);
-        self.nodes[c].recv_free = arrival;
-        self.push(
-            arrival,
-            Ev::Delivered {
-                client: c,
-                from: server,
-                id: job.id,
-                chunks: job.chunks,
-            },
-        );
-    }
-
-    fn delivered(&mut self, client: NodeId, from: NodeId, id: ReqId, chunks: Range<u64>) {
-        let now = self.instant();
-        let bytes = self.bytes_of(&chunks);
-        let rtt = self.rtt(client, from);
-        let Some(s) = self.nodes[client].sched.as_mut() else {
-            return;
-        };
-        let added = s.handle_written(id, chunks.end, now) + s.handle_success(id, now);
-        if let Some(p) = self.nodes[client].peers.iter().position(|n| *n == from)
-            && let Some(s) = self.nodes[client].sched.as_mut()
-        {
-            s.handle_rtt(p, rtt);
-        }
-        self.wasted += (bytes - added) as f64;
-        if self.nodes[from].seed {
-            self.useful_from_seeds += added;
-        } else {
-            self.useful_from_joiners += added;
-        }
-        let was = self.given(client, from);
-        self.nodes[client].given.insert(
-            from,
-            Given {
-                bytes: was + added as f64,
-                at: self.now,
-            },
-        );
-        self.drive(client);
-    }
-
     fn report(&self) -> SwarmReport {
         let c = self.config;
         let mut done: Vec<Duration> = self.nodes.iter().filter_map(|n| n.done_at).collect();
@@ -898,14 +550,5 @@ impl Sim<'_> {
             have_asks: self.have_asks,
             events: self.events,
         }
-    }
-}
-
-impl Node {
-    /// The peers the slots may compare `asker` with: those holding one, and the asker.
-    fn slots_candidates(&self, asker: NodeId) -> Vec<NodeId> {
-        let mut c: Vec<NodeId> = self.given.keys().copied().collect();
-        c.push(asker);
-        c
     }
 }

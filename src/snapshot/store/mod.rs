@@ -25,6 +25,15 @@
 //! Retention keeps the newest full snapshots and the newest incremental ones on them (see
 //! [`Retention`]); a snapshot being served ([`SnapshotStore::pin`]) or served a moment ago is
 //! kept until it is no longer, so a long download never loses its source half-way.
+//!
+//! The directory lock is `store/lock.rs`, the partial downloads (their claims, trimming them to
+//! the disk budget) `store/partial.rs`, and the store's errors `store/error.rs`.
+
+mod error;
+mod lock;
+mod partial;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -36,9 +45,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::disk;
 use crate::hash::ContentRoot;
+use crate::snapshot::Manifest;
 use crate::snapshot::archive::SnapshotKind;
 use crate::snapshot::exchange::Exchange;
-use crate::snapshot::{Manifest, ManifestError};
+
+pub(crate) use error::IoAt;
+pub use error::StoreError;
+use error::ensure_dir;
+use lock::StoreLock;
+use partial::Holds;
+pub(crate) use partial::PartialClaim;
 
 /// File name of the archive inside a snapshot directory.
 pub const ARCHIVE_FILE: &str = "archive.zst";
@@ -58,117 +74,6 @@ pub(crate) const VOUCHED_FILE: &str = "vouched";
 
 /// Log target of the store (snapshots are part of discovery's story).
 const TARGET: &str = crate::log::DISCOVERY;
-
-/// A file-system operation of the snapshot store failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// The directory or file cannot be written (permissions, read-only or immutable).
-    #[error("snapshot directory is not writable: {path}: {source}")]
-    NotWritable {
-        /// The path that could not be written.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// A path that must be a directory is a file (or lies under one).
-    #[error("not a directory: {path} is a file, where a directory is needed")]
-    NotADirectory {
-        /// The file in the way.
-        path: PathBuf,
-    },
-    /// The disk (or quota) is full, or has less room than needed.
-    #[error("disk full while writing {path}: {source}")]
-    DiskFull {
-        /// The path being written.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// Another I/O error.
-    #[error("snapshot store I/O error at {path}: {source}")]
-    Io {
-        /// The path involved.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// Another process has the snapshot directory open.
-    #[error("snapshot directory is in use by another process: {path}")]
-    InUse {
-        /// The directory.
-        path: PathBuf,
-    },
-    /// A published snapshot's manifest cannot be read.
-    #[error("invalid manifest {path}: {source}")]
-    Manifest {
-        /// The manifest file.
-        path: PathBuf,
-        /// Why it is invalid.
-        #[source]
-        source: ManifestError,
-    },
-}
-
-impl StoreError {
-    /// Classifies an I/O error at `path`: full disk, not writable, not a directory, or other.
-    pub(crate) fn at(path: &Path, source: io::Error) -> Self {
-        let path = path.to_path_buf();
-        match source.kind() {
-            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => {
-                StoreError::DiskFull { path, source }
-            }
-            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
-                StoreError::NotWritable { path, source }
-            }
-            io::ErrorKind::NotADirectory => StoreError::NotADirectory { path },
-            _ => StoreError::Io { path, source },
-        }
-    }
-
-    /// The path the error is about.
-    pub fn path(&self) -> &Path {
-        match self {
-            StoreError::NotWritable { path, .. }
-            | StoreError::NotADirectory { path }
-            | StoreError::DiskFull { path, .. }
-            | StoreError::Io { path, .. }
-            | StoreError::InUse { path }
-            | StoreError::Manifest { path, .. } => path,
-        }
-    }
-}
-
-/// Extension to attach a path to an I/O result.
-pub(crate) trait IoAt<T> {
-    fn at(self, path: &Path) -> Result<T, StoreError>;
-}
-
-impl<T> IoAt<T> for io::Result<T> {
-    fn at(self, path: &Path) -> Result<T, StoreError> {
-        self.map_err(|e| StoreError::at(path, e))
-    }
-}
-
-/// Creates directory `dir` (and its parents), saying clearly what is in the way: a file where a
-/// directory should be, or a place that cannot be written.
-pub(crate) fn ensure_dir(dir: &Path) -> Result<(), StoreError> {
-    for ancestor in dir.ancestors() {
-        match fs::metadata(ancestor) {
-            Ok(m) if m.is_dir() => break,
-            Ok(_) => {
-                return Err(StoreError::NotADirectory {
-                    path: ancestor.to_path_buf(),
-                });
-            }
-            Err(_) => continue,
-        }
-    }
-    fs::create_dir_all(dir).at(dir)
-}
 
 /// A published snapshot: its manifest and where its files are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,92 +180,6 @@ pub(crate) fn now_unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// A partial download on disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct PartialInfo {
-    pub(crate) root: Option<ContentRoot>,
-    /// Its download was vouched for (see [`VOUCHED_FILE`]).
-    pub(crate) vouched: bool,
-    pub(crate) path: PathBuf,
-    pub(crate) bytes: u64,
-    pub(crate) modified: SystemTime,
-}
-
-/// The lock of a snapshot directory, shared by every open of it in this process.
-#[derive(Debug)]
-struct StoreLock {
-    dir: PathBuf,
-    _file: fs::File,
-}
-
-/// The snapshot directories open in this process, and their locks.
-static OPEN_STORES: Mutex<Vec<std::sync::Weak<StoreLock>>> = Mutex::new(Vec::new());
-
-impl StoreLock {
-    /// This process's lock of `dir`: the one already held, or a new one (refused when another
-    /// process holds it).
-    fn take(dir: &Path) -> Result<Arc<Self>, StoreError> {
-        let canonical = fs::canonicalize(dir).at(dir)?;
-        let mut open = OPEN_STORES.lock().unwrap_or_else(|p| p.into_inner());
-        open.retain(|w| w.strong_count() > 0);
-        if let Some(held) = open
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .find(|l| l.dir == canonical)
-        {
-            return Ok(held);
-        }
-        let file = fs::File::open(dir).at(dir)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(StoreError::InUse {
-                    path: dir.to_path_buf(),
-                });
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(StoreError::at(dir, e)),
-        }
-        let lock = Arc::new(Self {
-            dir: canonical,
-            _file: file,
-        });
-        open.push(Arc::downgrade(&lock));
-        Ok(lock)
-    }
-}
-
-/// A partial download claimed by a download, or pinned by a server of its chunks (see
-/// [`SnapshotStore::claim_partial`]); released on drop.
-#[derive(Debug)]
-pub(crate) struct PartialClaim {
-    store: SnapshotStore,
-    root: ContentRoot,
-    download: bool,
-}
-
-/// Who holds partial downloads: the download working on each, and the pins of servers.
-#[derive(Debug, Default)]
-struct Holds {
-    downloads: std::collections::HashSet<ContentRoot>,
-    pins: HashMap<ContentRoot, usize>,
-}
-
-impl Drop for PartialClaim {
-    fn drop(&mut self) {
-        let mut holds = self.store.claims();
-        if self.download {
-            holds.downloads.remove(&self.root);
-        } else if let Some(n) = holds.pins.get_mut(&self.root) {
-            *n -= 1;
-            if *n == 0 {
-                holds.pins.remove(&self.root);
-            }
-        }
-        drop(holds);
-        self.store.inner.released.notify_waiters();
-    }
 }
 
 /// Keeps a snapshot from being deleted while it is served; see [`SnapshotStore::pin`].
@@ -517,35 +336,6 @@ impl SnapshotStore {
         &self.inner.exchange
     }
 
-    fn claims(&self) -> std::sync::MutexGuard<'_, Holds> {
-        self.inner.claimed.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Claims the partial download of `root` for a download, waiting while another download
-    /// (a cancelled one still making its progress durable, say) holds it. While claimed it is
-    /// never trimmed.
-    pub(crate) async fn claim_partial(&self, root: ContentRoot) -> PartialClaim {
-        loop {
-            let released = self.inner.released.notified();
-            {
-                if self.claims().downloads.insert(root) {
-                    return PartialClaim {
-                        store: self.clone(),
-                        root,
-                        download: true,
-                    };
-                }
-            }
-            // Woken when a claim ends; looked at again every second regardless.
-            let _ = tokio::time::timeout(Duration::from_secs(1), released).await;
-        }
-    }
-
-    fn is_claimed(&self, root: &ContentRoot) -> bool {
-        let holds = self.claims();
-        holds.downloads.contains(root) || holds.pins.contains_key(root)
-    }
-
     /// A fresh staging directory (`.tmp-*`) to write a snapshot into.
     pub(crate) fn staging(&self) -> Result<StagingDir, StoreError> {
         let path = self
@@ -554,86 +344,6 @@ impl SnapshotStore {
             .join(format!("{TMP_PREFIX}{}", unique_suffix()));
         fs::create_dir(&path).at(&path)?;
         Ok(StagingDir { path: Some(path) })
-    }
-
-    /// Directory a download of the archive with `root` and `size` keeps its state in (for
-    /// resume): keyed by what fixes the archive's bytes, so that no other archive (another
-    /// size claimed for the same root, another root for the same slot) ever touches it, and
-    /// any chunk size of the same archive finds it.
-    pub(crate) fn partial_dir(&self, root: &ContentRoot, size: u64) -> PathBuf {
-        self.inner
-            .dir
-            .join(format!("{PARTIAL_PREFIX}{}-{size}", root.to_hex()))
-    }
-
-    /// The directory earlier versions kept a download of `root` in (keyed by the root alone).
-    pub(crate) fn legacy_partial_dir(&self, root: &ContentRoot) -> PathBuf {
-        self.inner
-            .dir
-            .join(format!("{PARTIAL_PREFIX}{}", root.to_hex()))
-    }
-
-    /// The partial downloads on disk.
-    pub(crate) fn partials(&self) -> Result<Vec<PartialInfo>, StoreError> {
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&self.inner.dir).at(&self.inner.dir)?.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(key) = name.strip_prefix(PARTIAL_PREFIX) else {
-                continue;
-            };
-            let hex = key.split_once('-').map_or(key, |(hex, _)| hex);
-            let path = entry.path();
-            let (mut bytes, mut modified) = (0u64, SystemTime::UNIX_EPOCH);
-            if let Ok(files) = fs::read_dir(&path) {
-                for f in files.flatten() {
-                    if let Ok(m) = f.metadata() {
-                        // Allocated bytes: a preallocated file counts in full.
-                        bytes += std::os::unix::fs::MetadataExt::blocks(&m) * 512;
-                        modified = modified.max(m.modified().unwrap_or(SystemTime::UNIX_EPOCH));
-                    }
-                }
-            }
-            out.push(PartialInfo {
-                root: hex.parse().ok(),
-                vouched: path.join(VOUCHED_FILE).exists(),
-                path,
-                bytes,
-                modified,
-            });
-        }
-        Ok(out)
-    }
-
-    /// Keeps the partial downloads of roots other than `keep` (and those claimed) within
-    /// `budget` bytes on disk, deleting the least recently touched first; ones that are not
-    /// partial downloads of a root are deleted. A download the policy did not vouch for
-    /// (`vouched` false) never deletes one it vouched for: a snapshot anyone can advertise
-    /// cannot wipe the progress of one the node's trust chose. Returns the roots deleted.
-    pub(crate) fn trim_partials(
-        &self,
-        keep: &ContentRoot,
-        budget: u64,
-        vouched: bool,
-    ) -> Result<Vec<ContentRoot>, StoreError> {
-        let mut others: Vec<PartialInfo> = self
-            .partials()?
-            .into_iter()
-            .filter(|p| vouched || !p.vouched)
-            .filter(|p| p.root.is_none_or(|r| r != *keep && !self.is_claimed(&r)))
-            .collect();
-        // Newest first: the oldest are dropped once the budget is spent.
-        others.sort_by_key(|p| std::cmp::Reverse(p.modified));
-        let mut used = 0u64;
-        let mut removed = Vec::new();
-        for p in others {
-            used = used.saturating_add(p.bytes);
-            if p.root.is_none() || used > budget {
-                tracing::info!(target: crate::log::DOWNLOAD, path = %p.path.display(), bytes = p.bytes, "removing a partial download beyond the disk budget");
-                disk::remove_path(&p.path).at(&p.path)?;
-                removed.extend(p.root);
-            }
-        }
-        Ok(removed)
     }
 
     /// Publishes the snapshot in `dir` (which holds [`ARCHIVE_FILE`] and [`OUTBOARD_FILE`],
@@ -853,145 +563,5 @@ impl Drop for StagingDir {
         {
             tracing::warn!(target: TARGET, path = %path.display(), error = %e, "could not remove a staging directory");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn partial(store: &SnapshotStore, root: ContentRoot, mib: usize) {
-        let dir = store.partial_dir(&root, (mib as u64) << 20);
-        fs::create_dir_all(&dir).unwrap();
-        fs::write(dir.join("archive.part"), vec![1u8; mib << 20]).unwrap();
-        // Distinct modification times, oldest first.
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-
-    #[test]
-    fn partials_of_other_snapshots_are_kept_within_the_budget_newest_first() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = SnapshotStore::open(tmp.path()).unwrap();
-        let (old, mid, new, current) = (
-            ContentRoot([1; 32]),
-            ContentRoot([2; 32]),
-            ContentRoot([3; 32]),
-            ContentRoot([4; 32]),
-        );
-        for root in [old, mid, new, current] {
-            partial(&store, root, 1);
-        }
-        fs::create_dir(tmp.path().join(format!("{PARTIAL_PREFIX}not-a-root"))).unwrap();
-        // Room for two of the others besides the download under way.
-        let removed = store
-            .trim_partials(&current, (2 << 20) + 4096, false)
-            .unwrap();
-        assert_eq!(removed, vec![old]);
-        let roots_left = || -> Vec<_> {
-            store
-                .partials()
-                .unwrap()
-                .into_iter()
-                .map(|p| p.root)
-                .collect()
-        };
-        let left = roots_left();
-        assert_eq!(left.len(), 3, "{left:?}");
-        for root in [mid, new, current] {
-            assert!(left.contains(&Some(root)));
-        }
-        // Within the budget, another attempt deletes nothing.
-        assert!(
-            store
-                .trim_partials(&current, (2 << 20) + 4096, false)
-                .unwrap()
-                .is_empty()
-        );
-        // With no budget, only the download under way stays.
-        store.trim_partials(&current, 0, false).unwrap();
-        assert_eq!(roots_left(), vec![Some(current)]);
-    }
-
-    #[test]
-    fn a_store_another_process_holds_is_refused_naming_its_directory() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = SnapshotStore::open(tmp.path()).unwrap();
-        // Opened again in this process: the same lock.
-        let again = SnapshotStore::open(tmp.path()).unwrap();
-        drop(store);
-        drop(again);
-        // Another process's lock (taken here on a file description of its own).
-        let other = fs::File::open(tmp.path()).unwrap();
-        other.lock().unwrap();
-        let err = SnapshotStore::open(tmp.path()).unwrap_err();
-        assert!(matches!(err, StoreError::InUse { .. }), "{err}");
-        assert!(err.to_string().contains(&tmp.path().display().to_string()));
-        other.unlock().unwrap();
-        SnapshotStore::open(tmp.path()).unwrap();
-    }
-
-    #[tokio::test]
-    async fn claimed_partials_are_never_trimmed_and_a_claim_waits_for_the_one_before() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = SnapshotStore::open(tmp.path()).unwrap();
-        let (full, incremental) = (ContentRoot([1; 32]), ContentRoot([2; 32]));
-        partial(&store, full, 1);
-        partial(&store, incremental, 1);
-        // The two legs of one sync: each trims with no budget, keeping only itself, but the
-        // other's claim keeps it too.
-        let full_claim = store.claim_partial(full).await;
-        let inc_claim = store.claim_partial(incremental).await;
-        assert!(
-            store
-                .trim_partials(&incremental, 0, true)
-                .unwrap()
-                .is_empty()
-        );
-        assert!(store.trim_partials(&full, 0, true).unwrap().is_empty());
-        assert_eq!(store.partials().unwrap().len(), 2);
-        // A second download of the same snapshot waits until the first lets go.
-        let second = {
-            let store = store.clone();
-            tokio::spawn(async move { store.claim_partial(full).await })
-        };
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!second.is_finished(), "waits while the first holds it");
-        drop(full_claim);
-        let again = tokio::time::timeout(Duration::from_secs(5), second)
-            .await
-            .expect("taken once released")
-            .unwrap();
-        drop(again);
-        drop(inc_claim);
-        // Released: trimmed like any other.
-        assert_eq!(
-            store
-                .trim_partials(&ContentRoot([9; 32]), 0, true)
-                .unwrap()
-                .len(),
-            2
-        );
-    }
-
-    #[test]
-    fn a_download_not_vouched_for_never_deletes_one_that_was() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = SnapshotStore::open(tmp.path()).unwrap();
-        let (chosen, other, fake) = (
-            ContentRoot([1; 32]),
-            ContentRoot([2; 32]),
-            ContentRoot([3; 32]),
-        );
-        partial(&store, chosen, 1);
-        fs::write(store.partial_dir(&chosen, 1 << 20).join(VOUCHED_FILE), b"").unwrap();
-        partial(&store, other, 1);
-        // A root anyone may advertise, with no room at all: only the unvouched one goes.
-        assert_eq!(store.trim_partials(&fake, 0, false).unwrap(), vec![other]);
-        assert_eq!(store.partials().unwrap().len(), 1);
-        // Another size claimed for the chosen root is another directory: it deletes nothing
-        // of its own root.
-        assert!(store.trim_partials(&chosen, 0, true).unwrap().is_empty());
-        // One vouched for may.
-        assert_eq!(store.trim_partials(&fake, 0, true).unwrap(), vec![chosen]);
     }
 }

@@ -1,0 +1,95 @@
+//! What the node holds, told to discovery: the DB's slot and the snapshots in the store (made
+//! here, or synced), mirrored into the publish directory, and what it serves of the snapshots
+//! it downloads.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use super::{Behaviour, Event, TARGET};
+use crate::discovery::Local;
+
+impl Behaviour {
+    /// Tells discovery what the node holds now.
+    pub(super) fn refresh_local(&mut self) {
+        let slot = self.db.slot().unwrap_or_else(|e| {
+            tracing::warn!(target: TARGET, error = %e, "cannot read the DB's slot");
+            None
+        });
+        let held = self.store.list();
+        let (snapshots, modified_time) =
+            crate::discovery::advertised(held.iter().map(|s| s.manifest()));
+        if let Some(newest) = snapshots.iter().map(|s| s.key.slot).max() {
+            self.metrics
+                .newest_snapshot_slot
+                .set(newest.min(i64::MAX as u64) as i64);
+        }
+        if let Some(s) = slot {
+            self.metrics.local_slot.set(s.min(i64::MAX as u64) as i64);
+        }
+        self.discovery.handle_local(Local {
+            slot,
+            snapshots,
+            modified_time,
+            chunk_size: Some(self.config.creator().options().chunk_size()),
+        });
+        self.refresh_partials();
+        self.mirror();
+    }
+
+    /// Mirrors the store into the publish directory, if one is set, in the background.
+    fn mirror(&self) {
+        let Some(dir) = self.config.publish_dir().map(|d| d.to_path_buf()) else {
+            return;
+        };
+        let (store, lock) = (self.store.clone(), self.publishing.clone());
+        tokio::task::spawn_blocking(move || {
+            let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = crate::snapshot::mirror(&store, &dir) {
+                tracing::warn!(target: TARGET, dir = %dir.display(), error = %e, "could not publish the snapshots");
+            }
+        });
+    }
+
+    /// What this node serves of the snapshots it downloads.
+    pub(super) fn partial_holdings(&self) -> Vec<crate::discovery::PartialAd> {
+        self.store
+            .exchange()
+            .all_offered()
+            .iter()
+            .map(|o| crate::discovery::PartialAd {
+                ad: crate::discovery::SnapshotAd::of(&o.manifest),
+                verified_bytes: (o.verified.count() * u64::from(o.manifest.chunk_size.bytes()))
+                    .min(o.manifest.archive_size),
+            })
+            .collect()
+    }
+
+    /// Tells discovery what this node serves of the snapshots it downloads.
+    pub(super) fn refresh_partials(&mut self) {
+        let partials = self.partial_holdings();
+        self.discovery.handle_partials(partials, Instant::now());
+    }
+
+    /// A snapshot being made ended.
+    pub(super) fn poll_creating(&mut self, cx: &mut Context<'_>) -> bool {
+        for i in 0..self.creating.len() {
+            if let Poll::Ready(result) = Pin::new(&mut self.creating[i]).poll(cx) {
+                drop(self.creating.swap_remove(i));
+                match result {
+                    Ok(snap) => {
+                        self.metrics.created(snap.manifest().kind);
+                        self.refresh_local();
+                        self.discovery.handle_snapshot_created(Instant::now());
+                        self.push_event(Event::SnapshotCreated {
+                            manifest: snap.manifest().clone(),
+                        });
+                    }
+                    Err(e) => self.push_event(Event::CreationFailed(e)),
+                }
+                return true;
+            }
+        }
+        false
+    }
+}
