@@ -30,9 +30,19 @@ impl WebSources {
     /// The sources `config` names, HTTPS servers checked against the roots it trusts; an URL
     /// that is not one, or a CA bundle that cannot be used, is an error naming it.
     pub(super) fn new(config: &Config) -> Result<Self, ConfigError> {
-        let urls = config.web_sources();
+        let (urls, ca_files) = (config.web_sources(), config.web_ca_files());
         let timeout = config.download().connect_timeout();
-        let roots = WebRoots::new(config.web_ca_files()).map_err(|e| {
+        if urls.is_empty() && ca_files.is_empty() {
+            // No web source: the trust stores are not read at all.
+            let (tx, rx) = mpsc::channel(1);
+            return Ok(Self {
+                sources: Vec::new(),
+                tx,
+                rx,
+                timeout,
+            });
+        }
+        let roots = WebRoots::new(ca_files).map_err(|e| {
             ConfigError::new("web_ca_files", "readable PEM CA bundles", e.to_string())
         })?;
         let sources = urls

@@ -44,8 +44,9 @@ pub enum StateVerdict {
     /// The state is the chain's: it goes live.
     Accept,
     /// The state is not the chain's at its slot. Nothing goes live, the peers that advertised
-    /// the snapshot are struck (they named a state the chain does not have), the snapshot is
-    /// not served or chosen again, and the node goes on to the next candidate.
+    /// the snapshot are struck (they named a state the chain does not have), the node deletes
+    /// its own copy (it serves it no more) and does not choose it again for
+    /// `failed_cooldown`, and it goes on to the next candidate.
     Refuse(String),
     /// The check cannot tell yet (its light client is not at that slot). Nothing goes live and
     /// nobody is blamed; the snapshot is not chosen again for `failed_cooldown`.
@@ -55,7 +56,11 @@ pub enum StateVerdict {
 /// The application's check of a state before it goes live (see the [`db` module docs](crate::db)).
 ///
 /// Called on a blocking thread, once per load, with the full state written: it may read as
-/// many entries as it needs. A closure `Fn(&CheckedState<'_>) -> StateVerdict` is one.
+/// many entries as it needs. It must not write to the state DB nor wait on it: an incremental
+/// snapshot applied to the live state alone is checked inside the DB's write transaction (the
+/// node's own writes wait meanwhile, so the check should return promptly; a view taken from
+/// the DB inside it sees the state before). A stop asked while it runs (a cancelled sync)
+/// still swaps nothing in. A closure `Fn(&CheckedState<'_>) -> StateVerdict` is one.
 pub trait StateCheck: Send + Sync + 'static {
     /// Judges `state`.
     fn check(&self, state: &CheckedState<'_>) -> StateVerdict;

@@ -170,8 +170,15 @@ pub trait ChangeWriter {
     /// Removes `key`; returns the value it had.
     fn delete(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError>;
 
-    /// The value of `key` with the changes written so far in this transaction.
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError>;
+    /// The value of `key` with the changes written so far in this transaction, for the
+    /// application's [`StateCheck`]. The default says the DB cannot read here (a check then
+    /// sees an error for every key; [`LmdbState`] reads).
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        let _ = key;
+        Err(DbError::Backend(
+            "this state DB does not read inside a write transaction".into(),
+        ))
+    }
 }
 
 /// A consistent, read-only view of the state at one slot.

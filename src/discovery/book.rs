@@ -114,6 +114,9 @@ pub(crate) struct KeyEntry {
 struct Stored {
     advert: Advert,
     standing: Standing,
+    /// The standing it came with (an answer, an announcement), before the policy raised it:
+    /// what a changed policy places it by.
+    given: Standing,
     /// When its latest advert came.
     at: Instant,
     /// When its first advert came (kept while it stays in the table).
@@ -254,6 +257,10 @@ impl AdvertBook {
         policy: &TrustPolicy,
     ) -> bool {
         let peer = advert.peer;
+        let given = self
+            .adverts
+            .get(&peer)
+            .map_or(standing, |old| old.given.max(standing));
         let standing = if policy.trusts(&peer) {
             Standing::Trusted
         } else if advert.snapshots.is_empty() {
@@ -306,6 +313,7 @@ impl AdvertBook {
             Stored {
                 advert,
                 standing,
+                given,
                 at: now,
                 first,
             },
@@ -316,8 +324,8 @@ impl AdvertBook {
     /// The trust policy changed to `policy`: every advert is counted and placed again under it,
     /// in the order the adverts came, keeping when each was heard and when each snapshot was
     /// first heard of. What the old policy raised (a trusted peer's advert, one of a snapshot
-    /// it vouched for) came as an answer or an announcement and stands as an answer now,
-    /// unless the new policy raises it again.
+    /// it vouched for) stands as it came (an answer, an announcement), unless the new policy
+    /// raises it again.
     pub(crate) fn retrust(&mut self, policy: &TrustPolicy) {
         let first_seen: HashMap<SnapshotKey, Instant> = self
             .by_key
@@ -332,11 +340,7 @@ impl AdvertBook {
         self.partials.clear();
         for s in stored {
             let peer = s.advert.peer;
-            let standing = match s.standing {
-                Standing::Trusted | Standing::Vouched => Standing::Answered,
-                other => other,
-            };
-            if self.insert(s.advert, standing, s.at, policy)
+            if self.insert(s.advert, s.given, s.at, policy)
                 && let Some(kept) = self.adverts.get_mut(&peer)
             {
                 kept.first = s.first;
@@ -656,7 +660,7 @@ mod tests {
         let e = book.entry(&key).unwrap();
         assert_eq!((e.peers.len(), e.trusted), (3, 2));
         assert_eq!(e.first_seen, first_seen);
-        assert_eq!(book.standing(&a), Some(Standing::Answered));
+        assert_eq!(book.standing(&a), Some(Standing::Announced));
         assert_eq!(book.standing(&b), Some(Standing::Trusted));
         assert_eq!(book.since(&c), Some(t0 + Duration::from_millis(2)));
         // Removing an advert counts down under the policy it was counted with.

@@ -222,7 +222,8 @@ fn write_index_except(dir: &Path, except: &[PathBuf]) -> Result<(), PublishError
         .collect();
     let path = dir.join(INDEX_FILE);
     let index = index_json(&listed);
-    if fs::read(&path).is_ok_and(|old| old == index.as_bytes()) {
+    let same_len = fs::metadata(&path).is_ok_and(|m| m.len() == index.len() as u64);
+    if same_len && fs::read(&path).is_ok_and(|old| old == index.as_bytes()) {
         return Ok(());
     }
     disk::replace_synced(&path, index.as_bytes()).map_err(at(&path))

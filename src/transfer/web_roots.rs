@@ -5,6 +5,7 @@
 //! OS's trust store (read with `rustls-native-certs`, which honours `SSL_CERT_FILE` and
 //! `SSL_CERT_DIR`) and any CA bundle its owner gives (PEM files).
 
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -104,15 +105,16 @@ fn read_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, RootsError> 
         path: path.to_path_buf(),
         message,
     };
-    let len = std::fs::metadata(path)
-        .map_err(|e| bad(e.to_string()))?
-        .len();
-    if len > MAX_BUNDLE_BYTES {
+    // Read with a bound whatever the file is (a FIFO or a device says nothing of its length).
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_BUNDLE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| bad(e.to_string()))?;
+    if bytes.len() as u64 > MAX_BUNDLE_BYTES {
         return Err(bad(format!(
-            "{len} bytes, more than the {MAX_BUNDLE_BYTES} allowed"
+            "more than the {MAX_BUNDLE_BYTES} bytes allowed"
         )));
     }
-    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad(format!("not PEM: {e}")))?;

@@ -47,6 +47,8 @@ pub(super) fn apply_incremental(
                         read: &WriterRead(&*writer),
                     };
                     run_check(check, &state)?;
+                    // A stop asked while the check ran still commits nothing.
+                    progress.check_stop()?;
                 }
                 Ok(r)
             });

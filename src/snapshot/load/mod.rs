@@ -548,6 +548,8 @@ fn load_on_full(
             read: &ViewRead(view.as_ref()),
         };
         run_check(check, &state).map_err(|e| (*kind, e))?;
+        // The check may take a while: a stop asked meanwhile still swaps nothing in.
+        progress.check_stop().map_err(on_full)?;
     }
     staged.commit().map_err(|e| on_full(e.into()))?;
     Ok(reads)

@@ -144,11 +144,16 @@ fn recording(seen: &std::sync::Arc<Seen>, verdict: StateVerdict) -> impl StateCh
     }
 }
 
-#[test]
-fn the_applications_check_sees_each_state_before_it_goes_live_and_only_an_accepted_one_does() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SnapshotStore::open(dir.path().join("snapshots")).unwrap();
-    let source_db = LmdbState::open(dir.path().join("source")).unwrap();
+/// A full snapshot at slot 10 and an incremental one at 20 on it, of a state whose `root`
+/// says which slot it is at.
+fn full_and_incremental(
+    dir: &Path,
+) -> (
+    std::sync::Arc<crate::snapshot::Snapshot>,
+    std::sync::Arc<crate::snapshot::Snapshot>,
+) {
+    let store = SnapshotStore::open(dir.join("snapshots")).unwrap();
+    let source_db = LmdbState::open(dir.join("source")).unwrap();
     source_db
         .commit_slot(10, |w| {
             for i in 0..1000u32 {
@@ -171,6 +176,13 @@ fn the_applications_check_sees_each_state_before_it_goes_live_and_only_an_accept
         &CreateOptions::default(),
     )
     .unwrap();
+    (full, inc)
+}
+
+#[test]
+fn the_applications_check_sees_each_state_before_it_goes_live_and_only_an_accepted_one_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (full, inc) = full_and_incremental(dir.path());
     let (fm, im) = (full.manifest(), inc.manifest());
     let fs = ArchiveSource::file(full.archive_path(), fm.archive_size);
     let is = ArchiveSource::file(inc.archive_path(), im.archive_size);
@@ -257,5 +269,57 @@ fn the_applications_check_sees_each_state_before_it_goes_live_and_only_an_accept
             at(20, b"chain at 20"),
             at(20, b"chain at 20"),
         ]
+    );
+}
+
+#[test]
+fn a_stop_asked_while_the_check_runs_swaps_nothing_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (full, inc) = full_and_incremental(dir.path());
+    let (fm, im) = (full.manifest(), inc.manifest());
+    let fs = ArchiveSource::file(full.archive_path(), fm.archive_size);
+    let is = ArchiveSource::file(inc.archive_path(), im.archive_size);
+    let target = LmdbState::open(dir.path().join("target")).unwrap();
+    let limits = LoadLimits::default();
+    // The sync is cancelled while the application looks at the state, and it accepts.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let cancelling = {
+        let stop = stop.clone();
+        move |_: &CheckedState<'_>| {
+            stop.store(true, Ordering::Release);
+            StateVerdict::Accept
+        }
+    };
+    let err = load_chain_legs(
+        &target,
+        Some((&fs, fm)),
+        None,
+        &limits,
+        Some(&stop),
+        Some(&cancelling),
+    )
+    .unwrap_err();
+    assert!(matches!(err, (_, LoadError::Stopped)), "{err:?}");
+    assert_eq!(target.slot().unwrap(), None, "nothing went live");
+    load_chain_legs(&target, Some((&fs, fm)), None, &limits, None, None).unwrap();
+    stop.store(false, Ordering::Release);
+    let err = load_chain_legs(
+        &target,
+        None,
+        Some((&is, im)),
+        &limits,
+        Some(&stop),
+        Some(&cancelling),
+    )
+    .unwrap_err();
+    assert!(matches!(err, (_, LoadError::Stopped)), "{err:?}");
+    assert_eq!(
+        target.slot().unwrap(),
+        Some(10),
+        "the transaction was not committed"
+    );
+    assert_eq!(
+        target.get(b"root").unwrap().as_deref(),
+        Some(&b"chain at 10"[..])
     );
 }
