@@ -140,7 +140,7 @@ pub(crate) fn acceptable(
 
 /// The fetch of `key`: its sources, best first, in the chunk size the trusted ones serve (else
 /// this node's own, else the one most serve), with the counts the policy vouches for.
-fn target(
+pub(super) fn target(
     book: &AdvertBook,
     key: &SnapshotKey,
     local: &LocalState,

@@ -431,12 +431,20 @@ impl Discovery {
         let local = self.local_state(now);
         if let Stage::Syncing { plan } = &self.stage {
             let key = plan.last().ad.key;
-            let still = self
+            let policy = &self.config.policy;
+            let accepted = self
                 .book
                 .entry(&key)
-                .is_some_and(|e| decide::acceptable(&key, e, &local, &self.config.policy));
-            if !still {
-                tracing::warn!(target: TARGET, slot = key.slot, "the new trust policy does not accept the snapshot being synced: cancelling");
+                .is_some_and(|e| decide::acceptable(&key, e, &local, policy));
+            // What the old policy vouched for (the counts that bound the load, the root a
+            // partial may evict others for) must be what the new one vouches for.
+            let same_judgement = plan.full.iter().chain(&plan.incremental).all(|t| {
+                decide::target(&self.book, &t.ad.key, &local, policy).is_some_and(|now| {
+                    (now.ad, now.counts_vouched, now.vouched) == (t.ad, t.counts_vouched, t.vouched)
+                })
+            });
+            if !(accepted && same_judgement) {
+                tracing::warn!(target: TARGET, slot = key.slot, accepted, "the new trust policy does not take the sync under way as it was chosen: cancelling (progress is kept) and choosing again");
                 self.stage = Stage::Idle;
                 self.actions.push_back(Action::CancelSync);
             }

@@ -292,3 +292,51 @@ fn a_changed_trusted_set_takes_effect_at_once_and_cancels_a_sync_it_no_longer_ac
     );
     assert_eq!(d.best_known_slot(t1 + 3 * SEC), None);
 }
+
+#[test]
+fn a_sync_under_way_is_kept_only_while_the_new_policy_judges_it_as_the_old_one_did() {
+    let t0 = Instant::now();
+    let (a, b, stranger) = (PeerId::random(), PeerId::random(), PeerId::random());
+    let mut c = config();
+    c.policy = TrustPolicy::TrustedPeers {
+        peers: [a].into(),
+        quorum: 1,
+    };
+    let mut d = machine(c, t0);
+    d.handle_local(local(None, vec![]));
+    d.handle_timeout(t0);
+    let nonce = last_nonce(&drain(&mut d));
+    for p in [a, stranger] {
+        d.handle_answer(p, &answer(p, &[full(500, 1)], nonce), false, t0);
+    }
+    d.handle_timeout(t0 + SEC);
+    let plan = plan_of(&drain(&mut d)).expect("a plan");
+    assert!(plan.last().vouched && plan.last().counts_vouched);
+    // Another validator joins the set: the sync is judged as before, and kept.
+    let t1 = t0 + 2 * SEC;
+    d.handle_policy(
+        TrustPolicy::TrustedPeers {
+            peers: [a, b].into(),
+            quorum: 1,
+        },
+        t1,
+    );
+    assert!(
+        !drain(&mut d)
+            .iter()
+            .any(|a| matches!(a, Action::CancelSync))
+    );
+    // Counting peers instead: the snapshot is still acceptable, but nobody vouches for its
+    // root any more: the sync is chosen again rather than kept on the old judgement.
+    d.handle_policy(
+        TrustPolicy::Untrusted {
+            min_agreeing_peers: 1,
+        },
+        t1 + SEC,
+    );
+    assert!(
+        drain(&mut d)
+            .iter()
+            .any(|a| matches!(a, Action::CancelSync))
+    );
+}
