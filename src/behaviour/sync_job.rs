@@ -30,7 +30,7 @@ use libp2p::PeerId;
 
 use super::event::SyncError;
 use crate::db::{StateCheck, StateDb};
-use crate::discovery::{Failure, Leg as LegKind, Plan, SyncFailure, Target};
+use crate::discovery::{Failure, LegKind, Plan, SyncFailure, Target};
 use crate::log::DISCOVERY as TARGET;
 use crate::snapshot::{
     ArchiveSource, HashStage, LoadError, LoadLimits, LoadReport, Loaded, Manifest, SnapshotKey,

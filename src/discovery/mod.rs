@@ -78,7 +78,7 @@ pub use config::{ChainClock, DiscoveryConfig};
 pub use decide::Conflict;
 pub(crate) use decide::{Plan, Target};
 pub use message::{Advert, PartialAd, SnapshotAd};
-pub(crate) use outcome::{Failure, Leg, SyncFailure, SyncOutcome};
+pub(crate) use outcome::{Failure, LegKind, SyncFailure, SyncOutcome};
 pub use policy::{SnapshotVerifier, TrustPolicy};
 
 use std::collections::{HashMap, HashSet, VecDeque};

@@ -22,7 +22,7 @@ use crate::snapshot::{Base, SnapshotKey};
 
 /// Which snapshot of a plan a failure is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Leg {
+pub(crate) enum LegKind {
     /// The plan's full snapshot.
     Full,
     /// The plan's incremental snapshot.
@@ -57,7 +57,7 @@ pub(crate) enum Failure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SyncFailure {
     /// Which download or load failed.
-    pub(crate) leg: Leg,
+    pub(crate) leg: LegKind,
     /// What went wrong.
     pub(crate) failure: Failure,
     /// Peers that sent bytes proven wrong (chunks that did not match the content root).
@@ -124,8 +124,8 @@ pub(crate) struct Consequences {
 /// What a failed sync of `plan` means (see the module docs). `book` tells who advertised what.
 pub(crate) fn judge(plan: &Plan, failed: &SyncFailure, book: &AdvertBook) -> Consequences {
     let target = match failed.leg {
-        Leg::Full => plan.full.as_ref(),
-        Leg::Incremental => plan.incremental.as_ref(),
+        LegKind::Full => plan.full.as_ref(),
+        LegKind::Incremental => plan.incremental.as_ref(),
     }
     .unwrap_or_else(|| plan.last());
     let key = target.ad.key;
@@ -245,7 +245,7 @@ mod tests {
         (plan, book)
     }
 
-    fn failure(leg: Leg, failure: Failure, bad_peers: Vec<PeerId>) -> SyncFailure {
+    fn failure(leg: LegKind, failure: Failure, bad_peers: Vec<PeerId>) -> SyncFailure {
         SyncFailure {
             leg,
             failure,
@@ -259,7 +259,7 @@ mod tests {
         let (plan, book) = setup(&holders, true);
         let c = judge(
             &plan,
-            &failure(Leg::Full, Failure::Unavailable, vec![]),
+            &failure(LegKind::Full, Failure::Unavailable, vec![]),
             &book,
         );
         assert_eq!(c.cool_down, vec![plan.full.as_ref().unwrap().ad.key]);
@@ -273,7 +273,7 @@ mod tests {
         let bad = holders[1];
         let c = judge(
             &plan,
-            &failure(Leg::Incremental, Failure::Unavailable, vec![bad, bad]),
+            &failure(LegKind::Incremental, Failure::Unavailable, vec![bad, bad]),
             &book,
         );
         assert_eq!(c.strike, vec![(bad, Offence::BadChunks)]);
@@ -285,7 +285,7 @@ mod tests {
         let holders = [PeerId::random()];
         let (plan, book) = setup(&holders, false);
         for f in [Failure::Local, Failure::Aborted, Failure::Unauthorized] {
-            let c = judge(&plan, &failure(Leg::Incremental, f, vec![]), &book);
+            let c = judge(&plan, &failure(LegKind::Incremental, f, vec![]), &book);
             assert!(c.strike.is_empty(), "{f:?}");
             assert!(c.delete.is_empty(), "{f:?}");
         }
@@ -296,7 +296,11 @@ mod tests {
         let holders = [PeerId::random(), PeerId::random()];
         let (plan, book) = setup(&holders, true);
         let full = plan.full.as_ref().unwrap().ad.key;
-        let c = judge(&plan, &failure(Leg::Full, Failure::Content, vec![]), &book);
+        let c = judge(
+            &plan,
+            &failure(LegKind::Full, Failure::Content, vec![]),
+            &book,
+        );
         assert_eq!(c.cool_down, vec![full]);
         assert_eq!(c.delete, vec![full.content_root]);
         let mut struck: Vec<PeerId> = c.strike.iter().map(|(p, _)| *p).collect();
@@ -318,7 +322,7 @@ mod tests {
         let inc = plan.last().ad.key;
         let c = judge(
             &plan,
-            &failure(Leg::Incremental, Failure::NotTheChain, vec![]),
+            &failure(LegKind::Incremental, Failure::NotTheChain, vec![]),
             &book,
         );
         assert_eq!(c.cool_down, vec![inc]);
@@ -338,7 +342,7 @@ mod tests {
         let (plan, book) = setup(&holders, true);
         let c = judge(
             &plan,
-            &failure(Leg::Full, Failure::Undecided, vec![]),
+            &failure(LegKind::Full, Failure::Undecided, vec![]),
             &book,
         );
         assert_eq!(c.cool_down, vec![plan.full.as_ref().unwrap().ad.key]);
@@ -351,7 +355,7 @@ mod tests {
         let (plan, book) = setup(&holders, false);
         let c = judge(
             &plan,
-            &failure(Leg::Incremental, Failure::NotOnBase, vec![]),
+            &failure(LegKind::Incremental, Failure::NotOnBase, vec![]),
             &book,
         );
         assert_eq!(c.not_on, plan.last().ad.key.base);
@@ -364,7 +368,7 @@ mod tests {
         let (plan, book) = setup(&holders, true);
         let c = judge(
             &plan,
-            &failure(Leg::Incremental, Failure::NotOnBase, vec![]),
+            &failure(LegKind::Incremental, Failure::NotOnBase, vec![]),
             &book,
         );
         assert_eq!(c.not_on, None);

@@ -101,7 +101,7 @@ fn a_failed_snapshot_is_not_chosen_again_for_a_while_and_its_advertisers_are_str
     assert_eq!(plan_of(&drain(&mut d)).unwrap().last().ad.key, bad.key);
     d.handle_sync_ended(
         SyncOutcome::Failed(SyncFailure {
-            leg: Leg::Full,
+            leg: LegKind::Full,
             failure: Failure::Content,
             bad_peers: vec![],
         }),
@@ -155,7 +155,7 @@ fn a_state_that_did_not_take_an_incremental_fetches_its_base() {
     // The apply did not check out: the state is not on that base (a fork, say).
     d.handle_sync_ended(
         SyncOutcome::Failed(SyncFailure {
-            leg: Leg::Incremental,
+            leg: LegKind::Incremental,
             failure: Failure::NotOnBase,
             bad_peers: vec![],
         }),

@@ -1,7 +1,7 @@
 //! Connecting to a peer's streamer: QUIC with its PeerId pinned, the handshake in which each
 //! side proves the token, and the manifest, which must be the advertised snapshot.
 
-use super::scheduler::Failure;
+use super::scheduler::RequestFailure;
 use super::{DownloadContext, DownloadTarget};
 use crate::proto;
 use crate::snapshot::Manifest;
@@ -48,30 +48,32 @@ pub(super) enum ConnectError {
 
 impl ConnectError {
     /// Whether retrying this peer can help.
-    pub(super) fn failure(&self) -> Failure {
+    pub(super) fn failure(&self) -> RequestFailure {
         match self {
-            ConnectError::Refused(Refusal::Busy) => Failure::Busy,
+            ConnectError::Refused(Refusal::Busy) => RequestFailure::Busy,
             ConnectError::Refused(_)
             | ConnectError::ServerUnauthenticated
             | ConnectError::Mismatch(_)
             | ConnectError::Manifest(_)
             | ConnectError::Endpoint(_)
             | ConnectError::Unknown(_)
-            | ConnectError::Status(_) => Failure::Fatal,
-            ConnectError::Connection(quinn::ConnectionError::TransportError(_)) => Failure::Fatal,
+            | ConnectError::Status(_) => RequestFailure::Fatal,
+            ConnectError::Connection(quinn::ConnectionError::TransportError(_)) => {
+                RequestFailure::Fatal
+            }
             #[cfg(feature = "web")]
-            ConnectError::Web(e) if e.is_transient() => Failure::Transient,
+            ConnectError::Web(e) if e.is_transient() => RequestFailure::Transient,
             #[cfg(feature = "web")]
-            ConnectError::Web(_) => Failure::Fatal,
-            _ => Failure::Transient,
+            ConnectError::Web(_) => RequestFailure::Fatal,
+            _ => RequestFailure::Transient,
         }
     }
 
     /// Whether retrying a peer that downloads the snapshot too can help: one that does not
     /// serve it yet (it has no manifest, or its disk is not reserved) may soon.
-    pub(super) fn failure_of_partial(&self) -> Failure {
+    pub(super) fn failure_of_partial(&self) -> RequestFailure {
         match self {
-            ConnectError::Unknown(_) => Failure::Transient,
+            ConnectError::Unknown(_) => RequestFailure::Transient,
             _ => self.failure(),
         }
     }

@@ -11,7 +11,7 @@ use super::bits::{Bits, have_from_bytes};
 use super::connect::status_text;
 use super::partial::PART_FILE;
 use super::picker::Have;
-use super::scheduler::Failure;
+use super::scheduler::RequestFailure;
 use crate::chunk::{ChunkError, ChunkTree};
 use crate::proto;
 use crate::snapshot::{OUTBOARD_FILE, StoreError};
@@ -25,7 +25,7 @@ pub(super) enum FetchError {
     #[error("writing the chunk: {0}")]
     Local(StoreError),
     #[error("refused: {0}")]
-    Refused(String, Failure),
+    Refused(String, RequestFailure),
     #[error("protocol: {0}")]
     Protocol(String),
     #[error("{0}")]
@@ -48,10 +48,10 @@ pub(super) enum FetchError {
 /// failure of it, an internal error may pass, anything else means it cannot serve this.
 fn refused(header: &proto::ResponseHeader) -> FetchError {
     let failure = match proto::Status::try_from(header.status) {
-        Ok(proto::Status::Busy) => Failure::Busy,
-        Ok(proto::Status::NotHeld) => Failure::NotHeld,
-        Ok(proto::Status::Internal) => Failure::Transient,
-        _ => Failure::Fatal,
+        Ok(proto::Status::Busy) => RequestFailure::Busy,
+        Ok(proto::Status::NotHeld) => RequestFailure::NotHeld,
+        Ok(proto::Status::Internal) => RequestFailure::Transient,
+        _ => RequestFailure::Fatal,
     };
     FetchError::Refused(status_text(header), failure)
 }

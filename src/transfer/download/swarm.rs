@@ -48,7 +48,7 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use super::DownloadConfig;
 use super::bits::Bits;
 use super::picker::Have;
-use super::scheduler::{Failure, PeerIdx, ReqId, Scheduler};
+use super::scheduler::{PeerIdx, ReqId, RequestFailure, Scheduler};
 use crate::transfer::streamer::slots::{SeedOffers, UPLOAD_LINGER, UploadSlots};
 
 /// Bytes of a QUIC packet's payload, for the loss model.
@@ -210,7 +210,7 @@ enum Ev {
     Refused {
         client: NodeId,
         id: ReqId,
-        failure: Failure,
+        failure: RequestFailure,
     },
     /// The uplink of a node may have finished a response (if this is its latest tick).
     Uplink(NodeId, u64),

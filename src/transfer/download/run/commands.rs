@@ -11,7 +11,7 @@ use crate::transfer::DOWNLOAD_TARGET;
 use crate::transfer::download::connect::{ConnectError, connect};
 use crate::transfer::download::fetch::{FetchError, ask_have, fetch};
 use crate::transfer::download::partial::Partial;
-use crate::transfer::download::scheduler::{Failure, PeerIdx, ReqId};
+use crate::transfer::download::scheduler::{PeerIdx, ReqId, RequestFailure};
 use crate::transfer::protocol::close;
 
 impl Run {
@@ -86,7 +86,7 @@ impl Run {
         }
         let Some(conn) = self.sources[peer].conn.clone() else {
             self.sched
-                .handle_have(peer, Err(Failure::Transient), Instant::now());
+                .handle_have(peer, Err(RequestFailure::Transient), Instant::now());
             return;
         };
         let reports = self.reports_tx.clone();
@@ -123,7 +123,7 @@ impl Run {
         }
         let Some(conn) = self.sources[peer].conn.clone() else {
             self.sched
-                .handle_failure(id, Failure::Transient, Instant::now());
+                .handle_failure(id, RequestFailure::Transient, Instant::now());
             return;
         };
         let start = chunks.start;

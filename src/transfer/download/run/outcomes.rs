@@ -10,7 +10,7 @@ use crate::snapshot::Manifest;
 use crate::transfer::DOWNLOAD_TARGET;
 use crate::transfer::download::DownloadError;
 use crate::transfer::download::fetch::FetchError;
-use crate::transfer::download::scheduler::{Failure, PeerIdx, ReqId};
+use crate::transfer::download::scheduler::{PeerIdx, ReqId, RequestFailure};
 use crate::transfer::protocol::close;
 
 impl Run {
@@ -29,8 +29,8 @@ impl Run {
                     tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, error = %e, "could not learn what the source holds");
                     let failure = match &e {
                         FetchError::Refused(_, failure) => *failure,
-                        FetchError::Protocol(_) => Failure::Fatal,
-                        _ => Failure::Transient,
+                        FetchError::Protocol(_) => RequestFailure::Fatal,
+                        _ => RequestFailure::Transient,
                     };
                     self.sources[peer].last_error = Some(e.to_string());
                     failure
@@ -181,9 +181,9 @@ impl Run {
             Err(FetchError::Web(e)) => {
                 tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, error = %e, "web request failed");
                 let failure = if e.is_transient() {
-                    Failure::Transient
+                    RequestFailure::Transient
                 } else {
-                    Failure::Fatal
+                    RequestFailure::Fatal
                 };
                 self.sources[peer].last_error = Some(e.to_string());
                 self.sched.handle_failure(id, failure, now);
@@ -191,7 +191,8 @@ impl Run {
             Err(e) => {
                 tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, error = %e, "request failed");
                 self.sources[peer].last_error = Some(e.to_string());
-                self.sched.handle_failure(id, Failure::Transient, now);
+                self.sched
+                    .handle_failure(id, RequestFailure::Transient, now);
             }
         }
         Ok(())

@@ -5,7 +5,7 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use super::{BUSY_RETRY, Command, Conn, Failure, PeerIdx, ReqId, Scheduler, roster};
+use super::{BUSY_RETRY, Command, Conn, PeerIdx, ReqId, RequestFailure, Scheduler, roster};
 use crate::transfer::download::picker::Have;
 
 impl Scheduler {
@@ -92,17 +92,17 @@ impl Scheduler {
 
     /// Request `id` failed. The piece is handed out again. A partial source that does not hold
     /// it is no longer counted on for it (and is asked again what it holds).
-    pub(crate) fn handle_failure(&mut self, id: ReqId, failure: Failure, now: Instant) {
+    pub(crate) fn handle_failure(&mut self, id: ReqId, failure: RequestFailure, now: Instant) {
         let Some(req) = self.finish_request(id) else {
             return;
         };
         let tally = &mut self.peers[req.peer].tally;
         match failure {
-            Failure::Busy => tally.busy += 1,
-            Failure::NotHeld => tally.not_held += 1,
-            Failure::Transient | Failure::Fatal => tally.failed += 1,
+            RequestFailure::Busy => tally.busy += 1,
+            RequestFailure::NotHeld => tally.not_held += 1,
+            RequestFailure::Transient | RequestFailure::Fatal => tally.failed += 1,
         }
-        if failure == Failure::NotHeld {
+        if failure == RequestFailure::NotHeld {
             self.not_held(req.peer, req.piece, now);
         } else {
             self.peer_failed(req.peer, failure, now);
@@ -134,7 +134,12 @@ impl Scheduler {
 
     /// `peer` said what it holds (`Have::All`: everything), or could not say, and how that
     /// failed. Pieces are counted for rarity.
-    pub(crate) fn handle_have(&mut self, peer: PeerIdx, have: Result<Have, Failure>, now: Instant) {
+    pub(crate) fn handle_have(
+        &mut self,
+        peer: PeerIdx,
+        have: Result<Have, RequestFailure>,
+        now: Instant,
+    ) {
         let p = &mut self.peers[peer];
         p.have_pending = false;
         p.have_at = Some(now);
@@ -142,8 +147,8 @@ impl Scheduler {
         let have = match have {
             Ok(have) => have,
             Err(failure) => {
-                let failure = if failure == Failure::NotHeld {
-                    Failure::Transient
+                let failure = if failure == RequestFailure::NotHeld {
+                    RequestFailure::Transient
                 } else {
                     failure
                 };
@@ -171,7 +176,7 @@ impl Scheduler {
         }
     }
 
-    fn peer_failed(&mut self, peer: PeerIdx, failure: Failure, now: Instant) {
+    fn peer_failed(&mut self, peer: PeerIdx, failure: RequestFailure, now: Instant) {
         let max = self.config.max_peer_failures;
         let p = &mut self.peers[peer];
         // A late report of a source that left its place changes nothing.
@@ -179,11 +184,11 @@ impl Scheduler {
             return;
         }
         match failure {
-            Failure::Fatal => {
+            RequestFailure::Fatal => {
                 self.give_place_up(peer, roster::Why::Refused, now);
                 return;
             }
-            Failure::Busy => {
+            RequestFailure::Busy => {
                 // Its slots turn over within seconds: asked again soon.
                 self.last_busy = Some(now);
                 if p.backoff_until.is_none_or(|t| t <= now) {
@@ -191,7 +196,7 @@ impl Scheduler {
                 }
                 return;
             }
-            Failure::NotHeld | Failure::Transient => {}
+            RequestFailure::NotHeld | RequestFailure::Transient => {}
         }
         // Failures while already backing off (e.g. every request of a lost connection) count
         // once.
@@ -221,14 +226,19 @@ impl Scheduler {
     }
 
     /// Connecting to `peer` failed.
-    pub(crate) fn handle_connect_failed(&mut self, peer: PeerIdx, failure: Failure, now: Instant) {
+    pub(crate) fn handle_connect_failed(
+        &mut self,
+        peer: PeerIdx,
+        failure: RequestFailure,
+        now: Instant,
+    ) {
         if self.peers[peer].conn == Conn::Connecting {
             self.peers[peer].conn = Conn::Disconnected;
         }
         self.peer_failed(peer, failure, now);
         // A server too full to take the connection is tried again after a have interval,
         // not as soon as a busy request: each attempt costs it a handshake.
-        if failure == Failure::Busy {
+        if failure == RequestFailure::Busy {
             let p = &mut self.peers[peer];
             p.backoff_until = p.backoff_until.max(Some(now + self.config.have_interval));
         }
@@ -242,7 +252,7 @@ impl Scheduler {
         self.peers[peer].have_pending = false;
         self.cancel_requests_of(peer);
         if failed {
-            self.peer_failed(peer, Failure::Transient, now);
+            self.peer_failed(peer, RequestFailure::Transient, now);
         }
     }
 
@@ -256,7 +266,7 @@ impl Scheduler {
             .map(|(id, _)| *id)
             .collect();
         for id in late {
-            self.handle_failure(id, Failure::Transient, now);
+            self.handle_failure(id, RequestFailure::Transient, now);
             self.queued.push_back(Command::Cancel(id));
         }
         if self.roster_due(now) {

@@ -117,7 +117,7 @@ pub(crate) enum Command {
 
 /// How a request or connection failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Failure {
+pub(crate) enum RequestFailure {
     /// Worth retrying after a backoff (connection lost, timeout, refused for load).
     Transient,
     /// The source cannot serve this download (unknown snapshot, wrong token, wrong chunk size).

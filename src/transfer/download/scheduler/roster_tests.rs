@@ -87,7 +87,7 @@ fn run(
     s: &mut Scheduler,
     from: Instant,
     to: Instant,
-    answer: impl Fn(PeerIdx) -> Result<(), Failure>,
+    answer: impl Fn(PeerIdx) -> Result<(), RequestFailure>,
 ) -> Vec<Command> {
     let mut all = Vec::new();
     let mut t = from;
@@ -131,7 +131,11 @@ fn every_source_heard_of_is_kept_and_only_the_places_are_connected() {
 fn a_source_that_delivers_nothing_gives_its_place_to_a_waiting_one() {
     // Each way of delivering nothing: busy, not held, a stall (requests that time out and
     // fail; it also leaves its place for failing, after `max_peer_failures`).
-    for failure in [Failure::Busy, Failure::NotHeld, Failure::Transient] {
+    for failure in [
+        RequestFailure::Busy,
+        RequestFailure::NotHeld,
+        RequestFailure::Transient,
+    ] {
         let (mut s, now) = sched(4000);
         for _ in 0..5 {
             s.handle_source(false, now);
@@ -139,7 +143,7 @@ fn a_source_that_delivers_nothing_gives_its_place_to_a_waiting_one() {
         // Source 0 delivers nothing; 1 to 3 deliver.
         let answer = |peer: PeerIdx| if peer == 0 { Err(failure) } else { Ok(()) };
         let mut all = run(&mut s, now, now + 9 * SEC, answer);
-        if failure != Failure::Transient {
+        if failure != RequestFailure::Transient {
             assert!(
                 closes(&all).is_empty(),
                 "{failure:?}: not before the snub timeout"
@@ -166,7 +170,11 @@ fn nobody_is_snubbed_while_no_spare_waits() {
         s.handle_source(false, now);
     }
     let commands = run(&mut s, now, now + 30 * SEC, |p| {
-        if p == 0 { Err(Failure::Busy) } else { Ok(()) }
+        if p == 0 {
+            Err(RequestFailure::Busy)
+        } else {
+            Ok(())
+        }
     });
     assert!(closes(&commands).is_empty());
     assert_eq!(s.peer_report(0).standing, Standing::Active);
@@ -189,7 +197,11 @@ fn a_source_is_not_snubbed_for_what_it_could_not_deliver_while_the_download_wait
     // Once requests go out, one that delivers nothing is snubbed as soon as it is due.
     let t = now + 25 * SEC;
     let snubbed = run(&mut s, t, t + 11 * SEC, |p| {
-        if p == 0 { Err(Failure::Busy) } else { Ok(()) }
+        if p == 0 {
+            Err(RequestFailure::Busy)
+        } else {
+            Ok(())
+        }
     });
     assert_eq!(closes(&snubbed), vec![0]);
 }
@@ -211,7 +223,7 @@ fn untried_spares_come_first_then_those_that_delivered_most() {
                 delivered[p] += 1;
                 s.handle_success(id, t);
             } else {
-                s.handle_failure(id, Failure::Busy, t);
+                s.handle_failure(id, RequestFailure::Busy, t);
             }
         }
     }
@@ -251,7 +263,7 @@ fn the_least_useful_give_their_places_to_untried_sources_every_interval() {
         if p == 3 {
             slow.set(!slow.get());
             if slow.get() {
-                return Err(Failure::Busy);
+                return Err(RequestFailure::Busy);
             }
         }
         Ok(())
@@ -305,7 +317,7 @@ fn banned_and_refusing_sources_never_come_back_and_failing_ones_do() {
     let reqs = requests(&drive(&mut s, now));
     let of = |p: PeerIdx| reqs.iter().find(|r| r.1 == p).unwrap().0;
     s.handle_corrupt(of(0), now);
-    s.handle_failure(of(1), Failure::Fatal, now);
+    s.handle_failure(of(1), RequestFailure::Fatal, now);
     // Source 2 fails, again and again (each after its backoff).
     let mut t = now;
     for _ in 0..config().max_peer_failures {
@@ -317,12 +329,12 @@ fn banned_and_refusing_sources_never_come_back_and_failing_ones_do() {
             .filter(|(_, r)| r.peer == 2)
             .map(|(id, _)| *id)
             .collect();
-        s.handle_failure(ids[0], Failure::Transient, t);
+        s.handle_failure(ids[0], RequestFailure::Transient, t);
     }
     use Standing::*;
     assert_eq!(standings(&s), vec![Banned, Out, Waiting]);
     // Only the failing one comes back, after a while.
-    let back = run(&mut s, t, t + 40 * SEC, |_| Err(Failure::Busy));
+    let back = run(&mut s, t, t + 40 * SEC, |_| Err(RequestFailure::Busy));
     assert_eq!(connects(&back), vec![2]);
     assert_eq!(s.stuck(t + 40 * SEC), None);
 }
@@ -354,7 +366,7 @@ fn a_complete_holders_manifest_replaces_a_partial_holders_and_then_the_download_
     let (mut s, now) = sched(4);
     s.handle_source(false, now);
     let _ = std::iter::from_fn(|| s.poll_command(now)).count();
-    s.handle_connect_failed(0, Failure::Fatal, now);
+    s.handle_connect_failed(0, RequestFailure::Fatal, now);
     assert_eq!(s.handle_connected(0), None);
 }
 
@@ -432,12 +444,14 @@ fn a_download_is_not_stuck_while_sources_never_tried_wait() {
     // Nobody delivers; the snubbed give their places to the untried, four at a time, every
     // ten seconds: past the no-progress limit, some have not had their turn yet.
     let limit = config().no_progress_timeout;
-    let mut all = run(&mut s, now, now + limit + SEC, |_| Err(Failure::NotHeld));
+    let mut all = run(&mut s, now, now + limit + SEC, |_| {
+        Err(RequestFailure::NotHeld)
+    });
     assert!(s.peers.iter().any(|p| p.place.is_untried()));
     assert_eq!(s.stuck(now + limit + SEC), None);
     let end = now + 2 * limit;
     all.extend(run(&mut s, now + limit + SEC, end, |_| {
-        Err(Failure::NotHeld)
+        Err(RequestFailure::NotHeld)
     }));
     let tried: std::collections::HashSet<PeerIdx> = connects(&all).into_iter().collect();
     assert_eq!(tried.len(), 40, "every source had its turn");

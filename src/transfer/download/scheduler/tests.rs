@@ -119,7 +119,7 @@ fn a_request_cut_short_keeps_the_chunks_it_delivered() {
     assert_eq!(s.handle_written(id, 2, now), 2 * CHUNK);
     assert_eq!(s.handle_written(id, 2, now), 0, "counted once");
     assert_eq!(s.verified_prefix(), 2 * CHUNK);
-    s.handle_failure(id, Failure::Transient, now);
+    s.handle_failure(id, RequestFailure::Transient, now);
     assert_eq!(s.chunk_done().ones(), 2, "kept for resume");
     // Only the rest of the piece is asked for again.
     let later = now + Duration::from_secs(5);
@@ -228,7 +228,7 @@ fn a_failed_request_is_retried_elsewhere_and_the_peer_backs_off() {
     connect_all(&mut s, 2, now);
     let reqs = requests(&drain(&mut s, now));
     let (id, peer, chunks) = reqs.iter().find(|r| r.1 == 0).cloned().unwrap();
-    s.handle_failure(id, Failure::Transient, now);
+    s.handle_failure(id, RequestFailure::Transient, now);
     let again = requests(&drain(&mut s, now));
     assert_eq!(again.len(), 1, "{again:?}");
     assert_eq!(again[0].2, chunks, "same chunks handed out again");
@@ -254,14 +254,14 @@ fn repeated_failures_make_a_source_give_its_place_up_and_simultaneous_ones_count
     // Two requests failing at once count as one failure.
     let reqs = requests(&drain(&mut s, now));
     for (id, ..) in &reqs {
-        s.handle_failure(*id, Failure::Transient, now);
+        s.handle_failure(*id, RequestFailure::Transient, now);
     }
     assert_eq!(s.peers[0].failures, 1);
     for _ in 0..2 {
         now += Duration::from_secs(5);
         let reqs = requests(&drain(&mut s, now));
         assert!(!reqs.is_empty());
-        s.handle_failure(reqs[0].0, Failure::Transient, now);
+        s.handle_failure(reqs[0].0, RequestFailure::Transient, now);
     }
     // It gives its place up and waits, to be tried again later; nothing else delivers.
     assert_eq!(s.peer_report(0).standing, Standing::Waiting);
@@ -281,7 +281,7 @@ fn a_fatal_failure_puts_the_source_out_at_once() {
     let (mut s, now) = sched(8);
     s.handle_source(false, now);
     assert_eq!(s.poll_command(now), Some(Command::Connect(0)));
-    s.handle_connect_failed(0, Failure::Fatal, now);
+    s.handle_connect_failed(0, RequestFailure::Fatal, now);
     assert_eq!(s.poll_command(now), None);
     assert_eq!(s.stuck(now), Some(Stuck::NoPeers));
 }
@@ -605,7 +605,7 @@ fn a_piece_not_held_goes_elsewhere_and_a_source_that_keeps_saying_so_gives_its_p
     let reqs = requests(&drain(&mut s, now));
     let (id, _, chunks) = reqs.iter().find(|r| r.1 == 1).cloned().unwrap();
     let reqs = requests(&first);
-    s.handle_failure(id, Failure::NotHeld, now);
+    s.handle_failure(id, RequestFailure::NotHeld, now);
     // No backoff, no failure counted: the peer is asked for something else at once, and
     // the piece goes to the seed once it has room (now the rarest piece).
     let again = requests(&drain(&mut s, now));
@@ -627,7 +627,7 @@ fn a_piece_not_held_goes_elsewhere_and_a_source_that_keeps_saying_so_gives_its_p
             .map(|(id, _)| *id)
             .collect();
         for id in mine {
-            s.handle_failure(id, Failure::NotHeld, now);
+            s.handle_failure(id, RequestFailure::NotHeld, now);
         }
         let _ = drain(&mut s, now);
     }
@@ -646,7 +646,7 @@ fn busy_backs_off_but_never_drops_and_waiting_for_a_turn_is_not_being_stuck() {
     let mut t = now;
     for _ in 0..3 * config().max_peer_failures {
         for (id, ..) in requests(&drain(&mut s, t)) {
-            s.handle_failure(id, Failure::Busy, t);
+            s.handle_failure(id, RequestFailure::Busy, t);
         }
         assert_eq!(s.peer_report(0).standing, Standing::Active);
         t = s.poll_timeout(t).max(t + Duration::from_millis(1));
@@ -655,7 +655,7 @@ fn busy_backs_off_but_never_drops_and_waiting_for_a_turn_is_not_being_stuck() {
     // Past the no-progress limit while the peer keeps saying it is busy: not stuck yet.
     let later = now + config().no_progress_timeout + Duration::from_secs(1);
     for (id, ..) in requests(&drain(&mut s, later)) {
-        s.handle_failure(id, Failure::Busy, later);
+        s.handle_failure(id, RequestFailure::Busy, later);
     }
     assert_eq!(s.stuck(later), None);
     // It cannot hold the download forever.

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use super::{Ev, Job, Node, NodeId, Sim};
 use crate::transfer::download::bits::Bits;
 use crate::transfer::download::picker::Have;
-use crate::transfer::download::scheduler::Failure;
+use crate::transfer::download::scheduler::RequestFailure;
 use crate::transfer::streamer::slots::OFFER_BLOCKS;
 
 impl Sim<'_> {
@@ -88,7 +88,7 @@ impl Sim<'_> {
                 .is_some_and(|s| job.chunks.clone().all(|c| s.chunk_done().get(c as usize)));
         let failure = if !holds {
             self.not_held += 1;
-            Some(Failure::NotHeld)
+            Some(RequestFailure::NotHeld)
         } else {
             let now = self.instant();
             let given: HashMap<NodeId, f64> = self.nodes[server]
@@ -101,7 +101,7 @@ impl Sim<'_> {
                 None
             } else {
                 self.busy += 1;
-                Some(Failure::Busy)
+                Some(RequestFailure::Busy)
             }
         };
         if let Some(failure) = failure {
