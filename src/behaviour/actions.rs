@@ -83,6 +83,7 @@ impl Behaviour {
                 }
             }
             Action::DeleteSnapshot(root) => {
+                self.condemned.put(root, ());
                 if let Some(snap) = self.store.get(&root)
                     && let Err(e) = self.store.remove(&snap)
                 {

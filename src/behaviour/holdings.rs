@@ -16,6 +16,14 @@ impl Behaviour {
             tracing::warn!(target: TARGET, error = %e, "cannot read the DB's slot");
             None
         });
+        // A download may publish a snapshot after it was judged bad: it goes now.
+        for snap in self.store.list() {
+            if self.condemned.contains(&snap.manifest().content_root)
+                && let Err(e) = self.store.remove(&snap)
+            {
+                tracing::warn!(target: TARGET, root = %snap.manifest().content_root.short(), error = %e, "could not delete a snapshot proven bad");
+            }
+        }
         let held = self.store.list();
         let (snapshots, modified_time) =
             crate::discovery::advertised(held.iter().map(|s| s.manifest()));

@@ -64,6 +64,10 @@ const MAX_PENDING_ASKS: NonZeroUsize = NonZeroUsize::new(256).expect("not zero")
 /// beyond it the least recently connected is forgotten.
 const MAX_PEER_IPS: NonZeroUsize = NonZeroUsize::new(4096).expect("not zero");
 
+/// Most snapshots proven bad remembered, to delete one a download publishes after the
+/// judgement.
+const MAX_CONDEMNED: NonZeroUsize = NonZeroUsize::new(256).expect("not zero");
+
 /// snapsync as a libp2p [`NetworkBehaviour`], a building block a node composes into its own
 /// swarm next to whatever else it runs.
 ///
@@ -134,6 +138,9 @@ pub struct Behaviour {
     web: web::WebSources,
     /// Mirroring the store into the publish directory: one at a time.
     publishing: Arc<std::sync::Mutex<()>>,
+    /// Snapshots proven bad (their content, or the application's check): deleted from the
+    /// store, also when a download of one publishes after the judgement.
+    condemned: LruCache<crate::hash::ContentRoot, ()>,
 }
 
 impl std::fmt::Debug for Behaviour {
@@ -187,6 +194,7 @@ impl Behaviour {
             #[cfg(feature = "web")]
             web,
             publishing: Arc::new(std::sync::Mutex::new(())),
+            condemned: LruCache::new(MAX_CONDEMNED),
             protocols,
             metrics,
             topic,
