@@ -96,6 +96,25 @@ fn a_bad_chunk_size_is_refused_at_start() {
     );
 }
 
+/// A chain's genesis: now, in milliseconds since the Unix epoch.
+fn genesis_now() -> String {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string()
+}
+
+/// A node started in `dir` with `args`, and its first listen address.
+fn validator(dir: &std::path::Path, args: &[&str]) -> (Proc, String) {
+    let node = Proc::start(&on_loopback(dir.to_str().unwrap(), args), "t");
+    let addr = node.wait_event("listening")["addrs"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (node, addr)
+}
+
 /// Chain arguments every validator of one chain shares.
 fn chain_args(genesis: &str) -> Vec<&str> {
     vec![
@@ -118,20 +137,8 @@ fn chain_args(genesis: &str) -> Vec<&str> {
 #[test]
 fn a_validator_started_behind_syncs_then_executes_and_makes_the_producers_snapshots() {
     let tmp = tempfile::tempdir().unwrap();
-    let genesis = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        .to_string();
-    let dir = tmp.path().join("first");
-    let first = Proc::start(
-        &on_loopback(dir.to_str().unwrap(), &chain_args(&genesis)),
-        "t",
-    );
-    let addr = first.wait_event("listening")["addrs"][0]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let genesis = genesis_now();
+    let (first, addr) = validator(&tmp.path().join("first"), &chain_args(&genesis));
     // The chain runs well past what a node may replay by itself (100 slots behind).
     first.find_event("snapshot_created", |v| v["slot"].as_u64().unwrap() >= 200);
     let dir = tmp.path().join("late");
@@ -161,21 +168,12 @@ fn a_validator_started_behind_syncs_then_executes_and_makes_the_producers_snapsh
 #[test]
 fn a_validator_refuses_another_chains_state_by_its_own_state_root() {
     let tmp = tempfile::tempdir().unwrap();
-    let genesis = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        .to_string();
+    let genesis = genesis_now();
     // A producer of another chain (another seed) on the same clock: valid snapshots, their bank
     // hashes proven, of a state that is not this chain's.
-    let dir = tmp.path().join("other");
     let mut args = chain_args(&genesis);
     args.extend(["--chain-seed", "2"]);
-    let other = Proc::start(&on_loopback(dir.to_str().unwrap(), &args), "t");
-    let addr = other.wait_event("listening")["addrs"][0]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (other, addr) = validator(&tmp.path().join("other"), &args);
     other.find_event("snapshot_created", |v| v["slot"].as_u64().unwrap() >= 200);
     // A validator of this chain, behind, told only that peer: the chain's root (a light client
     // of its own) refuses every state it offers, and nothing is swapped in.

@@ -16,15 +16,19 @@ impl Behaviour {
             tracing::warn!(target: TARGET, error = %e, "cannot read the DB's slot");
             None
         });
+        let mut held = self.store.list();
         // A download may publish a snapshot after it was judged bad: it goes now.
-        for snap in self.store.list() {
-            if self.condemned.contains(&snap.manifest().content_root)
-                && let Err(e) = self.store.remove(&snap)
-            {
-                tracing::warn!(target: TARGET, root = %snap.manifest().content_root.short(), error = %e, "could not delete a snapshot proven bad");
+        let condemned = |s: &std::sync::Arc<crate::snapshot::Snapshot>| {
+            self.condemned.contains(&s.manifest().content_root)
+        };
+        if held.iter().any(condemned) {
+            for snap in held.iter().filter(|s| condemned(s)) {
+                if let Err(e) = self.store.remove(snap) {
+                    tracing::warn!(target: TARGET, root = %snap.manifest().content_root.short(), error = %e, "could not delete a snapshot proven bad");
+                }
             }
+            held = self.store.list();
         }
-        let held = self.store.list();
         let (snapshots, modified_time) =
             crate::discovery::advertised(held.iter().map(|s| s.manifest()));
         if let Some(newest) = snapshots.iter().map(|s| s.key.slot).max() {

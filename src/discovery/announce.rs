@@ -152,15 +152,7 @@ impl Discovery {
         if self.waiting.len() == 0 || self.streamer_addrs.is_empty() {
             return;
         }
-        let advert = message::advert(
-            self.me,
-            &self.local.snapshots,
-            &self.partials,
-            &self.streamer_addrs,
-            self.local.slot,
-            self.local.modified_time,
-            0,
-        );
+        let advert = self.own_advert(0);
         tracing::info!(target: TARGET, waiting = self.waiting.len(), slot = pending.key.slot, "announcing a new snapshot");
         self.actions.push_back(Action::Publish {
             kind: Published::Announcement,

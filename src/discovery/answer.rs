@@ -68,15 +68,7 @@ impl Discovery {
             return None;
         }
         self.answered.insert(peer, (), now);
-        let answer = message::advert(
-            self.me,
-            &self.local.snapshots,
-            &self.partials,
-            &self.streamer_addrs,
-            self.local.slot,
-            self.local.modified_time,
-            r.nonce,
-        );
+        let answer = self.own_advert(r.nonce);
         self.metrics.message(MessageKind::AnswerSent);
         if via_gossip {
             self.actions.push_back(Action::Answer {
@@ -88,6 +80,20 @@ impl Discovery {
         } else {
             Some(answer)
         }
+    }
+
+    /// What this node holds and serves, as an advert (an answer to the request with `nonce`, or
+    /// an announcement with 0).
+    pub(super) fn own_advert(&self, nonce: u64) -> proto::SnapshotInfoResponse {
+        message::advert(
+            self.me,
+            &self.local.snapshots,
+            &self.partials,
+            &self.streamer_addrs,
+            self.local.slot,
+            self.local.modified_time,
+            nonce,
+        )
     }
 
     /// One dial (to answer a peer not connected) out of the interval's budget.
