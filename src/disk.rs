@@ -52,6 +52,26 @@ pub(crate) fn replace_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
+/// Reads the file at `path` if it exists and holds at most `max` bytes (`None` when there is no
+/// file; an error when it is longer).
+pub(crate) fn read_bounded(path: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("longer than {max} bytes"),
+        ));
+    }
+    Ok(Some(bytes))
+}
+
 /// Removes a file or a directory tree; a path that does not exist is not an error.
 pub(crate) fn remove_path(path: &Path) -> io::Result<()> {
     let result = match fs::symlink_metadata(path) {

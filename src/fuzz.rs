@@ -200,6 +200,7 @@ mod tests {
         let advert = message::advert(
             me,
             &[ad],
+            &|_| Vec::new(),
             &[],
             &["10.0.0.1:9000".parse().unwrap()],
             Some(90),
@@ -270,7 +271,8 @@ mod tests {
         // A have-bitfield: 20 pieces in blocks of 3, blocks 0, 2 and 6 held.
         out.push(("have_bitfield", vec![19, 0, 2, 0b0100_0101]));
         // A web index naming the small archive's snapshot.
-        let index = crate::snapshot::publish::index_json(&[("full-40".to_string(), m.clone())]);
+        let index =
+            crate::snapshot::publish::index_json(&[("full-40".to_string(), m.clone(), Vec::new())]);
         out.push(("web_index", index.into_bytes()));
         out
     }

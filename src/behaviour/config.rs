@@ -43,6 +43,7 @@ pub struct Config {
     web_sources: Vec<String>,
     web_ca_files: Vec<PathBuf>,
     publish_dir: Option<PathBuf>,
+    attest: bool,
 }
 
 /// The application's state check, if any (a closure has no `Debug`).
@@ -61,6 +62,7 @@ impl Config {
         Self {
             snapshot_dir: snapshot_dir.into(),
             network: "default".into(),
+            attest: true,
             discovery: DiscoveryConfig::default(),
             heartbeat_interval: Duration::from_secs(1),
             advertise_addrs: Vec::new(),
@@ -135,6 +137,19 @@ impl Config {
     /// The network name.
     pub fn network(&self) -> &str {
         &self.network
+    }
+
+    /// Whether the node signs the snapshots it makes from its own state with its identity key
+    /// (default: it does), so that nodes trusting it can take them from anyone who relays the
+    /// [`Attestation`](crate::snapshot::Attestation).
+    pub fn with_attesting(mut self, attest: bool) -> Self {
+        self.attest = attest;
+        self
+    }
+
+    /// Whether the node signs the snapshots it makes.
+    pub fn attests(&self) -> bool {
+        self.attest
     }
 
     /// Sets discovery and decision: intervals, windows, thresholds, bounds.
@@ -351,6 +366,7 @@ impl Config {
     /// no looser than what a download may track.
     pub(crate) fn discovery_rules(&self) -> DiscoveryConfig {
         let mut d = self.discovery.clone();
+        d.network = self.network.clone();
         d.limits.max_chunks = self.download.max_chunks().min(d.limits.max_chunks);
         d
     }

@@ -39,9 +39,15 @@ impl Behaviour {
         if let Some(s) = slot {
             self.metrics.local_slot.set(s.min(i64::MAX as u64) as i64);
         }
+        let attestations = held
+            .iter()
+            .filter(|s| !s.attestations().is_empty())
+            .map(|s| (s.manifest().key(), s.attestations().to_vec()))
+            .collect();
         self.discovery.handle_local(Local {
             slot,
             snapshots,
+            attestations,
             modified_time,
             chunk_size: Some(self.config.creator().options().chunk_size()),
         });

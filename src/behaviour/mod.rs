@@ -166,7 +166,10 @@ impl Behaviour {
         let metrics = config.metrics().clone();
         let store = SnapshotStore::open(config.snapshot_dir())?;
         let (streamer, downloader) = transfer(keypair, &store, &config, &metrics)?;
-        let creator = Creator::new(store.clone(), db.clone(), *config.creator());
+        let mut creator = Creator::new(store.clone(), db.clone(), *config.creator());
+        if config.attests() {
+            creator = creator.attesting(keypair.clone(), config.network());
+        }
         let (protocols, topic) = protocols::build(keypair, &config)?;
         let now = Instant::now();
         let mut discovery = Discovery::new(

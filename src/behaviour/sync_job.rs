@@ -33,8 +33,8 @@ use crate::db::{StateCheck, StateDb};
 use crate::discovery::{Failure, LegKind, Plan, SyncFailure, Target};
 use crate::log::DISCOVERY as TARGET;
 use crate::snapshot::{
-    ArchiveSource, HashStage, LoadError, LoadLimits, LoadReport, Loaded, Manifest, SnapshotKey,
-    SnapshotKind, SnapshotStore, load_chain_legs,
+    ArchiveSource, Attestation, HashStage, LoadError, LoadLimits, LoadReport, Loaded, Manifest,
+    SnapshotKey, SnapshotKind, SnapshotStore, load_chain_legs,
 };
 use crate::transfer::{
     DownloadError, DownloadHandle, DownloadTarget, Downloaded, Downloader, PeerAddr, PeerStatus,
@@ -93,6 +93,8 @@ struct Leg {
     kind: LegKind,
     key: SnapshotKey,
     counts_vouched: bool,
+    /// Trusted peers' attestations of it, stored with it once it is loaded.
+    attestations: Vec<Attestation>,
     handle: DownloadHandle,
     progress: BoxStream<'static, Progress>,
     peers: HashSet<PeerId>,
@@ -144,6 +146,7 @@ impl Leg {
             kind,
             key: target.ad.key,
             counts_vouched: target.counts_vouched,
+            attestations: target.attestations.clone(),
             handle,
             progress,
             peers: ids.into_iter().collect(),
@@ -193,6 +196,8 @@ pub(crate) struct SyncJob {
     stop: Arc<AtomicBool>,
     db: Arc<dyn StateDb>,
     store: SnapshotStore,
+    /// The network attestations are checked for.
+    network: String,
     limits: LoadLimits,
     check: Option<Arc<dyn StateCheck>>,
     started: Instant,
@@ -206,7 +211,7 @@ impl SyncJob {
         plan: &Plan,
         downloader: &Downloader,
         db: Arc<dyn StateDb>,
-        store: SnapshotStore,
+        (store, network): (SnapshotStore, &str),
         (limits, check): (LoadLimits, Option<Arc<dyn StateCheck>>),
         addr_of: &mut dyn FnMut(PeerId, &[SocketAddr]) -> Option<JobSource>,
     ) -> Self {
@@ -224,6 +229,7 @@ impl SyncJob {
             stop: Arc::new(AtomicBool::new(false)),
             db,
             store,
+            network: network.to_string(),
             limits,
             check,
             started: Instant::now(),
@@ -440,11 +446,22 @@ impl SyncJob {
         liars
     }
 
+    /// Stores the trusted peers' attestations with the snapshots loaded, for this node to relay.
+    fn keep_attestations(&self) {
+        for leg in self.legs.iter().filter(|l| !l.attestations.is_empty()) {
+            let root = leg.key.content_root;
+            if let Err(e) = self.store.attest(&root, &self.network, &leg.attestations) {
+                tracing::warn!(target: TARGET, slot = leg.key.slot, error = %e, "could not store the snapshot's attestations");
+            }
+        }
+    }
+
     fn synced(&mut self, loaded: Loaded) -> JobEvent {
         self.finished = true;
         let report = loaded.report;
         let mut bad_peers: Vec<PeerId> = self.legs.iter().flat_map(Leg::banned).collect();
         bad_peers.extend(self.correct_counts(&loaded));
+        self.keep_attestations();
         let mut per_peer: Vec<(PeerId, u64)> = Vec::new();
         let (mut bytes, mut fetched, mut served) = (0, 0, 0);
         for d in self.legs.iter().filter_map(|l| l.done.as_ref()) {

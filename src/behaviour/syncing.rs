@@ -42,7 +42,7 @@ impl Behaviour {
             &plan,
             &self.downloader,
             self.db.clone(),
-            self.store.clone(),
+            (self.store.clone(), self.config.network()),
             (
                 *self.config.load_limits(),
                 self.config.state_check().cloned(),

@@ -91,9 +91,11 @@ impl WebSources {
         *busy = false;
         match result {
             Ok(listed) => {
-                let mut snapshots: Vec<SnapshotAd> = listed.into_iter().map(|l| l.ad).collect();
-                snapshots.sort_by_key(|s| std::cmp::Reverse(s.key.slot));
-                snapshots.truncate(MAX_LISTED);
+                let mut listed = listed;
+                listed.sort_by_key(|l| std::cmp::Reverse(l.ad.key.slot));
+                listed.truncate(MAX_LISTED);
+                let (snapshots, attestations): (Vec<SnapshotAd>, Vec<_>) =
+                    listed.into_iter().map(|l| (l.ad, l.attestations)).unzip();
                 tracing::debug!(target: TARGET, %source, snapshots = snapshots.len(), "read a web source's index");
                 if snapshots.is_empty() {
                     return Poll::Ready(None);
@@ -105,6 +107,7 @@ impl WebSources {
                     streamer_addrs: Vec::new(),
                     partial: Vec::new(),
                     snapshots,
+                    attestations,
                 }))
             }
             Err(e) => {

@@ -88,6 +88,7 @@ impl Discovery {
         message::advert(
             self.me,
             &self.local.snapshots,
+            &|k| self.local.attestations.get(k).cloned().unwrap_or_default(),
             &self.partials,
             &self.streamer_addrs,
             self.local.slot,

@@ -19,8 +19,9 @@ use libp2p::PeerId;
 
 use super::message::{Advert, SnapshotAd};
 use super::policy::TrustPolicy;
+use super::signers::Signers;
 use crate::hash::ContentRoot;
-use crate::snapshot::{Base, SnapshotKey};
+use crate::snapshot::{Attestation, Base, MAX_ATTESTATIONS, SnapshotKey};
 
 /// A per-peer table of at most `cap` entries; the oldest entry goes when a new peer arrives
 /// at a full table.
@@ -104,15 +105,34 @@ pub(crate) enum Standing {
 #[derive(Debug, Clone)]
 pub(crate) struct KeyEntry {
     pub(crate) peers: HashSet<PeerId>,
-    pub(crate) trusted: usize,
+    /// How many of `peers` the policy trusts.
+    trusted_peers: usize,
+    /// Trusted peers whose valid attestation of it some advert carries, with how many do.
+    attested: HashMap<PeerId, u32>,
     /// When some peer first advertised it (kept while anyone does): a snapshot heard of
     /// earlier is tried before one that appeared later under the same slot and bank hash.
     pub(crate) first_seen: Instant,
 }
 
+impl KeyEntry {
+    /// Distinct trusted peers that vouch for it: by advertising it, or by an attestation of
+    /// theirs that anyone's advert carries.
+    pub(crate) fn trusted(&self) -> usize {
+        self.trusted_peers
+            + self
+                .attested
+                .keys()
+                .filter(|p| !self.peers.contains(p))
+                .count()
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Stored {
     advert: Advert,
+    /// The trusted signers of its snapshots' attestations (snapshot, signer, index in the
+    /// snapshot's list).
+    signed: Vec<(SnapshotKey, PeerId, usize)>,
     standing: Standing,
     /// The standing it came with (an answer, an announcement), before the policy raised it:
     /// what a changed policy places it by.
@@ -135,10 +155,14 @@ pub(crate) struct AdvertBook {
     fulls: HashMap<ContentRoot, HashSet<SnapshotKey>>,
     /// Who holds part of each snapshot (counts toward nothing).
     partials: HashMap<SnapshotKey, HashSet<PeerId>>,
+    /// The trusted keys, and the verdicts on their attestations.
+    signers: Signers,
 }
 
 impl AdvertBook {
-    pub(crate) fn new(cap: usize) -> Self {
+    /// A table of at most `cap` adverts, counting the attestations of `policy`'s trusted peers
+    /// for `network`.
+    pub(crate) fn new(cap: usize, network: &str, policy: &TrustPolicy) -> Self {
         Self {
             cap: cap.max(4),
             adverts: HashMap::new(),
@@ -146,6 +170,7 @@ impl AdvertBook {
             by_key: HashMap::new(),
             fulls: HashMap::new(),
             partials: HashMap::new(),
+            signers: Signers::new(network, policy),
         }
     }
 
@@ -161,7 +186,13 @@ impl AdvertBook {
         self.order.get(&standing).map_or(0, BTreeSet::len)
     }
 
-    fn index(&mut self, advert: &Advert, policy: &TrustPolicy, now: Instant) {
+    fn index(
+        &mut self,
+        advert: &Advert,
+        signed: &[(SnapshotKey, PeerId, usize)],
+        policy: &TrustPolicy,
+        now: Instant,
+    ) {
         for p in &advert.partial {
             self.partials
                 .entry(p.ad.key)
@@ -172,11 +203,15 @@ impl AdvertBook {
         for s in &advert.snapshots {
             let e = self.by_key.entry(s.key).or_insert_with(|| KeyEntry {
                 peers: HashSet::new(),
-                trusted: 0,
+                trusted_peers: 0,
+                attested: HashMap::new(),
                 first_seen: now,
             });
             if e.peers.insert(advert.peer) && trusted {
-                e.trusted += 1;
+                e.trusted_peers += 1;
+            }
+            for (_, signer, _) in signed.iter().filter(|(k, ..)| *k == s.key) {
+                *e.attested.entry(*signer).or_default() += 1;
             }
             if s.key.is_full() {
                 self.fulls
@@ -187,7 +222,12 @@ impl AdvertBook {
         }
     }
 
-    fn unindex(&mut self, advert: &Advert, policy: &TrustPolicy) {
+    fn unindex(
+        &mut self,
+        advert: &Advert,
+        signed: &[(SnapshotKey, PeerId, usize)],
+        policy: &TrustPolicy,
+    ) {
         for p in &advert.partial {
             if let Some(peers) = self.partials.get_mut(&p.ad.key) {
                 peers.remove(&advert.peer);
@@ -201,7 +241,15 @@ impl AdvertBook {
                 && e.peers.remove(&advert.peer)
             {
                 if policy.trusts(&advert.peer) {
-                    e.trusted -= 1;
+                    e.trusted_peers -= 1;
+                }
+                for (_, signer, _) in signed.iter().filter(|(k, ..)| *k == s.key) {
+                    if let Some(n) = e.attested.get_mut(signer) {
+                        *n -= 1;
+                        if *n == 0 {
+                            e.attested.remove(signer);
+                        }
+                    }
                 }
                 if e.peers.is_empty() {
                     self.by_key.remove(&s.key);
@@ -221,7 +269,7 @@ impl AdvertBook {
         if let Some(order) = self.order.get_mut(&stored.standing) {
             order.remove(&(stored.at, *peer));
         }
-        self.unindex(&stored.advert, policy);
+        self.unindex(&stored.advert, &stored.signed, policy);
         Some(stored)
     }
 
@@ -261,14 +309,16 @@ impl AdvertBook {
             .adverts
             .get(&peer)
             .map_or(standing, |old| old.given.max(standing));
+        let signed = self.signers.of_advert(&advert);
         let standing = if policy.trusts(&peer) {
             Standing::Trusted
         } else if advert.snapshots.is_empty() {
             Standing::Partial
-        } else if advert
-            .snapshots
-            .iter()
-            .any(|s| policy.accepts_alone(&s.key))
+        } else if !signed.is_empty()
+            || advert
+                .snapshots
+                .iter()
+                .any(|s| policy.accepts_alone(&s.key))
         {
             Standing::Vouched
         } else {
@@ -306,12 +356,13 @@ impl AdvertBook {
         }
         let first = self.adverts.get(&peer).map_or(now, |old| old.first);
         self.remove(&peer, policy);
-        self.index(&advert, policy, now);
+        self.index(&advert, &signed, policy, now);
         self.order.entry(standing).or_default().insert((now, peer));
         self.adverts.insert(
             peer,
             Stored {
                 advert,
+                signed,
                 standing,
                 given,
                 at: now,
@@ -327,6 +378,7 @@ impl AdvertBook {
     /// it vouched for) stands as it came (an answer, an announcement), unless the new policy
     /// raises it again.
     pub(crate) fn retrust(&mut self, policy: &TrustPolicy) {
+        self.signers.set_policy(policy);
         let first_seen: HashMap<SnapshotKey, Instant> = self
             .by_key
             .iter()
@@ -369,6 +421,33 @@ impl AdvertBook {
     /// Forgets everything `peer` said.
     pub(crate) fn forget(&mut self, peer: &PeerId, policy: &TrustPolicy) {
         self.remove(peer, policy);
+    }
+
+    /// The valid attestations of `key` by trusted peers that adverts carry, one per signer
+    /// (ordered by signer), at most [`MAX_ATTESTATIONS`]: what a node that takes it stores
+    /// with it and relays.
+    pub(crate) fn attestations(&self, key: &SnapshotKey) -> Vec<Attestation> {
+        let mut out: Vec<(PeerId, Attestation)> = Vec::new();
+        let Some(e) = self.by_key.get(key) else {
+            return Vec::new();
+        };
+        for stored in e.peers.iter().filter_map(|p| self.adverts.get(p)) {
+            let Some(i) = stored.advert.snapshots.iter().position(|s| s.key == *key) else {
+                continue;
+            };
+            for (_, signer, j) in stored.signed.iter().filter(|(k, ..)| k == key) {
+                if let Some(a) = stored.advert.attestations_of(i).get(*j)
+                    && out.iter().all(|(p, _)| p != signer)
+                {
+                    out.push((*signer, a.clone()));
+                }
+            }
+        }
+        out.sort_by_key(|(p, _)| *p);
+        out.into_iter()
+            .take(MAX_ATTESTATIONS)
+            .map(|(_, a)| a)
+            .collect()
     }
 
     /// Every snapshot advertised, with who advertises it.
@@ -463,6 +542,7 @@ mod tests {
 
     fn advert(peer: PeerId, slot: u64) -> Advert {
         Advert {
+            attestations: Vec::new(),
             peer,
             snapshots: vec![SnapshotAd {
                 key: SnapshotKey {
@@ -505,7 +585,7 @@ mod tests {
     #[test]
     fn the_book_counts_agreement_as_adverts_come_and_go() {
         let policy = TrustPolicy::default();
-        let mut book = AdvertBook::new(4);
+        let mut book = AdvertBook::new(4, "n", &policy);
         let now = Instant::now();
         let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
         let answered = Standing::Answered;
@@ -561,7 +641,7 @@ mod tests {
             peers: trusted.iter().copied().collect(),
             quorum: 2,
         };
-        let mut book = AdvertBook::new(16);
+        let mut book = AdvertBook::new(16, "n", &policy);
         let now = Instant::now();
         for p in &trusted {
             assert!(book.insert(advert(*p, 100), Standing::Answered, now, &policy));
@@ -576,7 +656,7 @@ mod tests {
         }
         let key = advert(trusted[0], 100).snapshots[0].key;
         let entry = book.entry(&key).unwrap();
-        assert_eq!(entry.trusted, 3, "every trusted advert is still there");
+        assert_eq!(entry.trusted(), 3, "every trusted advert is still there");
         assert_eq!(entry.peers.len(), 4, "and the answer");
         assert_eq!(
             book.len(),
@@ -596,13 +676,13 @@ mod tests {
             );
         }
         assert_eq!(book.len(), 16);
-        assert_eq!(book.entry(&key).unwrap().trusted, 3);
+        assert_eq!(book.entry(&key).unwrap().trusted(), 3);
     }
 
     #[test]
     fn a_stranger_whose_standing_rises_needs_room_in_its_new_share() {
         let policy = TrustPolicy::default();
-        let mut book = AdvertBook::new(16);
+        let mut book = AdvertBook::new(16, "n", &policy);
         let now = Instant::now();
         let answerer = PeerId::random();
         book.insert(advert(answerer, 100), Standing::Answered, now, &policy);
@@ -642,13 +722,13 @@ mod tests {
             quorum: 1,
         };
         let t0 = Instant::now();
-        let mut book = AdvertBook::new(16);
+        let mut book = AdvertBook::new(16, "n", &only_a);
         for (i, p) in [a, b, c].into_iter().enumerate() {
             let at = t0 + Duration::from_millis(i as u64);
             assert!(book.insert(advert(p, 10), Standing::Announced, at, &only_a));
         }
         let key = advert(a, 10).snapshots[0].key;
-        assert_eq!(book.entry(&key).unwrap().trusted, 1);
+        assert_eq!(book.entry(&key).unwrap().trusted(), 1);
         assert_eq!(book.standing(&a), Some(Standing::Trusted));
         let first_seen = book.entry(&key).unwrap().first_seen;
         // b and c are trusted now, a no longer: counts and standings follow; times stay.
@@ -658,7 +738,7 @@ mod tests {
         };
         book.retrust(&b_and_c);
         let e = book.entry(&key).unwrap();
-        assert_eq!((e.peers.len(), e.trusted), (3, 2));
+        assert_eq!((e.peers.len(), e.trusted()), (3, 2));
         assert_eq!(e.first_seen, first_seen);
         assert_eq!(book.standing(&a), Some(Standing::Announced));
         assert_eq!(book.standing(&b), Some(Standing::Trusted));
@@ -666,6 +746,63 @@ mod tests {
         // Removing an advert counts down under the policy it was counted with.
         book.forget(&b, &b_and_c);
         book.forget(&a, &b_and_c);
-        assert_eq!(book.entry(&key).unwrap().trusted, 1);
+        assert_eq!(book.entry(&key).unwrap().trusted(), 1);
+    }
+
+    #[test]
+    fn only_trusted_keys_are_verified_each_once_and_counted_while_carried() {
+        use crate::snapshot::Attestation;
+        use libp2p::identity::Keypair;
+        let keys: Vec<Keypair> = (0..2).map(|_| Keypair::generate_ed25519()).collect();
+        let policy = TrustPolicy::TrustedPeers {
+            peers: keys.iter().map(|k| k.public().to_peer_id()).collect(),
+            quorum: 2,
+        };
+        let t0 = Instant::now();
+        let mut book = AdvertBook::new(64, "n", &policy);
+        let key = advert(PeerId::random(), 10).snapshots[0].key;
+        let strangers: Vec<Attestation> = (0..8)
+            .map(|_| Attestation::sign(&Keypair::generate_ed25519(), "n", &key).unwrap())
+            .collect();
+        let trusted: Vec<Attestation> = keys
+            .iter()
+            .map(|k| Attestation::sign(k, "n", &key).unwrap())
+            .collect();
+        let carrying = |atts: &[Attestation]| {
+            let mut a = advert(PeerId::random(), 10);
+            a.attestations = vec![atts.to_vec()];
+            a
+        };
+        // Strangers' keys cost no verification at all.
+        let junk = carrying(&strangers);
+        let junk_peer = junk.peer;
+        assert!(book.insert(junk, Standing::Announced, t0, &policy));
+        assert_eq!(book.signers.verified(), 0);
+        assert_eq!(book.standing(&junk_peer), Some(Standing::Announced));
+        // Twenty relays of the same two signatures: two verifications, two voices.
+        let mut relays = Vec::new();
+        for _ in 0..20 {
+            let a = carrying(&trusted);
+            relays.push(a.peer);
+            assert!(book.insert(a, Standing::Announced, t0, &policy));
+        }
+        assert_eq!(book.signers.verified(), 2);
+        assert_eq!(book.entry(&key).unwrap().trusted(), 2);
+        assert_eq!(book.attestations(&key).len(), 2);
+        // A relay of a valid trusted signature stands with what the policy vouches for.
+        assert_eq!(book.standing(&relays[0]), Some(Standing::Vouched));
+        // The voices stay while any advert carries them.
+        for p in &relays[1..] {
+            book.forget(p, &policy);
+        }
+        assert_eq!(book.entry(&key).unwrap().trusted(), 2);
+        book.forget(&relays[0], &policy);
+        assert_eq!(book.entry(&key).unwrap().trusted(), 0);
+        assert!(book.attestations(&key).is_empty());
+        // A trusted peer that advertises it and whose signature is relayed is one voice.
+        let own = keys[0].public().to_peer_id();
+        assert!(book.insert(advert(own, 10), Standing::Answered, t0, &policy));
+        assert!(book.insert(carrying(&trusted[..1]), Standing::Announced, t0, &policy));
+        assert_eq!(book.entry(&key).unwrap().trusted(), 1);
     }
 }

@@ -34,6 +34,8 @@ pub struct DiscoveryConfig {
     pub(crate) executes: bool,
     /// Set from [`crate::Config::with_trust`], where the trust settings live.
     pub(crate) policy: TrustPolicy,
+    /// The network name attestations are checked for (the behaviour's).
+    pub(crate) network: String,
 }
 
 /// The chain's clock: when slot 0 was and how long a slot lasts, so that a node knows which
@@ -99,6 +101,7 @@ impl Default for DiscoveryConfig {
             chain_clock: None,
             executes: true,
             policy: TrustPolicy::default(),
+            network: "default".into(),
         }
     }
 }

@@ -57,6 +57,8 @@ pub(crate) struct Target {
     /// Peers downloading it too that serve what they verified, in the same chunk size, most
     /// held first (at most [`MAX_PARTIAL_SOURCES`]): sources only, they vouched for nothing.
     pub partial_peers: Vec<(PeerId, Vec<SocketAddr>)>,
+    /// Trusted peers' valid attestations of it that adverts carried.
+    pub attestations: Vec<crate::snapshot::Attestation>,
 }
 
 /// Most partial holders a target lists.
@@ -135,7 +137,7 @@ pub(crate) fn acceptable(
     // The cheap bounds first: a verifier is not asked about what they rule out.
     local.ceiling.is_none_or(|c| key.slot <= c)
         && !(local.vouched_only && policy.is_untrusted())
-        && policy.accepts(key, entry.peers.len(), entry.trusted)
+        && policy.accepts(key, entry.peers.len(), entry.trusted())
 }
 
 /// The fetch of `key`: its sources, best first, in the chunk size the trusted ones serve (else
@@ -166,9 +168,10 @@ pub(super) fn target(
     Some(Target {
         ad,
         counts_vouched,
-        vouched: policy.vouches_root(key, entry.trusted),
+        vouched: policy.vouches_root(key, entry.trusted()),
         peers: chosen.iter().map(|(p, _)| (*p, book.addrs(p))).collect(),
         partial_peers: partial_sources(book, key, ad.chunk_size, &entry.peers),
+        attestations: book.attestations(key),
     })
 }
 
@@ -234,7 +237,7 @@ fn base_of(
         .filter_map(|k| Some((*k, book.entry(k)?)))
         .max_by_key(|(k, e)| {
             (
-                e.trusted,
+                e.trusted(),
                 std::cmp::Reverse(e.first_seen),
                 e.peers.len(),
                 std::cmp::Reverse(k.archive_size),
@@ -298,7 +301,7 @@ pub(crate) fn decide(
         let rank = (
             key.slot,
             plan.full.is_none(),
-            policy.weight(entry.peers.len(), entry.trusted),
+            policy.weight(entry.peers.len(), entry.trusted()),
             std::cmp::Reverse(entry.first_seen),
             entry.peers.len(),
             std::cmp::Reverse(key.content_root),

@@ -9,7 +9,7 @@ use prost::Message;
 use crate::chunk::ChunkSize;
 use crate::hash::{BankHash, ContentRoot};
 use crate::proto;
-use crate::snapshot::{Base, SnapshotKey, SnapshotKind};
+use crate::snapshot::{Attestation, AttestationError, Base, SnapshotKey, SnapshotKind};
 
 /// The design note's message type names.
 pub(crate) const REQUEST_TYPE: &str = "snapshot_info_request";
@@ -78,6 +78,9 @@ pub(crate) enum MessageError {
     /// An empty gossip message, or an advertisement of nothing.
     #[error("message carries nothing")]
     Empty,
+    /// An attestation list over the bound, or one of a malformed key or signature.
+    #[error("attestations: {0}")]
+    BadAttestation(#[from] AttestationError),
 }
 
 /// One snapshot a peer advertises, checked.
@@ -130,9 +133,17 @@ pub struct Advert {
     pub holder_slot: Option<u64>,
     /// When its newest snapshot was made, seconds since the Unix epoch.
     pub modified_time: u64,
+    /// The attestations carried with each of `snapshots`, in the same order (a list missing at
+    /// the end is an empty one). Claims until checked for the snapshot they come with.
+    pub attestations: Vec<Vec<Attestation>>,
 }
 
 impl Advert {
+    /// The attestations carried with `snapshots[i]`.
+    pub fn attestations_of(&self, i: usize) -> &[Attestation] {
+        self.attestations.get(i).map_or(&[], Vec::as_slice)
+    }
+
     /// Its newest snapshot.
     pub fn newest(&self) -> Option<&SnapshotAd> {
         self.snapshots.iter().max_by_key(|s| s.key.slot)
@@ -321,13 +332,20 @@ pub(crate) fn check_advert(
     if streamer_addrs.is_empty() {
         return Err(MessageError::BadAddress("no chunk-stream address".into()));
     }
-    let snapshots = if complete {
-        msg.snapshots
+    let (snapshots, attestations) = if complete {
+        let snapshots = msg
+            .snapshots
             .iter()
             .map(|d| check_descriptor(d, limits))
-            .collect::<Result<Vec<_>, _>>()?
+            .collect::<Result<Vec<_>, _>>()?;
+        let attestations = msg
+            .snapshots
+            .iter()
+            .map(|d| Attestation::decode_list(&d.attestations))
+            .collect::<Result<Vec<_>, _>>()?;
+        (snapshots, attestations)
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     let partial = msg
         .partial
@@ -354,11 +372,12 @@ pub(crate) fn check_advert(
         streamer_addrs,
         holder_slot: msg.holder_slot,
         modified_time: msg.modified_time,
+        attestations,
     })
 }
 
-/// The descriptor of an advertised snapshot.
-fn descriptor(ad: &SnapshotAd) -> proto::SnapshotDescriptor {
+/// The descriptor of an advertised snapshot, with the attestations it carries.
+fn descriptor(ad: &SnapshotAd, attestations: &[Attestation]) -> proto::SnapshotDescriptor {
     let k = &ad.key;
     let base = k.base;
     proto::SnapshotDescriptor {
@@ -382,14 +401,22 @@ fn descriptor(ad: &SnapshotAd) -> proto::SnapshotDescriptor {
             .into(),
         entry_count: ad.entry_count,
         state_bytes: ad.state_bytes,
+        attestations: attestations
+            .iter()
+            .take(crate::snapshot::MAX_ATTESTATIONS)
+            .map(Attestation::to_proto)
+            .collect(),
     }
 }
 
-/// This node's advertisement of `snapshots` (newest first, at most [`MAX_SNAPSHOTS`]) and of
-/// what it downloads and serves meanwhile (at most [`MAX_PARTIALS`]).
+/// This node's advertisement of `snapshots` (newest first, at most [`MAX_SNAPSHOTS`], each
+/// with the attestations `attested` gives for it) and of what it downloads and serves meanwhile
+/// (at most [`MAX_PARTIALS`]).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn advert(
     local: PeerId,
     snapshots: &[SnapshotAd],
+    attested: &dyn Fn(&SnapshotKey) -> Vec<Attestation>,
     partial: &[PartialAd],
     streamer_addrs: &[SocketAddr],
     holder_slot: Option<u64>,
@@ -412,14 +439,14 @@ pub(crate) fn advert(
         snapshots: snapshots
             .iter()
             .take(MAX_SNAPSHOTS)
-            .map(descriptor)
+            .map(|s| descriptor(s, &attested(&s.key)))
             .collect(),
         holder_slot,
         partial: partial
             .iter()
             .take(MAX_PARTIALS)
             .map(|p| proto::PartialHolding {
-                snapshot: Some(descriptor(&p.ad)),
+                snapshot: Some(descriptor(&p.ad, &[])),
                 verified_bytes: p.verified_bytes,
             })
             .collect(),
@@ -514,6 +541,7 @@ mod tests {
                 ad(SnapshotKind::Incremental, 60),
                 ad(SnapshotKind::Full, 50),
             ],
+            &|_| Vec::new(),
             &[],
             &["127.0.0.1:4000".parse().unwrap()],
             Some(61),
@@ -611,6 +639,7 @@ mod tests {
         let msg = advert(
             peer,
             &[],
+            &|_| Vec::new(),
             &[holding],
             &["127.0.0.1:4000".parse().unwrap()],
             None,

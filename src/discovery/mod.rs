@@ -68,6 +68,7 @@ mod outcome;
 mod peers;
 mod policy;
 mod round;
+mod signers;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 #[cfg(test)]
@@ -189,6 +190,8 @@ pub(crate) struct Local {
     pub(crate) slot: Option<u64>,
     /// The snapshots it holds and serves, newest first.
     pub(crate) snapshots: Vec<SnapshotAd>,
+    /// The attestations stored with them (carried in its adverts).
+    pub(crate) attestations: HashMap<SnapshotKey, Vec<crate::snapshot::Attestation>>,
     /// When its newest snapshot was made, seconds since the Unix epoch.
     pub(crate) modified_time: u64,
     /// The chunk size it serves its snapshots in.
@@ -284,7 +287,7 @@ impl Discovery {
             previous_request: None,
             request_pending: None,
             outstanding: VecDeque::new(),
-            book: AdvertBook::new(cap),
+            book: AdvertBook::new(cap, &config.network, &config.policy),
             strikes: PeerTable::new(cap),
             answered: PeerTable::new(cap),
             asked: PeerTable::new(cap),

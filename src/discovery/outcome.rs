@@ -214,6 +214,7 @@ mod tests {
             vouched: false,
             peers: Vec::new(),
             partial_peers: Vec::new(),
+            attestations: Vec::new(),
         }
     }
 
@@ -222,10 +223,11 @@ mod tests {
     fn setup(holders: &[PeerId], with_full: bool) -> (Plan, AdvertBook) {
         let full = ad(SnapshotKind::Full, 100, None);
         let inc = ad(SnapshotKind::Incremental, 150, Some(Base::of(&full.key)));
-        let mut book = AdvertBook::new(16);
+        let mut book = AdvertBook::new(16, "n", &TrustPolicy::default());
         for p in holders {
             book.insert(
                 Advert {
+                    attestations: Vec::new(),
                     peer: *p,
                     snapshots: vec![inc, full],
                     partial: Vec::new(),

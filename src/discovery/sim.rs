@@ -327,6 +327,7 @@ impl Sim {
                 let snapshots = self.snapshots.clone();
                 let node = &mut self.nodes[n].disc;
                 node.handle_local(Local {
+                    attestations: Default::default(),
                     slot: Some(snapshots[0].key.slot),
                     snapshots,
                     modified_time: 0,
@@ -428,6 +429,7 @@ impl Sim {
         disc.handle_streamer_addrs(vec!["10.0.0.1:7000".parse().expect("an address")]);
         if !joiner {
             disc.handle_local(Local {
+                attestations: Default::default(),
                 slot: Some(25_310),
                 snapshots: self.snapshots.clone(),
                 modified_time: 0,

@@ -520,6 +520,8 @@ pub struct Creator {
     config: CreatorConfig,
     busy_full: Arc<AtomicBool>,
     busy_incremental: Arc<AtomicBool>,
+    /// The key and network it signs the snapshots it makes with.
+    attester: Option<Arc<(libp2p::identity::Keypair, String)>>,
 }
 
 impl std::fmt::Debug for Creator {
@@ -527,6 +529,10 @@ impl std::fmt::Debug for Creator {
         f.debug_struct("Creator")
             .field("store", &self.store.dir())
             .field("config", &self.config)
+            .field(
+                "attests_as",
+                &self.attester.as_ref().map(|a| a.0.public().to_peer_id()),
+            )
             .finish()
     }
 }
@@ -540,7 +546,17 @@ impl Creator {
             config,
             busy_full: Arc::new(AtomicBool::new(false)),
             busy_incremental: Arc::new(AtomicBool::new(false)),
+            attester: None,
         }
+    }
+
+    /// Signs every snapshot it makes from the DB's state with `keypair` (an ed25519 identity)
+    /// for `network`, and stores the [`Attestation`](crate::snapshot::Attestation) with it. A
+    /// snapshot it finds made already (one the node synced) is not signed: the node did not
+    /// execute the chain to it.
+    pub fn attesting(mut self, keypair: libp2p::identity::Keypair, network: &str) -> Self {
+        self.attester = Some(Arc::new((keypair, network.to_string())));
+        self
     }
 
     /// The settings.
@@ -622,14 +638,26 @@ impl Creator {
             return None;
         }
         let (store, db, config) = (self.store.clone(), self.db.clone(), self.config);
+        let attester = self.attester.clone();
         let spawned = std::thread::Builder::new()
             .name("snapsync-create".into())
             .spawn(move || {
+                let held_before = store.list();
                 let result = match &base {
                     None => create_snapshot(&store, view.as_ref(), &config.options),
                     Some(base) => create_incremental(&store, view.as_ref(), base, &config.options),
                 };
                 drop(view);
+                let result = match (result, attester) {
+                    (Ok(snap), Some(attester))
+                        if !held_before
+                            .iter()
+                            .any(|h| h.manifest().content_root == snap.manifest().content_root) =>
+                    {
+                        Ok(attest(&store, snap, &attester.0, &attester.1))
+                    }
+                    (other, _) => other,
+                };
                 if let Ok(snap) = &result {
                     if let Err(e) = store.retain(config.retention) {
                         tracing::warn!(target: TARGET, error = %e, "could not delete old snapshots");
@@ -654,6 +682,31 @@ impl Creator {
             tracing::error!(target: TARGET, error = %e, "could not start the snapshot thread");
         }
         Some(CreationTask { rx })
+    }
+}
+
+/// `snap` with this node's attestation stored (as it was, logged, if signing or storing
+/// fails: the snapshot itself is good).
+fn attest(
+    store: &SnapshotStore,
+    snap: Arc<Snapshot>,
+    keypair: &libp2p::identity::Keypair,
+    network: &str,
+) -> Arc<Snapshot> {
+    let m = snap.manifest();
+    let signed = crate::snapshot::Attestation::sign(keypair, network, &m.key())
+        .map_err(|e| e.to_string())
+        .and_then(|a| {
+            store
+                .attest(&m.content_root, network, &[a])
+                .map_err(|e| e.to_string())
+        });
+    match signed {
+        Ok(attested) => attested,
+        Err(error) => {
+            tracing::warn!(target: TARGET, slot = m.slot, %error, "could not attest the snapshot made");
+            snap
+        }
     }
 }
 

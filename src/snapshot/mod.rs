@@ -4,6 +4,7 @@
 //! servers ([`publish`], [`mirror`]).
 
 pub(crate) mod archive;
+mod attestation;
 mod create;
 mod exchange;
 mod load;
@@ -13,6 +14,8 @@ mod store;
 
 pub use archive::SnapshotKind;
 pub use archive::{ArchiveError, ArchiveReader, DEFAULT_ZSTD_LEVEL};
+pub(crate) use attestation::ed25519_key_of;
+pub use attestation::{Attestation, AttestationError, MAX_ATTESTATIONS, MAX_ATTESTATIONS_BYTES};
 pub use create::{
     CreateError, CreateOptions, CreationTask, Creator, CreatorConfig, CreatorConfigError,
     DEFAULT_FULL_INTERVAL, DEFAULT_RANGE_FOR_SNAPSHOT, create_incremental, create_snapshot,
@@ -27,7 +30,7 @@ pub use manifest::{Base, SnapshotKey};
 pub use manifest::{FORMAT_VERSION, MAX_MANIFEST_BYTES, Manifest, ManifestError};
 pub use publish::{INDEX_FILE, INDEX_FORMAT, PublishError, mirror, publish, write_index};
 pub use store::{
-    ARCHIVE_FILE, MANIFEST_FILE, OUTBOARD_FILE, Retention, ServingPin, Snapshot, SnapshotStore,
-    StoreError,
+    ARCHIVE_FILE, ATTESTATIONS_FILE, MANIFEST_FILE, OUTBOARD_FILE, Retention, ServingPin, Snapshot,
+    SnapshotStore, StoreError,
 };
 pub(crate) use store::{IoAt, PartialClaim, VOUCHED_FILE, now_unix_ms};

@@ -28,9 +28,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::SnapshotKind;
+use super::attestation::Attestation;
 use super::manifest::Manifest;
 use super::store::{
-    ARCHIVE_FILE, FULL_PREFIX, INCR_PREFIX, MANIFEST_FILE, OUTBOARD_FILE, Snapshot, SnapshotStore,
+    ARCHIVE_FILE, ATTESTATIONS_FILE, FULL_PREFIX, INCR_PREFIX, MANIFEST_FILE, OUTBOARD_FILE,
+    Snapshot, SnapshotStore,
 };
 use crate::disk;
 
@@ -88,6 +90,15 @@ fn place(snapshot: &Snapshot, dir: &Path) -> Result<PathBuf, PublishError> {
         if old != manifest {
             disk::replace_synced(&placed, &manifest).map_err(at(&placed))?;
         }
+        // Attestations gathered since (a node relays those it synced with, and adds its own).
+        let attested = target.join(ATTESTATIONS_FILE);
+        let now = (!snapshot.attestations().is_empty())
+            .then(|| Attestation::encode_file(snapshot.attestations()));
+        if let Some(now) = now
+            && fs::read(&attested).ok().as_ref() != Some(&now)
+        {
+            disk::replace_synced(&attested, &now).map_err(at(&attested))?;
+        }
         return Ok(target);
     }
     let mut staging = dir.join(STAGING_PREFIX);
@@ -106,9 +117,17 @@ fn place(snapshot: &Snapshot, dir: &Path) -> Result<PathBuf, PublishError> {
 fn stage(snapshot: &Snapshot, staging: &Path) -> Result<(), PublishError> {
     disk::remove_path(staging).map_err(at(staging))?;
     fs::create_dir_all(staging).map_err(at(staging))?;
-    for file in [ARCHIVE_FILE, OUTBOARD_FILE, MANIFEST_FILE] {
+    for file in [
+        ARCHIVE_FILE,
+        OUTBOARD_FILE,
+        MANIFEST_FILE,
+        ATTESTATIONS_FILE,
+    ] {
         let from = snapshot.dir().join(file);
         let to = staging.join(file);
+        if file == ATTESTATIONS_FILE && !from.exists() {
+            continue;
+        }
         if fs::hard_link(&from, &to).is_err() {
             fs::copy(&from, &to).map_err(at(&to))?;
             fs::File::open(&to)
@@ -184,8 +203,12 @@ fn snapshot_dirs(dir: &Path) -> Result<Vec<String>, PublishError> {
     Ok(out)
 }
 
-/// The snapshots published in `dir`: each subdirectory (not hidden) with a manifest that reads.
-fn published(dir: &Path) -> Result<Vec<(String, Manifest)>, PublishError> {
+/// One snapshot as an index lists it: its directory's name, its manifest, its attestations.
+pub(crate) type Listed = (String, Manifest, Vec<Attestation>);
+
+/// The snapshots published in `dir`: each subdirectory (not hidden) with a manifest that reads,
+/// with the attestations beside it (none when they do not read).
+fn published(dir: &Path) -> Result<Vec<Listed>, PublishError> {
     let mut out = Vec::new();
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -201,7 +224,15 @@ fn published(dir: &Path) -> Result<Vec<(String, Manifest)>, PublishError> {
         let path = entry.path().join(MANIFEST_FILE);
         let Ok(bytes) = fs::read(&path) else { continue };
         if let Ok(m) = Manifest::decode(&bytes) {
-            out.push((name, m));
+            let attestations = disk::read_bounded(
+                &entry.path().join(ATTESTATIONS_FILE),
+                super::MAX_ATTESTATIONS_BYTES as u64,
+            )
+            .ok()
+            .flatten()
+            .and_then(|b| Attestation::decode_file(&b).ok())
+            .unwrap_or_default();
+            out.push((name, m, attestations));
         }
     }
     out.sort_by(|a, b| (a.1.slot, &a.0).cmp(&(b.1.slot, &b.0)));
@@ -216,9 +247,9 @@ pub fn write_index(dir: &Path) -> Result<(), PublishError> {
 }
 
 fn write_index_except(dir: &Path, except: &[PathBuf]) -> Result<(), PublishError> {
-    let listed: Vec<(String, Manifest)> = published(dir)?
+    let listed: Vec<Listed> = published(dir)?
         .into_iter()
-        .filter(|(name, _)| !except.iter().any(|p| p.ends_with(name)))
+        .filter(|(name, ..)| !except.iter().any(|p| p.ends_with(name)))
         .collect();
     let path = dir.join(INDEX_FILE);
     let index = index_json(&listed);
@@ -230,10 +261,17 @@ fn write_index_except(dir: &Path, except: &[PathBuf]) -> Result<(), PublishError
 }
 
 /// The index of `snapshots` (directory name, manifest), as JSON.
-pub(crate) fn index_json(snapshots: &[(String, Manifest)]) -> String {
+pub(crate) fn index_json(snapshots: &[Listed]) -> String {
     let entries: Vec<String> = snapshots
         .iter()
-        .map(|(path, m)| {
+        .map(|(path, m, attestations)| {
+            let attestations: Vec<String> = attestations
+                .iter()
+                .map(|a| {
+                    let (signer, signature) = a.to_hex();
+                    format!("{{\"signer\":\"{signer}\",\"signature\":\"{signature}\"}}")
+                })
+                .collect();
             let base = match &m.base {
                 None => "null".to_string(),
                 Some(b) => format!(
@@ -244,7 +282,7 @@ pub(crate) fn index_json(snapshots: &[(String, Manifest)]) -> String {
                 ),
             };
             format!(
-                "{{\"path\":{},\"kind\":\"{}\",\"slot\":{},\"bank_hash\":\"{}\",\"content_root\":\"{}\",\"archive_size\":{},\"chunk_size\":{},\"entry_count\":{},\"state_bytes\":{},\"base\":{}}}",
+                "{{\"path\":{},\"kind\":\"{}\",\"slot\":{},\"bank_hash\":\"{}\",\"content_root\":\"{}\",\"archive_size\":{},\"chunk_size\":{},\"entry_count\":{},\"state_bytes\":{},\"base\":{},\"attestations\":[{}]}}",
                 json_string(path),
                 match m.kind {
                     SnapshotKind::Full => "full",
@@ -257,7 +295,8 @@ pub(crate) fn index_json(snapshots: &[(String, Manifest)]) -> String {
                 m.chunk_size.bytes(),
                 m.entry_count,
                 m.state_bytes,
-                base
+                base,
+                attestations.join(",")
             )
         })
         .collect();

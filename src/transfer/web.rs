@@ -183,6 +183,8 @@ pub struct WebListing {
     pub path: String,
     /// What the index says of it (a claim until checked).
     pub ad: SnapshotAd,
+    /// The attestations the index lists for it (claims until checked).
+    pub attestations: Vec<crate::snapshot::Attestation>,
 }
 
 impl WebSource {
@@ -524,7 +526,32 @@ fn parse_listing(e: &serde_json::Value) -> Result<WebListing, String> {
             entry_count: num("entry_count")?,
             state_bytes: num("state_bytes")?,
         },
+        attestations: parse_attestations(e)?,
     })
+}
+
+/// The listing's attestations: absent is none; at most
+/// [`MAX_ATTESTATIONS`](crate::snapshot::MAX_ATTESTATIONS), each a signer key and signature in
+/// hex.
+fn parse_attestations(e: &serde_json::Value) -> Result<Vec<crate::snapshot::Attestation>, String> {
+    let list = match e.get("attestations") {
+        None | Some(serde_json::Value::Null) => return Ok(Vec::new()),
+        Some(v) => v.as_array().ok_or("attestations is not a list")?,
+    };
+    if list.len() > crate::snapshot::MAX_ATTESTATIONS {
+        return Err(format!("{} attestations, more than allowed", list.len()));
+    }
+    list.iter()
+        .map(|a| {
+            let field = |name: &str| {
+                a.get(name)
+                    .and_then(|v| v.as_str())
+                    .ok_or(format!("no attestation {name}"))
+            };
+            crate::snapshot::Attestation::from_hex(field("signer")?, field("signature")?)
+                .map_err(|e| e.to_string())
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -534,7 +561,8 @@ mod tests {
     #[test]
     fn the_index_the_publisher_writes_is_read_back_and_bad_ones_are_refused() {
         let m = crate::snapshot::manifest::sample(SnapshotKind::Incremental);
-        let json = crate::snapshot::publish::index_json(&[("incr-150".into(), m.clone())]);
+        let json =
+            crate::snapshot::publish::index_json(&[("incr-150".into(), m.clone(), Vec::new())]);
         let listed = parse_index(json.as_bytes()).unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].path, "incr-150");

@@ -26,11 +26,12 @@ fn ad(kind: SnapshotKind, slot: u64, hash: u8, base: Option<&SnapshotAd>) -> Sna
 }
 
 fn book(adverts: &[(PeerId, Vec<SnapshotAd>)]) -> AdvertBook {
-    let mut b = AdvertBook::new(64);
+    let mut b = AdvertBook::new(64, "n", &TrustPolicy::default());
     let now = Instant::now();
     for (peer, snaps) in adverts {
         b.insert(
             Advert {
+                attestations: Vec::new(),
                 peer: *peer,
                 snapshots: snaps.clone(),
                 partial: Vec::new(),

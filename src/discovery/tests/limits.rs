@@ -226,6 +226,7 @@ fn a_web_listing_is_held_to_the_limits_of_any_advert() {
     let fine = full(90, 2);
     d.handle_web_advert(
         Advert {
+            attestations: Vec::new(),
             peer: web,
             snapshots: vec![orphan, huge, fine],
             partial: Vec::new(),

@@ -23,6 +23,7 @@ const SEC: Duration = Duration::from_secs(1);
 
 fn config() -> DiscoveryConfig {
     DiscoveryConfig {
+        network: "n".into(),
         discovery_interval: 30 * SEC,
         answer_window: SEC,
         behind_threshold: 10,
@@ -100,7 +101,7 @@ fn addr() -> Vec<SocketAddr> {
 
 /// `peer`'s advertisement of `snaps`, answering `nonce`.
 fn answer(peer: PeerId, snaps: &[SnapshotAd], nonce: u64) -> crate::proto::SnapshotInfoResponse {
-    message::advert(peer, snaps, &[], &addr(), None, 0, nonce)
+    message::advert(peer, snaps, &|_| Vec::new(), &[], &addr(), None, 0, nonce)
 }
 
 fn drain(d: &mut Discovery) -> Vec<Action> {
@@ -151,6 +152,7 @@ fn plan_of(actions: &[Action]) -> Option<Plan> {
 
 fn local(slot: Option<u64>, snaps: Vec<SnapshotAd>) -> Local {
     Local {
+        attestations: Default::default(),
         chunk_size: None,
         slot,
         snapshots: snaps,
@@ -199,5 +201,14 @@ fn partial_answer(
             verified_bytes: ad.key.archive_size / 2,
         })
         .collect();
-    message::advert(peer, &[], &partial, &addr(), None, 0, nonce)
+    message::advert(
+        peer,
+        &[],
+        &|_| Vec::new(),
+        &partial,
+        &addr(),
+        None,
+        0,
+        nonce,
+    )
 }

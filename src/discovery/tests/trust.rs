@@ -340,3 +340,119 @@ fn a_sync_under_way_is_kept_only_while_the_new_policy_judges_it_as_the_old_one_d
             .any(|a| matches!(a, Action::CancelSync))
     );
 }
+
+/// An answer of `peer` listing `snaps`, each carrying the attestations `signed` gives for it.
+fn attested_answer(
+    peer: PeerId,
+    snaps: &[SnapshotAd],
+    signed: &dyn Fn(&SnapshotKey) -> Vec<crate::snapshot::Attestation>,
+    nonce: u64,
+) -> crate::proto::SnapshotInfoResponse {
+    message::advert(peer, snaps, signed, &[], &addr(), None, 0, nonce)
+}
+
+#[test]
+fn trusted_signatures_carried_by_strangers_make_a_quorum_and_nothing_else_does() {
+    use crate::snapshot::Attestation;
+    use libp2p::identity::Keypair;
+    let t0 = Instant::now();
+    let keys: Vec<Keypair> = (0..3).map(|_| Keypair::generate_ed25519()).collect();
+    let trusted: Vec<PeerId> = keys.iter().map(|k| k.public().to_peer_id()).collect();
+    let (mut d, nonce) = asking(trusted_config(&trusted, 2), t0, None);
+    let snap = full(1200, 1);
+    let other = full(1300, 2);
+    let sign =
+        |k: &Keypair, network: &str, key: &SnapshotKey| Attestation::sign(k, network, key).unwrap();
+    // One trusted signature, strangers' keys, another network's, another snapshot's replayed:
+    // no quorum, whoever relays them.
+    let outsider = Keypair::generate_ed25519();
+    let cases: Vec<Vec<Attestation>> = vec![
+        vec![sign(&keys[0], "n", &snap.key)],
+        vec![
+            sign(&outsider, "n", &snap.key),
+            sign(&keys[0], "n", &snap.key),
+        ],
+        vec![
+            sign(&keys[0], "n", &snap.key),
+            sign(&keys[1], "other", &snap.key),
+        ],
+        vec![
+            sign(&keys[0], "n", &snap.key),
+            sign(&keys[1], "n", &other.key),
+        ],
+        // The same trusted signature twice counts once.
+        vec![
+            sign(&keys[0], "n", &snap.key),
+            sign(&keys[0], "n", &snap.key),
+        ],
+    ];
+    for atts in cases {
+        let p = PeerId::random();
+        let msg = attested_answer(p, &[snap], &|_| atts.clone(), nonce);
+        d.handle_answer(p, &msg, false, t0);
+        assert_eq!(d.best_known_slot(t0), None, "no quorum");
+    }
+    // A stranger relaying a second trusted signature makes the quorum: the snapshot is chosen.
+    let relay = PeerId::random();
+    let msg = attested_answer(
+        relay,
+        &[snap],
+        &|_| vec![sign(&keys[1], "n", &snap.key)],
+        nonce,
+    );
+    d.handle_answer(relay, &msg, false, t0);
+    assert_eq!(d.best_known_slot(t0), Some(1200));
+    d.handle_timeout(t0 + SEC);
+    let plan = plan_of(&drain(&mut d)).expect("a plan");
+    let target = plan.last();
+    assert_eq!(target.ad.key, snap.key);
+    assert!(target.vouched, "the signatures vouch for the root");
+    let mut signers: Vec<PeerId> = target
+        .attestations
+        .iter()
+        .filter_map(|a| a.signer())
+        .collect();
+    signers.sort();
+    let mut want = vec![trusted[0], trusted[1]];
+    want.sort();
+    assert_eq!(
+        signers, want,
+        "the valid trusted signatures travel with the plan"
+    );
+}
+
+#[test]
+fn a_changed_trusted_set_counts_the_signatures_it_names() {
+    use crate::snapshot::Attestation;
+    use libp2p::identity::Keypair;
+    let t0 = Instant::now();
+    let keys: Vec<Keypair> = (0..2).map(|_| Keypair::generate_ed25519()).collect();
+    let signers: Vec<PeerId> = keys.iter().map(|k| k.public().to_peer_id()).collect();
+    let others: Vec<PeerId> = (0..2).map(|_| PeerId::random()).collect();
+    let (mut d, nonce) = asking(trusted_config(&others, 2), t0, None);
+    let snap = full(1200, 1);
+    let atts: Vec<Attestation> = keys
+        .iter()
+        .map(|k| Attestation::sign(k, "n", &snap.key).unwrap())
+        .collect();
+    let relay = PeerId::random();
+    d.handle_answer(
+        relay,
+        &attested_answer(relay, &[snap], &|_| atts.clone(), nonce),
+        false,
+        t0,
+    );
+    assert_eq!(d.best_known_slot(t0), None, "signed by keys not trusted");
+    d.handle_policy(
+        TrustPolicy::TrustedPeers {
+            peers: signers.iter().copied().collect(),
+            quorum: 2,
+        },
+        t0,
+    );
+    assert_eq!(
+        d.best_known_slot(t0),
+        Some(1200),
+        "the same adverts, counted again"
+    );
+}

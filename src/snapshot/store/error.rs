@@ -59,6 +59,15 @@ pub enum StoreError {
         #[source]
         source: ManifestError,
     },
+    /// An attestation given for a snapshot does not verify for it.
+    #[error("attestation refused for {path}: {source}")]
+    Attestation {
+        /// The snapshot's directory.
+        path: PathBuf,
+        /// Why it is refused.
+        #[source]
+        source: crate::snapshot::AttestationError,
+    },
 }
 
 impl StoreError {
@@ -85,7 +94,8 @@ impl StoreError {
             | StoreError::DiskFull { path, .. }
             | StoreError::Io { path, .. }
             | StoreError::InUse { path }
-            | StoreError::Manifest { path, .. } => path,
+            | StoreError::Manifest { path, .. }
+            | StoreError::Attestation { path, .. } => path,
         }
     }
 }

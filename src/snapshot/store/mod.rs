@@ -45,9 +45,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::disk;
 use crate::hash::ContentRoot;
-use crate::snapshot::Manifest;
 use crate::snapshot::archive::SnapshotKind;
+use crate::snapshot::attestation::merge as merge_attestations;
 use crate::snapshot::exchange::Exchange;
+use crate::snapshot::{Attestation, AttestationError, Manifest};
 
 pub(crate) use error::IoAt;
 pub use error::StoreError;
@@ -62,6 +63,8 @@ pub const ARCHIVE_FILE: &str = "archive.zst";
 pub const OUTBOARD_FILE: &str = "outboard.bao";
 /// File name of the manifest inside a snapshot directory.
 pub const MANIFEST_FILE: &str = "manifest.pb";
+/// Name of the attestations file in a snapshot directory (absent when none was given).
+pub const ATTESTATIONS_FILE: &str = "attestations.pb";
 
 pub(super) const FULL_PREFIX: &str = "full-";
 pub(super) const INCR_PREFIX: &str = "incr-";
@@ -80,6 +83,7 @@ const TARGET: &str = crate::log::DISCOVERY;
 pub struct Snapshot {
     manifest: Manifest,
     dir: PathBuf,
+    attestations: Vec<Attestation>,
 }
 
 impl Snapshot {
@@ -91,6 +95,12 @@ impl Snapshot {
     /// The snapshot's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The attestations stored with it, each verified for it when it was stored (at most
+    /// [`MAX_ATTESTATIONS`](crate::snapshot::MAX_ATTESTATIONS)).
+    pub fn attestations(&self) -> &[Attestation] {
+        &self.attestations
     }
 
     /// Path of the archive.
@@ -384,9 +394,11 @@ impl SnapshotStore {
         let target = self.inner.dir.join(name);
         fs::rename(dir, &target).at(&target)?;
         disk::sync_dir(&self.inner.dir).at(&self.inner.dir)?;
+        let attestations = read_attestations(&target);
         let snap = Arc::new(Snapshot {
             manifest,
             dir: target,
+            attestations,
         });
         let m = &snap.manifest;
         self.index().insert((m.slot, m.content_root), snap.clone());
@@ -417,10 +429,51 @@ impl SnapshotStore {
         let fixed = Arc::new(Snapshot {
             manifest,
             dir: snap.dir.clone(),
+            attestations: snap.attestations.clone(),
         });
         let m = &fixed.manifest;
         self.index().insert((m.slot, m.content_root), fixed.clone());
         Ok(fixed)
+    }
+
+    /// Stores `attestations` with the published snapshot with `root`, beside those it has (one
+    /// per signer, at most [`MAX_ATTESTATIONS`](crate::snapshot::MAX_ATTESTATIONS) in all; the
+    /// file is replaced atomically). Each must verify for the snapshot on `network`, else
+    /// nothing is stored and the error says whose did not.
+    pub fn attest(
+        &self,
+        root: &ContentRoot,
+        network: &str,
+        attestations: &[Attestation],
+    ) -> Result<Arc<Snapshot>, StoreError> {
+        let snap = self.get(root).ok_or_else(|| StoreError::Io {
+            path: self.inner.dir.clone(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no such snapshot"),
+        })?;
+        let key = snap.manifest.key();
+        if let Some(bad) = attestations.iter().find(|a| !a.verify(network, &key)) {
+            return Err(StoreError::Attestation {
+                path: snap.dir.clone(),
+                source: AttestationError::Invalid {
+                    signer: bad.signer(),
+                },
+            });
+        }
+        let mut list = snap.attestations.clone();
+        if !merge_attestations(&mut list, attestations) {
+            return Ok(snap);
+        }
+        let path = snap.dir.join(ATTESTATIONS_FILE);
+        disk::replace_synced(&path, &Attestation::encode_file(&list)).at(&path)?;
+        let attested = Arc::new(Snapshot {
+            manifest: snap.manifest.clone(),
+            dir: snap.dir.clone(),
+            attestations: list,
+        });
+        let m = &attested.manifest;
+        self.index()
+            .insert((m.slot, m.content_root), attested.clone());
+        Ok(attested)
     }
 
     /// Applies `retention`: keeps the newest `full` full snapshots and the newest `incremental`
@@ -505,6 +558,7 @@ fn read_published(dir: &Path) -> Result<Snapshot, StoreError> {
     let snap = Snapshot {
         manifest,
         dir: dir.to_path_buf(),
+        attestations: read_attestations(dir),
     };
     let tree = snap.manifest.chunk_tree();
     for (path, want) in [
@@ -523,6 +577,24 @@ fn read_published(dir: &Path) -> Result<Snapshot, StoreError> {
         }
     }
     Ok(snap)
+}
+
+/// The attestations stored in snapshot directory `dir`: none when there is no file; a file that
+/// cannot be read counts as none (logged), it never hides the snapshot.
+fn read_attestations(dir: &Path) -> Vec<Attestation> {
+    let path = dir.join(ATTESTATIONS_FILE);
+    let read = disk::read_bounded(&path, crate::snapshot::MAX_ATTESTATIONS_BYTES as u64);
+    match read {
+        Ok(Some(bytes)) => Attestation::decode_file(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(target: TARGET, path = %path.display(), error = %e, "ignoring an unreadable attestations file");
+            Vec::new()
+        }),
+        Ok(None) => Vec::new(),
+        Err(e) => {
+            tracing::warn!(target: TARGET, path = %path.display(), error = %e, "ignoring an unreadable attestations file");
+            Vec::new()
+        }
+    }
 }
 
 /// A `.tmp-*` directory a snapshot is written in; removed on drop unless published.
