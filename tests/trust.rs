@@ -802,3 +802,105 @@ async fn a_changed_trusted_set_takes_effect_without_a_restart() {
         .await;
     assert!(kept, "the config says the policy in force");
 }
+
+/// The signers of the attestations stored with `node`'s snapshot at `slot`.
+async fn signers_at(node: &TestNode, slot: u64) -> Vec<snapsync::libp2p::PeerId> {
+    let mut signers = node
+        .query(move |s| {
+            s.behaviour()
+                .snapsync
+                .store()
+                .list()
+                .iter()
+                .filter(|snap| snap.manifest().slot == slot)
+                .flat_map(|snap| snap.attestations().iter().filter_map(|a| a.signer()))
+                .collect::<Vec<_>>()
+        })
+        .await;
+    signers.sort();
+    signers
+}
+
+/// Attestations: two validators sign what they make; a node that trusts them (quorum 2) and
+/// reaches none of them syncs from a stranger that relays both signatures, and from a web
+/// mirror of the stranger's store; a stranger relaying one signature is not enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_of_signatures_travels_with_the_snapshot_to_strangers_and_web_mirrors() {
+    use common::web::{Fault, WebServer};
+    init_tracing();
+    let mut events = Events::new();
+    let (validators, _chain) = producers(2, &events).await;
+    let made = made_at(&mut events, 20, 2).await;
+    let ids: Vec<_> = validators.iter().map(|v| v.peer_id).collect();
+    for v in &validators {
+        assert_eq!(
+            signers_at(v, 20).await,
+            vec![v.peer_id],
+            "a producer signs what it makes"
+        );
+    }
+    // A node of the validators' network syncs from them and keeps their signatures.
+    let elsewhere = snapsync::libp2p::PeerId::random();
+    let trusting =
+        |dir: &std::path::Path| config(dir).with_trusted_peers([ids[0], ids[1], elsewhere], 2);
+    let (dir, db) = node_dir(0, 0, 0);
+    let relay = start_node(10, dir.clone(), db, trusting(dir.path()), events.tx.clone()).await;
+    relay.dial(validators[0].addr.clone());
+    let synced = events.synced(Some(10)).await;
+    assert_eq!(synced.slot, 20);
+    let mut both = ids.clone();
+    both.sort();
+    assert_eq!(
+        signers_at(&relay, 20).await,
+        both,
+        "the signatures are stored to relay"
+    );
+    // The validators go away (a cluster restart).
+    for v in &validators {
+        v.stop();
+    }
+    // From the stranger alone.
+    let (dir, db) = node_dir(0, 0, 0);
+    let joiner = start_node(11, dir.clone(), db, trusting(dir.path()), events.tx.clone()).await;
+    joiner.dial(relay.addr.clone());
+    let synced = events.synced(Some(11)).await;
+    assert_eq!((synced.slot, synced.bank_hash), (20, made.bank_hash));
+    // From a web mirror of the stranger's store alone.
+    let www = tempfile::tempdir().unwrap();
+    let www_path = www.path().to_path_buf();
+    relay
+        .query(move |s| {
+            snapsync::snapshot::mirror(s.behaviour().snapsync.store(), &www_path).unwrap()
+        })
+        .await;
+    let index = std::fs::read_to_string(www.path().join("index.json")).unwrap();
+    assert!(index.contains("\"attestations\":[{\"signer\""), "{index}");
+    let server = WebServer::start(www.path().to_path_buf(), Fault::None, None).await;
+    let (dir, db) = node_dir(0, 0, 0);
+    let web_joiner = start_node(
+        12,
+        dir.clone(),
+        db,
+        trusting(dir.path()).with_web_sources(vec![server.url()]),
+        events.tx.clone(),
+    )
+    .await;
+    let synced = events.synced(Some(12)).await;
+    assert_eq!((synced.slot, synced.bank_hash), (20, made.bank_hash));
+    // A stranger holding the same snapshot with one validator's signature: heard, not taken.
+    let one = serving_copy(&validators[0].dir, 13, &events).await;
+    let (dir, db) = node_dir(0, 0, 0);
+    let wary = start_node(14, dir.clone(), db, trusting(dir.path()), events.tx.clone()).await;
+    wary.dial(one.addr.clone());
+    events
+        .wait(LONG, "a round with nothing to take", |i, e| {
+            matches!(
+                e,
+                Ev::Snap(Event::NoSnapshotAvailable { adverts, .. }) if i == 14 && *adverts > 0
+            )
+            .then_some(())
+        })
+        .await;
+    assert_eq!(wary.db.slot().unwrap(), None);
+    drop((joiner, web_joiner, wary, one, relay));
+}
