@@ -115,6 +115,13 @@ pub(crate) struct KeyEntry {
 }
 
 impl KeyEntry {
+    /// The policy's attesters whose valid attestation of it some advert carries, in order.
+    pub(crate) fn signers(&self) -> Vec<PeerId> {
+        let mut s: Vec<PeerId> = self.attested.keys().copied().collect();
+        s.sort();
+        s
+    }
+
     /// Distinct trusted peers that vouch for it: by advertising it, or by an attestation of
     /// theirs that anyone's advert carries.
     pub(crate) fn trusted(&self) -> usize {

@@ -137,7 +137,7 @@ pub(crate) fn acceptable(
     // The cheap bounds first: a verifier is not asked about what they rule out.
     local.ceiling.is_none_or(|c| key.slot <= c)
         && !(local.vouched_only && policy.is_untrusted())
-        && policy.accepts(key, entry.peers.len(), entry.trusted())
+        && policy.accepts(key, entry.peers.len(), entry.trusted(), &entry.signers())
 }
 
 /// The fetch of `key`: its sources, best first, in the chunk size the trusted ones serve (else

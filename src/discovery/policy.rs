@@ -21,6 +21,22 @@ pub trait SnapshotVerifier: Send + Sync + fmt::Debug {
     /// Whether the state at `slot` has bank hash `bank_hash` on the node's chain. A verifier
     /// that cannot tell yet says `false`; the snapshot is asked about again later.
     fn verify(&self, slot: u64, bank_hash: &BankHash) -> bool;
+
+    /// The peers whose [`Attestation`](crate::snapshot::Attestation)s the verifier wants to be
+    /// shown (a chain's validator set, say): read when the policy is set (again by
+    /// [`Behaviour::set_trust`](crate::Behaviour::set_trust) when the set changes). Only their
+    /// signatures are ever verified. None by default.
+    fn attesters(&self) -> Vec<PeerId> {
+        Vec::new()
+    }
+
+    /// [`SnapshotVerifier::verify`], shown `signers`: those of
+    /// [`SnapshotVerifier::attesters`] whose valid attestation of the snapshot an advert
+    /// carries (for a stake-weighted quorum, say). By default the signers are not looked at.
+    fn verify_attested(&self, slot: u64, bank_hash: &BankHash, signers: &[PeerId]) -> bool {
+        let _ = signers;
+        self.verify(slot, bank_hash)
+    }
 }
 
 /// Which snapshots a node accepts.
@@ -71,13 +87,21 @@ pub enum TrustPolicy {
 /// Most verdicts [`Verdicts`] keeps.
 const MAX_VERDICTS: usize = 4096;
 
-/// The owner's verifier, asked once per snapshot: its acceptances are kept (a state it found on
-/// its chain stays there), its refusals until the next round (it may not know yet). Adverts
-/// arrive by the thousand; the verifier may read a light client or a DB.
+/// The owner's verifier, asked once per snapshot and set of signers: its acceptances are kept
+/// (a state it found on its chain stays there), its refusals until the next round (it may not
+/// know yet, or more signers may come). Adverts arrive by the thousand; the verifier may read a
+/// light client or a DB.
 #[derive(Debug)]
 pub(crate) struct Verdicts {
     inner: Arc<dyn SnapshotVerifier>,
-    kept: std::sync::Mutex<lru::LruCache<(u64, BankHash), bool>>,
+    kept: std::sync::Mutex<Kept>,
+}
+
+/// What [`Verdicts`] keeps.
+#[derive(Debug)]
+struct Kept {
+    accepted: lru::LruCache<(u64, BankHash), ()>,
+    refused: lru::LruCache<(u64, BankHash, Vec<PeerId>), ()>,
 }
 
 impl Verdicts {
@@ -85,11 +109,13 @@ impl Verdicts {
     pub(crate) fn wrap(policy: TrustPolicy) -> (TrustPolicy, Option<Arc<Verdicts>>) {
         match policy {
             TrustPolicy::Verifier(inner) => {
+                let cap = std::num::NonZeroUsize::new(MAX_VERDICTS).expect("nonzero");
                 let cache = Arc::new(Verdicts {
                     inner,
-                    kept: std::sync::Mutex::new(lru::LruCache::new(
-                        std::num::NonZeroUsize::new(MAX_VERDICTS).expect("nonzero"),
-                    )),
+                    kept: std::sync::Mutex::new(Kept {
+                        accepted: lru::LruCache::new(cap),
+                        refused: lru::LruCache::new(cap),
+                    }),
                 });
                 (TrustPolicy::Verifier(cache.clone()), Some(cache))
             }
@@ -100,25 +126,34 @@ impl Verdicts {
     /// Forgets the refusals: the verifier is asked about them again.
     pub(crate) fn forget_refusals(&self) {
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        let refused: Vec<(u64, BankHash)> = kept
-            .iter()
-            .filter(|(_, accepted)| !**accepted)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in refused {
-            kept.pop(&k);
-        }
+        kept.refused.clear();
     }
 }
 
 impl SnapshotVerifier for Verdicts {
     fn verify(&self, slot: u64, bank_hash: &BankHash) -> bool {
+        self.verify_attested(slot, bank_hash, &[])
+    }
+
+    fn attesters(&self) -> Vec<PeerId> {
+        self.inner.attesters()
+    }
+
+    fn verify_attested(&self, slot: u64, bank_hash: &BankHash, signers: &[PeerId]) -> bool {
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(v) = kept.get(&(slot, *bank_hash)) {
-            return *v;
+        if kept.accepted.get(&(slot, *bank_hash)).is_some() {
+            return true;
         }
-        let v = self.inner.verify(slot, bank_hash);
-        kept.put((slot, *bank_hash), v);
+        let asked = (slot, *bank_hash, signers.to_vec());
+        if kept.refused.get(&asked).is_some() {
+            return false;
+        }
+        let v = self.inner.verify_attested(slot, bank_hash, signers);
+        if v {
+            kept.accepted.put((slot, *bank_hash), ());
+        } else {
+            kept.refused.put(asked, ());
+        }
         v
     }
 }
@@ -162,9 +197,16 @@ impl TrustPolicy {
         matches!(self, TrustPolicy::TrustedPeers { peers, .. } if peers.contains(peer))
     }
 
-    /// Whether the snapshot `key`, advertised by `peers` of which `trusted` are trusted peers,
-    /// is accepted.
-    pub(crate) fn accepts(&self, key: &SnapshotKey, peers: usize, trusted: usize) -> bool {
+    /// Whether the snapshot `key`, advertised by `peers` of which `trusted` are trusted peers
+    /// (or attested it), its valid attestations signed by `signers` (the keys the policy
+    /// names), is accepted.
+    pub(crate) fn accepts(
+        &self,
+        key: &SnapshotKey,
+        peers: usize,
+        trusted: usize,
+        signers: &[PeerId],
+    ) -> bool {
         match self {
             TrustPolicy::Untrusted { min_agreeing_peers } => peers >= (*min_agreeing_peers).max(1),
             TrustPolicy::TrustedPeers { quorum, .. } => trusted >= (*quorum).max(1),
@@ -177,7 +219,17 @@ impl TrustPolicy {
                     && key.bank_hash == *bank_hash
                     && content_root.is_none_or(|r| r == key.content_root)
             }
-            TrustPolicy::Verifier(v) => v.verify(key.slot, &key.bank_hash),
+            TrustPolicy::Verifier(v) => v.verify_attested(key.slot, &key.bank_hash, signers),
+        }
+    }
+
+    /// The peers whose attestations count for this policy: the trusted peers, or those the
+    /// verifier names.
+    pub(crate) fn attesters(&self) -> Vec<PeerId> {
+        match self {
+            TrustPolicy::TrustedPeers { peers, .. } => peers.iter().copied().collect(),
+            TrustPolicy::Verifier(v) => v.attesters(),
+            TrustPolicy::Untrusted { .. } | TrustPolicy::TrustedSnapshot { .. } => Vec::new(),
         }
     }
 
@@ -186,7 +238,7 @@ impl TrustPolicy {
     pub(crate) fn accepts_alone(&self, key: &SnapshotKey) -> bool {
         match self {
             TrustPolicy::TrustedSnapshot { .. } | TrustPolicy::Verifier(_) => {
-                self.accepts(key, 0, 0)
+                self.accepts(key, 0, 0, &[])
             }
             TrustPolicy::Untrusted { .. } | TrustPolicy::TrustedPeers { .. } => false,
         }
@@ -281,8 +333,8 @@ mod tests {
         let untrusted = TrustPolicy::Untrusted {
             min_agreeing_peers: 2,
         };
-        assert!(!untrusted.accepts(&k, 1, 0));
-        assert!(untrusted.accepts(&k, 2, 0));
+        assert!(!untrusted.accepts(&k, 1, 0, &[]));
+        assert!(untrusted.accepts(&k, 2, 0, &[]));
         let a = PeerId::random();
         let trusted = TrustPolicy::TrustedPeers {
             peers: [a, PeerId::random(), PeerId::random()].into(),
@@ -290,26 +342,26 @@ mod tests {
         };
         assert!(trusted.trusts(&a) && !trusted.trusts(&PeerId::random()));
         assert!(
-            !trusted.accepts(&k, 50, 1),
+            !trusted.accepts(&k, 50, 1, &[]),
             "many untrusted identities do not count"
         );
-        assert!(trusted.accepts(&k, 2, 2));
+        assert!(trusted.accepts(&k, 2, 2, &[]));
         let pinned = TrustPolicy::TrustedSnapshot {
             slot: 100,
             bank_hash: BankHash([1; 32]),
             content_root: Some(ContentRoot([9; 32])),
         };
-        assert!(!pinned.accepts(&k, 9, 9), "the root is pinned too");
+        assert!(!pinned.accepts(&k, 9, 9, &[]), "the root is pinned too");
         let pinned_hash = TrustPolicy::TrustedSnapshot {
             slot: 100,
             bank_hash: BankHash([1; 32]),
             content_root: None,
         };
-        assert!(pinned_hash.accepts(&k, 1, 0));
-        assert!(!pinned_hash.accepts(&key(101, 1), 1, 0));
+        assert!(pinned_hash.accepts(&k, 1, 0, &[]));
+        assert!(!pinned_hash.accepts(&key(101, 1), 1, 0, &[]));
         let verified = TrustPolicy::Verifier(Arc::new(Chain));
-        assert!(verified.accepts(&k, 1, 0));
-        assert!(!verified.accepts(&key(100, 2), 100, 100));
+        assert!(verified.accepts(&k, 1, 0, &[]));
+        assert!(!verified.accepts(&key(100, 2), 100, 100, &[]));
     }
 
     #[test]

@@ -47,13 +47,11 @@ impl Signers {
     /// The policy changed: its trusted peers' keys are the ones counted now (verdicts on
     /// signatures stay true).
     pub(crate) fn set_policy(&mut self, policy: &TrustPolicy) {
-        self.keys = match policy {
-            TrustPolicy::TrustedPeers { peers, .. } => peers
-                .iter()
-                .filter_map(|p| Some((ed25519_key_of(p)?, *p)))
-                .collect(),
-            _ => HashMap::new(),
-        };
+        self.keys = policy
+            .attesters()
+            .iter()
+            .filter_map(|p| Some((ed25519_key_of(p)?, *p)))
+            .collect();
     }
 
     /// The trusted peer whose valid attestation of `key` `a` is, if it is one.

@@ -456,3 +456,58 @@ fn a_changed_trusted_set_counts_the_signatures_it_names() {
         "the same adverts, counted again"
     );
 }
+
+/// A light client that knows the validator set and accepts what two thirds of it signed.
+#[derive(Debug)]
+struct Committee(Vec<PeerId>);
+
+impl crate::SnapshotVerifier for Committee {
+    fn verify(&self, _slot: u64, _bank_hash: &BankHash) -> bool {
+        false
+    }
+
+    fn attesters(&self) -> Vec<PeerId> {
+        self.0.clone()
+    }
+
+    fn verify_attested(&self, _slot: u64, _bank_hash: &BankHash, signers: &[PeerId]) -> bool {
+        3 * signers.iter().filter(|s| self.0.contains(s)).count() >= 2 * self.0.len()
+    }
+}
+
+#[test]
+fn the_owners_verifier_is_shown_the_valid_signatures_of_the_attesters_it_names() {
+    use crate::snapshot::Attestation;
+    use libp2p::identity::Keypair;
+    let t0 = Instant::now();
+    let keys: Vec<Keypair> = (0..3).map(|_| Keypair::generate_ed25519()).collect();
+    let committee: Vec<PeerId> = keys.iter().map(|k| k.public().to_peer_id()).collect();
+    let config = DiscoveryConfig {
+        policy: TrustPolicy::Verifier(std::sync::Arc::new(Committee(committee))),
+        ..config()
+    };
+    let (mut d, nonce) = asking(config, t0, None);
+    let snap = full(1200, 1);
+    let sign = |k: &Keypair| Attestation::sign(k, "n", &snap.key).unwrap();
+    let mut forged = sign(&keys[1]).to_proto();
+    forged.signature = sign(&Keypair::generate_ed25519()).to_proto().signature;
+    let forged = Attestation::from_proto(&forged).unwrap();
+    let relay = PeerId::random();
+    let one = vec![sign(&keys[0]), forged];
+    d.handle_answer(
+        relay,
+        &attested_answer(relay, &[snap], &|_| one.clone(), nonce),
+        false,
+        t0,
+    );
+    assert_eq!(d.best_known_slot(t0), None, "one valid signature of three");
+    // The same relay's next advert carries a second valid one: two of three.
+    let two = vec![sign(&keys[0]), sign(&keys[1])];
+    d.handle_answer(
+        relay,
+        &attested_answer(relay, &[snap], &|_| two.clone(), nonce),
+        false,
+        t0,
+    );
+    assert_eq!(d.best_known_slot(t0), Some(1200));
+}
