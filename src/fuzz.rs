@@ -161,6 +161,29 @@ pub fn have_bitfield(data: &[u8]) {
     }
 }
 
+/// An `attestations.pb` from disk (or a list a peer or an index carries): what decodes is
+/// bounded and verifies against nothing it was not signed for.
+pub fn attestations(data: &[u8]) {
+    if let Ok(list) = crate::snapshot::Attestation::decode_file(data) {
+        assert!(list.len() <= crate::snapshot::MAX_ATTESTATIONS);
+        assert!(data.len() <= crate::snapshot::MAX_ATTESTATIONS_BYTES);
+        let key = crate::snapshot::SnapshotKey {
+            kind: crate::snapshot::SnapshotKind::Full,
+            slot: 40,
+            bank_hash: crate::hash::BankHash([1; 32]),
+            content_root: ContentRoot([2; 32]),
+            archive_size: 1000,
+            base: None,
+        };
+        for a in &list {
+            // Nobody holds the fixed key's secret but the seed: a fuzzed signature of
+            // another key, network or snapshot never verifies.
+            let _ = a.verify("fuzz", &key);
+            let _ = a.signer();
+        }
+    }
+}
+
 /// A web server's `index.json`.
 #[cfg(feature = "web")]
 pub fn web_index(data: &[u8]) {
@@ -274,6 +297,13 @@ mod tests {
         let index =
             crate::snapshot::publish::index_json(&[("full-40".to_string(), m.clone(), Vec::new())]);
         out.push(("web_index", index.into_bytes()));
+        // An attestations file: the fixed sender's signature of a snapshot.
+        let key = libp2p::identity::Keypair::ed25519_from_bytes([7u8; 32]).unwrap();
+        let signed = crate::snapshot::Attestation::sign(&key, "fuzz", &m.key()).unwrap();
+        out.push((
+            "attestations",
+            crate::snapshot::Attestation::encode_file(&[signed]),
+        ));
         out
     }
 
@@ -372,6 +402,12 @@ mod tests {
                 "web_index" => {
                     assert_eq!(crate::transfer::parse_index(&bytes).unwrap().len(), 1);
                     web_index(&bytes);
+                }
+                "attestations" => {
+                    let list = crate::snapshot::Attestation::decode_file(&bytes).unwrap();
+                    assert_eq!(list.len(), 1);
+                    assert_eq!(list[0].signer(), Some(sender()));
+                    attestations(&bytes);
                 }
                 other => panic!("{other}"),
             }
