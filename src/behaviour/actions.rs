@@ -91,6 +91,18 @@ impl Behaviour {
                 }
                 self.refresh_local();
             }
+            Action::KeepAttestations { key, attestations } => {
+                let network = self.config.network().to_string();
+                match self
+                    .store
+                    .attest(&key.content_root, &network, &attestations)
+                {
+                    Ok(_) => self.refresh_local(),
+                    Err(e) => {
+                        tracing::debug!(target: TARGET, slot = key.slot, error = %e, "could not keep the attestations heard of a held snapshot");
+                    }
+                }
+            }
             Action::Notice(notice) => self.push_event(notice.into()),
         }
     }

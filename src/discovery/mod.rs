@@ -151,6 +151,12 @@ pub(crate) enum Action {
         peer: PeerId,
         addrs: Vec<SocketAddr>,
     },
+    /// Store these trusted peers' attestations with the held snapshot `key` (some arrived
+    /// that it lacks), to relay them.
+    KeepAttestations {
+        key: SnapshotKey,
+        attestations: Vec<crate::snapshot::Attestation>,
+    },
     /// Report this.
     Notice(Notice),
 }

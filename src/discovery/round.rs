@@ -117,6 +117,7 @@ impl Discovery {
         if !self.book.insert(advert, standing, now, &self.config.policy) {
             return;
         }
+        self.keep_new_attestations(&keys);
         if let Stage::Syncing { plan } = &self.stage {
             let mut added: Vec<SnapshotKey> = Vec::new();
             for (key, partial) in keys.iter().filter(|(k, _)| plan.fetches(k)) {
@@ -135,6 +136,35 @@ impl Discovery {
         }
         if self.stage == Stage::Idle && self.config.sync_enabled && !self.knows_current(now) {
             self.start_round(now);
+        }
+    }
+
+    /// Asks the driver to store the trusted attestations the book holds for the snapshots of
+    /// `keys` this node holds and lacks them for (a validator keeps the others' signatures of
+    /// what it made too, and its published index lists them).
+    fn keep_new_attestations(&mut self, keys: &[(SnapshotKey, bool)]) {
+        for (key, _) in keys {
+            if !self.local.snapshots.iter().any(|s| s.key == *key) {
+                continue;
+            }
+            let held = self
+                .local
+                .attestations
+                .get(key)
+                .map_or(&[][..], Vec::as_slice);
+            if held.len() >= crate::snapshot::MAX_ATTESTATIONS {
+                continue;
+            }
+            let known = self.book.attestations(key);
+            if known
+                .iter()
+                .any(|a| held.iter().all(|h| h.signer_key() != a.signer_key()))
+            {
+                self.actions.push_back(Action::KeepAttestations {
+                    key: *key,
+                    attestations: known,
+                });
+            }
         }
     }
 

@@ -222,6 +222,7 @@ impl Sim {
                 Action::Notice(_)
                 | Action::AddSyncPeer { .. }
                 | Action::DeleteSnapshot(_)
+                | Action::KeepAttestations { .. }
                 | Action::CancelSync => {}
             }
         }

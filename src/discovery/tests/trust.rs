@@ -511,3 +511,53 @@ fn the_owners_verifier_is_shown_the_valid_signatures_of_the_attesters_it_names()
     );
     assert_eq!(d.best_known_slot(t0), Some(1200));
 }
+
+#[test]
+fn a_holder_keeps_the_trusted_signatures_it_hears_of_what_it_holds() {
+    use crate::snapshot::Attestation;
+    use libp2p::identity::Keypair;
+    let t0 = Instant::now();
+    let keys: Vec<Keypair> = (0..2).map(|_| Keypair::generate_ed25519()).collect();
+    let ids: Vec<PeerId> = keys.iter().map(|k| k.public().to_peer_id()).collect();
+    let mut c = trusted_config(&ids, 2);
+    c.sync_enabled = false;
+    let mut d = machine(c, t0);
+    let snap = full(100, 1);
+    let mine = Attestation::sign(&keys[0], "n", &snap.key).unwrap();
+    let theirs = Attestation::sign(&keys[1], "n", &snap.key).unwrap();
+    let mut held = local(Some(100), vec![snap]);
+    held.attestations.insert(snap.key, vec![mine.clone()]);
+    d.handle_local(held.clone());
+    drain(&mut d);
+    let kept = |actions: &[Action]| -> Vec<Vec<Attestation>> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::KeepAttestations { key, attestations } if *key == snap.key => {
+                    Some(attestations.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    // The other validator announces the same snapshot, signed.
+    let announce = |d: &mut Discovery, atts: Vec<Attestation>| {
+        let msg = attested_answer(ids[1], &[snap], &|_| atts.clone(), 0);
+        d.handle_gossip(
+            Some(ids[1]),
+            ids[1],
+            &message::gossip(crate::proto::discovery_message::Body::Announcement(msg)),
+            t0,
+        );
+    };
+    announce(&mut d, vec![theirs.clone()]);
+    let asked = kept(&drain(&mut d));
+    assert_eq!(asked.len(), 1);
+    assert!(asked[0].contains(&theirs));
+    // Once stored, hearing it again asks nothing.
+    held.attestations
+        .insert(snap.key, vec![mine, theirs.clone()]);
+    d.handle_local(held);
+    announce(&mut d, vec![theirs]);
+    assert!(kept(&drain(&mut d)).is_empty());
+}
