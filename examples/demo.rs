@@ -3,9 +3,13 @@
 //! gossipsub and sync it; a late joiner discovers all four and syncs from all of them at once,
 //! with a progress bar. Then the chain moves on, the producer makes an incremental snapshot,
 //! and every node catches up by fetching only what changed. A summary follows. Last, a cluster
-//! restart: validators of the same chain start empty, behind its clock; they sync together from
-//! the producer alone, each serving the others the chunks it has verified meanwhile, then
-//! execute the chain on and make the same snapshots as the producer.
+//! restart: the chain's two signers (the producer and an archive node that executes the chain
+//! beside it) each publish their snapshots, signed, to a bucket of their own (a local static web
+//! server); validators that trust the two (a quorum of both) start empty, behind the chain's
+//! clock, reaching neither: they take the snapshot on the strength of the two signatures that
+//! came with it from the buckets, sync it from the buckets and from each other (each serving the
+//! others the chunks it has verified meanwhile), then execute the chain on and make the same
+//! snapshots as the producer.
 //!
 //! ```text
 //! cargo run --example demo [-- --state-mib 128 --peers 3 --cap-mibs 25 --validators 4]
@@ -13,6 +17,8 @@
 
 #[path = "support/node.rs"]
 mod node;
+#[path = "support/static_web.rs"]
+mod static_web;
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -39,6 +45,9 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     validators: usize,
 }
+
+/// The node index of the archive node (the chain's second signer).
+const ARCHIVE: usize = 98;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -94,7 +103,11 @@ impl Net {
     }
 
     fn name(&self, p: &PeerId) -> String {
-        self.names.get(p).cloned().unwrap_or_else(|| node::short(p))
+        // Every node of the demo is named; the identities a node's web sources stand as are not.
+        self.names
+            .get(p)
+            .cloned()
+            .unwrap_or_else(|| format!("bucket {}", node::short(p)))
     }
 }
 
@@ -269,13 +282,9 @@ async fn main() {
     println!("[producer] writing {} MiB of state ...", args.state_mib);
     let mut p = options(&tmp.path().join("producer"), args.cap_mibs);
     let genesis = node::now_unix_ms();
-    p.chain = Some(Chain {
-        seed: 1,
-        state_mib: args.state_mib,
-        slot_ms: 10,
-        genesis_unix_ms: genesis,
-    });
+    p.chain = p_chain(args.state_mib, genesis);
     p.stop_at_slot = Some(RANGE);
+    p.publish_dir = Some(tmp.path().join("bucket-producer"));
     let (producer, producer_addr) = net.start(0, "producer", p).await;
     let manifest = created_by_producer(&mut net).await;
     println!(
@@ -288,9 +297,16 @@ async fn main() {
         manifest.content_root.short()
     );
 
-    // Peers join; each discovers the producer's snapshot and syncs it.
+    // The archive node executes the chain beside the producer (after syncing to it) and signs
+    // what it makes; peers join; each discovers the producer's snapshot and syncs it.
+    let mut a = options(&tmp.path().join("archive"), args.cap_mibs);
+    a.chain = p_chain(args.state_mib, genesis);
+    a.stop_at_slot = Some(RANGE);
+    a.peers = vec![producer_addr.clone()];
+    a.publish_dir = Some(tmp.path().join("bucket-archive"));
+    let (archive, archive_addr) = net.start(ARCHIVE, "archive", a).await;
     let mut peers = Vec::new();
-    let mut addrs = vec![producer_addr.clone()];
+    let mut addrs = vec![producer_addr.clone(), archive_addr];
     for i in 1..=args.peers {
         let mut o = options(&tmp.path().join(format!("peer-{i}")), args.cap_mibs);
         o.peers = vec![producer_addr.clone()];
@@ -298,12 +314,14 @@ async fn main() {
         peers.push(h);
         addrs.push(addr);
     }
-    let names: Vec<(usize, String)> = (1..=args.peers).map(|i| (i, format!("peer-{i}"))).collect();
+    let mut names: Vec<(usize, String)> =
+        (1..=args.peers).map(|i| (i, format!("peer-{i}"))).collect();
+    names.push((ARCHIVE, "archive".to_string()));
     follow(&mut net, &names).await;
 
     // The late joiner: connected to everyone, it fetches from all of them at once.
     println!(
-        "\n[late-joiner] joining, connected to the producer and {}",
+        "\n[late-joiner] joining, connected to the producer, the archive and {}",
         plural(args.peers, "peer")
     );
     let mut o = options(&tmp.path().join("late-joiner"), args.cap_mibs);
@@ -319,10 +337,7 @@ async fn main() {
 
     // The chain moves on: the next snapshot is incremental, and everyone catches up with it.
     println!("\n[producer] the chain moves on to slot {}", 2 * RANGE);
-    producer
-        .query(|_, p| p.stop_at = 2 * RANGE)
-        .await
-        .expect("producer alive");
+    advance(&[&producer, &archive], 2 * RANGE).await;
     let incremental = created_by_producer(&mut net).await;
     println!(
         "[producer] slot {}: {} snapshot made: {} (the full one is {})",
@@ -375,84 +390,131 @@ async fn main() {
         p.shutdown().await;
     }
     late.shutdown().await;
-    restart(&mut net, &tmp, &args, &producer, &producer_addr, genesis).await;
+    restart(&mut net, &tmp, &args, [&producer, &archive], genesis).await;
     producer.shutdown().await;
+    archive.shutdown().await;
 }
 
-/// A cluster restart: validators of the producer's chain start empty and behind its clock, sync
-/// together from the producer alone (serving each other what they verified), then execute on
-/// and make the producer's snapshots.
+/// The demo's chain.
+fn p_chain(state_mib: u64, genesis_unix_ms: u64) -> Option<Chain> {
+    Some(Chain {
+        seed: 1,
+        state_mib,
+        slot_ms: 10,
+        genesis_unix_ms,
+    })
+}
+
+/// Lets the executing nodes go on to `slot`.
+async fn advance(nodes: &[&NodeHandle], slot: u64) {
+    for n in nodes {
+        n.query(move |_, p| p.stop_at = slot)
+            .await
+            .expect("node alive");
+    }
+}
+
+/// Waits until the index of the bucket in `dir` lists the snapshot at `slot` with `signatures`
+/// attestations.
+async fn published(dir: &std::path::Path, slot: u64, signatures: usize) {
+    let want_slot = format!("\"slot\":{slot},");
+    loop {
+        let index = std::fs::read_to_string(dir.join("index.json")).unwrap_or_default();
+        let listed = index
+            .lines()
+            .find(|l| l.contains(&want_slot))
+            .is_some_and(|l| l.matches("\"signer\"").count() >= signatures);
+        if listed {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A cluster restart: the chain's two signers published their signed snapshots to their
+/// buckets; validators that trust the two start empty and behind the chain's clock, reach
+/// neither signer, sync from the buckets and from each other (serving each other what they
+/// verified), then execute on and make the producer's snapshots.
 async fn restart(
     net: &mut Net,
     tmp: &tempfile::TempDir,
     args: &Args,
-    producer: &NodeHandle,
-    producer_addr: &Multiaddr,
+    [producer, archive]: [&NodeHandle; 2],
     genesis_unix_ms: u64,
 ) {
     if args.validators == 0 {
         return;
     }
-    // The producer moves on to a snapshot the validators will sync, and waits there (so that the
-    // demo's fast chain does not outrun their downloads).
-    producer
-        .query(|_, p| p.stop_at = 4 * RANGE)
-        .await
-        .expect("producer alive");
-    while created_by_producer(net).await.slot < 4 * RANGE {}
+    // The signers move on to a snapshot the validators will sync, and wait there (so that the
+    // demo's fast chain does not outrun their downloads); each publishes it with its signature.
+    advance(&[producer, archive], 4 * RANGE).await;
+    let buckets = [
+        tmp.path().join("bucket-producer"),
+        tmp.path().join("bucket-archive"),
+    ];
+    for b in &buckets {
+        published(b, 4 * RANGE, 1).await;
+    }
+    let mut urls = Vec::new();
+    for b in &buckets {
+        let addr = static_web::start(b.clone())
+            .await
+            .expect("a static web server");
+        urls.push(format!("http://{addr}/"));
+    }
     println!(
-        "\n[restart] {} of the chain start empty, far behind its clock; the producer, at slot {}, is their only seed",
-        plural(args.validators, "validator"),
-        4 * RANGE
+        "\n[restart] the producer and the archive signed the snapshot at slot {} and published it to their buckets ({}); {} trusting the two (both signatures needed) start empty, far behind the chain's clock, and reach neither of them",
+        4 * RANGE,
+        urls.join(", "),
+        plural(args.validators, "validator")
     );
+    let signers: std::collections::HashSet<PeerId> = [producer.peer_id, archive.peer_id].into();
     let base = 200;
     let mut handles = Vec::new();
     let mut names = Vec::new();
+    let mut first: Option<Multiaddr> = None;
     for v in 0..args.validators {
         let name = format!("validator-{}", v + 1);
         let mut o = options(&tmp.path().join(&name), args.cap_mibs);
-        o.chain = Some(Chain {
-            seed: 1,
-            state_mib: args.state_mib,
-            slot_ms: 10,
-            genesis_unix_ms,
-        });
-        o.peers = vec![producer_addr.clone()];
+        o.chain = p_chain(args.state_mib, genesis_unix_ms);
+        o.trust = snapsync::TrustPolicy::TrustedPeers {
+            peers: signers.clone(),
+            quorum: 2,
+        };
+        o.web_sources = urls.clone();
+        o.peers = first.iter().cloned().collect();
         o.discovery_interval = std::time::Duration::from_secs(2);
         o.stop_at_slot = Some(6 * RANGE);
-        let (h, _) = net.start(base + v, &name, o).await;
+        let (h, addr) = net.start(base + v, &name, o).await;
+        first.get_or_insert(addr);
         handles.push(h);
         names.push((base + v, name));
     }
     let synced = follow(net, &names).await;
     println!("\n[restart] where the bytes came from");
-    let producer_id = producer.peer_id;
+    let validators: Vec<PeerId> = handles.iter().map(|h| h.peer_id).collect();
     for (i, name) in &names {
         let s = &synced[i];
-        let from_seed: u64 = s
-            .per_peer
-            .iter()
-            .filter(|(p, _)| *p == producer_id)
-            .map(|(_, b)| *b)
-            .sum();
+        assert!(
+            s.per_peer.iter().all(|(p, _)| !signers.contains(p)),
+            "{name} reached a signer"
+        );
         let from_others: u64 = s
             .per_peer
             .iter()
-            .filter(|(p, _)| *p != producer_id)
+            .filter(|(p, _)| validators.contains(p))
             .map(|(_, b)| *b)
             .sum();
+        let from_buckets: u64 = s.per_peer.iter().map(|(_, b)| *b).sum::<u64>() - from_others;
         println!(
-            "  {name:<12} {} from the producer, {} from other validators, {} served to them while downloading",
-            human_bytes(from_seed),
+            "  {name:<12} {} from the buckets, {} from other validators, {} served to them while downloading",
+            human_bytes(from_buckets),
             human_bytes(from_others),
             human_bytes(s.served)
         );
     }
     // Then each executes on and makes the next snapshot, the producer's byte for byte.
-    producer
-        .query(|_, p| p.stop_at = 6 * RANGE)
-        .await
-        .expect("producer alive");
+    advance(&[producer, archive], 6 * RANGE).await;
     // The first snapshot each validator made after its sync, and the producer's of that slot.
     let pairs = loop {
         let pairs: Option<Vec<_>> = names

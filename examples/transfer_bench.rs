@@ -17,6 +17,8 @@
 //!
 //! The last line printed is one JSON object with every figure.
 
+#[path = "support/static_web.rs"]
+mod static_web;
 #[path = "support/mod.rs"]
 mod support;
 
@@ -56,74 +58,12 @@ async fn serve_snapsync(store: &Path, count: usize, cap: Option<u64>) {
     std::future::pending::<()>().await;
 }
 
-/// A static HTTP/1.1 file server over `root` with single-range `Range` support and keep-alive:
-/// what nginx does for a published directory, nothing more.
+/// A static HTTP server over `root` (see `support/static_web.rs`).
 async fn serve_web(root: &Path) {
-    let listener = tokio::net::TcpListener::bind(local()).await.unwrap();
-    println!("{{\"addr\":\"{}\"}}", listener.local_addr().unwrap());
+    let addr = static_web::start(root.to_path_buf()).await.unwrap();
+    println!("{{\"addr\":\"{addr}\"}}");
     std::io::stdout().flush().unwrap();
-    loop {
-        let (sock, _) = listener.accept().await.unwrap();
-        // As nginx does (tcp_nodelay on): a response's last segment does not wait for an ACK.
-        sock.set_nodelay(true).unwrap();
-        let root = root.to_path_buf();
-        tokio::spawn(async move {
-            let _ = serve_web_conn(sock, &root).await;
-        });
-    }
-}
-
-async fn serve_web_conn(sock: tokio::net::TcpStream, root: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    use tokio::io::AsyncBufReadExt;
-    let mut sock = tokio::io::BufReader::new(sock);
-    let mut buf = vec![0u8; 256 << 10];
-    let mut head = Vec::new();
-    loop {
-        head.clear();
-        while !head.ends_with(b"\r\n\r\n") {
-            if sock.read_until(b'\n', &mut head).await? == 0 {
-                return Ok(());
-            }
-        }
-        let text = String::from_utf8_lossy(&head).into_owned();
-        let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
-        let range = text.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            let (a, b) = k
-                .eq_ignore_ascii_case("range")
-                .then_some(v.trim().strip_prefix("bytes=")?)?
-                .split_once('-')?;
-            Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?))
-        });
-        let Ok(file) = std::fs::File::open(root.join(path.trim_start_matches('/'))) else {
-            sock.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-                .await?;
-            continue;
-        };
-        let size = file.metadata()?.len();
-        let (start, end, status, extra) = match range {
-            Some((a, b)) if a <= b && b < size => (
-                a,
-                b + 1,
-                "206 Partial Content",
-                format!("Content-Range: bytes {a}-{b}/{size}\r\n"),
-            ),
-            _ => (0, size, "200 OK", String::new()),
-        };
-        let header = format!(
-            "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{extra}\r\n",
-            end - start
-        );
-        sock.write_all(header.as_bytes()).await?;
-        let mut at = start;
-        while at < end {
-            let n = ((end - at) as usize).min(buf.len());
-            file.read_exact_at(&mut buf[..n], at)?;
-            sock.write_all(&buf[..n]).await?;
-            at += n as u64;
-        }
-    }
+    std::future::pending::<()>().await;
 }
 
 async fn serve_tcp(file: &Path) {

@@ -904,3 +904,63 @@ async fn a_quorum_of_signatures_travels_with_the_snapshot_to_strangers_and_web_m
     assert_eq!(wary.db.slot().unwrap(), None);
     drop((joiner, web_joiner, wary, one, relay));
 }
+
+/// A light client that has finalized headers up to `known` and accepts any state at or below.
+struct Headers {
+    known: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl snapsync::db::StateCheck for Headers {
+    fn check(&self, state: &snapsync::db::CheckedState<'_>) -> snapsync::db::StateVerdict {
+        self.asked.lock().unwrap().push(state.slot);
+        if state.slot <= self.known.load(std::sync::atomic::Ordering::SeqCst) {
+            snapsync::db::StateVerdict::Accept
+        } else {
+            snapsync::db::StateVerdict::Undecided(format!("no header for slot {}", state.slot))
+        }
+    }
+
+    fn judges_up_to(&self) -> Option<u64> {
+        Some(self.known.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+/// The state check says how far its light client is: a snapshot above is not fetched (it
+/// could only be found undecided), the newest below is; once the headers catch up, the newer
+/// one is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_the_light_client_cannot_judge_yet_is_fetched() {
+    use std::sync::atomic::Ordering;
+    init_tracing();
+    let mut events = Events::new();
+    let (honest, _chain) = producers(1, &events).await;
+    made_at(&mut events, 20, 1).await;
+    let known = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(15));
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let check = Headers {
+        known: known.clone(),
+        asked: asked.clone(),
+    };
+    let (dir, db) = node_dir(0, 0, 0);
+    let node = start_node(
+        10,
+        dir.clone(),
+        db,
+        // A node that follows snapshots only (it does not execute the chain itself).
+        tune(config(dir.path()), |d| d.with_executes(false)).with_state_check(check),
+        events.tx.clone(),
+    )
+    .await;
+    node.dial(honest[0].addr.clone());
+    let first = events.synced(Some(10)).await;
+    assert_eq!(first.slot, 10, "20 is beyond the headers");
+    known.store(30, Ordering::SeqCst);
+    let synced = events.synced(Some(10)).await;
+    assert_eq!(synced.slot, 20);
+    assert_eq!(
+        *asked.lock().unwrap(),
+        vec![10, 20],
+        "never asked about what it cannot judge"
+    );
+}

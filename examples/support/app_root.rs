@@ -90,3 +90,14 @@ impl LightClient {
         }
     }
 }
+
+impl snapsync::db::StateCheck for LightClient {
+    fn check(&self, state: &CheckedState<'_>) -> StateVerdict {
+        LightClient::check(self, state)
+    }
+
+    /// Its headers reach the chain's slot now: nothing newer is fetched.
+    fn judges_up_to(&self) -> Option<u64> {
+        Some(self.chain.head())
+    }
+}

@@ -450,8 +450,7 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
         .with_publish_dir(opts.publish_dir.clone());
     // A node that knows the chain checks a synced state's own root against the chain's.
     if let Some(chain) = opts.chain {
-        let light = app_root::LightClient::new(chain);
-        config = config.with_state_check(move |s: &snapsync::db::CheckedState<'_>| light.check(s));
+        config = config.with_state_check(app_root::LightClient::new(chain));
     }
     let options = config.creator().options();
     config = config

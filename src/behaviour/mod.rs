@@ -413,6 +413,9 @@ impl Behaviour {
             }
         }
         if self.timer.as_mut().poll(cx).is_ready() {
+            if let Some(check) = self.config.state_check() {
+                self.discovery.handle_check_ceiling(check.judges_up_to());
+            }
             self.discovery.handle_timeout(Instant::now());
             // Fired: wait for the next deadline (set above on the next turn).
             let far = tokio::time::Instant::now() + std::time::Duration::from_secs(3600);

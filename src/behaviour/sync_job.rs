@@ -99,6 +99,8 @@ struct Leg {
     progress: BoxStream<'static, Progress>,
     peers: HashSet<PeerId>,
     initial: Vec<PeerId>,
+    /// The identities the web sources stand as, by base URL (to credit their bytes).
+    web_ids: Vec<(String, PeerId)>,
     announced: bool,
     done: Option<Downloaded>,
 }
@@ -127,10 +129,14 @@ impl Leg {
         );
         let progress = handle.progress_stream();
         let mut ids: Vec<PeerId> = peers.iter().map(|p| p.peer_id).collect();
+        #[allow(unused_mut)]
+        let mut web_ids = Vec::new();
         #[cfg(feature = "web")]
         for (p, w) in web {
+            let base = w.base().to_string();
             if handle.add_web_source(w) {
                 ids.push(p);
+                web_ids.push((base, p));
             }
         }
         // Peers downloading it too, as sources of what they verified.
@@ -151,6 +157,7 @@ impl Leg {
             progress,
             peers: ids.into_iter().collect(),
             initial,
+            web_ids,
             announced: false,
             done: None,
         }
@@ -464,14 +471,20 @@ impl SyncJob {
         self.keep_attestations();
         let mut per_peer: Vec<(PeerId, u64)> = Vec::new();
         let (mut bytes, mut fetched, mut served) = (0, 0, 0);
-        for d in self.legs.iter().filter_map(|l| l.done.as_ref()) {
+        for leg in &self.legs {
+            let Some(d) = leg.done.as_ref() else { continue };
             bytes += d.snapshot.manifest().archive_size;
             fetched += d.fetched_bytes;
             served += d.served_bytes;
-            for (p, b) in &d.per_peer {
-                match per_peer.iter_mut().find(|(q, _)| q == p) {
+            // Web sources are credited under the identities they stand as.
+            let web = d.per_web.iter().filter_map(|(url, b)| {
+                let (_, p) = leg.web_ids.iter().find(|(u, _)| u == url)?;
+                Some((*p, *b))
+            });
+            for (p, b) in d.per_peer.iter().copied().chain(web) {
+                match per_peer.iter_mut().find(|(q, _)| *q == p) {
                     Some(e) => e.1 += b,
-                    None => per_peer.push((*p, *b)),
+                    None => per_peer.push((p, b)),
                 }
             }
         }

@@ -49,7 +49,9 @@ pub enum StateVerdict {
     /// `failed_cooldown`, and it goes on to the next candidate.
     Refuse(String),
     /// The check cannot tell yet (its light client is not at that slot). Nothing goes live and
-    /// nobody is blamed; the snapshot is not chosen again for `failed_cooldown`.
+    /// nobody is blamed; the snapshot is not chosen again for `failed_cooldown`. A check that
+    /// says how far it can judge ([`StateCheck::judges_up_to`]) keeps the node from fetching
+    /// such a snapshot at all.
     Undecided(String),
 }
 
@@ -64,6 +66,14 @@ pub enum StateVerdict {
 pub trait StateCheck: Send + Sync + 'static {
     /// Judges `state`.
     fn check(&self, state: &CheckedState<'_>) -> StateVerdict;
+
+    /// The highest slot the check can judge now (its light client's latest finalized header,
+    /// say), or `None` when it can judge any. Snapshots above it are not chosen: they could only
+    /// be found [`StateVerdict::Undecided`] after their download. Asked every time the node
+    /// decides; by default `None`.
+    fn judges_up_to(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl<F> StateCheck for F

@@ -220,6 +220,8 @@ pub(crate) struct Discovery {
     metrics: Metrics,
     rng: Rng,
     local: Local,
+    /// The highest slot the application's state check can judge, when it says.
+    judged_up_to: Option<u64>,
     streamer_addrs: Vec<SocketAddr>,
     listen_addrs: Vec<Multiaddr>,
     tip: Option<(u64, Instant)>,
@@ -279,6 +281,7 @@ impl Discovery {
             metrics,
             rng: Rng::seed_from_u64(seed),
             local: Local::default(),
+            judged_up_to: None,
             streamer_addrs: Vec::new(),
             listen_addrs: Vec::new(),
             tip: None,
@@ -387,10 +390,15 @@ impl Discovery {
             (Some(local), Some(tip)) => local.saturating_add(self.config.behind_threshold) < tip,
             _ => false,
         };
+        let plausible = tip.map(|t| t.saturating_add(self.config.behind_threshold));
+        let ceiling = match (plausible, self.judged_up_to) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         LocalState {
             slot: self.local.slot,
             not_on: self.not_on,
-            ceiling: tip.map(|t| t.saturating_add(self.config.behind_threshold)),
+            ceiling,
             vouched_only: self.executing && self.local.slot.is_some() && !told_behind,
             chunk_size: self.local.chunk_size,
         }
@@ -459,6 +467,12 @@ impl Discovery {
             }
         }
         self.next_tick = now;
+    }
+
+    /// The application's state check can judge states up to `slot` (`None`: any): nothing
+    /// above it is chosen.
+    pub(crate) fn handle_check_ceiling(&mut self, slot: Option<u64>) {
+        self.judged_up_to = slot;
     }
 
     /// The wall clock reads `unix_ms` at `now` (for the chain clock).

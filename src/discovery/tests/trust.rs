@@ -561,3 +561,32 @@ fn a_holder_keeps_the_trusted_signatures_it_hears_of_what_it_holds() {
     announce(&mut d, vec![theirs]);
     assert!(kept(&drain(&mut d)).is_empty());
 }
+
+#[test]
+fn nothing_above_what_the_state_check_can_judge_is_chosen() {
+    let t0 = Instant::now();
+    let (mut d, nonce) = asking(config(), t0, None);
+    d.handle_check_ceiling(Some(100));
+    let p = PeerId::random();
+    d.handle_answer(
+        p,
+        &answer(p, &[full(150, 1), full(90, 2)], nonce),
+        false,
+        t0,
+    );
+    d.handle_timeout(t0 + SEC);
+    let plan = plan_of(&drain(&mut d)).expect("a plan");
+    assert_eq!(
+        plan.last().ad.key.slot,
+        90,
+        "150 could only be found undecided"
+    );
+    // The light client catches up: the newer one is taken next.
+    d.handle_sync_ended(SyncOutcome::Cancelled, t0 + SEC);
+    d.handle_check_ceiling(Some(200));
+    d.handle_timeout(t0 + 2 * SEC);
+    assert_eq!(
+        plan_of(&drain(&mut d)).expect("a plan").last().ad.key.slot,
+        150
+    );
+}
