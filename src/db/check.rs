@@ -45,8 +45,8 @@ pub enum StateVerdict {
     Accept,
     /// The state is not the chain's at its slot. Nothing goes live, the peers that advertised
     /// the snapshot are struck (they named a state the chain does not have), the node deletes
-    /// its own copy (it serves it no more) and does not choose it again for
-    /// `failed_cooldown`, and it goes on to the next candidate.
+    /// its own copy (it serves it no more) and never chooses that state (its slot and bank
+    /// hash, under any root) again, and it goes on to the next candidate.
     Refuse(String),
     /// The check cannot tell yet (its light client is not at that slot). Nothing goes live and
     /// nobody is blamed; the snapshot is not chosen again for `failed_cooldown`. A check that

@@ -207,6 +207,9 @@ pub(crate) struct Local {
 /// Nonces and delays come from a seeded generator: the driver seeds it, a simulation replays it.
 type Rng = Xoshiro256PlusPlus;
 
+/// Most refused states remembered.
+const MAX_REFUSED: usize = 1024;
+
 /// How long a newly connected peer has to join the topic before it is asked directly.
 const SUBSCRIBE_GRACE: Duration = Duration::from_millis(250);
 
@@ -255,6 +258,9 @@ pub(crate) struct Discovery {
     subscribed: HashSet<PeerId>,
     not_snapsync: HashSet<PeerId>,
     failed: HashMap<SnapshotKey, Instant>,
+    /// States the application's check refused (slot, bank hash): not the chain's, whatever
+    /// archive holds them, so never chosen again (the most recent [`MAX_REFUSED`] kept).
+    refused: lru::LruCache<(u64, crate::hash::BankHash), ()>,
     not_on: Option<Base>,
     announce: Option<PendingAnnounce>,
     dials: (Instant, u32),
@@ -306,6 +312,7 @@ impl Discovery {
             subscribed: HashSet::new(),
             not_snapsync: HashSet::new(),
             failed: HashMap::new(),
+            refused: lru::LruCache::new(std::num::NonZeroUsize::new(MAX_REFUSED).expect("nonzero")),
             not_on: None,
             announce: None,
             dials: (now, 0),
@@ -554,6 +561,9 @@ impl Discovery {
         }
         for key in c.cool_down {
             self.failed.insert(key, now + self.config.failed_cooldown);
+        }
+        if let Some(state) = c.refused {
+            self.refused.put(state, ());
         }
         for (peer, offence) in c.strike {
             self.strike(peer, &offence, now);

@@ -119,6 +119,8 @@ pub(crate) struct Consequences {
     pub(crate) delete: Vec<ContentRoot>,
     /// The full snapshot the node's state proved not to descend from.
     pub(crate) not_on: Option<Base>,
+    /// The state (slot, bank hash) the application's check refused: never to be taken again.
+    pub(crate) refused: Option<(u64, crate::hash::BankHash)>,
 }
 
 /// What a failed sync of `plan` means (see the module docs). `book` tells who advertised what.
@@ -149,6 +151,7 @@ pub(crate) fn judge(plan: &Plan, failed: &SyncFailure, book: &AdvertBook) -> Con
             let offence = if failed.failure == Failure::Content {
                 Offence::FalseAdvert { slot: key.slot }
             } else {
+                c.refused = Some((key.slot, key.bank_hash));
                 Offence::NotTheChain { slot: key.slot }
             };
             if let Some(entry) = book.entry(&key) {
@@ -336,6 +339,11 @@ mod tests {
                 .all(|(p, o)| holders.contains(p) && *o == Offence::NotTheChain { slot: 150 })
         );
         assert!(c.not_on.is_none());
+        assert_eq!(
+            c.refused,
+            Some((inc.slot, inc.bank_hash)),
+            "refused for good"
+        );
     }
 
     #[test]

@@ -340,7 +340,10 @@ impl Discovery {
     /// The answer window closed: choose, and start the sync or say there is nothing.
     pub(super) fn decide(&mut self, round: u64, now: Instant) {
         let local = self.local_state(now);
-        let failed = |k: &SnapshotKey| self.failed.get(k).is_some_and(|until| *until > now);
+        let failed = |k: &SnapshotKey| {
+            self.failed.get(k).is_some_and(|until| *until > now)
+                || self.refused.contains(&(k.slot, k.bank_hash))
+        };
         let decision = decide::decide(&self.book, local, &self.config.policy, &failed);
         for conflict in decision.conflicts {
             tracing::warn!(target: TARGET, slot = conflict.slot, variants = conflict.variants.len(), "peers advertise different snapshots for the same slot");

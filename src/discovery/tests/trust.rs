@@ -590,3 +590,50 @@ fn nothing_above_what_the_state_check_can_judge_is_chosen() {
         150
     );
 }
+
+#[test]
+fn a_state_the_application_refused_is_never_taken_again_under_any_root() {
+    let t0 = Instant::now();
+    let (mut d, nonce) = asking(config(), t0, None);
+    let refused = full(200, 6);
+    let good = full(100, 1);
+    let (a, b) = (PeerId::random(), PeerId::random());
+    d.handle_answer(a, &answer(a, &[refused], nonce), false, t0);
+    d.handle_answer(b, &answer(b, &[good], nonce), false, t0);
+    d.handle_timeout(t0 + SEC);
+    assert_eq!(plan_of(&drain(&mut d)).unwrap().last().ad.key, refused.key);
+    d.handle_sync_ended(
+        SyncOutcome::Failed(SyncFailure {
+            leg: LegKind::Full,
+            failure: Failure::NotTheChain,
+            bad_peers: vec![],
+        }),
+        t0 + 2 * SEC,
+    );
+    // It asks again at once and takes the honest one.
+    assert!(started(&drain(&mut d)));
+    d.handle_timeout(t0 + 3 * SEC);
+    assert_eq!(plan_of(&drain(&mut d)).unwrap().last().ad.key, good.key);
+    let mut synced = local(Some(100), vec![good]);
+    synced.attestations.clear();
+    d.handle_sync_ended(SyncOutcome::Synced { bad_peers: vec![] }, t0 + 4 * SEC);
+    d.handle_local(synced);
+    // Long after any cooldown, the refused state, under its root and under a fresh one from a
+    // fresh identity, is still not taken.
+    let later = t0 + 10 * config().failed_cooldown;
+    d.handle_timeout(later);
+    let mut acts = drain(&mut d);
+    let nonce = last_nonce(&acts);
+    let mut fresh = refused;
+    fresh.key.content_root = ContentRoot([66; 32]);
+    let c = PeerId::random();
+    d.handle_answer(c, &answer(c, &[refused, fresh], nonce), false, later);
+    assert_eq!(
+        d.best_known_slot(later),
+        Some(200),
+        "heard, and acceptable to the policy"
+    );
+    d.handle_timeout(later + SEC);
+    acts.extend(drain(&mut d));
+    assert!(plan_of(&acts).is_none(), "{acts:?}");
+}
