@@ -19,7 +19,7 @@ impl Behaviour {
         any
     }
 
-    fn carry_out(&mut self, action: Action) {
+    pub(super) fn carry_out(&mut self, action: Action) {
         match action {
             Action::Publish { kind, bytes } => {
                 // When the node asks its peers, it reads its web sources' indexes too.

@@ -111,3 +111,43 @@ impl Behaviour {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::db::{LmdbState, StateDb};
+    use crate::discovery::Action;
+    use crate::snapshot::create_snapshot;
+    use crate::transfer::StreamerConfig;
+
+    /// A load can be refused while its archive still arrives, so the judgement (delete this
+    /// snapshot) may come before the download publishes it: the snapshot goes when it appears.
+    #[tokio::test]
+    async fn a_snapshot_condemned_before_it_is_published_goes_when_it_appears() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = LmdbState::open(dir.path().join("db")).unwrap();
+        db.commit_slot(10, |w| w.put(b"k", b"v")).unwrap();
+        let config = crate::Config::new(dir.path().join("snapshots"))
+            .with_streamer(StreamerConfig::default().with_listen("127.0.0.1:0".parse().unwrap()));
+        let db: Arc<dyn StateDb> = Arc::new(db);
+        let keypair = libp2p::identity::Keypair::generate_ed25519();
+        let mut b = crate::Behaviour::new(&keypair, db.clone(), config).unwrap();
+        // The same snapshot made elsewhere names the root the refusal is about.
+        let elsewhere = crate::snapshot::SnapshotStore::open(dir.path().join("other")).unwrap();
+        let view = db.view().unwrap();
+        let root = create_snapshot(&elsewhere, view.as_ref(), &Default::default())
+            .unwrap()
+            .manifest()
+            .content_root;
+        b.carry_out(Action::DeleteSnapshot(root));
+        assert!(b.store.get(&root).is_none(), "nothing to delete yet");
+        // The download publishes it afterwards.
+        let published = create_snapshot(&b.store, view.as_ref(), &Default::default()).unwrap();
+        assert_eq!(published.manifest().content_root, root);
+        assert!(b.store.get(&root).is_some());
+        b.refresh_local();
+        assert!(b.store.get(&root).is_none(), "removed once it appeared");
+        assert!(!published.dir().exists());
+    }
+}
