@@ -563,6 +563,16 @@ async fn a_pinned_node_syncs_despite_an_attacker_rotating_fake_roots() {
 
 /// A node (empty DB, serving only) whose store holds a copy of the snapshots in `from`'s.
 async fn serving_copy(from: &tempfile::TempDir, index: usize, events: &Events) -> TestNode {
+    serving_edited_copy(from, index, events, |_| {}).await
+}
+
+/// [`serving_copy`], each copied snapshot's directory changed by `edit` before the node starts.
+async fn serving_edited_copy(
+    from: &tempfile::TempDir,
+    index: usize,
+    events: &Events,
+    edit: impl Fn(&std::path::Path),
+) -> TestNode {
     let (dir, db) = node_dir(0, 0, 0);
     let store = dir.path().join("snapshots");
     std::fs::create_dir_all(&store).unwrap();
@@ -574,6 +584,7 @@ async fn serving_copy(from: &tempfile::TempDir, index: usize, events: &Events) -
             let file = file.unwrap();
             std::fs::copy(file.path(), target.join(file.file_name())).unwrap();
         }
+        edit(&target);
     }
     let cfg = serve_only(config(dir.path()));
     start_node(index, dir.clone(), db, cfg, events.tx.clone()).await
@@ -963,4 +974,70 @@ async fn nothing_the_light_client_cannot_judge_yet_is_fetched() {
         vec![10, 20],
         "never asked about what it cannot judge"
     );
+}
+
+/// Signatures that are not two trusted ones for this snapshot on this network count for
+/// nothing, whoever relays them: a stranger carrying a trusted signature for another network,
+/// one for another snapshot replayed onto this one, one of a key nobody trusts and the
+/// validator's own valid one is heard and not taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_for_another_network_or_snapshot_or_of_other_keys_count_for_nothing() {
+    use snapsync::libp2p::identity::Keypair;
+    use snapsync::snapshot::Attestation;
+    init_tracing();
+    let mut events = Events::new();
+    let (validators, _chain) = producers(1, &events).await;
+    let made = made_at(&mut events, 20, 1).await;
+    let other_validator = Keypair::generate_ed25519();
+    let outsider = Keypair::generate_ed25519();
+    let edit = |snapshot: &std::path::Path| {
+        let m = Manifest::decode(&std::fs::read(snapshot.join("manifest.pb")).unwrap()).unwrap();
+        let mut replayed = m.key();
+        replayed.slot += 1;
+        let path = snapshot.join("attestations.pb");
+        let mut list = Attestation::decode_file(&std::fs::read(&path).unwrap()).unwrap();
+        list.extend([
+            Attestation::sign(&other_validator, "another-network", &m.key()).unwrap(),
+            Attestation::sign(&other_validator, "default", &replayed).unwrap(),
+            Attestation::sign(&outsider, "default", &m.key()).unwrap(),
+        ]);
+        std::fs::write(&path, Attestation::encode_file(&list)).unwrap();
+    };
+    let stranger = serving_edited_copy(&validators[0].dir, 13, &events, edit).await;
+    let trusted = [validators[0].peer_id, other_validator.public().to_peer_id()];
+    let (dir, db) = node_dir(0, 0, 0);
+    let wary = start_node(
+        14,
+        dir.clone(),
+        db,
+        config(dir.path()).with_trusted_peers(trusted, 2),
+        events.tx.clone(),
+    )
+    .await;
+    wary.dial(stranger.addr.clone());
+    for _ in 0..2 {
+        events
+            .wait(LONG, "a round with nothing to take", |i, e| match e {
+                Ev::Snap(Event::NoSnapshotAvailable { adverts, .. }) if i == 14 && *adverts > 0 => {
+                    Some(())
+                }
+                Ev::Snap(Event::DownloadStarted { key, .. }) if i == 14 => {
+                    panic!("took slot {} on one valid signature", key.slot)
+                }
+                _ => None,
+            })
+            .await;
+    }
+    assert_eq!(wary.db.slot().unwrap(), None);
+    // The second validator's valid signature, relayed by another stranger, makes the quorum.
+    let signed = move |snapshot: &std::path::Path| {
+        let m = Manifest::decode(&std::fs::read(snapshot.join("manifest.pb")).unwrap()).unwrap();
+        let path = snapshot.join("attestations.pb");
+        let valid = Attestation::sign(&other_validator, "default", &m.key()).unwrap();
+        std::fs::write(&path, Attestation::encode_file(&[valid])).unwrap();
+    };
+    let second = serving_edited_copy(&validators[0].dir, 15, &events, signed).await;
+    wary.dial(second.addr.clone());
+    let synced = events.synced(Some(14)).await;
+    assert_eq!((synced.slot, synced.bank_hash), (20, made.bank_hash));
 }
