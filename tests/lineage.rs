@@ -44,21 +44,12 @@ fn lineage_config(dir: &std::path::Path) -> snapsync::Config {
 /// Producers: they execute the chain and serve, each capped so that a full download takes
 /// several snapshot intervals.
 async fn producers(events: &Events, n: usize, cap: u64) -> Vec<TestNode> {
-    let mut out = Vec::new();
-    for i in 0..n {
-        let (dir, db) = node_dir(0, 0, 0);
-        let cfg = serve_only(lineage_config(dir.path()));
-        let cfg = cfg
-            .clone()
-            .with_streamer(cfg.streamer().with_rate_limit(Some(cap)));
-        out.push(start_node(i, dir.clone(), db, cfg, events.tx.clone()).await);
-    }
-    for i in 0..n {
-        for j in i + 1..n {
-            out[i].dial(out[j].addr.clone());
-        }
-    }
-    out
+    start_producers(events, 0, n, |dir| {
+        let cfg = lineage_config(dir);
+        let streamer = cfg.streamer().with_rate_limit(Some(cap));
+        cfg.with_streamer(streamer)
+    })
+    .await
 }
 
 /// Starts node `index`, a syncing node on `dir` and `db`, dialing `peers`.

@@ -36,19 +36,9 @@ fn config(dir: &std::path::Path) -> snapsync::Config {
     )
 }
 
-/// `n` serve-only producers executing the honest chain to slot 25, each dialled by the one
-/// before it.
+/// `n` serve-only producers executing the honest chain to slot 25, connected to each other.
 async fn producers(n: usize, events: &Events) -> (Vec<TestNode>, Running) {
-    let mut nodes: Vec<TestNode> = Vec::new();
-    for i in 0..n {
-        let (dir, db) = node_dir(0, 0, 0);
-        let cfg = serve_only(config(dir.path()));
-        let node = start_node(i, dir.clone(), db, cfg, events.tx.clone()).await;
-        if let Some(before) = nodes.last() {
-            before.dial(node.addr.clone());
-        }
-        nodes.push(node);
-    }
+    let nodes = start_producers(events, 0, n, config).await;
     let chain = Running::start(
         HONEST,
         nodes.iter().map(|p| p.ctl()).collect(),

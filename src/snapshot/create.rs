@@ -85,7 +85,7 @@ impl CreateOptions {
         self
     }
 
-    /// The chunk size the archive is served and checked in.
+    /// The value [`with_chunk_size`](Self::with_chunk_size) sets.
     pub fn chunk_size(&self) -> ChunkSize {
         self.chunk_size
     }
@@ -97,8 +97,7 @@ impl CreateOptions {
         self
     }
 
-    /// The zstd level (1 to 22; higher is smaller and slower). Part of what makes archives
-    /// byte-identical across nodes: every node of a network must use the same level.
+    /// The value [`with_zstd_level`](Self::with_zstd_level) sets.
     pub fn zstd_level(&self) -> i32 {
         self.zstd_level
     }
@@ -426,8 +425,7 @@ impl CreatorConfig {
         self
     }
 
-    /// `RangeForSnapshot`: a snapshot is due at every slot that is a multiple of it
-    /// (default 50). Larger means less I/O and staler snapshots.
+    /// The value [`with_range_for_snapshot`](Self::with_range_for_snapshot) sets.
     pub fn range_for_snapshot(&self) -> u64 {
         self.range_for_snapshot
     }
@@ -440,9 +438,7 @@ impl CreatorConfig {
         self
     }
 
-    /// Slots between full snapshots; a multiple of `range_for_snapshot` (default
-    /// [`DEFAULT_FULL_INTERVAL`]). The snapshots due between them are incremental. Setting
-    /// it to `range_for_snapshot` makes every snapshot a full one.
+    /// The value [`with_full_interval`](Self::with_full_interval) sets.
     pub fn full_interval(&self) -> u64 {
         self.full_interval
     }
@@ -453,7 +449,7 @@ impl CreatorConfig {
         self
     }
 
-    /// How many snapshots are kept.
+    /// The value [`with_retention`](Self::with_retention) sets.
     pub fn retention(&self) -> Retention {
         self.retention
     }
@@ -464,7 +460,7 @@ impl CreatorConfig {
         self
     }
 
-    /// How archives are written.
+    /// The value [`with_options`](Self::with_options) sets.
     pub fn options(&self) -> CreateOptions {
         self.options
     }
@@ -569,7 +565,7 @@ impl Creator {
         &self.store
     }
 
-    /// Whether a snapshot is due at `slot`.
+    /// Whether its settings make a snapshot due at `slot`.
     pub fn is_due(&self, slot: u64) -> bool {
         self.config.is_due(slot)
     }

@@ -144,7 +144,7 @@ pub(crate) fn zstd_version() -> u32 {
 }
 
 impl Manifest {
-    /// Whether this is a full snapshot.
+    /// Whether it describes a full snapshot.
     pub fn is_full(&self) -> bool {
         self.kind == SnapshotKind::Full
     }

@@ -77,7 +77,7 @@ impl TransportTuning {
         self
     }
 
-    /// Per-stream receive window, bytes.
+    /// The value [`with_stream_window`](Self::with_stream_window) sets.
     pub fn stream_window(&self) -> u64 {
         self.stream_window
     }
@@ -88,7 +88,7 @@ impl TransportTuning {
         self
     }
 
-    /// Per-connection receive window, bytes.
+    /// The value [`with_connection_window`](Self::with_connection_window) sets.
     pub fn connection_window(&self) -> u64 {
         self.connection_window
     }
@@ -99,7 +99,7 @@ impl TransportTuning {
         self
     }
 
-    /// Per-connection send window, bytes.
+    /// The value [`with_send_window`](Self::with_send_window) sets.
     pub fn send_window(&self) -> u64 {
         self.send_window
     }
@@ -110,7 +110,7 @@ impl TransportTuning {
         self
     }
 
-    /// Largest UDP payload, bytes.
+    /// The value [`with_max_udp_payload`](Self::with_max_udp_payload) sets.
     pub fn max_udp_payload(&self) -> u16 {
         self.max_udp_payload
     }
@@ -121,7 +121,7 @@ impl TransportTuning {
         self
     }
 
-    /// Socket buffer size requested, bytes.
+    /// The value [`with_socket_buffer`](Self::with_socket_buffer) sets.
     pub fn socket_buffer(&self) -> usize {
         self.socket_buffer
     }
@@ -132,7 +132,7 @@ impl TransportTuning {
         self
     }
 
-    /// Idle timeout of a connection.
+    /// The value [`with_idle_timeout`](Self::with_idle_timeout) sets.
     pub fn idle_timeout(&self) -> Duration {
         self.idle_timeout
     }
@@ -143,7 +143,7 @@ impl TransportTuning {
         self
     }
 
-    /// Keep-alive interval (shorter than the idle timeout).
+    /// The value [`with_keep_alive`](Self::with_keep_alive) sets.
     pub fn keep_alive(&self) -> Duration {
         self.keep_alive
     }

@@ -202,6 +202,27 @@ pub async fn start_node(
     run_node(index, dir, db, swarm, events).await
 }
 
+/// `n` producers: serve-only nodes (indexes `first` to `first + n - 1`) with the settings
+/// `config` gives for each one's directory, each connected to every one started before it.
+pub async fn start_producers(
+    events: &Events,
+    first: usize,
+    n: usize,
+    config: impl Fn(&std::path::Path) -> snapsync::Config,
+) -> Vec<TestNode> {
+    let mut nodes: Vec<TestNode> = Vec::new();
+    for i in first..first + n {
+        let (dir, db) = node_dir(0, 0, 0);
+        let cfg = serve_only(config(dir.path()));
+        let node = start_node(i, dir.clone(), db, cfg, events.tx.clone()).await;
+        for before in &nodes {
+            node.dial(before.addr.clone());
+        }
+        nodes.push(node);
+    }
+    nodes
+}
+
 /// [`start_node`] with the identity `keypair` (one ground to sort first, say). The swarm is
 /// the one `libp2p-swarm-test` makes (memory and TCP, plaintext, yamux).
 pub async fn start_node_keyed(

@@ -67,7 +67,7 @@ impl DownloadConfig {
         self
     }
 
-    /// Local UDP address of the downloader's endpoint (default `0.0.0.0:0`).
+    /// The value [`with_bind`](Self::with_bind) sets.
     pub fn bind(&self) -> SocketAddr {
         self.bind
     }
@@ -78,7 +78,7 @@ impl DownloadConfig {
         self
     }
 
-    /// Chunks per request (default 32: 512 KiB at 16 KiB chunks, under 0.6% of proof).
+    /// The value [`with_request_chunks`](Self::with_request_chunks) sets.
     pub fn request_chunks(&self) -> u64 {
         self.schedule.request_chunks
     }
@@ -89,7 +89,7 @@ impl DownloadConfig {
         self
     }
 
-    /// Requests in flight to a peer before its rate is known (default 4).
+    /// The value [`with_initial_window`](Self::with_initial_window) sets.
     pub fn initial_window(&self) -> usize {
         self.schedule.initial_window
     }
@@ -100,7 +100,7 @@ impl DownloadConfig {
         self
     }
 
-    /// Most requests in flight to one peer (default 16).
+    /// The value [`with_max_window`](Self::with_max_window) sets.
     pub fn max_window(&self) -> usize {
         self.schedule.max_window
     }
@@ -112,8 +112,7 @@ impl DownloadConfig {
         self
     }
 
-    /// Most requests in flight in all; with `request_chunks`, bounds the memory of a
-    /// download (default 32, i.e. 16 MiB at the defaults).
+    /// The value [`with_max_inflight`](Self::with_max_inflight) sets.
     pub fn max_inflight(&self) -> usize {
         self.schedule.max_inflight
     }
@@ -126,9 +125,7 @@ impl DownloadConfig {
         self
     }
 
-    /// A request that receives nothing for this long is abandoned and retried elsewhere
-    /// (default 10 s); every request also has a deadline from its start (see
-    /// `min_peer_rate`) that is never shorter than this.
+    /// The value [`with_min_request_timeout`](Self::with_min_request_timeout) sets.
     pub fn min_request_timeout(&self) -> Duration {
         self.schedule.min_request_timeout
     }
@@ -141,9 +138,7 @@ impl DownloadConfig {
         self
     }
 
-    /// The slowest a peer may deliver verified data, bytes per second (default 64 KiB/s):
-    /// a request gets at most the time this rate needs for it, so a peer that trickles
-    /// bytes loses its requests to others and, failing again and again, is dropped.
+    /// The value [`with_min_peer_rate`](Self::with_min_peer_rate) sets.
     pub fn min_peer_rate(&self) -> u64 {
         self.schedule.min_peer_rate
     }
@@ -154,7 +149,7 @@ impl DownloadConfig {
         self
     }
 
-    /// Fetch the last pieces from a second peer when their holder is slow (default on).
+    /// The value [`with_hedge`](Self::with_hedge) sets.
     pub fn hedge(&self) -> bool {
         self.schedule.hedge
     }
@@ -165,7 +160,7 @@ impl DownloadConfig {
         self
     }
 
-    /// First retry delay after a failure (default 200 ms); doubles, with jitter.
+    /// The value [`with_backoff_min`](Self::with_backoff_min) sets.
     pub fn backoff_min(&self) -> Duration {
         self.schedule.backoff_min
     }
@@ -176,7 +171,7 @@ impl DownloadConfig {
         self
     }
 
-    /// Longest retry delay (default 10 s).
+    /// The value [`with_backoff_max`](Self::with_backoff_max) sets.
     pub fn backoff_max(&self) -> Duration {
         self.schedule.backoff_max
     }
@@ -188,8 +183,7 @@ impl DownloadConfig {
         self
     }
 
-    /// Failures in a row after which a peer is dropped from the download (default 8); it
-    /// bounds the connection attempts made to any address too.
+    /// The value [`with_max_peer_failures`](Self::with_max_peer_failures) sets.
     pub fn max_peer_failures(&self) -> u32 {
         self.schedule.max_peer_failures
     }
@@ -200,7 +194,7 @@ impl DownloadConfig {
         self
     }
 
-    /// Most peers one download uses (default 16); others that advertise it are ignored.
+    /// The value [`with_max_peers`](Self::with_max_peers) sets.
     pub fn max_peers(&self) -> usize {
         self.schedule.max_peers
     }
@@ -227,7 +221,7 @@ impl DownloadConfig {
         self
     }
 
-    /// The download fails when no verified byte has arrived for this long (default 120 s).
+    /// The value [`with_no_progress_timeout`](Self::with_no_progress_timeout) sets.
     pub fn no_progress_timeout(&self) -> Duration {
         self.schedule.no_progress_timeout
     }
@@ -273,7 +267,7 @@ impl DownloadConfig {
         self
     }
 
-    /// Time to connect to a peer and for both to prove the token (default 10 s).
+    /// The value [`with_connect_timeout`](Self::with_connect_timeout) sets.
     pub fn connect_timeout(&self) -> Duration {
         self.connect_timeout
     }
@@ -284,7 +278,7 @@ impl DownloadConfig {
         self
     }
 
-    /// How often progress is made durable for resume (default 1 s).
+    /// The value [`with_persist_interval`](Self::with_persist_interval) sets.
     pub fn persist_interval(&self) -> Duration {
         self.persist_interval
     }
@@ -295,7 +289,7 @@ impl DownloadConfig {
         self
     }
 
-    /// How often progress updates are published (default 250 ms).
+    /// The value [`with_progress_interval`](Self::with_progress_interval) sets.
     pub fn progress_interval(&self) -> Duration {
         self.progress_interval
     }
@@ -308,9 +302,7 @@ impl DownloadConfig {
         self
     }
 
-    /// Disk kept for partial downloads of other snapshots (default 16 GiB), so that a
-    /// download interrupted for another keeps its progress; the least recently used go
-    /// first.
+    /// The value [`with_partial_budget`](Self::with_partial_budget) sets.
     pub fn partial_budget(&self) -> u64 {
         self.partial_budget
     }
@@ -321,7 +313,7 @@ impl DownloadConfig {
         self
     }
 
-    /// Free disk left over once a download's files are reserved (default 1 GiB).
+    /// The value [`with_disk_headroom`](Self::with_disk_headroom) sets.
     pub fn disk_headroom(&self) -> u64 {
         self.disk_headroom
     }
@@ -333,8 +325,7 @@ impl DownloadConfig {
         self
     }
 
-    /// Most chunks a download may have (default 2^26: 1 TiB at 16 KiB); bounds the
-    /// bookkeeping a single advertisement can make the node allocate (8 MiB per bitmap).
+    /// The value [`with_max_chunks`](Self::with_max_chunks) sets.
     pub fn max_chunks(&self) -> u64 {
         self.max_chunks
     }
@@ -345,7 +336,7 @@ impl DownloadConfig {
         self
     }
 
-    /// QUIC transport settings.
+    /// The value [`with_transport`](Self::with_transport) sets.
     pub fn transport(&self) -> TransportTuning {
         self.transport
     }

@@ -89,8 +89,7 @@ impl StreamerConfig {
         self
     }
 
-    /// UDP address to listen on (default `0.0.0.0:0`: every interface, a port the OS picks;
-    /// [`super::Streamer::local_addr`] tells which).
+    /// The value [`with_listen`](Self::with_listen) sets.
     pub fn listen(&self) -> SocketAddr {
         self.listen
     }
@@ -102,8 +101,7 @@ impl StreamerConfig {
         self
     }
 
-    /// Most connections at once, authenticated or not (default 64). Beyond it, new ones
-    /// are refused before the handshake.
+    /// The value [`with_max_connections`](Self::with_max_connections) sets.
     pub fn max_connections(&self) -> usize {
         self.max_connections
     }
@@ -114,7 +112,7 @@ impl StreamerConfig {
         self
     }
 
-    /// Most authenticated connections from one peer (default 4).
+    /// The value [`with_max_connections_per_peer`](Self::with_max_connections_per_peer) sets.
     pub fn max_connections_per_peer(&self) -> usize {
         self.max_connections_per_peer
     }
@@ -126,8 +124,7 @@ impl StreamerConfig {
         self
     }
 
-    /// Most authenticated connections from one IP address (default 16): identities are
-    /// free, addresses less so.
+    /// The value [`with_max_connections_per_ip`](Self::with_max_connections_per_ip) sets.
     pub fn max_connections_per_ip(&self) -> usize {
         self.max_connections_per_ip
     }
@@ -138,7 +135,7 @@ impl StreamerConfig {
         self
     }
 
-    /// Most connections from one IP address still in their handshake (default 4).
+    /// The value [`with_max_pending_per_ip`](Self::with_max_pending_per_ip) sets.
     pub fn max_pending_per_ip(&self) -> usize {
         self.max_pending_per_ip
     }
@@ -151,9 +148,7 @@ impl StreamerConfig {
         self
     }
 
-    /// Once this many connections are in their handshake, a new one must first prove it can
-    /// receive at its address (a QUIC Retry) before the server does any work for it
-    /// (default 8).
+    /// The value [`with_retry_after_pending`](Self::with_retry_after_pending) sets.
     pub fn retry_after_pending(&self) -> usize {
         self.retry_after_pending
     }
@@ -165,8 +160,7 @@ impl StreamerConfig {
         self
     }
 
-    /// Most concurrent requests (streams) per authenticated connection (default 32). Before
-    /// it proves the token, a connection may open only its handshake stream.
+    /// The value [`with_max_streams_per_connection`](Self::with_max_streams_per_connection) sets.
     pub fn max_streams_per_connection(&self) -> u32 {
         self.max_streams_per_connection
     }
@@ -178,8 +172,7 @@ impl StreamerConfig {
         self
     }
 
-    /// Largest chunk range served by one request, in bytes of data (default 8 MiB). Bounds
-    /// the memory one request can take.
+    /// The value [`with_max_request_bytes`](Self::with_max_request_bytes) sets.
     pub fn max_request_bytes(&self) -> u64 {
         self.max_request_bytes
     }
@@ -192,9 +185,7 @@ impl StreamerConfig {
         self
     }
 
-    /// Memory for responses being prepared and sent, across all connections (default
-    /// 32 MiB). Requests wait for their share, so memory stays bounded whatever the number of
-    /// clients.
+    /// The value [`with_response_memory`](Self::with_response_memory) sets.
     pub fn response_memory(&self) -> u64 {
         self.response_memory
     }
@@ -209,11 +200,7 @@ impl StreamerConfig {
         self
     }
 
-    /// QUIC send-buffer memory shared by every authenticated connection (default 64 MiB):
-    /// each gets an equal share as its send window, at most `transport.send_window` and at
-    /// least 256 KiB, rebalanced as connections come and go. Data handed to QUIC stays
-    /// buffered until acknowledged, so this, with `response_memory`, bounds what serving
-    /// holds whatever the number of clients.
+    /// The value [`with_send_memory`](Self::with_send_memory) sets.
     pub fn send_memory(&self) -> u64 {
         self.send_memory
     }
@@ -224,7 +211,7 @@ impl StreamerConfig {
         self
     }
 
-    /// Serving rate cap across all peers, bytes per second (default none).
+    /// The value [`with_rate_limit`](Self::with_rate_limit) sets.
     pub fn rate_limit(&self) -> Option<u64> {
         self.rate_limit
     }
@@ -235,7 +222,7 @@ impl StreamerConfig {
         self
     }
 
-    /// Serving rate cap per peer, bytes per second (default none).
+    /// The value [`with_rate_limit_per_peer`](Self::with_rate_limit_per_peer) sets.
     pub fn rate_limit_per_peer(&self) -> Option<u64> {
         self.rate_limit_per_peer
     }
@@ -247,8 +234,7 @@ impl StreamerConfig {
         self
     }
 
-    /// How long a new connection may take to finish its handshake and prove the token
-    /// (default 5 s).
+    /// The value [`with_auth_timeout`](Self::with_auth_timeout) sets.
     pub fn auth_timeout(&self) -> Duration {
         self.auth_timeout
     }
@@ -259,7 +245,7 @@ impl StreamerConfig {
         self
     }
 
-    /// How long a request may take to arrive once its stream is open (default 10 s).
+    /// The value [`with_request_timeout`](Self::with_request_timeout) sets.
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout
     }
@@ -272,9 +258,7 @@ impl StreamerConfig {
         self
     }
 
-    /// How long one piece of a response (256 KiB) may wait for the client to take it
-    /// (default 10 s). A client that does not read loses its response memory and its
-    /// connection.
+    /// The value [`with_write_timeout`](Self::with_write_timeout) sets.
     pub fn write_timeout(&self) -> Duration {
         self.write_timeout
     }
@@ -338,7 +322,7 @@ impl StreamerConfig {
         self
     }
 
-    /// QUIC transport settings.
+    /// The value [`with_transport`](Self::with_transport) sets.
     pub fn transport(&self) -> TransportTuning {
         self.transport
     }

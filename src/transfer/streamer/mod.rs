@@ -273,19 +273,15 @@ impl Shared {
         self.admission().contended(Instant::now())
     }
 
-    /// What this seed offers `peer` of the snapshot `root` (of `chunks` chunks), in blocks of
-    /// `block`, given what it holds: a few blocks if it gets an upload slot, none if not.
+    /// What this seed offers an asker that holds an upload slot of the snapshot `root` (of
+    /// `chunks` chunks), in blocks of `block`, given what the asker holds: a few blocks.
     pub(crate) fn offer(
         &self,
         root: &ContentRoot,
         chunks: u64,
         block: u64,
         holding: &[u8],
-        peer: PeerId,
     ) -> Vec<u8> {
-        if self.upload_slot(peer).is_none() {
-            return vec![0; chunks.div_ceil(block.max(1)).div_ceil(8) as usize];
-        }
         lock(&self.offers).answer(root, chunks, block, holding, Instant::now())
     }
 

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use super::admission::send_window_now;
 use super::connection::Allowance;
+use super::slots::{HaveReply, have_reply};
 use super::{OPEN_SOURCES, ServeError, Shared};
 use crate::chunk::{ChunkError, ChunkSource};
 use crate::hash::ContentRoot;
@@ -417,25 +418,32 @@ fn have_answer(
             format!("a holding bitfield of {len} bytes"),
         ));
     }
-    let bits = match served {
-        Served::Partial(offer) => match offer.verified.blocks(block) {
+    let complete = matches!(served, Served::Complete(_));
+    let slot = || shared.upload_slot(peer).is_some();
+    let bits = match (
+        have_reply(
+            complete,
+            shared.uploads_contended(),
+            holding.is_some(),
+            slot,
+        ),
+        served,
+    ) {
+        (HaveReply::Verified, Served::Partial(offer)) => match offer.verified.blocks(block) {
             Some(bits) => bits,
             // A block size nobody asked lately: its summary is built off the runtime.
             None => return Ok(HaveAnswer::Summarize(offer, block)),
         },
-        Served::Complete(_) => match holding {
-            // A seed in a crowd offers this asker a few blocks (see `slots.rs`).
-            Some(holding) if shared.uploads_contended() => {
-                shared.offer(&root, chunks, block, holding, peer)
-            }
-            _ => {
-                let complete = proto::ResponseHeader {
-                    complete: true,
-                    ..ok(0)
-                };
-                return Ok(HaveAnswer::Ready(Box::new(complete), None));
-            }
-        },
+        // A seed in a crowd offers an asker with a slot a few blocks (see `slots.rs`).
+        (HaveReply::Offer, _) => shared.offer(&root, chunks, block, holding.unwrap_or_default()),
+        (HaveReply::Nothing, _) => vec![0; len as usize],
+        (HaveReply::Everything | HaveReply::Verified, _) => {
+            let complete = proto::ResponseHeader {
+                complete: true,
+                ..ok(0)
+            };
+            return Ok(HaveAnswer::Ready(Box::new(complete), None));
+        }
     };
     let (header, body) = have_body(bits);
     Ok(HaveAnswer::Ready(Box::new(header), body))

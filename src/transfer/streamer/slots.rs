@@ -44,6 +44,40 @@ const MAX_WAITING: usize = 1024;
 /// How many times `hold` the optimistic slot is held before it moves on.
 const OPTIMISTIC_HOLDS: u32 = 3;
 
+/// What a holder tells an asker it holds (the have-answer rule, one for the server and the
+/// swarm simulator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HaveReply {
+    /// Everything: a complete holder whose uploads are not contended, or one asked by a peer
+    /// that does not say what it holds.
+    Everything,
+    /// The few blocks it offers this asker (see [`SeedOffers`]): a complete holder in a crowd,
+    /// to a peer that holds an upload slot.
+    Offer,
+    /// Nothing: a complete holder in a crowd, to a peer without an upload slot now (it fetches
+    /// elsewhere and asks again).
+    Nothing,
+    /// The blocks it verified: a holder that downloads the snapshot itself.
+    Verified,
+}
+
+/// The have-answer rule: what a holder (`complete` or downloading, its uploads `contended` or
+/// not) tells an asker that says what it holds (`asker_says`), `slot` deciding (and taking)
+/// whether the asker has an upload slot now; asked only for a complete holder in a crowd.
+pub(crate) fn have_reply(
+    complete: bool,
+    contended: bool,
+    asker_says: bool,
+    slot: impl FnOnce() -> bool,
+) -> HaveReply {
+    match (complete, contended && asker_says) {
+        (false, _) => HaveReply::Verified,
+        (true, false) => HaveReply::Everything,
+        (true, true) if slot() => HaveReply::Offer,
+        (true, true) => HaveReply::Nothing,
+    }
+}
+
 /// The upload slots of a server.
 #[derive(Debug)]
 pub(crate) struct UploadSlots<P> {
@@ -257,6 +291,21 @@ impl<P: Copy + Eq + Hash> UploadSlots<P> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_have_answer_rule() {
+        use HaveReply::*;
+        let never = || -> bool { panic!("a slot is asked only of a complete holder in a crowd") };
+        assert_eq!(have_reply(false, true, true, never), Verified);
+        assert_eq!(have_reply(true, false, true, never), Everything);
+        assert_eq!(
+            have_reply(true, true, false, never),
+            Everything,
+            "an asker that says nothing"
+        );
+        assert_eq!(have_reply(true, true, true, || true), Offer);
+        assert_eq!(have_reply(true, true, true, || false), Nothing);
+    }
 
     const SEC: Duration = Duration::from_secs(1);
 

@@ -7,7 +7,7 @@ use super::{Ev, Job, Node, NodeId, Sim};
 use crate::transfer::download::bits::Bits;
 use crate::transfer::download::picker::Have;
 use crate::transfer::download::scheduler::RequestFailure;
-use crate::transfer::streamer::slots::OFFER_BLOCKS;
+use crate::transfer::streamer::slots::{HaveReply, OFFER_BLOCKS, have_reply};
 
 impl Sim<'_> {
     /// What `node` gave `peer`'s ledger lately, as `peer` sees it.
@@ -44,32 +44,39 @@ impl Sim<'_> {
             .map(|p| (p, self.given(node, p)))
             .collect();
         let n = &mut self.nodes[node];
-        if complete && n.slots.contended(now) {
+        let contended = n.slots.contended(now);
+        let slot = || {
             let given = |p: &NodeId| given.get(p).copied().unwrap_or(0.0);
-            if !n.slots.admit(asker, now, given) {
-                return Have::Some(Bits::new(pieces));
+            let admitted = n.slots.admit(asker, now, given);
+            if admitted {
+                n.slots.done(asker, 0, now);
             }
-            n.slots.done(asker, 0, now);
-            let offer = n
-                .offers
-                .answer(OFFER_BLOCKS, self.piece_chunks, holding.as_deref(), now);
-            return Have::Some(Bits::from_bytes(&offer, pieces).expect("the length asked"));
-        }
-        match &n.sched {
-            _ if complete => Have::All,
-            None => Have::Some(Bits::new(pieces)),
-            Some(s) => {
-                let done = s.chunk_done();
-                let mut bits = Bits::new(pieces);
-                for p in 0..pieces {
-                    let start = p as u64 * self.piece_chunks;
-                    let end = (start + self.piece_chunks).min(self.chunk_count);
-                    if (start..end).all(|c| done.get(c as usize)) {
-                        bits.set(p);
+            admitted
+        };
+        match have_reply(complete, contended, holding.is_some(), slot) {
+            HaveReply::Everything => Have::All,
+            HaveReply::Nothing => Have::Some(Bits::new(pieces)),
+            HaveReply::Offer => {
+                let offer =
+                    n.offers
+                        .answer(OFFER_BLOCKS, self.piece_chunks, holding.as_deref(), now);
+                Have::Some(Bits::from_bytes(&offer, pieces).expect("the length asked"))
+            }
+            HaveReply::Verified => match &n.sched {
+                None => Have::Some(Bits::new(pieces)),
+                Some(s) => {
+                    let done = s.chunk_done();
+                    let mut bits = Bits::new(pieces);
+                    for p in 0..pieces {
+                        let start = p as u64 * self.piece_chunks;
+                        let end = (start + self.piece_chunks).min(self.chunk_count);
+                        if (start..end).all(|c| done.get(c as usize)) {
+                            bits.set(p);
+                        }
                     }
+                    Have::Some(bits)
                 }
-                Have::Some(bits)
-            }
+            },
         }
     }
 
