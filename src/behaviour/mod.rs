@@ -37,6 +37,7 @@ use std::time::Instant;
 use libp2p::core::transport::PortUse;
 use libp2p::core::{Endpoint, Multiaddr};
 use libp2p::identity::Keypair;
+use libp2p::swarm::behaviour::{ExternalAddresses, ListenAddresses};
 use libp2p::swarm::{
     ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
     THandlerOutEvent, ToSwarm,
@@ -129,7 +130,9 @@ pub struct Behaviour {
     timer: Pin<Box<tokio::time::Sleep>>,
     /// Direct asks awaiting their response.
     asks: LruCache<request_response::OutboundRequestId, PeerId>,
-    listen_addrs: Vec<Multiaddr>,
+    /// The swarm's listen and confirmed external addresses, as libp2p tracks them.
+    listen: ListenAddresses,
+    external: ExternalAddresses,
     /// The IP each connected peer is reached on, to pick its chunk-stream address.
     peer_ips: LruCache<PeerId, IpAddr>,
     chain_tip: Option<u64>,
@@ -214,7 +217,8 @@ impl Behaviour {
             events: Default::default(),
             timer: Box::pin(tokio::time::sleep_until(now.into())),
             asks: LruCache::new(MAX_PENDING_ASKS),
-            listen_addrs: Vec::new(),
+            listen: ListenAddresses::default(),
+            external: ExternalAddresses::default(),
             peer_ips: LruCache::new(MAX_PEER_IPS),
             chain_tip: None,
             config,
@@ -378,18 +382,29 @@ impl Behaviour {
         self.events.push_back(event);
     }
 
+    /// The node's addresses: the confirmed external ones (most recent first), then the listen
+    /// addresses (in a stable order).
+    fn own_addrs(&self) -> Vec<Multiaddr> {
+        let mut listen: Vec<&Multiaddr> = self
+            .listen
+            .iter()
+            .filter(|a| !self.external.as_slice().contains(a))
+            .collect();
+        listen.sort_by_key(|a| a.to_string());
+        self.external.iter().chain(listen).cloned().collect()
+    }
+
     fn streamer_addrs(&self) -> Vec<SocketAddr> {
         addr::streamer_addrs(
             self.config.advertise_addrs(),
             self.streamer.local_addr(),
-            &self.listen_addrs,
+            &self.own_addrs(),
         )
     }
 
     fn addresses_changed(&mut self) {
         self.discovery.handle_streamer_addrs(self.streamer_addrs());
-        self.discovery
-            .handle_listen_addrs(self.listen_addrs.clone());
+        self.discovery.handle_listen_addrs(self.own_addrs());
     }
 
     /// A web source's index was read: its listing goes to discovery as that source's advert.
@@ -533,23 +548,11 @@ impl NetworkBehaviour for Behaviour {
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
         let now = Instant::now();
+        let listen = self.listen.on_swarm_event(&event);
+        if self.external.on_swarm_event(&event) | listen {
+            self.addresses_changed();
+        }
         match &event {
-            FromSwarm::NewListenAddr(e) if !self.listen_addrs.contains(e.addr) => {
-                self.listen_addrs.push(e.addr.clone());
-                self.addresses_changed();
-            }
-            FromSwarm::ExternalAddrConfirmed(e) if !self.listen_addrs.contains(e.addr) => {
-                self.listen_addrs.insert(0, e.addr.clone());
-                self.addresses_changed();
-            }
-            FromSwarm::ExpiredListenAddr(e) => {
-                self.listen_addrs.retain(|a| a != e.addr);
-                self.addresses_changed();
-            }
-            FromSwarm::ExternalAddrExpired(e) => {
-                self.listen_addrs.retain(|a| a != e.addr);
-                self.addresses_changed();
-            }
             FromSwarm::ConnectionEstablished(e) => {
                 if let Some(ip) = addr::ip_of(e.endpoint.get_remote_address()) {
                     self.peer_ips.push(e.peer_id, ip);
