@@ -64,7 +64,7 @@ struct Args {
     /// A trusted peer (repeatable).
     #[arg(long)]
     trust_peer: Vec<PeerId>,
-    /// How many trusted peers must advertise the same snapshot.
+    /// How many trusted peers must vouch for the same snapshot (advertise it, or sign it).
     #[arg(long, default_value_t = 1)]
     trust_quorum: usize,
     /// Serve Prometheus metrics on this address (at /metrics).

@@ -77,10 +77,11 @@ struct Args {
     /// Discovery interval in seconds.
     #[arg(long, default_value_t = 30)]
     discovery_secs: u64,
-    /// A trusted peer (repeatable): only snapshots `--trust-quorum` of them advertise are taken.
+    /// A trusted peer (repeatable): only snapshots `--trust-quorum` of them vouch for are taken,
+    /// each by advertising it or by its signature that any holder or web source relays.
     #[arg(long)]
     trust_peer: Vec<PeerId>,
-    /// How many trusted peers must advertise the same snapshot (default 1).
+    /// How many trusted peers must vouch for the same snapshot (default 1).
     #[arg(long, default_value_t = 1)]
     trust_quorum: usize,
     /// Without trusted peers: how many distinct peers must advertise the same snapshot.

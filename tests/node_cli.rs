@@ -9,21 +9,22 @@ use std::time::Duration;
 use common::process::{Proc, on_loopback};
 
 fn producer(dir: &std::path::Path, token: &str) -> (Proc, String) {
-    let p = Proc::start(
-        &on_loopback(
-            dir.to_str().unwrap(),
-            &[
-                "--produce",
-                "--state-mib",
-                "2",
-                "--slot-ms",
-                "20",
-                "--range-for-snapshot",
-                "25",
-            ],
-        ),
-        token,
-    );
+    producer_with(dir, token, &[])
+}
+
+/// [`producer`] with `more` arguments.
+fn producer_with(dir: &std::path::Path, token: &str, more: &[&str]) -> (Proc, String) {
+    let mut args = vec![
+        "--produce",
+        "--state-mib",
+        "2",
+        "--slot-ms",
+        "20",
+        "--range-for-snapshot",
+        "25",
+    ];
+    args.extend_from_slice(more);
+    let p = Proc::start(&on_loopback(dir.to_str().unwrap(), &args), token);
     let listening = p.wait_event("listening");
     let addr = listening["addrs"][0].as_str().unwrap().to_string();
     p.wait_event("snapshot_created");
@@ -58,6 +59,67 @@ fn a_fresh_node_syncs_the_producers_state_and_exits() {
         made == slot
     });
     assert_eq!(made["bank_hash"], synced["bank_hash"]);
+}
+
+/// The validator-set case with the examples: a producer signs what it makes and publishes it to
+/// a directory a static web server serves (a bucket), then goes away; a node that trusts it
+/// alone (`--trust-peer`) reaches no peer and syncs from the bucket, on the producer's
+/// signature.
+#[test]
+fn a_node_trusting_a_gone_producer_syncs_from_its_bucket_on_its_signature() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bucket = tmp.path().join("bucket");
+    let bucket_arg = bucket.to_str().unwrap().to_string();
+    let (producer, _) = producer_with(
+        &tmp.path().join("producer"),
+        "shared secret",
+        &["--publish-dir", &bucket_arg],
+    );
+    let id = producer.find_event("listening", |_| true)["peer_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    producer.wait_event("snapshot_created");
+    let index = bucket.join("index.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&index).is_ok_and(|i| i.contains("\"signer\"")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bucket lists no signature"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(producer);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(common::web::WebServer::start(
+        bucket.clone(),
+        common::web::Fault::None,
+        None,
+    ));
+    let mut fresh = Proc::start(
+        &on_loopback(
+            tmp.path().join("fresh").to_str().unwrap(),
+            &[
+                "--trust-peer",
+                &id,
+                "--web-source",
+                &server.url(),
+                "--exit-after-sync",
+                "--timeout",
+                "60",
+            ],
+        ),
+        "shared secret",
+    );
+    let synced = fresh.wait_event("synced");
+    assert!(fresh.child.wait().unwrap().success());
+    // A state the producer made and signed: its bucket lists it.
+    let listed = std::fs::read_to_string(&index).unwrap();
+    assert!(
+        listed.contains(synced["bank_hash"].as_str().unwrap()),
+        "{synced}"
+    );
+    drop(server);
 }
 
 #[test]
