@@ -88,6 +88,7 @@ impl Behaviour {
             JobEvent::Synced(synced) => {
                 self.job = None;
                 let r = synced.report;
+                self.creator.loaded_at(r.slot);
                 self.metrics.synced(r.kind);
                 if let Err(e) = self.store.retain(self.config.creator().retention()) {
                     tracing::warn!(target: TARGET, error = %e, "could not delete old snapshots");

@@ -19,7 +19,7 @@ use libp2p::PeerId;
 
 use super::message::{Advert, SnapshotAd};
 use super::policy::TrustPolicy;
-use super::signers::Signers;
+use super::signers::{Signed, Signers};
 use crate::hash::ContentRoot;
 use crate::snapshot::{Attestation, Base, MAX_ATTESTATIONS, SnapshotKey};
 
@@ -137,9 +137,8 @@ impl KeyEntry {
 #[derive(Debug, Clone)]
 struct Stored {
     advert: Advert,
-    /// The trusted signers of its snapshots' attestations (snapshot, signer, index in the
-    /// snapshot's list).
-    signed: Vec<(SnapshotKey, PeerId, usize)>,
+    /// The trusted signers of its snapshots' valid attestations.
+    signed: Vec<Signed>,
     standing: Standing,
     /// The standing it came with (an answer, an announcement), before the policy raised it:
     /// what a changed policy places it by.
@@ -164,6 +163,9 @@ pub(crate) struct AdvertBook {
     partials: HashMap<SnapshotKey, HashSet<PeerId>>,
     /// The trusted keys, and the verdicts on their attestations.
     signers: Signers,
+    /// The highest slot whose snapshot signatures made acceptable: relays of older ones do not
+    /// stand raised (old signatures are public, and free to replay).
+    best_signed_slot: u64,
 }
 
 impl AdvertBook {
@@ -178,6 +180,7 @@ impl AdvertBook {
             fulls: HashMap::new(),
             partials: HashMap::new(),
             signers: Signers::new(network, policy),
+            best_signed_slot: 0,
         }
     }
 
@@ -193,13 +196,7 @@ impl AdvertBook {
         self.order.get(&standing).map_or(0, BTreeSet::len)
     }
 
-    fn index(
-        &mut self,
-        advert: &Advert,
-        signed: &[(SnapshotKey, PeerId, usize)],
-        policy: &TrustPolicy,
-        now: Instant,
-    ) {
+    fn index(&mut self, advert: &Advert, signed: &[Signed], policy: &TrustPolicy, now: Instant) {
         for p in &advert.partial {
             self.partials
                 .entry(p.ad.key)
@@ -217,9 +214,6 @@ impl AdvertBook {
             if e.peers.insert(advert.peer) && trusted {
                 e.trusted_peers += 1;
             }
-            for (_, signer, _) in signed.iter().filter(|(k, ..)| *k == s.key) {
-                *e.attested.entry(*signer).or_default() += 1;
-            }
             if s.key.is_full() {
                 self.fulls
                     .entry(s.key.content_root)
@@ -227,14 +221,25 @@ impl AdvertBook {
                     .insert(s.key);
             }
         }
+        // Each (snapshot, signer) once per advert.
+        for sig in signed {
+            if let Some(e) = self.by_key.get_mut(&sig.key) {
+                *e.attested.entry(sig.signer).or_default() += 1;
+            }
+        }
     }
 
-    fn unindex(
-        &mut self,
-        advert: &Advert,
-        signed: &[(SnapshotKey, PeerId, usize)],
-        policy: &TrustPolicy,
-    ) {
+    fn unindex(&mut self, advert: &Advert, signed: &[Signed], policy: &TrustPolicy) {
+        for sig in signed {
+            if let Some(e) = self.by_key.get_mut(&sig.key)
+                && let Some(n) = e.attested.get_mut(&sig.signer)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    e.attested.remove(&sig.signer);
+                }
+            }
+        }
         for p in &advert.partial {
             if let Some(peers) = self.partials.get_mut(&p.ad.key) {
                 peers.remove(&advert.peer);
@@ -249,14 +254,6 @@ impl AdvertBook {
             {
                 if policy.trusts(&advert.peer) {
                     e.trusted_peers -= 1;
-                }
-                for (_, signer, _) in signed.iter().filter(|(k, ..)| *k == s.key) {
-                    if let Some(n) = e.attested.get_mut(signer) {
-                        *n -= 1;
-                        if *n == 0 {
-                            e.attested.remove(signer);
-                        }
-                    }
                 }
                 if e.peers.is_empty() {
                     self.by_key.remove(&s.key);
@@ -321,7 +318,7 @@ impl AdvertBook {
             Standing::Trusted
         } else if advert.snapshots.is_empty() {
             Standing::Partial
-        } else if !signed.is_empty()
+        } else if self.signatures_vouch(&signed, policy)
             || advert
                 .snapshots
                 .iter()
@@ -379,6 +376,46 @@ impl AdvertBook {
         true
     }
 
+    /// Whether the signatures `signed` (of one advert) make one of its snapshots acceptable to
+    /// `policy`, with the voices counted already, at a slot no lower than any signatures made
+    /// acceptable before: a relay of the newest signed state stands with what the policy
+    /// vouches for; replays of older signatures do not.
+    fn signatures_vouch(&mut self, signed: &[Signed], policy: &TrustPolicy) -> bool {
+        let mut best: Option<u64> = None;
+        for key in signed.iter().map(|s| s.key) {
+            if key.slot < self.best_signed_slot || best.is_some_and(|b| b >= key.slot) {
+                continue;
+            }
+            let new = signed.iter().filter(|s| s.key == key).map(|s| s.signer);
+            let (peers, voices, mut signers) = match self.by_key.get(&key) {
+                Some(e) => {
+                    let fresh: Vec<PeerId> = new
+                        .filter(|p| !e.attested.contains_key(p) && !e.peers.contains(p))
+                        .collect();
+                    let mut all = e.signers();
+                    all.extend(&fresh);
+                    (e.peers.len() + 1, e.trusted() + fresh.len(), all)
+                }
+                None => {
+                    let all: Vec<PeerId> = new.collect();
+                    (1, all.len(), all)
+                }
+            };
+            signers.sort();
+            signers.dedup();
+            if policy.accepts(&key, peers, voices, &signers) {
+                best = Some(key.slot);
+            }
+        }
+        match best {
+            Some(slot) => {
+                self.best_signed_slot = self.best_signed_slot.max(slot);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The trust policy changed to `policy`: every advert is counted and placed again under it,
     /// in the order the adverts came, keeping when each was heard and when each snapshot was
     /// first heard of. What the old policy raised (a trusted peer's advert, one of a snapshot
@@ -386,6 +423,7 @@ impl AdvertBook {
     /// raises it again.
     pub(crate) fn retrust(&mut self, policy: &TrustPolicy) {
         self.signers.set_policy(policy);
+        self.best_signed_slot = 0;
         let first_seen: HashMap<SnapshotKey, Instant> = self
             .by_key
             .iter()
@@ -439,14 +477,12 @@ impl AdvertBook {
             return Vec::new();
         };
         for stored in e.peers.iter().filter_map(|p| self.adverts.get(p)) {
-            let Some(i) = stored.advert.snapshots.iter().position(|s| s.key == *key) else {
-                continue;
-            };
-            for (_, signer, j) in stored.signed.iter().filter(|(k, ..)| k == key) {
-                if let Some(a) = stored.advert.attestations_of(i).get(*j)
-                    && out.iter().all(|(p, _)| p != signer)
+            for sig in stored.signed.iter().filter(|s| s.key == *key) {
+                let (i, j) = sig.at;
+                if let Some(a) = stored.advert.attestations_of(i).get(j)
+                    && out.iter().all(|(p, _)| *p != sig.signer)
                 {
-                    out.push((*signer, a.clone()));
+                    out.push((sig.signer, a.clone()));
                 }
             }
         }
@@ -806,6 +842,30 @@ mod tests {
         book.forget(&relays[0], &policy);
         assert_eq!(book.entry(&key).unwrap().trusted(), 0);
         assert!(book.attestations(&key).is_empty());
+        // A relay of one signature of the pair is no quorum: it stands as it came.
+        let lone = carrying(&trusted[..1]);
+        let lone_peer = lone.peer;
+        assert!(book.insert(lone, Standing::Announced, t0, &policy));
+        assert_eq!(book.standing(&lone_peer), Some(Standing::Announced));
+        book.forget(&lone_peer, &policy);
+        // Replays of a quorum of signatures of an older snapshot do not stand raised once a
+        // newer one was signed.
+        let newer = advert(PeerId::random(), 20).snapshots[0].key;
+        let mut fresh = advert(PeerId::random(), 20);
+        fresh.attestations = vec![
+            keys.iter()
+                .map(|k| Attestation::sign(k, "n", &newer).unwrap())
+                .collect(),
+        ];
+        let fresh_peer = fresh.peer;
+        assert!(book.insert(fresh, Standing::Announced, t0, &policy));
+        assert_eq!(book.standing(&fresh_peer), Some(Standing::Vouched));
+        let replay = carrying(&trusted);
+        let replay_peer = replay.peer;
+        assert!(book.insert(replay, Standing::Announced, t0, &policy));
+        assert_eq!(book.standing(&replay_peer), Some(Standing::Announced));
+        assert_eq!(book.entry(&key).unwrap().trusted(), 2, "yet it counts");
+        book.forget(&replay_peer, &policy);
         // A trusted peer that advertises it and whose signature is relayed is one voice.
         let own = keys[0].public().to_peer_id();
         assert!(book.insert(advert(own, 10), Standing::Answered, t0, &policy));

@@ -78,6 +78,9 @@ pub(crate) enum MessageError {
     /// An empty gossip message, or an advertisement of nothing.
     #[error("message carries nothing")]
     Empty,
+    /// The same snapshot listed twice.
+    #[error("snapshot at slot {0} listed twice")]
+    Duplicate(u64),
     /// An attestation list over the bound, or one of a malformed key or signature.
     #[error("attestations: {0}")]
     BadAttestation(#[from] AttestationError),
@@ -338,6 +341,13 @@ pub(crate) fn check_advert(
             .iter()
             .map(|d| check_descriptor(d, limits))
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(dup) = snapshots
+            .iter()
+            .enumerate()
+            .find(|(i, s)| snapshots[..*i].iter().any(|t| t.key == s.key))
+        {
+            return Err(MessageError::Duplicate(dup.1.key.slot));
+        }
         let attestations = msg
             .snapshots
             .iter()
@@ -567,6 +577,18 @@ mod tests {
         assert!(matches!(
             bad(&|m| m.r#type = "other".into()),
             MessageError::WrongType(_)
+        ));
+        assert!(matches!(
+            bad(&|m| m.snapshots[1] = m.snapshots[0].clone()),
+            MessageError::Duplicate(60)
+        ));
+        assert!(matches!(
+            bad(&|m| m.snapshots[0].attestations = vec![Default::default(); 9]),
+            MessageError::BadAttestation(AttestationError::TooMany(9))
+        ));
+        assert!(matches!(
+            bad(&|m| m.snapshots[0].attestations = vec![Default::default()]),
+            MessageError::BadAttestation(AttestationError::BadSigner(0))
         ));
         assert!(matches!(
             bad(&|m| m.peer_id = PeerId::random().to_string()),

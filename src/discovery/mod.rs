@@ -261,6 +261,8 @@ pub(crate) struct Discovery {
     /// States the application's check refused (slot, bank hash): not the chain's, whatever
     /// archive holds them, so never chosen again (the most recent [`MAX_REFUSED`] kept).
     refused: lru::LruCache<(u64, crate::hash::BankHash), ()>,
+    /// Trusted signatures of held snapshots the driver was asked to store.
+    keep_asked: lru::LruCache<(SnapshotKey, [u8; 32]), ()>,
     not_on: Option<Base>,
     announce: Option<PendingAnnounce>,
     dials: (Instant, u32),
@@ -313,6 +315,9 @@ impl Discovery {
             not_snapsync: HashSet::new(),
             failed: HashMap::new(),
             refused: lru::LruCache::new(std::num::NonZeroUsize::new(MAX_REFUSED).expect("nonzero")),
+            keep_asked: lru::LruCache::new(
+                std::num::NonZeroUsize::new(MAX_REFUSED).expect("nonzero"),
+            ),
             not_on: None,
             announce: None,
             dials: (now, 0),
@@ -365,6 +370,7 @@ impl Discovery {
         let local = self.local_state(now);
         self.book
             .keys()
+            .filter(|(k, _)| !self.refused.contains(&(k.slot, k.bank_hash)))
             .filter(|(k, e)| decide::acceptable(k, e, &local, &self.config.policy))
             .map(|(k, _)| k.slot)
             .max()

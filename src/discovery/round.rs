@@ -90,14 +90,27 @@ impl Discovery {
             return;
         }
         // Held to the limits of any advert: a web server's bytes are as hostile as a peer's.
+        // Each snapshot once, with the attestations listed beside it.
         let limits = self.config.limits;
-        advert.snapshots.retain(|ad| match limits.check(ad) {
-            Ok(()) => true,
-            Err(e) => {
+        let listed: Vec<_> = std::mem::take(&mut advert.snapshots)
+            .into_iter()
+            .zip(
+                std::mem::take(&mut advert.attestations)
+                    .into_iter()
+                    .chain(std::iter::repeat_with(Vec::new)),
+            )
+            .collect();
+        for (ad, attestations) in listed {
+            if let Err(e) = limits.check(&ad) {
                 tracing::debug!(target: TARGET, peer = %advert.peer, error = %e, "a web source lists a snapshot beyond the limits");
-                false
+                continue;
             }
-        });
+            if advert.snapshots.iter().any(|s| s.key == ad.key) {
+                continue;
+            }
+            advert.snapshots.push(ad);
+            advert.attestations.push(attestations);
+        }
         if advert.snapshots.is_empty() {
             return;
         }
@@ -155,14 +168,19 @@ impl Discovery {
             if held.len() >= crate::snapshot::MAX_ATTESTATIONS {
                 continue;
             }
-            let known = self.book.attestations(key);
-            if known
-                .iter()
-                .any(|a| held.iter().all(|h| h.signer_key() != a.signer_key()))
-            {
+            // Each (snapshot, signer) asked for once: a store that failed is not asked again
+            // at every advert.
+            let new: Vec<crate::snapshot::Attestation> = self
+                .book
+                .attestations(key)
+                .into_iter()
+                .filter(|a| held.iter().all(|h| h.signer_key() != a.signer_key()))
+                .filter(|a| self.keep_asked.put((*key, *a.signer_key()), ()).is_none())
+                .collect();
+            if !new.is_empty() {
                 self.actions.push_back(Action::KeepAttestations {
                     key: *key,
-                    attestations: known,
+                    attestations: new,
                 });
             }
         }

@@ -14,9 +14,23 @@ use super::message::Advert;
 use super::policy::TrustPolicy;
 use crate::snapshot::{Attestation, SnapshotKey, ed25519_key_of};
 
-/// Most verdicts kept. A trusted signer attests a few snapshots per interval; the cache holds
-/// hours of them for a validator set of hundreds.
+/// Most valid signatures remembered. A trusted signer attests a few snapshots per interval; the
+/// cache holds hours of them for a validator set of hundreds.
 const MAX_CHECKED: usize = 16_384;
+
+/// Most invalid signatures remembered, apart (junk cannot push out the valid ones).
+const MAX_INVALID: usize = 1024;
+
+/// A trusted signer's valid attestation of one of an advert's snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Signed {
+    /// The snapshot.
+    pub(crate) key: SnapshotKey,
+    /// Who signed it.
+    pub(crate) signer: PeerId,
+    /// Where the attestation is: the snapshot's place in the advert, its place in the list.
+    pub(crate) at: (usize, usize),
+}
 
 /// The trusted keys and the verdicts on their signatures.
 #[derive(Debug, Clone)]
@@ -24,7 +38,8 @@ pub(crate) struct Signers {
     network: String,
     /// The ed25519 keys of the policy's trusted peers.
     keys: HashMap<[u8; 32], PeerId>,
-    checked: LruCache<(SnapshotKey, Attestation), bool>,
+    valid: LruCache<(SnapshotKey, Attestation), ()>,
+    invalid: LruCache<(SnapshotKey, Attestation), ()>,
     /// Signatures verified (for tests).
     #[cfg(test)]
     verified: u64,
@@ -36,7 +51,8 @@ impl Signers {
         let mut s = Self {
             network: network.to_string(),
             keys: HashMap::new(),
-            checked: LruCache::new(NonZeroUsize::new(MAX_CHECKED).expect("nonzero")),
+            valid: LruCache::new(NonZeroUsize::new(MAX_CHECKED).expect("nonzero")),
+            invalid: LruCache::new(NonZeroUsize::new(MAX_INVALID).expect("nonzero")),
             #[cfg(test)]
             verified: 0,
         };
@@ -58,28 +74,44 @@ impl Signers {
     pub(crate) fn trusted_signer(&mut self, key: &SnapshotKey, a: &Attestation) -> Option<PeerId> {
         let signer = *self.keys.get(a.signer_key())?;
         let id = (*key, a.clone());
-        if let Some(valid) = self.checked.get(&id) {
-            return valid.then_some(signer);
+        if self.valid.get(&id).is_some() {
+            return Some(signer);
+        }
+        if self.invalid.get(&id).is_some() {
+            return None;
         }
         #[cfg(test)]
         {
             self.verified += 1;
         }
-        let valid = a.verify(&self.network, key);
-        self.checked.put(id, valid);
-        valid.then_some(signer)
+        if a.verify(&self.network, key) {
+            self.valid.put(id, ());
+            Some(signer)
+        } else {
+            self.invalid.put(id, ());
+            None
+        }
     }
 
-    /// The trusted signers of each snapshot `advert` lists, each once per snapshot, with the
-    /// index of their attestation in its list.
-    pub(crate) fn of_advert(&mut self, advert: &Advert) -> Vec<(SnapshotKey, PeerId, usize)> {
-        let mut out: Vec<(SnapshotKey, PeerId, usize)> = Vec::new();
+    /// The trusted signers of each snapshot `advert` lists, each once per snapshot. Of the
+    /// attestations naming one trusted key for one snapshot, only the first is checked.
+    pub(crate) fn of_advert(&mut self, advert: &Advert) -> Vec<Signed> {
+        let mut out: Vec<Signed> = Vec::new();
+        let mut tried: Vec<(SnapshotKey, [u8; 32])> = Vec::new();
         for (i, s) in advert.snapshots.iter().enumerate() {
             for (j, a) in advert.attestations_of(i).iter().enumerate() {
-                if let Some(signer) = self.trusted_signer(&s.key, a)
-                    && !out.iter().any(|(k, p, _)| *k == s.key && *p == signer)
+                if !self.keys.contains_key(a.signer_key())
+                    || tried.contains(&(s.key, *a.signer_key()))
                 {
-                    out.push((s.key, signer, j));
+                    continue;
+                }
+                tried.push((s.key, *a.signer_key()));
+                if let Some(signer) = self.trusted_signer(&s.key, a) {
+                    out.push(Signed {
+                        key: s.key,
+                        signer,
+                        at: (i, j),
+                    });
                 }
             }
         }

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::io::{self, BufWriter};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -518,6 +518,9 @@ pub struct Creator {
     busy_incremental: Arc<AtomicBool>,
     /// The key and network it signs the snapshots it makes with.
     attester: Option<Arc<(libp2p::identity::Keypair, String)>>,
+    /// The highest slot the DB's state was loaded at from a snapshot (not executed): nothing
+    /// at or below it is signed.
+    loaded: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Creator {
@@ -543,13 +546,22 @@ impl Creator {
             busy_full: Arc::new(AtomicBool::new(false)),
             busy_incremental: Arc::new(AtomicBool::new(false)),
             attester: None,
+            loaded: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The DB's state was loaded from a snapshot at `slot`: the node did not execute the chain
+    /// to it, so no snapshot at or below `slot` is signed (one of a later slot is: the node
+    /// executed the chain from there).
+    pub fn loaded_at(&self, slot: u64) {
+        self.loaded.fetch_max(slot, Ordering::AcqRel);
     }
 
     /// Signs every snapshot it makes from the DB's state with `keypair` (an ed25519 identity)
     /// for `network`, and stores the [`Attestation`](crate::snapshot::Attestation) with it. A
-    /// snapshot it finds made already (one the node synced) is not signed: the node did not
-    /// execute the chain to it.
+    /// snapshot it finds made already (one the node synced), or one at or below the slot the
+    /// state was loaded at ([`Creator::loaded_at`]), is not signed: the node did not execute
+    /// the chain to it.
     pub fn attesting(mut self, keypair: libp2p::identity::Keypair, network: &str) -> Self {
         self.attester = Some(Arc::new((keypair, network.to_string())));
         self
@@ -635,6 +647,7 @@ impl Creator {
         }
         let (store, db, config) = (self.store.clone(), self.db.clone(), self.config);
         let attester = self.attester.clone();
+        let loaded = self.loaded.clone();
         let spawned = std::thread::Builder::new()
             .name("snapsync-create".into())
             .spawn(move || {
@@ -646,9 +659,10 @@ impl Creator {
                 drop(view);
                 let result = match (result, attester) {
                     (Ok(snap), Some(attester))
-                        if !held_before
-                            .iter()
-                            .any(|h| h.manifest().content_root == snap.manifest().content_root) =>
+                        if snap.manifest().slot > loaded.load(Ordering::Acquire)
+                            && !held_before.iter().any(|h| {
+                                h.manifest().content_root == snap.manifest().content_root
+                            }) =>
                     {
                         Ok(attest(&store, snap, &attester.0, &attester.1))
                     }
@@ -741,6 +755,32 @@ impl Future for CreationTask {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_creator_signs_what_it_made_by_executing_not_what_was_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::LmdbState::open(dir.path().join("db")).unwrap();
+        db.commit_slot(10, |w| w.put(b"k", b"10")).unwrap();
+        let store = SnapshotStore::open(dir.path().join("snapshots")).unwrap();
+        let keypair = libp2p::identity::Keypair::generate_ed25519();
+        let me = keypair.public().to_peer_id();
+        let creator = Creator::new(store, Arc::new(db.clone()), CreatorConfig::default())
+            .attesting(keypair, "n");
+        // The state at 10 came from a snapshot.
+        creator.loaded_at(10);
+        let loaded = creator.create_now().unwrap().wait().unwrap();
+        assert!(loaded.attestations().is_empty(), "not executed here");
+        // Slot 20 the node executed itself.
+        db.commit_slot(20, |w| w.put(b"k", b"20")).unwrap();
+        let made = creator.create_now().unwrap().wait().unwrap();
+        let signers: Vec<_> = made
+            .attestations()
+            .iter()
+            .filter_map(|a| a.signer())
+            .collect();
+        assert_eq!(signers, vec![me]);
+        assert!(made.attestations()[0].verify("n", &made.manifest().key()));
+    }
 
     #[test]
     fn full_slots_follow_the_interval_and_the_genesis_base() {

@@ -92,12 +92,13 @@ fn place(snapshot: &Snapshot, dir: &Path) -> Result<PathBuf, PublishError> {
         }
         // Attestations gathered since (a node relays those it synced with, and adds its own).
         let attested = target.join(ATTESTATIONS_FILE);
-        let now = (!snapshot.attestations().is_empty())
-            .then(|| Attestation::encode_file(snapshot.attestations()));
-        if let Some(now) = now
-            && fs::read(&attested).ok().as_ref() != Some(&now)
-        {
-            disk::replace_synced(&attested, &now).map_err(at(&attested))?;
+        if snapshot.attestations().is_empty() {
+            disk::remove_path(&attested).map_err(at(&attested))?;
+        } else {
+            let now = Attestation::encode_file(snapshot.attestations());
+            if fs::read(&attested).ok().as_ref() != Some(&now) {
+                disk::replace_synced(&attested, &now).map_err(at(&attested))?;
+            }
         }
         return Ok(target);
     }

@@ -242,3 +242,38 @@ fn a_web_listing_is_held_to_the_limits_of_any_advert() {
         .collect();
     assert_eq!(listed, vec![fine.key]);
 }
+
+#[test]
+fn a_web_listings_attestations_stay_with_their_snapshot_when_others_are_dropped() {
+    use crate::snapshot::Attestation;
+    use libp2p::identity::Keypair;
+    let t0 = Instant::now();
+    let key = Keypair::generate_ed25519();
+    let (mut d, _) = asking(trusted_config(&[key.public().to_peer_id()], 1), t0, None);
+    let mut huge = full(100, 1);
+    huge.key.archive_size = 64 << 40;
+    let fine = full(90, 2);
+    let signed = Attestation::sign(&key, "n", &fine.key).unwrap();
+    let of_huge = Attestation::sign(&key, "n", &huge.key).unwrap();
+    d.handle_web_advert(
+        Advert {
+            attestations: vec![vec![of_huge], vec![signed.clone()], vec![signed]],
+            peer: PeerId::random(),
+            // The same snapshot twice is listed once.
+            snapshots: vec![huge, fine, fine],
+            partial: Vec::new(),
+            streamer_addrs: Vec::new(),
+            holder_slot: None,
+            modified_time: 0,
+        },
+        t0,
+    );
+    assert_eq!(
+        d.best_known_slot(t0),
+        Some(90),
+        "its signature came with it"
+    );
+    let advert = d.adverts().next().unwrap().clone();
+    assert_eq!(advert.snapshots.len(), 1);
+    assert_eq!(advert.attestations.len(), 1);
+}

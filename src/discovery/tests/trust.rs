@@ -628,10 +628,11 @@ fn a_state_the_application_refused_is_never_taken_again_under_any_root() {
     fresh.key.content_root = ContentRoot([66; 32]);
     let c = PeerId::random();
     d.handle_answer(c, &answer(c, &[refused, fresh], nonce), false, later);
+    assert!(d.book.entry(&fresh.key).is_some(), "heard");
     assert_eq!(
         d.best_known_slot(later),
-        Some(200),
-        "heard, and acceptable to the policy"
+        None,
+        "a refused state is no newer snapshot"
     );
     d.handle_timeout(later + SEC);
     acts.extend(drain(&mut d));

@@ -168,6 +168,9 @@ struct StoreInner {
     released: tokio::sync::Notify,
     /// What the streamer and the downloads share.
     exchange: Arc<Exchange>,
+    /// Held while a published snapshot's manifest or attestations are read, changed and
+    /// written (the creator's thread and the behaviour both add attestations).
+    attesting: Mutex<()>,
 }
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
@@ -240,6 +243,7 @@ impl SnapshotStore {
         }
         let store = Self {
             inner: Arc::new(StoreInner {
+                attesting: Mutex::new(()),
                 dir,
                 _lock: lock,
                 index: Mutex::new(index),
@@ -415,6 +419,12 @@ impl SnapshotStore {
         entry_count: u64,
         state_bytes: u64,
     ) -> Result<Arc<Snapshot>, StoreError> {
+        // Its attestations may be added meanwhile: one change of a published snapshot at once.
+        let _one = self
+            .inner
+            .attesting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let snap = self.get(root).ok_or_else(|| StoreError::Io {
             path: self.inner.dir.clone(),
             source: io::Error::new(io::ErrorKind::NotFound, "no such snapshot"),
@@ -446,6 +456,11 @@ impl SnapshotStore {
         network: &str,
         attestations: &[Attestation],
     ) -> Result<Arc<Snapshot>, StoreError> {
+        let _one = self
+            .inner
+            .attesting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let snap = self.get(root).ok_or_else(|| StoreError::Io {
             path: self.inner.dir.clone(),
             source: io::Error::new(io::ErrorKind::NotFound, "no such snapshot"),
