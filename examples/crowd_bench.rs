@@ -37,6 +37,7 @@ use snapsync::snapshot::{Manifest, SnapshotStore};
 use snapsync::transfer::{
     DownloadConfig, DownloadTarget, Downloaded, Downloader, PeerAddr, Streamer, StreamerConfig,
 };
+use snapsync::transfer::{Holding, Origin};
 use support::{arg, local, mib, usage};
 
 /// One node: its store, identity and streamer.
@@ -118,7 +119,7 @@ async fn round(seed: &Node, manifest: &Manifest, n: usize, cap: u64, swarm: bool
                     .iter()
                     .filter(|o| o.addr().peer_id != j.addr().peer_id)
                 {
-                    handle.add_partial_peer(other.addr());
+                    handle.add_source(Origin::Peer(other.addr()), Holding::Partial);
                 }
             }
             (downloader, handle)

@@ -34,6 +34,7 @@ use snapsync::snapshot::{Manifest, SnapshotStore};
 use snapsync::transfer::{
     DownloadConfig, DownloadTarget, Downloader, PeerAddr, Streamer, StreamerConfig,
 };
+use snapsync::transfer::{Holding, Origin};
 use support::{arg, field, local, mib, usage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -272,7 +273,10 @@ async fn get_snapsync(
     let started = Instant::now();
     let handle = downloader.start(DownloadTarget::from_manifest(manifest), peers);
     if let Some(url) = web {
-        handle.add_web_source(snapsync::transfer::WebSource::new(&url).unwrap());
+        handle.add_source(
+            Origin::Web(Arc::new(snapsync::transfer::WebSource::new(&url).unwrap())),
+            Holding::Complete,
+        );
     }
     let got = handle.wait().await.unwrap();
     report(started, before, manifest.archive_size);

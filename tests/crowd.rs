@@ -13,6 +13,7 @@ use common::*;
 use prost::Message;
 use snapsync::proto;
 use snapsync::snapshot::{Manifest, Snapshot};
+use snapsync::transfer::{Holding, Origin};
 /// Download settings for a crowd: quick retries, and requests given the time a capped seed
 /// shared by many needs.
 fn crowd_config() -> DownloadConfig {
@@ -190,7 +191,10 @@ async fn a_joiner_takes_from_a_partial_holder_what_it_holds_and_the_rest_from_th
         DownloadTarget::from_manifest(h.snap.manifest()),
         vec![peer(&h.seed, &h.seed_streamer)],
     );
-    assert!(handle.add_partial_peer(peer(&h.holder, &h.holder_streamer)));
+    assert!(handle.add_source(
+        Origin::Peer(peer(&h.holder, &h.holder_streamer)),
+        Holding::Partial
+    ));
     let got = handle.wait().await.unwrap();
     assert_exact(&got, &h.snap, &joiner);
     let from_holder = got
@@ -240,8 +244,8 @@ async fn a_partial_holder_that_lies_about_what_it_holds_is_worked_around_and_bla
         DownloadTarget::from_manifest(snap.manifest()),
         vec![peer(&seed, &seed_streamer)],
     );
-    assert!(handle.add_partial_peer(says_not_held));
-    assert!(handle.add_partial_peer(sends_garbage));
+    assert!(handle.add_source(Origin::Peer(says_not_held), Holding::Partial));
+    assert!(handle.add_source(Origin::Peer(sends_garbage), Holding::Partial));
     let progress = handle.progress();
     let got = handle.wait().await.unwrap();
     assert_exact(&got, &snap, &joiner);
@@ -311,7 +315,10 @@ async fn a_crowd_of_eight_from_one_capped_seed_feeds_itself() {
                 .iter()
                 .filter(|o| o.node.peer_id() != j.node.peer_id())
             {
-                assert!(handle.add_partial_peer(peer(&other.node, &other.streamer)));
+                assert!(handle.add_source(
+                    Origin::Peer(peer(&other.node, &other.streamer)),
+                    Holding::Partial
+                ));
             }
             handle
         })

@@ -15,6 +15,7 @@ use snapsync::snapshot::{Snapshot, publish};
 use snapsync::transfer::{
     DownloadConfig, DownloadError, DownloadTarget, PeerStatus, StreamerConfig, WebRoots, WebSource,
 };
+use snapsync::transfer::{Holding, Origin};
 
 /// A node with a snapshot of about `kib` KiB, published into a directory of its own.
 fn published(kib: u64, seed: u64) -> (Node, Arc<Snapshot>, tempfile::TempDir) {
@@ -38,7 +39,10 @@ async fn a_download_from_a_web_source_alone_is_the_snapshot_byte_for_byte() {
     let client = Node::new();
     let handle = downloader(&client, web_config())
         .start(DownloadTarget::from_manifest(snap.manifest()), Vec::new());
-    assert!(handle.add_web_source(WebSource::new(&server.url()).unwrap()));
+    assert!(handle.add_source(
+        Origin::Web(Arc::new(WebSource::new(&server.url()).unwrap())),
+        Holding::Complete
+    ));
     let got = handle.wait().await.unwrap();
     assert_exact(&got, &snap, &client);
     assert_eq!(got.per_web.len(), 1);
@@ -61,7 +65,10 @@ async fn a_capped_peer_and_a_web_source_both_serve_one_download() {
         DownloadTarget::from_manifest(snap.manifest()),
         vec![peer(&node, &streamer)],
     );
-    handle.add_web_source(WebSource::new(&server.url()).unwrap());
+    handle.add_source(
+        Origin::Web(Arc::new(WebSource::new(&server.url()).unwrap())),
+        Holding::Complete,
+    );
     let got = handle.wait().await.unwrap();
     assert_exact(&got, &snap, &client);
     let from_peer: u64 = got.per_peer.iter().map(|(_, b)| b).sum();
@@ -89,7 +96,10 @@ async fn servers_that_ignore_range_truncate_or_flip_a_byte_are_handled_and_the_r
         vec![peer(&node, &streamer)],
     );
     for s in [&ignores, &truncates, &unsized_cut, &flips] {
-        handle.add_web_source(WebSource::new(&s.url()).unwrap());
+        handle.add_source(
+            Origin::Web(Arc::new(WebSource::new(&s.url()).unwrap())),
+            Holding::Complete,
+        );
     }
     let progress = handle.progress();
     let got = handle.wait().await.unwrap();
@@ -129,7 +139,10 @@ async fn a_download_cut_midway_resumes_from_the_web_source() {
     let size = snap.manifest().archive_size;
     {
         let mut handle = downloader(&client, web_config()).start(target, Vec::new());
-        handle.add_web_source(WebSource::new(&server.url()).unwrap());
+        handle.add_source(
+            Origin::Web(Arc::new(WebSource::new(&server.url()).unwrap())),
+            Holding::Complete,
+        );
         let mut progress = handle.progress();
         tokio::time::timeout(Duration::from_secs(60), async {
             while progress.borrow_and_update().done_bytes < size / 3 {
@@ -142,7 +155,10 @@ async fn a_download_cut_midway_resumes_from_the_web_source() {
         assert!(matches!(handle.wait().await, Err(DownloadError::Cancelled)));
     }
     let handle = downloader(&client, web_config()).start(target, Vec::new());
-    handle.add_web_source(WebSource::new(&server.url()).unwrap());
+    handle.add_source(
+        Origin::Web(Arc::new(WebSource::new(&server.url()).unwrap())),
+        Holding::Complete,
+    );
     let got = handle.wait().await.unwrap();
     assert_exact(&got, &snap, &client);
     assert!(

@@ -3,8 +3,7 @@
 
 use libp2p::gossipsub;
 
-use super::sync_job::JobSource;
-use super::{Behaviour, TARGET, peer_addr};
+use super::{Behaviour, TARGET};
 use crate::discovery::Action;
 use crate::proto;
 
@@ -67,19 +66,12 @@ impl Behaviour {
                 key,
                 peer,
                 addrs,
-                partial,
+                holding,
             } => {
-                #[cfg(feature = "web")]
-                if let Some(source) = self.web.get(&peer) {
-                    if let Some(job) = &mut self.job {
-                        job.add_peer(&key, JobSource::Web(source), false);
-                    }
-                    return;
-                }
-                if let Some(addr) = peer_addr(&mut self.peer_ips, peer, &addrs)
+                if let Some(origin) = self.origin_of(peer, &addrs)
                     && let Some(job) = &mut self.job
                 {
-                    job.add_peer(&key, JobSource::Peer(addr), partial);
+                    job.add_source(&key, origin, holding);
                 }
             }
             Action::DeleteSnapshot(root) => {

@@ -53,7 +53,7 @@ use crate::discovery::{Discovery, Plan, Stage, SyncOutcome, TrustPolicy};
 use crate::log::DISCOVERY as TARGET;
 use crate::metrics::Metrics;
 use crate::snapshot::{CreationTask, Creator, SnapshotStore};
-use crate::transfer::{Downloader, PeerAddr, Streamer};
+use crate::transfer::{Downloader, Origin, PeerAddr, Streamer};
 
 /// Most events waiting to be taken by the swarm; progress updates are the first dropped.
 const MAX_PENDING_EVENTS: usize = 1024;
@@ -472,17 +472,22 @@ fn transfer(
     Ok((streamer, downloader))
 }
 
-/// A peer's chunk-stream address, picked by the IP it is connected on.
-fn peer_addr(
-    ips: &mut LruCache<PeerId, IpAddr>,
-    peer: PeerId,
-    addrs: &[SocketAddr],
-) -> Option<PeerAddr> {
-    let connected = ips.get(&peer).copied();
-    (!addrs.is_empty()).then(|| PeerAddr {
-        peer_id: peer,
-        addr: addr::pick_addr(addrs, connected),
-    })
+impl Behaviour {
+    /// Where to fetch from `peer`: the web source it stands as, or its chunk stream, at the
+    /// address of `addrs` picked by the IP it is connected on.
+    fn origin_of(&mut self, peer: PeerId, addrs: &[SocketAddr]) -> Option<Origin> {
+        #[cfg(feature = "web")]
+        if let Some(source) = self.web.get(&peer) {
+            return Some(Origin::Web(Arc::new(source)));
+        }
+        let connected = self.peer_ips.get(&peer).copied();
+        (!addrs.is_empty()).then(|| {
+            Origin::Peer(PeerAddr {
+                peer_id: peer,
+                addr: addr::pick_addr(addrs, connected),
+            })
+        })
+    }
 }
 
 impl NetworkBehaviour for Behaviour {

@@ -17,7 +17,6 @@
 //! Cancelling stops the load within one segment and waits for it: nothing is swapped in after
 //! a cancel returns, and no second import runs beside the first.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,8 +36,8 @@ use crate::snapshot::{
     SnapshotKey, SnapshotKind, SnapshotStore, load_chain_legs,
 };
 use crate::transfer::{
-    DownloadError, DownloadHandle, DownloadTarget, Downloaded, Downloader, PeerAddr, PeerStatus,
-    Progress,
+    DownloadError, DownloadHandle, DownloadTarget, Downloaded, Downloader, Holding, Origin,
+    PeerAddr, PeerStatus, Progress,
 };
 
 /// What a job reports to the behaviour.
@@ -80,14 +79,6 @@ pub(crate) struct Failed {
     pub(crate) outcome: SyncFailure,
 }
 
-/// Where a download of the job fetches from: a peer's chunk stream, or a web source.
-#[derive(Debug, Clone)]
-pub(crate) enum JobSource {
-    Peer(PeerAddr),
-    #[cfg(feature = "web")]
-    Web(crate::transfer::WebSource),
-}
-
 /// One download of the job.
 struct Leg {
     kind: LegKind,
@@ -97,7 +88,6 @@ struct Leg {
     attestations: Vec<Attestation>,
     handle: DownloadHandle,
     progress: BoxStream<'static, Progress>,
-    peers: HashSet<PeerId>,
     initial: Vec<PeerId>,
     /// The identities the web sources stand as, by base URL (to credit their bytes).
     web_ids: Vec<(String, PeerId)>,
@@ -110,17 +100,23 @@ impl Leg {
         kind: LegKind,
         target: &Target,
         downloader: &Downloader,
-        addr_of: &mut dyn FnMut(PeerId, &[SocketAddr]) -> Option<JobSource>,
+        addr_of: &mut dyn FnMut(PeerId, &[SocketAddr]) -> Option<Origin>,
     ) -> Self {
         let mut peers: Vec<PeerAddr> = Vec::new();
-        #[cfg(feature = "web")]
-        let mut web = Vec::new();
+        let mut others: Vec<(PeerId, Origin, Holding)> = Vec::new();
         for (p, addrs) in &target.peers {
             match addr_of(*p, addrs) {
-                Some(JobSource::Peer(a)) => peers.push(a),
-                #[cfg(feature = "web")]
-                Some(JobSource::Web(w)) => web.push((*p, w)),
+                Some(Origin::Peer(a)) => peers.push(a),
+                // A web source (with the feature `web`).
+                #[allow(unreachable_patterns)]
+                Some(other) => others.push((*p, other, Holding::Complete)),
                 None => {}
+            }
+        }
+        // Peers downloading it too, as sources of what they verified.
+        for (p, addrs) in &target.partial_peers {
+            if let Some(origin @ Origin::Peer(_)) = addr_of(*p, addrs) {
+                others.push((*p, origin, Holding::Partial));
             }
         }
         let handle = downloader.start(
@@ -128,24 +124,13 @@ impl Leg {
             peers.clone(),
         );
         let progress = handle.progress_stream();
-        let mut ids: Vec<PeerId> = peers.iter().map(|p| p.peer_id).collect();
-        #[allow(unused_mut)]
-        let mut web_ids = Vec::new();
-        #[cfg(feature = "web")]
-        for (p, w) in web {
-            let base = w.base().to_string();
-            if handle.add_web_source(w) {
-                ids.push(p);
-                web_ids.push((base, p));
-            }
-        }
-        // Peers downloading it too, as sources of what they verified.
-        for (p, addrs) in &target.partial_peers {
-            if let Some(JobSource::Peer(addr)) = addr_of(*p, addrs)
-                && handle.add_partial_peer(addr)
-            {
-                ids.push(*p);
-            }
+        // The identities the web sources stand as, by base URL (to credit their bytes).
+        let web_ids = others
+            .iter()
+            .filter_map(|(p, origin, _)| Some((origin.web_base()?.to_string(), *p)))
+            .collect();
+        for (_, origin, holding) in others {
+            handle.add_source(origin, holding);
         }
         let initial: Vec<PeerId> = peers.iter().map(|p| p.peer_id).collect();
         Leg {
@@ -155,7 +140,6 @@ impl Leg {
             attestations: target.attestations.clone(),
             handle,
             progress,
-            peers: ids.into_iter().collect(),
             initial,
             web_ids,
             announced: false,
@@ -220,7 +204,7 @@ impl SyncJob {
         db: Arc<dyn StateDb>,
         (store, network): (SnapshotStore, &str),
         (limits, check): (LoadLimits, Option<Arc<dyn StateCheck>>),
-        addr_of: &mut dyn FnMut(PeerId, &[SocketAddr]) -> Option<JobSource>,
+        addr_of: &mut dyn FnMut(PeerId, &[SocketAddr]) -> Option<Origin>,
     ) -> Self {
         let mut legs = Vec::new();
         if let Some(t) = &plan.full {
@@ -259,28 +243,13 @@ impl SyncJob {
         self.legs.iter().all(|l| l.done.is_some())
     }
 
-    /// Adds a peer that advertises one of the job's snapshots (`partial`: one that downloads
-    /// it too and serves what it verified).
-    pub(crate) fn add_peer(&mut self, key: &SnapshotKey, source: JobSource, partial: bool) {
-        let Some(leg) = self.legs.iter_mut().find(|l| l.key == *key) else {
-            return;
-        };
-        if leg.done.is_some() {
-            return;
-        }
-        match source {
-            JobSource::Peer(peer) if leg.peers.insert(peer.peer_id) => {
-                if partial {
-                    leg.handle.add_partial_peer(peer);
-                } else {
-                    leg.handle.add_peer(peer);
-                }
-            }
-            JobSource::Peer(_) => {}
-            #[cfg(feature = "web")]
-            JobSource::Web(w) => {
-                leg.handle.add_web_source(w);
-            }
+    /// Adds a source of one of the job's snapshots to its download (which tells sources it
+    /// knows already apart).
+    pub(crate) fn add_source(&mut self, key: &SnapshotKey, origin: Origin, holding: Holding) {
+        if let Some(leg) = self.legs.iter_mut().find(|l| l.key == *key)
+            && leg.done.is_none()
+        {
+            leg.handle.add_source(origin, holding);
         }
     }
 

@@ -8,9 +8,10 @@ use std::time::Instant;
 
 use libp2p::PeerId;
 
-use super::sync_job::{JobEvent, JobSource, SyncJob};
-use super::{Behaviour, Event, TARGET, peer_addr};
+use super::sync_job::{JobEvent, SyncJob};
+use super::{Behaviour, Event, TARGET};
 use crate::discovery::{Plan, SyncOutcome};
+use crate::transfer::Origin;
 
 impl Behaviour {
     /// Stops the sync job, if any, in the background (progress is kept).
@@ -28,16 +29,18 @@ impl Behaviour {
         }
         self.stopping = None;
         self.metrics.syncs_started.inc();
-        let ips = &mut self.peer_ips;
-        #[cfg(feature = "web")]
-        let web = &self.web;
-        let mut peers = |peer: PeerId, addrs: &[SocketAddr]| {
-            #[cfg(feature = "web")]
-            if let Some(source) = web.get(&peer) {
-                return Some(JobSource::Web(source));
+        // Each source of the plan resolved once: the web source it stands for, or its chunk
+        // stream's address.
+        let mut origins: std::collections::HashMap<PeerId, Option<Origin>> = Default::default();
+        for t in plan.full.iter().chain(&plan.incremental) {
+            for (peer, addrs) in t.peers.iter().chain(&t.partial_peers) {
+                if !origins.contains_key(peer) {
+                    let origin = self.origin_of(*peer, addrs);
+                    origins.insert(*peer, origin);
+                }
             }
-            peer_addr(ips, peer, addrs).map(JobSource::Peer)
-        };
+        }
+        let mut peers = |peer: PeerId, _: &[SocketAddr]| origins.get(&peer).cloned().flatten();
         let job = SyncJob::start(
             &plan,
             &self.downloader,

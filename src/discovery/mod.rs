@@ -145,8 +145,8 @@ pub(crate) enum Action {
     DeleteSnapshot(ContentRoot),
     /// A peer advertises a snapshot the sync fetches: add it.
     AddSyncPeer {
-        /// It downloads the snapshot too and serves part of it.
-        partial: bool,
+        /// All of the snapshot, or part of it (it downloads the snapshot too).
+        holding: crate::transfer::Holding,
         key: SnapshotKey,
         peer: PeerId,
         addrs: Vec<SocketAddr>,

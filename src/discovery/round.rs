@@ -143,7 +143,11 @@ impl Discovery {
                     key: *key,
                     peer,
                     addrs: addrs.clone(),
-                    partial: *partial,
+                    holding: if *partial {
+                        crate::transfer::Holding::Partial
+                    } else {
+                        crate::transfer::Holding::Complete
+                    },
                 });
             }
         }

@@ -23,8 +23,8 @@ pub use web::{MAX_INDEX_BYTES, MAX_INDEX_SNAPSHOTS, WebError, WebListing, WebSou
 pub use web_roots::{RootsError, WebRoots};
 
 pub use download::{
-    DownloadConfig, DownloadError, DownloadHandle, DownloadTarget, Downloaded, Downloader,
-    PeerProgress, PeerStatus, Progress, WebProgress,
+    DownloadConfig, DownloadError, DownloadHandle, DownloadTarget, Downloaded, Downloader, Holding,
+    Origin, PeerProgress, PeerStatus, Progress, WebProgress,
 };
 
 #[cfg(test)]

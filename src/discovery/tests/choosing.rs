@@ -212,9 +212,9 @@ fn partial_holders_are_sources_of_a_chosen_snapshot_never_a_reason_to_choose_it(
     let added: Vec<_> = drain(&mut d)
         .into_iter()
         .filter_map(|a| match a {
-            Action::AddSyncPeer { peer, partial, .. } => Some((peer, partial)),
+            Action::AddSyncPeer { peer, holding, .. } => Some((peer, holding)),
             _ => None,
         })
         .collect();
-    assert_eq!(added, vec![(late, true)]);
+    assert_eq!(added, vec![(late, crate::transfer::Holding::Partial)]);
 }

@@ -151,6 +151,59 @@ impl DownloadTarget {
     }
 }
 
+/// Where a download fetches from: a peer's chunk stream, or a web source (feature `web`).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Origin {
+    /// A peer's chunk stream.
+    Peer(PeerAddr),
+    /// A directory of published snapshots on an HTTP(S) server: it serves like a peer that
+    /// holds the snapshot, its every chunk checked against the content root.
+    #[cfg(feature = "web")]
+    Web(Arc<crate::transfer::web::WebSource>),
+}
+
+impl Origin {
+    /// The peer, for a peer.
+    pub fn peer_id(&self) -> Option<PeerId> {
+        match self {
+            Origin::Peer(a) => Some(a.peer_id),
+            #[cfg(feature = "web")]
+            Origin::Web(_) => None,
+        }
+    }
+
+    /// The base URL, for a web source.
+    pub fn web_base(&self) -> Option<&str> {
+        match self {
+            Origin::Peer(_) => None,
+            #[cfg(feature = "web")]
+            Origin::Web(w) => Some(w.base()),
+        }
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Peer(a) => write!(f, "{} at {}", a.peer_id, a.addr),
+            #[cfg(feature = "web")]
+            Origin::Web(w) => write!(f, "{w}"),
+        }
+    }
+}
+
+/// How much of the snapshot a source holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    /// All of it.
+    Complete,
+    /// Part: it downloads the snapshot too and serves the chunks it has verified. It is asked
+    /// what it holds, and pieces are picked as a swarm does (see
+    /// [`DownloadConfig::with_have_interval`]).
+    Partial,
+}
+
 /// How a peer stands in a download.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -388,30 +441,12 @@ impl DownloadHandle {
         self.manifest.borrow().as_ref().and_then(|(_, p)| *p)
     }
 
-    /// Adds a peer to the download (one that advertised the same snapshot later). Ignored
-    /// beyond the download's peer limit.
-    pub fn add_peer(&self, peer: PeerAddr) -> bool {
-        self.peers
-            .try_send((run::Origin::Peer(peer), false))
-            .is_ok()
-    }
-
-    /// Adds a web source: a directory of published snapshots on an HTTP(S) server (feature
-    /// `web`). It serves like a peer that holds the snapshot, its every chunk checked against
-    /// the content root. Ignored beyond the download's peer limit.
-    #[cfg(feature = "web")]
-    pub fn add_web_source(&self, source: crate::transfer::web::WebSource) -> bool {
-        self.peers
-            .try_send((run::Origin::Web(Arc::new(source)), false))
-            .is_ok()
-    }
-
-    /// Adds a peer that downloads the same snapshot and serves the chunks it has verified (a
-    /// partial holder): it is asked what it holds, and pieces are then picked as a swarm does
-    /// (see [`DownloadConfig::with_have_interval`]). It vouches for nothing: every chunk is
-    /// checked against the content root like any other. Ignored beyond the download's limits.
-    pub fn add_partial_peer(&self, peer: PeerAddr) -> bool {
-        self.peers.try_send((run::Origin::Peer(peer), true)).is_ok()
+    /// Adds a source to the download (one heard of later), holding all of the snapshot or part
+    /// of it. It vouches for nothing: every chunk is checked against the content root. A
+    /// source known already changes nothing (unless it holds all of the snapshot now); beyond
+    /// the download's limits it is ignored. Returns whether the download took the news.
+    pub fn add_source(&self, origin: Origin, holding: Holding) -> bool {
+        self.peers.try_send((origin, holding)).is_ok()
     }
 
     /// The archive as it arrives: a loader reading it gets only verified bytes, waiting for

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::run::{Origin, Run};
+use super::Origin;
+use super::run::Run;
 use super::scheduler::{PeerIdx, PeerReport, Standing};
 use super::{Downloaded, PeerProgress, PeerStatus, Progress, WebProgress};
 use crate::snapshot::Snapshot;

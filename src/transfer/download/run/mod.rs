@@ -29,7 +29,9 @@ use super::connect::ConnectError;
 use super::fetch::{FetchError, Sink};
 use super::partial::{Partial, Persister};
 use super::scheduler::{Command, PeerIdx, ReqId, Scheduler};
-use super::{DownloadContext, DownloadError, DownloadTarget, Downloaded, Progress};
+use super::{
+    DownloadContext, DownloadError, DownloadTarget, Downloaded, Holding, Origin, Progress,
+};
 use crate::chunk::{ChunkTree, VerifiedChunks};
 use crate::disk::Writeback;
 use crate::snapshot::{Manifest, OfferGuard, PartialClaim, StoreError, Watermark};
@@ -77,14 +79,6 @@ enum Report {
     Reserved(Result<(), DownloadError>),
 }
 
-/// Where a source of a download is: a peer's chunk stream, or a web server.
-#[derive(Debug, Clone)]
-pub(super) enum Origin {
-    Peer(PeerAddr),
-    #[cfg(feature = "web")]
-    Web(Arc<crate::transfer::web::WebSource>),
-}
-
 /// What tells two sources apart.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum SourceId {
@@ -93,32 +87,11 @@ enum SourceId {
     Web(String),
 }
 
-impl Origin {
-    /// The peer, for a peer.
-    pub(super) fn peer_id(&self) -> Option<libp2p::PeerId> {
-        match self {
-            Origin::Peer(a) => Some(a.peer_id),
-            #[cfg(feature = "web")]
-            Origin::Web(_) => None,
-        }
-    }
-
-    fn id(&self) -> SourceId {
-        match self {
-            Origin::Peer(a) => SourceId::Peer(a.peer_id),
-            #[cfg(feature = "web")]
-            Origin::Web(w) => SourceId::Web(w.base().to_string()),
-        }
-    }
-}
-
-impl std::fmt::Display for Origin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Origin::Peer(a) => write!(f, "{} at {}", a.peer_id, a.addr),
-            #[cfg(feature = "web")]
-            Origin::Web(w) => write!(f, "{w}"),
-        }
+fn source_id(origin: &Origin) -> SourceId {
+    match origin {
+        Origin::Peer(a) => SourceId::Peer(a.peer_id),
+        #[cfg(feature = "web")]
+        Origin::Web(w) => SourceId::Web(w.base().to_string()),
     }
 }
 
@@ -134,7 +107,7 @@ pub(super) struct Source {
 }
 
 /// A source to take on: where it is, and whether it holds part of the snapshot only.
-pub(super) type NewPeer = (Origin, bool);
+pub(super) type NewPeer = (Origin, Holding);
 
 /// Where a download talks back to its handle.
 pub(super) struct Channels {
@@ -156,7 +129,7 @@ pub(super) async fn run(
 ) -> Result<Downloaded, DownloadError> {
     let mut run = Run::open(ctx, target, &channels).await?;
     for p in peers {
-        run.add_source(Origin::Peer(p), false);
+        run.add_source(Origin::Peer(p), Holding::Complete);
     }
     tracing::info!(
         target: DOWNLOAD_TARGET,
@@ -359,8 +332,9 @@ impl Run {
 
     /// A source heard of goes to the scheduler, which decides when it takes a place. One heard
     /// of again changes nothing, unless it holds all of the snapshot now.
-    fn add_source(&mut self, origin: Origin, partial: bool) {
-        let id = origin.id();
+    fn add_source(&mut self, origin: Origin, holding: Holding) {
+        let partial = holding == Holding::Partial;
+        let id = source_id(&origin);
         if let Some(&peer) = self.known.get(&id) {
             if !partial {
                 self.sched.handle_source_complete(peer);
@@ -384,7 +358,7 @@ impl Run {
         } else {
             // It takes the entry of a source that delivered nothing.
             let old = std::mem::replace(&mut self.sources[peer], source);
-            self.known.remove(&old.origin.id());
+            self.known.remove(&source_id(&old.origin));
         }
         self.known.insert(id, peer);
     }

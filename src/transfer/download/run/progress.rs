@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::{INTRODUCED, Origin, Reserve, Run};
+use super::{Holding, INTRODUCED, Origin, Reserve, Run};
 use crate::chunk::ChunkSource;
 use crate::snapshot::{Introducer, OUTBOARD_FILE, PartialOffer};
 use crate::transfer::download::DownloadError;
@@ -41,7 +41,9 @@ impl Run {
                             return false;
                         }
                         let peer = PeerAddr { peer_id, addr };
-                        introduce.try_send((Origin::Peer(peer), true)).is_ok()
+                        introduce
+                            .try_send((Origin::Peer(peer), Holding::Partial))
+                            .is_ok()
                     })),
                 }));
                 tracing::debug!(target: DOWNLOAD_TARGET, verified = self.verified.count(), "serving the verified chunks meanwhile");
