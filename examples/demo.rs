@@ -277,16 +277,44 @@ async fn main() {
         plural(args.peers, "peer"),
         tmp.path().display()
     );
+    let genesis = node::now_unix_ms();
+    let (producer, producer_addr, manifest) = start_producer(&mut net, &tmp, &args, genesis).await;
+    let (archive, peers, addrs) = peers_join(&mut net, &tmp, &args, &producer_addr, genesis).await;
+    let (late, first, catch_up) = late_joiner(
+        &mut net,
+        &tmp,
+        &args,
+        addrs,
+        &manifest,
+        [&producer, &archive],
+    )
+    .await;
+    summary(&net, &first, &catch_up);
+    // Everyone but the signers leaves; the cluster restart follows.
+    for p in peers {
+        p.shutdown().await;
+    }
+    late.shutdown().await;
+    restart(&mut net, &tmp, &args, [&producer, &archive], genesis).await;
+    producer.shutdown().await;
+    archive.shutdown().await;
+}
 
-    // The producer: the chain's state, then slots up to the first snapshot.
+/// The producer: the chain's state, then slots up to the first snapshot, which it publishes
+/// (signed) to its bucket. Returns it, its address and that snapshot's manifest.
+async fn start_producer(
+    net: &mut Net,
+    tmp: &tempfile::TempDir,
+    args: &Args,
+    genesis: u64,
+) -> (NodeHandle, Multiaddr, snapsync::snapshot::Manifest) {
     println!("[producer] writing {} MiB of state ...", args.state_mib);
     let mut p = options(&tmp.path().join("producer"), args.cap_mibs);
-    let genesis = node::now_unix_ms();
     p.chain = p_chain(args.state_mib, genesis);
     p.stop_at_slot = Some(RANGE);
     p.publish_dir = Some(tmp.path().join("bucket-producer"));
     let (producer, producer_addr) = net.start(0, "producer", p).await;
-    let manifest = created_by_producer(&mut net).await;
+    let manifest = created_by_producer(net).await;
     println!(
         "[producer] slot {}: {} snapshot made, bank hash {}, {:.1} MiB archive ({:.1} MiB of state), content root {}\n",
         manifest.slot,
@@ -296,9 +324,19 @@ async fn main() {
         manifest.state_bytes as f64 / MIB,
         manifest.content_root.short()
     );
+    (producer, producer_addr, manifest)
+}
 
-    // The archive node executes the chain beside the producer (after syncing to it) and signs
-    // what it makes; peers join; each discovers the producer's snapshot and syncs it.
+/// The archive node (it syncs to the producer, then executes the chain beside it and signs
+/// what it makes) and the peers join; each discovers the producer's snapshot and syncs it.
+/// Returns the archive, the peers and every address so far.
+async fn peers_join(
+    net: &mut Net,
+    tmp: &tempfile::TempDir,
+    args: &Args,
+    producer_addr: &Multiaddr,
+    genesis: u64,
+) -> (NodeHandle, Vec<NodeHandle>, Vec<Multiaddr>) {
     let mut a = options(&tmp.path().join("archive"), args.cap_mibs);
     a.chain = p_chain(args.state_mib, genesis);
     a.stop_at_slot = Some(RANGE);
@@ -317,9 +355,21 @@ async fn main() {
     let mut names: Vec<(usize, String)> =
         (1..=args.peers).map(|i| (i, format!("peer-{i}"))).collect();
     names.push((ARCHIVE, "archive".to_string()));
-    follow(&mut net, &names).await;
+    follow(net, &names).await;
+    (archive, peers, addrs)
+}
 
-    // The late joiner: connected to everyone, it fetches from all of them at once.
+/// The late joiner, connected to everyone, fetches from all of them at once; then the chain
+/// moves on and it catches up with the incremental snapshot alone. Returns it and its two
+/// syncs.
+async fn late_joiner(
+    net: &mut Net,
+    tmp: &tempfile::TempDir,
+    args: &Args,
+    addrs: Vec<Multiaddr>,
+    manifest: &snapsync::snapshot::Manifest,
+    signers: [&NodeHandle; 2],
+) -> (NodeHandle, Synced, Synced) {
     println!(
         "\n[late-joiner] joining, connected to the producer, the archive and {}",
         plural(args.peers, "peer")
@@ -329,16 +379,14 @@ async fn main() {
     let late_index = 99;
     let (late, _) = net.start(late_index, "late-joiner", o).await;
     let late_name = vec![(late_index, "late-joiner".to_string())];
-    let first = follow(&mut net, &late_name)
+    let first = follow(net, &late_name)
         .await
         .remove(&late_index)
         .expect("synced");
     assert_eq!(first.bank_hash, manifest.bank_hash);
-
-    // The chain moves on: the next snapshot is incremental, and everyone catches up with it.
     println!("\n[producer] the chain moves on to slot {}", 2 * RANGE);
-    advance(&[&producer, &archive], 2 * RANGE).await;
-    let incremental = created_by_producer(&mut net).await;
+    advance(&signers, 2 * RANGE).await;
+    let incremental = created_by_producer(net).await;
     println!(
         "[producer] slot {}: {} snapshot made: {} (the full one is {})",
         incremental.slot,
@@ -346,7 +394,7 @@ async fn main() {
         human_bytes(incremental.archive_size),
         human_bytes(manifest.archive_size)
     );
-    let catch_up = follow(&mut net, &late_name)
+    let catch_up = follow(net, &late_name)
         .await
         .remove(&late_index)
         .expect("synced");
@@ -355,9 +403,13 @@ async fn main() {
         .and_then(|v| v.bank_hash())
         .expect("read the loaded state");
     assert_eq!(loaded, incremental.bank_hash);
+    (late, first, catch_up)
+}
 
+/// The late joiner's two syncs, side by side.
+fn summary(net: &Net, first: &Synced, catch_up: &Synced) {
     println!("\nsummary (late joiner)");
-    for (label, s) in [("first sync", &first), ("catch-up", &catch_up)] {
+    for (label, s) in [("first sync", first), ("catch-up", catch_up)] {
         println!("  {label}");
         println!("    slot           {} ({})", s.slot, s.kind);
         println!("    bank hash      {}", s.bank_hash);
@@ -385,14 +437,6 @@ async fn main() {
         "\nthe catch-up fetched {:.2}% of what the first sync did",
         100.0 * catch_up.fetched as f64 / first.fetched.max(1) as f64
     );
-    // Everyone but the producer leaves: it is the only seed of the restart.
-    for p in peers {
-        p.shutdown().await;
-    }
-    late.shutdown().await;
-    restart(&mut net, &tmp, &args, [&producer, &archive], genesis).await;
-    producer.shutdown().await;
-    archive.shutdown().await;
 }
 
 /// The demo's chain.
@@ -515,7 +559,15 @@ async fn restart(
     }
     // Then each executes on and makes the next snapshot, the producer's byte for byte.
     advance(&[producer, archive], 6 * RANGE).await;
-    // The first snapshot each validator made after its sync, and the producer's of that slot.
+    executing_on(net, &names, &synced).await;
+    for h in handles {
+        h.shutdown().await;
+    }
+}
+
+/// Waits for the first snapshot each validator of `names` makes after its sync and the
+/// producer's of that slot, and shows they are the same.
+async fn executing_on(net: &mut Net, names: &[(usize, String)], synced: &HashMap<usize, Synced>) {
     let pairs = loop {
         let pairs: Option<Vec<_>> = names
             .iter()
@@ -554,8 +606,5 @@ async fn restart(
             }
         );
         assert!(same, "{name} diverged from the producer");
-    }
-    for h in handles {
-        h.shutdown().await;
     }
 }

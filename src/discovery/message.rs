@@ -302,6 +302,30 @@ fn check_descriptor(
     })
 }
 
+/// The snapshots an advert lists, each once, with the attestations each carries (bounded,
+/// lengths checked; signatures are checked by whoever counts them).
+fn check_snapshots(
+    descriptors: &[proto::SnapshotDescriptor],
+    limits: AdvertLimits,
+) -> Result<(Vec<SnapshotAd>, Vec<Vec<Attestation>>), MessageError> {
+    let snapshots = descriptors
+        .iter()
+        .map(|d| check_descriptor(d, limits))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some((_, dup)) = snapshots
+        .iter()
+        .enumerate()
+        .find(|(i, s)| snapshots[..*i].iter().any(|t| t.key == s.key))
+    {
+        return Err(MessageError::Duplicate(dup.key.slot));
+    }
+    let attestations = descriptors
+        .iter()
+        .map(|d| Attestation::decode_list(&d.attestations))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((snapshots, attestations))
+}
+
 /// Checks an advertisement that `sender` sent (directly, or signed on gossip).
 pub(crate) fn check_advert(
     msg: &proto::SnapshotInfoResponse,
@@ -336,24 +360,7 @@ pub(crate) fn check_advert(
         return Err(MessageError::BadAddress("no chunk-stream address".into()));
     }
     let (snapshots, attestations) = if complete {
-        let snapshots = msg
-            .snapshots
-            .iter()
-            .map(|d| check_descriptor(d, limits))
-            .collect::<Result<Vec<_>, _>>()?;
-        if let Some(dup) = snapshots
-            .iter()
-            .enumerate()
-            .find(|(i, s)| snapshots[..*i].iter().any(|t| t.key == s.key))
-        {
-            return Err(MessageError::Duplicate(dup.1.key.slot));
-        }
-        let attestations = msg
-            .snapshots
-            .iter()
-            .map(|d| Attestation::decode_list(&d.attestations))
-            .collect::<Result<Vec<_>, _>>()?;
-        (snapshots, attestations)
+        check_snapshots(&msg.snapshots, limits)?
     } else {
         (Vec::new(), Vec::new())
     };
