@@ -26,7 +26,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use libp2p::identity::Keypair;
 use snapsync::Metrics;
@@ -404,63 +404,85 @@ fn main() {
         .build()
         .unwrap();
     if let Some(role) = arg("--role") {
-        let path = |name: &str| PathBuf::from(arg(name).unwrap());
-        rt.block_on(async {
-            match role.as_str() {
-                "serve-snapsync" => {
-                    let cap = arg("--cap").map(|c| c.parse().unwrap()).filter(|c| *c > 0);
-                    serve_snapsync(
-                        &path("--store"),
-                        arg("--count").unwrap().parse().unwrap(),
-                        cap,
-                    )
-                    .await
-                }
-                "make-snapshot" => {
-                    let mib: u64 = arg("--mib").unwrap().parse().unwrap();
-                    let m = support::random_snapshot(&path("--store"), mib << 20);
-                    println!("{{\"root\":\"{}\"}}", m.content_root);
-                }
-                "serve-tcp" => serve_tcp(&path("--file")).await,
-                "serve-web" => serve_web(&path("--dir")).await,
-                "serve-quinn" => serve_quinn(&path("--file"), arg("--tuned").is_some()).await,
-                "get-snapsync" => {
-                    // (The server process holds its store: its manifest file is read directly.)
-                    let bytes = std::fs::read(path("--manifest")).unwrap();
-                    let manifest = Manifest::decode(&bytes).unwrap();
-                    get_snapsync(
-                        &path("--store"),
-                        parse_peers(&arg("--peers").unwrap_or_default()),
-                        arg("--web"),
-                        &manifest,
-                    )
-                    .await
-                }
-                "get-tcp" => {
-                    get_tcp(
-                        arg("--addr").unwrap().parse().unwrap(),
-                        &path("--out"),
-                        arg("--size").unwrap().parse().unwrap(),
-                    )
-                    .await
-                }
-                "get-quinn" => {
-                    let peer = parse_peers(&arg("--peers").unwrap())[0];
-                    get_quinn(
-                        peer,
-                        &path("--out"),
-                        arg("--size").unwrap().parse().unwrap(),
-                        arg("--tuned").is_some(),
-                    )
-                    .await
-                }
-                other => panic!("unknown role {other}"),
-            }
-        });
+        run_role(&rt, &role);
         return;
     }
-
     let size_mib: u64 = arg("--mib").map(|m| m.parse().unwrap()).unwrap_or(1024);
+    let results = scenarios(size_mib);
+    print_results(size_mib, &results);
+}
+
+/// Runs one server or client process of the benchmark.
+fn run_role(rt: &tokio::runtime::Runtime, role: &str) {
+    let path = |name: &str| PathBuf::from(arg(name).unwrap());
+    rt.block_on(async {
+        match role {
+            "serve-snapsync" => {
+                let cap = arg("--cap").map(|c| c.parse().unwrap()).filter(|c| *c > 0);
+                serve_snapsync(
+                    &path("--store"),
+                    arg("--count").unwrap().parse().unwrap(),
+                    cap,
+                )
+                .await
+            }
+            "make-snapshot" => {
+                let mib: u64 = arg("--mib").unwrap().parse().unwrap();
+                let m = support::random_snapshot(&path("--store"), mib << 20);
+                println!("{{\"root\":\"{}\"}}", m.content_root);
+            }
+            "serve-tcp" => serve_tcp(&path("--file")).await,
+            "serve-web" => serve_web(&path("--dir")).await,
+            "serve-quinn" => serve_quinn(&path("--file"), arg("--tuned").is_some()).await,
+            "get-snapsync" => {
+                // (The server process holds its store: its manifest file is read directly.)
+                let bytes = std::fs::read(path("--manifest")).unwrap();
+                let manifest = Manifest::decode(&bytes).unwrap();
+                get_snapsync(
+                    &path("--store"),
+                    parse_peers(&arg("--peers").unwrap_or_default()),
+                    arg("--web"),
+                    &manifest,
+                )
+                .await
+            }
+            "get-tcp" => {
+                get_tcp(
+                    arg("--addr").unwrap().parse().unwrap(),
+                    &path("--out"),
+                    arg("--size").unwrap().parse().unwrap(),
+                )
+                .await
+            }
+            "get-quinn" => {
+                let peer = parse_peers(&arg("--peers").unwrap())[0];
+                get_quinn(
+                    peer,
+                    &path("--out"),
+                    arg("--size").unwrap().parse().unwrap(),
+                    arg("--tuned").is_some(),
+                )
+                .await
+            }
+            other => panic!("unknown role {other}"),
+        }
+    });
+}
+
+/// What each scenario measured (its client's result line), and the cap of (b)'s peers.
+struct Results {
+    one: String,
+    four: String,
+    tcp: String,
+    quinn: String,
+    quinn_tuned: String,
+    web_alone: String,
+    mixed: String,
+    cap: u64,
+}
+
+/// Runs every scenario on a snapshot of `size_mib` MiB.
+fn scenarios(size_mib: u64) -> Results {
     let tmp = tempfile::tempdir().unwrap();
     let server_store = tmp.path().join("server");
     std::fs::create_dir_all(&server_store).unwrap();
@@ -649,6 +671,31 @@ fn main() {
     web_child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&client_dir);
 
+    Results {
+        one,
+        four,
+        tcp,
+        quinn,
+        quinn_tuned,
+        web_alone,
+        mixed,
+        cap,
+    }
+}
+
+/// The table, the ratios and the JSON line.
+fn print_results(size_mib: u64, r: &Results) {
+    let Results {
+        one,
+        four,
+        tcp,
+        quinn,
+        quinn_tuned,
+        web_alone,
+        mixed,
+        cap,
+    } = r;
+    let cap = *cap;
     let cap_sum_mibs = mib(cap) * 4.0;
     println!("{size_mib} MiB over loopback, landed on disk with fsync");
     println!(
@@ -656,13 +703,13 @@ fn main() {
         "", "MiB/s", "client CPU s", "peak RSS MiB"
     );
     for (name, r) in [
-        ("(a) snapsync, 1 peer", &one),
-        ("(b) snapsync, 4 peers capped", &four),
-        ("(c) plain TCP copy", &tcp),
-        ("(d) quinn single stream copy", &quinn),
-        ("(d') same, snapsync's QUIC tuning", &quinn_tuned),
-        ("(e) snapsync, web source alone", &web_alone),
-        ("(f) snapsync, 1 peer + web source", &mixed),
+        ("(a) snapsync, 1 peer", one),
+        ("(b) snapsync, 4 peers capped", four),
+        ("(c) plain TCP copy", tcp),
+        ("(d) quinn single stream copy", quinn),
+        ("(d') same, snapsync's QUIC tuning", quinn_tuned),
+        ("(e) snapsync, web source alone", web_alone),
+        ("(f) snapsync, 1 peer + web source", mixed),
     ] {
         println!(
             "{:<36} {:>9.0} {:>9.2} {:>13.0}",
@@ -672,42 +719,41 @@ fn main() {
             field(r, "peak_rss_mib")
         );
     }
-    let a_vs_d = field(&one, "mibs") / field(&quinn, "mibs");
-    let b_vs_caps = field(&four, "mibs") / cap_sum_mibs;
+    let a_vs_d = field(one, "mibs") / field(quinn, "mibs");
+    let b_vs_caps = field(four, "mibs") / cap_sum_mibs;
     println!("(a) / (d) = {a_vs_d:.2}x (goal >= 1.0)");
     println!("(b) / sum of caps ({cap_sum_mibs:.0} MiB/s) = {b_vs_caps:.2}x (goal >= 0.9)");
     println!(
         "(a) / (c) = {:.2}x",
-        field(&one, "mibs") / field(&tcp, "mibs")
+        field(one, "mibs") / field(tcp, "mibs")
     );
     println!(
         "(a) / (d') = {:.2}x (what the checks and multi-peer machinery cost over equally tuned quinn)",
-        field(&one, "mibs") / field(&quinn_tuned, "mibs")
+        field(one, "mibs") / field(quinn_tuned, "mibs")
     );
     println!(
         "(e) / (a) = {:.2}x, (f) / (a) = {:.2}x (a web source alone, and beside the peer)",
-        field(&web_alone, "mibs") / field(&one, "mibs"),
-        field(&mixed, "mibs") / field(&one, "mibs")
+        field(web_alone, "mibs") / field(one, "mibs"),
+        field(mixed, "mibs") / field(one, "mibs")
     );
-    let peak = field(&one, "peak_rss_mib")
-        .max(field(&four, "peak_rss_mib"))
-        .max(field(&web_alone, "peak_rss_mib"))
-        .max(field(&mixed, "peak_rss_mib"));
+    let peak = field(one, "peak_rss_mib")
+        .max(field(four, "peak_rss_mib"))
+        .max(field(web_alone, "peak_rss_mib"))
+        .max(field(mixed, "peak_rss_mib"));
     println!(
         "{{\"one_peer_mibs\":{:.1},\"four_peer_mibs\":{:.1},\"cap_sum_mibs\":{cap_sum_mibs:.1},\"tcp_mibs\":{:.1},\"quinn_mibs\":{:.1},\"quinn_tuned_mibs\":{:.1},\"peak_rss_mib\":{peak:.1},\"one_peer_cpu_s\":{:.2},\"four_peer_cpu_s\":{:.2},\"tcp_cpu_s\":{:.2},\"quinn_cpu_s\":{:.2},\"one_vs_quinn\":{a_vs_d:.3},\"four_vs_caps\":{b_vs_caps:.3},\"web_mibs\":{:.1},\"web_cpu_s\":{:.2},\"mixed_mibs\":{:.1},\"mixed_cpu_s\":{:.2},\"size_mib\":{size_mib}}}",
-        field(&one, "mibs"),
-        field(&four, "mibs"),
-        field(&tcp, "mibs"),
-        field(&quinn, "mibs"),
-        field(&quinn_tuned, "mibs"),
-        field(&one, "cpu"),
-        field(&four, "cpu"),
-        field(&tcp, "cpu"),
-        field(&quinn, "cpu"),
-        field(&web_alone, "mibs"),
-        field(&web_alone, "cpu"),
-        field(&mixed, "mibs"),
-        field(&mixed, "cpu"),
+        field(one, "mibs"),
+        field(four, "mibs"),
+        field(tcp, "mibs"),
+        field(quinn, "mibs"),
+        field(quinn_tuned, "mibs"),
+        field(one, "cpu"),
+        field(four, "cpu"),
+        field(tcp, "cpu"),
+        field(quinn, "cpu"),
+        field(web_alone, "mibs"),
+        field(web_alone, "cpu"),
+        field(mixed, "mibs"),
+        field(mixed, "cpu"),
     );
-    let _ = Duration::ZERO;
 }
