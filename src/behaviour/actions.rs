@@ -71,7 +71,7 @@ impl Behaviour {
                 if let Some(origin) = self.origin_of(peer, &addrs)
                     && let Some(job) = &mut self.job
                 {
-                    job.add_source(&key, origin, holding);
+                    job.add_source(&key, peer, origin, holding);
                 }
             }
             Action::DeleteSnapshot(root) => {

@@ -89,6 +89,9 @@ struct Leg {
     handle: DownloadHandle,
     progress: BoxStream<'static, Progress>,
     initial: Vec<PeerId>,
+    /// The sources sent to the download, as complete or partial holders: each is sent again
+    /// only when it holds more (discovery hears each holder every round).
+    sent: lru::LruCache<PeerId, Holding>,
     /// The identities the web sources stand as, by base URL (to credit their bytes).
     web_ids: Vec<(String, PeerId)>,
     announced: bool,
@@ -129,8 +132,14 @@ impl Leg {
             .iter()
             .filter_map(|(p, origin, _)| Some((origin.web_base()?.to_string(), *p)))
             .collect();
-        for (_, origin, holding) in others {
-            handle.add_source(origin, holding);
+        let mut sent = lru::LruCache::new(MAX_SENT);
+        for p in &peers {
+            sent.put(p.peer_id, Holding::Complete);
+        }
+        for (p, origin, holding) in others {
+            if handle.add_source(origin, holding) {
+                sent.put(p, holding);
+            }
         }
         let initial: Vec<PeerId> = peers.iter().map(|p| p.peer_id).collect();
         Leg {
@@ -141,6 +150,7 @@ impl Leg {
             handle,
             progress,
             initial,
+            sent,
             web_ids,
             announced: false,
             done: None,
@@ -175,6 +185,9 @@ impl Leg {
             .collect()
     }
 }
+
+/// Most sources a leg remembers having sent to its download.
+const MAX_SENT: std::num::NonZeroUsize = std::num::NonZeroUsize::new(1024).expect("nonzero");
 
 type LoadTask = tokio::task::JoinHandle<Result<Loaded, (SnapshotKind, LoadError)>>;
 
@@ -243,13 +256,24 @@ impl SyncJob {
         self.legs.iter().all(|l| l.done.is_some())
     }
 
-    /// Adds a source of one of the job's snapshots to its download (which tells sources it
-    /// knows already apart).
-    pub(crate) fn add_source(&mut self, key: &SnapshotKey, origin: Origin, holding: Holding) {
-        if let Some(leg) = self.legs.iter_mut().find(|l| l.key == *key)
-            && leg.done.is_none()
-        {
-            leg.handle.add_source(origin, holding);
+    /// Adds `peer`, a source of one of the job's snapshots, to its download, unless it was
+    /// added already holding as much.
+    pub(crate) fn add_source(
+        &mut self,
+        key: &SnapshotKey,
+        peer: PeerId,
+        origin: Origin,
+        holding: Holding,
+    ) {
+        let Some(leg) = self.legs.iter_mut().find(|l| l.key == *key) else {
+            return;
+        };
+        let known = leg.sent.get(&peer).copied();
+        if leg.done.is_some() || known == Some(Holding::Complete) || known == Some(holding) {
+            return;
+        }
+        if leg.handle.add_source(origin, holding) {
+            leg.sent.put(peer, holding);
         }
     }
 

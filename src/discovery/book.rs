@@ -163,9 +163,10 @@ pub(crate) struct AdvertBook {
     partials: HashMap<SnapshotKey, HashSet<PeerId>>,
     /// The trusted keys, and the verdicts on their attestations.
     signers: Signers,
-    /// The highest slot whose snapshot signatures made acceptable: relays of older ones do not
-    /// stand raised (old signatures are public, and free to replay).
-    best_signed_slot: u64,
+    /// The highest slot whose snapshot signatures made acceptable, of each kind (full,
+    /// incremental): relays of older ones do not stand raised (old signatures are public, and
+    /// free to replay).
+    best_signed_slot: [u64; 2],
 }
 
 impl AdvertBook {
@@ -180,7 +181,7 @@ impl AdvertBook {
             fulls: HashMap::new(),
             partials: HashMap::new(),
             signers: Signers::new(network, policy),
-            best_signed_slot: 0,
+            best_signed_slot: [0; 2],
         }
     }
 
@@ -381,39 +382,37 @@ impl AdvertBook {
     /// acceptable before: a relay of the newest signed state stands with what the policy
     /// vouches for; replays of older signatures do not.
     fn signatures_vouch(&mut self, signed: &[Signed], policy: &TrustPolicy) -> bool {
-        let mut best: Option<u64> = None;
+        let mut raised = false;
         for key in signed.iter().map(|s| s.key) {
-            if key.slot < self.best_signed_slot || best.is_some_and(|b| b >= key.slot) {
+            let kind = usize::from(!key.is_full());
+            if key.slot < self.best_signed_slot[kind] {
                 continue;
             }
-            let new = signed.iter().filter(|s| s.key == key).map(|s| s.signer);
+            let new: Vec<PeerId> = signed
+                .iter()
+                .filter(|s| s.key == key)
+                .map(|s| s.signer)
+                .collect();
             let (peers, voices, mut signers) = match self.by_key.get(&key) {
                 Some(e) => {
-                    let fresh: Vec<PeerId> = new
+                    let fresh = new
+                        .iter()
                         .filter(|p| !e.attested.contains_key(p) && !e.peers.contains(p))
-                        .collect();
+                        .count();
                     let mut all = e.signers();
-                    all.extend(&fresh);
-                    (e.peers.len() + 1, e.trusted() + fresh.len(), all)
+                    all.extend(&new);
+                    (e.peers.len() + 1, e.trusted() + fresh, all)
                 }
-                None => {
-                    let all: Vec<PeerId> = new.collect();
-                    (1, all.len(), all)
-                }
+                None => (1, new.len(), new),
             };
             signers.sort();
             signers.dedup();
             if policy.accepts(&key, peers, voices, &signers) {
-                best = Some(key.slot);
+                self.best_signed_slot[kind] = self.best_signed_slot[kind].max(key.slot);
+                raised = true;
             }
         }
-        match best {
-            Some(slot) => {
-                self.best_signed_slot = self.best_signed_slot.max(slot);
-                true
-            }
-            None => false,
-        }
+        raised
     }
 
     /// The trust policy changed to `policy`: every advert is counted and placed again under it,
@@ -423,7 +422,7 @@ impl AdvertBook {
     /// raises it again.
     pub(crate) fn retrust(&mut self, policy: &TrustPolicy) {
         self.signers.set_policy(policy);
-        self.best_signed_slot = 0;
+        self.best_signed_slot = [0; 2];
         let first_seen: HashMap<SnapshotKey, Instant> = self
             .by_key
             .iter()
@@ -866,6 +865,29 @@ mod tests {
         assert_eq!(book.standing(&replay_peer), Some(Standing::Announced));
         assert_eq!(book.entry(&key).unwrap().trusted(), 2, "yet it counts");
         book.forget(&replay_peer, &policy);
+        // A newer incremental signed does not lower relays of the newest signed full one.
+        let mut incremental = advert(PeerId::random(), 30);
+        let inc = &mut incremental.snapshots[0].key;
+        inc.kind = crate::snapshot::SnapshotKind::Incremental;
+        inc.base = Some(Base::of(&newer));
+        let inc = *inc;
+        incremental.attestations = vec![
+            keys.iter()
+                .map(|k| Attestation::sign(k, "n", &inc).unwrap())
+                .collect(),
+        ];
+        let inc_peer = incremental.peer;
+        assert!(book.insert(incremental, Standing::Announced, t0, &policy));
+        assert_eq!(book.standing(&inc_peer), Some(Standing::Vouched));
+        let mut full_relay = advert(PeerId::random(), 20);
+        full_relay.attestations = vec![
+            keys.iter()
+                .map(|k| Attestation::sign(k, "n", &newer).unwrap())
+                .collect(),
+        ];
+        let full_peer = full_relay.peer;
+        assert!(book.insert(full_relay, Standing::Announced, t0, &policy));
+        assert_eq!(book.standing(&full_peer), Some(Standing::Vouched));
         // A trusted peer that advertises it and whose signature is relayed is one voice.
         let own = keys[0].public().to_peer_id();
         assert!(book.insert(advert(own, 10), Standing::Answered, t0, &policy));

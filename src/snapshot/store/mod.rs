@@ -442,7 +442,10 @@ impl SnapshotStore {
             attestations: snap.attestations.clone(),
         });
         let m = &fixed.manifest;
-        self.index().insert((m.slot, m.content_root), fixed.clone());
+        // Unless it was deleted meanwhile.
+        if let Some(held) = self.index().get_mut(&(m.slot, m.content_root)) {
+            *held = fixed.clone();
+        }
         Ok(fixed)
     }
 

@@ -37,13 +37,19 @@ impl Run {
                     served: self.served.clone(),
                     introduce: Introducer(Box::new(move |peer_id, addr| {
                         let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-                        if seen.put(peer_id, ()).is_some() {
+                        if seen.contains(&peer_id) {
                             return false;
                         }
+                        // Remembered once the download took it (a full channel drops nothing
+                        // for good: the asker is introduced at its next ask).
                         let peer = PeerAddr { peer_id, addr };
-                        introduce
+                        let sent = introduce
                             .try_send((Origin::Peer(peer), Holding::Partial))
-                            .is_ok()
+                            .is_ok();
+                        if sent {
+                            seen.put(peer_id, ());
+                        }
+                        sent
                     })),
                 }));
                 tracing::debug!(target: DOWNLOAD_TARGET, verified = self.verified.count(), "serving the verified chunks meanwhile");
