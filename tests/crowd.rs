@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::wire::*;
 use common::*;
-use prost::Message;
 use snapsync::proto;
 use snapsync::snapshot::{Manifest, Snapshot};
 use snapsync::transfer::{Holding, Origin};
@@ -39,20 +38,6 @@ async fn ask(
     let mut body = vec![0u8; header.encoded_len as usize];
     recv.read_exact(&mut body).await.unwrap();
     (header, body)
-}
-
-fn have(root: snapsync::ContentRoot, block_chunks: u32) -> proto::Request {
-    proto::Request {
-        kind: Some(proto::request::Kind::Have(proto::GetHave {
-            content_root: root.0.to_vec().into(),
-            block_chunks,
-            ..Default::default()
-        })),
-    }
-}
-
-fn chunks(root: snapsync::ContentRoot, range: std::ops::Range<u64>, size: u32) -> proto::Request {
-    proto::Request::decode(&get_chunks(root, range.start, range.end, size)[4..]).unwrap()
 }
 
 /// Waits until `handle` has at least `bytes` verified (and is not finished).
@@ -116,15 +101,7 @@ async fn a_downloading_node_serves_exactly_the_chunks_it_has_verified() {
         .hello(h.holder.peer_id(), h.holder_streamer.local_addr())
         .await;
     // The manifest it checked.
-    let (header, _) = ask(
-        &conn,
-        proto::Request {
-            kind: Some(proto::request::Kind::Manifest(proto::GetManifest {
-                content_root: root.0.to_vec().into(),
-            })),
-        },
-    )
-    .await;
+    let (header, _) = ask(&conn, manifest_request(root)).await;
     assert_eq!(header.status, proto::Status::Ok as i32);
     assert_eq!(
         Manifest::from_proto(header.manifest.as_ref().unwrap()).unwrap(),
@@ -133,7 +110,7 @@ async fn a_downloading_node_serves_exactly_the_chunks_it_has_verified() {
     // What it holds: some blocks, not all.
     let tree = m.chunk_tree();
     let blocks = tree.chunk_count().div_ceil(32);
-    let (header, bits) = ask(&conn, have(root, 32)).await;
+    let (header, bits) = ask(&conn, have_request(root, 32)).await;
     assert_eq!(header.status, proto::Status::Ok as i32);
     assert!(!header.complete);
     assert_eq!(bits.len() as u64, blocks.div_ceil(8));
@@ -142,7 +119,7 @@ async fn a_downloading_node_serves_exactly_the_chunks_it_has_verified() {
     let first_missing = (0..blocks).find(|b| !held(*b)).expect("a block missing");
     // A block it holds is served, and checks against the root.
     let range = first_held * 32..((first_held + 1) * 32).min(tree.chunk_count());
-    let (header, body) = ask(&conn, chunks(root, range.clone(), size)).await;
+    let (header, body) = ask(&conn, chunks_request(root, range.clone(), size)).await;
     assert_eq!(
         header.status,
         proto::Status::Ok as i32,
@@ -167,15 +144,15 @@ async fn a_downloading_node_serves_exactly_the_chunks_it_has_verified() {
     assert_eq!(data, archive[start..start + data.len()]);
     // One it does not hold yet is refused as not held: no misbehaviour, the connection stays.
     let range = first_missing * 32..((first_missing + 1) * 32).min(tree.chunk_count());
-    let (header, body) = ask(&conn, chunks(root, range, size)).await;
+    let (header, body) = ask(&conn, chunks_request(root, range, size)).await;
     assert_eq!(header.status, proto::Status::NotHeld as i32);
     assert!(body.is_empty());
-    let (header, _) = ask(&conn, have(root, 32)).await;
+    let (header, _) = ask(&conn, have_request(root, 32)).await;
     assert_eq!(header.status, proto::Status::Ok as i32);
     // Once published, it holds everything.
     let got = h.handle.wait().await.unwrap();
     assert_exact(&got, &h.snap, &h.holder);
-    let (header, body) = ask(&conn, have(root, 32)).await;
+    let (header, body) = ask(&conn, have_request(root, 32)).await;
     assert!(header.complete && body.is_empty());
     assert!(got.served_bytes > 0);
     drop(h.seed_streamer);

@@ -173,6 +173,11 @@ impl Behaviour {
         if config.attests() {
             creator = creator.attesting(keypair.clone(), config.network());
         }
+        // The state found at start may have been loaded before a restart: it is not signed
+        // (the snapshots made as the node executes on are).
+        if let Ok(Some(slot)) = db.slot() {
+            creator.loaded_at(slot);
+        }
         let (protocols, topic) = protocols::build(keypair, &config)?;
         let now = Instant::now();
         let mut discovery = Discovery::new(

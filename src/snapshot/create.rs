@@ -550,9 +550,10 @@ impl Creator {
         }
     }
 
-    /// The DB's state was loaded from a snapshot at `slot`: the node did not execute the chain
-    /// to it, so no snapshot at or below `slot` is signed (one of a later slot is: the node
-    /// executed the chain from there).
+    /// The DB's state was loaded from a snapshot at `slot` (or found there at start, when it
+    /// may have been loaded before a restart): the node did not execute the chain to it, so no
+    /// snapshot at or below `slot` is signed (one of a later slot is: the node executed the
+    /// chain from there).
     pub fn loaded_at(&self, slot: u64) {
         self.loaded.fetch_max(slot, Ordering::AcqRel);
     }

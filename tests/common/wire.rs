@@ -227,16 +227,45 @@ pub async fn read<M: Message + Default>(recv: &mut quinn::RecvStream) -> Result<
     M::decode(buf.as_slice()).map_err(|e| e.to_string())
 }
 
-/// A request for chunks `start..end` of `root`.
+/// A request for chunks `start..end` of `root`, framed.
 pub fn get_chunks(root: snapsync::ContentRoot, start: u64, end: u64, chunk_size: u32) -> Vec<u8> {
-    frame(&proto::Request {
+    frame(&chunks_request(root, start..end, chunk_size))
+}
+
+/// A request for chunks `range` of `root` in chunks of `chunk_size`.
+pub fn chunks_request(
+    root: snapsync::ContentRoot,
+    range: std::ops::Range<u64>,
+    chunk_size: u32,
+) -> proto::Request {
+    proto::Request {
         kind: Some(proto::request::Kind::Chunks(proto::GetChunks {
             content_root: root.0.to_vec().into(),
-            start_chunk: start,
-            end_chunk: end,
+            start_chunk: range.start,
+            end_chunk: range.end,
             chunk_size,
         })),
-    })
+    }
+}
+
+/// A request for which blocks of `block_chunks` chunks of `root` the server holds.
+pub fn have_request(root: snapsync::ContentRoot, block_chunks: u32) -> proto::Request {
+    proto::Request {
+        kind: Some(proto::request::Kind::Have(proto::GetHave {
+            content_root: root.0.to_vec().into(),
+            block_chunks,
+            ..Default::default()
+        })),
+    }
+}
+
+/// A request for the manifest of `root`.
+pub fn manifest_request(root: snapsync::ContentRoot) -> proto::Request {
+    proto::Request {
+        kind: Some(proto::request::Kind::Manifest(proto::GetManifest {
+            content_root: root.0.to_vec().into(),
+        })),
+    }
 }
 
 /// How a lying chunk server delivers nothing while looking like a holder.
