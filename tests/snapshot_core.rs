@@ -455,10 +455,7 @@ fn retention_deletes_exactly_the_old_snapshots() {
         CreatorConfig::default()
             .with_range_for_snapshot(10)
             .with_full_interval(10)
-            .with_retention(Retention {
-                full: 2,
-                ..Retention::default()
-            }),
+            .with_retention(Retention::default().with_full(2)),
     );
     let mut made = Vec::new();
     for slot in 1..=40u64 {

@@ -476,7 +476,7 @@ impl CreatorConfig {
                 range: self.range_for_snapshot,
             });
         }
-        if self.retention.full == 0 {
+        if self.retention.full() == 0 {
             return Err(CreatorConfigError::NoFullKept);
         }
         let level = self.options.zstd_level;

@@ -66,11 +66,8 @@ const LOCK_SUFFIX: &str = "-lock";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct LmdbOptions {
-    /// Largest size the DB may grow to, bytes (default 1 TiB). Address space only: the file
-    /// grows as the state does. Each open generation maps this much.
-    pub map_size: usize,
-    /// Most read transactions open at once (default 126).
-    pub max_readers: u32,
+    map_size: usize,
+    max_readers: u32,
 }
 
 impl Default for LmdbOptions {
@@ -83,16 +80,27 @@ impl Default for LmdbOptions {
 }
 
 impl LmdbOptions {
-    /// Sets the largest DB size, bytes.
+    /// Sets the largest size the DB may grow to, bytes (default 1 TiB). Address space only: the
+    /// file grows as the state does. Each open generation maps this much.
     pub fn with_map_size(mut self, bytes: usize) -> Self {
         self.map_size = bytes;
         self
     }
 
-    /// Sets the most read transactions open at once.
+    /// The value [`with_map_size`](Self::with_map_size) sets.
+    pub fn map_size(&self) -> usize {
+        self.map_size
+    }
+
+    /// Sets the most read transactions open at once (default 126).
     pub fn with_max_readers(mut self, readers: u32) -> Self {
         self.max_readers = readers;
         self
+    }
+
+    /// The value [`with_max_readers`](Self::with_max_readers) sets.
+    pub fn max_readers(&self) -> u32 {
+        self.max_readers
     }
 }
 

@@ -126,13 +126,46 @@ impl Snapshot {
 /// How many snapshots [`SnapshotStore::retain`] keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
-    /// Full snapshots kept, newest first (at least 1).
-    pub full: usize,
-    /// Incremental snapshots kept, newest first, among those whose base is kept.
-    pub incremental: usize,
-    /// A snapshot served this recently is kept past its turn (a download that lasts longer than
-    /// a retention period keeps its source).
-    pub serve_grace: Duration,
+    full: usize,
+    incremental: usize,
+    serve_grace: Duration,
+}
+
+impl Retention {
+    /// Sets how many full snapshots are kept, newest first (default 2; at least 1 always is).
+    pub fn with_full(mut self, value: usize) -> Self {
+        self.full = value;
+        self
+    }
+
+    /// The value [`with_full`](Self::with_full) sets.
+    pub fn full(&self) -> usize {
+        self.full
+    }
+
+    /// Sets how many incremental snapshots are kept, newest first, among those whose base is
+    /// kept (default 4).
+    pub fn with_incremental(mut self, value: usize) -> Self {
+        self.incremental = value;
+        self
+    }
+
+    /// The value [`with_incremental`](Self::with_incremental) sets.
+    pub fn incremental(&self) -> usize {
+        self.incremental
+    }
+
+    /// Sets how recently a snapshot must have been served to be kept past its turn (default
+    /// 5 min): a download that lasts longer than a retention period keeps its source.
+    pub fn with_serve_grace(mut self, value: Duration) -> Self {
+        self.serve_grace = value;
+        self
+    }
+
+    /// The value [`with_serve_grace`](Self::with_serve_grace) sets.
+    pub fn serve_grace(&self) -> Duration {
+        self.serve_grace
+    }
 }
 
 impl Default for Retention {
