@@ -167,6 +167,9 @@ pub(crate) struct AdvertBook {
     /// incremental): relays of older ones do not stand raised (old signatures are public, and
     /// free to replay).
     best_signed_slot: [u64; 2],
+    /// No snapshot above this slot is plausible (the chain's tip and a margin, or what the
+    /// application's check can judge): signatures of one above it raise nothing.
+    ceiling: Option<u64>,
 }
 
 impl AdvertBook {
@@ -182,6 +185,7 @@ impl AdvertBook {
             partials: HashMap::new(),
             signers: Signers::new(network, policy),
             best_signed_slot: [0; 2],
+            ceiling: None,
         }
     }
 
@@ -377,6 +381,12 @@ impl AdvertBook {
         true
     }
 
+    /// No snapshot above `slot` is plausible now: signatures of one above it raise no relay
+    /// (nor the newest signed slot).
+    pub(crate) fn set_ceiling(&mut self, slot: Option<u64>) {
+        self.ceiling = slot;
+    }
+
     /// Whether the signatures `signed` (of one advert) make one of its snapshots acceptable to
     /// `policy`, with the voices counted already, at a slot no lower than any signatures made
     /// acceptable before: a relay of the newest signed state stands with what the policy
@@ -385,7 +395,8 @@ impl AdvertBook {
         let mut raised = false;
         for key in signed.iter().map(|s| s.key) {
             let kind = usize::from(!key.is_full());
-            if key.slot < self.best_signed_slot[kind] {
+            if key.slot < self.best_signed_slot[kind] || self.ceiling.is_some_and(|c| key.slot > c)
+            {
                 continue;
             }
             let new: Vec<PeerId> = signed
@@ -888,6 +899,29 @@ mod tests {
         let full_peer = full_relay.peer;
         assert!(book.insert(full_relay, Standing::Announced, t0, &policy));
         assert_eq!(book.standing(&full_peer), Some(Standing::Vouched));
+        // Signatures of a slot above what is plausible raise nothing, not even the newest
+        // signed slot.
+        book.set_ceiling(Some(25));
+        let far = advert(PeerId::random(), 40).snapshots[0].key;
+        let mut far_relay = advert(PeerId::random(), 40);
+        far_relay.attestations = vec![
+            keys.iter()
+                .map(|k| Attestation::sign(k, "n", &far).unwrap())
+                .collect(),
+        ];
+        let far_peer = far_relay.peer;
+        assert!(book.insert(far_relay, Standing::Announced, t0, &policy));
+        assert_eq!(book.standing(&far_peer), Some(Standing::Announced));
+        let mut again = advert(PeerId::random(), 20);
+        again.attestations = vec![
+            keys.iter()
+                .map(|k| Attestation::sign(k, "n", &newer).unwrap())
+                .collect(),
+        ];
+        let again_peer = again.peer;
+        assert!(book.insert(again, Standing::Announced, t0, &policy));
+        assert_eq!(book.standing(&again_peer), Some(Standing::Vouched));
+        book.set_ceiling(None);
         // A trusted peer that advertises it and whose signature is relayed is one voice.
         let own = keys[0].public().to_peer_id();
         assert!(book.insert(advert(own, 10), Standing::Answered, t0, &policy));

@@ -127,6 +127,8 @@ impl Discovery {
             .map(|s| (s.key, false))
             .chain(advert.partial.iter().map(|h| (h.ad.key, true)))
             .collect();
+        let ceiling = self.local_state(now).ceiling;
+        self.book.set_ceiling(ceiling);
         if !self.book.insert(advert, standing, now, &self.config.policy) {
             return;
         }
