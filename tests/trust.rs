@@ -804,6 +804,22 @@ async fn a_changed_trusted_set_takes_effect_without_a_restart() {
     assert!(kept, "the config says the policy in force");
 }
 
+/// Waits for a round of node `index` that heard adverts and took nothing; a download it starts
+/// meanwhile fails the test.
+async fn nothing_taken(events: &mut Events, index: usize) {
+    events
+        .wait(LONG, "a round with nothing to take", |i, e| match e {
+            Ev::Snap(Event::NoSnapshotAvailable { adverts, .. }) if i == index && *adverts > 0 => {
+                Some(())
+            }
+            Ev::Snap(Event::DownloadStarted { key, .. }) if i == index => {
+                panic!("node {index} took slot {} without a quorum", key.slot)
+            }
+            _ => None,
+        })
+        .await;
+}
+
 /// The signers of the attestations stored with `node`'s snapshot at `slot`.
 async fn signers_at(node: &TestNode, slot: u64) -> Vec<snapsync::libp2p::PeerId> {
     let mut signers = node
@@ -893,15 +909,7 @@ async fn a_quorum_of_signatures_travels_with_the_snapshot_to_strangers_and_web_m
     let (dir, db) = node_dir(0, 0, 0);
     let wary = start_node(14, dir.clone(), db, trusting(dir.path()), events.tx.clone()).await;
     wary.dial(one.addr.clone());
-    events
-        .wait(LONG, "a round with nothing to take", |i, e| {
-            matches!(
-                e,
-                Ev::Snap(Event::NoSnapshotAvailable { adverts, .. }) if i == 14 && *adverts > 0
-            )
-            .then_some(())
-        })
-        .await;
+    nothing_taken(&mut events, 14).await;
     assert_eq!(wary.db.slot().unwrap(), None);
     drop((joiner, web_joiner, wary, one, relay));
 }
@@ -1006,17 +1014,7 @@ async fn signatures_for_another_network_or_snapshot_or_of_other_keys_count_for_n
     .await;
     wary.dial(stranger.addr.clone());
     for _ in 0..2 {
-        events
-            .wait(LONG, "a round with nothing to take", |i, e| match e {
-                Ev::Snap(Event::NoSnapshotAvailable { adverts, .. }) if i == 14 && *adverts > 0 => {
-                    Some(())
-                }
-                Ev::Snap(Event::DownloadStarted { key, .. }) if i == 14 => {
-                    panic!("took slot {} on one valid signature", key.slot)
-                }
-                _ => None,
-            })
-            .await;
+        nothing_taken(&mut events, 14).await;
     }
     assert_eq!(wary.db.slot().unwrap(), None);
     // The second validator's valid signature, relayed by another stranger, makes the quorum.

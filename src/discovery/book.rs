@@ -826,6 +826,14 @@ mod tests {
             a.attestations = vec![atts.to_vec()];
             a
         };
+        // Both trusted keys' signatures of `key`, as an advert of it carries them.
+        let both_sign = |key: &SnapshotKey| -> Vec<Vec<Attestation>> {
+            vec![
+                keys.iter()
+                    .map(|k| Attestation::sign(k, "n", key).unwrap())
+                    .collect(),
+            ]
+        };
         // Strangers' keys cost no verification at all.
         let junk = carrying(&strangers);
         let junk_peer = junk.peer;
@@ -862,11 +870,7 @@ mod tests {
         // newer one was signed.
         let newer = advert(PeerId::random(), 20).snapshots[0].key;
         let mut fresh = advert(PeerId::random(), 20);
-        fresh.attestations = vec![
-            keys.iter()
-                .map(|k| Attestation::sign(k, "n", &newer).unwrap())
-                .collect(),
-        ];
+        fresh.attestations = both_sign(&newer);
         let fresh_peer = fresh.peer;
         assert!(book.insert(fresh, Standing::Announced, t0, &policy));
         assert_eq!(book.standing(&fresh_peer), Some(Standing::Vouched));
@@ -882,20 +886,12 @@ mod tests {
         inc.kind = crate::snapshot::SnapshotKind::Incremental;
         inc.base = Some(Base::of(&newer));
         let inc = *inc;
-        incremental.attestations = vec![
-            keys.iter()
-                .map(|k| Attestation::sign(k, "n", &inc).unwrap())
-                .collect(),
-        ];
+        incremental.attestations = both_sign(&inc);
         let inc_peer = incremental.peer;
         assert!(book.insert(incremental, Standing::Announced, t0, &policy));
         assert_eq!(book.standing(&inc_peer), Some(Standing::Vouched));
         let mut full_relay = advert(PeerId::random(), 20);
-        full_relay.attestations = vec![
-            keys.iter()
-                .map(|k| Attestation::sign(k, "n", &newer).unwrap())
-                .collect(),
-        ];
+        full_relay.attestations = both_sign(&newer);
         let full_peer = full_relay.peer;
         assert!(book.insert(full_relay, Standing::Announced, t0, &policy));
         assert_eq!(book.standing(&full_peer), Some(Standing::Vouched));
@@ -904,20 +900,12 @@ mod tests {
         book.set_ceiling(Some(25));
         let far = advert(PeerId::random(), 40).snapshots[0].key;
         let mut far_relay = advert(PeerId::random(), 40);
-        far_relay.attestations = vec![
-            keys.iter()
-                .map(|k| Attestation::sign(k, "n", &far).unwrap())
-                .collect(),
-        ];
+        far_relay.attestations = both_sign(&far);
         let far_peer = far_relay.peer;
         assert!(book.insert(far_relay, Standing::Announced, t0, &policy));
         assert_eq!(book.standing(&far_peer), Some(Standing::Announced));
         let mut again = advert(PeerId::random(), 20);
-        again.attestations = vec![
-            keys.iter()
-                .map(|k| Attestation::sign(k, "n", &newer).unwrap())
-                .collect(),
-        ];
+        again.attestations = both_sign(&newer);
         let again_peer = again.peer;
         assert!(book.insert(again, Standing::Announced, t0, &policy));
         assert_eq!(book.standing(&again_peer), Some(Standing::Vouched));

@@ -203,7 +203,7 @@ struct StoreInner {
     exchange: Arc<Exchange>,
     /// Held while a published snapshot's manifest or attestations are read, changed and
     /// written (the creator's thread and the behaviour both add attestations).
-    attesting: Mutex<()>,
+    changing: Mutex<()>,
 }
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
@@ -276,7 +276,7 @@ impl SnapshotStore {
         }
         let store = Self {
             inner: Arc::new(StoreInner {
-                attesting: Mutex::new(()),
+                changing: Mutex::new(()),
                 dir,
                 _lock: lock,
                 index: Mutex::new(index),
@@ -452,34 +452,19 @@ impl SnapshotStore {
         entry_count: u64,
         state_bytes: u64,
     ) -> Result<Arc<Snapshot>, StoreError> {
-        // Its attestations may be added meanwhile: one change of a published snapshot at once.
-        let _one = self
-            .inner
-            .attesting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let snap = self.get(root).ok_or_else(|| StoreError::Io {
-            path: self.inner.dir.clone(),
-            source: io::Error::new(io::ErrorKind::NotFound, "no such snapshot"),
-        })?;
-        let manifest = Manifest {
-            entry_count,
-            state_bytes,
-            ..snap.manifest.clone()
-        };
-        let path = snap.dir.join(MANIFEST_FILE);
-        disk::replace_synced(&path, &manifest.encode()).at(&path)?;
-        let fixed = Arc::new(Snapshot {
-            manifest,
-            dir: snap.dir.clone(),
-            attestations: snap.attestations.clone(),
-        });
-        let m = &fixed.manifest;
-        // Unless it was deleted meanwhile.
-        if let Some(held) = self.index().get_mut(&(m.slot, m.content_root)) {
-            *held = fixed.clone();
-        }
-        Ok(fixed)
+        self.change_published(root, |snap| {
+            let manifest = Manifest {
+                entry_count,
+                state_bytes,
+                ..snap.manifest.clone()
+            };
+            let path = snap.dir.join(MANIFEST_FILE);
+            disk::replace_synced(&path, &manifest.encode()).at(&path)?;
+            Ok(Some(Snapshot {
+                manifest,
+                ..snap.clone()
+            }))
+        })
     }
 
     /// Stores `attestations` with the published snapshot with `root`, beside those it has (one
@@ -492,39 +477,56 @@ impl SnapshotStore {
         network: &str,
         attestations: &[Attestation],
     ) -> Result<Arc<Snapshot>, StoreError> {
+        self.change_published(root, |snap| {
+            let key = snap.manifest.key();
+            if let Some(bad) = attestations.iter().find(|a| !a.verify(network, &key)) {
+                return Err(StoreError::Attestation {
+                    path: snap.dir.clone(),
+                    source: AttestationError::Invalid {
+                        signer: bad.signer(),
+                    },
+                });
+            }
+            let mut list = snap.attestations.clone();
+            if !merge_attestations(&mut list, attestations) {
+                return Ok(None);
+            }
+            let path = snap.dir.join(ATTESTATIONS_FILE);
+            disk::replace_synced(&path, &Attestation::encode_file(&list)).at(&path)?;
+            Ok(Some(Snapshot {
+                attestations: list,
+                ..snap.clone()
+            }))
+        })
+    }
+
+    /// Changes the published snapshot with `root` by `change` (which writes its files and
+    /// returns it as it is now, or `None` when nothing changed): one change of a published
+    /// snapshot at once (the creator's thread and the behaviour both make some), and one
+    /// deleted meanwhile is not put back.
+    fn change_published(
+        &self,
+        root: &ContentRoot,
+        change: impl FnOnce(&Snapshot) -> Result<Option<Snapshot>, StoreError>,
+    ) -> Result<Arc<Snapshot>, StoreError> {
         let _one = self
             .inner
-            .attesting
+            .changing
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let snap = self.get(root).ok_or_else(|| StoreError::Io {
             path: self.inner.dir.clone(),
             source: io::Error::new(io::ErrorKind::NotFound, "no such snapshot"),
         })?;
-        let key = snap.manifest.key();
-        if let Some(bad) = attestations.iter().find(|a| !a.verify(network, &key)) {
-            return Err(StoreError::Attestation {
-                path: snap.dir.clone(),
-                source: AttestationError::Invalid {
-                    signer: bad.signer(),
-                },
-            });
-        }
-        let mut list = snap.attestations.clone();
-        if !merge_attestations(&mut list, attestations) {
+        let Some(changed) = change(&snap)? else {
             return Ok(snap);
+        };
+        let changed = Arc::new(changed);
+        let m = &changed.manifest;
+        if let Some(held) = self.index().get_mut(&(m.slot, m.content_root)) {
+            *held = changed.clone();
         }
-        let path = snap.dir.join(ATTESTATIONS_FILE);
-        disk::replace_synced(&path, &Attestation::encode_file(&list)).at(&path)?;
-        let attested = Arc::new(Snapshot {
-            manifest: snap.manifest.clone(),
-            dir: snap.dir.clone(),
-            attestations: list,
-        });
-        let m = &attested.manifest;
-        self.index()
-            .insert((m.slot, m.content_root), attested.clone());
-        Ok(attested)
+        Ok(changed)
     }
 
     /// Applies `retention`: keeps the newest `full` full snapshots and the newest `incremental`

@@ -134,3 +134,25 @@ fn a_download_not_vouched_for_never_deletes_one_that_was() {
     // One vouched for may.
     assert_eq!(store.trim_partials(&fake, 0, true).unwrap(), vec![chosen]);
 }
+
+#[test]
+fn a_published_snapshot_deleted_while_it_is_changed_is_not_put_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = crate::db::LmdbState::open(dir.path().join("db")).unwrap();
+    db.commit_slot(10, |w| w.put(b"k", b"v")).unwrap();
+    let store = SnapshotStore::open(dir.path().join("snapshots")).unwrap();
+    let view = crate::db::StateDb::view(&db).unwrap();
+    let snap =
+        crate::snapshot::create_snapshot(&store, view.as_ref(), &Default::default()).unwrap();
+    let root = snap.manifest().content_root;
+    // Retention deletes it while its attestations are being written.
+    let changed = store
+        .change_published(&root, |s| {
+            store.remove(s)?;
+            Ok(Some(s.clone()))
+        })
+        .unwrap();
+    assert_eq!(changed.manifest().content_root, root);
+    assert!(store.get(&root).is_none(), "not listed again");
+    assert!(store.list().is_empty());
+}
