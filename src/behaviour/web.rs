@@ -106,6 +106,7 @@ impl WebSources {
                     holder_slot: None,
                     streamer_addrs: Vec::new(),
                     partial: Vec::new(),
+                    partial_attestations: Vec::new(),
                     snapshots,
                     attestations,
                 }))

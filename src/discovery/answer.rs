@@ -88,7 +88,12 @@ impl Discovery {
         message::advert(
             self.me,
             &self.local.snapshots,
-            &|k| self.local.attestations.get(k).cloned().unwrap_or_default(),
+            // What it stored with a snapshot it holds; else (a snapshot it downloads, one it
+            // stored none with) the trusted signatures adverts carry.
+            &|k| {
+                (self.local.attestations.get(k).cloned())
+                    .unwrap_or_else(|| self.book.attestations(k))
+            },
             &self.partials,
             &self.streamer_addrs,
             self.local.slot,

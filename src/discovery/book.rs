@@ -19,7 +19,7 @@ use libp2p::PeerId;
 
 use super::message::{Advert, SnapshotAd};
 use super::policy::TrustPolicy;
-use super::signers::{Signed, Signers};
+use super::signers::{Listed, Signed, Signers};
 use crate::hash::ContentRoot;
 use crate::snapshot::{Attestation, Base, MAX_ATTESTATIONS, SnapshotKey};
 
@@ -103,23 +103,39 @@ pub(crate) enum Standing {
 
 /// Who advertises one snapshot.
 #[derive(Debug, Clone)]
-pub(crate) struct KeyEntry {
-    pub(crate) peers: HashSet<PeerId>,
+struct Holders {
+    peers: HashSet<PeerId>,
     /// How many of `peers` the policy trusts.
     trusted_peers: usize,
-    /// Trusted peers whose valid attestation of it some advert carries, with how many do.
-    attested: HashMap<PeerId, u32>,
+    /// When some peer first advertised it (kept while anyone does).
+    first_seen: Instant,
+}
+
+/// Who vouches for one snapshot: the peers that advertise it, and the trusted signers whose
+/// valid attestations of it some advert carries (a holder's, a partial holder's).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeyEntry<'a> {
+    pub(crate) peers: &'a HashSet<PeerId>,
+    /// How many of `peers` the policy trusts.
+    trusted_peers: usize,
+    /// Trusted signers whose valid attestation of it some advert carries, with how many do.
+    attested: Option<&'a HashMap<PeerId, u32>>,
     /// When some peer first advertised it (kept while anyone does): a snapshot heard of
     /// earlier is tried before one that appeared later under the same slot and bank hash.
     pub(crate) first_seen: Instant,
 }
 
-impl KeyEntry {
+impl KeyEntry<'_> {
     /// The policy's attesters whose valid attestation of it some advert carries, in order.
     pub(crate) fn signers(&self) -> Vec<PeerId> {
-        let mut s: Vec<PeerId> = self.attested.keys().copied().collect();
+        let mut s: Vec<PeerId> = self.attested.into_iter().flat_map(|a| a.keys()).copied().collect();
         s.sort();
         s
+    }
+
+    /// Whether `peer`'s valid attestation of it some advert carries.
+    fn signed_by(&self, peer: &PeerId) -> bool {
+        self.attested.is_some_and(|a| a.contains_key(peer))
     }
 
     /// Distinct trusted peers that vouch for it: by advertising it, or by an attestation of
@@ -128,7 +144,8 @@ impl KeyEntry {
         self.trusted_peers
             + self
                 .attested
-                .keys()
+                .into_iter()
+                .flat_map(|a| a.keys())
                 .filter(|p| !self.peers.contains(p))
                 .count()
     }
@@ -156,7 +173,10 @@ pub(crate) struct AdvertBook {
     adverts: HashMap<PeerId, Stored>,
     /// The adverts of each standing, oldest first.
     order: HashMap<Standing, BTreeSet<(Instant, PeerId)>>,
-    by_key: HashMap<SnapshotKey, KeyEntry>,
+    by_key: HashMap<SnapshotKey, Holders>,
+    /// The trusted signers of each snapshot whose valid attestations adverts carry (whoever
+    /// lists it, holding it or part of it), with how many adverts do.
+    attested: HashMap<SnapshotKey, HashMap<PeerId, u32>>,
     /// The full snapshots advertised, by content root (to find an incremental's base at once).
     fulls: HashMap<ContentRoot, HashSet<SnapshotKey>>,
     /// Who holds part of each snapshot (counts toward nothing).
@@ -181,6 +201,7 @@ impl AdvertBook {
             adverts: HashMap::new(),
             order: HashMap::new(),
             by_key: HashMap::new(),
+            attested: HashMap::new(),
             fulls: HashMap::new(),
             partials: HashMap::new(),
             signers: Signers::new(network, policy),
@@ -210,10 +231,9 @@ impl AdvertBook {
         }
         let trusted = policy.trusts(&advert.peer);
         for s in &advert.snapshots {
-            let e = self.by_key.entry(s.key).or_insert_with(|| KeyEntry {
+            let e = self.by_key.entry(s.key).or_insert_with(|| Holders {
                 peers: HashSet::new(),
                 trusted_peers: 0,
-                attested: HashMap::new(),
                 first_seen: now,
             });
             if e.peers.insert(advert.peer) && trusted {
@@ -228,20 +248,26 @@ impl AdvertBook {
         }
         // Each (snapshot, signer) once per advert.
         for sig in signed {
-            if let Some(e) = self.by_key.get_mut(&sig.key) {
-                *e.attested.entry(sig.signer).or_default() += 1;
-            }
+            *self
+                .attested
+                .entry(sig.key)
+                .or_default()
+                .entry(sig.signer)
+                .or_default() += 1;
         }
     }
 
     fn unindex(&mut self, advert: &Advert, signed: &[Signed], policy: &TrustPolicy) {
         for sig in signed {
-            if let Some(e) = self.by_key.get_mut(&sig.key)
-                && let Some(n) = e.attested.get_mut(&sig.signer)
+            if let Some(signers) = self.attested.get_mut(&sig.key)
+                && let Some(n) = signers.get_mut(&sig.signer)
             {
                 *n -= 1;
                 if *n == 0 {
-                    e.attested.remove(&sig.signer);
+                    signers.remove(&sig.signer);
+                    if signers.is_empty() {
+                        self.attested.remove(&sig.key);
+                    }
                 }
             }
         }
@@ -387,13 +413,18 @@ impl AdvertBook {
         self.ceiling = slot;
     }
 
-    /// Whether the signatures `signed` (of one advert) make one of its snapshots acceptable to
-    /// `policy`, with the voices counted already, at a slot no lower than any signatures made
-    /// acceptable before: a relay of the newest signed state stands with what the policy
-    /// vouches for; replays of older signatures do not.
+    /// Whether the signatures `signed` (of one advert) make one of the snapshots it holds
+    /// acceptable to `policy`, with the voices counted already, at a slot no lower than any
+    /// signatures made acceptable before: a relay of the newest signed state stands with what
+    /// the policy vouches for; replays of older signatures do not. (What a partial holder
+    /// relays counts for the snapshot, not for the relay's place.)
     fn signatures_vouch(&mut self, signed: &[Signed], policy: &TrustPolicy) -> bool {
         let mut raised = false;
-        for key in signed.iter().map(|s| s.key) {
+        let held = signed
+            .iter()
+            .filter(|s| matches!(s.at.0, Listed::Held(_)))
+            .map(|s| s.key);
+        for key in held {
             let kind = usize::from(!key.is_full());
             if key.slot < self.best_signed_slot[kind] || self.ceiling.is_some_and(|c| key.slot > c)
             {
@@ -404,11 +435,11 @@ impl AdvertBook {
                 .filter(|s| s.key == key)
                 .map(|s| s.signer)
                 .collect();
-            let (peers, voices, mut signers) = match self.by_key.get(&key) {
+            let (peers, voices, mut signers) = match self.entry(&key) {
                 Some(e) => {
                     let fresh = new
                         .iter()
-                        .filter(|p| !e.attested.contains_key(p) && !e.peers.contains(p))
+                        .filter(|p| !e.signed_by(p) && !e.peers.contains(p))
                         .count();
                     let mut all = e.signers();
                     all.extend(&new);
@@ -443,6 +474,7 @@ impl AdvertBook {
         stored.sort_by_key(|s| (s.at, s.advert.peer));
         self.order.clear();
         self.by_key.clear();
+        self.attested.clear();
         self.fulls.clear();
         self.partials.clear();
         for s in stored {
@@ -478,18 +510,20 @@ impl AdvertBook {
         self.remove(peer, policy);
     }
 
-    /// The valid attestations of `key` by trusted peers that adverts carry, one per signer
-    /// (ordered by signer), at most [`MAX_ATTESTATIONS`]: what a node that takes it stores
-    /// with it and relays.
+    /// The valid attestations of `key` by trusted peers that adverts carry (a holder's, a
+    /// partial holder's), one per signer (ordered by signer), at most [`MAX_ATTESTATIONS`]:
+    /// what a node that takes it stores with it and relays.
     pub(crate) fn attestations(&self, key: &SnapshotKey) -> Vec<Attestation> {
         let mut out: Vec<(PeerId, Attestation)> = Vec::new();
-        let Some(e) = self.by_key.get(key) else {
+        if !self.attested.contains_key(key) {
             return Vec::new();
-        };
-        for stored in e.peers.iter().filter_map(|p| self.adverts.get(p)) {
+        }
+        let holders = self.by_key.get(key).into_iter().flat_map(|e| &e.peers);
+        let partial = self.partials.get(key).into_iter().flatten();
+        for stored in holders.chain(partial).filter_map(|p| self.adverts.get(p)) {
             for sig in stored.signed.iter().filter(|s| s.key == *key) {
-                let (i, j) = sig.at;
-                if let Some(a) = stored.advert.attestations_of(i).get(j)
+                let (listed, j) = sig.at;
+                if let Some(a) = listed.attestations(&stored.advert).get(j)
                     && out.iter().all(|(p, _)| *p != sig.signer)
                 {
                     out.push((sig.signer, a.clone()));
@@ -503,9 +537,19 @@ impl AdvertBook {
             .collect()
     }
 
-    /// Every snapshot advertised, with who advertises it.
-    pub(crate) fn keys(&self) -> impl Iterator<Item = (&SnapshotKey, &KeyEntry)> {
-        self.by_key.iter()
+    /// Who vouches for `key`, as `holders` and the carried signatures say.
+    fn view<'a>(&'a self, key: &SnapshotKey, holders: &'a Holders) -> KeyEntry<'a> {
+        KeyEntry {
+            peers: &holders.peers,
+            trusted_peers: holders.trusted_peers,
+            attested: self.attested.get(key),
+            first_seen: holders.first_seen,
+        }
+    }
+
+    /// Every snapshot advertised, with who vouches for it.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = (&SnapshotKey, KeyEntry<'_>)> {
+        self.by_key.iter().map(|(k, h)| (k, self.view(k, h)))
     }
 
     /// The advertised full snapshots `base` names.
@@ -520,9 +564,9 @@ impl AdvertBook {
             .filter(move |k| base.is(k))
     }
 
-    /// Who advertises `key`.
-    pub(crate) fn entry(&self, key: &SnapshotKey) -> Option<&KeyEntry> {
-        self.by_key.get(key)
+    /// Who vouches for `key`, if anyone advertises it.
+    pub(crate) fn entry(&self, key: &SnapshotKey) -> Option<KeyEntry<'_>> {
+        self.by_key.get(key).map(|h| self.view(key, h))
     }
 
     /// Who holds part of `key`, with what they say they hold.
@@ -611,6 +655,7 @@ mod tests {
                 state_bytes: 10,
             }],
             partial: Vec::new(),
+            partial_attestations: Vec::new(),
             streamer_addrs: vec!["127.0.0.1:1".parse().unwrap()],
             holder_slot: None,
             modified_time: 0,
@@ -915,5 +960,62 @@ mod tests {
         assert!(book.insert(advert(own, 10), Standing::Answered, t0, &policy));
         assert!(book.insert(carrying(&trusted[..1]), Standing::Announced, t0, &policy));
         assert_eq!(book.entry(&key).unwrap().trusted(), 1);
+    }
+
+    #[test]
+    fn signatures_a_partial_holder_relays_count_for_the_snapshot_not_for_its_place() {
+        use crate::snapshot::Attestation;
+        use libp2p::identity::Keypair;
+        let keys: Vec<Keypair> = (0..2).map(|_| Keypair::generate_ed25519()).collect();
+        let policy = TrustPolicy::TrustedPeers {
+            peers: keys.iter().map(|k| k.public().to_peer_id()).collect(),
+            quorum: 2,
+        };
+        let t0 = Instant::now();
+        let mut book = AdvertBook::new(64, "n", &policy);
+        let ad = advert(PeerId::random(), 10).snapshots[0];
+        let key = ad.key;
+        let signed: Vec<Attestation> = keys
+            .iter()
+            .map(|k| Attestation::sign(k, "n", &key).unwrap())
+            .collect();
+        // A partial holder relays both signatures before anyone holding it is heard of.
+        let mut partial = advert(PeerId::random(), 10);
+        partial.snapshots.clear();
+        partial.partial = vec![PartialAd {
+            ad,
+            verified_bytes: 1,
+        }];
+        partial.partial_attestations = vec![signed.clone()];
+        let relay = partial.peer;
+        assert!(book.insert(partial, Standing::Announced, t0, &policy));
+        assert_eq!(book.standing(&relay), Some(Standing::Partial));
+        assert!(book.entry(&key).is_none(), "a partial holder is no holder");
+        assert_eq!(book.attestations(&key), signed, "yet what it relays is kept");
+        // A stranger holding it, unsigned, is joined by the relayed voices.
+        let holder = advert(PeerId::random(), 10);
+        let holder_peer = holder.peer;
+        assert!(book.insert(holder, Standing::Announced, t0, &policy));
+        let e = book.entry(&key).unwrap();
+        assert_eq!((e.trusted(), e.signers().len(), e.peers.len()), (2, 2, 1));
+        // The voices go with the relay's advert.
+        book.forget(&relay, &policy);
+        assert_eq!(book.entry(&key).unwrap().trusted(), 0);
+        assert!(book.attestations(&key).is_empty());
+        // One that holds an older snapshot and relays signatures of one it downloads stands
+        // as it came: the signatures are not of what it serves whole.
+        let mut mixed = advert(PeerId::random(), 5);
+        mixed.partial = vec![PartialAd {
+            ad,
+            verified_bytes: 1,
+        }];
+        mixed.partial_attestations = vec![signed.clone()];
+        let mixed_peer = mixed.peer;
+        assert!(book.insert(mixed, Standing::Announced, t0, &policy));
+        assert_eq!(book.standing(&mixed_peer), Some(Standing::Announced));
+        assert_eq!(book.entry(&key).unwrap().trusted(), 2);
+        book.forget(&holder_peer, &policy);
+        assert!(book.entry(&key).is_none());
+        assert_eq!(book.attestations(&key), signed);
     }
 }

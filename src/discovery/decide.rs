@@ -130,7 +130,7 @@ pub(crate) struct LocalState {
 /// Whether `key`, advertised as `entry` says, may be taken at all.
 pub(crate) fn acceptable(
     key: &SnapshotKey,
-    entry: &KeyEntry,
+    entry: &KeyEntry<'_>,
     local: &LocalState,
     policy: &TrustPolicy,
 ) -> bool {
@@ -150,7 +150,7 @@ pub(super) fn target(
 ) -> Option<Target> {
     let entry = book.entry(key)?;
     let mut by_size: HashMap<ChunkSize, Vec<(PeerId, &SnapshotAd)>> = HashMap::new();
-    for peer in &entry.peers {
+    for peer in entry.peers {
         if let Some(ad) = book.ad_of(peer, key) {
             by_size.entry(ad.chunk_size).or_default().push((*peer, ad));
         }
@@ -162,7 +162,7 @@ pub(super) fn target(
     })?;
     // Trusted first, then those that answered this node, then those heard of longest.
     chosen.sort_by_key(|(p, _)| (std::cmp::Reverse(book.standing(p)), book.since(p), *p));
-    let (counts, counts_vouched) = vouched_counts(entry, book, key, policy);
+    let (counts, counts_vouched) = vouched_counts(&entry, book, key, policy);
     let mut ad = *chosen[0].1;
     (ad.entry_count, ad.state_bytes) = counts;
     Some(Target {
@@ -170,7 +170,7 @@ pub(super) fn target(
         counts_vouched,
         vouched: policy.vouches_root(key, entry.trusted()),
         peers: chosen.iter().map(|(p, _)| (*p, book.addrs(p))).collect(),
-        partial_peers: partial_sources(book, key, ad.chunk_size, &entry.peers),
+        partial_peers: partial_sources(book, key, ad.chunk_size, entry.peers),
         attestations: book.attestations(key),
     })
 }
@@ -201,13 +201,13 @@ pub(crate) fn partial_sources(
 /// The record counts of `key` most of the peers that count for the policy advertise, and
 /// whether as many agree on them as the policy needs.
 fn vouched_counts(
-    entry: &KeyEntry,
+    entry: &KeyEntry<'_>,
     book: &AdvertBook,
     key: &SnapshotKey,
     policy: &TrustPolicy,
 ) -> ((u64, u64), bool) {
     let mut agreeing: HashMap<(u64, u64), (usize, usize)> = HashMap::new();
-    for peer in &entry.peers {
+    for peer in entry.peers {
         if let Some(ad) = book.ad_of(peer, key) {
             let e = agreeing
                 .entry((ad.entry_count, ad.state_bytes))
@@ -268,7 +268,7 @@ pub(crate) fn decide(
     for (key, entry) in book.keys() {
         if local.slot.is_some_and(|s| key.slot <= s)
             || failed(key)
-            || !acceptable(key, entry, &local, policy)
+            || !acceptable(key, &entry, &local, policy)
         {
             continue;
         }

@@ -139,12 +139,20 @@ pub struct Advert {
     /// The attestations carried with each of `snapshots`, in the same order (a list missing at
     /// the end is an empty one). Claims until checked for the snapshot they come with.
     pub attestations: Vec<Vec<Attestation>>,
+    /// The attestations carried with each of `partial`, in the same order (a partial holder
+    /// relays them too: a voice for nothing, it still carries others' signatures).
+    pub partial_attestations: Vec<Vec<Attestation>>,
 }
 
 impl Advert {
     /// The attestations carried with `snapshots[i]`.
     pub fn attestations_of(&self, i: usize) -> &[Attestation] {
         self.attestations.get(i).map_or(&[], Vec::as_slice)
+    }
+
+    /// The attestations carried with `partial[i]`.
+    pub fn partial_attestations_of(&self, i: usize) -> &[Attestation] {
+        self.partial_attestations.get(i).map_or(&[], Vec::as_slice)
     }
 
     /// Its newest snapshot.
@@ -364,6 +372,15 @@ pub(crate) fn check_advert(
     } else {
         (Vec::new(), Vec::new())
     };
+    let partial_attestations = msg
+        .partial
+        .iter()
+        .map(|h| {
+            h.snapshot
+                .as_ref()
+                .map_or(Ok(Vec::new()), |d| Attestation::decode_list(&d.attestations))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let partial = msg
         .partial
         .iter()
@@ -390,6 +407,7 @@ pub(crate) fn check_advert(
         holder_slot: msg.holder_slot,
         modified_time: msg.modified_time,
         attestations,
+        partial_attestations,
     })
 }
 
@@ -426,9 +444,9 @@ fn descriptor(ad: &SnapshotAd, attestations: &[Attestation]) -> proto::SnapshotD
     }
 }
 
-/// This node's advertisement of `snapshots` (newest first, at most [`MAX_SNAPSHOTS`], each
-/// with the attestations `attested` gives for it) and of what it downloads and serves meanwhile
-/// (at most [`MAX_PARTIALS`]).
+/// This node's advertisement of `snapshots` (newest first, at most [`MAX_SNAPSHOTS`]) and of
+/// what it downloads and serves meanwhile (at most [`MAX_PARTIALS`]), each with the
+/// attestations `attested` gives for it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn advert(
     local: PeerId,
@@ -463,7 +481,7 @@ pub(crate) fn advert(
             .iter()
             .take(MAX_PARTIALS)
             .map(|p| proto::PartialHolding {
-                snapshot: Some(descriptor(&p.ad, &[])),
+                snapshot: Some(descriptor(&p.ad, &attested(&p.ad.key))),
                 verified_bytes: p.verified_bytes,
             })
             .collect(),
@@ -708,6 +726,49 @@ mod tests {
         let mut m = msg.clone();
         m.snapshots = advert_msg(peer).snapshots;
         assert!(check_advert(&m, peer, LIMITS).unwrap().snapshots.is_empty());
+    }
+
+    #[test]
+    fn partial_holders_carry_attestations_and_the_fullest_advert_fits_a_message() {
+        let peer = PeerId::random();
+        let signers: Vec<libp2p::identity::Keypair> = (0..crate::snapshot::MAX_ATTESTATIONS)
+            .map(|_| libp2p::identity::Keypair::generate_ed25519())
+            .collect();
+        let signed = |key: &SnapshotKey| -> Vec<Attestation> {
+            signers
+                .iter()
+                .map(|k| Attestation::sign(k, "net", key).unwrap())
+                .collect()
+        };
+        let snapshots: Vec<SnapshotAd> = (0..MAX_SNAPSHOTS as u64)
+            .map(|i| ad(SnapshotKind::Full, 100 + i))
+            .collect();
+        let partial: Vec<PartialAd> = (0..MAX_PARTIALS as u64)
+            .map(|i| PartialAd {
+                ad: ad(SnapshotKind::Incremental, 200 + i),
+                verified_bytes: 10,
+            })
+            .collect();
+        let addrs: Vec<SocketAddr> = (0..MAX_STREAMER_ADDRS as u16)
+            .map(|i| SocketAddr::from(([203, 0, 113, 200], 65_000 + i)))
+            .collect();
+        let msg = advert(peer, &snapshots, &signed, &partial, &addrs, Some(u64::MAX), u64::MAX, u64::MAX);
+        let ok = check_advert(&msg, peer, LIMITS).unwrap();
+        for (i, p) in ok.partial.iter().enumerate() {
+            assert_eq!(ok.partial_attestations_of(i), signed(&p.ad.key));
+            assert!(ok.partial_attestations_of(i).iter().all(|a| a.verify("net", &p.ad.key)));
+        }
+        assert_eq!(ok.attestations_of(3), signed(&snapshots[3].key));
+        // Every list full: the announcement still fits the default message limit.
+        let bytes = gossip(proto::discovery_message::Body::Announcement(msg.clone()));
+        assert!(bytes.len() < 16 << 10, "{} bytes", bytes.len());
+        // A partial holding's attestations are checked as a snapshot's are.
+        let mut bad = msg;
+        bad.partial[1].snapshot.as_mut().unwrap().attestations = vec![Default::default(); 9];
+        assert!(matches!(
+            check_advert(&bad, peer, LIMITS),
+            Err(MessageError::BadAttestation(AttestationError::TooMany(9)))
+        ));
     }
 
     #[test]

@@ -465,7 +465,7 @@ impl Discovery {
             let accepted = self
                 .book
                 .entry(&key)
-                .is_some_and(|e| decide::acceptable(&key, e, &local, policy));
+                .is_some_and(|e| decide::acceptable(&key, &e, &local, policy));
             // What the old policy vouched for (the counts that bound the load, the root a
             // partial may evict others for) must be what the new one vouches for.
             let same_judgement = plan.full.iter().chain(&plan.incremental).all(|t| {

@@ -234,6 +234,7 @@ mod tests {
                     peer: *p,
                     snapshots: vec![inc, full],
                     partial: Vec::new(),
+                    partial_attestations: Vec::new(),
                     streamer_addrs: vec!["127.0.0.1:1".parse().unwrap()],
                     holder_slot: None,
                     modified_time: 0,

@@ -21,15 +21,34 @@ const MAX_CHECKED: usize = 16_384;
 /// Most invalid signatures remembered, apart (junk cannot push out the valid ones).
 const MAX_INVALID: usize = 1024;
 
-/// A trusted signer's valid attestation of one of an advert's snapshots.
+/// Where in an advert a snapshot is listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Listed {
+    /// `snapshots[i]`: the advertiser holds it.
+    Held(usize),
+    /// `partial[i]`: the advertiser downloads it.
+    Partial(usize),
+}
+
+impl Listed {
+    /// The attestations `advert` carries with the snapshot listed here.
+    pub(crate) fn attestations(self, advert: &Advert) -> &[Attestation] {
+        match self {
+            Self::Held(i) => advert.attestations_of(i),
+            Self::Partial(i) => advert.partial_attestations_of(i),
+        }
+    }
+}
+
+/// A trusted signer's valid attestation of one of the snapshots an advert lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Signed {
     /// The snapshot.
     pub(crate) key: SnapshotKey,
     /// Who signed it.
     pub(crate) signer: PeerId,
-    /// Where the attestation is: the snapshot's place in the advert, its place in the list.
-    pub(crate) at: (usize, usize),
+    /// Where the attestation is: where the snapshot is listed, its place in the list there.
+    pub(crate) at: (Listed, usize),
 }
 
 /// The trusted keys and the verdicts on their signatures.
@@ -93,24 +112,29 @@ impl Signers {
         }
     }
 
-    /// The trusted signers of each snapshot `advert` lists, each once per snapshot. Of the
-    /// attestations naming one trusted key for one snapshot, only the first is checked.
+    /// The trusted signers of each snapshot `advert` lists (held or partly held), each once
+    /// per snapshot. Of the attestations naming one trusted key for one snapshot, only the first
+    /// is checked.
     pub(crate) fn of_advert(&mut self, advert: &Advert) -> Vec<Signed> {
+        let listed = (advert.snapshots.iter().enumerate())
+            .map(|(i, s)| (s.key, Listed::Held(i)))
+            .chain(
+                (advert.partial.iter().enumerate()).map(|(i, p)| (p.ad.key, Listed::Partial(i))),
+            );
         let mut out: Vec<Signed> = Vec::new();
         let mut tried: Vec<(SnapshotKey, [u8; 32])> = Vec::new();
-        for (i, s) in advert.snapshots.iter().enumerate() {
-            for (j, a) in advert.attestations_of(i).iter().enumerate() {
-                if !self.keys.contains_key(a.signer_key())
-                    || tried.contains(&(s.key, *a.signer_key()))
+        for (key, place) in listed {
+            for (j, a) in place.attestations(advert).iter().enumerate() {
+                if !self.keys.contains_key(a.signer_key()) || tried.contains(&(key, *a.signer_key()))
                 {
                     continue;
                 }
-                tried.push((s.key, *a.signer_key()));
-                if let Some(signer) = self.trusted_signer(&s.key, a) {
+                tried.push((key, *a.signer_key()));
+                if let Some(signer) = self.trusted_signer(&key, a) {
                     out.push(Signed {
-                        key: s.key,
+                        key,
                         signer,
-                        at: (i, j),
+                        at: (place, j),
                     });
                 }
             }

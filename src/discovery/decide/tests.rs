@@ -35,6 +35,7 @@ fn book(adverts: &[(PeerId, Vec<SnapshotAd>)]) -> AdvertBook {
                 peer: *peer,
                 snapshots: snaps.clone(),
                 partial: Vec::new(),
+                partial_attestations: Vec::new(),
                 streamer_addrs: vec!["127.0.0.1:1".parse().unwrap()],
                 holder_slot: None,
                 modified_time: 0,

@@ -230,6 +230,7 @@ fn a_web_listing_is_held_to_the_limits_of_any_advert() {
             peer: web,
             snapshots: vec![orphan, huge, fine],
             partial: Vec::new(),
+            partial_attestations: Vec::new(),
             streamer_addrs: Vec::new(),
             holder_slot: None,
             modified_time: 0,
@@ -262,6 +263,7 @@ fn a_web_listings_attestations_stay_with_their_snapshot_when_others_are_dropped(
             // The same snapshot twice is listed once.
             snapshots: vec![huge, fine, fine],
             partial: Vec::new(),
+            partial_attestations: Vec::new(),
             streamer_addrs: Vec::new(),
             holder_slot: None,
             modified_time: 0,

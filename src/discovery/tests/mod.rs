@@ -212,3 +212,15 @@ fn partial_answer(
         nonce,
     )
 }
+
+/// A request from `peer` at `slot`, as gossip.
+fn gossip_request(peer: PeerId, nonce: u64, slot: Option<u64>) -> Vec<u8> {
+    message::gossip(crate::proto::discovery_message::Body::Request(
+        message::request(
+            peer,
+            nonce,
+            slot,
+            &["/ip4/127.0.0.1/tcp/1".parse().unwrap()],
+        ),
+    ))
+}

@@ -3,18 +3,6 @@
 
 use super::*;
 
-/// A holder at slot 100 and a request from `peer` at `slot`, as gossip.
-fn gossip_request(peer: PeerId, nonce: u64, slot: Option<u64>) -> Vec<u8> {
-    message::gossip(crate::proto::discovery_message::Body::Request(
-        message::request(
-            peer,
-            nonce,
-            slot,
-            &["/ip4/127.0.0.1/tcp/1".parse().unwrap()],
-        ),
-    ))
-}
-
 fn answers(actions: &[Action]) -> Vec<PeerId> {
     actions
         .iter()

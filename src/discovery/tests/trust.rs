@@ -638,3 +638,66 @@ fn a_state_the_application_refused_is_never_taken_again_under_any_root() {
     acts.extend(drain(&mut d));
     assert!(plan_of(&acts).is_none(), "{acts:?}");
 }
+
+#[test]
+fn signatures_a_partial_holder_relays_make_a_quorum_and_a_downloading_node_relays_them_on() {
+    use crate::snapshot::Attestation;
+    use libp2p::identity::Keypair;
+    let t0 = Instant::now();
+    let keys: Vec<Keypair> = (0..2).map(|_| Keypair::generate_ed25519()).collect();
+    let trusted: Vec<PeerId> = keys.iter().map(|k| k.public().to_peer_id()).collect();
+    let (mut d, nonce) = asking(trusted_config(&trusted, 2), t0, None);
+    let snap = full(1200, 1);
+    let signed: Vec<Attestation> = keys
+        .iter()
+        .map(|k| Attestation::sign(k, "n", &snap.key).unwrap())
+        .collect();
+    // A stranger holds it, unsigned: no quorum.
+    let holder = PeerId::random();
+    d.handle_answer(holder, &answer(holder, &[snap], nonce), false, t0);
+    assert_eq!(d.best_known_slot(t0), None);
+    // A partial holder of it relays both trusted signatures: the quorum is there.
+    let relay = PeerId::random();
+    let held = PartialAd {
+        ad: snap,
+        verified_bytes: 1 << 16,
+    };
+    let msg = message::advert(
+        relay,
+        &[],
+        &|_| signed.clone(),
+        &[held],
+        &addr(),
+        None,
+        0,
+        nonce,
+    );
+    d.handle_answer(relay, &msg, false, t0);
+    assert_eq!(d.best_known_slot(t0), Some(1200));
+    d.handle_timeout(t0 + SEC);
+    let plan = plan_of(&drain(&mut d)).expect("a plan");
+    assert_eq!(plan.last().ad.key, snap.key);
+    assert_eq!(plan.last().attestations.len(), 2);
+    // Downloading it, this node serves part of it: its answers carry the signatures on.
+    d.handle_partials(vec![held], t0 + 2 * SEC);
+    drain(&mut d);
+    let q = PeerId::random();
+    d.handle_gossip(Some(q), q, &gossip_request(q, 7, None), t0 + 3 * SEC);
+    let answered = drain(&mut d)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::Answer { answer, .. } => Some(answer),
+            _ => None,
+        })
+        .expect("an answer");
+    let carried = message::check_advert(&answered, d.me, d.config.limits)
+        .unwrap()
+        .partial_attestations;
+    assert_eq!(carried.len(), 1);
+    let mut carried_signers: Vec<PeerId> =
+        carried[0].iter().filter_map(Attestation::signer).collect();
+    carried_signers.sort();
+    let mut want = trusted.clone();
+    want.sort();
+    assert_eq!(carried_signers, want);
+}
