@@ -55,15 +55,19 @@ pub fn discovery_direct(data: &[u8]) {
     }
 }
 
-/// Chunk-stream frames: hello, welcome, requests, response headers (with a manifest).
+/// Chunk-stream frames: hello, welcome, requests, response headers (with a manifest and the
+/// attestations served beside it).
 pub fn chunk_frames(data: &[u8]) {
     let _ = proto::Hello::decode(data);
     let _ = proto::Welcome::decode(data);
     let _ = proto::Request::decode(data);
-    if let Ok(h) = proto::ResponseHeader::decode(data)
-        && let Some(m) = h.manifest
-    {
-        let _ = crate::snapshot::Manifest::from_proto(&m);
+    if let Ok(h) = proto::ResponseHeader::decode(data) {
+        if let Some(m) = h.manifest {
+            let _ = crate::snapshot::Manifest::from_proto(&m);
+        }
+        if let Ok(list) = crate::snapshot::Attestation::decode_list(&h.attestations) {
+            assert!(list.len() <= crate::snapshot::MAX_ATTESTATIONS);
+        }
     }
 }
 
@@ -265,6 +269,15 @@ mod tests {
                 manifest: Some(m.to_proto()),
                 encoded_len: 0,
                 complete: false,
+                attestations: vec![
+                    crate::snapshot::Attestation::sign(
+                        &libp2p::identity::Keypair::generate_ed25519(),
+                        "seed",
+                        &m.key(),
+                    )
+                    .unwrap()
+                    .to_proto(),
+                ],
             }
             .encode_to_vec(),
         ));
@@ -364,6 +377,7 @@ mod tests {
                         && let Some(m) = h.manifest
                     {
                         crate::snapshot::Manifest::from_proto(&m).unwrap();
+                        crate::snapshot::Attestation::decode_list(&h.attestations).unwrap();
                     }
                 }
                 "manifest" => {

@@ -35,6 +35,39 @@ async fn one_peer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_attestations_kept_with_a_snapshot_are_served_with_its_manifest() {
+    init_tracing();
+    let (server, snap) = Node::with_snapshot(256, 50, 7);
+    let key = snap.manifest().key();
+    let bare = Node::holding(&snap);
+    let mut signed: Vec<snapsync::snapshot::Attestation> = (0..2)
+        .map(|_| {
+            let k = libp2p::identity::Keypair::generate_ed25519();
+            snapsync::snapshot::Attestation::sign(&k, "net", &key).unwrap()
+        })
+        .collect();
+    server
+        .store
+        .attest(&key.content_root, "net", &signed)
+        .unwrap();
+    let streamer = serve(&server, StreamerConfig::default());
+    let client = Node::new();
+    let got = fetch_from(&client, fast(), snap.manifest(), &server, &streamer)
+        .await
+        .unwrap();
+    assert_exact(&got, &snap, &client);
+    signed.sort();
+    assert_eq!(got.attestations, signed);
+    // A holder that keeps none serves none.
+    let streamer = serve(&bare, StreamerConfig::default());
+    let again = Node::new();
+    let got = fetch_from(&again, fast(), snap.manifest(), &bare, &streamer)
+        .await
+        .unwrap();
+    assert!(got.attestations.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_capped_peers_all_serve() {
     init_tracing();
     let (a, snap) = Node::with_snapshot(4096, 50, 2);

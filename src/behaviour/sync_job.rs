@@ -69,6 +69,8 @@ pub(crate) struct Synced {
     pub(crate) elapsed: Duration,
     /// Peers that sent chunks proven wrong on the way (the others served the rest).
     pub(crate) bad_peers: Vec<PeerId>,
+    /// The attestations the sources served with each snapshot's manifest (claims).
+    pub(crate) served_attestations: Vec<(SnapshotKey, Vec<Attestation>)>,
 }
 
 /// A sync that failed: the snapshot it was syncing to, why, and the facts discovery judges.
@@ -490,6 +492,10 @@ impl SyncJob {
             per_peer,
             elapsed: self.started.elapsed(),
             bad_peers,
+            served_attestations: (self.legs.iter())
+                .filter_map(|l| Some((l.key, l.done.as_ref()?.attestations.clone())))
+                .filter(|(_, list)| !list.is_empty())
+                .collect(),
         }))
     }
 

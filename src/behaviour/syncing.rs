@@ -101,6 +101,7 @@ impl Behaviour {
                 self.discovery.handle_sync_ended(
                     SyncOutcome::Synced {
                         bad_peers: synced.bad_peers,
+                        served: synced.served_attestations,
                     },
                     Instant::now(),
                 );

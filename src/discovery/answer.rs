@@ -5,10 +5,11 @@ use std::time::Instant;
 use libp2p::PeerId;
 
 use super::message::{self, InfoRequest};
-use super::{Action, Discovery};
+use super::{Action, Discovery, Stage};
 use crate::log::DISCOVERY as TARGET;
 use crate::metrics::MessageKind;
 use crate::proto;
+use crate::snapshot::SnapshotKey;
 
 impl Discovery {
     /// `peer` asked this node directly: the answer to send back (`None`: nothing newer, or
@@ -88,18 +89,30 @@ impl Discovery {
         message::advert(
             self.me,
             &self.local.snapshots,
-            // What it stored with a snapshot it holds; else (a snapshot it downloads, one it
-            // stored none with) the trusted signatures adverts carry.
-            &|k| {
-                (self.local.attestations.get(k).cloned())
-                    .unwrap_or_else(|| self.book.attestations(k))
-            },
+            &|k| self.relayed_attestations(k),
             &self.partials,
             &self.streamer_addrs,
             self.local.slot,
             self.local.modified_time,
             nonce,
         )
+    }
+
+    /// The attestations its adverts carry with `key`: what it stored with a snapshot it holds;
+    /// else (one it downloads, one it stored none with) the trusted signatures its sync was
+    /// chosen with and those adverts carry now, one per signer.
+    fn relayed_attestations(&self, key: &SnapshotKey) -> Vec<crate::snapshot::Attestation> {
+        if let Some(stored) = self.local.attestations.get(key) {
+            return stored.clone();
+        }
+        let mut list = self.book.attestations(key);
+        if let Stage::Syncing { plan } = &self.stage {
+            let chosen = plan.full.iter().chain(&plan.incremental);
+            for t in chosen.filter(|t| t.ad.key == *key) {
+                crate::snapshot::merge_attestations(&mut list, &t.attestations);
+            }
+        }
+        list
     }
 
     /// One dial (to answer a peer not connected) out of the interval's budget.

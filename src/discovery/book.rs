@@ -128,7 +128,12 @@ pub(crate) struct KeyEntry<'a> {
 impl KeyEntry<'_> {
     /// The policy's attesters whose valid attestation of it some advert carries, in order.
     pub(crate) fn signers(&self) -> Vec<PeerId> {
-        let mut s: Vec<PeerId> = self.attested.into_iter().flat_map(|a| a.keys()).copied().collect();
+        let mut s: Vec<PeerId> = self
+            .attested
+            .into_iter()
+            .flat_map(|a| a.keys())
+            .copied()
+            .collect();
         s.sort();
         s
     }
@@ -535,6 +540,28 @@ impl AdvertBook {
             .take(MAX_ATTESTATIONS)
             .map(|(_, a)| a)
             .collect()
+    }
+
+    /// Those of `list` (attestations of `key` from anywhere: a manifest's) that are trusted
+    /// peers' valid signatures, one per signer, at most [`MAX_ATTESTATIONS`]. Only the keys
+    /// the policy names are verified, each (snapshot, attestation) once.
+    pub(crate) fn trusted_attestations(
+        &mut self,
+        key: &SnapshotKey,
+        list: &[Attestation],
+    ) -> Vec<Attestation> {
+        let mut out: Vec<(PeerId, Attestation)> = Vec::new();
+        for a in list {
+            if out.len() >= MAX_ATTESTATIONS {
+                break;
+            }
+            if let Some(signer) = self.signers.trusted_signer(key, a)
+                && out.iter().all(|(p, _)| *p != signer)
+            {
+                out.push((signer, a.clone()));
+            }
+        }
+        out.into_iter().map(|(_, a)| a).collect()
     }
 
     /// Who vouches for `key`, as `holders` and the carried signatures say.
@@ -991,7 +1018,11 @@ mod tests {
         assert!(book.insert(partial, Standing::Announced, t0, &policy));
         assert_eq!(book.standing(&relay), Some(Standing::Partial));
         assert!(book.entry(&key).is_none(), "a partial holder is no holder");
-        assert_eq!(book.attestations(&key), signed, "yet what it relays is kept");
+        assert_eq!(
+            book.attestations(&key),
+            signed,
+            "yet what it relays is kept"
+        );
         // A stranger holding it, unsigned, is joined by the relayed voices.
         let holder = advert(PeerId::random(), 10);
         let holder_peer = holder.peer;

@@ -539,10 +539,15 @@ impl Discovery {
             }
         };
         match outcome {
-            SyncOutcome::Synced { bad_peers } => {
+            SyncOutcome::Synced { bad_peers, served } => {
                 self.not_on = None;
                 for peer in bad_peers {
                     self.strike(peer, &outcome::Offence::BadChunks, now);
+                }
+                // The trusted signatures the sources served with the manifests are kept too.
+                for (key, list) in served {
+                    let trusted = self.book.trusted_attestations(&key, &list);
+                    self.keep_attestations(&key, trusted);
                 }
                 self.schedule_announce(now);
             }

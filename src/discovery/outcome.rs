@@ -67,8 +67,13 @@ pub(crate) struct SyncFailure {
 /// How a sync ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum SyncOutcome {
-    /// The plan's last snapshot is loaded. `bad_peers` sent chunks proven wrong on the way.
-    Synced { bad_peers: Vec<PeerId> },
+    /// The plan's last snapshot is loaded. `bad_peers` sent chunks proven wrong on the way;
+    /// `served` are the attestations the sources served with each snapshot's manifest
+    /// (claims).
+    Synced {
+        bad_peers: Vec<PeerId>,
+        served: Vec<(SnapshotKey, Vec<crate::snapshot::Attestation>)>,
+    },
     /// It failed.
     Failed(SyncFailure),
     /// It was cancelled (by the owner, or by shutting down).

@@ -163,32 +163,41 @@ impl Discovery {
     /// what it made too, and its published index lists them).
     fn keep_new_attestations(&mut self, keys: &[(SnapshotKey, bool)]) {
         for (key, _) in keys {
-            if !self.local.snapshots.iter().any(|s| s.key == *key) {
-                continue;
-            }
-            let held = self
-                .local
-                .attestations
-                .get(key)
-                .map_or(&[][..], Vec::as_slice);
-            if held.len() >= crate::snapshot::MAX_ATTESTATIONS {
-                continue;
-            }
-            // Each (snapshot, signer) asked for once: a store that failed is not asked again
-            // at every advert.
-            let new: Vec<crate::snapshot::Attestation> = self
-                .book
-                .attestations(key)
-                .into_iter()
-                .filter(|a| held.iter().all(|h| h.signer_key() != a.signer_key()))
-                .filter(|a| self.keep_asked.put((*key, *a.signer_key()), ()).is_none())
-                .collect();
-            if !new.is_empty() {
-                self.actions.push_back(Action::KeepAttestations {
-                    key: *key,
-                    attestations: new,
-                });
-            }
+            let carried = self.book.attestations(key);
+            self.keep_attestations(key, carried);
+        }
+    }
+
+    /// Asks the driver to store those of `trusted` (trusted peers' valid attestations of
+    /// `key`) it lacks, if it holds `key`.
+    pub(super) fn keep_attestations(
+        &mut self,
+        key: &SnapshotKey,
+        trusted: Vec<crate::snapshot::Attestation>,
+    ) {
+        if trusted.is_empty() || !self.local.snapshots.iter().any(|s| s.key == *key) {
+            return;
+        }
+        let held = self
+            .local
+            .attestations
+            .get(key)
+            .map_or(&[][..], Vec::as_slice);
+        if held.len() >= crate::snapshot::MAX_ATTESTATIONS {
+            return;
+        }
+        // Each (snapshot, signer) asked for once: a store that failed is not asked again at
+        // every advert.
+        let new: Vec<crate::snapshot::Attestation> = trusted
+            .into_iter()
+            .filter(|a| held.iter().all(|h| h.signer_key() != a.signer_key()))
+            .filter(|a| self.keep_asked.put((*key, *a.signer_key()), ()).is_none())
+            .collect();
+        if !new.is_empty() {
+            self.actions.push_back(Action::KeepAttestations {
+                key: *key,
+                attestations: new,
+            });
         }
     }
 

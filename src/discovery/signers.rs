@@ -125,7 +125,8 @@ impl Signers {
         let mut tried: Vec<(SnapshotKey, [u8; 32])> = Vec::new();
         for (key, place) in listed {
             for (j, a) in place.attestations(advert).iter().enumerate() {
-                if !self.keys.contains_key(a.signer_key()) || tried.contains(&(key, *a.signer_key()))
+                if !self.keys.contains_key(a.signer_key())
+                    || tried.contains(&(key, *a.signer_key()))
                 {
                     continue;
                 }

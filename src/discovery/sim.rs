@@ -334,7 +334,13 @@ impl Sim {
                     modified_time: 0,
                     chunk_size: None,
                 });
-                node.handle_sync_ended(SyncOutcome::Synced { bad_peers: vec![] }, now);
+                node.handle_sync_ended(
+                    SyncOutcome::Synced {
+                        bad_peers: vec![],
+                        served: vec![],
+                    },
+                    now,
+                );
                 self.drain(n);
             }
         }

@@ -58,7 +58,7 @@ pub enum AttestationError {
 
 /// One node's signature over a snapshot's statement. Checked only against the statement of a
 /// given snapshot and network ([`Attestation::verify`]); until then it is a claim.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Attestation {
     signer: [u8; 32],
     signature: [u8; 64],

@@ -14,8 +14,8 @@ mod store;
 
 pub use archive::SnapshotKind;
 pub use archive::{ArchiveError, ArchiveReader, DEFAULT_ZSTD_LEVEL};
-pub(crate) use attestation::ed25519_key_of;
 pub use attestation::{Attestation, AttestationError, MAX_ATTESTATIONS, MAX_ATTESTATIONS_BYTES};
+pub(crate) use attestation::{ed25519_key_of, merge as merge_attestations};
 pub use create::{
     CreateError, CreateOptions, CreationTask, Creator, CreatorConfig, CreatorConfigError,
     DEFAULT_FULL_INTERVAL, DEFAULT_RANGE_FOR_SNAPSHOT, create_incremental, create_snapshot,

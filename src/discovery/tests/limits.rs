@@ -64,6 +64,7 @@ fn a_peer_whose_chunks_were_bad_is_struck_even_when_the_sync_succeeds() {
     d.handle_sync_ended(
         SyncOutcome::Synced {
             bad_peers: vec![bad],
+            served: vec![],
         },
         t0 + 2 * SEC,
     );

@@ -616,7 +616,13 @@ fn a_state_the_application_refused_is_never_taken_again_under_any_root() {
     assert_eq!(plan_of(&drain(&mut d)).unwrap().last().ad.key, good.key);
     let mut synced = local(Some(100), vec![good]);
     synced.attestations.clear();
-    d.handle_sync_ended(SyncOutcome::Synced { bad_peers: vec![] }, t0 + 4 * SEC);
+    d.handle_sync_ended(
+        SyncOutcome::Synced {
+            bad_peers: vec![],
+            served: vec![],
+        },
+        t0 + 4 * SEC,
+    );
     d.handle_local(synced);
     // Long after any cooldown, the refused state, under its root and under a fresh one from a
     // fresh identity, is still not taken.
@@ -681,23 +687,89 @@ fn signatures_a_partial_holder_relays_make_a_quorum_and_a_downloading_node_relay
     // Downloading it, this node serves part of it: its answers carry the signatures on.
     d.handle_partials(vec![held], t0 + 2 * SEC);
     drain(&mut d);
-    let q = PeerId::random();
-    d.handle_gossip(Some(q), q, &gossip_request(q, 7, None), t0 + 3 * SEC);
-    let answered = drain(&mut d)
-        .into_iter()
-        .find_map(|a| match a {
-            Action::Answer { answer, .. } => Some(answer),
-            _ => None,
-        })
-        .expect("an answer");
-    let carried = message::check_advert(&answered, d.me, d.config.limits)
-        .unwrap()
-        .partial_attestations;
-    assert_eq!(carried.len(), 1);
-    let mut carried_signers: Vec<PeerId> =
-        carried[0].iter().filter_map(Attestation::signer).collect();
-    carried_signers.sort();
     let mut want = trusted.clone();
     want.sort();
-    assert_eq!(carried_signers, want);
+    let relayed_signers = |d: &mut Discovery, nonce: u64, at: Instant| -> Vec<PeerId> {
+        let q = PeerId::random();
+        d.handle_gossip(Some(q), q, &gossip_request(q, nonce, None), at);
+        let answered = drain(d)
+            .into_iter()
+            .find_map(|a| match a {
+                Action::Answer { answer, .. } => Some(answer),
+                _ => None,
+            })
+            .expect("an answer");
+        let carried = message::check_advert(&answered, d.me, d.config.limits)
+            .unwrap()
+            .partial_attestations;
+        assert_eq!(carried.len(), 1);
+        let mut signers: Vec<PeerId> = carried[0].iter().filter_map(Attestation::signer).collect();
+        signers.sort();
+        signers
+    };
+    assert_eq!(relayed_signers(&mut d, 7, t0 + 3 * SEC), want);
+    // Long after the adverts that carried them are gone, the download's own choice still
+    // carries them on.
+    let policy = d.config.policy.clone();
+    d.book.forget(&relay, &policy);
+    d.book.forget(&holder, &policy);
+    assert!(d.book.attestations(&snap.key).is_empty());
+    assert_eq!(relayed_signers(&mut d, 8, t0 + 4 * SEC), want);
+}
+
+#[test]
+fn the_trusted_signatures_served_with_a_manifest_are_kept_with_the_snapshot_synced() {
+    use crate::snapshot::Attestation;
+    use libp2p::identity::Keypair;
+    let t0 = Instant::now();
+    let keys: Vec<Keypair> = (0..3).map(|_| Keypair::generate_ed25519()).collect();
+    let ids: Vec<PeerId> = keys.iter().map(|k| k.public().to_peer_id()).collect();
+    let (mut d, nonce) = asking(trusted_config(&ids, 1), t0, None);
+    let snap = full(1200, 1);
+    let sign = |k: &Keypair| Attestation::sign(k, "n", &snap.key).unwrap();
+    // Chosen on one trusted signature carried in an advert.
+    let p = PeerId::random();
+    d.handle_answer(
+        p,
+        &attested_answer(p, &[snap], &|_| vec![sign(&keys[0])], nonce),
+        false,
+        t0,
+    );
+    d.handle_timeout(t0 + SEC);
+    let plan = plan_of(&drain(&mut d)).expect("a plan");
+    assert_eq!(plan.last().attestations, vec![sign(&keys[0])]);
+    // Synced: the job stored the plan's signature; the sources served others with the
+    // manifest: another trusted key's, a stranger's, one forged, one of another snapshot.
+    let mut held = local(Some(1200), vec![snap]);
+    held.attestations.insert(snap.key, vec![sign(&keys[0])]);
+    d.handle_local(held);
+    drain(&mut d);
+    let mut forged = sign(&keys[2]).to_proto();
+    forged.signature = sign(&Keypair::generate_ed25519()).to_proto().signature;
+    let served = vec![
+        sign(&keys[0]),
+        sign(&Keypair::generate_ed25519()),
+        Attestation::from_proto(&forged).unwrap(),
+        Attestation::sign(&keys[2], "n", &full(1100, 2).key).unwrap(),
+        sign(&keys[1]),
+    ];
+    d.handle_sync_ended(
+        SyncOutcome::Synced {
+            bad_peers: vec![],
+            served: vec![(snap.key, served)],
+        },
+        t0 + 2 * SEC,
+    );
+    let kept: Vec<Vec<Attestation>> = drain(&mut d)
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::KeepAttestations { key, attestations } if key == snap.key => Some(attestations),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        kept,
+        vec![vec![sign(&keys[1])]],
+        "only the new valid trusted one"
+    );
 }

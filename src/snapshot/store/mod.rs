@@ -46,8 +46,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::disk;
 use crate::hash::ContentRoot;
 use crate::snapshot::archive::SnapshotKind;
-use crate::snapshot::attestation::merge as merge_attestations;
 use crate::snapshot::exchange::Exchange;
+use crate::snapshot::merge_attestations;
 use crate::snapshot::{Attestation, AttestationError, Manifest};
 
 pub(crate) use error::IoAt;

@@ -4,7 +4,7 @@
 use super::scheduler::RequestFailure;
 use super::{DownloadContext, DownloadTarget};
 use crate::proto;
-use crate::snapshot::Manifest;
+use crate::snapshot::{Attestation, Manifest};
 use crate::transfer::PeerAddr;
 use crate::transfer::protocol::{
     self, FrameError, MAX_FRAME, MAX_HELLO, PROTOCOL_VERSION, Refusal, Role, close, read_frame,
@@ -107,15 +107,22 @@ impl ConnectError {
     }
 }
 
+/// A peer's manifest of the target, with the attestations it serves beside it (claims: the
+/// lengths are checked, the signatures by whoever counts them).
+pub(super) struct ManifestReply {
+    pub(super) manifest: Manifest,
+    pub(super) attestations: Vec<Attestation>,
+}
+
 /// Connects, proves the token both ways, and checks the peer's manifest.
 pub(super) async fn connect(
     ctx: &DownloadContext,
     peer: PeerAddr,
     target: DownloadTarget,
-) -> Result<(quinn::Connection, Manifest), ConnectError> {
+) -> Result<(quinn::Connection, ManifestReply), ConnectError> {
     let conn = handshake(ctx, &peer).await?;
-    let manifest = manifest_of(&conn, target).await?;
-    Ok((conn, manifest))
+    let reply = manifest_of(&conn, target).await?;
+    Ok((conn, reply))
 }
 
 /// The connection, once both sides proved the token and agreed on the protocol.
@@ -178,11 +185,13 @@ async fn handshake(
     Ok(conn)
 }
 
-/// The peer's manifest of the target, which must be the advertised snapshot.
+/// The peer's manifest of the target, which must be the advertised snapshot, and the
+/// attestations it serves with it (a list that does not read counts as none: the manifest
+/// is what the download needs).
 async fn manifest_of(
     conn: &quinn::Connection,
     target: DownloadTarget,
-) -> Result<Manifest, ConnectError> {
+) -> Result<ManifestReply, ConnectError> {
     let (mut send, mut recv) = conn
         .open_bi()
         .await
@@ -213,7 +222,14 @@ async fn manifest_of(
     if let Some(what) = target.mismatch(&manifest) {
         return Err(ConnectError::Mismatch(what));
     }
-    Ok(manifest)
+    let attestations = Attestation::decode_list(&header.attestations).unwrap_or_else(|e| {
+        tracing::debug!(target: crate::transfer::DOWNLOAD_TARGET, error = %e, "the attestations served with a manifest do not read; ignoring them");
+        Vec::new()
+    });
+    Ok(ManifestReply {
+        manifest,
+        attestations,
+    })
 }
 
 /// A response header's status and message, for error text.

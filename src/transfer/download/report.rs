@@ -129,6 +129,19 @@ impl Run {
             elapsed,
             per_peer,
             per_web,
+            attestations: self.served_attestations(),
         }
+    }
+
+    /// The attestations the sources served with the manifest, each once, by signer key.
+    fn served_attestations(&self) -> Vec<crate::snapshot::Attestation> {
+        let mut all: Vec<crate::snapshot::Attestation> = self
+            .sources
+            .iter()
+            .flat_map(|s| s.attestations.iter().cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
     }
 }

@@ -76,6 +76,7 @@ impl Refusal {
             manifest: None,
             encoded_len: 0,
             complete: false,
+            attestations: Vec::new(),
         }
     }
 }
@@ -88,6 +89,7 @@ fn ok(encoded_len: u64) -> proto::ResponseHeader {
         manifest: None,
         encoded_len,
         complete: false,
+        attestations: Vec::new(),
     }
 }
 
@@ -156,10 +158,11 @@ fn manifest_header(get: &proto::GetManifest, shared: &Shared) -> proto::Response
     let Ok(root) = ContentRoot::from_slice(&get.content_root) else {
         return refusal(proto::Status::BadRequest, "content root must be 32 bytes").header();
     };
-    let manifest = match shared.store.get(&root) {
-        Some(snap) => snap.manifest().clone(),
+    // A snapshot held is served with the attestations kept beside it.
+    let (manifest, attestations) = match shared.store.get(&root) {
+        Some(snap) => (snap.manifest().clone(), snap.attestations().to_vec()),
         None => match shared.store.exchange().offered(&root) {
-            Some(offer) => offer.manifest.clone(),
+            Some(offer) => (offer.manifest.clone(), Vec::new()),
             None => {
                 return refusal(
                     proto::Status::UnknownSnapshot,
@@ -171,6 +174,10 @@ fn manifest_header(get: &proto::GetManifest, shared: &Shared) -> proto::Response
     };
     proto::ResponseHeader {
         manifest: Some(manifest.to_proto()),
+        attestations: (attestations.iter())
+            .take(crate::snapshot::MAX_ATTESTATIONS)
+            .map(crate::snapshot::Attestation::to_proto)
+            .collect(),
         ..ok(0)
     }
 }

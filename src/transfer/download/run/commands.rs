@@ -31,10 +31,10 @@ impl Run {
                 .await
                 .unwrap_or(Err(ConnectError::Timeout));
             let report = match result {
-                Ok((conn, manifest)) => Report::Connected {
+                Ok((conn, reply)) => Report::Connected {
                     peer,
                     conn,
-                    manifest: Box::new(manifest),
+                    reply: Box::new(reply),
                 },
                 Err(error) => Report::ConnectFailed { peer, error },
             };

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 
 use super::bits::Bits;
-use super::connect::ConnectError;
+use super::connect::{ConnectError, ManifestReply};
 use super::fetch::{FetchError, Sink};
 use super::partial::{Partial, Persister};
 use super::scheduler::{Command, PeerIdx, ReqId, Scheduler};
@@ -49,7 +49,7 @@ enum Report {
     Connected {
         peer: PeerIdx,
         conn: quinn::Connection,
-        manifest: Box<Manifest>,
+        reply: Box<ManifestReply>,
     },
     ConnectFailed {
         peer: PeerIdx,
@@ -104,6 +104,9 @@ pub(super) struct Source {
     web: Option<(String, Arc<super::web::NodeCache>)>,
     pub(super) last_error: Option<String>,
     unauthorized: bool,
+    /// The attestations it served with the manifest (at most
+    /// [`MAX_ATTESTATIONS`](crate::snapshot::MAX_ATTESTATIONS); they go with its entry).
+    pub(super) attestations: Vec<crate::snapshot::Attestation>,
 }
 
 /// A source to take on: where it is, and whether it holds part of the snapshot only.
@@ -352,6 +355,7 @@ impl Run {
             web: None,
             last_error: None,
             unauthorized: false,
+            attestations: Vec::new(),
         };
         if peer == self.sources.len() {
             self.sources.push(source);

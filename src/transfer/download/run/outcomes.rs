@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{InFlight, Report, Reserve, Run};
+use super::{InFlight, ManifestReply, Report, Reserve, Run};
 use crate::snapshot::Manifest;
 use crate::transfer::DOWNLOAD_TARGET;
 use crate::transfer::download::DownloadError;
@@ -37,11 +37,7 @@ impl Run {
                 });
                 self.sched.handle_have(peer, result, now);
             }
-            Report::Connected {
-                peer,
-                conn,
-                manifest,
-            } => self.connected(peer, conn, *manifest),
+            Report::Connected { peer, conn, reply } => self.connected(peer, conn, *reply),
             Report::ConnectFailed { peer, error } => {
                 let source = &mut self.sources[peer];
                 tracing::debug!(target: DOWNLOAD_TARGET, source = %source.origin, %error, "connect failed");
@@ -109,15 +105,16 @@ impl Run {
         self.offer();
     }
 
-    fn connected(&mut self, peer: PeerIdx, conn: quinn::Connection, manifest: Manifest) {
+    fn connected(&mut self, peer: PeerIdx, conn: quinn::Connection, reply: ManifestReply) {
         let Some(take) = self.sched.handle_connected(peer) else {
             // It gave its place up while connecting: the connection is not used.
             conn.close(close::DONE, b"not needed");
             return;
         };
-        tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, "connected");
+        tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, attestations = reply.attestations.len(), "connected");
+        self.sources[peer].attestations = reply.attestations;
         if take {
-            self.take_manifest(peer, manifest);
+            self.take_manifest(peer, reply.manifest);
         }
         let reports = self.reports_tx.clone();
         let watched = conn.clone();
