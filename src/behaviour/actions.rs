@@ -22,7 +22,6 @@ impl Behaviour {
         match action {
             Action::Publish { kind, bytes } => {
                 // When the node asks its peers, it reads its web sources' indexes too.
-                #[cfg(feature = "web")]
                 if kind == crate::discovery::Published::Request {
                     self.web.ask_all();
                 }

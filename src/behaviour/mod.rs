@@ -19,7 +19,7 @@ mod messages;
 mod protocols;
 mod sync_job;
 mod syncing;
-#[cfg(feature = "web")]
+#[cfg_attr(not(feature = "web"), path = "web_off.rs")]
 mod web;
 
 pub use config::Config;
@@ -137,7 +137,6 @@ pub struct Behaviour {
     peer_ips: LruCache<PeerId, IpAddr>,
     chain_tip: Option<u64>,
     /// The web sources, each standing as an identity of its own.
-    #[cfg(feature = "web")]
     web: web::WebSources,
     /// Mirroring the store into the publish directory: one at a time.
     publishing: Arc<std::sync::Mutex<()>>,
@@ -199,10 +198,8 @@ impl Behaviour {
             trust = %config.trust().describe(),
             "snapsync started"
         );
-        #[cfg(feature = "web")]
         let web = web::WebSources::new(&config)?;
         let mut b = Self {
-            #[cfg(feature = "web")]
             web,
             publishing: Arc::new(std::sync::Mutex::new(())),
             condemned: LruCache::new(MAX_CONDEMNED),
@@ -414,7 +411,6 @@ impl Behaviour {
 
     /// A web source's index was read: its listing goes to discovery as that source's advert.
     fn poll_web(&mut self, _cx: &mut Context<'_>) -> bool {
-        #[cfg(feature = "web")]
         if let Poll::Ready(advert) = self.web.poll(_cx) {
             if let Some(advert) = advert {
                 self.discovery.handle_web_advert(advert, Instant::now());
@@ -481,7 +477,6 @@ impl Behaviour {
     /// Where to fetch from `peer`: the web source it stands as, or its chunk stream, at the
     /// address of `addrs` picked by the IP it is connected on.
     fn origin_of(&mut self, peer: PeerId, addrs: &[SocketAddr]) -> Option<Origin> {
-        #[cfg(feature = "web")]
         if let Some(source) = self.web.get(&peer) {
             return Some(Origin::Web(Arc::new(source)));
         }

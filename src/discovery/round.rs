@@ -84,7 +84,6 @@ impl Discovery {
     /// A web source's index, read as the advert of the identity it stands as: recorded like an
     /// untrusted peer's answer to this node (it vouches for nothing more), so strangers'
     /// announcements cannot push out a source the owner configured.
-    #[cfg_attr(not(feature = "web"), allow(dead_code))]
     pub(crate) fn handle_web_advert(&mut self, mut advert: Advert, now: Instant) {
         if self.ignores(&advert.peer, now) {
             return;

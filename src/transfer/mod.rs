@@ -13,14 +13,18 @@ mod protocol;
 mod rate;
 mod streamer;
 mod tls;
-#[cfg(feature = "web")]
+// Without the feature `web` the web source type exists with no values: a download names one
+// kind of source either way.
+#[cfg_attr(not(feature = "web"), path = "web_off.rs")]
 mod web;
 #[cfg(feature = "web")]
 mod web_roots;
+pub use web::WebSource;
 #[cfg(feature = "web")]
-pub use web::{MAX_INDEX_BYTES, MAX_INDEX_SNAPSHOTS, WebError, WebListing, WebSource};
-#[cfg(feature = "web")]
-pub use web_roots::{RootsError, WebRoots};
+pub use {
+    web::{MAX_INDEX_BYTES, MAX_INDEX_SNAPSHOTS, WebError, WebListing},
+    web_roots::{RootsError, WebRoots},
+};
 
 pub use download::{
     DownloadConfig, DownloadError, DownloadHandle, DownloadTarget, Downloaded, Downloader, Holding,

@@ -41,7 +41,6 @@ pub(super) enum ConnectError {
     #[error("{0}")]
     Endpoint(#[from] EndpointError),
     /// A web source's index or manifest could not be read.
-    #[cfg(feature = "web")]
     #[error("{0}")]
     Web(#[from] crate::transfer::web::WebError),
 }
@@ -61,9 +60,7 @@ impl ConnectError {
             ConnectError::Connection(quinn::ConnectionError::TransportError(_)) => {
                 RequestFailure::Fatal
             }
-            #[cfg(feature = "web")]
             ConnectError::Web(e) if e.is_transient() => RequestFailure::Transient,
-            #[cfg(feature = "web")]
             ConnectError::Web(_) => RequestFailure::Fatal,
             _ => RequestFailure::Transient,
         }

@@ -39,7 +39,6 @@ pub(super) enum FetchError {
     #[error("{0}")]
     Closed(#[from] quinn::ClosedStream),
     /// A web source's answer was not what was asked for.
-    #[cfg(feature = "web")]
     #[error("{0}")]
     Web(crate::transfer::web::WebError),
 }

@@ -21,7 +21,7 @@ mod run;
 mod scheduler;
 #[cfg(any(test, feature = "sim"))]
 pub mod swarm;
-#[cfg(feature = "web")]
+#[cfg_attr(not(feature = "web"), path = "web_off.rs")]
 mod web;
 
 #[cfg(test)]
@@ -159,7 +159,6 @@ pub enum Origin {
     Peer(PeerAddr),
     /// A directory of published snapshots on an HTTP(S) server: it serves like a peer that
     /// holds the snapshot, its every chunk checked against the content root.
-    #[cfg(feature = "web")]
     Web(Arc<crate::transfer::web::WebSource>),
 }
 
@@ -168,7 +167,6 @@ impl Origin {
     pub fn peer_id(&self) -> Option<PeerId> {
         match self {
             Origin::Peer(a) => Some(a.peer_id),
-            #[cfg(feature = "web")]
             Origin::Web(_) => None,
         }
     }
@@ -177,7 +175,6 @@ impl Origin {
     pub fn web_base(&self) -> Option<&str> {
         match self {
             Origin::Peer(_) => None,
-            #[cfg(feature = "web")]
             Origin::Web(w) => Some(w.base()),
         }
     }
@@ -187,7 +184,6 @@ impl std::fmt::Display for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Origin::Peer(a) => write!(f, "{} at {}", a.peer_id, a.addr),
-            #[cfg(feature = "web")]
             Origin::Web(w) => write!(f, "{w}"),
         }
     }

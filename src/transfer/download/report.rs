@@ -77,7 +77,6 @@ impl Run {
     fn web_progress(&self) -> Vec<WebProgress> {
         self.listed()
             .filter_map(|(i, r)| match &self.sources[i].origin {
-                #[cfg(feature = "web")]
                 Origin::Web(w) => Some(WebProgress {
                     url: w.base().to_string(),
                     bytes: r.bytes,

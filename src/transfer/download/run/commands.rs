@@ -19,7 +19,6 @@ impl Run {
         let ctx = self.ctx.clone();
         let addr = match &self.sources[peer].origin {
             Origin::Peer(addr) => *addr,
-            #[cfg(feature = "web")]
             Origin::Web(web) => return self.connect_web(peer, web.clone()),
         };
         tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, "taking a place: connecting");
@@ -49,13 +48,9 @@ impl Run {
         if let Some(conn) = source.conn.take() {
             conn.close(close::DONE, b"place given up");
         }
-        #[cfg(feature = "web")]
-        {
-            source.web = None;
-        }
+        source.web = None;
     }
 
-    #[cfg(feature = "web")]
     fn connect_web(&mut self, peer: PeerIdx, web: Arc<crate::transfer::web::WebSource>) {
         let reports = self.reports_tx.clone();
         let (target, timeout) = (self.target, self.ctx.config.connect_timeout);
@@ -75,7 +70,6 @@ impl Run {
 
     pub(super) fn ask_have(&mut self, peer: PeerIdx) {
         // A web source holds the whole snapshot.
-        #[cfg(feature = "web")]
         if matches!(self.sources[peer].origin, Origin::Web(_)) {
             self.sched.handle_have(
                 peer,
@@ -108,7 +102,6 @@ impl Run {
         let stall = self.ctx.config.schedule.min_request_timeout;
         let written = Arc::new(AtomicU64::new(chunks.start));
         let progress = written.clone();
-        #[cfg(feature = "web")]
         if let (Origin::Web(web), Some((path, nodes))) =
             (&self.sources[peer].origin, &self.sources[peer].web)
         {

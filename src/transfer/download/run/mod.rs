@@ -70,7 +70,6 @@ enum Report {
         result: Result<super::picker::Have, FetchError>,
     },
     /// A web source lists the snapshot in `path`, with this manifest.
-    #[cfg(feature = "web")]
     WebConnected {
         peer: PeerIdx,
         path: String,
@@ -83,14 +82,12 @@ enum Report {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum SourceId {
     Peer(libp2p::PeerId),
-    #[cfg(feature = "web")]
     Web(String),
 }
 
 fn source_id(origin: &Origin) -> SourceId {
     match origin {
         Origin::Peer(a) => SourceId::Peer(a.peer_id),
-        #[cfg(feature = "web")]
         Origin::Web(w) => SourceId::Web(w.base().to_string()),
     }
 }
@@ -100,7 +97,6 @@ pub(super) struct Source {
     pub(super) origin: Origin,
     conn: Option<quinn::Connection>,
     /// A web source: the snapshot's directory there (once found), and the proof nodes read.
-    #[cfg(feature = "web")]
     web: Option<(String, Arc<super::web::NodeCache>)>,
     pub(super) last_error: Option<String>,
     unauthorized: bool,
@@ -351,7 +347,6 @@ impl Run {
         let source = Source {
             origin,
             conn: None,
-            #[cfg(feature = "web")]
             web: None,
             last_error: None,
             unauthorized: false,

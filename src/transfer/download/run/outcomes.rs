@@ -1,7 +1,6 @@
 //! What the download's tasks report back to its loop: the files reserved, what a source holds,
 //! a connection up, failed or lost, a request's end; and the manifest taken.
 
-#[cfg(feature = "web")]
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -68,7 +67,6 @@ impl Run {
                 }
             }
             Report::Fetched { id, result } => return self.fetched(id, result, now),
-            #[cfg(feature = "web")]
             Report::WebConnected {
                 peer,
                 path,
@@ -174,7 +172,6 @@ impl Run {
                 self.sources[peer].last_error = Some(why);
                 self.sched.handle_failure(id, failure, now);
             }
-            #[cfg(feature = "web")]
             Err(FetchError::Web(e)) => {
                 tracing::debug!(target: DOWNLOAD_TARGET, source = %self.sources[peer].origin, error = %e, "web request failed");
                 let failure = if e.is_transient() {
