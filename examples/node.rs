@@ -150,16 +150,8 @@ async fn shutdown_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let args = Args::parse();
+/// The node's settings, as the command line gives them.
+fn options(args: &Args) -> Options {
     let mut opts = Options::new(&args.data_dir);
     opts.listen = args.listen.clone();
     opts.streamer = args.streamer;
@@ -190,16 +182,27 @@ async fn main() {
     opts.web_sources = args.web_source.clone();
     opts.web_ca_files = args.web_ca.clone();
     opts.publish_dir = args.publish_dir.clone();
-    let mut node = match node::start(opts).await {
+    opts
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    let mut node = match node::start(options(&args)).await {
         Ok(n) => n,
         Err(e) => fail(&format!("cannot start the node: {e}")),
     };
     let deadline = args
         .timeout
         .map(|t| tokio::time::Instant::now() + Duration::from_secs(t));
-    let mut sync_started: Option<Instant> = None;
-    let mut last_progress = Instant::now();
-    let mut unreachable: BTreeMap<String, String> = BTreeMap::new();
+    let mut lines = Lines::default();
     let signal = shutdown_signal();
     tokio::pin!(signal);
     let mut stats =
@@ -218,32 +221,68 @@ async fn main() {
                 std::process::exit(0);
             }
             _ = stats.tick(), if args.stats_secs.is_some() => {
-                if let Some(s) = node.query(|s, _| s.behaviour().snapsync.streamer_stats()).await {
-                    emit(json!({
-                        "event": "stats",
-                        "served_bytes": s.bytes_served,
-                        "requests_served": s.requests_served,
-                        "connections_accepted": s.connections_accepted,
-                        "closed_too_slow": s.closed_too_slow,
-                        "cpu_secs": cpu_secs(),
-                    }));
-                }
+                emit_stats(&node).await;
                 continue;
             }
             event = next => event,
         };
-        let Some(event) = event else {
-            let mut message = "timed out before a snapshot was synced".to_string();
-            if !unreachable.is_empty() {
-                let list: Vec<String> = unreachable
-                    .iter()
-                    .map(|(a, why)| format!("{a} ({why})"))
-                    .collect();
-                message.push_str(&format!("; could not reach: {}", list.join(", ")));
+        match event {
+            None => fail(&lines.timed_out()),
+            Some(None) => return,
+            Some(Some(NodeEvent::Snap(event))) => {
+                if let Some(exit) = lines.snap(event, args.exit_after_sync) {
+                    node.shutdown().await;
+                    std::process::exit(exit);
+                }
             }
-            fail(&message);
-        };
-        let Some(event) = event else { return };
+            Some(Some(event)) => lines.node(&node, event).await,
+        }
+    }
+}
+
+/// A `stats` line: what the chunk stream served, and CPU time.
+async fn emit_stats(node: &node::NodeHandle) {
+    if let Some(s) = node
+        .query(|s, _| s.behaviour().snapsync.streamer_stats())
+        .await
+    {
+        emit(json!({
+            "event": "stats",
+            "served_bytes": s.bytes_served,
+            "requests_served": s.requests_served,
+            "connections_accepted": s.connections_accepted,
+            "closed_too_slow": s.closed_too_slow,
+            "cpu_secs": cpu_secs(),
+        }));
+    }
+}
+
+/// The JSON lines of the events, with what they need to remember.
+#[derive(Default)]
+struct Lines {
+    /// When the first download of the sync under way started.
+    sync_started: Option<Instant>,
+    /// When a progress line was last written (one a second at most).
+    last_progress: Option<Instant>,
+    /// The addresses that could not be dialled, and why.
+    unreachable: BTreeMap<String, String>,
+}
+
+impl Lines {
+    /// The message of a node that gave up waiting for a sync.
+    fn timed_out(&self) -> String {
+        let mut message = "timed out before a snapshot was synced".to_string();
+        if !self.unreachable.is_empty() {
+            let list: Vec<String> = (self.unreachable.iter())
+                .map(|(a, why)| format!("{a} ({why})"))
+                .collect();
+            message.push_str(&format!("; could not reach: {}", list.join(", ")));
+        }
+        message
+    }
+
+    /// The lines of the node's own events (its addresses, its connections).
+    async fn node(&mut self, node: &node::NodeHandle, event: NodeEvent) {
         match event {
             NodeEvent::Listening { addrs } => {
                 let streamer = node
@@ -263,56 +302,35 @@ async fn main() {
             NodeEvent::Disconnected(peer) => {
                 emit(json!({"event": "peer_disconnected", "peer_id": peer.to_string()}))
             }
-            NodeEvent::Chat { .. } | NodeEvent::Slot(_) => {}
-            NodeEvent::Snap(event) => match event {
-                Event::SnapshotCreated { manifest } => emit(json!({
-                    "event": "snapshot_created",
-                    "kind": manifest.kind.as_str(),
-                    "slot": manifest.slot,
-                    "bank_hash": manifest.bank_hash.to_hex(),
-                    "content_root": manifest.content_root.to_hex(),
-                    "base_slot": manifest.base.map(|b| b.slot),
-                    "bytes": manifest.archive_size,
-                })),
-                Event::DiscoveryStarted { round, local_slot } => emit(json!({
-                    "event": "discovery_started", "round": round, "local_slot": local_slot,
-                })),
-                Event::NoSnapshotAvailable { round, adverts } => emit(json!({
-                    "event": "no_snapshot", "round": round, "adverts": adverts,
-                })),
-                Event::SnapshotFound {
-                    key,
-                    full,
-                    peers,
-                    bytes,
-                } => emit(json!({
-                    "event": "snapshot_found",
+            NodeEvent::Chat { .. } | NodeEvent::Slot(_) | NodeEvent::Snap(_) => {}
+        }
+    }
+
+    /// The line of one of snapsync's events; `Some(code)` when the node should exit with it
+    /// (`exit_after_sync`: 0 once synced, 2 when syncing cannot work).
+    fn snap(&mut self, event: Event, exit_after_sync: bool) -> Option<i32> {
+        match event {
+            Event::DownloadStarted {
+                key,
+                peers,
+                resumed_bytes,
+            } => {
+                self.sync_started.get_or_insert_with(Instant::now);
+                emit(json!({
+                    "event": "download_started",
                     "kind": key.kind.as_str(),
                     "slot": key.slot,
-                    "bank_hash": key.bank_hash.to_hex(),
-                    "with_full_slot": full.map(|f| f.slot),
-                    "bytes": bytes,
+                    "bytes": key.archive_size,
+                    "resumed_bytes": resumed_bytes,
                     "peers": peers.len(),
-                })),
-                Event::DownloadStarted {
-                    key,
-                    peers,
-                    resumed_bytes,
-                } => {
-                    sync_started.get_or_insert_with(Instant::now);
-                    emit(json!({
-                        "event": "download_started",
-                        "kind": key.kind.as_str(),
-                        "slot": key.slot,
-                        "bytes": key.archive_size,
-                        "resumed_bytes": resumed_bytes,
-                        "peers": peers.len(),
-                    }));
-                }
-                Event::DownloadProgress(p)
-                    if last_progress.elapsed() >= Duration::from_secs(1) || p.finished =>
-                {
-                    last_progress = Instant::now();
+                }));
+            }
+            Event::DownloadProgress(p) => {
+                let due = self
+                    .last_progress
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+                if due || p.finished {
+                    self.last_progress = Some(Instant::now());
                     emit(json!({
                         "event": "progress",
                         "root": p.root.to_hex(),
@@ -324,72 +342,120 @@ async fn main() {
                         "peers": p.peers.iter().map(|pp| json!({"peer_id": pp.peer_id.to_string(), "bytes": pp.bytes, "partial": pp.partial})).collect::<Vec<_>>(),
                     }));
                 }
-                Event::SnapshotSynced {
-                    slot,
-                    bank_hash,
-                    kind,
-                    with_full,
-                    bytes,
-                    fetched_bytes,
-                    served_bytes,
-                    elapsed,
-                    per_peer,
-                } => {
-                    let took = sync_started.take().map(|s| s.elapsed()).unwrap_or(elapsed);
-                    emit(json!({
-                        "event": "synced",
-                        "slot": slot,
-                        "bank_hash": bank_hash.to_hex(),
-                        "kind": kind.as_str(),
-                        "fetched": if with_full { "full+incremental" } else { kind_of(false) },
-                        "with_full": with_full,
-                        "bytes": bytes,
-                        "fetched_bytes": fetched_bytes,
-                        "served_bytes": served_bytes,
-                        "secs": secs(took),
-                        "cpu_secs": cpu_secs(),
-                        "peers": per_peer.iter().filter(|(_, b)| *b > 0).count(),
-                        "per_peer": per_peer.iter().map(|(p, b)| json!({"peer_id": p.to_string(), "bytes": b})).collect::<Vec<_>>(),
-                    }));
-                    if args.exit_after_sync {
-                        node.shutdown().await;
-                        std::process::exit(0);
-                    }
+            }
+            Event::SnapshotSynced { elapsed, .. } => {
+                let took = (self.sync_started.take())
+                    .map(|s| s.elapsed())
+                    .unwrap_or(elapsed);
+                emit(synced_line(&event, took));
+                if exit_after_sync {
+                    return Some(0);
                 }
-                Event::SyncFailed { key, error } => {
-                    emit(json!({
-                        "event": "sync_failed",
-                        "kind": key.kind.as_str(),
-                        "slot": key.slot,
-                        "error": error.to_string(),
-                    }));
-                    let unauthorized =
-                        matches!(&error, SyncError::Download(e) if e.is_unauthorized());
-                    if args.exit_after_sync && unauthorized {
-                        fail(&format!("cannot sync: {error}"));
-                    }
+            }
+            Event::SyncFailed { key, error } => {
+                emit(json!({
+                    "event": "sync_failed",
+                    "kind": key.kind.as_str(),
+                    "slot": key.slot,
+                    "error": error.to_string(),
+                }));
+                let unauthorized = matches!(&error, SyncError::Download(e) if e.is_unauthorized());
+                if exit_after_sync && unauthorized {
+                    fail(&format!("cannot sync: {error}"));
                 }
-                Event::ConflictingSnapshots(c) => emit(json!({
-                    "event": "conflict", "slot": c.slot, "variants": c.variants.len(),
-                })),
-                Event::CreationFailed(e) => {
-                    emit(json!({"event": "creation_failed", "error": e.to_string()}))
+            }
+            Event::PeerUnreachable { peer, addresses } => {
+                for (addr, why) in &addresses {
+                    self.unreachable.insert(addr.to_string(), why.to_string());
                 }
-                Event::PeerMisbehaved { peer, reason } => emit(json!({
-                    "event": "peer_misbehaved", "peer_id": peer.to_string(), "reason": reason,
-                })),
-                Event::PeerUnreachable { peer, addresses } => {
-                    for (addr, why) in &addresses {
-                        unreachable.insert(addr.to_string(), why.to_string());
-                    }
-                    emit(json!({
-                        "event": "dial_failed",
-                        "peer_id": peer.map(|p| p.to_string()),
-                        "addresses": addresses.iter().map(|(a, why)| json!({"addr": a.to_string(), "error": why.to_string()})).collect::<Vec<_>>(),
-                    }));
+                emit(json!({
+                    "event": "dial_failed",
+                    "peer_id": peer.map(|p| p.to_string()),
+                    "addresses": addresses.iter().map(|(a, why)| json!({"addr": a.to_string(), "error": why.to_string()})).collect::<Vec<_>>(),
+                }));
+            }
+            other => {
+                if let Some(line) = line_of(&other) {
+                    emit(line);
                 }
-                _ => {}
-            },
+            }
         }
+        None
     }
+}
+
+/// The `synced` line of a [`Event::SnapshotSynced`] that took `took` since its download started.
+fn synced_line(event: &Event, took: Duration) -> serde_json::Value {
+    let Event::SnapshotSynced {
+        slot,
+        bank_hash,
+        kind,
+        with_full,
+        bytes,
+        fetched_bytes,
+        served_bytes,
+        per_peer,
+        ..
+    } = event
+    else {
+        return serde_json::Value::Null;
+    };
+    json!({
+        "event": "synced",
+        "slot": slot,
+        "bank_hash": bank_hash.to_hex(),
+        "kind": kind.as_str(),
+        "fetched": if *with_full { "full+incremental" } else { kind_of(false) },
+        "with_full": with_full,
+        "bytes": bytes,
+        "fetched_bytes": fetched_bytes,
+        "served_bytes": served_bytes,
+        "secs": secs(took),
+        "cpu_secs": cpu_secs(),
+        "peers": per_peer.iter().filter(|(_, b)| *b > 0).count(),
+        "per_peer": per_peer.iter().map(|(p, b)| json!({"peer_id": p.to_string(), "bytes": b})).collect::<Vec<_>>(),
+    })
+}
+
+/// The line of an event that needs nothing remembered.
+fn line_of(event: &Event) -> Option<serde_json::Value> {
+    Some(match event {
+        Event::SnapshotCreated { manifest } => json!({
+            "event": "snapshot_created",
+            "kind": manifest.kind.as_str(),
+            "slot": manifest.slot,
+            "bank_hash": manifest.bank_hash.to_hex(),
+            "content_root": manifest.content_root.to_hex(),
+            "base_slot": manifest.base.map(|b| b.slot),
+            "bytes": manifest.archive_size,
+        }),
+        Event::DiscoveryStarted { round, local_slot } => json!({
+            "event": "discovery_started", "round": round, "local_slot": local_slot,
+        }),
+        Event::NoSnapshotAvailable { round, adverts } => json!({
+            "event": "no_snapshot", "round": round, "adverts": adverts,
+        }),
+        Event::SnapshotFound {
+            key,
+            full,
+            peers,
+            bytes,
+        } => json!({
+            "event": "snapshot_found",
+            "kind": key.kind.as_str(),
+            "slot": key.slot,
+            "bank_hash": key.bank_hash.to_hex(),
+            "with_full_slot": full.map(|f| f.slot),
+            "bytes": bytes,
+            "peers": peers.len(),
+        }),
+        Event::ConflictingSnapshots(c) => json!({
+            "event": "conflict", "slot": c.slot, "variants": c.variants.len(),
+        }),
+        Event::CreationFailed(e) => json!({"event": "creation_failed", "error": e.to_string()}),
+        Event::PeerMisbehaved { peer, reason } => json!({
+            "event": "peer_misbehaved", "peer_id": peer.to_string(), "reason": reason,
+        }),
+        _ => return None,
+    })
 }

@@ -412,8 +412,10 @@ const REPLAY_AFTER_ROUNDS: u32 = 3;
 /// Most slots executed per loop turn when catching up, so the node stays responsive.
 const CATCH_UP_BATCH: u64 = 64;
 
+type StartError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Starts a node in its own task.
-pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Error + Send + Sync>> {
+pub async fn start(opts: Options) -> Result<NodeHandle, StartError> {
     check_data_dir(&opts.data_dir)?;
     let keypair = identity(&opts.data_dir).map_err(|e| {
         format!(
@@ -427,10 +429,39 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = snapsync::Metrics::new();
     metrics.register(&mut registry);
-    let creator = CreatorConfig::default()
-        .with_range_for_snapshot(opts.range_for_snapshot)
-        .with_full_interval(opts.full_interval)
-        .with_retention(Retention::default());
+    let config = snapsync_config(&opts, metrics)?;
+    let state: Arc<dyn StateDb> = Arc::new(db.clone());
+    let mut swarm = build_swarm(keypair, state, config, opts.mdns, &mut registry)?;
+    let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
+    for addr in &opts.listen {
+        swarm.listen_on(addr.clone())?;
+    }
+    if let Some(addr) = opts.metrics {
+        serve_metrics(addr, registry).await?;
+    }
+    for addr in &opts.peers {
+        let _ = swarm.dial(addr.clone());
+    }
+    let peer_id = *swarm.local_peer_id();
+    let (events_tx, events) = mpsc::channel(1024);
+    let (commands, commands_rx) = mpsc::channel::<Command>(64);
+    let driver = Driver::new(swarm, producer, &opts, libp2p_metrics, events_tx);
+    let task = tokio::spawn(driver.run(commands_rx));
+    Ok(NodeHandle {
+        peer_id,
+        db,
+        events,
+        commands,
+        task,
+    })
+}
+
+/// snapsync's settings for a node with `opts`: the environment's (`SNAPSHOT_TOKEN`,
+/// `SNAPSHOT_CHUNK_SIZE`), then the node's own.
+fn snapsync_config(
+    opts: &Options,
+    metrics: snapsync::Metrics,
+) -> Result<snapsync::Config, StartError> {
     // Every node syncs when behind; one that executes the chain knows the tip by its clock.
     let clock = opts.chain.map(|c| {
         snapsync::ChainClock::new(c.genesis_unix_ms, Duration::from_millis(c.slot_ms.max(1)))
@@ -452,17 +483,29 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
     if let Some(chain) = opts.chain {
         config = config.with_state_check(app_root::LightClient::new(chain));
     }
+    // The chunk size stays the environment's.
     let options = config.creator().options();
-    config = config
-        .with_creator(creator.with_options(options))
-        .with_streamer(
-            StreamerConfig::default()
-                .with_listen(opts.streamer)
-                .with_rate_limit_per_peer(opts.rate_limit_per_peer),
-        );
-    let state: Arc<dyn StateDb> = Arc::new(db.clone());
-    let mdns_on = opts.mdns;
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+    let creator = CreatorConfig::default()
+        .with_range_for_snapshot(opts.range_for_snapshot)
+        .with_full_interval(opts.full_interval)
+        .with_retention(Retention::default())
+        .with_options(options);
+    Ok(config.with_creator(creator).with_streamer(
+        StreamerConfig::default()
+            .with_listen(opts.streamer)
+            .with_rate_limit_per_peer(opts.rate_limit_per_peer),
+    ))
+}
+
+/// The node's swarm: QUIC and TCP, the chat gossipsub, snapsync, and mDNS when `mdns`.
+fn build_swarm(
+    keypair: libp2p::identity::Keypair,
+    state: Arc<dyn StateDb>,
+    config: snapsync::Config,
+    mdns: bool,
+    registry: &mut prometheus_client::registry::Registry,
+) -> Result<Swarm<NodeBehaviour>, StartError> {
+    Ok(libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
             tcp::Config::default(),
@@ -470,9 +513,9 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
             yamux::Config::default,
         )?
         .with_quic()
-        .with_bandwidth_metrics(&mut registry)
+        .with_bandwidth_metrics(registry)
         .with_behaviour(|key| {
-            let mdns = if mdns_on {
+            let mdns = if mdns {
                 Some(mdns::tokio::Behaviour::new(
                     mdns::Config::default(),
                     key.public().to_peer_id(),
@@ -487,184 +530,255 @@ pub async fn start(opts: Options) -> Result<NodeHandle, Box<dyn std::error::Erro
             })
         })?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-        .build();
-    let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
-    for addr in &opts.listen {
-        swarm.listen_on(addr.clone())?;
-    }
-    if let Some(addr) = opts.metrics {
-        serve_metrics(addr, registry).await?;
-    }
-    let peer_id = *swarm.local_peer_id();
-    let (events_tx, events) = mpsc::channel(1024);
-    let (commands, mut commands_rx) = mpsc::channel::<Command>(64);
-    let dial = opts.peers.clone();
-    let producing = opts.chain.is_some();
-    // Behind the chain at start: sync first, execute after.
-    let mut syncing = producing && producer.behind(opts.behind_threshold);
-    let mut empty_rounds = 0u32;
-    if syncing {
-        tracing::info!(
-            slot = producer.slot(),
-            chain_slot = producer.chain_slot(),
-            "behind the chain: syncing from peers before executing"
-        );
-    }
-    let slot_ms = opts.chain.map_or(1_000_000, |c| c.slot_ms.max(1));
-    let task = tokio::spawn(async move {
-        use libp2p::metrics::Recorder;
+        .build())
+}
+
+/// A node's task: the swarm, the chain it executes, and the events it reports.
+struct Driver {
+    swarm: Swarm<NodeBehaviour>,
+    producer: Producer,
+    /// It executes the chain.
+    producing: bool,
+    /// A sync is awaited or under way: execution waits for it.
+    syncing: bool,
+    /// Discovery rounds in a row with nothing to take, while syncing.
+    empty_rounds: u32,
+    slots: tokio::time::Interval,
+    libp2p_metrics: libp2p::metrics::Metrics,
+    events: mpsc::Sender<NodeEvent>,
+    /// The addresses listened on so far.
+    listen_addrs: Vec<Multiaddr>,
+    /// When to report `listening` (a moment after the first address, for the others to come).
+    listening_at: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Events waiting until `listening` is out: it is always the first.
+    held: Vec<NodeEvent>,
+    announced: bool,
+}
+
+impl Driver {
+    fn new(
+        swarm: Swarm<NodeBehaviour>,
+        producer: Producer,
+        opts: &Options,
+        libp2p_metrics: libp2p::metrics::Metrics,
+        events: mpsc::Sender<NodeEvent>,
+    ) -> Self {
+        let producing = opts.chain.is_some();
+        // Behind the chain at start: sync first, execute after.
+        let syncing = producing && producer.behind(opts.behind_threshold);
+        if syncing {
+            tracing::info!(
+                slot = producer.slot(),
+                chain_slot = producer.chain_slot(),
+                "behind the chain: syncing from peers before executing"
+            );
+        }
+        let slot_ms = opts.chain.map_or(1_000_000, |c| c.slot_ms.max(1));
         let mut slots = tokio::time::interval(Duration::from_millis(slot_ms));
         slots.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut listen_addrs: Vec<Multiaddr> = Vec::new();
-        let mut listening_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-        // Everything waits until `listening` is out: it is always the first event.
-        let mut held: Vec<NodeEvent> = Vec::new();
-        let mut announced = false;
-        for addr in dial {
-            let _ = swarm.dial(addr);
+        Self {
+            swarm,
+            producer,
+            producing,
+            syncing,
+            empty_rounds: 0,
+            slots,
+            libp2p_metrics,
+            events,
+            listen_addrs: Vec::new(),
+            listening_at: None,
+            held: Vec::new(),
+            announced: false,
         }
+    }
+
+    /// Runs the node until its handle goes (or aborts it).
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         loop {
             let listening = async {
-                match listening_timer.as_mut() {
+                match self.listening_at.as_mut() {
                     Some(t) => t.await,
                     None => std::future::pending().await,
                 }
             };
+            let executing =
+                self.producing && !self.syncing && self.producer.slot() < self.producer.stop_at;
             let event = tokio::select! {
-                _ = slots.tick(), if producing && !syncing && producer.slot() < producer.stop_at => {
-                    let target = producer.chain_slot().max(1).min(producer.stop_at);
-                    let mut last = None;
-                    for _ in 0..CATCH_UP_BATCH {
-                        if producer.slot() >= target {
-                            break;
-                        }
-                        match producer.step() {
-                            Ok(slot) => {
-                                swarm.behaviour_mut().snapsync.on_slot(slot);
-                                last = Some(slot);
-                            }
-                            Err(e) => {
-                                tracing::error!("cannot advance the state: {e}");
-                                break;
-                            }
-                        }
-                    }
-                    if producer.slot() < target {
-                        // Still catching up: come back at once.
-                        slots.reset_immediately();
-                    }
-                    match last {
-                        Some(slot) => NodeEvent::Slot(slot),
-                        None => continue,
-                    }
-                }
-                Some(cmd) = commands_rx.recv() => {
-                    cmd(&mut swarm, &mut producer);
-                    continue;
+                _ = self.slots.tick(), if executing => self.execute(),
+                Some(cmd) = commands.recv() => {
+                    cmd(&mut self.swarm, &mut self.producer);
+                    None
                 }
                 _ = listening => {
-                    listening_timer = None;
-                    announced = true;
-                    let addrs = listen_addrs
-                        .iter()
-                        .map(|a: &Multiaddr| a.clone().with_p2p(peer_id).unwrap_or_else(|a| a))
-                        .collect();
-                    if events_tx.send(NodeEvent::Listening { addrs }).await.is_err() {
+                    if !self.announce().await {
                         return;
                     }
-                    for e in held.drain(..) {
-                        if events_tx.send(e).await.is_err() {
-                            return;
-                        }
-                    }
-                    continue;
+                    None
                 }
-                event = swarm.select_next_some() => {
-                    libp2p_metrics.record(&event);
-                    match event {
-                        SwarmEvent::NewListenAddr { address, .. } => {
-                            listen_addrs.push(address);
-                            if listening_timer.is_none() && !announced {
-                                listening_timer = Some(Box::pin(tokio::time::sleep(Duration::from_millis(200))));
-                            }
-                            continue;
-                        }
-                        SwarmEvent::Behaviour(NodeBehaviourEvent::Snapsync(e)) => {
-                            if producing {
-                                match &e {
-                                    // A sync replaces the state: execution waits for it.
-                                    snapsync::Event::SnapshotFound { .. } => syncing = true,
-                                    snapsync::Event::SnapshotSynced { .. } => {
-                                        producer.reload();
-                                        syncing = false;
-                                        slots.reset_immediately();
-                                    }
-                                    // Nothing to sync from, round after round (or the sync
-                                    // failed): replay the chain from the node's own state.
-                                    snapsync::Event::NoSnapshotAvailable { .. } if syncing => {
-                                        empty_rounds += 1;
-                                        if empty_rounds >= REPLAY_AFTER_ROUNDS {
-                                            tracing::info!(rounds = empty_rounds, "no peer offers a snapshot: replaying the chain from the node's own state");
-                                            syncing = false;
-                                            slots.reset_immediately();
-                                        }
-                                    }
-                                    snapsync::Event::SyncFailed { .. } if syncing => {
-                                        syncing = false;
-                                        slots.reset_immediately();
-                                    }
-                                    _ => {}
-                                }
-                            }
-                            NodeEvent::Snap(e)
-                        }
-                        SwarmEvent::Behaviour(NodeBehaviourEvent::Chat(gossipsub::Event::Message { message, .. })) => {
-                            let Some(from) = message.source else { continue };
-                            let text = String::from_utf8_lossy(&message.data).into_owned();
-                            producer.pending.push(format!("{from}: {text}"));
-                            NodeEvent::Chat { from, text }
-                        }
-                        SwarmEvent::Behaviour(NodeBehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
-                            for (peer, addr) in found {
-                                if !swarm.is_connected(&peer) {
-                                    let _ = swarm.dial(addr);
-                                }
-                            }
-                            continue;
-                        }
-                        SwarmEvent::ConnectionEstablished { peer_id, num_established, .. } if num_established.get() == 1 => {
-                            NodeEvent::Connected(peer_id)
-                        }
-                        SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => NodeEvent::Disconnected(peer_id),
-                        _ => continue,
-                    }
-                }
+                event = self.swarm.select_next_some() => self.on_swarm(event),
             };
-            if !announced {
-                if held.len() < 1024 {
-                    held.push(event);
-                }
-                continue;
-            }
-            // Progress updates and slots are dropped rather than block the node when nobody
-            // reads.
-            if matches!(
-                event,
-                NodeEvent::Snap(snapsync::Event::DownloadProgress(_)) | NodeEvent::Slot(_)
-            ) {
-                let _ = events_tx.try_send(event);
-            } else if events_tx.send(event).await.is_err() {
+            if let Some(event) = event
+                && !self.report(event).await
+            {
                 return;
             }
         }
-    });
-    Ok(NodeHandle {
-        peer_id,
-        db,
-        events,
-        commands,
-        task,
-    })
+    }
+
+    /// Executes the slots the chain's clock is ahead by (a batch at most, so the node stays
+    /// responsive); the last one executed, if any.
+    fn execute(&mut self) -> Option<NodeEvent> {
+        let producer = &mut self.producer;
+        let target = producer.chain_slot().max(1).min(producer.stop_at);
+        let mut last = None;
+        for _ in 0..CATCH_UP_BATCH {
+            if producer.slot() >= target {
+                break;
+            }
+            match producer.step() {
+                Ok(slot) => {
+                    self.swarm.behaviour_mut().snapsync.on_slot(slot);
+                    last = Some(slot);
+                }
+                Err(e) => {
+                    tracing::error!("cannot advance the state: {e}");
+                    break;
+                }
+            }
+        }
+        if producer.slot() < target {
+            // Still catching up: come back at once.
+            self.slots.reset_immediately();
+        }
+        last.map(NodeEvent::Slot)
+    }
+
+    /// Reports `listening`, then what waited for it. Returns whether anyone still listens.
+    async fn announce(&mut self) -> bool {
+        self.listening_at = None;
+        self.announced = true;
+        let peer_id = *self.swarm.local_peer_id();
+        let addrs = (self.listen_addrs.iter())
+            .map(|a| a.clone().with_p2p(peer_id).unwrap_or_else(|a| a))
+            .collect();
+        if self
+            .events
+            .send(NodeEvent::Listening { addrs })
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        for e in std::mem::take(&mut self.held) {
+            if self.events.send(e).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// What a swarm event means to the node, if anything to report.
+    fn on_swarm(&mut self, event: SwarmEvent<NodeBehaviourEvent>) -> Option<NodeEvent> {
+        use libp2p::metrics::Recorder;
+        self.libp2p_metrics.record(&event);
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                self.listen_addrs.push(address);
+                if self.listening_at.is_none() && !self.announced {
+                    self.listening_at =
+                        Some(Box::pin(tokio::time::sleep(Duration::from_millis(200))));
+                }
+                None
+            }
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Snapsync(e)) => {
+                self.on_snapsync(&e);
+                Some(NodeEvent::Snap(e))
+            }
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Chat(gossipsub::Event::Message {
+                message,
+                ..
+            })) => {
+                let from = message.source?;
+                let text = String::from_utf8_lossy(&message.data).into_owned();
+                self.producer.pending.push(format!("{from}: {text}"));
+                Some(NodeEvent::Chat { from, text })
+            }
+            SwarmEvent::Behaviour(NodeBehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+                None
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                ..
+            } if num_established.get() == 1 => Some(NodeEvent::Connected(peer_id)),
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => Some(NodeEvent::Disconnected(peer_id)),
+            _ => None,
+        }
+    }
+
+    /// A producer executes only while it does not sync.
+    fn on_snapsync(&mut self, e: &snapsync::Event) {
+        if !self.producing {
+            return;
+        }
+        match e {
+            // A sync replaces the state: execution waits for it.
+            snapsync::Event::SnapshotFound { .. } => self.syncing = true,
+            snapsync::Event::SnapshotSynced { .. } => {
+                self.producer.reload();
+                self.syncing = false;
+                self.slots.reset_immediately();
+            }
+            // Nothing to sync from, round after round (or the sync failed): replay the chain
+            // from the node's own state.
+            snapsync::Event::NoSnapshotAvailable { .. } if self.syncing => {
+                self.empty_rounds += 1;
+                if self.empty_rounds >= REPLAY_AFTER_ROUNDS {
+                    tracing::info!(
+                        rounds = self.empty_rounds,
+                        "no peer offers a snapshot: replaying the chain from the node's own state"
+                    );
+                    self.syncing = false;
+                    self.slots.reset_immediately();
+                }
+            }
+            snapsync::Event::SyncFailed { .. } if self.syncing => {
+                self.syncing = false;
+                self.slots.reset_immediately();
+            }
+            _ => {}
+        }
+    }
+
+    /// Hands `event` to the handle (held until `listening` is out). Progress updates and
+    /// slots are dropped rather than block the node when nobody reads. Returns whether anyone
+    /// still listens.
+    async fn report(&mut self, event: NodeEvent) -> bool {
+        if !self.announced {
+            if self.held.len() < 1024 {
+                self.held.push(event);
+            }
+            return true;
+        }
+        if matches!(
+            event,
+            NodeEvent::Snap(snapsync::Event::DownloadProgress(_)) | NodeEvent::Slot(_)
+        ) {
+            let _ = self.events.try_send(event);
+            true
+        } else {
+            self.events.send(event).await.is_ok()
+        }
+    }
 }
 
 /// Serves `registry` on `addr` at `/metrics`, in the OpenMetrics text format with its content
