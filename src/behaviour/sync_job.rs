@@ -69,8 +69,8 @@ pub(crate) struct Synced {
     pub(crate) elapsed: Duration,
     /// Peers that sent chunks proven wrong on the way (the others served the rest).
     pub(crate) bad_peers: Vec<PeerId>,
-    /// The attestations the sources served with each snapshot's manifest (claims).
-    pub(crate) served_attestations: Vec<(SnapshotKey, Vec<Attestation>)>,
+    /// The lists of attestations the sources served with each snapshot's manifest (claims).
+    pub(crate) served_attestations: Vec<(SnapshotKey, Vec<Vec<Attestation>>)>,
 }
 
 /// A sync that failed: the snapshot it was syncing to, why, and the facts discovery judges.

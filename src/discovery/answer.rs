@@ -98,20 +98,32 @@ impl Discovery {
         )
     }
 
-    /// The attestations its adverts carry with `key`: what it stored with a snapshot it holds;
-    /// else (one it downloads, one it stored none with) the trusted signatures its sync was
-    /// chosen with and those adverts carry now, one per signer.
+    /// The attestations its adverts carry with `key`, one per signer, at most
+    /// [`MAX_ATTESTATIONS`](crate::snapshot::MAX_ATTESTATIONS): its own signature first, then
+    /// those of the keys its policy names now (stored with the snapshot, carried by adverts,
+    /// those its sync was chosen with), then the rest of what it stored (signers trusted once:
+    /// a set that changed by epoch is relayed as it is now).
     fn relayed_attestations(&self, key: &SnapshotKey) -> Vec<crate::snapshot::Attestation> {
-        if let Some(stored) = self.local.attestations.get(key) {
-            return stored.clone();
-        }
-        let mut list = self.book.attestations(key);
+        use crate::snapshot::merge_attestations as merge;
+        let stored = self
+            .local
+            .attestations
+            .get(key)
+            .map_or(&[][..], Vec::as_slice);
+        let mine = crate::snapshot::ed25519_key_of(&self.me);
+        let (own, others): (Vec<_>, Vec<_>) =
+            (stored.iter().cloned()).partition(|a| Some(*a.signer_key()) == mine);
+        let (named, rest): (Vec<_>, Vec<_>) = others.into_iter().partition(|a| self.book.names(a));
+        let mut list = own;
+        merge(&mut list, &named);
+        merge(&mut list, &self.book.attestations(key));
         if let Stage::Syncing { plan } = &self.stage {
             let chosen = plan.full.iter().chain(&plan.incremental);
             for t in chosen.filter(|t| t.ad.key == *key) {
-                crate::snapshot::merge_attestations(&mut list, &t.attestations);
+                merge(&mut list, &t.attestations);
             }
         }
+        merge(&mut list, &rest);
         list
     }
 

@@ -7,7 +7,8 @@
 //! an advert is held at a [`Standing`], and a full table makes room for an advert by forgetting
 //! the oldest of the lowest standing below it, never one above. Trusted peers' adverts are
 //! never pushed out by others, answers to this node's own requests not by announcements, and
-//! announcements by strangers hold at most a quarter of the table. Adverts of partial holdings
+//! announcements by strangers hold at most a quarter of the table (those relaying the trusted
+//! signatures of the newest signed snapshot another quarter, above the other announcements). Adverts of partial holdings
 //! only (peers downloading a snapshot and serving what they verified) stand lowest, hold at
 //! most a quarter of the table too, and are indexed apart: they make sources, never agreement.
 
@@ -19,7 +20,7 @@ use libp2p::PeerId;
 
 use super::message::{Advert, SnapshotAd};
 use super::policy::TrustPolicy;
-use super::signers::{Listed, Signed, Signers};
+use super::signers::{Listed, MAX_INVALID_CHECKED, Signed, Signers};
 use crate::hash::ContentRoot;
 use crate::snapshot::{Attestation, Base, MAX_ATTESTATIONS, SnapshotKey};
 
@@ -91,6 +92,12 @@ pub(crate) enum Standing {
     Partial,
     /// Announced on the topic by a peer the policy does not trust.
     Announced,
+    /// An announcement carrying trusted signatures that make the newest signed snapshot of its
+    /// kind acceptable: announcements of other snapshots cannot push it out, and it pushes out
+    /// no answer (the signatures are public: anyone can replay them, from any number of
+    /// identities). It holds at most a quarter of the table, and stands so only while its
+    /// latest advert carries such signatures.
+    Relayed,
     /// An answer to a request or ask of this node.
     Answered,
     /// Of a snapshot the policy accepts on its own (the pinned one, one the owner's verifier
@@ -218,7 +225,7 @@ impl AdvertBook {
     /// Most adverts of `standing` the table holds.
     fn cap_of(&self, standing: Standing) -> usize {
         match standing {
-            Standing::Partial | Standing::Announced => self.cap / 4,
+            Standing::Partial | Standing::Announced | Standing::Relayed => self.cap / 4,
             Standing::Answered | Standing::Vouched | Standing::Trusted => self.cap,
         }
     }
@@ -318,6 +325,7 @@ impl AdvertBook {
         [
             Standing::Partial,
             Standing::Announced,
+            Standing::Relayed,
             Standing::Answered,
             Standing::Vouched,
             Standing::Trusted,
@@ -350,25 +358,24 @@ impl AdvertBook {
             .get(&peer)
             .map_or(standing, |old| old.given.max(standing));
         let signed = self.signers.of_advert(&advert);
+        let relayed = !advert.snapshots.is_empty() && self.signatures_vouch(&signed, policy);
         let standing = if policy.trusts(&peer) {
             Standing::Trusted
         } else if advert.snapshots.is_empty() {
             Standing::Partial
-        } else if self.signatures_vouch(&signed, policy)
-            || advert
-                .snapshots
-                .iter()
-                .any(|s| policy.accepts_alone(&s.key))
-        {
+        } else if (advert.snapshots.iter()).any(|s| policy.accepts_alone(&s.key)) {
             Standing::Vouched
+        } else if relayed {
+            standing.max(Standing::Relayed)
         } else {
             standing
         };
-        // A peer's own newer advert keeps the better of its standings.
-        let standing = self
-            .adverts
-            .get(&peer)
-            .map_or(standing, |old| standing.max(old.standing));
+        // A peer's own newer advert keeps the better of its standings (but not a relay's:
+        // it stands so only while it carries the signatures).
+        let standing = match self.adverts.get(&peer) {
+            Some(old) if old.standing != Standing::Relayed => standing.max(old.standing),
+            _ => standing,
+        };
         let before = self.adverts.get(&peer).map(|old| old.standing);
         // A newcomer needs room in the table and in its standing's share; a peer whose
         // standing rises (partial holdings, then an announcement) needs room in its new share.
@@ -544,24 +551,36 @@ impl AdvertBook {
 
     /// Those of `list` (attestations of `key` from anywhere: a manifest's) that are trusted
     /// peers' valid signatures, one per signer, at most [`MAX_ATTESTATIONS`]. Only the keys
-    /// the policy names are verified, each (snapshot, attestation) once.
+    /// the policy names and not found yet are verified, each (snapshot, attestation) once, and
+    /// none after [`MAX_INVALID_CHECKED`] invalid ones.
     pub(crate) fn trusted_attestations(
         &mut self,
         key: &SnapshotKey,
         list: &[Attestation],
     ) -> Vec<Attestation> {
         let mut out: Vec<(PeerId, Attestation)> = Vec::new();
+        let mut invalid = 0;
         for a in list {
-            if out.len() >= MAX_ATTESTATIONS {
+            if out.len() >= MAX_ATTESTATIONS || invalid >= MAX_INVALID_CHECKED {
                 break;
             }
-            if let Some(signer) = self.signers.trusted_signer(key, a)
-                && out.iter().all(|(p, _)| *p != signer)
-            {
-                out.push((signer, a.clone()));
+            let Some(named) = self.signers.named(a) else {
+                continue;
+            };
+            if out.iter().any(|(p, _)| *p == named) {
+                continue;
+            }
+            match self.signers.trusted_signer(key, a) {
+                Some(signer) => out.push((signer, a.clone())),
+                None => invalid += 1,
             }
         }
         out.into_iter().map(|(_, a)| a).collect()
+    }
+
+    /// Whether `a` names a key the policy counts (nothing is verified).
+    pub(crate) fn names(&self, a: &Attestation) -> bool {
+        self.signers.named(a).is_some()
     }
 
     /// Who vouches for `key`, as `holders` and the carried signatures say.
@@ -923,7 +942,7 @@ mod tests {
         assert_eq!(book.entry(&key).unwrap().trusted(), 2);
         assert_eq!(book.attestations(&key).len(), 2);
         // A relay of a valid trusted signature stands with what the policy vouches for.
-        assert_eq!(book.standing(&relays[0]), Some(Standing::Vouched));
+        assert_eq!(book.standing(&relays[0]), Some(Standing::Relayed));
         // The voices stay while any advert carries them.
         for p in &relays[1..] {
             book.forget(p, &policy);
@@ -945,7 +964,7 @@ mod tests {
         fresh.attestations = both_sign(&newer);
         let fresh_peer = fresh.peer;
         assert!(book.insert(fresh, Standing::Announced, t0, &policy));
-        assert_eq!(book.standing(&fresh_peer), Some(Standing::Vouched));
+        assert_eq!(book.standing(&fresh_peer), Some(Standing::Relayed));
         let replay = carrying(&trusted);
         let replay_peer = replay.peer;
         assert!(book.insert(replay, Standing::Announced, t0, &policy));
@@ -961,12 +980,12 @@ mod tests {
         incremental.attestations = both_sign(&inc);
         let inc_peer = incremental.peer;
         assert!(book.insert(incremental, Standing::Announced, t0, &policy));
-        assert_eq!(book.standing(&inc_peer), Some(Standing::Vouched));
+        assert_eq!(book.standing(&inc_peer), Some(Standing::Relayed));
         let mut full_relay = advert(PeerId::random(), 20);
         full_relay.attestations = both_sign(&newer);
         let full_peer = full_relay.peer;
         assert!(book.insert(full_relay, Standing::Announced, t0, &policy));
-        assert_eq!(book.standing(&full_peer), Some(Standing::Vouched));
+        assert_eq!(book.standing(&full_peer), Some(Standing::Relayed));
         // Signatures of a slot above what is plausible raise nothing, not even the newest
         // signed slot.
         book.set_ceiling(Some(25));
@@ -980,7 +999,7 @@ mod tests {
         again.attestations = both_sign(&newer);
         let again_peer = again.peer;
         assert!(book.insert(again, Standing::Announced, t0, &policy));
-        assert_eq!(book.standing(&again_peer), Some(Standing::Vouched));
+        assert_eq!(book.standing(&again_peer), Some(Standing::Relayed));
         book.set_ceiling(None);
         // A trusted peer that advertises it and whose signature is relayed is one voice.
         let own = keys[0].public().to_peer_id();
@@ -1048,5 +1067,63 @@ mod tests {
         book.forget(&holder_peer, &policy);
         assert!(book.entry(&key).is_none());
         assert_eq!(book.attestations(&key), signed);
+    }
+
+    #[test]
+    fn replayed_signatures_from_free_identities_push_out_no_answer_and_raise_nobody_for_good() {
+        use crate::snapshot::Attestation;
+        use libp2p::identity::Keypair;
+        let keys: Vec<Keypair> = (0..2).map(|_| Keypair::generate_ed25519()).collect();
+        let policy = TrustPolicy::TrustedPeers {
+            peers: keys.iter().map(|k| k.public().to_peer_id()).collect(),
+            quorum: 2,
+        };
+        let t0 = Instant::now();
+        let mut book = AdvertBook::new(16, "n", &policy);
+        let key = advert(PeerId::random(), 10).snapshots[0].key;
+        let signed: Vec<Attestation> = keys
+            .iter()
+            .map(|k| Attestation::sign(k, "n", &key).unwrap())
+            .collect();
+        // Eight honest holders answered this node (one of them a web source, say).
+        let answers: Vec<PeerId> = (0..8).map(|_| PeerId::random()).collect();
+        for (i, p) in answers.iter().enumerate() {
+            let at = t0 + Duration::from_millis(i as u64);
+            assert!(book.insert(advert(*p, 10), Standing::Answered, at, &policy));
+        }
+        // A hundred fresh identities announce it with the public signatures.
+        let mut relays = Vec::new();
+        for i in 0..100u64 {
+            let mut a = advert(PeerId::random(), 10);
+            a.attestations = vec![signed.clone()];
+            relays.push(a.peer);
+            book.insert(
+                a,
+                Standing::Announced,
+                t0 + Duration::from_secs(1 + i),
+                &policy,
+            );
+        }
+        assert!(
+            answers
+                .iter()
+                .all(|p| book.standing(p) == Some(Standing::Answered))
+        );
+        assert!(book.count(Standing::Relayed) <= 4, "a quarter of the table");
+        assert_eq!(
+            book.entry(&key).unwrap().trusted(),
+            2,
+            "the signatures still count"
+        );
+        // A relay whose next advert carries no signature stands as what it is.
+        let last = *relays.last().unwrap();
+        assert_eq!(book.standing(&last), Some(Standing::Relayed));
+        book.insert(
+            advert(last, 10),
+            Standing::Announced,
+            t0 + Duration::from_secs(200),
+            &policy,
+        );
+        assert_eq!(book.standing(&last), Some(Standing::Announced));
     }
 }

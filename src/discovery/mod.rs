@@ -100,6 +100,10 @@ use crate::metrics::Metrics;
 use crate::proto;
 use crate::snapshot::{Base, SnapshotKey};
 
+/// Lists of attestations served with one snapshot's manifest that are checked at the end of a
+/// sync (one per source; the others' adverts carry the same signatures).
+const MAX_SERVED_LISTS: usize = 64;
+
 /// What discovery reports to the node's owner (the behaviour turns these into its events).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Notice {
@@ -544,9 +548,14 @@ impl Discovery {
                 for peer in bad_peers {
                     self.strike(peer, &outcome::Offence::BadChunks, now);
                 }
-                // The trusted signatures the sources served with the manifests are kept too.
-                for (key, list) in served {
-                    let trusted = self.book.trusted_attestations(&key, &list);
+                // The trusted signatures the sources served with the manifests are kept too
+                // (the lists of the first sources: each costs verifications).
+                for (key, lists) in served {
+                    let mut trusted = Vec::new();
+                    for list in lists.iter().take(MAX_SERVED_LISTS) {
+                        let valid = self.book.trusted_attestations(&key, list);
+                        crate::snapshot::merge_attestations(&mut trusted, &valid);
+                    }
                     self.keep_attestations(&key, trusted);
                 }
                 self.schedule_announce(now);

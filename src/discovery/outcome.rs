@@ -68,11 +68,11 @@ pub(crate) struct SyncFailure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum SyncOutcome {
     /// The plan's last snapshot is loaded. `bad_peers` sent chunks proven wrong on the way;
-    /// `served` are the attestations the sources served with each snapshot's manifest
-    /// (claims).
+    /// `served` are the lists of attestations the sources served with each snapshot's
+    /// manifest (claims; a list per source).
     Synced {
         bad_peers: Vec<PeerId>,
-        served: Vec<(SnapshotKey, Vec<crate::snapshot::Attestation>)>,
+        served: Vec<(SnapshotKey, Vec<Vec<crate::snapshot::Attestation>>)>,
     },
     /// It failed.
     Failed(SyncFailure),

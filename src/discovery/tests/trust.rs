@@ -746,7 +746,9 @@ fn the_trusted_signatures_served_with_a_manifest_are_kept_with_the_snapshot_sync
     drain(&mut d);
     let mut forged = sign(&keys[2]).to_proto();
     forged.signature = sign(&Keypair::generate_ed25519()).to_proto().signature;
-    let served = vec![
+    // One source's list: junk, two invalid signatures of trusted keys (then nothing more of it
+    // is checked), a valid one behind them. Another's: the valid one.
+    let junk = vec![
         sign(&keys[0]),
         sign(&Keypair::generate_ed25519()),
         Attestation::from_proto(&forged).unwrap(),
@@ -756,7 +758,7 @@ fn the_trusted_signatures_served_with_a_manifest_are_kept_with_the_snapshot_sync
     d.handle_sync_ended(
         SyncOutcome::Synced {
             bad_peers: vec![],
-            served: vec![(snap.key, served)],
+            served: vec![(snap.key, vec![junk, vec![sign(&keys[1])]])],
         },
         t0 + 2 * SEC,
     );
@@ -771,5 +773,60 @@ fn the_trusted_signatures_served_with_a_manifest_are_kept_with_the_snapshot_sync
         kept,
         vec![vec![sign(&keys[1])]],
         "only the new valid trusted one"
+    );
+}
+
+#[test]
+fn a_holder_relays_the_signatures_of_the_set_trusted_now_before_those_it_stored_earlier() {
+    use crate::snapshot::{Attestation, MAX_ATTESTATIONS};
+    use libp2p::identity::Keypair;
+    let t0 = Instant::now();
+    let new: Vec<Keypair> = (0..2).map(|_| Keypair::generate_ed25519()).collect();
+    let ids: Vec<PeerId> = new.iter().map(|k| k.public().to_peer_id()).collect();
+    let mut c = trusted_config(&ids, 2);
+    c.sync_enabled = false;
+    let mut d = machine(c, t0);
+    let snap = full(100, 1);
+    // It stored a full list, signed by the set trusted an epoch ago.
+    let old: Vec<Attestation> = (0..MAX_ATTESTATIONS)
+        .map(|_| Attestation::sign(&Keypair::generate_ed25519(), "n", &snap.key).unwrap())
+        .collect();
+    let mut held = local(Some(100), vec![snap]);
+    held.attestations.insert(snap.key, old.clone());
+    d.handle_local(held);
+    drain(&mut d);
+    // The set trusted now signed it too; a stranger's announcement carries their signatures.
+    let theirs: Vec<Attestation> = new
+        .iter()
+        .map(|k| Attestation::sign(k, "n", &snap.key).unwrap())
+        .collect();
+    let relay = PeerId::random();
+    let msg = attested_answer(relay, &[snap], &|_| theirs.clone(), 0);
+    d.handle_gossip(
+        Some(relay),
+        relay,
+        &message::gossip(crate::proto::discovery_message::Body::Announcement(msg)),
+        t0,
+    );
+    drain(&mut d);
+    let q = PeerId::random();
+    d.handle_gossip(Some(q), q, &gossip_request(q, 7, None), t0 + SEC);
+    let answered = drain(&mut d)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::Answer { answer, .. } => Some(answer),
+            _ => None,
+        })
+        .expect("an answer");
+    let advert = message::check_advert(&answered, d.me, d.config.limits).unwrap();
+    let carried = advert.attestations_of(0);
+    assert_eq!(carried.len(), MAX_ATTESTATIONS);
+    assert!(
+        theirs.iter().all(|a| carried.contains(a)),
+        "the set trusted now"
+    );
+    assert_eq!(
+        carried.iter().filter(|a| old.contains(a)).count(),
+        MAX_ATTESTATIONS - 2
     );
 }

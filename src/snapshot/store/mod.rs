@@ -97,8 +97,10 @@ impl Snapshot {
         &self.dir
     }
 
-    /// The attestations stored with it, each verified for it when it was stored (at most
-    /// [`MAX_ATTESTATIONS`](crate::snapshot::MAX_ATTESTATIONS)).
+    /// The attestations stored with it, one per signer (at most
+    /// [`MAX_ATTESTATIONS`](crate::snapshot::MAX_ATTESTATIONS)). Those this node stored were
+    /// verified when stored; the file is read as it is on disk, so whoever counts them checks
+    /// the signatures of the keys it trusts (as it does for any peer's).
     pub fn attestations(&self) -> &[Attestation] {
         &self.attestations
     }
@@ -638,10 +640,18 @@ fn read_attestations(dir: &Path) -> Vec<Attestation> {
     let path = dir.join(ATTESTATIONS_FILE);
     let read = disk::read_bounded(&path, crate::snapshot::MAX_ATTESTATIONS_BYTES as u64);
     match read {
-        Ok(Some(bytes)) => Attestation::decode_file(&bytes).unwrap_or_else(|e| {
-            tracing::warn!(target: TARGET, path = %path.display(), error = %e, "ignoring an unreadable attestations file");
-            Vec::new()
-        }),
+        Ok(Some(bytes)) => match Attestation::decode_file(&bytes) {
+            Ok(read) => {
+                // One per signer, as stored.
+                let mut list = Vec::new();
+                merge_attestations(&mut list, &read);
+                list
+            }
+            Err(e) => {
+                tracing::warn!(target: TARGET, path = %path.display(), error = %e, "ignoring an unreadable attestations file");
+                Vec::new()
+            }
+        },
         Ok(None) => Vec::new(),
         Err(e) => {
             tracing::warn!(target: TARGET, path = %path.display(), error = %e, "ignoring an unreadable attestations file");

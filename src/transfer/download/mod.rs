@@ -294,10 +294,11 @@ pub struct Downloaded {
     pub per_peer: Vec<(PeerId, u64)>,
     /// Verified bytes each web source delivered, by base URL.
     pub per_web: Vec<(String, u64)>,
-    /// The attestations the sources served with the manifest, each once (ordered by signer
-    /// key; at most [`MAX_ATTESTATIONS`](crate::snapshot::MAX_ATTESTATIONS) per source).
-    /// Claims: whoever counts them checks the signatures of the keys it trusts.
-    pub attestations: Vec<crate::snapshot::Attestation>,
+    /// The lists of attestations the sources served with the manifest, each list once (at
+    /// most [`MAX_ATTESTATIONS`](crate::snapshot::MAX_ATTESTATIONS) in each; a list per
+    /// source, so one source's junk cannot hide another's). Claims: whoever counts them checks
+    /// the signatures of the keys it trusts.
+    pub attestations: Vec<Vec<crate::snapshot::Attestation>>,
 }
 
 /// A download failed.

@@ -132,12 +132,15 @@ impl Run {
         }
     }
 
-    /// The attestations the sources served with the manifest, each once, by signer key.
-    fn served_attestations(&self) -> Vec<crate::snapshot::Attestation> {
-        let mut all: Vec<crate::snapshot::Attestation> = self
-            .sources
-            .iter()
-            .flat_map(|s| s.attestations.iter().cloned())
+    /// The lists of attestations the sources served with the manifest, each list once.
+    fn served_attestations(&self) -> Vec<Vec<crate::snapshot::Attestation>> {
+        let mut all: Vec<Vec<crate::snapshot::Attestation>> = (self.sources.iter())
+            .filter(|s| !s.attestations.is_empty())
+            .map(|s| {
+                let mut list = s.attestations.clone();
+                list.sort();
+                list
+            })
             .collect();
         all.sort();
         all.dedup();
