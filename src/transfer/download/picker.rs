@@ -193,7 +193,7 @@ impl Pick<'_> {
             if self.random_first {
                 return Some(piece);
             }
-            if best.offer(piece, (self.rarity)(piece)) {
+            if best.consider(piece, (self.rarity)(piece)) {
                 break;
             }
         }
@@ -231,7 +231,7 @@ impl Pick<'_> {
                 if self.random_first {
                     return Some(piece);
                 }
-                if best.offer(piece, (self.rarity)(piece)) {
+                if best.consider(piece, (self.rarity)(piece)) {
                     return best.piece;
                 }
             }
@@ -250,7 +250,7 @@ struct Best {
 
 impl Best {
     /// Takes a candidate; true once the sample is full.
-    fn offer(&mut self, piece: usize, rarity: u32) -> bool {
+    fn consider(&mut self, piece: usize, rarity: u32) -> bool {
         if self.piece.is_none() || rarity < self.rarity {
             self.piece = Some(piece);
             self.rarity = rarity;

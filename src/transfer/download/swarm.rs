@@ -3,7 +3,7 @@
 //! [`Scheduler`] (places, piece selection, availability, windows, deadlines, hedging, backoff)
 //! and each node serving with the streamer's real [`UploadSlots`] (tit for tat, turns, the
 //! optimistic slot, "busy" and "not held" answers, serving only what it verified) and its
-//! seed offers, in virtual time.
+//! seed suggests, in virtual time.
 //!
 //! The network is modelled on real shaped links, not on a server's own pacing:
 //! - **Uplinks are shared.** A node's uplink is shared evenly by the responses it sends at
@@ -49,7 +49,7 @@ use super::DownloadConfig;
 use super::bits::Bits;
 use super::picker::Have;
 use super::scheduler::{PeerIdx, ReqId, RequestFailure, Scheduler};
-use crate::transfer::streamer::slots::{SeedOffers, UPLOAD_LINGER, UploadSlots};
+use crate::transfer::streamer::slots::{SeedSuggestions, UPLOAD_LINGER, UploadSlots};
 
 /// Bytes of a QUIC packet's payload, for the loss model.
 const MSS: f64 = 1200.0;
@@ -285,7 +285,7 @@ struct Node {
     /// What each peer gave this node lately.
     given: HashMap<NodeId, Given>,
     /// What it offers once complete, when many ask.
-    offers: SeedOffers,
+    suggestions: SeedSuggestions,
     /// When its downlink is free again.
     recv_free: Duration,
     done_at: Option<Duration>,
@@ -344,7 +344,7 @@ fn new_nodes(
                 uplink_gen: 0,
                 slots: UploadSlots::new(config.max_uploads, config.upload_slot, UPLOAD_LINGER, 0),
                 given: HashMap::new(),
-                offers: SeedOffers::new(
+                suggestions: SeedSuggestions::new(
                     chunk_count,
                     piece_chunks,
                     rng.random_range(0..usize::MAX),

@@ -10,7 +10,7 @@
 //!   downloading is served from its verified chunks, and a range it does not hold yet is
 //!   refused with its own status; a bounded number of peers is uploaded to at once.
 //! - `slots.rs`: who is uploaded to: a bounded set of upload slots, each kept for a while
-//!   others wait, and the blocks a contended holder offers each slot holder (those it has sent
+//!   others wait, and the blocks a contended holder suggests each slot holder (those it has sent
 //!   least), so that its uplink goes into distinct pieces a crowd then copies among itself.
 
 mod admission;
@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use self::admission::{Admission, ConnId, Incoming, Output};
-use self::slots::Offers;
+use self::slots::Suggestions;
 use super::limit::ByteLimiter;
 use super::protocol::{TokenKey, close};
 use super::tls::{self, EndpointError};
@@ -113,8 +113,8 @@ pub(crate) struct Shared {
     held: Mutex<HashMap<ConnId, Held>>,
     /// Each peer's rate limiter, shared by its connections (with their count).
     limiters: Mutex<HashMap<PeerId, (usize, Arc<ByteLimiter>)>>,
-    /// What this node offers of the snapshots it seeds, when many ask.
-    offers: Mutex<Offers>,
+    /// What this node suggests of the snapshots it seeds, when many ask.
+    suggestions: Mutex<Suggestions>,
 }
 
 /// Serves the snapshots of a [`SnapshotStore`] over QUIC to downloaders that prove the token.
@@ -172,7 +172,7 @@ impl Streamer {
             memory_freed: Notify::new(),
             held: Mutex::new(HashMap::new()),
             limiters: Mutex::new(HashMap::new()),
-            offers: Mutex::new(Offers::new(OPEN_SOURCES)),
+            suggestions: Mutex::new(Suggestions::new(OPEN_SOURCES)),
             config,
         });
         tracing::info!(target: STREAMER_TARGET, %local_addr, "chunk streamer listening");
@@ -273,21 +273,21 @@ impl Shared {
         self.admission().contended(Instant::now())
     }
 
-    /// What this seed offers an asker that holds an upload slot of the snapshot `root` (of
+    /// What this seed suggests an asker that holds an upload slot of the snapshot `root` (of
     /// `chunks` chunks), in blocks of `block`, given what the asker holds: a few blocks.
-    pub(crate) fn offer(
+    pub(crate) fn suggest(
         &self,
         root: &ContentRoot,
         chunks: u64,
         block: u64,
         holding: &[u8],
     ) -> Vec<u8> {
-        lock(&self.offers).answer(root, chunks, block, holding, Instant::now())
+        lock(&self.suggestions).answer(root, chunks, block, holding, Instant::now())
     }
 
-    /// Chunks `range` of the published snapshot `root` were sent (for the offers).
-    pub(crate) fn offered_sent(&self, root: &ContentRoot, range: std::ops::Range<u64>) {
-        lock(&self.offers).sent(root, range);
+    /// Chunks `range` of the published snapshot `root` were sent (for the suggests).
+    pub(crate) fn suggested_sent(&self, root: &ContentRoot, range: std::ops::Range<u64>) {
+        lock(&self.suggestions).sent(root, range);
     }
 
     /// An upload slot for one response to `peer`, if it may be sent chunks now (see

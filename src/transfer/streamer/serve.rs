@@ -39,24 +39,24 @@ struct Refusal {
 
 /// A snapshot served: published, or being downloaded (its verified chunks only).
 #[derive(Clone)]
-enum Served {
+enum ServedSnapshot {
     Complete(Arc<ChunkSource>),
     Partial(Arc<PartialOffer>),
 }
 
-impl Served {
+impl ServedSnapshot {
     fn source(&self) -> &Arc<ChunkSource> {
         match self {
-            Served::Complete(s) => s,
-            Served::Partial(p) => &p.source,
+            ServedSnapshot::Complete(s) => s,
+            ServedSnapshot::Partial(p) => &p.source,
         }
     }
 
     /// Whether every chunk of `range` is held.
     fn holds(&self, range: &Range<u64>) -> bool {
         match self {
-            Served::Complete(_) => true,
-            Served::Partial(p) => p.verified.all(range.clone()),
+            ServedSnapshot::Complete(_) => true,
+            ServedSnapshot::Partial(p) => p.verified.all(range.clone()),
         }
     }
 }
@@ -230,11 +230,11 @@ impl Responder<'_> {
                 slot.sent = handed;
                 tracing::trace!(target: STREAMER_TARGET, peer = %self.allowance.peer, memory_ms, total_ms = asked.elapsed().as_millis() as u64, handed, "chunks handed to QUIC");
                 match &served {
-                    Served::Partial(offer) => {
+                    ServedSnapshot::Partial(offer) => {
                         offer.served.fetch_add(handed, Ordering::Relaxed);
                         shared.metrics.served_partial_bytes.inc_by(handed);
                     }
-                    Served::Complete(_) => shared.offered_sent(&root, range),
+                    ServedSnapshot::Complete(_) => shared.suggested_sent(&root, range),
                 }
                 result
             }
@@ -385,7 +385,7 @@ fn have_bytes(get: &proto::GetHave, shared: &Shared) -> u64 {
     };
     match shared.served(&root) {
         // An uncontended seed answers "complete", with no bitfield.
-        Ok(Served::Complete(_)) if !shared.uploads_contended() => 0,
+        Ok(ServedSnapshot::Complete(_)) if !shared.uploads_contended() => 0,
         Ok(served) if block > 0 => served
             .source()
             .tree()
@@ -425,7 +425,7 @@ fn have_answer(
             format!("a holding bitfield of {len} bytes"),
         ));
     }
-    let complete = matches!(served, Served::Complete(_));
+    let complete = matches!(served, ServedSnapshot::Complete(_));
     let slot = || shared.upload_slot(peer).is_some();
     let bits = match (
         have_reply(
@@ -436,13 +436,16 @@ fn have_answer(
         ),
         served,
     ) {
-        (HaveReply::Verified, Served::Partial(offer)) => match offer.verified.blocks(block) {
+        (HaveReply::Verified, ServedSnapshot::Partial(offer)) => match offer.verified.blocks(block)
+        {
             Some(bits) => bits,
             // A block size nobody asked lately: its summary is built off the runtime.
             None => return Ok(HaveAnswer::Summarize(offer, block)),
         },
         // A seed in a crowd offers an asker with a slot a few blocks (see `slots.rs`).
-        (HaveReply::Offer, _) => shared.offer(&root, chunks, block, holding.unwrap_or_default()),
+        (HaveReply::Suggest, _) => {
+            shared.suggest(&root, chunks, block, holding.unwrap_or_default())
+        }
         (HaveReply::Nothing, _) => vec![0; len as usize],
         (HaveReply::Everything | HaveReply::Verified, _) => {
             let complete = proto::ResponseHeader {
@@ -475,7 +478,7 @@ enum HaveAnswer {
 
 /// A validated chunk request: what is served, the chunk range, the encoded and the data
 /// length.
-type Prepared = (Served, Range<u64>, u64, u64);
+type Prepared = (ServedSnapshot, Range<u64>, u64, u64);
 
 /// Validates a chunk request: a known snapshot, the same chunk size, a range within it and
 /// within the size limit. The range is checked before any arithmetic on it.
@@ -524,11 +527,11 @@ fn prepare_chunks(get: &proto::GetChunks, shared: &Shared) -> Result<Prepared, R
 
 impl Shared {
     /// The snapshot with `root`: published, else being downloaded here.
-    fn served(&self, root: &ContentRoot) -> Result<Served, Refusal> {
+    fn served(&self, root: &ContentRoot) -> Result<ServedSnapshot, Refusal> {
         match self.source(root) {
-            Ok(source) => Ok(Served::Complete(source)),
+            Ok(source) => Ok(ServedSnapshot::Complete(source)),
             Err(r) => match self.store.exchange().offered(root) {
-                Some(offer) => Ok(Served::Partial(offer)),
+                Some(offer) => Ok(ServedSnapshot::Partial(offer)),
                 None => Err(r),
             },
         }

@@ -51,9 +51,9 @@ pub(crate) enum HaveReply {
     /// Everything: a complete holder whose uploads are not contended, or one asked by a peer
     /// that does not say what it holds.
     Everything,
-    /// The few blocks it offers this asker (see [`SeedOffers`]): a complete holder in a crowd,
+    /// The few blocks it suggests this asker (see [`SeedSuggestions`]): a complete holder in a crowd,
     /// to a peer that holds an upload slot.
-    Offer,
+    Suggest,
     /// Nothing: a complete holder in a crowd, to a peer without an upload slot now (it fetches
     /// elsewhere and asks again).
     Nothing,
@@ -73,7 +73,7 @@ pub(crate) fn have_reply(
     match (complete, contended && asker_says) {
         (false, _) => HaveReply::Verified,
         (true, false) => HaveReply::Everything,
-        (true, true) if slot() => HaveReply::Offer,
+        (true, true) if slot() => HaveReply::Suggest,
         (true, true) => HaveReply::Nothing,
     }
 }
@@ -303,7 +303,7 @@ mod tests {
             Everything,
             "an asker that says nothing"
         );
-        assert_eq!(have_reply(true, true, true, || true), Offer);
+        assert_eq!(have_reply(true, true, true, || true), Suggest);
         assert_eq!(have_reply(true, true, true, || false), Nothing);
     }
 
@@ -543,18 +543,18 @@ mod tests {
     }
 }
 
-/// The offers of the few snapshots this node seeds at once, each made when first asked about.
+/// The suggestions of the few snapshots this node seeds at once, each made when first asked about.
 #[derive(Debug)]
-pub(crate) struct Offers {
+pub(crate) struct Suggestions {
     max: usize,
-    by_root: std::collections::HashMap<crate::hash::ContentRoot, SeedOffers>,
+    by_root: std::collections::HashMap<crate::hash::ContentRoot, SeedSuggestions>,
 }
 
 /// The block a seed counts what it sent in: a default request's worth of chunks.
 const SEED_BLOCK_CHUNKS: u64 = 32;
 
-impl Offers {
-    /// Offers for at most `max` snapshots (one more replaces one of them).
+impl Suggestions {
+    /// Suggestions for at most `max` snapshots (one more replaces one of them).
     pub(crate) fn new(max: usize) -> Self {
         Self {
             max: max.max(1),
@@ -562,8 +562,8 @@ impl Offers {
         }
     }
 
-    /// What this seed offers an asker of the snapshot `root` (of `chunks` chunks) that holds
-    /// `holding`, in blocks of `block` (see [`SeedOffers::answer`]).
+    /// What this seed suggests an asker of the snapshot `root` (of `chunks` chunks) that holds
+    /// `holding`, in blocks of `block` (see [`SeedSuggestions::answer`]).
     pub(crate) fn answer(
         &mut self,
         root: &crate::hash::ContentRoot,
@@ -583,9 +583,9 @@ impl Offers {
         self.by_root
             .entry(*root)
             .or_insert_with(|| {
-                SeedOffers::new(chunks, own_block, rand::random::<u64>() as usize, now)
+                SeedSuggestions::new(chunks, own_block, rand::random::<u64>() as usize, now)
             })
-            .answer(OFFER_BLOCKS, block, Some(holding), now)
+            .answer(SUGGESTED_BLOCKS, block, Some(holding), now)
     }
 
     /// Chunks `range` of the snapshot `root` were sent.
@@ -596,34 +596,34 @@ impl Offers {
     }
 }
 
-/// Blocks a seed in a crowd offers each asker.
-pub(crate) const OFFER_BLOCKS: usize = 4;
+/// Blocks a seed in a crowd suggests each asker.
+pub(crate) const SUGGESTED_BLOCKS: usize = 4;
 
-/// How long an offered block is kept for its asker before it may be offered to another.
-pub(crate) const OFFER_HOLD: Duration = Duration::from_secs(10);
+/// How long a suggested block is kept for its asker before it may be suggested to another.
+pub(crate) const SUGGESTION_HOLD: Duration = Duration::from_secs(10);
 
-/// Which pieces a seed in a crowd offers each downloader that asks what it holds (what
+/// Which pieces a seed in a crowd suggests each downloader that asks what it holds (what
 /// BitTorrent calls super-seeding): a few of those the asker lacks that the seed has sent
-/// least, each kept for its asker for [`OFFER_HOLD`], so that the seed's uplink puts out one
+/// least, each kept for its asker for [`SUGGESTION_HOLD`], so that the seed's uplink puts out one
 /// whole copy before it sends any piece twice and the crowd trades the rest among itself. It
 /// is advice: a seed still serves any range it is asked for. Kept per block of chunks (five
 /// bytes each: 10 MiB for 1 TiB in 16 KiB chunks and blocks of 32).
 #[derive(Debug, Clone)]
-pub(crate) struct SeedOffers {
+pub(crate) struct SeedSuggestions {
     block: u64,
     chunks: u64,
     sent: Vec<u8>,
-    /// Until when each block is kept for the asker it was offered to, milliseconds from
+    /// Until when each block is kept for the asker it was suggested to, milliseconds from
     /// `epoch`.
     held_until: Vec<u32>,
     epoch: Instant,
-    /// Where the next offer starts looking, so that askers get different blocks of a level.
+    /// Where the next suggestion starts looking, so that askers get different blocks of a level.
     cursor: usize,
 }
 
-impl SeedOffers {
-    /// Counters for `chunks` chunks in blocks of `block`; offers start at block `start` (at
-    /// random, so that seeds that do not talk to each other offer different blocks first).
+impl SeedSuggestions {
+    /// Counters for `chunks` chunks in blocks of `block`; suggestions start at block `start` (at
+    /// random, so that seeds that do not talk to each other suggest different blocks first).
     pub(crate) fn new(chunks: u64, block: u64, start: usize, now: Instant) -> Self {
         let block = block.max(1);
         let n = chunks.div_ceil(block) as usize;
@@ -655,11 +655,11 @@ impl SeedOffers {
             .min(u128::from(u32::MAX)) as u32
     }
 
-    /// The offer to one asker at `now`, as a bitfield of its blocks of `client_block` chunks
+    /// The suggestion to one asker at `now`, as a bitfield of its blocks of `client_block` chunks
     /// (bit `i` is bit `i % 8` of byte `i / 8`): up to `k` blocks it lacks (`holding`, a
     /// bitfield of the same shape, says what it holds), the least sent first, those not kept
-    /// for another asker before those that are, the first from where the last offer stopped.
-    /// A client block is offered when it overlaps an offered block.
+    /// for another asker before those that are, the first from where the last suggestion stopped.
+    /// A client block is suggested when it overlaps an suggested block.
     pub(crate) fn answer(
         &mut self,
         k: usize,
@@ -707,7 +707,7 @@ impl SeedOffers {
         {
             self.cursor = (last + 1) % n;
         }
-        let until = self.ms(now + OFFER_HOLD);
+        let until = self.ms(now + SUGGESTION_HOLD);
         for (_, _, _, b) in best {
             self.held_until[b] = until;
             let start = b as u64 * self.block;
@@ -721,21 +721,21 @@ impl SeedOffers {
 }
 
 #[cfg(test)]
-mod offer_tests {
+mod suggestion_tests {
     use super::*;
 
-    fn offered(bits: &[u8]) -> Vec<usize> {
+    fn suggested(bits: &[u8]) -> Vec<usize> {
         (0..bits.len() * 8)
             .filter(|i| bits[i / 8] & (1 << (i % 8)) != 0)
             .collect()
     }
 
     #[test]
-    fn each_asker_is_offered_different_pieces_it_lacks_of_those_sent_least() {
+    fn each_asker_is_suggested_different_pieces_it_lacks_of_those_sent_least() {
         let t0 = Instant::now();
-        let mut o = SeedOffers::new(10 * 32, 32, 0, t0);
-        let a = offered(&o.answer(4, 32, None, t0));
-        let b = offered(&o.answer(4, 32, None, t0));
+        let mut o = SeedSuggestions::new(10 * 32, 32, 0, t0);
+        let a = suggested(&o.answer(4, 32, None, t0));
+        let b = suggested(&o.answer(4, 32, None, t0));
         assert_eq!(a, vec![0, 1, 2, 3]);
         assert_eq!(b, vec![4, 5, 6, 7]);
         // 0 to 5 were sent; 6 and 7 are kept for the second asker: 8 and 9 come first, then
@@ -743,19 +743,19 @@ mod offer_tests {
         for p in 0..6 {
             o.sent(p * 32..(p + 1) * 32);
         }
-        assert_eq!(offered(&o.answer(4, 32, None, t0)), vec![6, 7, 8, 9]);
+        assert_eq!(suggested(&o.answer(4, 32, None, t0)), vec![6, 7, 8, 9]);
         // Once kept no longer, and for an asker that holds 6 to 9: what it lacks, least sent
         // first.
-        let later = t0 + OFFER_HOLD;
+        let later = t0 + SUGGESTION_HOLD;
         o.sent(0..32);
         let holding = [0b1100_0000u8, 0b11];
         assert_eq!(
-            offered(&o.answer(3, 32, Some(&holding), later)),
+            suggested(&o.answer(3, 32, Some(&holding), later)),
             vec![1, 2, 3]
         );
-        // One that holds everything is offered nothing.
-        assert!(offered(&o.answer(3, 32, Some(&[0xff, 0b11]), later)).is_empty());
-        // An asker with other blocks gets the blocks that overlap the offer.
-        assert_eq!(offered(&o.answer(1, 64, None, later)).len(), 1);
+        // One that holds everything is suggested nothing.
+        assert!(suggested(&o.answer(3, 32, Some(&[0xff, 0b11]), later)).is_empty());
+        // An asker with other blocks gets the blocks that overlap the suggestion.
+        assert_eq!(suggested(&o.answer(1, 64, None, later)).len(), 1);
     }
 }

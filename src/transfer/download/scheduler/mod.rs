@@ -268,7 +268,7 @@ pub(crate) struct Scheduler {
 const RANDOM_FIRST: usize = 4;
 
 /// How soon a source with room and nothing known to be wanted of it is asked again what it
-/// holds (a partial holder's holdings grow; a seed offers more), when sooner than
+/// holds (a partial holder's holdings grow; a seed suggests more), when sooner than
 /// `have_interval`.
 pub(crate) const IDLE_ASK: Duration = Duration::from_millis(250);
 

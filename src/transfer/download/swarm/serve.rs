@@ -7,7 +7,7 @@ use super::{Ev, Job, Node, NodeId, Sim};
 use crate::transfer::download::bits::Bits;
 use crate::transfer::download::picker::Have;
 use crate::transfer::download::scheduler::RequestFailure;
-use crate::transfer::streamer::slots::{HaveReply, OFFER_BLOCKS, have_reply};
+use crate::transfer::streamer::slots::{HaveReply, SUGGESTED_BLOCKS, have_reply};
 
 impl Sim<'_> {
     /// What `node` gave `peer`'s ledger lately, as `peer` sees it.
@@ -56,10 +56,13 @@ impl Sim<'_> {
         match have_reply(complete, contended, holding.is_some(), slot) {
             HaveReply::Everything => Have::All,
             HaveReply::Nothing => Have::Some(Bits::new(pieces)),
-            HaveReply::Offer => {
-                let offer =
-                    n.offers
-                        .answer(OFFER_BLOCKS, self.piece_chunks, holding.as_deref(), now);
+            HaveReply::Suggest => {
+                let offer = n.suggestions.answer(
+                    SUGGESTED_BLOCKS,
+                    self.piece_chunks,
+                    holding.as_deref(),
+                    now,
+                );
                 Have::Some(Bits::from_bytes(&offer, pieces).expect("the length asked"))
             }
             HaveReply::Verified => match &n.sched {
@@ -126,7 +129,7 @@ impl Sim<'_> {
         self.advance(server);
         let n = &mut self.nodes[server];
         if n.seed || n.done_at.is_some() {
-            n.offers.sent(job.chunks.clone());
+            n.suggestions.sent(job.chunks.clone());
         }
 
         n.queues.entry(client).or_default().push_back(job);
