@@ -72,7 +72,12 @@ impl Behaviour {
                         self.discovery.handle_ask(peer, &ask, now)
                     }
                     Some(proto::direct_request::Body::Answer(answer)) => {
-                        self.discovery.handle_answer(peer, &answer, false, now);
+                        self.discovery.handle_answer(
+                            peer,
+                            &answer,
+                            crate::discovery::AnswerTo::Request,
+                            now,
+                        );
                         None
                     }
                     None => None,
@@ -94,7 +99,12 @@ impl Behaviour {
                 if self.asks.pop(&request_id).is_some()
                     && let Some(answer) = response.answer
                 {
-                    self.discovery.handle_answer(peer, &answer, true, now);
+                    self.discovery.handle_answer(
+                        peer,
+                        &answer,
+                        crate::discovery::AnswerTo::Ask,
+                        now,
+                    );
                 }
             }
             Rr::OutboundFailure {

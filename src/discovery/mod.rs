@@ -104,6 +104,15 @@ use crate::snapshot::{Base, SnapshotKey};
 /// sync (one per source; the others' adverts carry the same signatures).
 const MAX_SERVED_LISTS: usize = 64;
 
+/// What an answer answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AnswerTo {
+    /// A request this node published on the topic (its nonce says which).
+    Request,
+    /// A direct ask of this node (the response to it).
+    Ask,
+}
+
 /// What discovery reports to the node's owner (the behaviour turns these into its events).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Notice {

@@ -47,20 +47,20 @@ impl Discovery {
         }
     }
 
-    /// `peer` answered a request of this node (directly, or in the response to an ask, which
-    /// `asked` says).
+    /// `peer` answered this node: a request it published (its nonce is checked), or in the
+    /// response to an ask.
     pub(crate) fn handle_answer(
         &mut self,
         peer: PeerId,
         answer: &proto::SnapshotInfoResponse,
-        asked: bool,
+        to: super::AnswerTo,
         now: Instant,
     ) {
         if self.ignores(&peer, now) {
             return;
         }
         let horizon = self.config.discovery_interval * 2;
-        let solicited = asked
+        let solicited = to == super::AnswerTo::Ask
             || self.outstanding.iter().any(|(n, t)| {
                 *n == answer.request_nonce && now.saturating_duration_since(*t) < horizon
             });

@@ -313,13 +313,23 @@ impl Sim {
             Ev::AskResponse { to, from, answer } => {
                 if let Some(answer) = answer {
                     let peer = self.peer(from);
-                    self.nodes[to].disc.handle_answer(peer, &answer, true, now);
+                    self.nodes[to].disc.handle_answer(
+                        peer,
+                        &answer,
+                        crate::discovery::AnswerTo::Ask,
+                        now,
+                    );
                     self.drain(to);
                 }
             }
             Ev::Answer { to, from, answer } => {
                 let peer = self.peer(from);
-                self.nodes[to].disc.handle_answer(peer, &answer, false, now);
+                self.nodes[to].disc.handle_answer(
+                    peer,
+                    &answer,
+                    crate::discovery::AnswerTo::Request,
+                    now,
+                );
                 // The acknowledgement.
                 self.count(2);
                 self.drain(to);

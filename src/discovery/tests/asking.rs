@@ -48,7 +48,7 @@ fn a_node_that_asked_lately_and_heard_nothing_newer_is_current_until_the_announc
     let nonce = last_nonce(&drain(&mut d));
     // A peer answers with what the node already has.
     let p = PeerId::random();
-    d.handle_answer(p, &answer(p, &[full(100, 1)], nonce), false, t0);
+    d.handle_answer(p, &answer(p, &[full(100, 1)], nonce), AnswerTo::Request, t0);
     d.handle_timeout(t0 + SEC);
     drain(&mut d);
     // Next tick, 30 s later: within the 60 s announce window, nothing newer heard: quiet.

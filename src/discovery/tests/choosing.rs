@@ -11,10 +11,20 @@ fn a_round_with_an_acceptable_snapshot_decides_once_the_answers_have_gone_quiet(
     let nonce = last_nonce(&drain(&mut d));
     let ms = |n: u64| Duration::from_millis(n);
     let (a, b) = (PeerId::random(), PeerId::random());
-    d.handle_answer(a, &answer(a, &[full(100, 1)], nonce), false, t0 + ms(5));
+    d.handle_answer(
+        a,
+        &answer(a, &[full(100, 1)], nonce),
+        AnswerTo::Request,
+        t0 + ms(5),
+    );
     // Another answer within a quarter of the window keeps the round open.
     assert_eq!(d.poll_timeout(), Some(t0 + ms(255)));
-    d.handle_answer(b, &answer(b, &[full(120, 2)], nonce), false, t0 + ms(200));
+    d.handle_answer(
+        b,
+        &answer(b, &[full(120, 2)], nonce),
+        AnswerTo::Request,
+        t0 + ms(200),
+    );
     d.handle_timeout(t0 + ms(255));
     assert!(
         plan_of(&drain(&mut d)).is_none(),
@@ -29,7 +39,12 @@ fn a_round_with_an_acceptable_snapshot_decides_once_the_answers_have_gone_quiet(
     d.handle_local(local(Some(1000), vec![]));
     d.handle_timeout(t0);
     let nonce = last_nonce(&drain(&mut d));
-    d.handle_answer(a, &answer(a, &[full(900, 1)], nonce), false, t0 + ms(5));
+    d.handle_answer(
+        a,
+        &answer(a, &[full(900, 1)], nonce),
+        AnswerTo::Request,
+        t0 + ms(5),
+    );
     d.handle_timeout(t0 + ms(500));
     assert!(matches!(d.stage(), Stage::Collecting { .. }));
 }
@@ -41,18 +56,33 @@ fn answers_to_no_request_of_ours_are_dropped_and_change_nothing() {
     d.handle_local(local(Some(100), vec![]));
     let p = PeerId::random();
     // Before any request: unsolicited.
-    d.handle_answer(p, &answer(p, &[full(1 << 40, 1)], 77), false, t0);
+    d.handle_answer(
+        p,
+        &answer(p, &[full(1 << 40, 1)], 77),
+        AnswerTo::Request,
+        t0,
+    );
     assert_eq!(d.best_known_slot(t0), None);
     d.handle_timeout(t0);
     let nonce = last_nonce(&drain(&mut d));
     // With a wrong nonce: still unsolicited.
-    d.handle_answer(p, &answer(p, &[full(1 << 40, 1)], nonce ^ 2), false, t0);
+    d.handle_answer(
+        p,
+        &answer(p, &[full(1 << 40, 1)], nonce ^ 2),
+        AnswerTo::Request,
+        t0,
+    );
     assert_eq!(d.best_known_slot(t0), None);
     // With the right one: heard.
-    d.handle_answer(p, &answer(p, &[full(300, 1)], nonce), false, t0);
+    d.handle_answer(p, &answer(p, &[full(300, 1)], nonce), AnswerTo::Request, t0);
     assert_eq!(d.best_known_slot(t0), Some(300));
     // And much later, the nonce has expired.
-    d.handle_answer(p, &answer(p, &[full(400, 1)], nonce), false, t0 + 61 * SEC);
+    d.handle_answer(
+        p,
+        &answer(p, &[full(400, 1)], nonce),
+        AnswerTo::Request,
+        t0 + 61 * SEC,
+    );
     assert_eq!(d.best_known_slot(t0), Some(300));
 }
 
@@ -64,13 +94,13 @@ fn a_sync_adds_peers_that_advertise_what_it_fetches_and_keeps_asking() {
     let nonce = last_nonce(&drain(&mut d));
     let f = full(100, 1);
     let a = PeerId::random();
-    d.handle_answer(a, &answer(a, &[f], nonce), false, t0);
+    d.handle_answer(a, &answer(a, &[f], nonce), AnswerTo::Request, t0);
     d.handle_timeout(t0 + SEC);
     let plan = plan_of(&drain(&mut d)).unwrap();
     assert_eq!(plan.full.as_ref().unwrap().peers.len(), 1);
     // A late answer for the same snapshot joins the download.
     let b = PeerId::random();
-    d.handle_answer(b, &answer(b, &[f], nonce), false, t0 + 2 * SEC);
+    d.handle_answer(b, &answer(b, &[f], nonce), AnswerTo::Request, t0 + 2 * SEC);
     let added: Vec<_> = drain(&mut d)
         .into_iter()
         .filter_map(|a| match a {
@@ -95,8 +125,13 @@ fn a_failed_snapshot_is_not_chosen_again_for_a_while_and_its_advertisers_are_str
     let bad = full(200, 6);
     let good = full(100, 1);
     let (liar, honest) = (PeerId::random(), PeerId::random());
-    d.handle_answer(liar, &answer(liar, &[bad], nonce), false, t0);
-    d.handle_answer(honest, &answer(honest, &[good], nonce), false, t0);
+    d.handle_answer(liar, &answer(liar, &[bad], nonce), AnswerTo::Request, t0);
+    d.handle_answer(
+        honest,
+        &answer(honest, &[good], nonce),
+        AnswerTo::Request,
+        t0,
+    );
     d.handle_timeout(t0 + SEC);
     assert_eq!(plan_of(&drain(&mut d)).unwrap().last().ad.key, bad.key);
     d.handle_sync_ended(
@@ -131,7 +166,7 @@ fn an_incremental_alone_when_at_or_past_its_base_else_with_its_base() {
         d.handle_timeout(t0);
         let nonce = last_nonce(&drain(&mut d));
         let p = PeerId::random();
-        d.handle_answer(p, &answer(p, &[inc, base], nonce), false, t0);
+        d.handle_answer(p, &answer(p, &[inc, base], nonce), AnswerTo::Request, t0);
         d.handle_timeout(t0 + SEC);
         let plan = plan_of(&drain(&mut d)).unwrap_or_else(|| panic!("{slot:?}"));
         assert_eq!(plan.incremental.as_ref().unwrap().ad.key, inc.key);
@@ -149,7 +184,7 @@ fn a_state_that_did_not_take_an_incremental_fetches_its_base() {
     d.handle_timeout(t0);
     let nonce = last_nonce(&drain(&mut d));
     let p = PeerId::random();
-    d.handle_answer(p, &answer(p, &[inc, base], nonce), false, t0);
+    d.handle_answer(p, &answer(p, &[inc, base], nonce), AnswerTo::Request, t0);
     d.handle_timeout(t0 + SEC);
     assert!(plan_of(&drain(&mut d)).unwrap().full.is_none());
     // The apply did not check out: the state is not on that base (a fork, say).
@@ -175,7 +210,7 @@ fn partial_holders_are_sources_of_a_chosen_snapshot_never_a_reason_to_choose_it(
     // Many peers say they download the snapshot: nothing is chosen on their word.
     let partials: Vec<PeerId> = (0..5).map(|_| PeerId::random()).collect();
     for p in &partials {
-        d.handle_answer(*p, &partial_answer(*p, &[f], nonce), false, t0);
+        d.handle_answer(*p, &partial_answer(*p, &[f], nonce), AnswerTo::Request, t0);
     }
     d.handle_timeout(t0 + SEC);
     let actions = drain(&mut d);
@@ -185,10 +220,20 @@ fn partial_holders_are_sources_of_a_chosen_snapshot_never_a_reason_to_choose_it(
     d.handle_timeout(t0 + 30 * SEC);
     let nonce = last_nonce(&drain(&mut d));
     for p in &partials {
-        d.handle_answer(*p, &partial_answer(*p, &[f], nonce), false, t0 + 30 * SEC);
+        d.handle_answer(
+            *p,
+            &partial_answer(*p, &[f], nonce),
+            AnswerTo::Request,
+            t0 + 30 * SEC,
+        );
     }
     let seed = PeerId::random();
-    d.handle_answer(seed, &answer(seed, &[f], nonce), false, t0 + 30 * SEC);
+    d.handle_answer(
+        seed,
+        &answer(seed, &[f], nonce),
+        AnswerTo::Request,
+        t0 + 30 * SEC,
+    );
     d.handle_timeout(t0 + 31 * SEC);
     let plan = plan_of(&drain(&mut d)).expect("a plan");
     let target = plan.full.unwrap();
@@ -206,7 +251,7 @@ fn partial_holders_are_sources_of_a_chosen_snapshot_never_a_reason_to_choose_it(
     d.handle_answer(
         late,
         &partial_answer(late, &[f], nonce),
-        false,
+        AnswerTo::Request,
         t0 + 32 * SEC,
     );
     let added: Vec<_> = drain(&mut d)

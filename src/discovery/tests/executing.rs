@@ -13,7 +13,7 @@ fn a_node_that_executes_the_chain_keeps_its_live_state_unless_told_it_is_behind(
     d.handle_answer(
         attacker,
         &answer(attacker, &[full(u64::MAX - 1, 9)], nonce),
-        false,
+        AnswerTo::Request,
         t0,
     );
     assert_eq!(d.best_known_slot(t0), None, "moves nothing");
@@ -30,13 +30,13 @@ fn a_node_that_executes_the_chain_keeps_its_live_state_unless_told_it_is_behind(
     d.handle_answer(
         honest,
         &answer(honest, &[full(4990, 1)], nonce),
-        false,
+        AnswerTo::Request,
         t0 + 2 * SEC,
     );
     d.handle_answer(
         attacker,
         &answer(attacker, &[full(u64::MAX - 1, 9)], nonce),
-        false,
+        AnswerTo::Request,
         t0 + 2 * SEC,
     );
     d.handle_timeout(t0 + 3 * SEC);
@@ -57,7 +57,7 @@ fn a_restarted_node_that_executes_keeps_its_state_before_its_first_slot() {
     d.handle_answer(
         attacker,
         &answer(attacker, &[full(u64::MAX - 1, 9), full(150, 8)], nonce),
-        false,
+        AnswerTo::Request,
         t0,
     );
     d.handle_timeout(t0 + SEC);
@@ -71,7 +71,7 @@ fn a_restarted_node_that_executes_keeps_its_state_before_its_first_slot() {
     d.handle_answer(
         attacker,
         &answer(attacker, &[full(150, 8)], nonce),
-        false,
+        AnswerTo::Request,
         t0 + 2 * SEC,
     );
     d.handle_timeout(t0 + 3 * SEC);
@@ -83,7 +83,12 @@ fn a_sync_chosen_before_the_node_executes_is_cancelled_when_it_does() {
     let t0 = Instant::now();
     let (mut d, nonce) = asking(config(), t0, Some(100));
     let peer = PeerId::random();
-    d.handle_answer(peer, &answer(peer, &[full(400, 1)], nonce), false, t0);
+    d.handle_answer(
+        peer,
+        &answer(peer, &[full(400, 1)], nonce),
+        AnswerTo::Request,
+        t0,
+    );
     d.handle_timeout(t0 + SEC);
     assert!(plan_of(&drain(&mut d)).is_some(), "a follower takes it");
     // The owner commits a slot of its own: the untrusted choice no longer stands.
@@ -94,7 +99,12 @@ fn a_sync_chosen_before_the_node_executes_is_cancelled_when_it_does() {
     let trusted: Vec<PeerId> = (0..2).map(|_| PeerId::random()).collect();
     let (mut d, nonce) = asking(trusted_config(&trusted, 2), t0, Some(100));
     for p in &trusted {
-        d.handle_answer(*p, &answer(*p, &[full(400, 1)], nonce), false, t0);
+        d.handle_answer(
+            *p,
+            &answer(*p, &[full(400, 1)], nonce),
+            AnswerTo::Request,
+            t0,
+        );
     }
     d.handle_timeout(t0 + SEC);
     assert!(plan_of(&drain(&mut d)).is_some());
@@ -109,7 +119,12 @@ fn an_executing_node_takes_what_a_vouching_policy_accepts_without_being_told() {
     let (mut d, nonce) = asking(trusted_config(&trusted, 2), t0, Some(100));
     d.handle_slot(100, t0);
     for p in &trusted[..2] {
-        d.handle_answer(*p, &answer(*p, &[full(400, 1)], nonce), false, t0);
+        d.handle_answer(
+            *p,
+            &answer(*p, &[full(400, 1)], nonce),
+            AnswerTo::Request,
+            t0,
+        );
     }
     d.handle_timeout(t0 + SEC);
     assert_eq!(plan_of(&drain(&mut d)).unwrap().last().ad.key.slot, 400);

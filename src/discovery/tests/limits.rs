@@ -57,7 +57,7 @@ fn a_peer_whose_chunks_were_bad_is_struck_even_when_the_sync_succeeds() {
     let (mut d, nonce) = asking(config(), t0, None);
     let (good, bad) = (PeerId::random(), PeerId::random());
     for p in [good, bad] {
-        d.handle_answer(p, &answer(p, &[full(100, 1)], nonce), false, t0);
+        d.handle_answer(p, &answer(p, &[full(100, 1)], nonce), AnswerTo::Request, t0);
     }
     d.handle_timeout(t0 + SEC);
     assert!(plan_of(&drain(&mut d)).is_some());
@@ -85,7 +85,7 @@ fn tables_are_bounded_whatever_the_number_of_identities() {
         d.handle_answer(
             p,
             &answer(p, &[full(10 + i, 1)], nonce),
-            false,
+            AnswerTo::Request,
             t0 + Duration::from_millis(i),
         );
         d.handle_gossip(Some(p), p, b"junk", t0);
@@ -104,7 +104,12 @@ fn thousands_of_announcing_identities_leave_the_trusted_adverts_in_place() {
     c.max_tracked_peers = 4096;
     let (mut d, nonce) = asking(c, t0, None);
     for p in &trusted {
-        d.handle_answer(*p, &answer(*p, &[full(500, 1)], nonce), false, t0);
+        d.handle_answer(
+            *p,
+            &answer(*p, &[full(500, 1)], nonce),
+            AnswerTo::Request,
+            t0,
+        );
     }
     // 4,096 fresh identities announce right after, relayed by 64 connections.
     let relays: Vec<PeerId> = (0..64).map(|_| PeerId::random()).collect();
@@ -184,7 +189,7 @@ fn churning_connections_do_not_push_out_the_nonce_of_a_request() {
     d.handle_answer(
         late,
         &answer(late, &[full(900, 1)], nonce),
-        false,
+        AnswerTo::Request,
         t0 + 20 * SEC,
     );
     assert_eq!(d.best_known_slot(t0 + 20 * SEC), Some(900));
@@ -199,12 +204,12 @@ fn a_flood_of_partial_holders_cannot_push_complete_holders_out_of_the_book() {
     let f = full(100, 1);
     let seeds: Vec<PeerId> = (0..2).map(|_| PeerId::random()).collect();
     for s in &seeds {
-        d.handle_answer(*s, &answer(*s, &[f], nonce), false, t0);
+        d.handle_answer(*s, &answer(*s, &[f], nonce), AnswerTo::Request, t0);
     }
     for i in 0..1000 {
         let p = PeerId::random();
         let at = t0 + Duration::from_millis(i);
-        d.handle_answer(p, &partial_answer(p, &[f], nonce), false, at);
+        d.handle_answer(p, &partial_answer(p, &[f], nonce), AnswerTo::Request, at);
     }
     let entry = d.book.entry(&f.key).expect("the seeds' adverts stay");
     assert_eq!(entry.peers.len(), 2);

@@ -19,21 +19,26 @@ fn adverts_the_policy_rejects_move_neither_the_best_slot_nor_the_choice() {
     // An attacker with many identities races ahead.
     for _ in 0..10 {
         let p = PeerId::random();
-        d.handle_answer(p, &answer(p, &[full(1 << 60, 9)], nonce), false, t0);
+        d.handle_answer(
+            p,
+            &answer(p, &[full(1 << 60, 9)], nonce),
+            AnswerTo::Request,
+            t0,
+        );
     }
     assert_eq!(d.best_known_slot(t0), None);
     // One trusted peer is not a quorum of two.
     d.handle_answer(
         trusted[0],
         &answer(trusted[0], &[full(1200, 1)], nonce),
-        false,
+        AnswerTo::Request,
         t0,
     );
     assert_eq!(d.best_known_slot(t0), None);
     d.handle_answer(
         trusted[1],
         &answer(trusted[1], &[full(1200, 1)], nonce),
-        false,
+        AnswerTo::Request,
         t0,
     );
     assert_eq!(d.best_known_slot(t0), Some(1200));
@@ -53,8 +58,18 @@ fn the_chain_clock_makes_far_future_slots_implausible_for_every_node() {
     d.handle_timeout(t0);
     let nonce = last_nonce(&drain(&mut d));
     let (liar, honest) = (PeerId::random(), PeerId::random());
-    d.handle_answer(liar, &answer(liar, &[full(1 << 40, 9)], nonce), false, t0);
-    d.handle_answer(honest, &answer(honest, &[full(990, 1)], nonce), false, t0);
+    d.handle_answer(
+        liar,
+        &answer(liar, &[full(1 << 40, 9)], nonce),
+        AnswerTo::Request,
+        t0,
+    );
+    d.handle_answer(
+        honest,
+        &answer(honest, &[full(990, 1)], nonce),
+        AnswerTo::Request,
+        t0,
+    );
     assert_eq!(d.best_known_slot(t0), Some(990));
     // Ten slots later the clock reads 1010: still within the threshold (10) of it.
     assert_eq!(d.best_known_slot(t0 + 10 * SEC), Some(990));
@@ -74,13 +89,13 @@ fn what_lies_outside_the_key_comes_from_the_trusted_and_they_are_tried_first() {
     lying.state_bytes = u64::MAX;
     for _ in 0..20 {
         let p = PeerId::random();
-        d.handle_answer(p, &answer(p, &[lying], nonce), false, t0);
+        d.handle_answer(p, &answer(p, &[lying], nonce), AnswerTo::Request, t0);
     }
     for p in &trusted {
         d.handle_answer(
             *p,
             &answer(*p, &[honest], nonce),
-            false,
+            AnswerTo::Request,
             t0 + Duration::from_millis(1),
         );
     }
@@ -112,7 +127,7 @@ fn counts_no_policy_vouches_for_are_marked_as_claims() {
     let t0 = Instant::now();
     let (mut d, nonce) = asking(pinned_500(), t0, None);
     let p = PeerId::random();
-    d.handle_answer(p, &answer(p, &[full(500, 1)], nonce), false, t0);
+    d.handle_answer(p, &answer(p, &[full(500, 1)], nonce), AnswerTo::Request, t0);
     d.handle_timeout(t0 + SEC);
     assert!(!plan_of(&drain(&mut d)).unwrap().last().counts_vouched);
 }
@@ -124,7 +139,7 @@ fn fresh_roots_for_a_pinned_state_do_not_keep_the_one_heard_first_from_being_tri
     let honest = full(500, 1);
     for _ in 0..3 {
         let p = PeerId::random();
-        d.handle_answer(p, &answer(p, &[honest], nonce), false, t0);
+        d.handle_answer(p, &answer(p, &[honest], nonce), AnswerTo::Request, t0);
     }
     // After each failure the attacker brings a fresh, lower root from more fresh identities.
     for round in 0..3u8 {
@@ -134,7 +149,7 @@ fn fresh_roots_for_a_pinned_state_do_not_keep_the_one_heard_first_from_being_tri
         let at = t0 + Duration::from_secs(2 + u64::from(round));
         for _ in 0..10 {
             let p = PeerId::random();
-            d.handle_answer(p, &answer(p, &[fake], nonce), false, at);
+            d.handle_answer(p, &answer(p, &[fake], nonce), AnswerTo::Request, at);
         }
         d.handle_sync_now(at);
         drain(&mut d);
@@ -187,7 +202,7 @@ fn the_owners_verifier_is_asked_once_per_snapshot_not_per_advert() {
                     )
                 })
                 .collect();
-            d.handle_answer(*p, &answer(*p, &snaps, nonce), false, t0);
+            d.handle_answer(*p, &answer(*p, &snaps, nonce), AnswerTo::Request, t0);
             d.best_known_slot(t0);
         }
     }
@@ -219,14 +234,19 @@ fn identities_advertising_other_snapshots_cannot_push_out_the_pinned_ones_holder
     };
     let (mut d, nonce) = asking(config, t0, None);
     let honest = PeerId::random();
-    d.handle_answer(honest, &answer(honest, &[pinned], nonce), false, t0);
+    d.handle_answer(
+        honest,
+        &answer(honest, &[pinned], nonce),
+        AnswerTo::Request,
+        t0,
+    );
     // Twelve fresh identities answer after it, each with a snapshot of its own.
     for i in 0..12u8 {
         let p = PeerId::random();
         d.handle_answer(
             p,
             &answer(p, &[full(300 + u64::from(i), 50 + i)], nonce),
-            false,
+            AnswerTo::Request,
             t0 + SEC / 100 * u32::from(i + 1),
         );
     }
@@ -253,7 +273,12 @@ fn a_changed_trusted_set_takes_effect_at_once_and_cancels_a_sync_it_no_longer_ac
     d.handle_timeout(t0);
     let nonce = last_nonce(&drain(&mut d));
     // Only the new validator answers: under the old set, nothing is acceptable.
-    d.handle_answer(new, &answer(new, &[full(500, 1)], nonce), false, t0);
+    d.handle_answer(
+        new,
+        &answer(new, &[full(500, 1)], nonce),
+        AnswerTo::Request,
+        t0,
+    );
     d.handle_timeout(t0 + SEC);
     assert!(plan_of(&drain(&mut d)).is_none());
     assert_eq!(d.best_known_slot(t0 + SEC), None);
@@ -307,7 +332,7 @@ fn a_sync_under_way_is_kept_only_while_the_new_policy_judges_it_as_the_old_one_d
     d.handle_timeout(t0);
     let nonce = last_nonce(&drain(&mut d));
     for p in [a, stranger] {
-        d.handle_answer(p, &answer(p, &[full(500, 1)], nonce), false, t0);
+        d.handle_answer(p, &answer(p, &[full(500, 1)], nonce), AnswerTo::Request, t0);
     }
     d.handle_timeout(t0 + SEC);
     let plan = plan_of(&drain(&mut d)).expect("a plan");
@@ -389,7 +414,7 @@ fn trusted_signatures_carried_by_strangers_make_a_quorum_and_nothing_else_does()
     for atts in cases {
         let p = PeerId::random();
         let msg = attested_answer(p, &[snap], &|_| atts.clone(), nonce);
-        d.handle_answer(p, &msg, false, t0);
+        d.handle_answer(p, &msg, AnswerTo::Request, t0);
         assert_eq!(d.best_known_slot(t0), None, "no quorum");
     }
     // A stranger relaying a second trusted signature makes the quorum: the snapshot is chosen.
@@ -400,7 +425,7 @@ fn trusted_signatures_carried_by_strangers_make_a_quorum_and_nothing_else_does()
         &|_| vec![sign(&keys[1], "n", &snap.key)],
         nonce,
     );
-    d.handle_answer(relay, &msg, false, t0);
+    d.handle_answer(relay, &msg, AnswerTo::Request, t0);
     assert_eq!(d.best_known_slot(t0), Some(1200));
     d.handle_timeout(t0 + SEC);
     let plan = plan_of(&drain(&mut d)).expect("a plan");
@@ -439,7 +464,7 @@ fn a_changed_trusted_set_counts_the_signatures_it_names() {
     d.handle_answer(
         relay,
         &attested_answer(relay, &[snap], &|_| atts.clone(), nonce),
-        false,
+        AnswerTo::Request,
         t0,
     );
     assert_eq!(d.best_known_slot(t0), None, "signed by keys not trusted");
@@ -497,7 +522,7 @@ fn the_owners_verifier_is_shown_the_valid_signatures_of_the_attesters_it_names()
     d.handle_answer(
         relay,
         &attested_answer(relay, &[snap], &|_| one.clone(), nonce),
-        false,
+        AnswerTo::Request,
         t0,
     );
     assert_eq!(d.best_known_slot(t0), None, "one valid signature of three");
@@ -506,7 +531,7 @@ fn the_owners_verifier_is_shown_the_valid_signatures_of_the_attesters_it_names()
     d.handle_answer(
         relay,
         &attested_answer(relay, &[snap], &|_| two.clone(), nonce),
-        false,
+        AnswerTo::Request,
         t0,
     );
     assert_eq!(d.best_known_slot(t0), Some(1200));
@@ -571,7 +596,7 @@ fn nothing_above_what_the_state_check_can_judge_is_chosen() {
     d.handle_answer(
         p,
         &answer(p, &[full(150, 1), full(90, 2)], nonce),
-        false,
+        AnswerTo::Request,
         t0,
     );
     d.handle_timeout(t0 + SEC);
@@ -598,8 +623,8 @@ fn a_state_the_application_refused_is_never_taken_again_under_any_root() {
     let refused = full(200, 6);
     let good = full(100, 1);
     let (a, b) = (PeerId::random(), PeerId::random());
-    d.handle_answer(a, &answer(a, &[refused], nonce), false, t0);
-    d.handle_answer(b, &answer(b, &[good], nonce), false, t0);
+    d.handle_answer(a, &answer(a, &[refused], nonce), AnswerTo::Request, t0);
+    d.handle_answer(b, &answer(b, &[good], nonce), AnswerTo::Request, t0);
     d.handle_timeout(t0 + SEC);
     assert_eq!(plan_of(&drain(&mut d)).unwrap().last().ad.key, refused.key);
     d.handle_sync_ended(
@@ -633,7 +658,12 @@ fn a_state_the_application_refused_is_never_taken_again_under_any_root() {
     let mut fresh = refused;
     fresh.key.content_root = ContentRoot([66; 32]);
     let c = PeerId::random();
-    d.handle_answer(c, &answer(c, &[refused, fresh], nonce), false, later);
+    d.handle_answer(
+        c,
+        &answer(c, &[refused, fresh], nonce),
+        AnswerTo::Request,
+        later,
+    );
     assert!(d.book.entry(&fresh.key).is_some(), "heard");
     assert_eq!(
         d.best_known_slot(later),
@@ -660,7 +690,12 @@ fn signatures_a_partial_holder_relays_make_a_quorum_and_a_downloading_node_relay
         .collect();
     // A stranger holds it, unsigned: no quorum.
     let holder = PeerId::random();
-    d.handle_answer(holder, &answer(holder, &[snap], nonce), false, t0);
+    d.handle_answer(
+        holder,
+        &answer(holder, &[snap], nonce),
+        AnswerTo::Request,
+        t0,
+    );
     assert_eq!(d.best_known_slot(t0), None);
     // A partial holder of it relays both trusted signatures: the quorum is there.
     let relay = PeerId::random();
@@ -678,7 +713,7 @@ fn signatures_a_partial_holder_relays_make_a_quorum_and_a_downloading_node_relay
         0,
         nonce,
     );
-    d.handle_answer(relay, &msg, false, t0);
+    d.handle_answer(relay, &msg, AnswerTo::Request, t0);
     assert_eq!(d.best_known_slot(t0), Some(1200));
     d.handle_timeout(t0 + SEC);
     let plan = plan_of(&drain(&mut d)).expect("a plan");
@@ -732,7 +767,7 @@ fn the_trusted_signatures_served_with_a_manifest_are_kept_with_the_snapshot_sync
     d.handle_answer(
         p,
         &attested_answer(p, &[snap], &|_| vec![sign(&keys[0])], nonce),
-        false,
+        AnswerTo::Request,
         t0,
     );
     d.handle_timeout(t0 + SEC);
