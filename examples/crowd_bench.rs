@@ -33,11 +33,11 @@ use std::time::Instant;
 
 use libp2p::identity::Keypair;
 use snapsync::Metrics;
-use snapsync::snapshot::{Manifest, SnapshotStore};
-use snapsync::transfer::{
+use snapsync::layers::snapshot::{Manifest, SnapshotStore};
+use snapsync::layers::transfer::{
     DownloadConfig, DownloadTarget, Downloaded, Downloader, PeerAddr, Streamer, StreamerConfig,
 };
-use snapsync::transfer::{Holding, Origin};
+use snapsync::layers::transfer::{Holding, Origin};
 use support::{arg, local, mib, usage};
 
 /// One node: its store, identity and streamer.

@@ -59,7 +59,7 @@ struct Net {
     events: mpsc::Receiver<(usize, NodeEvent)>,
     tx: mpsc::Sender<(usize, NodeEvent)>,
     /// Every snapshot each node made, by node.
-    created: HashMap<usize, Vec<snapsync::snapshot::Manifest>>,
+    created: HashMap<usize, Vec<snapsync::layers::snapshot::Manifest>>,
 }
 
 impl Net {
@@ -137,7 +137,7 @@ struct Synced {
 /// Follows the syncs of the nodes `names` (index, name) to their ends, with a progress bar per
 /// download; returns what each did.
 /// The next snapshot the producer (node 0) makes.
-async fn created_by_producer(net: &mut Net) -> snapsync::snapshot::Manifest {
+async fn created_by_producer(net: &mut Net) -> snapsync::layers::snapshot::Manifest {
     net.wait(|i, e| match e {
         NodeEvent::Snap(Event::SnapshotCreated { manifest }) if i == 0 => Some(manifest.clone()),
         _ => None,
@@ -307,7 +307,7 @@ async fn start_producer(
     tmp: &tempfile::TempDir,
     args: &Args,
     genesis: u64,
-) -> (NodeHandle, Multiaddr, snapsync::snapshot::Manifest) {
+) -> (NodeHandle, Multiaddr, snapsync::layers::snapshot::Manifest) {
     println!("[producer] writing {} MiB of state ...", args.state_mib);
     let mut p = options(&tmp.path().join("producer"), args.cap_mibs);
     p.chain = p_chain(args.state_mib, genesis);
@@ -367,7 +367,7 @@ async fn late_joiner(
     tmp: &tempfile::TempDir,
     args: &Args,
     addrs: Vec<Multiaddr>,
-    manifest: &snapsync::snapshot::Manifest,
+    manifest: &snapsync::layers::snapshot::Manifest,
     signers: [&NodeHandle; 2],
 ) -> (NodeHandle, Synced, Synced) {
     println!(

@@ -38,8 +38,8 @@ use std::time::{Duration, Instant};
 
 use libp2p::identity::Keypair;
 use snapsync::Metrics;
-use snapsync::snapshot::{Manifest, SnapshotStore};
-use snapsync::transfer::{
+use snapsync::layers::snapshot::{Manifest, SnapshotStore};
+use snapsync::layers::transfer::{
     DownloadConfig, DownloadTarget, Downloader, PeerAddr, Streamer, StreamerConfig,
 };
 use support::{arg, mib};
@@ -75,7 +75,7 @@ async fn serve(store: &Path) {
 fn load_crafted(archive: &Path, manifest: &Path, db: &Path) {
     let m = Manifest::decode(&std::fs::read(manifest).unwrap()).unwrap();
     let db = snapsync::db::LmdbState::open(db).unwrap();
-    let err = snapsync::snapshot::load_snapshot(&db, archive, &m).unwrap_err();
+    let err = snapsync::layers::snapshot::load_snapshot(&db, archive, &m).unwrap_err();
     println!("{{\"error\":\"{}\"}}", err.to_string().replace('"', "'"));
     std::io::stdout().flush().unwrap();
     std::io::copy(&mut std::io::stdin(), &mut std::io::sink()).unwrap();
@@ -147,17 +147,17 @@ fn craft(dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::write(&path, &archive).unwrap();
     let root = snapsync::ContentRoot::from(blake3::hash(&archive));
     let m = Manifest {
-        format_version: snapsync::snapshot::FORMAT_VERSION,
+        format_version: snapsync::layers::snapshot::FORMAT_VERSION,
         slot: 1,
         bank_hash: snapsync::BankHash([0; 32]),
         content_root: root,
         archive_size: archive.len() as u64,
-        chunk_size: snapsync::chunk::ChunkSize::DEFAULT,
+        chunk_size: snapsync::layers::chunk::ChunkSize::DEFAULT,
         created_unix_ms: 0,
         entry_count: 1,
         state_bytes: 34 * VALUE as u64,
         zstd_level: 1,
-        kind: snapsync::snapshot::SnapshotKind::Full,
+        kind: snapsync::layers::snapshot::SnapshotKind::Full,
         base: None,
         zstd_version: 0,
     };
@@ -291,11 +291,11 @@ async fn cpu_per_request(
 /// Writes into `store` a published snapshot declared `size` bytes: its archive and outboard
 /// are sparse files of the sizes its manifest says (it is only asked about, never read).
 fn huge(store: &Path, size: u64) -> Manifest {
-    let chunk = snapsync::chunk::ChunkSize::DEFAULT;
+    let chunk = snapsync::layers::chunk::ChunkSize::DEFAULT;
     let root = snapsync::ContentRoot([0x5a; 32]);
-    let tree = snapsync::chunk::ChunkTree::new(size, chunk, root);
+    let tree = snapsync::layers::chunk::ChunkTree::new(size, chunk, root);
     let m = Manifest {
-        format_version: snapsync::snapshot::FORMAT_VERSION,
+        format_version: snapsync::layers::snapshot::FORMAT_VERSION,
         slot: 1,
         bank_hash: snapsync::BankHash([0; 32]),
         content_root: root,
@@ -305,7 +305,7 @@ fn huge(store: &Path, size: u64) -> Manifest {
         entry_count: 0,
         state_bytes: size,
         zstd_level: 1,
-        kind: snapsync::snapshot::SnapshotKind::Full,
+        kind: snapsync::layers::snapshot::SnapshotKind::Full,
         base: None,
         zstd_version: 0,
     };
@@ -317,9 +317,16 @@ fn huge(store: &Path, size: u64) -> Manifest {
             .set_len(len)
             .unwrap();
     };
-    sparse(snapsync::snapshot::ARCHIVE_FILE, size);
-    sparse(snapsync::snapshot::OUTBOARD_FILE, tree.outboard_size());
-    std::fs::write(dir.join(snapsync::snapshot::MANIFEST_FILE), m.encode()).unwrap();
+    sparse(snapsync::layers::snapshot::ARCHIVE_FILE, size);
+    sparse(
+        snapsync::layers::snapshot::OUTBOARD_FILE,
+        tree.outboard_size(),
+    );
+    std::fs::write(
+        dir.join(snapsync::layers::snapshot::MANIFEST_FILE),
+        m.encode(),
+    )
+    .unwrap();
     m
 }
 
@@ -569,7 +576,7 @@ fn main() {
     drop(loader.stdin.take());
     let _ = loader.wait();
     let crafted_error = support::text(&lines[0], "error");
-    let budget_mib = mib(snapsync::snapshot::LoadLimits::default().decode_memory());
+    let budget_mib = mib(snapsync::layers::snapshot::LoadLimits::default().decode_memory());
 
     let alone_rate = mib(m.archive_size) / alone.secs;
     let aggregate = mib(m.archive_size * clients as u64) / all.secs;
@@ -578,7 +585,7 @@ fn main() {
         all.finished[all.finished.len() / 2],
         all.finished[all.finished.len() - 1],
     );
-    let slots = snapsync::transfer::StreamerConfig::default().max_uploads();
+    let slots = snapsync::layers::transfer::StreamerConfig::default().max_uploads();
     println!(
         "{clients} clients x {:.0} MiB from one streamer: all complete and exact",
         mib(m.archive_size)

@@ -69,7 +69,7 @@ struct Args {
     #[arg(long, default_value_t = 50)]
     range_for_snapshot: u64,
     /// Slots between full snapshots (the snapshots between are incremental).
-    #[arg(long, default_value_t = snapsync::snapshot::DEFAULT_FULL_INTERVAL)]
+    #[arg(long, default_value_t = snapsync::layers::snapshot::DEFAULT_FULL_INTERVAL)]
     full_interval: u64,
     /// Serving cap per downloading peer, bytes per second.
     #[arg(long)]

@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use snapsync::db::{LmdbState, StateDb};
-use snapsync::snapshot::{ArchiveReader, DEFAULT_ZSTD_LEVEL};
-use snapsync::snapshot::{
+use snapsync::layers::snapshot::{ArchiveReader, DEFAULT_ZSTD_LEVEL};
+use snapsync::layers::snapshot::{
     CreateOptions, SnapshotStore, create_incremental, create_snapshot, load_snapshot,
 };
 use support::state::{VALUE_LEN, entries_for, key, open_db, populate, value};

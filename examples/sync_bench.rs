@@ -29,10 +29,10 @@ use std::time::Instant;
 use libp2p::identity::Keypair;
 use snapsync::Metrics;
 use snapsync::db::{LmdbState, StateDb};
-use snapsync::snapshot::{
+use snapsync::layers::snapshot::{
     CreateOptions, LoadLimits, Manifest, SnapshotStore, create_snapshot, load_chain, load_snapshot,
 };
-use snapsync::transfer::{
+use snapsync::layers::transfer::{
     DownloadConfig, DownloadTarget, Downloader, PeerAddr, Streamer, StreamerConfig,
 };
 use support::state::{open_db, populate};

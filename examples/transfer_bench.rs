@@ -30,11 +30,11 @@ use std::time::Instant;
 
 use libp2p::identity::Keypair;
 use snapsync::Metrics;
-use snapsync::snapshot::{Manifest, SnapshotStore};
-use snapsync::transfer::{
+use snapsync::layers::snapshot::{Manifest, SnapshotStore};
+use snapsync::layers::transfer::{
     DownloadConfig, DownloadTarget, Downloader, PeerAddr, Streamer, StreamerConfig,
 };
-use snapsync::transfer::{Holding, Origin};
+use snapsync::layers::transfer::{Holding, Origin};
 use support::{arg, field, local, mib, usage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -92,7 +92,7 @@ mod tuned {
     use std::sync::Arc;
 
     use libp2p::identity::Keypair;
-    use snapsync::transfer::TransportTuning;
+    use snapsync::layers::transfer::TransportTuning;
 
     pub fn endpoint() -> quinn::EndpointConfig {
         let mut c = quinn::EndpointConfig::default();
@@ -274,7 +274,9 @@ async fn get_snapsync(
     let handle = downloader.start(DownloadTarget::from_manifest(manifest), peers);
     if let Some(url) = web {
         handle.add_source(
-            Origin::Web(Arc::new(snapsync::transfer::WebSource::new(&url).unwrap())),
+            Origin::Web(Arc::new(
+                snapsync::layers::transfer::WebSource::new(&url).unwrap(),
+            )),
             Holding::Complete,
         );
     }
@@ -494,13 +496,13 @@ fn scenarios(size_mib: u64) -> Results {
     let archive = latest.archive_path();
     let manifest_s = latest
         .dir()
-        .join(snapsync::snapshot::MANIFEST_FILE)
+        .join(snapsync::layers::snapshot::MANIFEST_FILE)
         .to_str()
         .unwrap()
         .to_string();
     // The same snapshot published for a static web server.
     let www = tmp.path().join("www");
-    snapsync::snapshot::publish(&latest, &www).unwrap();
+    snapsync::layers::snapshot::publish(&latest, &www).unwrap();
     drop(latest);
     drop(store);
     let archive_s = archive.to_str().unwrap().to_string();

@@ -83,18 +83,15 @@
 //! [`DiscoveryConfig`] and the [`TrustPolicy`], a [`SnapshotVerifier`] and a [`ChainClock`]),
 //! its [`Event`]s and [`Status`] (what they carry is in [`event`]), the errors, the two hashes
 //! ([`BankHash`], [`ContentRoot`]) and [`Metrics`]; [`db`] is the seam to the state DB. Semver
-//! covers these. The lower layers the behaviour is built from, [`snapshot`] (create, store,
-//! load), [`transfer`] (the chunk stream's server and downloader), [`chunk`] (proofs) and
-//! [`bank_hash`], are public for tools, benchmarks and tests; they follow the crate's version
-//! but may change in a minor release: pin an exact version to build on them.
+//! covers these. The lower layers the behaviour is built from are in [`layers`] (snapshots,
+//! the chunk stream, proofs, the bank hash), public for tools, benchmarks and tests, with a
+//! semver note of their own.
 //!
 //! In debug builds, build the dependencies optimized (QUIC crypto, BLAKE3, zstd and LMDB are
 //! ten times slower without): `[profile.dev.package."*"] opt-level = 3`.
 #![warn(missing_docs, unreachable_pub)]
 
-pub mod bank_hash;
 mod behaviour;
-pub mod chunk;
 mod config_error;
 pub mod db;
 mod discovery;
@@ -103,8 +100,9 @@ mod frame;
 mod hash;
 pub mod log;
 mod metrics;
-pub mod snapshot;
-pub mod transfer;
+
+pub mod layers;
+pub(crate) use layers::{bank_hash, chunk, snapshot, transfer};
 
 /// The libp2p snapsync is built on, re-exported so that a node uses the very same version.
 pub use libp2p;

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use common::wire::*;
 use common::*;
 use snapsync::ContentRoot;
+use snapsync::layers::snapshot::Manifest;
+use snapsync::layers::transfer::{DownloadError, DownloadTarget, PeerAddr, StreamerConfig, Token};
 use snapsync::proto;
-use snapsync::snapshot::Manifest;
-use snapsync::transfer::{DownloadError, DownloadTarget, PeerAddr, StreamerConfig, Token};
 
 /// A raw client whose receive windows are small, so that a response it does not read blocks the
 /// server's writes (a default window would swallow a whole response).
@@ -346,7 +346,7 @@ async fn a_fake_streamer_that_records_every_byte_never_sees_the_token() {
     let target = DownloadTarget::new(
         ContentRoot([9; 32]),
         1 << 20,
-        snapsync::chunk::ChunkSize::DEFAULT,
+        snapsync::layers::chunk::ChunkSize::DEFAULT,
     );
     let err = downloader_token(&client, fast(), Some(Token::new(secret)))
         .download(
@@ -375,17 +375,17 @@ async fn a_fake_streamer_that_records_every_byte_never_sees_the_token() {
 
 /// A copy of `snap` in a store of its own whose manifest says something else: `edit` changes
 /// it. (The store checks the files' sizes, not what the manifest claims.)
-fn doctored(snap: &snapsync::snapshot::Snapshot, edit: impl Fn(&mut Manifest)) -> Node {
+fn doctored(snap: &snapsync::layers::snapshot::Snapshot, edit: impl Fn(&mut Manifest)) -> Node {
     let node = Node::holding(snap);
     let held = node.store.get(&snap.manifest().content_root).unwrap();
     let mut m = held.manifest().clone();
     edit(&mut m);
     std::fs::write(
-        held.dir().join(snapsync::snapshot::MANIFEST_FILE),
+        held.dir().join(snapsync::layers::snapshot::MANIFEST_FILE),
         m.encode(),
     )
     .unwrap();
-    let store = snapsync::snapshot::SnapshotStore::open(node.store.dir()).unwrap();
+    let store = snapsync::layers::snapshot::SnapshotStore::open(node.store.dir()).unwrap();
     Node { store, ..node }
 }
 
@@ -401,8 +401,8 @@ async fn a_manifest_that_differs_in_any_field_is_not_taken_nor_published() {
         (
             "kind",
             doctored(&snap, |m| {
-                m.kind = snapsync::snapshot::SnapshotKind::Incremental;
-                m.base = Some(snapsync::snapshot::Base {
+                m.kind = snapsync::layers::snapshot::SnapshotKind::Incremental;
+                m.base = Some(snapsync::layers::snapshot::Base {
                     slot: 1,
                     bank_hash: snapsync::BankHash([1; 32]),
                     content_root: ContentRoot([1; 32]),
@@ -446,7 +446,7 @@ async fn a_manifest_that_differs_in_any_field_is_not_taken_nor_published() {
 
 /// A copy of `snap` whose archive has a byte flipped in every chunk: any range it serves fails
 /// its check.
-fn corrupt(snap: &snapsync::snapshot::Snapshot) -> Node {
+fn corrupt(snap: &snapsync::layers::snapshot::Snapshot) -> Node {
     let node = Node::holding(snap);
     let held = node.store.get(&snap.manifest().content_root).unwrap();
     let mut bytes = std::fs::read(held.archive_path()).unwrap();

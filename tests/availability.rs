@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use common::wire::*;
 use common::*;
-use snapsync::chunk::ChunkSize;
-use snapsync::chunk::ChunkTree;
+use snapsync::layers::chunk::ChunkSize;
+use snapsync::layers::chunk::ChunkTree;
+use snapsync::layers::snapshot::{Manifest, SnapshotStore};
+use snapsync::layers::transfer::{DownloadTarget, StreamerConfig};
 use snapsync::proto;
-use snapsync::snapshot::{Manifest, SnapshotStore};
-use snapsync::transfer::{DownloadTarget, StreamerConfig};
 use snapsync::{BankHash, ContentRoot};
 
 /// A receive window so small that a response nobody reads holds its memory on the server.
@@ -49,7 +49,7 @@ fn huge(size: u64) -> (Node, Manifest) {
     let root = ContentRoot([0x5a; 32]);
     let tree = ChunkTree::new(size, chunk, root);
     let m = Manifest {
-        format_version: snapsync::snapshot::FORMAT_VERSION,
+        format_version: snapsync::layers::snapshot::FORMAT_VERSION,
         slot: 1,
         bank_hash: BankHash([0; 32]),
         content_root: root,
@@ -59,7 +59,7 @@ fn huge(size: u64) -> (Node, Manifest) {
         entry_count: 0,
         state_bytes: size,
         zstd_level: 1,
-        kind: snapsync::snapshot::SnapshotKind::Full,
+        kind: snapsync::layers::snapshot::SnapshotKind::Full,
         base: None,
         zstd_version: 0,
     };
@@ -74,9 +74,16 @@ fn huge(size: u64) -> (Node, Manifest) {
             .set_len(len)
             .unwrap();
     };
-    sparse(snapsync::snapshot::ARCHIVE_FILE, size);
-    sparse(snapsync::snapshot::OUTBOARD_FILE, tree.outboard_size());
-    std::fs::write(dir.join(snapsync::snapshot::MANIFEST_FILE), m.encode()).unwrap();
+    sparse(snapsync::layers::snapshot::ARCHIVE_FILE, size);
+    sparse(
+        snapsync::layers::snapshot::OUTBOARD_FILE,
+        tree.outboard_size(),
+    );
+    std::fs::write(
+        dir.join(snapsync::layers::snapshot::MANIFEST_FILE),
+        m.encode(),
+    )
+    .unwrap();
     let store = SnapshotStore::open(node.store.dir()).unwrap();
     (Node { store, ..node }, m)
 }
@@ -205,12 +212,12 @@ async fn a_finished_download_left_unpublished_by_a_crash_is_taken_as_it_is() {
     std::fs::create_dir_all(&partial).unwrap();
     std::fs::copy(
         snap.archive_path(),
-        partial.join(snapsync::snapshot::ARCHIVE_FILE),
+        partial.join(snapsync::layers::snapshot::ARCHIVE_FILE),
     )
     .unwrap();
     std::fs::copy(
         snap.outboard_path(),
-        partial.join(snapsync::snapshot::OUTBOARD_FILE),
+        partial.join(snapsync::layers::snapshot::OUTBOARD_FILE),
     )
     .unwrap();
     let got = fetch_from(&client, fast(), snap.manifest(), &server, &streamer)
@@ -240,19 +247,23 @@ async fn progress_survives_a_variant_of_the_snapshot_in_other_chunks() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(
         snap.archive_path(),
-        dir.join(snapsync::snapshot::ARCHIVE_FILE),
+        dir.join(snapsync::layers::snapshot::ARCHIVE_FILE),
     )
     .unwrap();
-    let (root, size) = snapsync::chunk::write_outboard(
-        &dir.join(snapsync::snapshot::ARCHIVE_FILE),
+    let (root, size) = snapsync::layers::chunk::write_outboard(
+        &dir.join(snapsync::layers::snapshot::ARCHIVE_FILE),
         chunk64,
-        &dir.join(snapsync::snapshot::OUTBOARD_FILE),
+        &dir.join(snapsync::layers::snapshot::OUTBOARD_FILE),
     )
     .unwrap();
     assert_eq!((root, size), (m16.content_root, m16.archive_size));
     let mut m64 = m16.clone();
     m64.chunk_size = chunk64;
-    std::fs::write(dir.join(snapsync::snapshot::MANIFEST_FILE), m64.encode()).unwrap();
+    std::fs::write(
+        dir.join(snapsync::layers::snapshot::MANIFEST_FILE),
+        m64.encode(),
+    )
+    .unwrap();
     let wide = Node {
         store: SnapshotStore::open(wide.store.dir()).unwrap(),
         ..wide

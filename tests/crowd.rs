@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use common::wire::*;
 use common::*;
+use snapsync::layers::snapshot::{Manifest, Snapshot};
+use snapsync::layers::transfer::{Holding, Origin};
 use snapsync::proto;
-use snapsync::snapshot::{Manifest, Snapshot};
-use snapsync::transfer::{Holding, Origin};
 /// Download settings for a crowd: quick retries, and requests given the time a capped seed
 /// shared by many needs.
 fn crowd_config() -> DownloadConfig {
@@ -21,7 +21,7 @@ fn crowd_config() -> DownloadConfig {
         .with_no_progress_timeout(Duration::from_secs(60))
 }
 
-use snapsync::transfer::{
+use snapsync::layers::transfer::{
     DownloadConfig, DownloadHandle, DownloadTarget, Downloaded, PeerAddr, PeerStatus, Streamer,
     StreamerConfig,
 };

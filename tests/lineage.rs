@@ -11,8 +11,8 @@ use common::chain::{Chain, HOT, Running, churn};
 use common::net::*;
 use common::{entries, init_tracing};
 use snapsync::db::StateDb;
-use snapsync::snapshot::SnapshotKind;
-use snapsync::snapshot::{
+use snapsync::layers::snapshot::SnapshotKind;
+use snapsync::layers::snapshot::{
     CreatorConfig, Manifest, SnapshotStore, create_incremental, create_snapshot,
 };
 use snapsync::{ContentRoot, Event};
@@ -319,7 +319,7 @@ fn independent_node(batch: u64) -> Archives {
     let store = SnapshotStore::open(dir.path().join("snapshots")).unwrap();
     let options = CreatorConfig::default().options();
     let mut out = Archives::new();
-    let mut base: Option<std::sync::Arc<snapsync::snapshot::Snapshot>> = None;
+    let mut base: Option<std::sync::Arc<snapsync::layers::snapshot::Snapshot>> = None;
     for slot in 1..=4 * RANGE {
         CHAIN.commit(&db, slot, batch);
         if !slot.is_multiple_of(RANGE) {

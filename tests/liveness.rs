@@ -15,7 +15,7 @@ use common::net::*;
 use common::wire::{LiarStats, Lie, liar_server};
 use prost::Message;
 use snapsync::db::StateDb;
-use snapsync::snapshot::{CreatorConfig, Manifest};
+use snapsync::layers::snapshot::{CreatorConfig, Manifest};
 use snapsync::{BankHash, Event, SnapshotVerifier, TrustPolicy};
 
 const HONEST: Chain = Chain {

@@ -10,7 +10,7 @@ use common::net::*;
 use common::{copy_snapshot, init_tracing, state_id};
 use snapsync::Event;
 use snapsync::db::StateDb;
-use snapsync::transfer::Token;
+use snapsync::layers::transfer::Token;
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -19,7 +19,7 @@ async fn producer(
     events: &mut Events,
     kib: u64,
     config: impl FnOnce(snapsync::Config) -> snapsync::Config,
-) -> (TestNode, snapsync::snapshot::Manifest) {
+) -> (TestNode, snapsync::layers::snapshot::Manifest) {
     let (dir, db) = node_dir(kib, 10, 42);
     let cfg = config(serve_only(test_config(dir.path())));
     let node = start_node(0, dir.clone(), db, cfg, events.tx.clone()).await;
@@ -125,9 +125,10 @@ async fn the_busiest_peer_stopping_mid_sync_does_not_stop_it() {
     for i in 1..=2 {
         let (dir, db) = node_dir(0, 0, 0);
         let snap = {
-            let store =
-                snapsync::snapshot::SnapshotStore::open(holders[0].dir.path().join("snapshots"))
-                    .unwrap();
+            let store = snapsync::layers::snapshot::SnapshotStore::open(
+                holders[0].dir.path().join("snapshots"),
+            )
+            .unwrap();
             store.latest().unwrap()
         };
         std::fs::create_dir_all(dir.path().join("snapshots")).unwrap();
@@ -349,7 +350,7 @@ async fn a_new_peer_on_the_topic_triggers_a_request_without_waiting_for_the_tick
 /// A holder of a copy of `snap`, serving it and not syncing itself.
 async fn holder(
     index: usize,
-    snap: &snapsync::snapshot::Snapshot,
+    snap: &snapsync::layers::snapshot::Snapshot,
     events: &Events,
     config: impl FnOnce(snapsync::Config) -> snapsync::Config,
 ) -> TestNode {
@@ -360,8 +361,8 @@ async fn holder(
     start_node(index, dir.clone(), db, cfg, events.tx.clone()).await
 }
 
-fn latest(node: &TestNode) -> std::sync::Arc<snapsync::snapshot::Snapshot> {
-    snapsync::snapshot::SnapshotStore::open(node.dir.path().join("snapshots"))
+fn latest(node: &TestNode) -> std::sync::Arc<snapsync::layers::snapshot::Snapshot> {
+    snapsync::layers::snapshot::SnapshotStore::open(node.dir.path().join("snapshots"))
         .unwrap()
         .latest()
         .unwrap()
@@ -461,7 +462,7 @@ async fn forged_snapshots_are_not_chosen_and_a_lying_archive_is_caught() {
             Ev::Snap(Event::DownloadProgress(pr)) if i == 6 => {
                 banned |= pr.peers.iter().any(|pp| {
                     pp.peer_id == liar.peer_id
-                        && pp.status == snapsync::transfer::PeerStatus::Banned
+                        && pp.status == snapsync::layers::transfer::PeerStatus::Banned
                 });
                 None
             }
@@ -678,12 +679,13 @@ async fn a_follower_that_falls_behind_syncs_again_and_keeps_only_the_newest() {
     assert_eq!(slots, vec![10, 20, 30, 40]);
     assert_eq!(state_id(&f.db), state_id(&p.db));
     // Retention (2 by default) applies to synced snapshots too.
-    let kept: Vec<u64> = snapsync::snapshot::SnapshotStore::open(f.dir.path().join("snapshots"))
-        .unwrap()
-        .list()
-        .iter()
-        .map(|s| s.manifest().slot)
-        .collect();
+    let kept: Vec<u64> =
+        snapsync::layers::snapshot::SnapshotStore::open(f.dir.path().join("snapshots"))
+            .unwrap()
+            .list()
+            .iter()
+            .map(|s| s.manifest().slot)
+            .collect();
     assert_eq!(kept, vec![30, 40]);
 }
 

@@ -11,20 +11,20 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use snapsync::ContentRoot;
-use snapsync::bank_hash::Lattice;
-use snapsync::chunk::{ChunkError, ChunkTree};
-use snapsync::chunk::{ChunkSize, ChunkSizeError};
 use snapsync::db::{
     ApplyFn, DbError, LmdbState, StateDb, StateImport, StateView, TouchedVisitor, VisitError,
     Visitor,
 };
-use snapsync::snapshot::{
+use snapsync::layers::bank_hash::Lattice;
+use snapsync::layers::chunk::{ChunkError, ChunkTree};
+use snapsync::layers::chunk::{ChunkSize, ChunkSizeError};
+use snapsync::layers::snapshot::{
     ArchiveSource, CreateError, CreateOptions, Creator, CreatorConfig, HashStage, LoadError,
     LoadLimits, Manifest, Retention, SnapshotStore, StoreError, create_snapshot, load_chain,
     load_snapshot,
 };
 
-fn create(store: &SnapshotStore, db: &LmdbState) -> Arc<snapsync::snapshot::Snapshot> {
+fn create(store: &SnapshotStore, db: &LmdbState) -> Arc<snapsync::layers::snapshot::Snapshot> {
     let view = db.view().unwrap();
     create_snapshot(store, view.as_ref(), &CreateOptions::default()).expect("create snapshot")
 }
@@ -195,7 +195,8 @@ fn a_flipped_byte_anywhere_is_caught_by_chunk_check_and_loader() {
         // Served from the corrupt file with the honest outboard: the chunk holding the
         // flipped byte fails, and is named.
         let source =
-            snapsync::chunk::ChunkSource::open(tree, &corrupt_path, &snap.outboard_path()).unwrap();
+            snapsync::layers::chunk::ChunkSource::open(tree, &corrupt_path, &snap.outboard_path())
+                .unwrap();
         let all = 0..tree.chunk_count();
         let mut encoded = Vec::new();
         source.encode(all.clone(), &mut encoded).unwrap();

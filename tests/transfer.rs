@@ -9,7 +9,7 @@ use common::relay::{Impairment, Relay};
 use common::wire::*;
 use common::*;
 use snapsync::Metrics;
-use snapsync::transfer::{
+use snapsync::layers::transfer::{
     DownloadError, DownloadTarget, Downloader, EndpointError, PeerAddr, PeerStatus, Streamer,
     StreamerConfig, StreamerError, Token, TransportTuning,
 };
@@ -30,7 +30,7 @@ async fn one_peer() {
     assert_eq!(stats.bytes_served, snap.manifest().archive_size);
     assert!(stats.chunks_served >= snap.manifest().chunk_tree().chunk_count());
     // The published snapshot is found again after a restart of the store.
-    let store = snapsync::snapshot::SnapshotStore::open(client.store.dir()).unwrap();
+    let store = snapsync::layers::snapshot::SnapshotStore::open(client.store.dir()).unwrap();
     assert_eq!(store.latest().unwrap().manifest(), snap.manifest());
 }
 
@@ -40,10 +40,10 @@ async fn the_attestations_kept_with_a_snapshot_are_served_with_its_manifest() {
     let (server, snap) = Node::with_snapshot(256, 50, 7);
     let key = snap.manifest().key();
     let bare = Node::holding(&snap);
-    let mut signed: Vec<snapsync::snapshot::Attestation> = (0..2)
+    let mut signed: Vec<snapsync::layers::snapshot::Attestation> = (0..2)
         .map(|_| {
             let k = libp2p::identity::Keypair::generate_ed25519();
-            snapsync::snapshot::Attestation::sign(&k, "net", &key).unwrap()
+            snapsync::layers::snapshot::Attestation::sign(&k, "net", &key).unwrap()
         })
         .collect();
     server
@@ -418,12 +418,13 @@ async fn a_port_in_use_is_a_typed_error_naming_the_address() {
 #[ignore = "child process of a_killed_downloader_resumes_where_it_was"]
 async fn child_download() {
     let var = |k: &str| std::env::var(k).expect("run by the parent test");
-    let store = snapsync::snapshot::SnapshotStore::open(var("SNAPSYNC_CHILD_STORE")).unwrap();
+    let store =
+        snapsync::layers::snapshot::SnapshotStore::open(var("SNAPSYNC_CHILD_STORE")).unwrap();
     let keypair = libp2p::identity::Keypair::generate_ed25519();
     let target = DownloadTarget::new(
         var("SNAPSYNC_CHILD_ROOT").parse().unwrap(),
         var("SNAPSYNC_CHILD_SIZE").parse().unwrap(),
-        snapsync::chunk::ChunkSize::DEFAULT,
+        snapsync::layers::chunk::ChunkSize::DEFAULT,
     );
     let peer = PeerAddr {
         peer_id: var("SNAPSYNC_CHILD_PEER").parse().unwrap(),
@@ -482,7 +483,7 @@ async fn a_killed_downloader_resumes_where_it_was() {
     // Restart: only what was not yet durable is fetched again.
     let client = Node {
         db: snapsync::db::LmdbState::open(client_dir.path().join("state")).unwrap(),
-        store: snapsync::snapshot::SnapshotStore::open(&client_store).unwrap(),
+        store: snapsync::layers::snapshot::SnapshotStore::open(&client_store).unwrap(),
         keypair: libp2p::identity::Keypair::generate_ed25519(),
         dir: client_dir,
     };

@@ -10,7 +10,7 @@ use common::init_tracing;
 use common::net::*;
 use snapsync::Event;
 use snapsync::db::StateDb;
-use snapsync::snapshot::{CreatorConfig, Manifest};
+use snapsync::layers::snapshot::{CreatorConfig, Manifest};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -176,7 +176,7 @@ async fn an_attacker_chain_racing_ahead_is_never_loaded() {
 fn doctor_manifest(store_dir: &std::path::Path, edit: impl Fn(&mut Manifest)) {
     for entry in std::fs::read_dir(store_dir).unwrap() {
         let dir = entry.unwrap().path();
-        let path = dir.join(snapsync::snapshot::MANIFEST_FILE);
+        let path = dir.join(snapsync::layers::snapshot::MANIFEST_FILE);
         if let Ok(bytes) = std::fs::read(&path) {
             let mut m = Manifest::decode(&bytes).unwrap();
             edit(&mut m);
@@ -188,7 +188,10 @@ fn doctor_manifest(store_dir: &std::path::Path, edit: impl Fn(&mut Manifest)) {
 /// Flips a byte in every chunk of every archive in a store: whatever range it serves fails.
 fn corrupt_archives(store_dir: &std::path::Path, chunk: usize) {
     for entry in std::fs::read_dir(store_dir).unwrap() {
-        let path = entry.unwrap().path().join(snapsync::snapshot::ARCHIVE_FILE);
+        let path = entry
+            .unwrap()
+            .path()
+            .join(snapsync::layers::snapshot::ARCHIVE_FILE);
         if let Ok(mut bytes) = std::fs::read(&path) {
             for at in (0..bytes.len()).step_by(chunk) {
                 bytes[at] ^= 0xff;
@@ -480,9 +483,11 @@ async fn a_pinned_node_syncs_despite_an_attacker_rotating_fake_roots() {
         for s in 1..=20 {
             chain.commit(&db, s, 1024);
         }
-        let store = snapsync::snapshot::SnapshotStore::open(dir.path().join("snapshots")).unwrap();
+        let store =
+            snapsync::layers::snapshot::SnapshotStore::open(dir.path().join("snapshots")).unwrap();
         let view = db.view().unwrap();
-        snapsync::snapshot::create_snapshot(&store, view.as_ref(), &Default::default()).unwrap();
+        snapsync::layers::snapshot::create_snapshot(&store, view.as_ref(), &Default::default())
+            .unwrap();
         doctor_manifest(&dir.path().join("snapshots"), |m| {
             m.bank_hash = honest.bank_hash
         });
@@ -615,10 +620,12 @@ async fn the_applications_state_check_refuses_another_chains_state_and_the_next_
     }
     fdb.commit_slot(25, |w| w.put(common::chain::HOT, &25u64.to_le_bytes()))
         .unwrap();
-    let store = snapsync::snapshot::SnapshotStore::open(fdir.path().join("snapshots")).unwrap();
+    let store =
+        snapsync::layers::snapshot::SnapshotStore::open(fdir.path().join("snapshots")).unwrap();
     let view = fdb.view().unwrap();
     let forged =
-        snapsync::snapshot::create_snapshot(&store, view.as_ref(), &Default::default()).unwrap();
+        snapsync::layers::snapshot::create_snapshot(&store, view.as_ref(), &Default::default())
+            .unwrap();
     drop(view);
     let liars = [
         serving_copy(&fdir, 20, &events).await,
@@ -727,7 +734,8 @@ async fn the_applications_state_check_refuses_another_chains_state_and_the_next_
     let liar_ids: std::collections::HashSet<_> = liars.iter().map(|l| l.peer_id).collect();
     assert_eq!(struck, liar_ids);
     // It keeps nothing of the refused snapshot to serve.
-    let kept = snapsync::snapshot::SnapshotStore::open(ndir.path().join("snapshots")).unwrap();
+    let kept =
+        snapsync::layers::snapshot::SnapshotStore::open(ndir.path().join("snapshots")).unwrap();
     assert!(
         kept.list()
             .iter()
@@ -887,7 +895,7 @@ async fn a_quorum_of_signatures_travels_with_the_snapshot_to_strangers_and_web_m
     let www_path = www.path().to_path_buf();
     relay
         .query(move |s| {
-            snapsync::snapshot::mirror(s.behaviour().snapsync.store(), &www_path).unwrap()
+            snapsync::layers::snapshot::mirror(s.behaviour().snapsync.store(), &www_path).unwrap()
         })
         .await;
     let index = std::fs::read_to_string(www.path().join("index.json")).unwrap();
@@ -980,8 +988,8 @@ async fn nothing_the_light_client_cannot_judge_yet_is_fetched() {
 /// validator's own valid one is heard and not taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signatures_for_another_network_or_snapshot_or_of_other_keys_count_for_nothing() {
+    use snapsync::layers::snapshot::Attestation;
     use snapsync::libp2p::identity::Keypair;
-    use snapsync::snapshot::Attestation;
     init_tracing();
     let mut events = Events::new();
     let (validators, _chain) = producers(1, &events).await;

@@ -11,11 +11,11 @@ use common::net::*;
 use common::web::{Fault, PrivateCa, WebServer};
 use common::wire::*;
 use common::*;
-use snapsync::snapshot::{Snapshot, publish};
-use snapsync::transfer::{
+use snapsync::layers::snapshot::{Snapshot, publish};
+use snapsync::layers::transfer::{
     DownloadConfig, DownloadError, DownloadTarget, PeerStatus, StreamerConfig, WebRoots, WebSource,
 };
-use snapsync::transfer::{Holding, Origin};
+use snapsync::layers::transfer::{Holding, Origin};
 
 /// A node with a snapshot of about `kib` KiB, published into a directory of its own.
 fn published(kib: u64, seed: u64) -> (Node, Arc<Snapshot>, tempfile::TempDir) {

@@ -16,8 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use snapsync::BankHash;
-use snapsync::chunk::ChunkSize;
-use snapsync::snapshot::{FORMAT_VERSION, Manifest};
+use snapsync::layers::chunk::ChunkSize;
+use snapsync::layers::snapshot::{FORMAT_VERSION, Manifest};
 
 /// The value after `name` on the command line.
 pub fn arg(name: &str) -> Option<String> {
@@ -162,7 +162,7 @@ pub fn quiesce() {
 pub fn random_snapshot(store_dir: &Path, bytes: u64) -> Manifest {
     let staging = store_dir.join("bench-staging");
     std::fs::create_dir_all(&staging).unwrap();
-    let archive = staging.join(snapsync::snapshot::ARCHIVE_FILE);
+    let archive = staging.join(snapsync::layers::snapshot::ARCHIVE_FILE);
     let mut out =
         std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&archive).unwrap());
     let mut xof = blake3::Hasher::new()
@@ -177,10 +177,10 @@ pub fn random_snapshot(store_dir: &Path, bytes: u64) -> Manifest {
         left -= n as u64;
     }
     out.into_inner().unwrap().sync_all().unwrap();
-    let (root, size) = snapsync::chunk::write_outboard(
+    let (root, size) = snapsync::layers::chunk::write_outboard(
         &archive,
         ChunkSize::DEFAULT,
-        &staging.join(snapsync::snapshot::OUTBOARD_FILE),
+        &staging.join(snapsync::layers::snapshot::OUTBOARD_FILE),
     )
     .unwrap();
     let manifest = Manifest {
@@ -194,12 +194,12 @@ pub fn random_snapshot(store_dir: &Path, bytes: u64) -> Manifest {
         entry_count: 0,
         state_bytes: size,
         zstd_level: 1,
-        kind: snapsync::snapshot::SnapshotKind::Full,
+        kind: snapsync::layers::snapshot::SnapshotKind::Full,
         base: None,
         zstd_version: 0,
     };
     std::fs::write(
-        staging.join(snapsync::snapshot::MANIFEST_FILE),
+        staging.join(snapsync::layers::snapshot::MANIFEST_FILE),
         manifest.encode(),
     )
     .unwrap();

@@ -16,8 +16,8 @@ use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, mdns, noise, tcp, yamux};
 use rand::{RngCore, SeedableRng};
 use rand_xoshiro::SplitMix64;
 use snapsync::db::{LmdbState, StateDb};
-use snapsync::snapshot::{CreatorConfig, Retention};
-use snapsync::transfer::StreamerConfig;
+use snapsync::layers::snapshot::{CreatorConfig, Retention};
+use snapsync::layers::transfer::StreamerConfig;
 use tokio::sync::{mpsc, oneshot};
 
 /// The chat topic of the node's own gossipsub.
@@ -131,8 +131,8 @@ impl Options {
             mdns: false,
             chain: None,
             stop_at_slot: None,
-            range_for_snapshot: snapsync::snapshot::DEFAULT_RANGE_FOR_SNAPSHOT,
-            full_interval: snapsync::snapshot::DEFAULT_FULL_INTERVAL,
+            range_for_snapshot: snapsync::layers::snapshot::DEFAULT_RANGE_FOR_SNAPSHOT,
+            full_interval: snapsync::layers::snapshot::DEFAULT_FULL_INTERVAL,
             rate_limit_per_peer: None,
             discovery_interval: Duration::from_secs(30),
             behind_threshold: 100,
@@ -243,7 +243,7 @@ impl Drop for NodeHandle {
 /// Checks the data directory before anything is written to it, so that what is wrong is said
 /// plainly: a file where a directory should be, or a place that cannot be written.
 pub fn check_data_dir(dir: &Path) -> Result<(), String> {
-    snapsync::snapshot::SnapshotStore::open(dir.join("snapshots"))
+    snapsync::layers::snapshot::SnapshotStore::open(dir.join("snapshots"))
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
@@ -844,7 +844,7 @@ pub fn progress_bar(total: u64) -> indicatif::ProgressBar {
 
 /// Moves `bar` to `progress`: the rate is the download's own (verified bytes per second, the
 /// figure the summary uses too), with the peers serving.
-pub fn update_bar(bar: &indicatif::ProgressBar, progress: &snapsync::transfer::Progress) {
+pub fn update_bar(bar: &indicatif::ProgressBar, progress: &snapsync::layers::transfer::Progress) {
     bar.set_length(progress.total_bytes);
     bar.set_position(progress.done_bytes);
     let serving = progress.peers.iter().filter(|p| p.bytes > 0).count();
@@ -866,9 +866,9 @@ pub fn short(peer: &PeerId) -> String {
 }
 
 /// What a sync fetched, in words: `full`, `incremental`, or `full + incremental`.
-pub fn sync_words(kind: snapsync::snapshot::SnapshotKind, with_full: bool) -> &'static str {
+pub fn sync_words(kind: snapsync::layers::snapshot::SnapshotKind, with_full: bool) -> &'static str {
     match (with_full, kind) {
-        (true, snapsync::snapshot::SnapshotKind::Incremental) => "full + incremental",
+        (true, snapsync::layers::snapshot::SnapshotKind::Incremental) => "full + incremental",
         (_, kind) => kind.as_str(),
     }
 }

@@ -156,7 +156,7 @@ pub mod wire;
 use std::sync::Arc;
 
 use libp2p::identity::Keypair;
-use snapsync::snapshot::{CreateOptions, Snapshot, SnapshotStore, create_snapshot};
+use snapsync::layers::snapshot::{CreateOptions, Snapshot, SnapshotStore, create_snapshot};
 
 /// A node's disk: a state DB and a snapshot store in a temporary directory, and an identity.
 pub struct Node {

@@ -10,8 +10,8 @@ use libp2p::{Multiaddr, PeerId, Swarm, gossipsub};
 use libp2p_swarm_test::SwarmExt;
 use snapsync::DiscoveryConfig;
 use snapsync::db::LmdbState;
-use snapsync::snapshot::CreatorConfig;
-use snapsync::transfer::{DownloadConfig, StreamerConfig};
+use snapsync::layers::snapshot::CreatorConfig;
+use snapsync::layers::transfer::{DownloadConfig, StreamerConfig};
 use tokio::sync::mpsc;
 
 /// A node's behaviour: its own chat gossipsub and snapsync, composed by derive.

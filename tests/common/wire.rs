@@ -10,12 +10,12 @@ use libp2p::identity::Keypair;
 use prost::Message;
 use snapsync::Metrics;
 use snapsync::db::StateDb;
-use snapsync::proto;
-use snapsync::snapshot::{Manifest, Snapshot, load_snapshot};
-use snapsync::transfer::{
+use snapsync::layers::snapshot::{Manifest, Snapshot, load_snapshot};
+use snapsync::layers::transfer::{
     DownloadConfig, DownloadError, DownloadTarget, Downloaded, Downloader, PeerAddr, Streamer,
     StreamerConfig, Token,
 };
+use snapsync::proto;
 
 use super::Node;
 
@@ -359,9 +359,9 @@ pub fn liar_server(
                                         unreachable!()
                                     }
                                     Lie::Garbage => {
-                                        let tree = snapsync::chunk::ChunkTree::new(
+                                        let tree = snapsync::layers::chunk::ChunkTree::new(
                                             manifest.archive_size,
-                                            snapsync::chunk::ChunkSize::new(u64::from(
+                                            snapsync::layers::chunk::ChunkSize::new(u64::from(
                                                 manifest.chunk_size,
                                             ))
                                             .unwrap(),
