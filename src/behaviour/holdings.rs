@@ -9,6 +9,19 @@ use std::time::Instant;
 use super::{Behaviour, Event, TARGET};
 use crate::discovery::Local;
 
+/// What the publish directory reflects of the store: each snapshot, with how many attestations
+/// are kept with it.
+pub(super) type Listing = Vec<(crate::hash::ContentRoot, usize)>;
+
+/// The listing of `held`.
+fn listing(held: &[std::sync::Arc<crate::snapshot::Snapshot>]) -> Listing {
+    let mut l: Listing = (held.iter())
+        .map(|s| (s.manifest().content_root, s.attestations().len()))
+        .collect();
+    l.sort();
+    l
+}
+
 impl Behaviour {
     /// Tells discovery what the node holds now.
     pub(super) fn refresh_local(&mut self) {
@@ -52,19 +65,36 @@ impl Behaviour {
             chunk_size: Some(self.config.creator().options().chunk_size()),
         });
         self.refresh_partials();
-        self.mirror();
+        self.mirror(listing(&held));
     }
 
-    /// Mirrors the store into the publish directory, if one is set, in the background.
-    fn mirror(&self) {
+    /// Mirrors the store into the publish directory, if one is set and the store's listing
+    /// changed since the last mirror that worked, in the background.
+    fn mirror(&self, listing: Listing) {
         let Some(dir) = self.config.publish_dir().map(|d| d.to_path_buf()) else {
             return;
         };
-        let (store, lock) = (self.store.clone(), self.publishing.clone());
+        let mirrored = self.publishing.clone();
+        if mirrored
+            .try_lock()
+            .is_ok_and(|m| m.as_ref() == Some(&listing))
+        {
+            return;
+        }
+        let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
-            let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = crate::snapshot::mirror(&store, &dir) {
-                tracing::warn!(target: TARGET, dir = %dir.display(), error = %e, "could not publish the snapshots");
+            let mut last = mirrored.lock().unwrap_or_else(|p| p.into_inner());
+            // What the store holds now (a later change may have been mirrored already).
+            let listing = super::holdings::listing(&store.list());
+            if last.as_ref() == Some(&listing) {
+                return;
+            }
+            match crate::snapshot::mirror(&store, &dir) {
+                Ok(()) => *last = Some(listing),
+                Err(e) => {
+                    *last = None;
+                    tracing::warn!(target: TARGET, dir = %dir.display(), error = %e, "could not publish the snapshots");
+                }
             }
         });
     }
@@ -149,5 +179,51 @@ mod tests {
         b.refresh_local();
         assert!(b.store.get(&root).is_none(), "removed once it appeared");
         assert!(!published.dir().exists());
+    }
+
+    /// The publish directory is written when what the store holds changes, not at every slot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_publish_directory_is_written_only_when_the_store_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = LmdbState::open(dir.path().join("db")).unwrap();
+        db.commit_slot(10, |w| w.put(b"k", b"v")).unwrap();
+        let bucket = dir.path().join("bucket");
+        let config = crate::Config::new(dir.path().join("snapshots"))
+            .with_publish_dir(Some(bucket.clone()))
+            .with_streamer(StreamerConfig::default().with_listen("127.0.0.1:0".parse().unwrap()));
+        let db: Arc<dyn StateDb> = Arc::new(db);
+        let keypair = libp2p::identity::Keypair::generate_ed25519();
+        let mut b = crate::Behaviour::new(&keypair, db.clone(), config).unwrap();
+        let index = bucket.join(crate::snapshot::INDEX_FILE);
+        let view = db.view().unwrap();
+        let snap = create_snapshot(&b.store, view.as_ref(), &Default::default()).unwrap();
+        let root = snap.manifest().content_root.to_hex();
+        // The index lists the snapshot (an index of the empty store may come first).
+        let appears = || async {
+            for _ in 0..500 {
+                if std::fs::read_to_string(&index).is_ok_and(|i| i.contains(&root)) {
+                    return true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            false
+        };
+        b.refresh_local();
+        assert!(appears().await, "published");
+        // Gone from the directory (an operator's hand): the same listing writes nothing again.
+        std::fs::remove_file(&index).unwrap();
+        for _ in 0..5 {
+            b.refresh_local();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!index.exists(), "an unchanged store is not mirrored again");
+        // A signature kept with the snapshot changes the listing: mirrored again.
+        let key = snap.manifest().key();
+        let signed = crate::snapshot::Attestation::sign(&keypair, "snapsync", &key).unwrap();
+        b.store
+            .attest(&key.content_root, "snapsync", &[signed])
+            .unwrap();
+        b.refresh_local();
+        assert!(appears().await, "published again");
     }
 }
