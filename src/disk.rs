@@ -12,6 +12,26 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+/// Takes the advisory lock (flock) that keeps other processes out of a directory, on `file`:
+/// the directory itself, or a lock file in it (created if missing). `Ok(None)` when another
+/// process holds it; the lock goes with the file handle.
+pub(crate) fn lock_exclusive(file: &Path, create: bool) -> io::Result<Option<File>> {
+    let handle = if create {
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(file)?
+    } else {
+        File::open(file)?
+    };
+    match handle.try_lock() {
+        Ok(()) => Ok(Some(handle)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 /// Makes a rename, creation or unlink in `dir` durable.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     #[cfg(test)]

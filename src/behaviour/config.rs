@@ -152,7 +152,8 @@ impl Config {
         self.attest
     }
 
-    /// Sets discovery and decision: intervals, windows, thresholds, bounds.
+    /// Sets discovery and decision: intervals, windows, thresholds, bounds. The trust policy is
+    /// not part of it: it is set with [`Config::with_trust`] (before or after) and kept.
     pub fn with_discovery(mut self, discovery: DiscoveryConfig) -> Self {
         let policy = std::mem::take(&mut self.discovery.policy);
         self.discovery = DiscoveryConfig {

@@ -27,21 +27,11 @@ impl DirLock {
             });
         }
         let path = dir.join(LOCK);
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_at(&path))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(DbError::Locked {
-                    path: dir.to_path_buf(),
-                });
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(io_at(&path)(e)),
-        }
+        let Some(file) = crate::disk::lock_exclusive(&path, true).map_err(io_at(&path))? else {
+            return Err(DbError::Locked {
+                path: dir.to_path_buf(),
+            });
+        };
         open.push(canonical.clone());
         Ok(Self {
             dir: canonical,

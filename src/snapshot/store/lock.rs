@@ -31,16 +31,11 @@ impl StoreLock {
         {
             return Ok(held);
         }
-        let file = fs::File::open(dir).at(dir)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(StoreError::InUse {
-                    path: dir.to_path_buf(),
-                });
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(StoreError::at(dir, e)),
-        }
+        let Some(file) = crate::disk::lock_exclusive(dir, false).at(dir)? else {
+            return Err(StoreError::InUse {
+                path: dir.to_path_buf(),
+            });
+        };
         let lock = Arc::new(Self {
             dir: canonical,
             _file: file,
