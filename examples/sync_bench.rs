@@ -201,8 +201,24 @@ fn main() {
         return;
     }
     let target_mib: u64 = arg("--mib").map(|m| m.parse().unwrap()).unwrap_or(1024);
+    let rounds: usize = arg("--rounds").map_or(3, |r| r.parse().unwrap());
     let tmp = tempfile::tempdir_in(arg("--dir").unwrap_or_else(|| ".".into())).unwrap();
-    let root = tmp.path().to_path_buf();
+    let runs = measure(tmp.path(), target_mib, rounds);
+    report(&runs, rounds);
+}
+
+/// What the stages measured: the snapshot's creation and, over the rounds, each stage's runs.
+struct Runs {
+    created: String,
+    downloads: Vec<String>,
+    loads: Vec<String>,
+    syncs: Vec<String>,
+    baselines: Vec<String>,
+}
+
+/// Builds a state of about `target_mib` MiB in `root`, snapshots it, serves it from this
+/// process and runs each stage `rounds` times, alternating them.
+fn measure(root: &std::path::Path, target_mib: u64, rounds: usize) -> Runs {
     let dir = root.to_str().unwrap().to_string();
     eprintln!("building a ~{target_mib} MiB state in {dir} ...");
     populate(&root.join("holder"), target_mib, SLOT);
@@ -233,31 +249,49 @@ fn main() {
 
     // The stages alternate over a few rounds and the medians are reported, so one noisy
     // moment of a shared disk does not decide the figures.
-    let rounds: usize = arg("--rounds").map_or(3, |r| r.parse().unwrap());
-    let (mut downloads, mut loads, mut syncs, mut baselines) = (vec![], vec![], vec![], vec![]);
+    let mut runs = Runs {
+        created,
+        downloads: vec![],
+        loads: vec![],
+        syncs: vec![],
+        baselines: vec![],
+    };
     for round in 0..rounds {
         for stale in ["a", "b-db", "c", "c-db"] {
             let _ = std::fs::remove_dir_all(root.join(stale));
         }
-        downloads.push(net("download"));
-        loads.push(run_phase(&["--phase", "load", "--dir", &dir]));
-        syncs.push(net("sync"));
-        baselines.push(run_phase(&["--phase", "baseline", "--dir", &dir]));
+        runs.downloads.push(net("download"));
+        runs.loads
+            .push(run_phase(&["--phase", "load", "--dir", &dir]));
+        runs.syncs.push(net("sync"));
+        runs.baselines
+            .push(run_phase(&["--phase", "baseline", "--dir", &dir]));
         eprintln!(
             "round {round}:\n  (a) {}\n  (b) {}\n  (c) {}\n  (d) {}",
-            downloads[round], loads[round], syncs[round], baselines[round]
+            runs.downloads[round], runs.loads[round], runs.syncs[round], runs.baselines[round]
         );
     }
-    let (download, load, sync, baseline) = (
-        support::median(&downloads),
-        support::median(&loads),
-        support::median(&syncs),
-        support::median(&baselines),
-    );
     drop(streamer);
+    runs
+}
 
-    let state_bytes = field(&created, "state_bytes") as u64;
-    let archive_bytes = field(&created, "archive_bytes") as u64;
+/// The table of the medians, the ratios and the JSON line.
+fn report(runs: &Runs, rounds: usize) {
+    let Runs {
+        created,
+        downloads,
+        loads,
+        syncs,
+        baselines,
+    } = runs;
+    let (download, load, sync, baseline) = (
+        support::median(downloads),
+        support::median(loads),
+        support::median(syncs),
+        support::median(baselines),
+    );
+    let state_bytes = field(created, "state_bytes") as u64;
+    let archive_bytes = field(created, "archive_bytes") as u64;
     let (download_secs, load_secs, sync_secs) = (
         field(&download, "secs"),
         field(&load, "secs"),
@@ -270,8 +304,8 @@ fn main() {
     let peak = |name: &str| {
         downloads
             .iter()
-            .chain(&loads)
-            .chain(&syncs)
+            .chain(loads)
+            .chain(syncs)
             .map(|s| field(s, name))
             .fold(0.0, f64::max)
     };

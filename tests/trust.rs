@@ -517,6 +517,23 @@ async fn a_pinned_node_syncs_despite_an_attacker_rotating_fake_roots() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     node.dial(producer.addr.clone());
+    // The honest holder is heard (after the first fake, which may be tried and fail already):
+    // the rounds below go fast, and a loaded machine must not make them outrun its answer.
+    let honest_peer = producer.peer_id;
+    let heard = tokio::time::Instant::now();
+    while !node
+        .query(move |s| {
+            let status = s.behaviour().snapsync.status();
+            status.adverts.iter().any(|a| a.peer == honest_peer)
+        })
+        .await
+    {
+        assert!(
+            heard.elapsed() < Duration::from_secs(30),
+            "the producer is heard"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // After each failure, a fresh root from fresh identities.
     let started = tokio::time::Instant::now();
     let mut round = 1;
