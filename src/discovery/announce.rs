@@ -49,8 +49,8 @@ impl Discovery {
         if let Some(key) = new
             && self.announce.is_none()
         {
-            self.waiting.expire(now, self.config.announce_window);
-            if self.waiting.len() > 0 {
+            self.peers.waiting.expire(now, self.config.announce_window);
+            if self.peers.waiting.len() > 0 {
                 let delay = below(&mut self.rng, self.config.announce_delay);
                 self.announce = Some(PendingAnnounce {
                     at: now + delay,
@@ -96,19 +96,20 @@ impl Discovery {
         let known = self.book.standing(&a.peer).is_some();
         if !trusted && !known {
             if self
+                .peers
                 .relayed
                 .at(&relay)
                 .is_some_and(|t| now.saturating_duration_since(t) >= self.config.discovery_interval)
             {
-                self.relayed.insert(relay, 0, now);
+                self.peers.relayed.insert(relay, 0, now);
             }
-            let brought = self.relayed.get(&relay).copied().unwrap_or(0);
+            let brought = self.peers.relayed.get(&relay).copied().unwrap_or(0);
             if brought >= self.config.announcements_per_source {
                 tracing::debug!(target: TARGET, %relay, "this relay brought in its share of new announcers; dropping");
                 return Verdict::Ignore;
             }
-            let since = self.relayed.at(&relay).unwrap_or(now);
-            self.relayed.insert(relay, brought + 1, since);
+            let since = self.peers.relayed.at(&relay).unwrap_or(now);
+            self.peers.relayed.insert(relay, brought + 1, since);
         }
         self.on_advert(a, Standing::Announced, now);
         if vouched {
@@ -119,8 +120,8 @@ impl Discovery {
     }
 
     pub(super) fn schedule_announce(&mut self, now: Instant) {
-        self.waiting.expire(now, self.config.announce_window);
-        if self.waiting.len() == 0 {
+        self.peers.waiting.expire(now, self.config.announce_window);
+        if self.peers.waiting.len() == 0 {
             return;
         }
         let Some(newest) = self.local.snapshots.iter().max_by_key(|s| s.key.slot) else {
@@ -148,12 +149,12 @@ impl Discovery {
             tracing::debug!(target: TARGET, heard = pending.heard, "enough peers announced the same snapshot; not announcing");
             return;
         }
-        self.waiting.expire(now, self.config.announce_window);
-        if self.waiting.len() == 0 || self.streamer_addrs.is_empty() {
+        self.peers.waiting.expire(now, self.config.announce_window);
+        if self.peers.waiting.len() == 0 || self.streamer_addrs.is_empty() {
             return;
         }
         let advert = self.own_advert(0);
-        tracing::info!(target: TARGET, waiting = self.waiting.len(), slot = pending.key.slot, "announcing a new snapshot");
+        tracing::info!(target: TARGET, waiting = self.peers.waiting.len(), slot = pending.key.slot, "announcing a new snapshot");
         self.actions.push_back(Action::Publish {
             kind: Published::Announcement,
             bytes: message::gossip(proto::discovery_message::Body::Announcement(advert)),

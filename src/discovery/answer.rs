@@ -46,7 +46,7 @@ impl Discovery {
         if via_gossip {
             self.metrics.message(MessageKind::RequestReceived);
         }
-        self.waiting.insert(peer, (), now);
+        self.peers.waiting.insert(peer, (), now);
         let newest = self
             .local
             .snapshots
@@ -58,17 +58,18 @@ impl Discovery {
             return None;
         }
         if self
+            .peers
             .answered
             .at(&peer)
             .is_some_and(|t| now.saturating_duration_since(t) < self.config.answer_cooldown)
         {
             return None;
         }
-        if via_gossip && !self.connected.contains_key(&peer) && !self.take_dial(now) {
+        if via_gossip && !self.peers.connected.contains_key(&peer) && !self.take_dial(now) {
             tracing::debug!(target: TARGET, %peer, "dial budget spent; not answering a peer we are not connected to");
             return None;
         }
-        self.answered.insert(peer, (), now);
+        self.peers.answered.insert(peer, (), now);
         let answer = self.own_advert(r.nonce);
         self.metrics.message(MessageKind::AnswerSent);
         if via_gossip {

@@ -246,30 +246,13 @@ pub(crate) struct Discovery {
     executing: bool,
     /// The wall clock at an instant, to read the chain clock from.
     wall: Option<(Instant, u64)>,
-    /// Per connection that relays announcements: how many new announcers this interval.
-    relayed: PeerTable<u32>,
     stage: Stage,
-    round: u64,
-    next_tick: Instant,
-    last_request: Option<Instant>,
-    /// When the last advert was taken in (a round with an acceptable snapshot decides once
-    /// the answers have gone quiet, before its window ends).
-    last_advert: Option<Instant>,
-    /// `last_request` before the newest request, restored should its publishing fail.
-    previous_request: Option<Instant>,
-    request_pending: Option<Instant>,
-    outstanding: VecDeque<(u64, Instant)>,
+    /// The rounds of requests: when, which, and the answers awaited.
+    requests: Requests,
+    /// What this node knows of the peers it meets: connections, the topic's subscribers,
+    /// strikes, who was answered or asked lately, who waits for announcements.
+    peers: Peers,
     book: AdvertBook,
-    strikes: PeerTable<u32>,
-    answered: PeerTable<()>,
-    asked: PeerTable<()>,
-    waiting: PeerTable<()>,
-    /// Connected peers, and since when.
-    connected: HashMap<PeerId, Instant>,
-    /// Newly connected peers to ask directly unless they join the topic by then.
-    ask_due: VecDeque<(PeerId, Instant)>,
-    subscribed: HashSet<PeerId>,
-    not_snapsync: HashSet<PeerId>,
     failed: HashMap<SnapshotKey, Instant>,
     /// States the application's check refused (slot, bank hash): not the chain's, whatever
     /// archive holds them, so never chosen again (the most recent [`MAX_REFUSED`] kept).
@@ -282,6 +265,49 @@ pub(crate) struct Discovery {
     actions: VecDeque<Action>,
     /// The snapshots this node downloads and serves the verified chunks of meanwhile.
     partials: Vec<PartialAd>,
+}
+
+/// Discovery's rounds of requests.
+#[derive(Debug)]
+pub(super) struct Requests {
+    /// The rounds started so far.
+    pub(super) round: u64,
+    /// When the next tick is due.
+    pub(super) next_tick: Instant,
+    /// When the latest request was published.
+    pub(super) last_request: Option<Instant>,
+    /// When the last advert was taken in (a round with an acceptable snapshot decides once
+    /// the answers have gone quiet, before its window ends).
+    pub(super) last_advert: Option<Instant>,
+    /// `last_request` before the newest request, restored should its publishing fail.
+    pub(super) previous_request: Option<Instant>,
+    /// A request asked of the driver and not yet reported published, since when.
+    pub(super) request_pending: Option<Instant>,
+    /// The nonces of the requests whose answers are still taken, and when each went out.
+    pub(super) outstanding: VecDeque<(u64, Instant)>,
+}
+
+/// What discovery knows of the peers it meets (every table bounded).
+#[derive(Debug)]
+pub(super) struct Peers {
+    /// Per connection that relays announcements: how many new announcers this interval.
+    pub(super) relayed: PeerTable<u32>,
+    /// Strikes per peer (messages that failed their checks, bytes proven wrong).
+    pub(super) strikes: PeerTable<u32>,
+    /// Peers this node answered lately (one answer per cooldown).
+    pub(super) answered: PeerTable<()>,
+    /// Peers this node asked directly lately.
+    pub(super) asked: PeerTable<()>,
+    /// Peers that asked and wait for an announcement of a newer snapshot.
+    pub(super) waiting: PeerTable<()>,
+    /// Connected peers, and since when.
+    pub(super) connected: HashMap<PeerId, Instant>,
+    /// Newly connected peers to ask directly unless they join the topic by then.
+    pub(super) ask_due: VecDeque<(PeerId, Instant)>,
+    /// Connected peers subscribed to the topic.
+    pub(super) subscribed: HashSet<PeerId>,
+    /// Connected peers that do not speak snapsync's direct protocol.
+    pub(super) not_snapsync: HashSet<PeerId>,
 }
 
 impl Discovery {
@@ -308,24 +334,28 @@ impl Discovery {
             tip: None,
             executing: config.executes,
             wall: None,
-            relayed: PeerTable::new(cap),
             stage: Stage::Idle,
-            round: 0,
-            next_tick: now,
-            last_request: None,
-            last_advert: None,
-            previous_request: None,
-            request_pending: None,
-            outstanding: VecDeque::new(),
+            requests: Requests {
+                round: 0,
+                next_tick: now,
+                last_request: None,
+                last_advert: None,
+                previous_request: None,
+                request_pending: None,
+                outstanding: VecDeque::new(),
+            },
+            peers: Peers {
+                relayed: PeerTable::new(cap),
+                strikes: PeerTable::new(cap),
+                answered: PeerTable::new(cap),
+                asked: PeerTable::new(cap),
+                waiting: PeerTable::new(cap),
+                connected: HashMap::new(),
+                ask_due: VecDeque::new(),
+                subscribed: HashSet::new(),
+                not_snapsync: HashSet::new(),
+            },
             book: AdvertBook::new(cap, &config.network, &config.policy),
-            strikes: PeerTable::new(cap),
-            answered: PeerTable::new(cap),
-            asked: PeerTable::new(cap),
-            waiting: PeerTable::new(cap),
-            connected: HashMap::new(),
-            ask_due: VecDeque::new(),
-            subscribed: HashSet::new(),
-            not_snapsync: HashSet::new(),
             failed: HashMap::new(),
             refused: lru::LruCache::new(std::num::NonZeroUsize::new(MAX_REFUSED).expect("nonzero")),
             keep_asked: lru::LruCache::new(
@@ -349,20 +379,20 @@ impl Discovery {
 
     /// When to call [`Discovery::handle_timeout`] next.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        let mut next = self.next_tick;
+        let mut next = self.requests.next_tick;
         if let Stage::Collecting { until, .. } = self.stage {
             next = next.min(until);
-            if let Some(at) = self.last_advert {
+            if let Some(at) = self.requests.last_advert {
                 next = next.min(until.min(at + self.quiet_period()));
             }
         }
-        if let Some(at) = self.request_pending {
+        if let Some(at) = self.requests.request_pending {
             next = next.min(at);
         }
         if let Some(a) = &self.announce {
             next = next.min(a.at);
         }
-        if let Some((_, at)) = self.ask_due.front() {
+        if let Some((_, at)) = self.peers.ask_due.front() {
             next = next.min(*at);
         }
         Some(next)
@@ -492,7 +522,7 @@ impl Discovery {
                 self.actions.push_back(Action::CancelSync);
             }
         }
-        self.next_tick = now;
+        self.requests.next_tick = now;
     }
 
     /// The application's state check can judge states up to `slot` (`None`: any): nothing
@@ -607,11 +637,12 @@ impl Discovery {
 
     /// Time passed: ticks, the end of an answer window, a held-back request, an announcement.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
-        while let Some(&(peer, at)) = self.ask_due.front()
+        while let Some(&(peer, at)) = self.peers.ask_due.front()
             && at <= now
         {
-            self.ask_due.pop_front();
-            let missing = self.connected.contains_key(&peer) && !self.subscribed.contains(&peer);
+            self.peers.ask_due.pop_front();
+            let missing =
+                self.peers.connected.contains_key(&peer) && !self.peers.subscribed.contains(&peer);
             if missing && self.wants_answers(now) && !self.ignores(&peer, now) {
                 self.ask(peer, now);
                 if self.stage == Stage::Idle {
@@ -619,8 +650,8 @@ impl Discovery {
                 }
             }
         }
-        if self.request_pending.is_some_and(|t| t <= now) {
-            self.request_pending = None;
+        if self.requests.request_pending.is_some_and(|t| t <= now) {
+            self.requests.request_pending = None;
             if self.stage != Stage::Idle {
                 self.request(now);
             }
@@ -633,8 +664,8 @@ impl Discovery {
         if self.announce.as_ref().is_some_and(|a| a.at <= now) {
             self.fire_announce(now);
         }
-        if self.next_tick <= now {
-            self.next_tick = now + self.config.discovery_interval;
+        if self.requests.next_tick <= now {
+            self.requests.next_tick = now + self.config.discovery_interval;
             self.tick(now);
         }
     }

@@ -14,16 +14,16 @@ impl Discovery {
     /// same identity).
     pub(crate) fn handle_connected(&mut self, peer: PeerId, now: Instant) {
         let cap = self.config.max_tracked_peers;
-        if !self.connected.contains_key(&peer) && self.connected.len() >= cap {
+        if !self.peers.connected.contains_key(&peer) && self.peers.connected.len() >= cap {
             return; // beyond the table's bound: reached through the topic only
         }
-        self.connected.insert(peer, now);
+        self.peers.connected.insert(peer, now);
         if self.wants_answers(now) && !self.ignores(&peer, now) {
-            if self.ask_due.len() >= cap {
-                self.ask_due.pop_front();
+            if self.peers.ask_due.len() >= cap {
+                self.peers.ask_due.pop_front();
             }
             let grace = SUBSCRIBE_GRACE.min(self.config.answer_window / 4);
-            self.ask_due.push_back((peer, now + grace));
+            self.peers.ask_due.push_back((peer, now + grace));
             if self.stage == Stage::Idle {
                 self.start_round(now);
             }
@@ -32,15 +32,15 @@ impl Discovery {
 
     /// The last connection to `peer` closed.
     pub(crate) fn handle_disconnected(&mut self, peer: PeerId) {
-        self.connected.remove(&peer);
-        self.subscribed.remove(&peer);
-        self.not_snapsync.remove(&peer);
+        self.peers.connected.remove(&peer);
+        self.peers.subscribed.remove(&peer);
+        self.peers.not_snapsync.remove(&peer);
     }
 
     /// `peer` joined snapsync's topic.
     pub(crate) fn handle_subscribed(&mut self, peer: PeerId, now: Instant) {
-        if self.subscribed.len() < self.config.max_tracked_peers {
-            self.subscribed.insert(peer);
+        if self.peers.subscribed.len() < self.config.max_tracked_peers {
+            self.peers.subscribed.insert(peer);
         }
         match self.stage {
             Stage::Idle if self.config.sync_enabled && !self.knows_current(now) => {
@@ -55,8 +55,8 @@ impl Discovery {
     /// An ask of this node failed because `peer` does not speak snapsync: it is not asked again
     /// while it stays connected.
     pub(crate) fn handle_not_snapsync(&mut self, peer: PeerId) {
-        if self.connected.contains_key(&peer) {
-            self.not_snapsync.insert(peer);
+        if self.peers.connected.contains_key(&peer) {
+            self.peers.not_snapsync.insert(peer);
         }
     }
 
@@ -67,7 +67,8 @@ impl Discovery {
 
     /// `peer`'s strikes now: one is forgotten every `strike_decay` since the last.
     fn strikes_of(&self, peer: &PeerId, now: Instant) -> u32 {
-        let (Some(count), Some(at)) = (self.strikes.get(peer), self.strikes.at(peer)) else {
+        let (Some(count), Some(at)) = (self.peers.strikes.get(peer), self.peers.strikes.at(peer))
+        else {
             return 0;
         };
         let decay = self.config.strike_decay.as_nanos().max(1);
@@ -78,7 +79,7 @@ impl Discovery {
     pub(super) fn strike(&mut self, peer: PeerId, error: &dyn std::fmt::Display, now: Instant) {
         self.metrics.message(MessageKind::Malformed);
         let strikes = self.strikes_of(&peer, now) + 1;
-        self.strikes.insert(peer, strikes, now);
+        self.peers.strikes.insert(peer, strikes, now);
         tracing::debug!(target: TARGET, %peer, %error, strikes, "dropped a bad message");
         if strikes == self.config.max_strikes {
             tracing::warn!(target: TARGET, %peer, %error, "peer keeps sending bad messages; ignoring it");

@@ -42,7 +42,9 @@ impl Discovery {
         match (kind, delivered) {
             (Published::Request, true) => self.metrics.message(MessageKind::RequestSent),
             (Published::Announcement, true) => self.metrics.message(MessageKind::AnnouncementSent),
-            (Published::Request, false) => self.last_request = self.previous_request,
+            (Published::Request, false) => {
+                self.requests.last_request = self.requests.previous_request
+            }
             (Published::Announcement, false) => {}
         }
     }
@@ -61,7 +63,7 @@ impl Discovery {
         }
         let horizon = self.config.discovery_interval * 2;
         let solicited = to == super::AnswerTo::Ask
-            || self.outstanding.iter().any(|(n, t)| {
+            || self.requests.outstanding.iter().any(|(n, t)| {
                 *n == answer.request_nonce && now.saturating_duration_since(*t) < horizon
             });
         if !solicited {
@@ -117,7 +119,7 @@ impl Discovery {
     }
 
     pub(super) fn on_advert(&mut self, advert: Advert, standing: Standing, now: Instant) {
-        self.last_advert = Some(now);
+        self.requests.last_advert = Some(now);
         let peer = advert.peer;
         let addrs = advert.streamer_addrs.clone();
         let keys: Vec<(SnapshotKey, bool)> = advert
@@ -206,7 +208,7 @@ impl Discovery {
         // Forget what peers said long ago; what is current comes back in the answers.
         let horizon = self.config.discovery_interval * 2;
         self.book.expire(now, horizon, &self.config.policy);
-        self.waiting.expire(now, self.config.announce_window);
+        self.peers.waiting.expire(now, self.config.announce_window);
         self.failed.retain(|_, until| *until > now);
         if !self.config.sync_enabled {
             return;
@@ -247,6 +249,7 @@ impl Discovery {
             return local.saturating_add(self.config.behind_threshold) >= tip;
         }
         let informed = self
+            .requests
             .last_request
             .is_some_and(|t| now.saturating_duration_since(t) < self.config.announce_window);
         informed && !self.best_newer(now)
@@ -268,6 +271,7 @@ impl Discovery {
         let quiet = self.quiet_period();
         now.saturating_duration_since(started) >= quiet
             && self
+                .requests
                 .last_advert
                 .is_some_and(|t| now.saturating_duration_since(t) >= quiet)
             && self.best_newer(now)
@@ -283,11 +287,12 @@ impl Discovery {
         // (Peers that connected a moment ago are left the grace to join.)
         let grace = SUBSCRIBE_GRACE.min(self.config.answer_window / 4);
         let direct: Vec<PeerId> = self
+            .peers
             .connected
             .iter()
             .filter(|(p, since)| {
                 now.saturating_duration_since(**since) >= grace
-                    && !self.subscribed.contains(*p)
+                    && !self.peers.subscribed.contains(*p)
                     && !self.ignores(p, now)
             })
             .map(|(p, _)| *p)
@@ -299,16 +304,16 @@ impl Discovery {
         if self.stage != Stage::Idle {
             return;
         }
-        self.round += 1;
+        self.requests.round += 1;
         self.metrics.discovery_rounds.inc();
         let local_slot = self.local.slot;
-        tracing::info!(target: TARGET, round = self.round, ?local_slot, "asking peers for snapshots");
+        tracing::info!(target: TARGET, round = self.requests.round, ?local_slot, "asking peers for snapshots");
         self.stage = Stage::Collecting {
-            round: self.round,
+            round: self.requests.round,
             until: now + self.config.answer_window,
         };
         self.actions.push_back(Action::Notice(Notice::Started {
-            round: self.round,
+            round: self.requests.round,
             local_slot,
         }));
     }
@@ -319,28 +324,29 @@ impl Discovery {
         let nonce = self.rng.random::<u64>() | 1;
         let horizon = self.config.discovery_interval * 2;
         while self
+            .requests
             .outstanding
             .front()
             .is_some_and(|(_, t)| now.saturating_duration_since(*t) >= horizon)
-            || self.outstanding.len() >= MAX_OUTSTANDING
+            || self.requests.outstanding.len() >= MAX_OUTSTANDING
         {
-            self.outstanding.pop_front();
+            self.requests.outstanding.pop_front();
         }
-        self.outstanding.push_back((nonce, now));
+        self.requests.outstanding.push_back((nonce, now));
         nonce
     }
 
     /// Publishes a request now, or, if the last one was too recent, as soon as allowed.
     pub(super) fn request(&mut self, now: Instant) {
-        if let Some(last) = self.last_request
+        if let Some(last) = self.requests.last_request
             && now.saturating_duration_since(last) < self.config.min_request_interval
         {
-            self.request_pending = Some(last + self.config.min_request_interval);
+            self.requests.request_pending = Some(last + self.config.min_request_interval);
             return;
         }
-        self.request_pending = None;
-        self.previous_request = self.last_request;
-        self.last_request = Some(now);
+        self.requests.request_pending = None;
+        self.requests.previous_request = self.requests.last_request;
+        self.requests.last_request = Some(now);
         let nonce = self.new_nonce(now);
         let msg = message::request(self.me, nonce, self.local.slot, &self.listen_addrs);
         self.actions.push_back(Action::Publish {
@@ -351,17 +357,18 @@ impl Discovery {
 
     /// Asks `peer` directly, unless it was asked a moment ago.
     pub(super) fn ask(&mut self, peer: PeerId, now: Instant) {
-        if self.not_snapsync.contains(&peer) {
+        if self.peers.not_snapsync.contains(&peer) {
             return;
         }
         if self
+            .peers
             .asked
             .at(&peer)
             .is_some_and(|t| now.saturating_duration_since(t) < self.config.answer_cooldown)
         {
             return;
         }
-        self.asked.insert(peer, (), now);
+        self.peers.asked.insert(peer, (), now);
         // The answer comes back as the ask's response: no nonce to remember.
         let nonce = self.rng.random::<u64>() | 1;
         let request = message::request(self.me, nonce, self.local.slot, &[]);

@@ -142,8 +142,8 @@ fn a_failed_snapshot_is_not_chosen_again_for_a_while_and_its_advertisers_are_str
         }),
         t0 + 2 * SEC,
     );
-    assert_eq!(d.strikes.get(&liar), Some(&1));
-    assert_eq!(d.strikes.get(&honest), None);
+    assert_eq!(d.peers.strikes.get(&liar), Some(&1));
+    assert_eq!(d.peers.strikes.get(&honest), None);
     // Still behind: it asks again at once, and this round takes the other one.
     assert!(started(&drain(&mut d)));
     d.handle_timeout(t0 + 3 * SEC);

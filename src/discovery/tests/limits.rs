@@ -68,8 +68,8 @@ fn a_peer_whose_chunks_were_bad_is_struck_even_when_the_sync_succeeds() {
         },
         t0 + 2 * SEC,
     );
-    assert_eq!(d.strikes.get(&bad), Some(&1));
-    assert_eq!(d.strikes.get(&good), None);
+    assert_eq!(d.peers.strikes.get(&bad), Some(&1));
+    assert_eq!(d.peers.strikes.get(&good), None);
 }
 
 #[test]
@@ -91,7 +91,7 @@ fn tables_are_bounded_whatever_the_number_of_identities() {
         d.handle_gossip(Some(p), p, b"junk", t0);
     }
     assert_eq!(d.book.len(), 8);
-    assert!(d.strikes.len() <= 8);
+    assert!(d.peers.strikes.len() <= 8);
     // The newest adverts stayed.
     assert_eq!(d.best_known_slot(t0), Some(109));
 }

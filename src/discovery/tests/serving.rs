@@ -81,7 +81,7 @@ fn a_direct_ask_is_answered_in_its_response() {
         d.handle_ask(r, &message::request(q, 4, None, &[]), t0)
             .is_none()
     );
-    assert_eq!(d.strikes.get(&r), Some(&1));
+    assert_eq!(d.peers.strikes.get(&r), Some(&1));
 }
 
 #[test]
