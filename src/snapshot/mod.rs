@@ -6,7 +6,6 @@
 pub(crate) mod archive;
 mod attestation;
 mod create;
-mod exchange;
 mod load;
 pub(crate) mod manifest;
 pub(crate) mod publish;
@@ -20,7 +19,6 @@ pub use create::{
     CreateError, CreateOptions, CreationTask, Creator, CreatorConfig, CreatorConfigError,
     DEFAULT_FULL_INTERVAL, DEFAULT_RANGE_FOR_SNAPSHOT, create_incremental, create_snapshot,
 };
-pub(crate) use exchange::{Introducer, OfferGuard, PartialOffer};
 pub use load::{
     ArchiveSource, HashStage, LoadError, LoadLimits, LoadReport, Watermark, load_chain,
     load_snapshot,

@@ -8,6 +8,9 @@
 mod download;
 #[cfg(feature = "sim")]
 pub use download::swarm;
+/// What the streamer and the downloads share: partial downloads offered for serving, and
+/// what each peer gave lately.
+pub(crate) mod exchange;
 mod limit;
 mod protocol;
 mod rate;

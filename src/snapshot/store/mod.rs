@@ -46,9 +46,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::disk;
 use crate::hash::ContentRoot;
 use crate::snapshot::archive::SnapshotKind;
-use crate::snapshot::exchange::Exchange;
 use crate::snapshot::merge_attestations;
 use crate::snapshot::{Attestation, AttestationError, Manifest};
+use crate::transfer::exchange::Exchange;
 
 pub(crate) use error::IoAt;
 pub use error::StoreError;
@@ -201,7 +201,8 @@ struct StoreInner {
     claimed: Mutex<Holds>,
     /// Woken when a claim ends.
     released: tokio::sync::Notify,
-    /// What the streamer and the downloads share.
+    /// What the streamer and the downloads share (the chunk stream's business: the store only
+    /// carries it, as both hold the store).
     exchange: Arc<Exchange>,
     /// Held while a published snapshot's manifest or attestations are read, changed and
     /// written (the creator's thread and the behaviour both add attestations).

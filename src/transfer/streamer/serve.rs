@@ -23,8 +23,8 @@ use crate::chunk::{ChunkError, ChunkSource};
 use crate::hash::ContentRoot;
 use crate::metrics::Outcome;
 use crate::proto;
-use crate::snapshot::PartialOffer;
 use crate::transfer::STREAMER_TARGET;
+use crate::transfer::exchange::PartialOffer;
 use crate::transfer::protocol::{self, CANCELLED, MAX_FRAME, MAX_HAVE_BITS, read_frame};
 
 /// Pieces a response is sent in, each paced by the rate limits. 256 KiB keeps QUIC's send
@@ -473,7 +473,7 @@ fn have_body(bits: Vec<u8>) -> (proto::ResponseHeader, Option<Body>) {
 /// The answer to a have request, or the block size whose summary must be built first.
 enum HaveAnswer {
     Ready(Box<proto::ResponseHeader>, Option<Body>),
-    Summarize(Arc<crate::snapshot::PartialOffer>, u64),
+    Summarize(Arc<PartialOffer>, u64),
 }
 
 /// A validated chunk request: what is served, the chunk range, the encoded and the data

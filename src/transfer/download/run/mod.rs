@@ -34,7 +34,8 @@ use super::{
 };
 use crate::chunk::{ChunkTree, VerifiedChunks};
 use crate::disk::Writeback;
-use crate::snapshot::{Manifest, OfferGuard, PartialClaim, StoreError, Watermark};
+use crate::snapshot::{Manifest, PartialClaim, StoreError, Watermark};
+use crate::transfer::exchange::OfferGuard;
 use crate::transfer::rate::Ewma;
 use crate::transfer::{DOWNLOAD_TARGET, PeerAddr};
 

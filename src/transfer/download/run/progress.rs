@@ -7,10 +7,11 @@ use std::time::Instant;
 
 use super::{Holding, INTRODUCED, Origin, Reserve, Run};
 use crate::chunk::ChunkSource;
-use crate::snapshot::{Introducer, OUTBOARD_FILE, PartialOffer};
+use crate::snapshot::OUTBOARD_FILE;
 use crate::transfer::download::DownloadError;
 use crate::transfer::download::partial::PART_FILE;
 use crate::transfer::download::scheduler::{PeerIdx, ReqId};
+use crate::transfer::exchange::{Introducer, PartialOffer};
 use crate::transfer::{DOWNLOAD_TARGET, PeerAddr};
 
 impl Run {
