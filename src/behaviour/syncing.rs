@@ -91,9 +91,8 @@ impl Behaviour {
             JobEvent::Synced(synced) => {
                 self.job = None;
                 let r = synced.report;
-                self.creator.loaded_at(r.slot);
                 self.metrics.synced(r.kind);
-                if let Err(e) = self.store.retain(self.config.creator().retention()) {
+                if let Err(e) = self.creator.synced(r.slot) {
                     tracing::warn!(target: TARGET, error = %e, "could not delete old snapshots");
                 }
                 tracing::info!(target: TARGET, slot = r.slot, kind = %r.kind, with_full = synced.with_full, bank_hash = %r.bank_hash.short(), fetched = synced.fetched_bytes, secs = synced.elapsed.as_secs_f64(), "synced");

@@ -558,6 +558,14 @@ impl Creator {
         self.loaded.fetch_max(slot, Ordering::AcqRel);
     }
 
+    /// A sync loaded the state at `slot` and published its snapshots in the store: as after a
+    /// snapshot this creator makes, those beyond the retention go (one rule, in one place),
+    /// and nothing at or below `slot` is signed ([`Creator::loaded_at`]).
+    pub fn synced(&self, slot: u64) -> Result<(), StoreError> {
+        self.loaded_at(slot);
+        self.store.retain(self.config.retention).map(|_| ())
+    }
+
     /// Signs every snapshot it makes from the DB's state with `keypair` (an ed25519 identity)
     /// for `network`, and stores the [`Attestation`](crate::snapshot::Attestation) with it. A
     /// snapshot it finds made already (one the node synced), or one at or below the slot the
