@@ -484,17 +484,19 @@ fn snapsync_config(
         config = config.with_state_check(app_root::LightClient::new(chain));
     }
     // The chunk size stays the environment's.
-    let options = config.creator().options();
+    let chunk_size = config.chunk_size();
     let creator = CreatorConfig::default()
         .with_range_for_snapshot(opts.range_for_snapshot)
         .with_full_interval(opts.full_interval)
-        .with_retention(Retention::default())
-        .with_options(options);
-    Ok(config.with_creator(creator).with_streamer(
-        StreamerConfig::default()
-            .with_listen(opts.streamer)
-            .with_rate_limit_per_peer(opts.rate_limit_per_peer),
-    ))
+        .with_retention(Retention::default());
+    Ok(config
+        .with_creator(creator)
+        .with_chunk_size(chunk_size)
+        .with_streamer(
+            StreamerConfig::default()
+                .with_listen(opts.streamer)
+                .with_rate_limit_per_peer(opts.rate_limit_per_peer),
+        ))
 }
 
 /// The node's swarm: QUIC and TCP, the chat gossipsub, snapsync, and mDNS when `mdns`.

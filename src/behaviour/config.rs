@@ -83,11 +83,9 @@ impl Config {
     /// A chunk size that is not valid is an error naming the variable, not a silent default.
     pub fn from_env(snapshot_dir: impl Into<PathBuf>) -> Result<Self, ChunkSizeError> {
         let chunk_size = ChunkSize::from_env()?;
-        let mut config = Self::new(snapshot_dir).with_token(Token::from_env());
-        config.creator = config
-            .creator
-            .with_options(config.creator.options().with_chunk_size(chunk_size));
-        Ok(config)
+        Ok(Self::new(snapshot_dir)
+            .with_token(Token::from_env())
+            .with_chunk_size(chunk_size))
     }
 
     /// Checks every value, the nested settings' too.
@@ -252,6 +250,21 @@ impl Config {
     /// Snapshot creation.
     pub fn creator(&self) -> &CreatorConfig {
         &self.creator
+    }
+
+    /// Sets `SNAPSHOT_CHUNK_SIZE`, the chunk size this node makes and serves its snapshots in
+    /// (default 16 KiB; part of snapshot creation, set here so that a creation setting made
+    /// before it is kept).
+    pub fn with_chunk_size(mut self, size: ChunkSize) -> Self {
+        self.creator = self
+            .creator
+            .with_options(self.creator.options().with_chunk_size(size));
+        self
+    }
+
+    /// The chunk size this node makes and serves its snapshots in.
+    pub fn chunk_size(&self) -> ChunkSize {
+        self.creator.options().chunk_size()
     }
 
     /// Sets the serving side of the chunk stream.

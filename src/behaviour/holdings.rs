@@ -62,7 +62,7 @@ impl Behaviour {
             snapshots,
             attestations,
             modified_time,
-            chunk_size: Some(self.config.creator().options().chunk_size()),
+            chunk_size: Some(self.config.chunk_size()),
         });
         self.refresh_partials();
         self.mirror(listing(&held));
