@@ -515,7 +515,39 @@ fn main() {
     let size_mib: u64 = arg("--mib").map_or(32, |m| m.parse().unwrap());
     assert!((1..=250).contains(&clients), "--clients 1..=250");
     let tmp = tempfile::tempdir_in(arg("--dir").unwrap_or_else(|| ".".into())).unwrap();
-    let server_store = tmp.path().join("server");
+    let serving = measure_serving(&rt, tmp.path(), clients, size_mib);
+    let crafted = measure_crafted(tmp.path());
+    report(clients, &serving, &crafted);
+}
+
+/// What one streamer process did under the scenarios.
+struct Serving {
+    m: snapsync::layers::snapshot::Manifest,
+    big: snapsync::layers::snapshot::Manifest,
+    alone: Round,
+    all: Round,
+    rss_idle: f64,
+    server_peak: f64,
+    first_try: bool,
+    held_secs: f64,
+    evicted: usize,
+    huge_cpu: f64,
+    huge_wall: f64,
+    one_cpu: f64,
+    one_wall: f64,
+    hog_ok: bool,
+    hog_secs: f64,
+}
+
+/// Serves a snapshot of `size_mib` MiB (and a 64 GiB one) from a streamer process, and runs the
+/// scenarios against it: one client, `clients` at once, held slots, oversized requests, a hog.
+fn measure_serving(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    clients: usize,
+    size_mib: u64,
+) -> Serving {
+    let server_store = dir.join("server");
     let m = support::random_snapshot(&server_store, size_mib << 20);
     let big = huge(&server_store, 64 << 30);
     let store_arg = server_store.to_str().unwrap().to_string();
@@ -527,12 +559,12 @@ fn main() {
     let rss_idle = peak_rss_mib(server.id());
 
     support::quiesce();
-    let alone = rt.block_on(round(tmp.path(), 1, peer, &m));
+    let alone = rt.block_on(round(dir, 1, peer, &m));
     support::quiesce();
-    let all = rt.block_on(round(tmp.path(), clients, peer, &m));
+    let all = rt.block_on(round(dir, clients, peer, &m));
     let server_peak = peak_rss_mib(server.id());
     support::quiesce();
-    let (first_try, held_secs, evicted) = rt.block_on(held_slots(tmp.path(), peer, &m));
+    let (first_try, held_secs, evicted) = rt.block_on(held_slots(dir, peer, &m));
     support::quiesce();
     // Every chunk of the 64 GiB snapshot in one request, against one chunk of the small one.
     let whole = get_chunks(
@@ -553,12 +585,33 @@ fn main() {
     assert_eq!(huge_statuses, vec![too_large], "the whole-range requests");
     assert_eq!(one_statuses, vec![ok], "the one-chunk requests");
     support::quiesce();
-    let (hog_ok, hog_secs) = rt.block_on(hog_and_honest(tmp.path(), peer, &m));
+    let (hog_ok, hog_secs) = rt.block_on(hog_and_honest(dir, peer, &m));
     drop(server.stdin.take());
     let _ = server.wait();
-    // The crafted archive, loaded by a process of its own.
-    let (archive, manifest) = craft(tmp.path());
-    let db = tmp.path().join("crafted-db");
+    Serving {
+        m,
+        big,
+        alone,
+        all,
+        rss_idle,
+        server_peak,
+        first_try,
+        held_secs,
+        evicted,
+        huge_cpu,
+        huge_wall,
+        one_cpu,
+        one_wall,
+        hog_ok,
+        hog_secs,
+    }
+}
+
+/// The crafted archive, loaded by a process of its own: its peak RSS, the loader's error and
+/// the archive's size in KiB.
+fn measure_crafted(dir: &std::path::Path) -> (f64, String, u64) {
+    let (archive, manifest) = craft(dir);
+    let db = dir.join("crafted-db");
     let (mut loader, lines) = support::start_server(
         &[
             "--role",
@@ -575,9 +628,31 @@ fn main() {
     let loader_peak = peak_rss_mib(loader.id());
     drop(loader.stdin.take());
     let _ = loader.wait();
-    let crafted_error = support::text(&lines[0], "error");
-    let budget_mib = mib(snapsync::layers::snapshot::LoadLimits::default().decode_memory());
+    let kib = std::fs::metadata(&archive).map_or(0, |m| m.len() >> 10);
+    (loader_peak, support::text(&lines[0], "error"), kib)
+}
 
+/// The figures, and the JSON line.
+fn report(clients: usize, s: &Serving, crafted: &(f64, String, u64)) {
+    let Serving {
+        m,
+        big,
+        alone,
+        all,
+        rss_idle,
+        server_peak,
+        first_try,
+        held_secs,
+        evicted,
+        huge_cpu,
+        huge_wall,
+        one_cpu,
+        one_wall,
+        hog_ok,
+        hog_secs,
+    } = s;
+    let (loader_peak, crafted_error, crafted_kib) = crafted;
+    let budget_mib = mib(snapsync::layers::snapshot::LoadLimits::default().decode_memory());
     let alone_rate = mib(m.archive_size) / alone.secs;
     let aggregate = mib(m.archive_size * clients as u64) / all.secs;
     let (first, median, last) = (
@@ -604,7 +679,7 @@ fn main() {
     println!("streamer peak RSS: {server_peak:.0} MiB ({rss_idle:.0} MiB idle)");
     println!(
         "held slots: 64 idle connections under fresh identities from 4 addresses; an honest downloader allowed one failure was {} in {held_secs:.2} s ({evicted} of the 64 closed to make room)",
-        if first_try {
+        if *first_try {
             "served at its first try"
         } else {
             "NOT served"
@@ -621,13 +696,13 @@ fn main() {
     );
     println!(
         "one identity, four connections asking for 8 MiB each every 250 ms and reading nothing: an honest downloader {} the {:.0} MiB in {hog_secs:.2} s ({:.2} s alone)",
-        if hog_ok { "fetched" } else { "did NOT fetch" },
+        if *hog_ok { "fetched" } else { "did NOT fetch" },
         mib(m.archive_size),
         alone.secs,
     );
     println!(
         "crafted archive (33 x 64 MiB records, ~{} KiB on the wire, declared as 1 record): the loader stopped with \"{crafted_error}\"; its peak RSS {loader_peak:.0} MiB (decode budget {budget_mib:.0} MiB, plus a frame of 64 MiB being written and one being decoded)",
-        std::fs::metadata(&archive).map_or(0, |m| m.len() >> 10)
+        crafted_kib
     );
     println!(
         "{{\"clients\":{clients},\"archive_mib\":{:.1},\"alone_mibs\":{alone_rate:.1},\"aggregate_mibs\":{aggregate:.1},\"all_secs\":{:.3},\"upload_slots\":{slots},\"first_done_secs\":{first:.3},\"median_done_secs\":{median:.3},\"last_done_secs\":{last:.3},\"server_peak_rss_mib\":{server_peak:.1},\"server_idle_rss_mib\":{rss_idle:.1},\"held_slots_first_try\":{first_try},\"held_slots_secs\":{held_secs:.3},\"held_slots_evicted\":{evicted},\"crafted_loader_peak_rss_mib\":{loader_peak:.1},\"decode_budget_mib\":{budget_mib:.0},\"huge_request_cpu_us\":{:.2},\"one_chunk_cpu_us\":{:.2},\"hog_honest_ok\":{hog_ok},\"hog_honest_secs\":{hog_secs:.3}}}",
