@@ -210,15 +210,33 @@ fn main() {
         return;
     }
     let target_mib: u64 = arg("--mib").map(|m| m.parse().unwrap()).unwrap_or(1024);
+    let rounds: usize = arg("--rounds").map(|r| r.parse().unwrap()).unwrap_or(3);
     let tmp = tempfile::tempdir_in(arg("--dir").unwrap_or_else(|| ".".into())).unwrap();
-    let root = tmp.path().to_path_buf();
+    let runs = measure(tmp.path(), target_mib, rounds);
+    report(&runs, rounds);
+}
+
+/// What the phases measured over the rounds.
+struct Runs {
+    creates: Vec<String>,
+    baselines: Vec<String>,
+    load: String,
+    incr_creates: Vec<String>,
+    incr_load: String,
+    /// The touched records alone, compressed at the same level.
+    touched_compressed: u64,
+}
+
+/// Builds a state of about `target_mib` MiB in `root` and runs each phase in a process of its
+/// own: full creation and the baseline alternating over `rounds`, a full load, then with 1% of
+/// the entries touched, incremental creations and an incremental load.
+fn measure(root: &std::path::Path, target_mib: u64, rounds: usize) -> Runs {
     let dir = root.to_str().unwrap().to_string();
     eprintln!("building a ~{target_mib} MiB state in {dir} ...");
-    populate(&root, target_mib, BASE_SLOT);
+    populate(root, target_mib, BASE_SLOT);
 
     // Creation and baseline alternate for a few rounds; the medians are reported, so one
     // noisy moment on a shared machine does not decide the figures.
-    let rounds: usize = arg("--rounds").map(|r| r.parse().unwrap()).unwrap_or(3);
     let level_arg = level().to_string();
     let mut creates = Vec::new();
     let mut baselines = Vec::new();
@@ -237,7 +255,7 @@ fn main() {
     let load = run_phase(&["--phase", "load", "--dir", &dir]);
 
     // The incremental case: 1% of the entries touched since the base.
-    let touched = touch(&root, target_mib);
+    let touched = touch(root, target_mib);
     let touched_compressed = zstd::bulk::compress(&touched, level()).unwrap().len() as u64;
     let mut incr_creates = Vec::new();
     for round in 0..rounds {
@@ -253,25 +271,44 @@ fn main() {
         incr_creates.push(c);
     }
     let incr_load = run_phase(&["--phase", "load-incremental", "--dir", &dir]);
+    Runs {
+        creates,
+        baselines,
+        load,
+        incr_creates,
+        incr_load,
+        touched_compressed,
+    }
+}
 
-    let create = support::median(&creates);
-    let baseline = support::median(&baselines);
-    let incr = support::median(&incr_creates);
+/// The table of the medians, the ratios and the JSON line.
+fn report(runs: &Runs, rounds: usize) {
+    let Runs {
+        creates,
+        baselines,
+        load,
+        incr_creates,
+        incr_load,
+        touched_compressed,
+    } = runs;
+    let create = support::median(creates);
+    let baseline = support::median(baselines);
+    let incr = support::median(incr_creates);
 
     let state_bytes = field(&create, "state_bytes") as u64;
     let archive_bytes = field(&create, "archive_bytes") as u64;
     let create_mibs = mib(state_bytes) / field(&create, "secs");
     let baseline_mibs = mib(field(&baseline, "bytes") as u64) / field(&baseline, "secs");
-    let load_mibs = mib(state_bytes) / field(&load, "secs");
+    let load_mibs = mib(state_bytes) / field(load, "secs");
     let incr_create_ratio = field(&incr, "secs") / field(&create, "secs");
-    let incr_load_ratio = field(&incr_load, "secs") / field(&load, "secs");
+    let incr_load_ratio = field(incr_load, "secs") / field(load, "secs");
     let incr_bytes = field(&incr, "archive_bytes") as u64;
     let peak = creates
         .iter()
-        .chain(&incr_creates)
+        .chain(incr_creates)
         .map(|c| field(c, "peak_rss_mib"))
-        .fold(field(&load, "peak_rss_mib"), f64::max)
-        .max(field(&incr_load, "peak_rss_mib"));
+        .fold(field(load, "peak_rss_mib"), f64::max)
+        .max(field(incr_load, "peak_rss_mib"));
     let level = level();
     println!(
         "state: {:.0} MiB uncompressed, archive {:.0} MiB (zstd level {level}); medians of {rounds} rounds",
@@ -301,10 +338,10 @@ fn main() {
     println!(
         "{:<36} {:>10.2} {:>10.0} {:>10.2} {:>12.0}",
         "full load (archive -> live DB)",
-        field(&load, "secs"),
+        field(load, "secs"),
         load_mibs,
-        field(&load, "cpu"),
-        field(&load, "peak_rss_mib")
+        field(load, "cpu"),
+        field(load, "peak_rss_mib")
     );
     println!(
         "{:<36} {:>10.3} {:>10} {:>10.2} {:>12.0}",
@@ -317,10 +354,10 @@ fn main() {
     println!(
         "{:<36} {:>10.3} {:>10} {:>10.2} {:>12.0}",
         "incremental load (apply + check)",
-        field(&incr_load, "secs"),
+        field(incr_load, "secs"),
         "-",
-        field(&incr_load, "cpu"),
-        field(&incr_load, "peak_rss_mib")
+        field(incr_load, "cpu"),
+        field(incr_load, "peak_rss_mib")
     );
     println!(
         "create / baseline = {:.2}x (goal >= 0.80x); incremental / full: create {incr_create_ratio:.3}x, load {incr_load_ratio:.3}x (goal <= 0.05x)",
@@ -328,14 +365,14 @@ fn main() {
     );
     println!(
         "incremental archive {incr_bytes} bytes; the touched records alone, zstd {level}: {touched_compressed} bytes ({:.2}x)",
-        incr_bytes as f64 / touched_compressed as f64
+        incr_bytes as f64 / *touched_compressed as f64
     );
     println!(
         "{{\"create_mibs\":{create_mibs:.1},\"baseline_mibs\":{baseline_mibs:.1},\"create_vs_baseline\":{:.3},\"load_mibs\":{load_mibs:.1},\"peak_rss_mib\":{peak:.1},\"create_cpu_s\":{:.2},\"baseline_cpu_s\":{:.2},\"load_cpu_s\":{:.2},\"state_mib\":{:.1},\"archive_mib\":{:.1},\"zstd_level\":{level},\"incr_create_ratio\":{incr_create_ratio:.4},\"incr_load_ratio\":{incr_load_ratio:.4},\"incr_bytes\":{incr_bytes},\"touched_compressed_bytes\":{touched_compressed}}}",
         create_mibs / baseline_mibs,
         field(&create, "cpu"),
         field(&baseline, "cpu"),
-        field(&load, "cpu"),
+        field(load, "cpu"),
         mib(state_bytes),
         mib(archive_bytes),
     );
