@@ -257,6 +257,58 @@ fn round(bench: &Bench, lines: &Lines, seed_peer: &str, n: usize, tag: &str) -> 
     }
 }
 
+/// Starts the seed: it executes a chain of `state_mib` MiB up to the slot of its first
+/// snapshot, then serves it. Returns it, its PeerId and the snapshot's archive size.
+fn start_seed(
+    bench: &Bench,
+    lines: &mpsc::Receiver<(usize, serde_json::Value)>,
+    state_mib: u64,
+) -> (NodeProc, String, u64) {
+    let (seed_dir, seed_peer) = data_dir(bench.root.path(), "seed");
+    let seed_args: Vec<String> = [
+        "--produce",
+        "--state-mib",
+        &state_mib.to_string(),
+        "--slot-ms",
+        "100",
+        "--range-for-snapshot",
+        "20",
+        "--stop-at-slot",
+        "20",
+        "--stats-secs",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let seed = bench.start(0, &seed_dir, "seed", &seed_args);
+    let mut other = Vec::new();
+    let created = wait_for(
+        lines,
+        0,
+        "snapshot_created",
+        Duration::from_secs(600),
+        &mut other,
+    );
+    let size = created["bytes"].as_u64().expect("bytes");
+    (seed, seed_peer, size)
+}
+
+/// The same crowd in the simulator: `n` joiners and a seed on links like the bridge's.
+fn simulate(size: u64, n: usize, link: Link) -> snapsync::swarm::SwarmReport {
+    let byte_rate = link.mbit as f64 * 1e6 / 8.0;
+    snapsync::swarm::run(&snapsync::swarm::SwarmConfig {
+        archive_bytes: size,
+        seed_uplink: byte_rate,
+        joiner_uplink: byte_rate,
+        downlink: 100.0 * byte_rate,
+        latency_ms: (0, 1),
+        loss: link.loss_pct / 100.0,
+        partial_peers: 3,
+        ..snapsync::swarm::SwarmConfig::new(n, 1)
+    })
+}
+
 /// `crowd_bench --net [--joiners N] [--state-mib M] [--mbit R] [--loss PCT] [--log-dir DIR]`.
 pub fn main() {
     let n: usize = arg("--joiners").map_or(8, |v| v.parse().expect("--joiners"));
@@ -289,33 +341,7 @@ pub fn main() {
         }
     );
     // The seed executes a chain up to the slot of its first snapshot, then serves it.
-    let (seed_dir, seed_peer) = data_dir(bench.root.path(), "seed");
-    let seed_args: Vec<String> = [
-        "--produce",
-        "--state-mib",
-        &state_mib.to_string(),
-        "--slot-ms",
-        "100",
-        "--range-for-snapshot",
-        "20",
-        "--stop-at-slot",
-        "20",
-        "--stats-secs",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut seed = bench.start(0, &seed_dir, "seed", &seed_args);
-    let mut other = Vec::new();
-    let created = wait_for(
-        &lines,
-        0,
-        "snapshot_created",
-        Duration::from_secs(600),
-        &mut other,
-    );
-    let size = created["bytes"].as_u64().expect("bytes");
+    let (mut seed, seed_peer, size) = start_seed(&bench, &lines, state_mib);
     let one_copy = size as f64 * 8.0 / (mbit as f64 * 1e6);
     println!(
         "  snapshot: {:.1} MiB archive; one copy over one uplink (size / uplink) {one_copy:.2} s",
@@ -353,17 +379,7 @@ pub fn main() {
     let _ = seed.child.wait();
     let _ = seed.host;
     // The same crowd in the simulator: links of the bridge, the same uplinks and queues.
-    let byte_rate = mbit as f64 * 1e6 / 8.0;
-    let sim = snapsync::swarm::run(&snapsync::swarm::SwarmConfig {
-        archive_bytes: size,
-        seed_uplink: byte_rate,
-        joiner_uplink: byte_rate,
-        downlink: 100.0 * byte_rate,
-        latency_ms: (0, 1),
-        loss: loss_pct / 100.0,
-        partial_peers: 3,
-        ..snapsync::swarm::SwarmConfig::new(n, 1)
-    });
+    let sim = simulate(size, n, Link { mbit, loss_pct });
     let sim_ratio = sim.copies().unwrap_or(f64::NAN);
     // The harness counts from the processes' start to their last `synced`: start-up, discovery
     // and the load's end, which the simulator does not model, are what one joiner alone
