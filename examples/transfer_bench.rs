@@ -483,43 +483,60 @@ struct Results {
     cap: u64,
 }
 
-/// Runs every scenario on a snapshot of `size_mib` MiB.
-fn scenarios(size_mib: u64) -> Results {
-    let tmp = tempfile::tempdir().unwrap();
-    let server_store = tmp.path().join("server");
-    std::fs::create_dir_all(&server_store).unwrap();
-    eprintln!("writing a {size_mib} MiB snapshot ...");
-    let manifest = support::random_snapshot(&server_store, size_mib << 20);
-    // The store is opened once here, and closed before any server process opens it.
-    let store = SnapshotStore::open(&server_store).unwrap();
-    let latest = store.latest().unwrap();
-    let archive = latest.archive_path();
-    let manifest_s = latest
-        .dir()
-        .join(snapsync::layers::snapshot::MANIFEST_FILE)
-        .to_str()
-        .unwrap()
-        .to_string();
-    // The same snapshot published for a static web server.
-    let www = tmp.path().join("www");
-    snapsync::layers::snapshot::publish(&latest, &www).unwrap();
-    drop(latest);
-    drop(store);
-    let archive_s = archive.to_str().unwrap().to_string();
-    let server_s = server_store.to_str().unwrap().to_string();
-    let size_s = manifest.archive_size.to_string();
-    let client_dir = tmp.path().join("client");
-    let client_s = client_dir.to_str().unwrap().to_string();
-    let out_s = tmp.path().join("copy.bin").to_str().unwrap().to_string();
+/// The snapshot every scenario serves, and where the clients write.
+struct Setup {
+    tmp: tempfile::TempDir,
+    archive: String,
+    manifest: String,
+    server_store: String,
+    size: String,
+    client_dir: PathBuf,
+    client_store: String,
+    out: String,
+    www: String,
+}
 
-    // One scenario: a server process, a client process built from the server's listener lines,
-    // then the server stopped. Each client starts from an empty directory.
-    let scenario = |name: &str,
-                    server: &[&str],
-                    listeners: usize,
-                    client: &dyn Fn(&[String]) -> Vec<String>| {
-        let _ = std::fs::remove_dir_all(&client_dir);
-        let _ = std::fs::remove_file(tmp.path().join("copy.bin"));
+impl Setup {
+    /// A snapshot of `size_mib` MiB in a server store, and the same published for a static web
+    /// server.
+    fn new(size_mib: u64) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let server_store = tmp.path().join("server");
+        std::fs::create_dir_all(&server_store).unwrap();
+        eprintln!("writing a {size_mib} MiB snapshot ...");
+        let manifest = support::random_snapshot(&server_store, size_mib << 20);
+        // The store is opened once here, and closed before any server process opens it.
+        let store = SnapshotStore::open(&server_store).unwrap();
+        let latest = store.latest().unwrap();
+        let manifest_path = latest.dir().join(snapsync::layers::snapshot::MANIFEST_FILE);
+        let www = tmp.path().join("www");
+        snapsync::layers::snapshot::publish(&latest, &www).unwrap();
+        let text = |p: &std::path::Path| p.to_str().unwrap().to_string();
+        let client_dir = tmp.path().join("client");
+        Self {
+            archive: text(&latest.archive_path()),
+            manifest: text(&manifest_path),
+            server_store: text(&server_store),
+            size: manifest.archive_size.to_string(),
+            client_store: text(&client_dir),
+            client_dir,
+            out: text(&tmp.path().join("copy.bin")),
+            www: text(&www),
+            tmp,
+        }
+    }
+
+    /// One scenario: a server process, a client process built from the server's listener
+    /// lines, then the server stopped. Each client starts from an empty directory.
+    fn scenario(
+        &self,
+        name: &str,
+        server: &[&str],
+        listeners: usize,
+        client: &dyn Fn(&[String]) -> Vec<String>,
+    ) -> String {
+        let _ = std::fs::remove_dir_all(&self.client_dir);
+        let _ = std::fs::remove_file(self.tmp.path().join("copy.bin"));
         let (mut child, lines) = support::start_server(server, listeners);
         let args = client(&lines);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -528,77 +545,17 @@ fn scenarios(size_mib: u64) -> Results {
         child.wait().unwrap();
         eprintln!("{name}: {result}");
         result
-    };
-    let owned = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
-    let quinn = scenario(
-        "(d) quinn single stream",
-        &["--role", "serve-quinn", "--file", &archive_s],
-        1,
-        &|l| {
-            owned(&[
-                "--role",
-                "get-quinn",
-                "--peers",
-                &peers_arg(l),
-                "--out",
-                &out_s,
-                "--size",
-                &size_s,
-            ])
-        },
-    );
-    let quinn_tuned = scenario(
-        "(d') quinn single stream, tuned",
-        &[
-            "--role",
-            "serve-quinn",
-            "--file",
-            &archive_s,
-            "--tuned",
-            "1",
-        ],
-        1,
-        &|l| {
-            owned(&[
-                "--role",
-                "get-quinn",
-                "--peers",
-                &peers_arg(l),
-                "--out",
-                &out_s,
-                "--size",
-                &size_s,
-                "--tuned",
-                "1",
-            ])
-        },
-    );
-    let tcp = scenario(
-        "(c) plain TCP",
-        &["--role", "serve-tcp", "--file", &archive_s],
-        1,
-        &|l| {
-            owned(&[
-                "--role",
-                "get-tcp",
-                "--addr",
-                &support::text(&l[0], "addr"),
-                "--out",
-                &out_s,
-                "--size",
-                &size_s,
-            ])
-        },
-    );
-    // The client's arguments: the servers a scenario started, a web source, or both.
-    let client = |peers: Option<&[String]>, web: Option<&str>| {
+    }
+
+    /// The snapsync client's arguments: the servers a scenario started, a web source, or both.
+    fn client(&self, peers: Option<&[String]>, web: Option<&str>) -> Vec<String> {
         let mut args = owned(&[
             "--role",
             "get-snapsync",
             "--manifest",
-            &manifest_s,
+            &self.manifest,
             "--store",
-            &client_s,
+            &self.client_store,
         ]);
         if let Some(l) = peers {
             args.extend(["--peers".to_string(), peers_arg(l)]);
@@ -607,72 +564,36 @@ fn scenarios(size_mib: u64) -> Results {
             args.extend(["--web".to_string(), url.to_string()]);
         }
         args
-    };
-    let get_snapsync = |l: &[String]| client(Some(l), None);
-    let one = scenario(
-        "(a) snapsync, 1 peer",
-        &[
-            "--role",
-            "serve-snapsync",
-            "--store",
-            &server_s,
-            "--count",
-            "1",
-        ],
-        1,
-        &get_snapsync,
-    );
-    // Four peers, each capped at a quarter of what one peer reached.
-    let cap = (field(&one, "mibs") * 1024.0 * 1024.0 / 4.0) as u64;
-    let cap_s = cap.to_string();
-    let four = scenario(
-        "(b) snapsync, 4 capped peers",
-        &[
-            "--role",
-            "serve-snapsync",
-            "--store",
-            &server_s,
-            "--count",
-            "4",
-            "--cap",
-            &cap_s,
-        ],
-        4,
-        &get_snapsync,
-    );
-    // The web source alone, and beside one peer.
-    let www_s = www.to_str().unwrap().to_string();
-    let web_alone = scenario(
-        "(e) snapsync, a web source alone",
-        &["--role", "serve-web", "--dir", &www_s],
-        1,
-        &|l| {
-            client(
-                None,
-                Some(&format!("http://{}/", support::text(&l[0], "addr"))),
-            )
-        },
-    );
-    let (mut web_child, web_lines) =
-        support::start_server(&["--role", "serve-web", "--dir", &www_s], 1);
-    let url = format!("http://{}/", support::text(&web_lines[0], "addr"));
-    let mixed = scenario(
-        "(f) snapsync, 1 peer and the web source",
-        &[
-            "--role",
-            "serve-snapsync",
-            "--store",
-            &server_s,
-            "--count",
-            "1",
-        ],
-        1,
-        &|l| client(Some(l), Some(&url)),
-    );
-    web_child.kill().unwrap();
-    web_child.wait().unwrap();
-    let _ = std::fs::remove_dir_all(&client_dir);
+    }
 
+    /// A snapsync server process of `count` streamers, capped at `cap` bytes/s each if given.
+    fn snapsync_server(&self, count: &str, cap: Option<&str>) -> Vec<String> {
+        let mut args = owned(&[
+            "--role",
+            "serve-snapsync",
+            "--store",
+            &self.server_store,
+            "--count",
+            count,
+        ]);
+        if let Some(cap) = cap {
+            args.extend(["--cap".to_string(), cap.to_string()]);
+        }
+        args
+    }
+}
+
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+/// Runs every scenario on a snapshot of `size_mib` MiB.
+fn scenarios(size_mib: u64) -> Results {
+    let setup = Setup::new(size_mib);
+    let (tcp, quinn, quinn_tuned) = baselines(&setup);
+    let (one, four, cap) = snapsync_peers(&setup);
+    let (web_alone, mixed) = web(&setup);
+    let _ = std::fs::remove_dir_all(&setup.client_dir);
     Results {
         one,
         four,
@@ -683,6 +604,101 @@ fn scenarios(size_mib: u64) -> Results {
         mixed,
         cap,
     }
+}
+
+/// (c), (d), (d'): the same bytes over plain TCP and a bare quinn stream (default, tuned).
+fn baselines(s: &Setup) -> (String, String, String) {
+    let quinn_client = |l: &[String], tuned: bool| {
+        let mut args = owned(&[
+            "--role",
+            "get-quinn",
+            "--peers",
+            &peers_arg(l),
+            "--out",
+            &s.out,
+            "--size",
+            &s.size,
+        ]);
+        if tuned {
+            args.extend(owned(&["--tuned", "1"]));
+        }
+        args
+    };
+    let quinn = s.scenario(
+        "(d) quinn single stream",
+        &["--role", "serve-quinn", "--file", &s.archive],
+        1,
+        &|l| quinn_client(l, false),
+    );
+    let quinn_tuned = s.scenario(
+        "(d') quinn single stream, tuned",
+        &[
+            "--role",
+            "serve-quinn",
+            "--file",
+            &s.archive,
+            "--tuned",
+            "1",
+        ],
+        1,
+        &|l| quinn_client(l, true),
+    );
+    let tcp = s.scenario(
+        "(c) plain TCP",
+        &["--role", "serve-tcp", "--file", &s.archive],
+        1,
+        &|l| {
+            owned(&[
+                "--role",
+                "get-tcp",
+                "--addr",
+                &support::text(&l[0], "addr"),
+                "--out",
+                &s.out,
+                "--size",
+                &s.size,
+            ])
+        },
+    );
+    (tcp, quinn, quinn_tuned)
+}
+
+/// (a), (b): snapsync from one peer, then from four each capped at a quarter of what one
+/// reached; the cap.
+fn snapsync_peers(s: &Setup) -> (String, String, u64) {
+    let get = |l: &[String]| s.client(Some(l), None);
+    let args = s.snapsync_server("1", None);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let one = s.scenario("(a) snapsync, 1 peer", &refs, 1, &get);
+    let cap = (field(&one, "mibs") * 1024.0 * 1024.0 / 4.0) as u64;
+    let args = s.snapsync_server("4", Some(&cap.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let four = s.scenario("(b) snapsync, 4 capped peers", &refs, 4, &get);
+    (one, four, cap)
+}
+
+/// (e), (f): the web source alone, and beside one peer.
+fn web(s: &Setup) -> (String, String) {
+    let web_alone = s.scenario(
+        "(e) snapsync, a web source alone",
+        &["--role", "serve-web", "--dir", &s.www],
+        1,
+        &|l| {
+            let url = format!("http://{}/", support::text(&l[0], "addr"));
+            s.client(None, Some(&url))
+        },
+    );
+    let (mut web_child, web_lines) =
+        support::start_server(&["--role", "serve-web", "--dir", &s.www], 1);
+    let url = format!("http://{}/", support::text(&web_lines[0], "addr"));
+    let args = s.snapsync_server("1", None);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mixed = s.scenario("(f) snapsync, 1 peer and the web source", &refs, 1, &|l| {
+        s.client(Some(l), Some(&url))
+    });
+    web_child.kill().unwrap();
+    web_child.wait().unwrap();
+    (web_alone, mixed)
 }
 
 /// The table, the ratios and the JSON line.
