@@ -9,17 +9,29 @@ use std::time::Instant;
 use super::{Behaviour, Event, TARGET};
 use crate::discovery::Local;
 
-/// What the publish directory reflects of the store: each snapshot, with how many attestations
-/// are kept with it.
-pub(super) type Listing = Vec<(crate::hash::ContentRoot, usize)>;
+/// What the publish directory reflects of the store: each snapshot's manifest (a count
+/// correction rewrites it) and the attestations kept with it, by content root.
+type Listing = Vec<(crate::snapshot::Manifest, Vec<crate::snapshot::Attestation>)>;
 
 /// The listing of `held`.
 fn listing(held: &[std::sync::Arc<crate::snapshot::Snapshot>]) -> Listing {
     let mut l: Listing = (held.iter())
-        .map(|s| (s.manifest().content_root, s.attestations().len()))
+        .map(|s| (s.manifest().clone(), s.attestations().to_vec()))
         .collect();
-    l.sort();
+    l.sort_by_key(|(m, _)| m.content_root);
     l
+}
+
+/// Mirroring the store into the publish directory: one mirror at a time, and the listing the
+/// directory reflects.
+#[derive(Debug, Default)]
+pub(super) struct Publishing {
+    /// What the last mirror that worked left in the directory (none after one that failed).
+    mirrored: std::sync::Mutex<Option<Listing>>,
+    /// A mirror runs.
+    running: std::sync::atomic::AtomicBool,
+    /// The store changed while it ran: it goes again.
+    again: std::sync::atomic::AtomicBool,
 }
 
 impl Behaviour {
@@ -69,31 +81,39 @@ impl Behaviour {
     }
 
     /// Mirrors the store into the publish directory, if one is set and the store's listing
-    /// changed since the last mirror that worked, in the background.
-    fn mirror(&self, listing: Listing) {
+    /// changed since the last mirror that worked, in the background: one task at a time, which
+    /// goes again while the store changed under it (a slow copy never piles up tasks).
+    fn mirror(&self, held: Listing) {
+        use std::sync::atomic::Ordering;
         let Some(dir) = self.config.publish_dir().map(|d| d.to_path_buf()) else {
             return;
         };
-        let mirrored = self.publishing.clone();
-        if mirrored
-            .try_lock()
-            .is_ok_and(|m| m.as_ref() == Some(&listing))
-        {
+        let p = self.publishing.clone();
+        if (p.mirrored.try_lock()).is_ok_and(|m| m.as_ref() == Some(&held)) {
+            return;
+        }
+        p.again.store(true, Ordering::Release);
+        if p.running.swap(true, Ordering::AcqRel) {
             return;
         }
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
-            let mut last = mirrored.lock().unwrap_or_else(|p| p.into_inner());
-            // What the store holds now (a later change may have been mirrored already).
-            let listing = super::holdings::listing(&store.list());
-            if last.as_ref() == Some(&listing) {
-                return;
-            }
-            match crate::snapshot::mirror(&store, &dir) {
-                Ok(()) => *last = Some(listing),
-                Err(e) => {
-                    *last = None;
-                    tracing::warn!(target: TARGET, dir = %dir.display(), error = %e, "could not publish the snapshots");
+            loop {
+                p.again.store(false, Ordering::Release);
+                let mut last = p.mirrored.lock().unwrap_or_else(|e| e.into_inner());
+                match crate::snapshot::mirror(&store, &dir) {
+                    // What the directory holds now, as the mirror read the store.
+                    Ok(held) => *last = Some(listing(&held)),
+                    Err(e) => {
+                        *last = None;
+                        tracing::warn!(target: TARGET, dir = %dir.display(), error = %e, "could not publish the snapshots");
+                    }
+                }
+                drop(last);
+                p.running.store(false, Ordering::Release);
+                // A change that came while it ran: go again, unless another task took it.
+                if !p.again.load(Ordering::Acquire) || p.running.swap(true, Ordering::AcqRel) {
+                    return;
                 }
             }
         });
@@ -225,5 +245,26 @@ mod tests {
             .unwrap();
         b.refresh_local();
         assert!(appears().await, "published again");
+        // A manifest corrected after a sync (same root, same signatures) is mirrored too.
+        let placed = bucket
+            .join(snap.dir().file_name().unwrap())
+            .join(crate::snapshot::MANIFEST_FILE);
+        let counts = |m: &crate::snapshot::Manifest| (m.entry_count, m.state_bytes);
+        let read = || crate::snapshot::Manifest::decode(&std::fs::read(&placed).unwrap()).unwrap();
+        assert_eq!(counts(&read()), counts(snap.manifest()));
+        let corrected = (snap.manifest().entry_count, snap.manifest().state_bytes - 1);
+        b.store
+            .correct_counts(&key.content_root, corrected.0, corrected.1)
+            .unwrap();
+        b.refresh_local();
+        let mut seen = false;
+        for _ in 0..500 {
+            if counts(&read()) == corrected {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(seen, "the corrected manifest is published");
     }
 }

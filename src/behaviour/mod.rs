@@ -138,9 +138,8 @@ pub struct Behaviour {
     chain_tip: Option<u64>,
     /// The web sources, each standing as an identity of its own.
     web: web::WebSources,
-    /// Mirroring the store into the publish directory: one at a time, and the listing the
-    /// directory reflects (none after a mirror that failed).
-    publishing: Arc<std::sync::Mutex<Option<holdings::Listing>>>,
+    /// Mirroring the store into the publish directory.
+    publishing: Arc<holdings::Publishing>,
     /// Snapshots proven bad (their content, or the application's check): deleted from the
     /// store, also when a download of one publishes after the judgement.
     condemned: LruCache<crate::hash::ContentRoot, ()>,
@@ -202,7 +201,7 @@ impl Behaviour {
         let web = web::WebSources::new(&config)?;
         let mut b = Self {
             web,
-            publishing: Arc::new(std::sync::Mutex::new(None)),
+            publishing: Arc::default(),
             condemned: LruCache::new(MAX_CONDEMNED),
             protocols,
             metrics,

@@ -591,7 +591,12 @@ impl Discovery {
                 // (the lists of the first sources: each costs verifications).
                 for (key, lists) in served {
                     let mut trusted = Vec::new();
-                    for list in lists.iter().take(MAX_SERVED_LISTS) {
+                    // Lists naming no trusted key cost nothing and count toward nothing.
+                    let named: Vec<&Vec<crate::snapshot::Attestation>> = (lists.iter())
+                        .filter(|l| l.iter().any(|a| self.book.names(a)))
+                        .take(MAX_SERVED_LISTS)
+                        .collect();
+                    for list in named {
                         let valid = self.book.trusted_attestations(&key, list);
                         crate::snapshot::merge_attestations(&mut trusted, &valid);
                     }

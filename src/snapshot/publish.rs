@@ -26,6 +26,7 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::SnapshotKind;
 use super::attestation::Attestation;
@@ -147,9 +148,10 @@ const REMOVING_PREFIX: &str = ".removing-";
 
 /// Makes `dir` hold exactly the snapshots of `store`: removes those the store no longer holds
 /// (once the index stops naming them: renamed out of sight at once, then deleted), then
-/// publishes those missing, then rewrites the index. Removing first frees the disk the new
-/// ones need; leftovers of an interrupted run are cleared first.
-pub fn mirror(store: &SnapshotStore, dir: &Path) -> Result<(), PublishError> {
+/// publishes those missing (and the manifests and attestations of those placed that changed),
+/// then rewrites the index. Removing first frees the disk the new ones need; leftovers of an
+/// interrupted run are cleared first. Returns the snapshots the directory now holds.
+pub fn mirror(store: &SnapshotStore, dir: &Path) -> Result<Vec<Arc<Snapshot>>, PublishError> {
     fs::create_dir_all(dir).map_err(at(dir))?;
     clear_leftovers(dir)?;
     let held = store.list();
@@ -175,7 +177,8 @@ pub fn mirror(store: &SnapshotStore, dir: &Path) -> Result<(), PublishError> {
     for snap in &held {
         place(snap, dir)?;
     }
-    write_index(dir)
+    write_index(dir)?;
+    Ok(held)
 }
 
 /// Removes what an interrupted publish or removal left (hidden directories of ours).
