@@ -335,8 +335,12 @@ impl Chat {
     async fn snap(&mut self, event: Event) -> Result<(), Error> {
         match event {
             Event::SnapshotCreated { manifest } => self.say(format!(
-                "* made a {} snapshot at slot {}: {}, bank hash {}",
-                manifest.kind.as_str(),
+                "* made {} snapshot at slot {}: {}, bank hash {}",
+                if manifest.is_full() {
+                    "a full"
+                } else {
+                    "an incremental"
+                },
                 manifest.slot,
                 human_bytes(manifest.archive_size),
                 manifest.bank_hash.short()
