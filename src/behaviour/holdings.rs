@@ -77,18 +77,20 @@ impl Behaviour {
             chunk_size: Some(self.config.chunk_size()),
         });
         self.refresh_partials();
-        self.mirror(listing(&held));
+        self.mirror(&held);
     }
 
     /// Mirrors the store into the publish directory, if one is set and the store's listing
     /// changed since the last mirror that worked, in the background: one task at a time, which
     /// goes again while the store changed under it (a slow copy never piles up tasks).
-    fn mirror(&self, held: Listing) {
+    fn mirror(&self, held: &[std::sync::Arc<crate::snapshot::Snapshot>]) {
         use std::sync::atomic::Ordering;
         let Some(dir) = self.config.publish_dir().map(|d| d.to_path_buf()) else {
             return;
         };
         let p = self.publishing.clone();
+        // Made only for a node that publishes (refresh_local runs at every slot).
+        let held = listing(held);
         if (p.mirrored.try_lock()).is_ok_and(|m| m.as_ref() == Some(&held)) {
             return;
         }
