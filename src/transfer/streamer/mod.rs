@@ -281,13 +281,24 @@ impl Shared {
         chunks: u64,
         block: u64,
         holding: &[u8],
+        asker: PeerId,
     ) -> Vec<u8> {
-        lock(&self.suggestions).answer(root, chunks, block, holding, Instant::now())
+        lock(&self.suggestions).answer(root, chunks, block, holding, &asker, Instant::now())
     }
 
     /// Chunks `range` of the published snapshot `root` were sent (for the suggests).
-    pub(crate) fn suggested_sent(&self, root: &ContentRoot, range: std::ops::Range<u64>) {
-        lock(&self.suggestions).sent(root, range);
+    pub(crate) fn suggested_sent(
+        &self,
+        root: &ContentRoot,
+        chunks: u64,
+        range: std::ops::Range<u64>,
+    ) {
+        let first = lock(&self.suggestions).sent(root, chunks, range);
+        if let Some(c) = first {
+            tracing::info!(target: STREAMER_TARGET, root = %root.short(), secs = c.after.as_secs_f64(),
+                blocks = c.blocks, repeated = c.repeated,
+                "one whole copy sent: every block left this node at least once");
+        }
     }
 
     /// An upload slot for one response to `peer`, if it may be sent chunks now (see

@@ -234,7 +234,9 @@ impl Responder<'_> {
                         offer.served.fetch_add(handed, Ordering::Relaxed);
                         shared.metrics.served_partial_bytes.inc_by(handed);
                     }
-                    ServedSnapshot::Complete(_) => shared.suggested_sent(&root, range),
+                    ServedSnapshot::Complete(c) => {
+                        shared.suggested_sent(&root, c.tree().chunk_count(), range)
+                    }
                 }
                 result
             }
@@ -444,7 +446,7 @@ fn have_answer(
         },
         // A seed in a crowd offers an asker with a slot a few blocks (see `slots.rs`).
         (HaveReply::Suggest, _) => {
-            shared.suggest(&root, chunks, block, holding.unwrap_or_default())
+            shared.suggest(&root, chunks, block, holding.unwrap_or_default(), peer)
         }
         (HaveReply::Nothing, _) => vec![0; len as usize],
         (HaveReply::Everything | HaveReply::Verified, _) => {

@@ -547,6 +547,8 @@ mod tests {
 #[derive(Debug)]
 pub(crate) struct Suggestions {
     max: usize,
+    /// Keys askers' identities (seeded at random: nobody picks another's key).
+    keys: std::hash::RandomState,
     by_root: std::collections::HashMap<crate::hash::ContentRoot, SeedSuggestions>,
 }
 
@@ -558,11 +560,12 @@ impl Suggestions {
     pub(crate) fn new(max: usize) -> Self {
         Self {
             max: max.max(1),
+            keys: std::hash::RandomState::new(),
             by_root: std::collections::HashMap::new(),
         }
     }
 
-    /// What this seed suggests an asker of the snapshot `root` (of `chunks` chunks) that holds
+    /// What this seed suggests `asker` of the snapshot `root` (of `chunks` chunks) that holds
     /// `holding`, in blocks of `block` (see [`SeedSuggestions::answer`]).
     pub(crate) fn answer(
         &mut self,
@@ -570,29 +573,47 @@ impl Suggestions {
         chunks: u64,
         block: u64,
         holding: &[u8],
+        asker: &impl std::hash::Hash,
         now: Instant,
     ) -> Vec<u8> {
+        use std::hash::BuildHasher;
+        let key = self.keys.hash_one(asker) as u32;
+        self.entry(root, chunks, now)
+            .answer(SUGGESTED_BLOCKS, block, Some(holding), key, now)
+    }
+
+    /// Chunks `range` of the snapshot `root` (of `chunks` chunks) were sent: counted whether
+    /// or not a suggestion was made yet (what a seed sends before its uploads are contended
+    /// is not suggested again first).
+    pub(crate) fn sent(
+        &mut self,
+        root: &crate::hash::ContentRoot,
+        chunks: u64,
+        range: Range<u64>,
+    ) -> Option<FirstCopy> {
+        let now = Instant::now();
+        self.entry(root, chunks, now).sent(range, now)
+    }
+
+    fn entry(
+        &mut self,
+        root: &crate::hash::ContentRoot,
+        chunks: u64,
+        now: Instant,
+    ) -> &mut SeedSuggestions {
         if !self.by_root.contains_key(root) && self.by_root.len() >= self.max {
             let any = *self.by_root.keys().next().expect("not empty");
             self.by_root.remove(&any);
         }
         // The seed counts in blocks of its own choosing (a default request's worth of chunks,
-        // or coarser for a huge snapshot), whatever block size this asker picked.
+        // or coarser for a huge snapshot), whatever block size an asker picked.
         let own_block =
             SEED_BLOCK_CHUNKS.max(chunks.div_ceil(crate::transfer::protocol::MAX_HAVE_BITS));
+        // From the first block: a crowd then holds the archive's start first, and downloaders
+        // that take common pieces in order load as they download.
         self.by_root
             .entry(*root)
-            .or_insert_with(|| {
-                SeedSuggestions::new(chunks, own_block, rand::random::<u64>() as usize, now)
-            })
-            .answer(SUGGESTED_BLOCKS, block, Some(holding), now)
-    }
-
-    /// Chunks `range` of the snapshot `root` were sent.
-    pub(crate) fn sent(&mut self, root: &crate::hash::ContentRoot, range: Range<u64>) {
-        if let Some(o) = self.by_root.get_mut(root) {
-            o.sent(range);
-        }
+            .or_insert_with(|| SeedSuggestions::new(chunks, own_block, 0, now))
     }
 }
 
@@ -616,9 +637,27 @@ pub(crate) struct SeedSuggestions {
     /// Until when each block is kept for the asker it was suggested to, milliseconds from
     /// `epoch`.
     held_until: Vec<u32>,
+    /// Which asker each block is kept for (a key of its identity).
+    held_for: Vec<u32>,
     epoch: Instant,
     /// Where the next suggestion starts looking, so that askers get different blocks of a level.
     cursor: usize,
+    /// Blocks not sent yet.
+    unsent: usize,
+    /// Blocks sent again while others were not sent yet.
+    repeated: u64,
+}
+
+/// A seed's first whole copy has left it: every block was sent at least once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FirstCopy {
+    /// Since the seed first sent or suggested a block of the snapshot.
+    pub(crate) after: Duration,
+    /// Blocks sent again before the last was sent once (each a block's worth of the uplink spent
+    /// before the copy was out).
+    pub(crate) repeated: u64,
+    /// Blocks in the snapshot.
+    pub(crate) blocks: usize,
 }
 
 impl SeedSuggestions {
@@ -632,21 +671,35 @@ impl SeedSuggestions {
             chunks,
             sent: vec![0; n],
             held_until: vec![0; n],
+            held_for: vec![0; n],
             epoch: now,
             cursor: start % n.max(1),
+            unsent: n,
+            repeated: 0,
         }
     }
 
-    /// Chunks `range` were sent.
-    pub(crate) fn sent(&mut self, range: Range<u64>) {
-        if range.is_empty() {
-            return;
+    /// Chunks `range` were sent at `now`; says when that puts the first whole copy out.
+    pub(crate) fn sent(&mut self, range: Range<u64>, now: Instant) -> Option<FirstCopy> {
+        if range.is_empty() || self.sent.is_empty() {
+            return None;
         }
+        let was_unsent = self.unsent;
         let first = (range.start / self.block) as usize;
         let last = ((range.end - 1) / self.block) as usize;
         for b in first..=last.min(self.sent.len().saturating_sub(1)) {
+            match self.sent[b] {
+                0 => self.unsent -= 1,
+                _ if self.unsent > 0 => self.repeated += 1,
+                _ => {}
+            }
             self.sent[b] = self.sent[b].saturating_add(1);
         }
+        (was_unsent > 0 && self.unsent == 0).then(|| FirstCopy {
+            after: now.saturating_duration_since(self.epoch),
+            repeated: self.repeated,
+            blocks: self.sent.len(),
+        })
     }
 
     fn ms(&self, t: Instant) -> u32 {
@@ -655,16 +708,19 @@ impl SeedSuggestions {
             .min(u128::from(u32::MAX)) as u32
     }
 
-    /// The suggestion to one asker at `now`, as a bitfield of its blocks of `client_block` chunks
-    /// (bit `i` is bit `i % 8` of byte `i / 8`): up to `k` blocks it lacks (`holding`, a
-    /// bitfield of the same shape, says what it holds), the least sent first, those not kept
-    /// for another asker before those that are, the first from where the last suggestion stopped.
-    /// A client block is suggested when it overlaps an suggested block.
+    /// The suggestion to the asker `asker` (a key of its identity) at `now`, as a bitfield of its
+    /// blocks of `client_block` chunks (bit `i` is bit `i % 8` of byte `i / 8`): up to `k`
+    /// blocks it lacks (`holding`, a bitfield of the same shape, says what it holds), the least
+    /// sent first; of those, the ones already kept for this asker first (an asker that asks
+    /// again is suggested what it was, not `k` more: the blocks kept for askers stay few), then
+    /// those kept for nobody, then those kept for another; the first from where the last
+    /// suggestion stopped. A client block is suggested when it overlaps a suggested block.
     pub(crate) fn answer(
         &mut self,
         k: usize,
         client_block: u64,
         holding: Option<&[u8]>,
+        asker: u32,
         now: Instant,
     ) -> Vec<u8> {
         let client_block = client_block.max(1);
@@ -677,8 +733,8 @@ impl SeedSuggestions {
         };
         let now_ms = self.ms(now);
         let n = self.sent.len();
-        // The `k` lowest (sent, kept for another, distance from the cursor) it lacks.
-        let mut best: Vec<(u8, bool, usize, usize)> = Vec::with_capacity(k + 1);
+        // The `k` lowest (sent, whom it is kept for, distance from the cursor) it lacks.
+        let mut best: Vec<(u8, u8, usize, usize)> = Vec::with_capacity(k + 1);
         for i in 0..n {
             let b = (self.cursor + i) % n;
             let start = b as u64 * self.block;
@@ -689,14 +745,19 @@ impl SeedSuggestions {
             if !lacks {
                 continue;
             }
-            let key = (self.sent[b], self.held_until[b] > now_ms, i, b);
+            let kept = match (self.held_until[b] > now_ms, self.held_for[b] == asker) {
+                (true, true) => 0,
+                (false, _) => 1,
+                (true, false) => 2,
+            };
+            let key = (self.sent[b], kept, i, b);
             if best.len() < k || key < best[best.len() - 1] {
                 let at = best.partition_point(|x| *x < key);
                 best.insert(at, key);
                 best.truncate(k);
             }
-            // Nothing can beat k blocks never sent nor kept.
-            if best.len() == k && best[k - 1].0 == 0 && !best[k - 1].1 {
+            // Nothing can beat k blocks never sent and kept for this asker.
+            if best.len() == k && best[k - 1].0 == 0 && best[k - 1].1 == 0 {
                 break;
             }
         }
@@ -710,6 +771,7 @@ impl SeedSuggestions {
         let until = self.ms(now + SUGGESTION_HOLD);
         for (_, _, _, b) in best {
             self.held_until[b] = until;
+            self.held_for[b] = asker;
             let start = b as u64 * self.block;
             let end = (start + self.block).min(self.chunks);
             for i in start / client_block..=(end.max(1) - 1) / client_block {
@@ -734,28 +796,90 @@ mod suggestion_tests {
     fn each_asker_is_suggested_different_pieces_it_lacks_of_those_sent_least() {
         let t0 = Instant::now();
         let mut o = SeedSuggestions::new(10 * 32, 32, 0, t0);
-        let a = suggested(&o.answer(4, 32, None, t0));
-        let b = suggested(&o.answer(4, 32, None, t0));
+        let a = suggested(&o.answer(4, 32, None, 1, t0));
+        let b = suggested(&o.answer(4, 32, None, 2, t0));
         assert_eq!(a, vec![0, 1, 2, 3]);
         assert_eq!(b, vec![4, 5, 6, 7]);
         // 0 to 5 were sent; 6 and 7 are kept for the second asker: 8 and 9 come first, then
         // the kept ones.
         for p in 0..6 {
-            o.sent(p * 32..(p + 1) * 32);
+            o.sent(p * 32..(p + 1) * 32, t0);
         }
-        assert_eq!(suggested(&o.answer(4, 32, None, t0)), vec![6, 7, 8, 9]);
+        assert_eq!(suggested(&o.answer(4, 32, None, 3, t0)), vec![6, 7, 8, 9]);
         // Once kept no longer, and for an asker that holds 6 to 9: what it lacks, least sent
         // first.
         let later = t0 + SUGGESTION_HOLD;
-        o.sent(0..32);
+        o.sent(0..32, t0);
         let holding = [0b1100_0000u8, 0b11];
         assert_eq!(
-            suggested(&o.answer(3, 32, Some(&holding), later)),
+            suggested(&o.answer(3, 32, Some(&holding), 4, later)),
             vec![1, 2, 3]
         );
         // One that holds everything is suggested nothing.
-        assert!(suggested(&o.answer(3, 32, Some(&[0xff, 0b11]), later)).is_empty());
+        assert!(suggested(&o.answer(3, 32, Some(&[0xff, 0b11]), 4, later)).is_empty());
         // An asker with other blocks gets the blocks that overlap the suggestion.
-        assert_eq!(suggested(&o.answer(1, 64, None, later)).len(), 1);
+        assert_eq!(suggested(&o.answer(1, 64, None, 5, later)).len(), 1);
+    }
+
+    #[test]
+    fn the_first_whole_copy_is_reported_once_with_the_blocks_sent_twice_before_it() {
+        let t0 = Instant::now();
+        let mut o = SeedSuggestions::new(4 * 32, 32, 0, t0);
+        assert_eq!(o.sent(0..64, t0), None);
+        // Block 1 again (a repeat), then 2 alone: still one block unsent.
+        assert_eq!(o.sent(40..50, t0), None);
+        assert_eq!(o.sent(64..96, t0), None);
+        let out = o.sent(90..128, t0 + SUGGESTION_HOLD);
+        assert_eq!(
+            out,
+            Some(FirstCopy {
+                after: SUGGESTION_HOLD,
+                repeated: 2,
+                blocks: 4
+            })
+        );
+        // Not again, and later sends are not repeats "before the copy".
+        assert_eq!(o.sent(0..128, t0 + SUGGESTION_HOLD), None);
+        assert_eq!(o.repeated, 2);
+    }
+
+    #[test]
+    fn what_a_seed_sent_before_any_suggestion_is_not_suggested_first() {
+        let root = crate::hash::ContentRoot([7; 32]);
+        let mut s = Suggestions::new(2);
+        let chunks = 8 * SEED_BLOCK_CHUNKS;
+        // Blocks 0 to 3 were sent while the seed's uploads were not contended.
+        let _ = s.sent(&root, chunks, 0..4 * SEED_BLOCK_CHUNKS);
+        let bits = s.answer(&root, chunks, SEED_BLOCK_CHUNKS, &[0], &1u8, Instant::now());
+        assert_eq!(suggested(&bits), vec![4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn an_asker_that_asks_again_is_suggested_its_own_blocks_not_more() {
+        let t0 = Instant::now();
+        let mut o = SeedSuggestions::new(12 * 32, 32, 0, t0);
+        assert_eq!(suggested(&o.answer(4, 32, None, 1, t0)), vec![0, 1, 2, 3]);
+        // Asked again (having fetched none yet): the same four, kept for it anew; another
+        // asker meanwhile gets four others.
+        let t1 = t0 + SUGGESTION_HOLD / 2;
+        assert_eq!(suggested(&o.answer(4, 32, None, 1, t1)), vec![0, 1, 2, 3]);
+        assert_eq!(suggested(&o.answer(4, 32, None, 2, t1)), vec![4, 5, 6, 7]);
+        // Having 0 and 1 (sent), it is suggested 2 and 3 and two new ones.
+        o.sent(0..64, t1);
+        let holding = [0b0000_0011u8, 0];
+        assert_eq!(
+            suggested(&o.answer(4, 32, Some(&holding), 1, t1)),
+            vec![2, 3, 8, 9]
+        );
+        // Kept for the first asker past the first hold (renewed at t1): a third asker gets the
+        // rest unsent (10, 11), then blocks kept for others before any block sent twice.
+        let t2 = t0 + SUGGESTION_HOLD;
+        let third = suggested(&o.answer(4, 32, None, 3, t2));
+        assert_eq!(third.len(), 4);
+        assert!(third.contains(&10) && third.contains(&11), "{third:?}");
+        assert!(
+            third.iter().all(|b| (2..12).contains(b)),
+            "nothing sent before: {third:?}"
+        );
     }
 }

@@ -61,6 +61,7 @@ impl Sim<'_> {
                     SUGGESTED_BLOCKS,
                     self.piece_chunks,
                     holding.as_deref(),
+                    asker as u32,
                     now,
                 );
                 Have::Some(Bits::from_bytes(&offer, pieces).expect("the length asked"))
@@ -127,9 +128,10 @@ impl Sim<'_> {
             return;
         }
         self.advance(server);
+        let now = self.instant();
         let n = &mut self.nodes[server];
         if n.seed || n.done_at.is_some() {
-            n.suggestions.sent(job.chunks.clone());
+            let _ = n.suggestions.sent(job.chunks.clone(), now);
         }
 
         n.queues.entry(client).or_default().push_back(job);
