@@ -9,6 +9,10 @@
 //! - **Rarest first.** Then the piece the fewest sources hold, ties at random: what is rare is
 //!   fetched while its holders are still there, pieces spread evenly, and the last pieces are
 //!   not the ones nobody has.
+//! - **Common pieces in order.** When the lowest piece still missing is held by at least half
+//!   the partial sources (and two), it is taken before any rarer one: a common piece gains
+//!   nothing by waiting, and taking those in order lets the loader, which reads the archive as
+//!   it arrives, keep pace with the download instead of loading most of it at the end.
 //! - **A complete source spends its uplink on what no partial source can give now.** From a
 //!   source holding everything (a seed), a piece is not taken while a partial source with room
 //!   in its window holds it: the seed's uplink goes out in pieces nobody else has yet, so one
@@ -160,6 +164,12 @@ impl Availability {
     }
 }
 
+/// Whether a piece that `holders` of the `partials` partial sources hold is common: at least
+/// two, and at least half of them.
+pub(crate) fn is_common(holders: u32, partials: u32) -> bool {
+    holders >= 2 && holders * 2 >= partials
+}
+
 /// What a pick looks at: the open pieces, how many sources hold each, and whether this is one
 /// of the first pieces (picked at random).
 pub(crate) struct Pick<'a> {
@@ -168,6 +178,8 @@ pub(crate) struct Pick<'a> {
     pub(crate) rarity: &'a dyn Fn(usize) -> u32,
     /// Pick at random (the first pieces), not rarest first.
     pub(crate) random_first: bool,
+    /// The lowest open piece, when it is common (see [`is_common`]).
+    pub(crate) lowest: Option<usize>,
 }
 
 impl Pick<'_> {
@@ -207,6 +219,13 @@ impl Pick<'_> {
         let words = has.words();
         if words == 0 || self.open.len() == 0 {
             return None;
+        }
+        // In order when the lowest piece missing is common: nothing is gained by fetching it
+        // later, and the loader reading the archive as it arrives keeps pace.
+        if !self.random_first
+            && let Some(lowest) = self.lowest.filter(|&p| has.get(p))
+        {
+            return Some(lowest);
         }
         // From a random piece: the first word from its bit up, the others whole, and the first
         // word's lower bits last.
@@ -301,6 +320,7 @@ mod tests {
             open: &open,
             rarity: &|_| 1,
             random_first: true,
+            lowest: None,
         };
         let mut r = rng();
         let picks: std::collections::HashSet<usize> = (0..20)
@@ -331,6 +351,7 @@ mod tests {
             open: &open,
             rarity: &rarity,
             random_first: false,
+            lowest: None,
         };
         let mut r = rng();
         let picks: Vec<usize> = (0..50)
@@ -349,6 +370,36 @@ mod tests {
     }
 
     #[test]
+    fn a_common_lowest_piece_goes_before_rarer_ones_a_rare_one_does_not() {
+        let open = OpenSet::full(64);
+        let done = bits(64, |_| false);
+        let has = bits(64, |p| p == 3 || p == 41);
+        // Piece 3 is held by 4 of 6 partial sources, 41 by one.
+        let rarity = |p: usize| if p == 41 { 1 } else { 4 };
+        assert!(is_common(4, 6) && is_common(2, 4) && !is_common(2, 5) && !is_common(1, 1));
+        let mut pick = Pick {
+            open: &open,
+            rarity: &rarity,
+            random_first: false,
+            lowest: Some(3),
+        };
+        let mut r = rng();
+        assert_eq!(pick.for_partial(&has, &done, &mut r), Some(3));
+        // A source without it is asked for the rarest it has; the first picks stay random.
+        let other = bits(64, |p| p == 5 || p == 41);
+        assert_eq!(pick.for_partial(&other, &done, &mut r), Some(41));
+        pick.random_first = true;
+        let picks: std::collections::HashSet<usize> = (0..40)
+            .filter_map(|_| pick.for_partial(&has, &done, &mut r))
+            .collect();
+        assert!(picks.contains(&41), "{picks:?}");
+        // No common lowest piece: rarest first.
+        pick.random_first = false;
+        pick.lowest = None;
+        assert_eq!(pick.for_partial(&has, &done, &mut r), Some(41));
+    }
+
+    #[test]
     fn a_complete_source_is_kept_for_what_no_partial_source_with_room_holds() {
         let open = OpenSet::full(8);
         // Partial sources with room hold pieces 0 to 5: the seed is asked for 6 or 7 only.
@@ -356,6 +407,7 @@ mod tests {
             open: &open,
             rarity: &|_| 1,
             random_first: false,
+            lowest: None,
         };
         let mut r = rng();
         for _ in 0..20 {
@@ -394,6 +446,7 @@ mod tests {
             open: &open,
             rarity: &rarity,
             random_first: false,
+            lowest: None,
         };
         for _ in 0..100 {
             pick.for_complete(&|_| false, &mut r).unwrap();

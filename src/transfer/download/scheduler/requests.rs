@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use super::{Command, Conn, IDLE_ASK, PeerIdx, RANDOM_FIRST, ReqId, Request, Scheduler};
 use crate::transfer::download::bits::Bits;
+use crate::transfer::download::picker::is_common;
 use crate::transfer::download::picker::{Have, Pick};
 
 impl Scheduler {
@@ -81,12 +82,19 @@ impl Scheduler {
     /// A piece for `peer` in a crowd (see `picker.rs`).
     fn pick(&mut self, peer: PeerIdx, now: Instant) -> Option<usize> {
         let random_first = self.random_picks < RANDOM_FIRST;
+        let lowest = self.next_missing();
+        let partials = self
+            .peers
+            .iter()
+            .filter(|q| q.place.is_active() && q.have.bits().is_some())
+            .count() as u32;
         let avail = &self.avail;
         let rarity = |p: usize| u32::from(avail.count(p));
         let pick = Pick {
             open: &self.open,
             rarity: &rarity,
             random_first,
+            lowest: lowest.filter(|&p| is_common(rarity(p), partials)),
         };
         let picked = match &self.peers[peer].have {
             Have::All => {

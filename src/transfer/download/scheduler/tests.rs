@@ -557,7 +557,7 @@ fn a_seed_in_a_crowd_is_spent_on_what_no_partial_peer_with_room_holds() {
 }
 
 #[test]
-fn the_first_pieces_of_a_crowd_are_random_then_the_rarest_go_first() {
+fn the_first_pieces_of_a_crowd_are_random_then_the_rarest_go_first_and_common_ones_in_order() {
     // Two runs with different seeds start on different pieces: a crowd starting together
     // holds different pieces at once.
     let firsts: Vec<Vec<u64>> = [1, 2]
@@ -584,18 +584,26 @@ fn the_first_pieces_of_a_crowd_are_random_then_the_rarest_go_first() {
     assert_eq!(firsts[0].len(), 2);
     assert_ne!(firsts[0], firsts[1]);
     assert_ne!(firsts[0], vec![0, 1], "not in order");
-    // Then rarest first: piece 5 is held by one partial peer, the rest by two.
-    let (mut s, now, _) = crowd(64, 0, 2);
-    s.random_picks = RANDOM_FIRST;
-    s.handle_have(0, Ok(pieces(16, |_| true)), now);
-    s.handle_have(1, Ok(pieces(16, |p| p != 5)), now);
-    let reqs = requests(&drain(&mut s, now));
-    let from_0: Vec<u64> = reqs
-        .iter()
-        .filter(|r| r.1 == 0)
-        .map(|r| r.2.start / 4)
-        .collect();
-    assert!(from_0.contains(&5), "{from_0:?}");
+    // Then rarest first: piece 5 is held by one partial peer, the rest by two of five (not
+    // common).
+    let from_0 = |partials: usize| {
+        let (mut s, now, _) = crowd(64, 0, partials);
+        s.random_picks = RANDOM_FIRST;
+        s.handle_have(0, Ok(pieces(16, |_| true)), now);
+        s.handle_have(1, Ok(pieces(16, |p| p != 5)), now);
+        for p in 2..partials {
+            s.handle_have(p, Ok(pieces(16, |_| false)), now);
+        }
+        let reqs = requests(&drain(&mut s, now));
+        reqs.iter()
+            .filter(|r| r.1 == 0)
+            .map(|r| r.2.start / 4)
+            .collect::<Vec<u64>>()
+    };
+    let rare = from_0(5);
+    assert!(rare.contains(&5), "{rare:?}");
+    // Held by two of two, the lowest pieces are common: they go in order.
+    assert_eq!(from_0(2)[0], 0, "common pieces in order");
 }
 
 #[test]
