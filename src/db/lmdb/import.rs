@@ -19,6 +19,9 @@ pub(super) struct LmdbImport {
     pub(super) slot: u64,
     /// Bytes appended since the last commit.
     pub(super) uncommitted: usize,
+    /// Keeps the disk writing the new generation as it grows, so that the fsync at its end
+    /// finds little left (the import itself is not synced until then).
+    pub(super) writeback: Option<crate::disk::Writeback>,
 }
 
 impl StateImport for LmdbImport {
@@ -51,6 +54,7 @@ impl StateImport for LmdbImport {
 
     fn finish(mut self: Box<Self>, lattice: &Lattice) -> Result<Box<dyn StagedState>, DbError> {
         let g = self.generation.take().expect("present until finished");
+        self.writeback = None;
         let mut txn = g.env.write_txn().map_err(backend)?;
         g.write_meta(
             &mut txn,

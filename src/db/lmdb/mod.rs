@@ -348,11 +348,16 @@ impl StateDb for LmdbState {
             &self.generations.options,
             true,
         )?;
+        // A second descriptor of the new generation's file, only to start its writeback.
+        let writeback = std::fs::File::open(Generation::path(&self.generations.dir, number))
+            .ok()
+            .map(crate::disk::Writeback::start);
         Ok(Box::new(LmdbImport {
             owner: self.clone(),
             generation: Some(generation),
             slot,
             uncommitted: 0,
+            writeback,
         }))
     }
 

@@ -286,7 +286,19 @@ impl Shared {
         lock(&self.suggestions).answer(root, chunks, block, holding, &asker, Instant::now())
     }
 
-    /// Chunks `range` of the published snapshot `root` were sent (for the suggests).
+    /// `asker` was let through with a request for chunks `range` of the published snapshot
+    /// `root` (for the suggestions).
+    pub(crate) fn suggested_requested(
+        &self,
+        root: &ContentRoot,
+        chunks: u64,
+        range: std::ops::Range<u64>,
+        asker: PeerId,
+    ) {
+        lock(&self.suggestions).requested(root, chunks, range, &asker);
+    }
+
+    /// Chunks `range` of the published snapshot `root` were sent (for the suggestions).
     pub(crate) fn suggested_sent(
         &self,
         root: &ContentRoot,

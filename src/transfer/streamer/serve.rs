@@ -200,6 +200,15 @@ impl Responder<'_> {
             return self.respond(busy.header(), None).await;
         };
         let source = served.source().clone();
+        if let ServedSnapshot::Complete(c) = &served {
+            let chunks = c.tree().chunk_count();
+            shared.suggested_requested(
+                &c.tree().root(),
+                chunks,
+                range.clone(),
+                self.allowance.peer,
+            );
+        }
         let asked = Instant::now();
         // Memory first, from the connection's share and the streamer's, within the request
         // timeout: held until the response is handed to QUIC or abandoned.

@@ -582,6 +582,22 @@ impl Suggestions {
             .answer(SUGGESTED_BLOCKS, block, Some(holding), key, now)
     }
 
+    /// `asker` was let through with a request for chunks `range` of the snapshot `root` (of
+    /// `chunks` chunks): the blocks not sent yet are kept for it while the response is under
+    /// way (see [`SeedSuggestions::requested`]).
+    pub(crate) fn requested(
+        &mut self,
+        root: &crate::hash::ContentRoot,
+        chunks: u64,
+        range: Range<u64>,
+        asker: &impl std::hash::Hash,
+    ) {
+        use std::hash::BuildHasher;
+        let key = self.keys.hash_one(asker) as u32;
+        let now = Instant::now();
+        self.entry(root, chunks, now).requested(range, key, now);
+    }
+
     /// Chunks `range` of the snapshot `root` (of `chunks` chunks) were sent: counted whether
     /// or not a suggestion was made yet (what a seed sends before its uploads are contended
     /// is not suggested again first).
@@ -676,6 +692,24 @@ impl SeedSuggestions {
             cursor: start % n.max(1),
             unsent: n,
             repeated: 0,
+        }
+    }
+
+    /// A request for chunks `range` from `asker` is under way at `now`: the blocks not sent yet
+    /// are kept for it, so that they are not suggested to another while they are sent (an
+    /// asker told "everything" asks for blocks nobody suggested it).
+    pub(crate) fn requested(&mut self, range: Range<u64>, asker: u32, now: Instant) {
+        if range.is_empty() || self.sent.is_empty() {
+            return;
+        }
+        let until = self.ms(now + SUGGESTION_HOLD);
+        let first = (range.start / self.block) as usize;
+        let last = ((range.end - 1) / self.block) as usize;
+        for b in first..=last.min(self.sent.len() - 1) {
+            if self.sent[b] == 0 {
+                self.held_until[b] = until;
+                self.held_for[b] = asker;
+            }
         }
     }
 
@@ -881,5 +915,21 @@ mod suggestion_tests {
             third.iter().all(|b| (2..12).contains(b)),
             "nothing sent before: {third:?}"
         );
+    }
+
+    #[test]
+    fn blocks_requested_without_a_suggestion_are_kept_for_their_asker_while_sent() {
+        let t0 = Instant::now();
+        let mut o = SeedSuggestions::new(8 * 32, 32, 0, t0);
+        // Asker 1, told "everything", asks for blocks 0 and 1 in order.
+        o.requested(0..64, 1, t0);
+        assert_eq!(suggested(&o.answer(2, 32, None, 2, t0)), vec![2, 3]);
+        assert_eq!(suggested(&o.answer(2, 32, None, 1, t0)), vec![0, 1]);
+        // Once sent, they come after every block not sent yet, those kept for another too; a
+        // request for a block already sent keeps nothing.
+        o.sent(0..64, t0);
+        o.requested(0..32, 1, t0);
+        assert_eq!(suggested(&o.answer(2, 32, None, 3, t0)), vec![4, 5]);
+        assert_eq!(suggested(&o.answer(4, 32, None, 4, t0)), vec![2, 3, 6, 7]);
     }
 }
