@@ -159,6 +159,69 @@ async fn a_downloading_node_serves_exactly_the_chunks_it_has_verified() {
     drop(h.seed);
 }
 
+/// A have question that says what the asker holds and how long it may wait.
+fn waiting_have(
+    root: snapsync::ContentRoot,
+    block_chunks: u32,
+    holding: &[u8],
+    wait_ms: u32,
+) -> proto::Request {
+    proto::Request {
+        kind: Some(proto::request::Kind::Have(proto::GetHave {
+            content_root: root.0.to_vec().into(),
+            block_chunks,
+            holding: holding.to_vec().into(),
+            wait_ms,
+            ..Default::default()
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downloading_holder_keeps_a_have_question_until_it_has_news_for_the_asker() {
+    init_tracing();
+    let h = half_way(4096, 600_000).await;
+    let root = h.snap.manifest().content_root;
+    let client = RawClient::new();
+    let conn = client
+        .hello(h.holder.peer_id(), h.holder_streamer.local_addr())
+        .await;
+    let (_, now_held) = ask(&conn, have_request(root, 4)).await;
+    let count = |bits: &[u8]| bits.iter().map(|b| b.count_ones()).sum::<u32>();
+    // An asker that holds all it holds, and lets it wait: the answer carries a block more.
+    let (header, news) = ask(&conn, waiting_have(root, 4, &now_held, 1000)).await;
+    assert_eq!(
+        header.status,
+        proto::Status::Ok as i32,
+        "{}",
+        header.message
+    );
+    assert!(
+        news.iter().zip(&now_held).any(|(n, a)| n & !a != 0),
+        "no block beyond what the asker holds: {} then {}",
+        count(&now_held),
+        count(&news)
+    );
+    // One that holds everything gets no news: it is answered when its wait is over, and a
+    // wait longer than the server's longest is cut to it.
+    let all = vec![0xff; now_held.len()];
+    for (wait_ms, least) in [(300, 300), (60_000, 1000)] {
+        let asked = std::time::Instant::now();
+        let (header, _) = ask(&conn, waiting_have(root, 4, &all, wait_ms)).await;
+        assert_eq!(header.status, proto::Status::Ok as i32);
+        let took = asked.elapsed();
+        assert!(
+            took >= Duration::from_millis(least),
+            "answered after {took:?}"
+        );
+        assert!(took < Duration::from_secs(30), "kept {took:?}");
+    }
+    // Without a wait, at once as before (whatever it holds).
+    let (header, _) = ask(&conn, waiting_have(root, 4, &all, 0)).await;
+    assert_eq!(header.status, proto::Status::Ok as i32);
+    h.handle.wait().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joiner_takes_from_a_partial_holder_what_it_holds_and_the_rest_from_the_seed() {
     init_tracing();

@@ -28,6 +28,8 @@ pub(crate) struct VerifiedChunks {
     len: u64,
     /// Whole blocks, for the block sizes asked lately, most recent last.
     summaries: Mutex<Vec<Summary>>,
+    /// Woken when a block of a kept size becomes whole.
+    grown: tokio::sync::Notify,
 }
 
 impl VerifiedChunks {
@@ -37,6 +39,7 @@ impl VerifiedChunks {
             words: (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             len,
             summaries: Mutex::new(Vec::new()),
+            grown: tokio::sync::Notify::new(),
         }
     }
 
@@ -51,14 +54,26 @@ impl VerifiedChunks {
             return;
         }
         let mut summaries = self.summaries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut whole = false;
         for s in summaries.iter_mut() {
             let b = (i / s.block) as usize;
             s.counts[b] += 1;
             let len = (((b as u64) + 1) * s.block).min(self.len) - b as u64 * s.block;
             if u64::from(s.counts[b]) == len {
                 s.bits[b / 8] |= 1 << (b % 8);
+                whole = true;
             }
         }
+        drop(summaries);
+        if whole {
+            self.grown.notify_waiters();
+        }
+    }
+
+    /// Completes when a block of a kept size next becomes whole: made (and enabled) before
+    /// what is held is read, then awaited.
+    pub(crate) fn grown(&self) -> tokio::sync::futures::Notified<'_> {
+        self.grown.notified()
     }
 
     /// Whether chunk `i` is.

@@ -48,6 +48,10 @@ pub(crate) const MAX_HELLO: usize = 256;
 /// Most bits a have bitfield carries (256 KiB of it): a client asks in blocks big enough.
 pub(crate) const MAX_HAVE_BITS: u64 = 1 << 21;
 
+/// Longest a downloading holder keeps a have question for news (`GetHave.wait_ms`), and what
+/// a downloader asks for.
+pub(crate) const HAVE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Connection close codes that are not refusals.
 pub(crate) mod close {
     use super::VarInt;

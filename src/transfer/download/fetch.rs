@@ -15,7 +15,7 @@ use super::scheduler::RequestFailure;
 use crate::chunk::{ChunkError, ChunkTree};
 use crate::proto;
 use crate::snapshot::{OUTBOARD_FILE, StoreError};
-use crate::transfer::protocol::{FrameError, MAX_FRAME, read_frame, write_frame};
+use crate::transfer::protocol::{FrameError, HAVE_WAIT, MAX_FRAME, read_frame, write_frame};
 
 /// Why a chunk request failed.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +68,7 @@ pub(super) async fn ask_have(
     serve_port: u16,
     timeout: Duration,
 ) -> Result<Have, FetchError> {
-    let ask = ask_have_inner(conn, tree, piece_chunks, done, serve_port);
+    let ask = ask_have_inner(conn, tree, piece_chunks, done, serve_port, timeout);
     tokio::time::timeout(timeout, ask)
         .await
         .unwrap_or(Err(FetchError::Stalled(timeout)))
@@ -80,6 +80,7 @@ async fn ask_have_inner(
     piece_chunks: u64,
     done: Bits,
     serve_port: u16,
+    timeout: Duration,
 ) -> Result<Have, FetchError> {
     let piece_chunks = piece_chunks.max(1);
     let chunks = tree.chunk_count();
@@ -105,7 +106,10 @@ async fn ask_have_inner(
         held
     };
     let (mut send, mut recv) = conn.open_bi().await?;
-    let request = have_request(&tree, block_chunks, &holding, serve_port);
+    // A holder that has nothing new for it may keep the question a while and answer at its
+    // next block: news of a downloading holder arrive without polling, well within `timeout`.
+    let wait = (timeout / 4).min(HAVE_WAIT);
+    let request = have_request(&tree, block_chunks, &holding, serve_port, wait);
     write_frame(&mut send, &request).await?;
     send.finish()?;
     let header: proto::ResponseHeader = read_frame(&mut recv, MAX_FRAME).await?;
@@ -143,6 +147,7 @@ fn have_request(
     block_chunks: u32,
     holding: &Bits,
     serve_port: u16,
+    wait: Duration,
 ) -> proto::Request {
     let mut holding = holding.to_bytes();
     if holding.len() > MAX_HOLDING_BYTES {
@@ -154,6 +159,7 @@ fn have_request(
             block_chunks,
             holding: holding.into(),
             serve_port: u32::from(serve_port),
+            wait_ms: wait.as_millis().min(u128::from(u32::MAX)) as u32,
         })),
     }
 }
@@ -323,7 +329,7 @@ mod tests {
             (0..blocks).for_each(|b| all.set(b));
             all
         }] {
-            let request = have_request(&tree, block_chunks, &held, 0);
+            let request = have_request(&tree, block_chunks, &held, 0, HAVE_WAIT);
             assert!(
                 request.encoded_len() + 4 <= MAX_FRAME,
                 "{}",
@@ -333,7 +339,7 @@ mod tests {
         // A small holding goes along whole.
         let mut small = Bits::new(100);
         small.set(3);
-        let request = have_request(&tree, block_chunks, &small, 0);
+        let request = have_request(&tree, block_chunks, &small, 0, Duration::ZERO);
         let Some(proto::request::Kind::Have(have)) = request.kind else {
             panic!("a have request")
         };

@@ -25,7 +25,7 @@ use crate::metrics::Outcome;
 use crate::proto;
 use crate::transfer::STREAMER_TARGET;
 use crate::transfer::exchange::PartialOffer;
-use crate::transfer::protocol::{self, CANCELLED, MAX_FRAME, MAX_HAVE_BITS, read_frame};
+use crate::transfer::protocol::{self, CANCELLED, HAVE_WAIT, MAX_FRAME, MAX_HAVE_BITS, read_frame};
 
 /// Pieces a response is sent in, each paced by the rate limits. 256 KiB keeps QUIC's send
 /// batches large under a cap (measured: steadier and a few percent faster than 64 KiB).
@@ -260,6 +260,7 @@ impl Responder<'_> {
     /// Answers which blocks of chunks this node holds of a snapshot: all of a published one,
     /// the verified ones of one it downloads.
     async fn have(&mut self, get: &proto::GetHave) -> Result<(), ServeError> {
+        self.wait_for_news(get).await;
         // Its memory first, from the small budget of have answers (not the chunk responses'):
         // the bitfield is held until it is sent.
         let bytes = have_bytes(get, self.shared);
@@ -279,6 +280,38 @@ impl Responder<'_> {
         };
         self.introduce(get);
         self.respond(header, body).await
+    }
+
+    /// A holder that downloads the snapshot itself, asked by a peer that holds every block it
+    /// holds and lets it wait (`wait_ms`, at most [`HAVE_WAIT`]), answers once it has verified
+    /// a new block or when the wait is over: news travel without the asker polling. Nothing is
+    /// reserved while it waits; the stream waiting counts against the connection's streams.
+    async fn wait_for_news(&self, get: &proto::GetHave) {
+        let wait = Duration::from_millis(u64::from(get.wait_ms)).min(HAVE_WAIT);
+        if wait.is_zero() {
+            return;
+        }
+        let Ok(root) = ContentRoot::from_slice(&get.content_root) else {
+            return;
+        };
+        let Ok(ServedSnapshot::Partial(offer)) = self.shared.served(&root) else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Armed before the check, so that a block verified in between wakes it.
+            let grown = offer.verified.grown();
+            tokio::pin!(grown);
+            grown.as_mut().enable();
+            let Some(held) = offer.verified.blocks(u64::from(get.block_chunks)) else {
+                return;
+            };
+            let news = held.len() != get.holding.len()
+                || held.iter().zip(&get.holding[..]).any(|(h, a)| h & !a != 0);
+            if news || tokio::time::timeout_at(deadline, grown).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// An asker that downloads a snapshot this node downloads too, and serves it, becomes a
