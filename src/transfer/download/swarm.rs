@@ -324,7 +324,6 @@ fn new_nodes(
     chunk_count: u64,
     piece_chunks: u64,
     base: Instant,
-    rng: &mut Xoshiro256PlusPlus,
 ) -> Vec<Node> {
     (0..config.seeds + config.joiners)
         .map(|i| {
@@ -344,12 +343,7 @@ fn new_nodes(
                 uplink_gen: 0,
                 slots: UploadSlots::new(config.max_uploads, config.upload_slot, UPLOAD_LINGER, 0),
                 given: HashMap::new(),
-                suggestions: SeedSuggestions::new(
-                    chunk_count,
-                    piece_chunks,
-                    rng.random_range(0..usize::MAX),
-                    base,
-                ),
+                suggestions: SeedSuggestions::new(chunk_count, piece_chunks, base),
                 recv_free: Duration::ZERO,
                 done_at: None,
                 wake: None,
@@ -366,7 +360,7 @@ pub fn run(config: &SwarmConfig) -> SwarmReport {
     let piece_chunks = config.download.request_chunks().max(1);
     let total = config.seeds + config.joiners;
     let base = Instant::now();
-    let nodes = new_nodes(config, chunk_count, piece_chunks, base, &mut rng);
+    let nodes = new_nodes(config, chunk_count, piece_chunks, base);
     let mut sim = Sim {
         config,
         base,

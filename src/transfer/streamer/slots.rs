@@ -629,7 +629,7 @@ impl Suggestions {
         // that take common pieces in order load as they download.
         self.by_root
             .entry(*root)
-            .or_insert_with(|| SeedSuggestions::new(chunks, own_block, 0, now))
+            .or_insert_with(|| SeedSuggestions::new(chunks, own_block, now))
     }
 }
 
@@ -638,6 +638,10 @@ pub(crate) const SUGGESTED_BLOCKS: usize = 4;
 
 /// How long a suggested block is kept for its asker before it may be suggested to another.
 pub(crate) const SUGGESTION_HOLD: Duration = Duration::from_secs(10);
+
+/// Blocks a suggestion looks at past the first `k` never sent (for the asker's own): bounded
+/// work per answer at any snapshot size.
+const SCAN_AHEAD: usize = 4096;
 
 /// Which pieces a seed in a crowd suggests each downloader that asks what it holds (what
 /// BitTorrent calls super-seeding): a few of those the asker lacks that the seed has sent
@@ -656,8 +660,8 @@ pub(crate) struct SeedSuggestions {
     /// Which asker each block is kept for (a key of its identity).
     held_for: Vec<u32>,
     epoch: Instant,
-    /// Where the next suggestion starts looking, so that askers get different blocks of a level.
-    cursor: usize,
+    /// The lowest block not sent yet (every one below it was): where a suggestion starts.
+    first_unsent: usize,
     /// Blocks not sent yet.
     unsent: usize,
     /// Blocks sent again while others were not sent yet.
@@ -677,9 +681,8 @@ pub(crate) struct FirstCopy {
 }
 
 impl SeedSuggestions {
-    /// Counters for `chunks` chunks in blocks of `block`; suggestions start at block `start` (at
-    /// random, so that seeds that do not talk to each other suggest different blocks first).
-    pub(crate) fn new(chunks: u64, block: u64, start: usize, now: Instant) -> Self {
+    /// Counters for `chunks` chunks in blocks of `block`.
+    pub(crate) fn new(chunks: u64, block: u64, now: Instant) -> Self {
         let block = block.max(1);
         let n = chunks.div_ceil(block) as usize;
         Self {
@@ -689,7 +692,7 @@ impl SeedSuggestions {
             held_until: vec![0; n],
             held_for: vec![0; n],
             epoch: now,
-            cursor: start % n.max(1),
+            first_unsent: 0,
             unsent: n,
             repeated: 0,
         }
@@ -723,7 +726,17 @@ impl SeedSuggestions {
         let last = ((range.end - 1) / self.block) as usize;
         for b in first..=last.min(self.sent.len().saturating_sub(1)) {
             match self.sent[b] {
-                0 => self.unsent -= 1,
+                0 => {
+                    self.unsent -= 1;
+                    if b == self.first_unsent {
+                        while self.first_unsent + 1 < self.sent.len()
+                            && self.sent[self.first_unsent + 1] > 0
+                        {
+                            self.first_unsent += 1;
+                        }
+                        self.first_unsent = (self.first_unsent + 1).min(self.sent.len() - 1);
+                    }
+                }
                 _ if self.unsent > 0 => self.repeated += 1,
                 _ => {}
             }
@@ -767,10 +780,16 @@ impl SeedSuggestions {
         };
         let now_ms = self.ms(now);
         let n = self.sent.len();
-        // The `k` lowest (sent, whom it is kept for, distance from the cursor) it lacks.
+        // The `k` lowest (sent, whom it is kept for, block) it lacks: the lowest blocks not sent
+        // yet first, so that the archive leaves in order (a downloader loads as it downloads)
+        // and a block whose asker did not take it goes to the next asker at once.
         let mut best: Vec<(u8, u8, usize, usize)> = Vec::with_capacity(k + 1);
+        let mut ahead = None;
         for i in 0..n {
-            let b = (self.cursor + i) % n;
+            let b = (self.first_unsent + i) % n;
+            if ahead.is_some_and(|a| i >= a) {
+                break;
+            }
             let start = b as u64 * self.block;
             let end = (start + self.block).min(self.chunks);
             let lacks = holding.is_none_or(|h| {
@@ -790,17 +809,14 @@ impl SeedSuggestions {
                 best.insert(at, key);
                 best.truncate(k);
             }
-            // Nothing can beat k blocks never sent and kept for this asker.
-            if best.len() == k && best[k - 1].0 == 0 && best[k - 1].1 == 0 {
-                break;
+            // Nothing can beat k blocks never sent and kept for this asker; once k blocks never
+            // sent are found, a bounded stretch more is looked at for this asker's own.
+            if best.len() == k && best[k - 1].0 == 0 {
+                if best[k - 1].1 == 0 {
+                    break;
+                }
+                ahead.get_or_insert(i + SCAN_AHEAD);
             }
-        }
-        if let Some(last) = best
-            .iter()
-            .map(|x| x.3)
-            .max_by_key(|b| (b + n - self.cursor) % n)
-        {
-            self.cursor = (last + 1) % n;
         }
         let until = self.ms(now + SUGGESTION_HOLD);
         for (_, _, _, b) in best {
@@ -829,7 +845,7 @@ mod suggestion_tests {
     #[test]
     fn each_asker_is_suggested_different_pieces_it_lacks_of_those_sent_least() {
         let t0 = Instant::now();
-        let mut o = SeedSuggestions::new(10 * 32, 32, 0, t0);
+        let mut o = SeedSuggestions::new(10 * 32, 32, t0);
         let a = suggested(&o.answer(4, 32, None, 1, t0));
         let b = suggested(&o.answer(4, 32, None, 2, t0));
         assert_eq!(a, vec![0, 1, 2, 3]);
@@ -858,7 +874,7 @@ mod suggestion_tests {
     #[test]
     fn the_first_whole_copy_is_reported_once_with_the_blocks_sent_twice_before_it() {
         let t0 = Instant::now();
-        let mut o = SeedSuggestions::new(4 * 32, 32, 0, t0);
+        let mut o = SeedSuggestions::new(4 * 32, 32, t0);
         assert_eq!(o.sent(0..64, t0), None);
         // Block 1 again (a repeat), then 2 alone: still one block unsent.
         assert_eq!(o.sent(40..50, t0), None);
@@ -891,7 +907,7 @@ mod suggestion_tests {
     #[test]
     fn an_asker_that_asks_again_is_suggested_its_own_blocks_not_more() {
         let t0 = Instant::now();
-        let mut o = SeedSuggestions::new(12 * 32, 32, 0, t0);
+        let mut o = SeedSuggestions::new(12 * 32, 32, t0);
         assert_eq!(suggested(&o.answer(4, 32, None, 1, t0)), vec![0, 1, 2, 3]);
         // Asked again (having fetched none yet): the same four, kept for it anew; another
         // asker meanwhile gets four others.
@@ -920,7 +936,7 @@ mod suggestion_tests {
     #[test]
     fn blocks_requested_without_a_suggestion_are_kept_for_their_asker_while_sent() {
         let t0 = Instant::now();
-        let mut o = SeedSuggestions::new(8 * 32, 32, 0, t0);
+        let mut o = SeedSuggestions::new(8 * 32, 32, t0);
         // Asker 1, told "everything", asks for blocks 0 and 1 in order.
         o.requested(0..64, 1, t0);
         assert_eq!(suggested(&o.answer(2, 32, None, 2, t0)), vec![2, 3]);
