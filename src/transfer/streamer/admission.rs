@@ -433,11 +433,6 @@ impl Admission {
         self.uploads.contended(now)
     }
 
-    /// Whether `asker` shares the uplink with others (see `UploadSlots::shared`).
-    pub(crate) fn uploads_shared(&self, asker: PeerId, now: Instant) -> bool {
-        self.uploads.shared(&asker, now)
-    }
-
     /// Handshakes under way, and connections open.
     pub(crate) fn counts(&self) -> (usize, usize) {
         (self.pending, self.conns.len())

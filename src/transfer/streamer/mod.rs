@@ -273,11 +273,6 @@ impl Shared {
         self.admission().contended(Instant::now())
     }
 
-    /// Whether `asker` shares this node's uplink with others (see `UploadSlots::shared`).
-    pub(crate) fn uploads_shared(&self, asker: PeerId) -> bool {
-        self.admission().uploads_shared(asker, Instant::now())
-    }
-
     /// What this seed suggests an asker that holds an upload slot of the snapshot `root` (of
     /// `chunks` chunks), in blocks of `block`, given what the asker holds: a few blocks.
     pub(crate) fn suggest(
@@ -288,8 +283,7 @@ impl Shared {
         holding: &[u8],
         asker: PeerId,
     ) -> Vec<u8> {
-        let k = self::slots::suggested_blocks(self.uploads_contended());
-        lock(&self.suggestions).answer(k, root, chunks, block, holding, &asker, Instant::now())
+        lock(&self.suggestions).answer(root, chunks, block, holding, &asker, Instant::now())
     }
 
     /// `asker` was let through with a request for chunks `range` of the published snapshot

@@ -263,7 +263,7 @@ impl Responder<'_> {
         self.wait_for_news(get).await;
         // Its memory first, from the small budget of have answers (not the chunk responses'):
         // the bitfield is held until it is sent.
-        let bytes = have_bytes(get, self.shared, self.allowance.peer);
+        let bytes = have_bytes(get, self.shared);
         let Some(_memory) = self.shared.have_memory(self.allowance.id, bytes) else {
             let busy = refusal(proto::Status::Busy, "no memory for have answers; try again");
             return self.respond(busy.header(), None).await;
@@ -420,7 +420,7 @@ impl Responder<'_> {
 }
 
 /// The most bytes the bitfield answering `get` can take (0 when it will be refused).
-fn have_bytes(get: &proto::GetHave, shared: &Shared, peer: libp2p::PeerId) -> u64 {
+fn have_bytes(get: &proto::GetHave, shared: &Shared) -> u64 {
     let (Ok(root), block) = (
         ContentRoot::from_slice(&get.content_root),
         u64::from(get.block_chunks),
@@ -428,8 +428,8 @@ fn have_bytes(get: &proto::GetHave, shared: &Shared, peer: libp2p::PeerId) -> u6
         return 0;
     };
     match shared.served(&root) {
-        // A seed uploading to nobody else answers "complete", with no bitfield.
-        Ok(ServedSnapshot::Complete(_)) if !shared.uploads_shared(peer) => 0,
+        // An uncontended seed answers "complete", with no bitfield.
+        Ok(ServedSnapshot::Complete(_)) if !shared.uploads_contended() => 0,
         Ok(served) if block > 0 => served
             .source()
             .tree()
@@ -474,7 +474,7 @@ fn have_answer(
     let bits = match (
         have_reply(
             complete,
-            shared.uploads_shared(peer),
+            shared.uploads_contended(),
             holding.is_some(),
             slot,
         ),

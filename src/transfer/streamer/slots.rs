@@ -48,7 +48,7 @@ const OPTIMISTIC_HOLDS: u32 = 3;
 /// swarm simulator).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum HaveReply {
-    /// Everything: a complete holder that uploads to nobody else now, or one asked by a peer
+    /// Everything: a complete holder whose uploads are not contended, or one asked by a peer
     /// that does not say what it holds.
     Everything,
     /// The few blocks it suggests this asker (see [`SeedSuggestions`]): a complete holder in a crowd,
@@ -61,17 +61,16 @@ pub(crate) enum HaveReply {
     Verified,
 }
 
-/// The have-answer rule: what a holder (`complete` or downloading, its uploads `shared` with
-/// others than this asker or not, see [`UploadSlots::shared`]) tells an asker that says what it
-/// holds (`asker_says`), `slot` deciding (and taking) whether the asker has an upload slot now;
-/// asked only for a complete holder in a crowd.
+/// The have-answer rule: what a holder (`complete` or downloading, its uploads `contended` or
+/// not) tells an asker that says what it holds (`asker_says`), `slot` deciding (and taking)
+/// whether the asker has an upload slot now; asked only for a complete holder in a crowd.
 pub(crate) fn have_reply(
     complete: bool,
-    shared: bool,
+    contended: bool,
     asker_says: bool,
     slot: impl FnOnce() -> bool,
 ) -> HaveReply {
-    match (complete, shared && asker_says) {
+    match (complete, contended && asker_says) {
         (false, _) => HaveReply::Verified,
         (true, false) => HaveReply::Everything,
         (true, true) if slot() => HaveReply::Suggest,
@@ -282,16 +281,6 @@ impl<P: Copy + Eq + Hash> UploadSlots<P> {
             .is_some_and(|t| now.saturating_duration_since(t) < self.hold)
     }
 
-    /// Whether `asker` shares the uplink with others: uploads are contended, or another peer
-    /// holds a slot now (a crowd that arrives at once is one from its second asker on, before
-    /// anyone was refused).
-    pub(crate) fn shared(&self, asker: &P, now: Instant) -> bool {
-        self.contended(now)
-            || self.slots.iter().any(|(p, s)| {
-                p != asker && (s.active > 0 || now.saturating_duration_since(s.last) < self.linger)
-            })
-    }
-
     /// Peers holding a slot.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
@@ -332,21 +321,6 @@ mod tests {
     /// Slots with no rate asked of their holders.
     fn slots(max: usize) -> UploadSlots<u32> {
         UploadSlots::new(max, 10 * SEC, SEC, 0)
-    }
-
-    #[test]
-    fn an_asker_shares_the_uplink_once_another_holds_a_slot_before_anyone_is_refused() {
-        let t = Instant::now();
-        let mut s = slots(4);
-        assert!(!s.shared(&1, t), "nobody uploads");
-        assert!(ask(&mut s, 1, t));
-        assert!(!s.shared(&1, t), "only to itself");
-        assert!(s.shared(&2, t), "another holds a slot");
-        assert!(!s.contended(t));
-        // Its slot lapses once its linger is over: the next asker is alone again.
-        assert!(!s.shared(&2, t + 2 * SEC));
-        assert_eq!(suggested_blocks(true), SUGGESTED_BLOCKS);
-        assert!(suggested_blocks(false) > SUGGESTED_BLOCKS);
     }
 
     #[test]
@@ -592,11 +566,9 @@ impl Suggestions {
     }
 
     /// What this seed suggests `asker` of the snapshot `root` (of `chunks` chunks) that holds
-    /// `holding`: `k` blocks of `block` chunks (see [`SeedSuggestions::answer`]).
-    #[allow(clippy::too_many_arguments)]
+    /// `holding`, in blocks of `block` (see [`SeedSuggestions::answer`]).
     pub(crate) fn answer(
         &mut self,
-        k: usize,
         root: &crate::hash::ContentRoot,
         chunks: u64,
         block: u64,
@@ -607,7 +579,7 @@ impl Suggestions {
         use std::hash::BuildHasher;
         let key = self.keys.hash_one(asker) as u32;
         self.entry(root, chunks, now)
-            .answer(k, block, Some(holding), key, now)
+            .answer(SUGGESTED_BLOCKS, block, Some(holding), key, now)
     }
 
     /// `asker` was let through with a request for chunks `range` of the snapshot `root` (of
@@ -661,19 +633,8 @@ impl Suggestions {
     }
 }
 
-/// Blocks a seed in a crowd suggests each asker while more peers want uploads than it has slots.
+/// Blocks a seed in a crowd suggests each asker.
 pub(crate) const SUGGESTED_BLOCKS: usize = 4;
-
-/// Blocks a seed suggests each asker: [`SUGGESTED_BLOCKS`] when its uploads are `contended`,
-/// four times as many while a few askers share slots to spare (each then takes a larger share
-/// of the uplink, and asks again no sooner).
-pub(crate) fn suggested_blocks(contended: bool) -> usize {
-    if contended {
-        SUGGESTED_BLOCKS
-    } else {
-        4 * SUGGESTED_BLOCKS
-    }
-}
 
 /// How long a suggested block is kept for its asker before it may be suggested to another.
 pub(crate) const SUGGESTION_HOLD: Duration = Duration::from_secs(10);
@@ -939,15 +900,7 @@ mod suggestion_tests {
         let chunks = 8 * SEED_BLOCK_CHUNKS;
         // Blocks 0 to 3 were sent while the seed's uploads were not contended.
         let _ = s.sent(&root, chunks, 0..4 * SEED_BLOCK_CHUNKS);
-        let bits = s.answer(
-            SUGGESTED_BLOCKS,
-            &root,
-            chunks,
-            SEED_BLOCK_CHUNKS,
-            &[0],
-            &1u8,
-            Instant::now(),
-        );
+        let bits = s.answer(&root, chunks, SEED_BLOCK_CHUNKS, &[0], &1u8, Instant::now());
         assert_eq!(suggested(&bits), vec![4, 5, 6, 7]);
     }
 

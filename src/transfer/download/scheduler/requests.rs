@@ -118,19 +118,22 @@ impl Scheduler {
     }
 
     /// A source to ask what it holds: one never asked, or one with room that was asked over
-    /// `have_interval` ago (a partial holder's holdings grow as it downloads), or one idle a
-    /// moment. A complete source is asked again at every interval, busy or not: a seed that
-    /// others download from meanwhile offers each a few pieces it has sent least (see the
-    /// streamer's `slots.rs`), and what it offers is what should be asked of it.
+    /// `have_interval` ago (a partial holder's holdings grow as it downloads).
     fn next_have_ask(&mut self, now: Instant) -> Option<Command> {
         if self.is_complete() {
             return None;
         }
         let interval = self.config.have_interval;
+        // In a crowd, complete sources are asked too: a seed that many ask offers each a few
+        // pieces it has sent least (see the streamer's `slots.rs`).
+        let crowd = self.is_crowd();
+        // A complete source in a crowd is asked at every interval, busy or not: what it
+        // offers is what should be asked of it.
         let due = (0..self.peers.len()).find(|&i| {
             let p = &self.peers[i];
             p.place.is_active()
                 && p.conn == Conn::Connected
+                && (crowd || p.have.is_partial())
                 && !p.have_pending
                 && match p.have_at {
                     None => true,

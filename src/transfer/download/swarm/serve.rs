@@ -7,7 +7,7 @@ use super::{Ev, Job, Node, NodeId, Sim};
 use crate::transfer::download::bits::Bits;
 use crate::transfer::download::picker::Have;
 use crate::transfer::download::scheduler::RequestFailure;
-use crate::transfer::streamer::slots::{HaveReply, have_reply, suggested_blocks};
+use crate::transfer::streamer::slots::{HaveReply, SUGGESTED_BLOCKS, have_reply};
 
 impl Sim<'_> {
     /// What `node` gave `peer`'s ledger lately, as `peer` sees it.
@@ -45,7 +45,6 @@ impl Sim<'_> {
             .collect();
         let n = &mut self.nodes[node];
         let contended = n.slots.contended(now);
-        let shared = n.slots.shared(&asker, now);
         let slot = || {
             let given = |p: &NodeId| given.get(p).copied().unwrap_or(0.0);
             let admitted = n.slots.admit(asker, now, given);
@@ -54,12 +53,12 @@ impl Sim<'_> {
             }
             admitted
         };
-        match have_reply(complete, shared, holding.is_some(), slot) {
+        match have_reply(complete, contended, holding.is_some(), slot) {
             HaveReply::Everything => Have::All,
             HaveReply::Nothing => Have::Some(Bits::new(pieces)),
             HaveReply::Suggest => {
                 let offer = n.suggestions.answer(
-                    suggested_blocks(contended),
+                    SUGGESTED_BLOCKS,
                     self.piece_chunks,
                     holding.as_deref(),
                     asker as u32,
