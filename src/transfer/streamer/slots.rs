@@ -647,8 +647,9 @@ const SCAN_AHEAD: usize = 4096;
 /// BitTorrent calls super-seeding): a few of those the asker lacks that the seed has sent
 /// least, each kept for its asker for [`SUGGESTION_HOLD`], so that the seed's uplink puts out one
 /// whole copy before it sends any piece twice and the crowd trades the rest among itself. It
-/// is advice: a seed still serves any range it is asked for. Kept per block of chunks (five
-/// bytes each: 10 MiB for 1 TiB in 16 KiB chunks and blocks of 32).
+/// is advice: a seed still serves any range it is asked for. Kept per block of chunks (nine
+/// bytes each: 18 MiB for 1 TiB in 16 KiB chunks and blocks of 32), for the few snapshots a
+/// streamer serves at once.
 #[derive(Debug, Clone)]
 pub(crate) struct SeedSuggestions {
     block: u64,
