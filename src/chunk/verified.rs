@@ -30,6 +30,17 @@ pub(crate) struct VerifiedChunks {
     summaries: Mutex<Vec<Summary>>,
     /// Woken when a block of a kept size becomes whole.
     grown: tokio::sync::Notify,
+    /// Questions waiting on `grown`.
+    waiters: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A place among the waiters of a [`VerifiedChunks`], given back when dropped.
+pub(crate) struct Waiter(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl VerifiedChunks {
@@ -40,6 +51,7 @@ impl VerifiedChunks {
             len,
             summaries: Mutex::new(Vec::new()),
             grown: tokio::sync::Notify::new(),
+            waiters: Default::default(),
         }
     }
 
@@ -68,6 +80,13 @@ impl VerifiedChunks {
         if whole {
             self.grown.notify_waiters();
         }
+    }
+
+    /// A place among at most `max` waiters, if one is free.
+    pub(crate) fn waiter(&self, max: usize) -> Option<Waiter> {
+        let n = self.waiters.fetch_add(1, Ordering::AcqRel);
+        let place = Waiter(self.waiters.clone());
+        (n < max).then_some(place)
     }
 
     /// Completes when a block of a kept size next becomes whole: made (and enabled) before
@@ -166,6 +185,16 @@ impl VerifiedChunks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn at_most_max_wait_for_news_and_a_place_is_given_back() {
+        let v = VerifiedChunks::new(8);
+        let a = v.waiter(2).expect("first");
+        let _b = v.waiter(2).expect("second");
+        assert!(v.waiter(2).is_none(), "a third waits not");
+        drop(a);
+        assert!(v.waiter(2).is_some(), "the first's place is free again");
+    }
 
     #[test]
     fn chunks_are_set_once_and_blocks_are_whole_or_not() {

@@ -9,8 +9,8 @@
 //! - **Rarest first.** Then the piece the fewest sources hold, ties at random: what is rare is
 //!   fetched while its holders are still there, pieces spread evenly, and the last pieces are
 //!   not the ones nobody has.
-//! - **Common pieces in order.** When the lowest piece still missing is held by at least half
-//!   the partial sources (and two), it is taken before any rarer one: a common piece gains
+//! - **Common pieces in order.** When the lowest piece still open (missing, not in flight) is
+//!   held by at least half the partial sources (and two), it is taken before any rarer one: a common piece gains
 //!   nothing by waiting, and taking those in order lets the loader, which reads the archive as
 //!   it arrives, keep pace with the download instead of loading most of it at the end.
 //! - **A complete source spends its uplink on what no partial source can give now.** From a

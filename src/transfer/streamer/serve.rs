@@ -27,6 +27,9 @@ use crate::transfer::STREAMER_TARGET;
 use crate::transfer::exchange::PartialOffer;
 use crate::transfer::protocol::{self, CANCELLED, HAVE_WAIT, MAX_FRAME, MAX_HAVE_BITS, read_frame};
 
+/// Most have questions kept waiting for news of one snapshot being downloaded.
+const MAX_NEWS_WAITERS: usize = 64;
+
 /// Pieces a response is sent in, each paced by the rate limits. 256 KiB keeps QUIC's send
 /// batches large under a cap (measured: steadier and a few percent faster than 64 KiB).
 const SEND_PIECE: usize = 256 << 10;
@@ -200,6 +203,14 @@ impl Responder<'_> {
             return self.respond(busy.header(), None).await;
         };
         let source = served.source().clone();
+        let asked = Instant::now();
+        // Memory first, from the connection's share and the streamer's, within the request
+        // timeout: held until the response is handed to QUIC or abandoned.
+        let Some(_memory) = shared.memory(self.allowance.id, encoded_len).await else {
+            let busy = refusal(proto::Status::Busy, "no response memory free; try again");
+            return self.respond(busy.header(), None).await;
+        };
+        // Under way now (its memory is held): a seed keeps these blocks for this asker.
         if let ServedSnapshot::Complete(c) = &served {
             let chunks = c.tree().chunk_count();
             shared.suggested_requested(
@@ -209,13 +220,6 @@ impl Responder<'_> {
                 self.allowance.peer,
             );
         }
-        let asked = Instant::now();
-        // Memory first, from the connection's share and the streamer's, within the request
-        // timeout: held until the response is handed to QUIC or abandoned.
-        let Some(_memory) = shared.memory(self.allowance.id, encoded_len).await else {
-            let busy = refusal(proto::Status::Busy, "no response memory free; try again");
-            return self.respond(busy.header(), None).await;
-        };
         let encode_range = range.clone();
         let root = source.tree().root();
         let encoded = tokio::task::spawn_blocking(move || {
@@ -243,9 +247,12 @@ impl Responder<'_> {
                         offer.served.fetch_add(handed, Ordering::Relaxed);
                         shared.metrics.served_partial_bytes.inc_by(handed);
                     }
-                    ServedSnapshot::Complete(c) => {
+                    // Sent when the whole response was handed to QUIC: one cut short (a
+                    // reader too slow, a reset) leaves its blocks to be suggested again.
+                    ServedSnapshot::Complete(c) if result.is_ok() => {
                         shared.suggested_sent(&root, c.tree().chunk_count(), range)
                     }
+                    ServedSnapshot::Complete(_) => {}
                 }
                 result
             }
@@ -284,8 +291,10 @@ impl Responder<'_> {
 
     /// A holder that downloads the snapshot itself, asked by a peer that holds every block it
     /// holds and lets it wait (`wait_ms`, at most [`HAVE_WAIT`]), answers once it has verified
-    /// a new block or when the wait is over: news travel without the asker polling. Nothing is
-    /// reserved while it waits; the stream waiting counts against the connection's streams.
+    /// a new block or when the wait is over: news travel without the asker polling. No
+    /// response memory is reserved while it waits (the request and its stream are held, the
+    /// stream counting against the connection's streams), and at most [`MAX_NEWS_WAITERS`]
+    /// questions wait on one snapshot (each block made whole wakes them all).
     async fn wait_for_news(&self, get: &proto::GetHave) {
         let wait = Duration::from_millis(u64::from(get.wait_ms)).min(HAVE_WAIT);
         if wait.is_zero() {
@@ -295,6 +304,9 @@ impl Responder<'_> {
             return;
         };
         let Ok(ServedSnapshot::Partial(offer)) = self.shared.served(&root) else {
+            return;
+        };
+        let Some(_waiting) = offer.verified.waiter(MAX_NEWS_WAITERS) else {
             return;
         };
         let deadline = tokio::time::Instant::now() + wait;

@@ -639,8 +639,9 @@ pub(crate) const SUGGESTED_BLOCKS: usize = 4;
 /// How long a suggested block is kept for its asker before it may be suggested to another.
 pub(crate) const SUGGESTION_HOLD: Duration = Duration::from_secs(10);
 
-/// Blocks a suggestion looks at past the first `k` never sent (for the asker's own): bounded
-/// work per answer at any snapshot size.
+/// Blocks a suggestion looks at past the first `k` never sent (for the asker's own). While
+/// blocks not sent remain this bounds an answer's work; after the first copy an answer scans
+/// every block (at most 2^21, a few milliseconds).
 const SCAN_AHEAD: usize = 4096;
 
 /// Which pieces a seed in a crowd suggests each downloader that asks what it holds (what
@@ -761,8 +762,8 @@ impl SeedSuggestions {
     /// blocks it lacks (`holding`, a bitfield of the same shape, says what it holds), the least
     /// sent first; of those, the ones already kept for this asker first (an asker that asks
     /// again is suggested what it was, not `k` more: the blocks kept for askers stay few), then
-    /// those kept for nobody, then those kept for another; the first from where the last
-    /// suggestion stopped. A client block is suggested when it overlaps a suggested block.
+    /// those kept for nobody, then those kept for another; the lowest blocks first. A client
+    /// block is suggested when it overlaps a suggested block.
     pub(crate) fn answer(
         &mut self,
         k: usize,
