@@ -247,12 +247,12 @@ impl Responder<'_> {
                         offer.served.fetch_add(handed, Ordering::Relaxed);
                         shared.metrics.served_partial_bytes.inc_by(handed);
                     }
-                    // Sent when the whole response was handed to QUIC: one cut short (a
-                    // reader too slow, a reset) leaves its blocks to be suggested again.
-                    ServedSnapshot::Complete(c) if result.is_ok() => {
+                    // Counted as sent however it ended: a response cut short is mostly one a
+                    // client cancelled having the blocks from elsewhere, and counting only
+                    // whole responses would suggest those blocks again.
+                    ServedSnapshot::Complete(c) => {
                         shared.suggested_sent(&root, c.tree().chunk_count(), range)
                     }
-                    ServedSnapshot::Complete(_) => {}
                 }
                 result
             }
