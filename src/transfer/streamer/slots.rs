@@ -576,8 +576,7 @@ impl Suggestions {
         asker: &impl std::hash::Hash,
         now: Instant,
     ) -> Vec<u8> {
-        use std::hash::BuildHasher;
-        let key = self.keys.hash_one(asker) as u32;
+        let key = self.key(asker);
         self.entry(root, chunks, now)
             .answer(SUGGESTED_BLOCKS, block, Some(holding), key, now)
     }
@@ -592,8 +591,7 @@ impl Suggestions {
         range: Range<u64>,
         asker: &impl std::hash::Hash,
     ) {
-        use std::hash::BuildHasher;
-        let key = self.keys.hash_one(asker) as u32;
+        let key = self.key(asker);
         let now = Instant::now();
         self.entry(root, chunks, now).requested(range, key, now);
     }
@@ -609,6 +607,12 @@ impl Suggestions {
     ) -> Option<FirstCopy> {
         let now = Instant::now();
         self.entry(root, chunks, now).sent(range, now)
+    }
+
+    /// The key of `asker`'s identity.
+    fn key(&self, asker: &impl std::hash::Hash) -> u32 {
+        use std::hash::BuildHasher;
+        self.keys.hash_one(asker) as u32
     }
 
     fn entry(
@@ -708,14 +712,19 @@ impl SeedSuggestions {
             return;
         }
         let until = self.ms(now + SUGGESTION_HOLD);
-        let first = (range.start / self.block) as usize;
-        let last = ((range.end - 1) / self.block) as usize;
-        for b in first..=last.min(self.sent.len() - 1) {
+        for b in self.blocks(&range) {
             if self.sent[b] == 0 {
                 self.held_until[b] = until;
                 self.held_for[b] = asker;
             }
         }
+    }
+
+    /// The blocks chunks `range` (not empty) fall in.
+    fn blocks(&self, range: &Range<u64>) -> std::ops::RangeInclusive<usize> {
+        let first = (range.start / self.block) as usize;
+        let last = ((range.end - 1) / self.block) as usize;
+        first..=last.min(self.sent.len() - 1)
     }
 
     /// Chunks `range` were sent at `now`; says when that puts the first whole copy out.
@@ -724,25 +733,16 @@ impl SeedSuggestions {
             return None;
         }
         let was_unsent = self.unsent;
-        let first = (range.start / self.block) as usize;
-        let last = ((range.end - 1) / self.block) as usize;
-        for b in first..=last.min(self.sent.len().saturating_sub(1)) {
+        for b in self.blocks(&range) {
             match self.sent[b] {
-                0 => {
-                    self.unsent -= 1;
-                    if b == self.first_unsent {
-                        while self.first_unsent + 1 < self.sent.len()
-                            && self.sent[self.first_unsent + 1] > 0
-                        {
-                            self.first_unsent += 1;
-                        }
-                        self.first_unsent = (self.first_unsent + 1).min(self.sent.len() - 1);
-                    }
-                }
+                0 => self.unsent -= 1,
                 _ if self.unsent > 0 => self.repeated += 1,
                 _ => {}
             }
             self.sent[b] = self.sent[b].saturating_add(1);
+        }
+        while self.first_unsent + 1 < self.sent.len() && self.sent[self.first_unsent] > 0 {
+            self.first_unsent += 1;
         }
         (was_unsent > 0 && self.unsent == 0).then(|| FirstCopy {
             after: now.saturating_duration_since(self.epoch),
