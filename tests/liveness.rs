@@ -21,11 +21,15 @@ use snapsync::{BankHash, Event, SnapshotVerifier, TrustPolicy};
 const HONEST: Chain = Chain {
     seed: 1,
     accounts: 256,
-    value_len: 512,
+    value_len: 8192,
 };
 
 /// Identities in front of the honest holder: as many as a download has places.
 const LIARS: usize = 16;
+
+/// The honest holder's upload rate, bytes per second: its snapshot (about 2 MiB) takes
+/// seconds, long enough for every liar to be heard of and to hold a place in turn.
+const HONEST_RATE: u64 = 256 * 1024;
 
 fn config(dir: &std::path::Path) -> snapsync::Config {
     let config = tune(test_config(dir), |d| d.with_behind_threshold(0)).with_creator(
@@ -100,11 +104,15 @@ async fn liars_in_front(lies: impl Fn(usize) -> Lie) {
     init_tracing();
     let mut events = Events::new();
     let (pdir, pdb) = node_dir(0, 0, 0);
+    // The honest holder serves slowly (the snapshot takes seconds, not milliseconds): every
+    // liar is heard of and in the way before the download could end without asking them.
+    let pcfg = serve_only(config(pdir.path()));
+    let streamer = pcfg.streamer().with_rate_limit(Some(HONEST_RATE));
     let producer = start_node(
         0,
         pdir.clone(),
         pdb,
-        serve_only(config(pdir.path())),
+        pcfg.with_streamer(streamer),
         events.tx.clone(),
     )
     .await;
@@ -123,6 +131,11 @@ async fn liars_in_front(lies: impl Fn(usize) -> Lie) {
             },
         )
         .await;
+    println!(
+        "the snapshot: {} bytes, {:.1} s at the honest holder's rate",
+        honest.archive_size,
+        honest.archive_size as f64 / HONEST_RATE as f64
+    );
     let store = pdir.path().join("snapshots");
     let stored = stored_manifest(&store, 20);
     let mut liars = Vec::new();

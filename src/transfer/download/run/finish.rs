@@ -76,6 +76,7 @@ impl Run {
                 busy = t.busy,
                 not_held = t.not_held,
                 failed = t.failed,
+                quiet = t.quiet,
                 haves = t.haves,
                 rtt_us = path.map(|p| p.rtt.as_micros() as u64),
                 lost_packets = path.map(|p| p.lost_packets),

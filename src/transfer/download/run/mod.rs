@@ -28,7 +28,7 @@ use super::bits::Bits;
 use super::connect::{ConnectError, ManifestReply};
 use super::fetch::{FetchError, Sink};
 use super::partial::{Partial, Persister};
-use super::scheduler::{Command, PeerIdx, ReqId, Scheduler};
+use super::scheduler::{Command, Lost, PeerIdx, ReqId, Scheduler};
 use super::{
     DownloadContext, DownloadError, DownloadTarget, Downloaded, Holding, Origin, Progress,
 };
@@ -59,8 +59,8 @@ enum Report {
     Disconnected {
         peer: PeerIdx,
         conn_id: usize,
-        /// The server closed it as idle or to make room: it may be reconnected, no failure.
-        benign: bool,
+        /// How it ended (closed as idle or to make room, the server leaving, a failure).
+        lost: Lost,
     },
     Fetched {
         id: ReqId,

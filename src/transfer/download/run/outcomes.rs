@@ -9,7 +9,7 @@ use crate::snapshot::Manifest;
 use crate::transfer::DOWNLOAD_TARGET;
 use crate::transfer::download::DownloadError;
 use crate::transfer::download::fetch::FetchError;
-use crate::transfer::download::scheduler::{PeerIdx, ReqId, RequestFailure};
+use crate::transfer::download::scheduler::{Lost, PeerIdx, ReqId, RequestFailure};
 use crate::transfer::protocol::close;
 
 impl Run {
@@ -55,15 +55,15 @@ impl Run {
             Report::Disconnected {
                 peer,
                 conn_id,
-                benign,
+                lost,
             } => {
                 self.credit_all();
                 let source = &mut self.sources[peer];
                 if source.conn.as_ref().map(|c| c.stable_id()) == Some(conn_id) {
                     source.conn = None;
                     source.last_error = Some("connection lost".into());
-                    tracing::debug!(target: DOWNLOAD_TARGET, source = %source.origin, benign, "connection lost");
-                    self.sched.handle_disconnected(peer, !benign, now);
+                    tracing::debug!(target: DOWNLOAD_TARGET, source = %source.origin, ?lost, "connection lost");
+                    self.sched.handle_disconnected(peer, lost, now);
                 }
             }
             Report::Fetched { id, result } => return self.fetched(id, result, now),
@@ -119,15 +119,29 @@ impl Run {
         let conn_id = conn.stable_id();
         self.tasks.spawn(async move {
             let why = watched.closed().await;
-            let benign = matches!(
-                &why,
+            let lost = match &why {
                 quinn::ConnectionError::ApplicationClosed(c)
-                    if c.error_code == close::IDLE || c.error_code == close::EVICTED
-            );
+                    if c.error_code == close::IDLE || c.error_code == close::EVICTED =>
+                {
+                    Lost::Benign
+                }
+                // Shutting down, or gone without a word (the server's side of the connection
+                // was dropped: a node that exits closes this way).
+                quinn::ConnectionError::ApplicationClosed(c) if c.error_code == close::SHUTDOWN => {
+                    Lost::Left
+                }
+                quinn::ConnectionError::ConnectionClosed(c)
+                    if c.error_code == quinn::TransportErrorCode::NO_ERROR =>
+                {
+                    Lost::Left
+                }
+                _ => Lost::Failed,
+            };
+            tracing::trace!(target: DOWNLOAD_TARGET, %why, ?lost, "connection closed");
             let report = Report::Disconnected {
                 peer,
                 conn_id,
-                benign,
+                lost,
             };
             let _ = reports.send(report).await;
         });

@@ -5,7 +5,7 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use super::{BUSY_RETRY, Command, Conn, PeerIdx, ReqId, RequestFailure, Scheduler, roster};
+use super::{BUSY_RETRY, Command, Conn, Lost, PeerIdx, ReqId, RequestFailure, Scheduler, roster};
 use crate::transfer::download::picker::Have;
 
 impl Scheduler {
@@ -42,6 +42,9 @@ impl Scheduler {
         p.bytes += added;
         p.recent_bytes += added;
         p.duplicate_bytes += seen;
+        if added + seen > 0 {
+            p.last_byte = Some(now);
+        }
         if added > 0 {
             self.last_progress = now;
             p.last_delivery = Some(now);
@@ -244,21 +247,40 @@ impl Scheduler {
         }
     }
 
-    /// The connection to `peer` was lost: its requests are cancelled and handed out again, and
-    /// it will be reconnected after a backoff. A connection the server closed on purpose (as
-    /// idle, or to make room) is reconnected when wanted, and counts as no failure.
-    pub(crate) fn handle_disconnected(&mut self, peer: PeerIdx, failed: bool, now: Instant) {
+    /// The connection to `peer` was lost (`lost` says how): its requests are cancelled and
+    /// handed out again. A connection that failed is reconnected after a backoff; one the
+    /// server closed on purpose (as idle, or to make room) is reconnected when wanted, and
+    /// counts as no failure; a source that said it is shutting down gives its place up (to
+    /// come back as a spare after a while, should it return).
+    pub(crate) fn handle_disconnected(&mut self, peer: PeerIdx, lost: Lost, now: Instant) {
         self.peers[peer].conn = Conn::Disconnected;
         self.peers[peer].have_pending = false;
         self.cancel_requests_of(peer);
-        if failed {
-            self.peer_failed(peer, RequestFailure::Transient, now);
+        match lost {
+            Lost::Benign => {}
+            Lost::Failed => self.peer_failed(peer, RequestFailure::Transient, now),
+            Lost::Left => {
+                if self.peers[peer].place.is_active() {
+                    self.give_place_up(peer, roster::Why::Left, now);
+                }
+            }
         }
     }
 
     /// Time passed: requests past their deadline are cancelled, counted as failures and their
-    /// pieces handed out again; the roster looks at the places.
+    /// pieces handed out again, as are those of sources gone quiet; the roster looks at the
+    /// places.
     pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        let quiet: Vec<PeerIdx> = (0..self.peers.len())
+            .filter(|&i| self.quiet_since(i).is_some_and(|t| t <= now))
+            .collect();
+        for peer in quiet {
+            self.peers[peer].tally.quiet += 1;
+            self.cancel_requests_of(peer);
+            self.peer_failed(peer, RequestFailure::Transient, now);
+            // Nothing may be in flight any more: the roster looks (see its starving rule).
+            self.roster.look_again();
+        }
         let late: Vec<ReqId> = self
             .requests
             .iter()

@@ -34,6 +34,12 @@
 //!   known, at most `4 x` its expected time. Past it, the request is cancelled and its piece
 //!   handed out again, so a source that trickles bytes cannot hold a piece. (The I/O layer also
 //!   abandons a request that receives nothing for `min_request_timeout`.)
+//! - **Quiet sources.** A source with requests in flight that delivers no verified byte for
+//!   a quarter of `min_request_timeout` (at least eight round trips) has gone quiet (it
+//!   vanished without closing, its link died): its requests are handed to others at once,
+//!   and it backs off as after a failure. Its requests as a whole are timed, not each one:
+//!   a connection's responses come one after another, so a request may wait behind others
+//!   while its source delivers.
 //! - **Retries with backoff.** A failed request or connection puts the source in exponential
 //!   backoff (with jitter). Failures at the same moment count once.
 //! - **Bytes add up.** Every verified byte is credited to the source whose request wrote it,
@@ -128,6 +134,18 @@ pub(crate) enum RequestFailure {
     NotHeld,
 }
 
+/// How a connection to a source ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lost {
+    /// The server closed it on purpose (idle, or to make room): no failure.
+    Benign,
+    /// The server said it is shutting down, or closed it without a reason (as a node that
+    /// exits does): the source leaves.
+    Left,
+    /// It failed (timed out, reset, closed for another reason).
+    Failed,
+}
+
 /// Why a download cannot go on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stuck {
@@ -161,6 +179,12 @@ struct Peer {
     min_latency: Option<Duration>,
     /// When it last delivered a new verified byte.
     last_delivery: Option<Instant>,
+    /// When it last delivered a verified byte, new or already on disk.
+    last_byte: Option<Instant>,
+    /// Since when it has had requests in flight without a break (`None`: it has none).
+    asked_since: Option<Instant>,
+    /// It gave its place up for delivering nothing (snubbed), and has not taken one since.
+    snubbed: bool,
     /// When its delivery rate was last sampled (a request's end).
     last_rate_sample: Option<Instant>,
     failures: u32,
@@ -194,6 +218,8 @@ pub(crate) struct Tally {
     pub(crate) busy: u32,
     pub(crate) not_held: u32,
     pub(crate) failed: u32,
+    /// Times its requests were handed to others because it went quiet.
+    pub(crate) quiet: u32,
     pub(crate) haves: u32,
 }
 
@@ -384,6 +410,9 @@ impl Scheduler {
             rtt: None,
             min_latency: None,
             last_delivery: None,
+            last_byte: None,
+            asked_since: None,
+            snubbed: false,
             last_rate_sample: None,
             failures: 0,
             backoff_until: None,

@@ -211,6 +211,9 @@ impl Scheduler {
         );
         self.holders.entry(piece).or_default().push(id);
         self.open.remove(piece);
+        if self.peers[peer].inflight == 0 {
+            self.peers[peer].asked_since = Some(now);
+        }
         self.peers[peer].inflight += 1;
         self.peers[peer].tally.requests += 1;
         Command::Request { id, peer, chunks }
@@ -225,6 +228,9 @@ impl Scheduler {
     pub(super) fn finish_request(&mut self, id: ReqId) -> Option<Request> {
         let req = self.requests.remove(&id)?;
         self.peers[req.peer].inflight -= 1;
+        if self.peers[req.peer].inflight == 0 {
+            self.peers[req.peer].asked_since = None;
+        }
         let holders = self.holders.entry(req.piece).or_default();
         holders.retain(|h| *h != id);
         if holders.is_empty() {

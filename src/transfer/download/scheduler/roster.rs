@@ -8,7 +8,17 @@
 //!   verified byte for `snub_timeout` (since it took the place, or since its last one) while a
 //!   spare waits gives its place to the spare, whatever kept it from delivering: "busy", "not
 //!   held", an empty or stale bitfield, a stall, a connection that never came up. It waits as
-//!   a spare itself, to be tried again once the untried ones have been.
+//!   a spare itself, to be tried again once the untried ones have been (a busy seed asked by
+//!   fewer is freer for the rest).
+//! - **A starving download takes a snubbed source back early.** With nothing in flight,
+//!   nobody connecting and no new verified byte for a quarter of `min_request_timeout`, one
+//!   snubbed source that still waits (a complete holder first, then the one that delivered
+//!   most) takes a free place before its wait ends: the busy seed snubbed while the crowd
+//!   served is the one left when the crowd's holders leave.
+//! - **A source that leaves gives its place up at once.** One whose server closes the
+//!   connection saying it shuts down (or with no reason, as a node that exits) waits as a
+//!   spare for `rotate_interval`, not in a place while reconnections time out. A place freed
+//!   goes first to a spare that may take it; only then is anyone snubbed for a spare.
 //! - **Optimistic rotation.** Every `rotate_interval`, while sources never tried wait, the
 //!   sources in places that delivered least over the interval (an eighth of the places, at
 //!   least one) give theirs to untried ones, so that a newcomer that would be fast gets tried.
@@ -59,6 +69,8 @@ pub(super) enum Why {
     Failing,
     /// Delivered least while untried sources wait.
     Rotated,
+    /// Said it is shutting down.
+    Left,
     /// Refused the download.
     Refused,
     /// Sent bytes proven wrong.
@@ -131,6 +143,11 @@ pub(super) struct Roster {
 }
 
 impl Roster {
+    /// Looks at the places before the next command.
+    pub(super) fn look_again(&mut self) {
+        self.dirty = true;
+    }
+
     pub(super) fn new(now: Instant, rotate_interval: Duration) -> Self {
         Self {
             manifest_partial: None,
@@ -219,11 +236,14 @@ impl Scheduler {
     /// untried sources wait, free places are filled.
     pub(super) fn update_roster(&mut self, now: Instant) {
         self.roster.dirty = false;
+        // Free places first: a spare that may take one now needs nobody to leave for it.
+        self.fill_places(now);
         if !self.paused && !self.is_complete() {
             self.snub(now);
             self.rotate(now);
         }
         self.fill_places(now);
+        self.take_back_when_starving(now);
         self.roster.next_look = self.roster_deadline(now);
     }
 
@@ -254,6 +274,11 @@ impl Scheduler {
         }
         if self.peers.iter().any(|p| p.place.is_untried()) {
             next = next.min(self.roster.last_rotation + self.roster.rotate_interval);
+        }
+        if self.peers.iter().any(|p| p.snubbed)
+            && let Some(t) = self.starving_since()
+        {
+            next = next.min(t);
         }
         next.max(now)
     }
@@ -317,21 +342,79 @@ impl Scheduler {
         }
     }
 
-    /// Whether a source (`partial`: of part of the snapshot) may take a place now.
-    fn has_room(&self, partial: bool) -> bool {
-        let max = self.config.max_peers.max(1);
+    /// Sources in places: (holders of all of the snapshot, of part of it).
+    fn active_counts(&self) -> (usize, usize) {
         let active = |want_partial: bool| {
             self.peers
                 .iter()
                 .filter(|p| p.place.is_active() && p.added_partial == want_partial)
                 .count()
         };
-        let (complete, partials) = (active(false), active(true));
+        (active(false), active(true))
+    }
+
+    /// Whether a source (`partial`: of part of the snapshot) may take a place now.
+    fn has_room(&self, partial: bool) -> bool {
+        let (complete, partials) = self.active_counts();
+        self.room_for(partial, complete, partials)
+    }
+
+    /// Whether a source (`partial`: of part of the snapshot) may take a place while
+    /// `complete` and `partials` sources hold places.
+    fn room_for(&self, partial: bool, complete: usize, partials: usize) -> bool {
+        let max = self.config.max_peers.max(1);
         if partial {
             complete + partials < max && partials < (max * 3 / 4).max(1)
         } else {
             complete + partials < max || complete < max.div_ceil(4)
         }
+    }
+
+    /// A download that starves (see [`Scheduler::starving_since`]) takes back early, into a
+    /// free place, one source snubbed earlier that still waits: a complete holder first, then
+    /// the one that delivered most. A busy seed snubbed while the crowd served is the one left
+    /// once the crowd's holders leave; it need not wait out `snub_timeout`.
+    fn take_back_when_starving(&mut self, now: Instant) {
+        if self.starving_since().is_none_or(|t| t > now) {
+            return;
+        }
+        let best = (0..self.peers.len())
+            .filter(|&i| {
+                let p = &self.peers[i];
+                p.snubbed && matches!(p.place, Place::Spare { not_before: Some(t), .. } if t > now)
+            })
+            .filter(|&i| self.has_room(self.peers[i].added_partial))
+            .min_by_key(|&i| {
+                let p = &self.peers[i];
+                (p.added_partial, std::cmp::Reverse(p.bytes), p.order)
+            });
+        if let Some(peer) = best {
+            self.take_place(peer, now);
+        }
+    }
+
+    /// From when the download counts as starving, while it is in this state: nothing in
+    /// flight, nobody connecting, not done or paused, and no new verified byte for the quiet
+    /// window (a quarter of `min_request_timeout`) since the last.
+    fn starving_since(&self) -> Option<Instant> {
+        let idle = !self.paused
+            && !self.is_complete()
+            && self.requests.is_empty()
+            && !self
+                .peers
+                .iter()
+                .any(|p| p.place.is_active() && p.conn == Conn::Connecting);
+        idle.then(|| self.last_progress + self.config.min_request_timeout / 4)
+    }
+
+    fn take_place(&mut self, peer: PeerIdx, now: Instant) {
+        let p = &mut self.peers[peer];
+        p.snubbed = false;
+        p.place = Place::Active { since: now };
+        p.failures = 0;
+        p.not_held = 0;
+        p.backoff_until = None;
+        p.recent_bytes = 0;
     }
 
     fn fill_places(&mut self, now: Instant) {
@@ -347,12 +430,7 @@ impl Scheduler {
             let Some(peer) = best else {
                 return;
             };
-            let p = &mut self.peers[peer];
-            p.place = Place::Active { since: now };
-            p.failures = 0;
-            p.not_held = 0;
-            p.backoff_until = None;
-            p.recent_bytes = 0;
+            self.take_place(peer, now);
         }
     }
 
@@ -368,6 +446,7 @@ impl Scheduler {
         let p = &mut self.peers[peer];
         p.have_pending = false;
         p.have_at = None;
+        p.snubbed = why == Why::NothingDelivered;
         p.failures = 0;
         p.not_held = 0;
         p.backoff_until = None;
@@ -382,7 +461,7 @@ impl Scheduler {
                 tried: true,
                 not_before: Some(now + self.config.snub_timeout),
             },
-            Why::Failing => Place::Spare {
+            Why::Failing | Why::Left => Place::Spare {
                 tried: true,
                 not_before: Some(now + self.roster.rotate_interval),
             },

@@ -308,6 +308,123 @@ fn holders_of_part_take_at_most_three_quarters_and_seeds_get_a_place_beyond_the_
 }
 
 #[test]
+fn a_starving_download_takes_a_snubbed_seed_back_before_its_wait_ends() {
+    // A seed that says busy, three holders of part that deliver (the quota of four places),
+    // a fourth holder of part waiting.
+    let (mut s, now) = sched(40_000);
+    s.handle_source(false, now);
+    for _ in 0..4 {
+        s.handle_source(true, now);
+    }
+    drive(&mut s, now);
+    let mut all = Bits::new(10_000);
+    for i in 0..10_000 {
+        all.set(i);
+    }
+    for p in 1..4 {
+        s.handle_have(p, Ok(Have::Some(all.clone())), now);
+    }
+    let busy_seed = |p: PeerIdx| {
+        if p == 0 {
+            Err(RequestFailure::Busy)
+        } else {
+            Ok(())
+        }
+    };
+    let served = run(&mut s, now, now + 11 * SEC, busy_seed);
+    assert_eq!(
+        closes(&served),
+        vec![0],
+        "the seed is snubbed for the spare"
+    );
+    use Standing::*;
+    assert_eq!(
+        standings(&s),
+        vec![Waiting, Active, Active, Active, Waiting]
+    );
+    // The holders of part leave: the spare takes a place.
+    let t = now + 11 * SEC + SEC / 10;
+    for p in 1..4 {
+        s.handle_disconnected(p, Lost::Left, t);
+    }
+    assert_eq!(connects(&drive(&mut s, t)), vec![4]);
+    // The newcomer has nothing to give yet: nothing is in flight, and once nothing new has
+    // arrived for a quarter of the minimum request timeout (0.5 s here), the seed is back,
+    // long before its wait ends (at 20 s).
+    let starving = s.poll_timeout(t);
+    assert!(starving <= t + SEC / 2, "{:?}", starving - t);
+    assert!(connects(&run(&mut s, t, starving - SEC / 10, |_| Ok(()))).is_empty());
+    s.handle_timeout(starving);
+    assert_eq!(connects(&drive(&mut s, starving)), vec![0]);
+    assert_eq!(
+        standings(&s),
+        vec![Active, Waiting, Waiting, Waiting, Active]
+    );
+}
+
+#[test]
+fn a_place_freed_goes_to_a_waiting_spare_before_anyone_is_snubbed_for_it() {
+    // A seed that says busy (past the snub timeout, nobody waiting) and three holders of
+    // part that deliver, in the four places.
+    let (mut s, now) = sched(40_000);
+    s.handle_source(false, now);
+    for _ in 0..3 {
+        s.handle_source(true, now);
+    }
+    drive(&mut s, now);
+    let mut all = Bits::new(10_000);
+    for i in 0..10_000 {
+        all.set(i);
+    }
+    for p in 1..4 {
+        s.handle_have(p, Ok(Have::Some(all.clone())), now);
+    }
+    let busy_seed = |p: PeerIdx| {
+        if p == 0 {
+            Err(RequestFailure::Busy)
+        } else {
+            Ok(())
+        }
+    };
+    assert!(closes(&run(&mut s, now, now + 11 * SEC, busy_seed)).is_empty());
+    // A holder of part leaves as another is heard of: the newcomer takes the place freed,
+    // and the seed keeps its own.
+    let t = now + 11 * SEC + SEC / 10;
+    s.handle_disconnected(1, Lost::Left, t);
+    s.handle_source(true, t);
+    let after = drive(&mut s, t);
+    assert_eq!(connects(&after), vec![4]);
+    assert!(closes(&after).is_empty(), "{after:?}");
+    use Standing::*;
+    assert_eq!(standings(&s), vec![Active, Waiting, Active, Active, Active]);
+}
+
+#[test]
+fn a_source_shutting_down_gives_its_place_up_at_once_and_its_pieces_go_to_others() {
+    let (mut s, now) = sched(4000);
+    for _ in 0..5 {
+        s.handle_source(false, now);
+    }
+    run(&mut s, now, now + SEC, |_| Ok(()));
+    let t = now + 2 * SEC;
+    drive(&mut s, t);
+    assert!(s.requests.values().any(|r| r.peer == 0));
+    s.handle_disconnected(0, Lost::Left, t);
+    assert!(
+        s.requests.values().all(|r| r.peer != 0),
+        "its requests are handed out again"
+    );
+    let after = drive(&mut s, t);
+    assert_eq!(connects(&after), vec![4], "a spare takes the place at once");
+    assert!(closes(&after).is_empty(), "its connection is gone already");
+    assert_eq!(s.peer_report(0).standing, Standing::Waiting);
+    // A connection lost for another reason keeps the place (reconnected after a backoff).
+    s.handle_disconnected(1, Lost::Failed, t);
+    assert!(connects(&drive(&mut s, t)).is_empty());
+    assert_eq!(s.peer_report(1).standing, Standing::Active);
+}
+
+#[test]
 fn banned_and_refusing_sources_never_come_back_and_failing_ones_do() {
     let (mut s, now) = sched(4000);
     for _ in 0..3 {
@@ -423,16 +540,23 @@ fn bytes_a_hedge_delivered_twice_are_counted_apart() {
     drive(&mut s, now);
     let reqs = requests(&drive(&mut s, now));
     assert_eq!(reqs.len(), 1, "one piece, to the first");
-    // The holder is late: the other fetches it too; both deliver.
-    let t = now + SEC;
+    // The holder delivers a chunk, then is late: the other fetches the rest too; both
+    // deliver it.
+    s.handle_written(reqs[0].0, 1, now + SEC * 4 / 10);
+    let t = now + SEC * 6 / 10;
     s.handle_timeout(t);
     let hedged = requests(&drive(&mut s, t));
     assert_eq!(hedged.len(), 1);
+    assert_eq!(
+        s.requests[&hedged[0].0].chunks,
+        1..4,
+        "from the first chunk missing"
+    );
     s.handle_written(hedged[0].0, 4, t);
     s.handle_written(reqs[0].0, 4, t);
-    assert_eq!(s.peer_report(hedged[0].1).bytes, 4 * CHUNK);
-    assert_eq!(s.peer_report(reqs[0].1).bytes, 0);
-    assert_eq!(s.peer_report(reqs[0].1).duplicate_bytes, 4 * CHUNK);
+    assert_eq!(s.peer_report(hedged[0].1).bytes, 3 * CHUNK);
+    assert_eq!(s.peer_report(reqs[0].1).bytes, CHUNK);
+    assert_eq!(s.peer_report(reqs[0].1).duplicate_bytes, 3 * CHUNK);
 }
 
 #[test]

@@ -52,7 +52,7 @@ fn cancels(commands: &[Command]) -> Vec<ReqId> {
 }
 
 fn disconnected(s: &mut Scheduler, peer: PeerIdx, now: Instant) -> Vec<Command> {
-    s.handle_disconnected(peer, true, now);
+    s.handle_disconnected(peer, Lost::Failed, now);
     queued(s)
 }
 
@@ -449,14 +449,77 @@ fn a_peer_that_trickles_loses_its_piece_at_the_minimum_rate_deadline() {
     let first = requests(&drain(&mut s, now));
     assert!(!first.is_empty());
     // Nothing completes: the deadline of a peer whose rate is unknown is the min-rate one.
-    assert_eq!(s.poll_timeout(now), now + Duration::from_secs(16));
-    assert!(timeouts(&mut s, now + Duration::from_secs(15)).is_empty());
+    let deadlines: Vec<Instant> = s.requests.values().filter_map(|r| r.deadline).collect();
+    assert!(
+        deadlines
+            .iter()
+            .all(|&d| d == now + Duration::from_secs(16))
+    );
+    // Each request trickles a chunk in every 400 ms (slow, not quiet): nothing is
+    // cancelled before the deadline, everything at it.
+    let mut t = now;
+    for step in 1..40u64 {
+        t = now + Duration::from_millis(400 * step);
+        for r in &first {
+            s.handle_written(r.0, r.2.start + step, t);
+        }
+        assert!(timeouts(&mut s, t).is_empty(), "at {:?}", t - now);
+    }
+    assert!(t < now + Duration::from_secs(16));
     let cancels = timeouts(&mut s, now + Duration::from_secs(16));
     assert_eq!(cancels.len(), first.len());
-    // And nothing verified arrived meanwhile, whatever trickled in: no progress.
+    // What trickled in counts; the rest of each piece is handed out again.
+    assert_eq!(s.done_bytes(), first.len() as u64 * 39 * CHUNK);
+    // (After the backoff a failure earns.)
+    let again = requests(&drain(&mut s, now + Duration::from_secs(19)));
+    assert!(again.iter().any(|r| r.2.start == first[0].2.start + 39));
+}
+
+#[test]
+fn a_source_gone_quiet_hands_its_requests_to_others_before_their_deadline() {
+    let (mut s, now) = sched(400);
+    connect_all(&mut s, 2, now);
+    // Both answer at first...
+    let mut t = now;
+    for r in requests(&drain(&mut s, now)) {
+        t += Duration::from_millis(1);
+        success(&mut s, r.0, t);
+    }
+    // ...then peer 1 delivers nothing more, while peer 0's requests, long ones, each bring
+    // a chunk every 300 ms and never end.
+    let reqs = requests(&drain(&mut s, t));
+    let of = |p: PeerIdx| -> Vec<_> { reqs.iter().filter(|r| r.1 == p).cloned().collect() };
+    let (slow, silent) = (of(0), of(1));
+    assert!(!silent.is_empty() && !slow.is_empty());
+    // Quiet after a quarter of the 2 s minimum request timeout, well before the deadlines.
+    assert!(s.poll_timeout(t) <= t + Duration::from_millis(500));
+    let mut cancelled = Vec::new();
+    for step in 1..=3u64 {
+        let at = t + Duration::from_millis(300 * step) - Duration::from_millis(100);
+        for r in &slow {
+            s.handle_written(r.0, (r.2.start + step).min(r.2.end - 1), at);
+        }
+        cancelled.extend(cancels(&timeouts(&mut s, at)));
+    }
+    let mut silent_ids: Vec<ReqId> = silent.iter().map(|r| r.0).collect();
+    silent_ids.sort();
+    cancelled.sort();
+    assert_eq!(cancelled, silent_ids, "only the quiet source's requests");
+    assert_eq!(s.peer_report(1).tally.quiet, 1);
     assert_eq!(
-        s.stuck(now + Duration::from_secs(30)),
-        Some(Stuck::NoProgress)
+        s.peer_report(1).standing,
+        Standing::Active,
+        "it backs off, no more"
+    );
+    assert_eq!(s.peer_report(0).inflight, slow.len());
+    // Its pieces are open again, the first to go as room frees.
+    for r in &slow {
+        success(&mut s, r.0, t + Duration::from_secs(1));
+    }
+    let next = requests(&drain(&mut s, t + Duration::from_secs(1)));
+    assert!(
+        next.iter().any(|r| silent.iter().any(|q| q.2 == r.2)),
+        "{next:?}"
     );
 }
 

@@ -51,6 +51,23 @@ impl Scheduler {
         }
     }
 
+    /// When `peer`, with requests in flight, counts as quiet if it delivers nothing more: a
+    /// quarter of the minimum request timeout (at least eight round trips) after its last
+    /// verified byte, or after its requests began if it delivered none since.
+    pub(super) fn quiet_since(&self, peer: PeerIdx) -> Option<Instant> {
+        let p = &self.peers[peer];
+        let asked = p.asked_since?;
+        if !p.place.is_active() || p.conn != Conn::Connected {
+            return None;
+        }
+        let basis = p.last_byte.map_or(asked, |b| b.max(asked));
+        let rtt = p.rtt.or(p.min_latency).unwrap_or_default();
+        let limit = (self.config.min_request_timeout / 4)
+            .max(rtt * 8)
+            .min(self.config.min_request_timeout);
+        Some(basis + limit)
+    }
+
     pub(super) fn can_connect(&self, p: &Peer, now: Instant) -> bool {
         p.place.is_active()
             && p.conn == Conn::Disconnected
@@ -107,6 +124,11 @@ impl Scheduler {
         next = next.min(self.roster.next_look(now));
         for d in self.requests.values().filter_map(|r| r.deadline) {
             next = next.min(d);
+        }
+        for i in 0..self.peers.len() {
+            if let Some(t) = self.quiet_since(i) {
+                next = next.min(t);
+            }
         }
         for p in &self.peers {
             if p.place.is_active()
