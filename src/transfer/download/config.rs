@@ -120,8 +120,9 @@ impl DownloadConfig {
     /// A request that receives nothing for this long is abandoned and retried elsewhere
     /// (default 10 s); every request also has a deadline from its start (see
     /// `min_peer_rate`) that is never shorter than this. A source whose requests together
-    /// bring no verified byte for a quarter of it (at least eight round trips) has gone
-    /// quiet: its requests go to others at once.
+    /// bring no verified byte for a quarter of it (at least eight round trips and two chunks'
+    /// time at `min_peer_rate`) while another source could take them has gone quiet: its
+    /// requests go to others at once.
     pub fn with_min_request_timeout(mut self, value: Duration) -> Self {
         self.schedule.min_request_timeout = value;
         self

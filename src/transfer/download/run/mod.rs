@@ -417,6 +417,7 @@ impl Run {
                 Command::Cancel(id) => {
                     // What it delivered counts, however it ended.
                     self.credit(id);
+                    self.sched.handle_abandoned(id);
                     if let Some(r) = self.requests.remove(&id) {
                         r.task.abort();
                         tracing::trace!(target: DOWNLOAD_TARGET, source = %self.sources[r.peer].origin, after_ms = r.sent.elapsed().as_millis() as u64, "request abandoned");

@@ -125,13 +125,10 @@ impl Run {
                 {
                     Lost::Benign
                 }
-                // Shutting down, or gone without a word (the server's side of the connection
-                // was dropped: a node that exits closes this way).
-                quinn::ConnectionError::ApplicationClosed(c) if c.error_code == close::SHUTDOWN => {
-                    Lost::Left
-                }
-                quinn::ConnectionError::ConnectionClosed(c)
-                    if c.error_code == quinn::TransportErrorCode::NO_ERROR =>
+                // Shutting down, or closed with no code: the server's side of the connection
+                // was dropped (its node stopping aborts the tasks that hold it).
+                quinn::ConnectionError::ApplicationClosed(c)
+                    if c.error_code == close::SHUTDOWN || c.error_code == 0u32.into() =>
                 {
                     Lost::Left
                 }

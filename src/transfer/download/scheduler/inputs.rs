@@ -14,13 +14,36 @@ impl Scheduler {
     /// request cut short keeps what it delivered and saved progress includes the chunks of
     /// requests under way. Returns the data bytes newly on disk.
     pub(crate) fn handle_written(&mut self, id: ReqId, upto: u64, now: Instant) -> u64 {
-        let Some(req) = self.requests.get_mut(&id) else {
-            return 0;
+        let (req, ended) = match self.requests.get_mut(&id) {
+            Some(req) => (req, false),
+            None => match self.unsettled.get_mut(&id) {
+                Some(req) => (req, true),
+                None => return 0,
+            },
         };
         let upto = upto.clamp(req.credited, req.chunks.end);
-        let (peer, range) = (req.peer, req.credited..upto);
+        let (peer, piece, range) = (req.peer, req.piece, req.credited..upto);
         req.credited = upto;
-        self.credit(peer, range, now)
+        let added = self.credit(peer, range, now);
+        // A request ended here (cancelled, late) may have completed its piece meanwhile.
+        if ended && added > 0 && !self.piece_done.get(piece) {
+            if self
+                .chunks_of(piece)
+                .all(|c| self.chunk_done.get(c as usize))
+            {
+                self.piece_finished(piece);
+                for other in self.holders_of(piece).to_vec() {
+                    self.cancel(other);
+                }
+            }
+        }
+        added
+    }
+
+    /// The I/O layer abandoned request `id` (a [`Command::Cancel`] carried out), after its
+    /// last [`Scheduler::handle_written`]: nothing more of it will be credited.
+    pub(crate) fn handle_abandoned(&mut self, id: ReqId) {
+        self.unsettled.remove(&id);
     }
 
     /// Marks `chunks` on disk as delivered by `peer`: new bytes are its, the others
@@ -288,7 +311,11 @@ impl Scheduler {
             .map(|(id, _)| *id)
             .collect();
         for id in late {
+            let req = self.requests.get(&id).cloned();
             self.handle_failure(id, RequestFailure::Transient, now);
+            if let Some(req) = req {
+                self.unsettled.insert(id, req);
+            }
             self.queued.push_back(Command::Cancel(id));
         }
         if self.roster_due(now) {

@@ -35,7 +35,8 @@
 //!   handed out again, so a source that trickles bytes cannot hold a piece. (The I/O layer also
 //!   abandons a request that receives nothing for `min_request_timeout`.)
 //! - **Quiet sources.** A source with requests in flight that delivers no verified byte for
-//!   a quarter of `min_request_timeout` (at least eight round trips) has gone quiet (it
+//!   a quarter of `min_request_timeout` (at least eight round trips, and two chunks' time at
+//!   `min_peer_rate`) while another source could take its requests has gone quiet (it
 //!   vanished without closing, its link died): its requests are handed to others at once,
 //!   and it backs off as after a failure. Its requests as a whole are timed, not each one:
 //!   a connection's responses come one after another, so a request may wait behind others
@@ -139,8 +140,8 @@ pub(crate) enum RequestFailure {
 pub(crate) enum Lost {
     /// The server closed it on purpose (idle, or to make room): no failure.
     Benign,
-    /// The server said it is shutting down, or closed it without a reason (as a node that
-    /// exits does): the source leaves.
+    /// The server said it is shutting down, or closed it with no code (its side of the
+    /// connection dropped, as when its node stops): the source leaves.
     Left,
     /// It failed (timed out, reset, closed for another reason).
     Failed,
@@ -268,6 +269,9 @@ pub(crate) struct Scheduler {
     cursor: usize,
     peers: Vec<Peer>,
     requests: HashMap<ReqId, Request>,
+    /// Requests ended here that the I/O layer has not abandoned yet: what they wrote before
+    /// it does is still credited (see [`Scheduler::handle_abandoned`]).
+    unsettled: HashMap<ReqId, Request>,
     next_id: ReqId,
     done_bytes: u64,
     last_progress: Instant,
@@ -338,6 +342,7 @@ impl Scheduler {
             cursor: 0,
             peers: Vec::new(),
             requests: HashMap::new(),
+            unsettled: HashMap::new(),
             next_id: 0,
             done_bytes,
             last_progress: now,

@@ -250,9 +250,11 @@ impl Scheduler {
         Some(req)
     }
 
-    /// Ends request `id` and tells the I/O layer to abandon it.
+    /// Ends request `id` and tells the I/O layer to abandon it; what it wrote until then is
+    /// still credited (it is unsettled until [`Scheduler::handle_abandoned`]).
     pub(super) fn cancel(&mut self, id: ReqId) {
-        if self.finish_request(id).is_some() {
+        if let Some(req) = self.finish_request(id) {
+            self.unsettled.insert(id, req);
             self.queued.push_back(Command::Cancel(id));
         }
     }

@@ -12,11 +12,12 @@
 //!   fewer is freer for the rest).
 //! - **A starving download takes a snubbed source back early.** With nothing in flight,
 //!   nobody connecting and no new verified byte for a quarter of `min_request_timeout`, one
-//!   snubbed source that still waits (a complete holder first, then the one that delivered
-//!   most) takes a free place before its wait ends: the busy seed snubbed while the crowd
-//!   served is the one left when the crowd's holders leave.
+//!   snubbed source that still waits (one that delivered before first, then a complete
+//!   holder, then the one that delivered most) takes a free place before its wait ends: the
+//!   busy seed snubbed while the crowd served is the one left when the crowd's holders leave.
+//!   It is a best effort: a source connecting or a request in flight puts it off.
 //! - **A source that leaves gives its place up at once.** One whose server closes the
-//!   connection saying it shuts down (or with no reason, as a node that exits) waits as a
+//!   connection saying it shuts down (or with no code, as a node that stops) waits as a
 //!   spare for `rotate_interval`, not in a place while reconnections time out. A place freed
 //!   goes first to a spare that may take it; only then is anyone snubbed for a spare.
 //! - **Optimistic rotation.** Every `rotate_interval`, while sources never tried wait, the
@@ -229,7 +230,22 @@ impl Scheduler {
     }
 
     pub(super) fn roster_due(&self, now: Instant) -> bool {
-        self.roster.dirty || now >= self.roster.next_look
+        self.roster.dirty
+            || now >= self.roster.next_look
+            || self.take_back_at(now).is_some_and(|t| t <= now)
+    }
+
+    /// When the starving rule takes a source back, if the download starves (or will, unless
+    /// something arrives) and a snubbed source that waits has room to come back.
+    pub(super) fn take_back_at(&self, now: Instant) -> Option<Instant> {
+        let t = self.starving_since(now)?;
+        let (complete, partials) = self.active_counts();
+        self.peers
+            .iter()
+            .any(|p| {
+                self.may_take_back(p, now) && self.room_for(p.added_partial, complete, partials)
+            })
+            .then_some(t)
     }
 
     /// Looks at the places: snubbed sources give theirs up, the least useful rotate out while
@@ -249,6 +265,7 @@ impl Scheduler {
 
     /// The next moment a place may change by itself: a spare's wait ends, a source in a place
     /// reaches the snub timeout while spares wait, the next rotation while untried ones wait.
+    /// (When the download starves is [`Scheduler::take_back_at`], looked at every time.)
     fn roster_deadline(&self, now: Instant) -> Instant {
         let far = now + Duration::from_secs(3600);
         let mut next = far;
@@ -274,11 +291,6 @@ impl Scheduler {
         }
         if self.peers.iter().any(|p| p.place.is_untried()) {
             next = next.min(self.roster.last_rotation + self.roster.rotate_interval);
-        }
-        if self.peers.iter().any(|p| p.snubbed)
-            && let Some(t) = self.starving_since()
-        {
-            next = next.min(t);
         }
         next.max(now)
     }
@@ -371,39 +383,50 @@ impl Scheduler {
     }
 
     /// A download that starves (see [`Scheduler::starving_since`]) takes back early, into a
-    /// free place, one source snubbed earlier that still waits: a complete holder first, then
-    /// the one that delivered most. A busy seed snubbed while the crowd served is the one left
+    /// free place, one source snubbed earlier that still waits: one that delivered before
+    /// first, a complete holder first among equals, then the one that delivered most. A busy seed snubbed while the crowd served is the one left
     /// once the crowd's holders leave; it need not wait out `snub_timeout`.
     fn take_back_when_starving(&mut self, now: Instant) {
-        if self.starving_since().is_none_or(|t| t > now) {
+        if self.starving_since(now).is_none_or(|t| t > now) {
             return;
         }
+        let (complete, partials) = self.active_counts();
         let best = (0..self.peers.len())
-            .filter(|&i| {
-                let p = &self.peers[i];
-                p.snubbed && matches!(p.place, Place::Spare { not_before: Some(t), .. } if t > now)
-            })
-            .filter(|&i| self.has_room(self.peers[i].added_partial))
+            .filter(|&i| self.may_take_back(&self.peers[i], now))
+            .filter(|&i| self.room_for(self.peers[i].added_partial, complete, partials))
             .min_by_key(|&i| {
                 let p = &self.peers[i];
-                (p.added_partial, std::cmp::Reverse(p.bytes), p.order)
+                // One that delivered before, then a complete holder, then the most delivered.
+                (
+                    p.bytes == 0,
+                    p.added_partial,
+                    std::cmp::Reverse(p.bytes),
+                    p.order,
+                )
             });
         if let Some(peer) = best {
             self.take_place(peer, now);
         }
     }
 
+    /// Whether `p` is a snubbed source whose wait has not ended (the starving rule's own).
+    fn may_take_back(&self, p: &super::Peer, now: Instant) -> bool {
+        p.snubbed && matches!(p.place, Place::Spare { not_before: Some(t), .. } if t > now)
+    }
+
     /// From when the download counts as starving, while it is in this state: nothing in
-    /// flight, nobody connecting, not done or paused, and no new verified byte for the quiet
-    /// window (a quarter of `min_request_timeout`) since the last.
-    fn starving_since(&self) -> Option<Instant> {
+    /// flight, nobody connecting or about to, not done or paused, and no new verified byte for
+    /// a quarter of `min_request_timeout` since the last.
+    fn starving_since(&self, now: Instant) -> Option<Instant> {
+        // A source taken back (or given a place) connects at the next command: it counts as
+        // connecting already, so that one look takes back one source.
         let idle = !self.paused
             && !self.is_complete()
             && self.requests.is_empty()
             && !self
                 .peers
                 .iter()
-                .any(|p| p.place.is_active() && p.conn == Conn::Connecting);
+                .any(|p| p.conn == Conn::Connecting || self.can_connect(p, now));
         idle.then(|| self.last_progress + self.config.min_request_timeout / 4)
     }
 

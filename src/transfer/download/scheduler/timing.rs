@@ -52,8 +52,11 @@ impl Scheduler {
     }
 
     /// When `peer`, with requests in flight, counts as quiet if it delivers nothing more: a
-    /// quarter of the minimum request timeout (at least eight round trips) after its last
-    /// verified byte, or after its requests began if it delivered none since.
+    /// quarter of the minimum request timeout after its last verified byte (or after its
+    /// requests began, if it delivered none since), and at least eight round trips and the
+    /// time two chunks take at `min_peer_rate`. Only while another source could take its
+    /// requests (one delivered since, or one has none in flight): when every source is silent
+    /// at once, the cause is more likely here (a disk that stalls) than in each of them.
     pub(super) fn quiet_since(&self, peer: PeerIdx) -> Option<Instant> {
         let p = &self.peers[peer];
         let asked = p.asked_since?;
@@ -61,10 +64,19 @@ impl Scheduler {
             return None;
         }
         let basis = p.last_byte.map_or(asked, |b| b.max(asked));
+        let idle_other = self.peers.iter().enumerate().any(|(i, q)| {
+            i != peer && q.place.is_active() && q.conn == Conn::Connected && q.inflight == 0
+        });
+        if !idle_other && self.last_progress <= basis {
+            return None;
+        }
         let rtt = p.rtt.or(p.min_latency).unwrap_or_default();
+        let chunks = Duration::from_secs_f64(
+            2.0 * self.chunk_bytes as f64 / self.config.min_peer_rate.max(1) as f64,
+        );
         let limit = (self.config.min_request_timeout / 4)
             .max(rtt * 8)
-            .min(self.config.min_request_timeout);
+            .max(chunks);
         Some(basis + limit)
     }
 
@@ -122,6 +134,9 @@ impl Scheduler {
             next = now.max(self.last_progress + self.config.no_progress_timeout * 4);
         }
         next = next.min(self.roster.next_look(now));
+        if let Some(t) = self.take_back_at(now) {
+            next = next.min(t.max(now));
+        }
         for d in self.requests.values().filter_map(|r| r.deadline) {
             next = next.min(d);
         }

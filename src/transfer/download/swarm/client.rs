@@ -55,6 +55,9 @@ impl Sim<'_> {
                 }
                 Command::Cancel(id) => {
                     self.cancelled.insert((j, id));
+                    if let Some(s) = self.nodes[j].sched.as_mut() {
+                        s.handle_abandoned(id);
+                    }
                 }
                 // Its requests were cancelled; nothing else is held for a connection here.
                 Command::Close(_) => {}
