@@ -26,15 +26,16 @@ impl Scheduler {
         req.credited = upto;
         let added = self.credit(peer, range, now);
         // A request ended here (cancelled, late) may have completed its piece meanwhile.
-        if ended && added > 0 && !self.piece_done.get(piece) {
-            if self
+        if ended
+            && added > 0
+            && !self.piece_done.get(piece)
+            && self
                 .chunks_of(piece)
                 .all(|c| self.chunk_done.get(c as usize))
-            {
-                self.piece_finished(piece);
-                for other in self.holders_of(piece).to_vec() {
-                    self.cancel(other);
-                }
+        {
+            self.piece_finished(piece);
+            for other in self.holders_of(piece).to_vec() {
+                self.cancel(other);
             }
         }
         added
