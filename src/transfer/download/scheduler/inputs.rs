@@ -299,9 +299,14 @@ impl Scheduler {
             .filter(|&i| self.quiet_since(i).is_some_and(|t| t <= now))
             .collect();
         for peer in quiet {
+            let wait = self.quiet_window(&self.peers[peer]);
             self.peers[peer].tally.quiet += 1;
             self.cancel_requests_of(peer);
-            self.peer_failed(peer, RequestFailure::Transient, now);
+            // It waits a quiet window before it is asked again, and no failure is counted: when the
+            // cause was here (a disk that stalled), no source loses its place for it; one that
+            // stays silent is snubbed like any that delivers nothing.
+            let p = &mut self.peers[peer];
+            p.backoff_until = p.backoff_until.max(Some(now + wait));
             // Nothing may be in flight any more: the roster looks (see its starving rule).
             self.roster.look_again();
         }

@@ -38,7 +38,7 @@
 //!   a quarter of `min_request_timeout` (at least eight round trips, and two chunks' time at
 //!   `min_peer_rate`) while another source could take its requests has gone quiet (it
 //!   vanished without closing, its link died): its requests are handed to others at once,
-//!   and it backs off as after a failure. Its requests as a whole are timed, not each one:
+//!   and it is not asked again for as long (no failure is counted: the cause may be here). Its requests as a whole are timed, not each one:
 //!   a connection's responses come one after another, so a request may wait behind others
 //!   while its source delivers.
 //! - **Retries with backoff.** A failed request or connection puts the source in exponential

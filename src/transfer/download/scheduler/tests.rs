@@ -561,7 +561,13 @@ fn a_source_gone_quiet_hands_its_requests_to_others_before_their_deadline() {
     assert_eq!(
         s.peer_report(1).standing,
         Standing::Active,
-        "it backs off, no more"
+        "it waits, no more"
+    );
+    assert_eq!(s.peers[1].failures, 0, "no failure is counted");
+    assert_eq!(
+        s.peers[1].backoff_until,
+        Some(t + Duration::from_secs(1)),
+        "not asked again for a quiet window"
     );
     assert_eq!(s.peer_report(0).inflight, slow.len());
     // Its pieces are open again, the first to go as room frees.

@@ -55,7 +55,8 @@ impl Scheduler {
     /// quarter of the minimum request timeout after its last verified byte (or after its
     /// requests began, if it delivered none since), and at least eight round trips and the
     /// time two chunks take at `min_peer_rate`. Only while another source could take its
-    /// requests (one delivered since, or one has none in flight): when every source is silent
+    /// requests (one delivered since, or one connected has none in flight): when every source
+    /// is silent
     /// at once, the cause is more likely here (a disk that stalls) than in each of them.
     pub(super) fn quiet_since(&self, peer: PeerIdx) -> Option<Instant> {
         let p = &self.peers[peer];
@@ -64,20 +65,28 @@ impl Scheduler {
             return None;
         }
         let basis = p.last_byte.map_or(asked, |b| b.max(asked));
+        // Another source in a place, connected, with nothing in flight (backing off or not:
+        // a busy seed's wait is a fraction of the window).
         let idle_other = self.peers.iter().enumerate().any(|(i, q)| {
-            i != peer && q.place.is_active() && q.conn == Conn::Connected && q.inflight == 0
+            i != peer && q.inflight == 0 && q.place.is_active() && q.conn == Conn::Connected
         });
         if !idle_other && self.last_progress <= basis {
             return None;
         }
+        Some(basis + self.quiet_window(p))
+    }
+
+    /// How long a source with requests in flight may deliver nothing before it is quiet: a
+    /// quarter of the minimum request timeout, at least eight round trips and two chunks'
+    /// time at `min_peer_rate`.
+    pub(super) fn quiet_window(&self, p: &Peer) -> Duration {
         let rtt = p.rtt.or(p.min_latency).unwrap_or_default();
         let chunks = Duration::from_secs_f64(
             2.0 * self.chunk_bytes as f64 / self.config.min_peer_rate.max(1) as f64,
         );
-        let limit = (self.config.min_request_timeout / 4)
+        (self.config.min_request_timeout / 4)
             .max(rtt * 8)
-            .max(chunks);
-        Some(basis + limit)
+            .max(chunks)
     }
 
     pub(super) fn can_connect(&self, p: &Peer, now: Instant) -> bool {
