@@ -121,8 +121,8 @@ impl DownloadConfig {
     /// (default 10 s); every request also has a deadline from its start (see
     /// `min_peer_rate`) that is never shorter than this. A source whose requests together
     /// bring no verified byte for a quarter of it (at least eight round trips and two chunks'
-    /// time at `min_peer_rate`) while another source could take them has gone quiet: its
-    /// requests go to others at once.
+    /// time at `min_peer_rate`), unless every source with requests in flight is as silent, has
+    /// gone quiet: its requests go to others at once.
     pub fn with_min_request_timeout(mut self, value: Duration) -> Self {
         self.schedule.min_request_timeout = value;
         self

@@ -36,11 +36,12 @@
 //!   abandons a request that receives nothing for `min_request_timeout`.)
 //! - **Quiet sources.** A source with requests in flight that delivers no verified byte for
 //!   a quarter of `min_request_timeout` (at least eight round trips, and two chunks' time at
-//!   `min_peer_rate`) while another source could take its requests has gone quiet (it
-//!   vanished without closing, its link died): its requests are handed to others at once,
-//!   and it is not asked again for as long (no failure is counted: the cause may be here). Its requests as a whole are timed, not each one:
-//!   a connection's responses come one after another, so a request may wait behind others
-//!   while its source delivers.
+//!   `min_peer_rate`) has gone quiet (it vanished without closing, its link died), unless
+//!   every source with requests in flight is as silent (then the cause is more likely here):
+//!   its requests are handed to others at once, and it is not asked again for as long (no
+//!   failure is counted). Its requests as a whole are timed, not each one: a connection's
+//!   responses come one after another, so a request may wait behind others while its source
+//!   delivers.
 //! - **Retries with backoff.** A failed request or connection puts the source in exponential
 //!   backoff (with jitter). Failures at the same moment count once.
 //! - **Bytes add up.** Every verified byte is credited to the source whose request wrote it,

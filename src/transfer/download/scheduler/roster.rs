@@ -12,8 +12,8 @@
 //!   fewer is freer for the rest).
 //! - **A starving download takes a snubbed source back early.** With nothing in flight,
 //!   nobody connecting and no new verified byte for a quarter of `min_request_timeout`, one
-//!   snubbed source that still waits (one that delivered before first, then a complete
-//!   holder, then the one that delivered most) takes a free place before its wait ends: the
+//!   snubbed source that still waits (a complete holder first, then one that delivered
+//!   before, then the one that delivered most) takes a free place before its wait ends: the
 //!   busy seed snubbed while the crowd served is the one left when the crowd's holders leave.
 //!   It is a best effort: a source connecting or a request in flight puts it off.
 //! - **A source that leaves gives its place up at once.** One whose server closes the
@@ -383,8 +383,8 @@ impl Scheduler {
     }
 
     /// A download that starves (see [`Scheduler::starving_since`]) takes back early, into a
-    /// free place, one source snubbed earlier that still waits: one that delivered before
-    /// first, a complete holder first among equals, then the one that delivered most. A busy seed snubbed while the crowd served is the one left
+    /// free place, one source snubbed earlier that still waits: a complete holder first, then
+    /// one that delivered before, then the one that delivered most. A busy seed snubbed while the crowd served is the one left
     /// once the crowd's holders leave; it need not wait out `snub_timeout`.
     fn take_back_when_starving(&mut self, now: Instant) {
         if self.starving_since(now).is_none_or(|t| t > now) {
@@ -396,10 +396,11 @@ impl Scheduler {
             .filter(|&i| self.room_for(self.peers[i].added_partial, complete, partials))
             .min_by_key(|&i| {
                 let p = &self.peers[i];
-                // One that delivered before, then a complete holder, then the most delivered.
+                // A complete holder (a downloader that delivered may have gone since), then
+                // one that delivered before, then the most delivered.
                 (
-                    p.bytes == 0,
                     p.added_partial,
+                    p.bytes == 0,
                     std::cmp::Reverse(p.bytes),
                     p.order,
                 )

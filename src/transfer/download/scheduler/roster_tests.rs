@@ -363,6 +363,24 @@ fn a_starving_download_takes_a_snubbed_seed_back_before_its_wait_ends() {
 }
 
 #[test]
+fn a_starving_download_takes_back_a_complete_holder_before_a_downloader_that_delivered() {
+    // A seed and a downloader that delivered before, both snubbed: the downloader may have
+    // gone since (a crowd's holders leave once synced), the seed is the source of last resort.
+    let (mut s, now) = sched(4000);
+    s.handle_source(false, now);
+    s.handle_source(true, now);
+    drive(&mut s, now);
+    s.peers[1].bytes = 10 * CHUNK;
+    s.give_place_up(0, super::roster::Why::NothingDelivered, now);
+    s.give_place_up(1, super::roster::Why::NothingDelivered, now);
+    let t = now + SEC;
+    s.handle_timeout(t);
+    assert_eq!(connects(&drive(&mut s, t)), vec![0]);
+    use Standing::*;
+    assert_eq!(standings(&s), vec![Active, Waiting]);
+}
+
+#[test]
 fn a_place_freed_goes_to_a_waiting_spare_before_anyone_is_snubbed_for_it() {
     // A seed that says busy (past the snub timeout, nobody waiting) and three holders of
     // part that deliver, in the four places.

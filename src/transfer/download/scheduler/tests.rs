@@ -402,6 +402,27 @@ fn sources_silent_all_at_once_are_not_quiet_one_by_one() {
 }
 
 #[test]
+fn a_source_left_alone_with_requests_in_flight_is_quiet_on_its_own() {
+    // The other source leaves; the one left delivers nothing more: its requests are handed
+    // out again after the quiet window (0.5 s here), not at their 2 s deadline, so that a
+    // source taken back (or a new one) can have them.
+    let (mut s, now) = sched(400);
+    connect_all(&mut s, 2, now);
+    let reqs = requests(&drain(&mut s, now));
+    assert!(reqs.iter().any(|r| r.1 == 0));
+    s.handle_disconnected(1, Lost::Left, now);
+    drain(&mut s, now);
+    let before = timeouts(&mut s, now + Duration::from_millis(400));
+    assert!(before.is_empty(), "{before:?}");
+    let at = now + Duration::from_millis(500);
+    assert!(s.poll_timeout(now) <= at);
+    let cancelled = cancels(&timeouts(&mut s, at));
+    assert!(!cancelled.is_empty());
+    assert_eq!(s.peer_report(0).inflight, 0);
+    assert_eq!(s.peer_report(0).tally.quiet, 1);
+}
+
+#[test]
 fn a_stalled_request_times_out_and_is_handed_out_again() {
     let (mut s, now) = sched(40);
     connect_all(&mut s, 2, now);

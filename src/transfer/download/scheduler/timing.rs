@@ -54,10 +54,10 @@ impl Scheduler {
     /// When `peer`, with requests in flight, counts as quiet if it delivers nothing more: a
     /// quarter of the minimum request timeout after its last verified byte (or after its
     /// requests began, if it delivered none since), and at least eight round trips and the
-    /// time two chunks take at `min_peer_rate`. Only while another source could take its
-    /// requests (one delivered since, or one connected has none in flight): when every source
-    /// is silent
-    /// at once, the cause is more likely here (a disk that stalls) than in each of them.
+    /// time two chunks take at `min_peer_rate`. Not while every source with requests in flight
+    /// is silent (nothing new arrived from anyone since): the cause is then more likely here
+    /// (a disk that stalls) than in each of them. A source left alone with requests in flight
+    /// (the others gone or waiting) is quiet on its own.
     pub(super) fn quiet_since(&self, peer: PeerIdx) -> Option<Instant> {
         let p = &self.peers[peer];
         let asked = p.asked_since?;
@@ -65,12 +65,11 @@ impl Scheduler {
             return None;
         }
         let basis = p.last_byte.map_or(asked, |b| b.max(asked));
-        // Another source in a place, connected, with nothing in flight (backing off or not:
-        // a busy seed's wait is a fraction of the window).
-        let idle_other = self.peers.iter().enumerate().any(|(i, q)| {
-            i != peer && q.inflight == 0 && q.place.is_active() && q.conn == Conn::Connected
+        // Every source with requests in flight silent at once: more likely a stall here.
+        let others_silent_too = self.peers.iter().enumerate().any(|(i, q)| {
+            i != peer && q.inflight > 0 && q.place.is_active() && q.conn == Conn::Connected
         });
-        if !idle_other && self.last_progress <= basis {
+        if others_silent_too && self.last_progress <= basis {
             return None;
         }
         Some(basis + self.quiet_window(p))
