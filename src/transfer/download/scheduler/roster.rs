@@ -10,12 +10,13 @@
 //!   held", an empty or stale bitfield, a stall, a connection that never came up. It waits as
 //!   a spare itself, to be tried again once the untried ones have been (a busy seed asked by
 //!   fewer is freer for the rest).
-//! - **A starving download takes a snubbed source back early.** With nothing in flight,
-//!   nobody connecting and no new verified byte for a quarter of `min_request_timeout`, one
-//!   snubbed source that still waits (a complete holder first, then one that delivered
-//!   before, then the one that delivered most) takes a free place before its wait ends: the
-//!   busy seed snubbed while the crowd served is the one left when the crowd's holders leave.
-//!   It is a best effort: a source connecting or a request in flight puts it off.
+//! - **A starving download takes a snubbed source back early.** With nothing in flight and
+//!   no new verified byte for a quarter of `min_request_timeout` (nor a source taken back in
+//!   that time), one snubbed source that still waits (a complete holder first, then one that
+//!   delivered before, then the one that delivered most) takes a free place before its wait
+//!   ends: the busy seed snubbed while the crowd served is the one left when the crowd's
+//!   holders leave.
+//!   It is a best effort: a request in flight puts it off.
 //! - **A source that leaves gives its place up at once.** One whose server closes the
 //!   connection saying it shuts down (or with no code, as a node that stops) waits as a
 //!   spare for `rotate_interval`, not in a place while reconnections time out. A place freed
@@ -141,6 +142,8 @@ pub(super) struct Roster {
     rotate_interval: Duration,
     /// When requests were last allowed again (nothing is delivered while paused).
     resumed: Instant,
+    /// When the starving rule last took a source back.
+    last_take_back: Option<Instant>,
 }
 
 impl Roster {
@@ -157,6 +160,7 @@ impl Roster {
             last_rotation: now,
             rotate_interval,
             resumed: now,
+            last_take_back: None,
         }
     }
 
@@ -407,6 +411,7 @@ impl Scheduler {
             });
         if let Some(peer) = best {
             self.take_place(peer, now);
+            self.roster.last_take_back = Some(now);
         }
     }
 
@@ -416,19 +421,17 @@ impl Scheduler {
     }
 
     /// From when the download counts as starving, while it is in this state: nothing in
-    /// flight, nobody connecting or about to, not done or paused, and no new verified byte for
-    /// a quarter of `min_request_timeout` since the last.
-    fn starving_since(&self, now: Instant) -> Option<Instant> {
-        // A source taken back (or given a place) connects at the next command: it counts as
-        // connecting already, so that one look takes back one source.
-        let idle = !self.paused
-            && !self.is_complete()
-            && self.requests.is_empty()
-            && !self
-                .peers
-                .iter()
-                .any(|p| p.conn == Conn::Connecting || self.can_connect(p, now));
-        idle.then(|| self.last_progress + self.config.min_request_timeout / 4)
+    /// flight, not done or paused, and no new verified byte for a quarter of
+    /// `min_request_timeout` since the last (and since the last source it took back: one per
+    /// such window). Connection attempts bring no byte: one to a host that is gone takes its
+    /// full timeout, so they do not put it off.
+    fn starving_since(&self, _now: Instant) -> Option<Instant> {
+        let idle = !self.paused && !self.is_complete() && self.requests.is_empty();
+        let since = self
+            .roster
+            .last_take_back
+            .map_or(self.last_progress, |t| t.max(self.last_progress));
+        idle.then(|| since + self.config.min_request_timeout / 4)
     }
 
     fn take_place(&mut self, peer: PeerIdx, now: Instant) {
