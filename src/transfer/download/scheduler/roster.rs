@@ -242,14 +242,8 @@ impl Scheduler {
     /// When the starving rule takes a source back, if the download starves (or will, unless
     /// something arrives) and a snubbed source that waits has room to come back.
     pub(super) fn take_back_at(&self, now: Instant) -> Option<Instant> {
-        let t = self.starving_since(now)?;
-        let (complete, partials) = self.active_counts();
-        self.peers
-            .iter()
-            .any(|p| {
-                self.may_take_back(p, now) && self.room_for(p.added_partial, complete, partials)
-            })
-            .then_some(t)
+        let t = self.starving_since()?;
+        self.take_back_candidate(now).map(|_| t)
     }
 
     /// Looks at the places: snubbed sources give theirs up, the least useful rotate out while
@@ -387,32 +381,36 @@ impl Scheduler {
     }
 
     /// A download that starves (see [`Scheduler::starving_since`]) takes back early, into a
-    /// free place, one source snubbed earlier that still waits: a complete holder first, then
-    /// one that delivered before, then the one that delivered most. A busy seed snubbed while the crowd served is the one left
-    /// once the crowd's holders leave; it need not wait out `snub_timeout`.
+    /// free place, one source snubbed earlier that still waits (see
+    /// [`Scheduler::take_back_candidate`]). A busy seed snubbed while the crowd served is the
+    /// one left once the crowd's holders leave; it need not wait out `snub_timeout`.
     fn take_back_when_starving(&mut self, now: Instant) {
-        if self.starving_since(now).is_none_or(|t| t > now) {
+        if self.starving_since().is_none_or(|t| t > now) {
             return;
         }
+        if let Some(peer) = self.take_back_candidate(now) {
+            self.take_place(peer, now);
+            self.roster.last_take_back = Some(now);
+        }
+    }
+
+    /// The source the starving rule would take back now: a snubbed one that still waits and
+    /// has room, a complete holder first (a downloader that delivered may have gone since),
+    /// then one that delivered before, then the one that delivered most.
+    fn take_back_candidate(&self, now: Instant) -> Option<PeerIdx> {
         let (complete, partials) = self.active_counts();
-        let best = (0..self.peers.len())
+        (0..self.peers.len())
             .filter(|&i| self.may_take_back(&self.peers[i], now))
             .filter(|&i| self.room_for(self.peers[i].added_partial, complete, partials))
             .min_by_key(|&i| {
                 let p = &self.peers[i];
-                // A complete holder (a downloader that delivered may have gone since), then
-                // one that delivered before, then the most delivered.
                 (
                     p.added_partial,
                     p.bytes == 0,
                     std::cmp::Reverse(p.bytes),
                     p.order,
                 )
-            });
-        if let Some(peer) = best {
-            self.take_place(peer, now);
-            self.roster.last_take_back = Some(now);
-        }
+            })
     }
 
     /// Whether `p` is a snubbed source whose wait has not ended (the starving rule's own).
@@ -425,7 +423,7 @@ impl Scheduler {
     /// `min_request_timeout` since the last (and since the last source it took back: one per
     /// such window). Connection attempts bring no byte: one to a host that is gone takes its
     /// full timeout, so they do not put it off.
-    fn starving_since(&self, _now: Instant) -> Option<Instant> {
+    fn starving_since(&self) -> Option<Instant> {
         let idle = !self.paused && !self.is_complete() && self.requests.is_empty();
         let since = self
             .roster

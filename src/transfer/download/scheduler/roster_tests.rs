@@ -307,13 +307,12 @@ fn holders_of_part_take_at_most_three_quarters_and_seeds_get_a_place_beyond_the_
     );
 }
 
-#[test]
-fn a_starving_download_takes_a_snubbed_seed_back_before_its_wait_ends() {
-    // A seed that says busy, three holders of part that deliver (the quota of four places),
-    // a fourth holder of part waiting.
+/// A download of 40,000 chunks with a seed (source 0) and `partials` holders of part after
+/// it, connected; the first three of those say they hold every piece.
+fn seed_and_holders_of_part(partials: usize) -> (Scheduler, Instant) {
     let (mut s, now) = sched(40_000);
     s.handle_source(false, now);
-    for _ in 0..4 {
+    for _ in 0..partials {
         s.handle_source(true, now);
     }
     drive(&mut s, now);
@@ -324,13 +323,23 @@ fn a_starving_download_takes_a_snubbed_seed_back_before_its_wait_ends() {
     for p in 1..4 {
         s.handle_have(p, Ok(Have::Some(all.clone())), now);
     }
-    let busy_seed = |p: PeerIdx| {
-        if p == 0 {
-            Err(RequestFailure::Busy)
-        } else {
-            Ok(())
-        }
-    };
+    (s, now)
+}
+
+/// The seed (source 0) says busy; the others deliver.
+fn busy_seed(p: PeerIdx) -> Result<(), RequestFailure> {
+    if p == 0 {
+        Err(RequestFailure::Busy)
+    } else {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_starving_download_takes_a_snubbed_seed_back_before_its_wait_ends() {
+    // A seed that says busy, three holders of part that deliver (the quota of four places),
+    // a fourth holder of part waiting.
+    let (mut s, now) = seed_and_holders_of_part(4);
     let served = run(&mut s, now, now + 11 * SEC, busy_seed);
     assert_eq!(
         closes(&served),
@@ -384,26 +393,7 @@ fn a_starving_download_takes_back_a_complete_holder_before_a_downloader_that_del
 fn a_place_freed_goes_to_a_waiting_spare_before_anyone_is_snubbed_for_it() {
     // A seed that says busy (past the snub timeout, nobody waiting) and three holders of
     // part that deliver, in the four places.
-    let (mut s, now) = sched(40_000);
-    s.handle_source(false, now);
-    for _ in 0..3 {
-        s.handle_source(true, now);
-    }
-    drive(&mut s, now);
-    let mut all = Bits::new(10_000);
-    for i in 0..10_000 {
-        all.set(i);
-    }
-    for p in 1..4 {
-        s.handle_have(p, Ok(Have::Some(all.clone())), now);
-    }
-    let busy_seed = |p: PeerIdx| {
-        if p == 0 {
-            Err(RequestFailure::Busy)
-        } else {
-            Ok(())
-        }
-    };
+    let (mut s, now) = seed_and_holders_of_part(3);
     assert!(closes(&run(&mut s, now, now + 11 * SEC, busy_seed)).is_empty());
     // A holder of part leaves as another is heard of: the newcomer takes the place freed,
     // and the seed keeps its own.

@@ -381,17 +381,24 @@ fn what_a_cancelled_request_wrote_before_it_was_abandoned_is_credited() {
     );
 }
 
-#[test]
-fn sources_silent_all_at_once_are_not_quiet_one_by_one() {
-    // Two sources, both with requests in flight, and nothing arrives from either (the disk
-    // stalls, say): nobody is cancelled for being quiet before the requests' deadline.
-    let (mut s, now) = sched(400);
+/// A download of `chunks` chunks from two connected sources that answered their first
+/// requests (their rates are known); returns it and the time after the answers.
+fn two_sources_that_answered(chunks: u64) -> (Scheduler, Instant) {
+    let (mut s, now) = sched(chunks);
     connect_all(&mut s, 2, now);
     let mut t = now;
     for r in requests(&drain(&mut s, now)) {
         t += Duration::from_millis(1);
         success(&mut s, r.0, t);
     }
+    (s, t)
+}
+
+#[test]
+fn sources_silent_all_at_once_are_not_quiet_one_by_one() {
+    // Two sources, both with requests in flight, and nothing arrives from either (the disk
+    // stalls, say): nobody is cancelled for being quiet before the requests' deadline.
+    let (mut s, t) = two_sources_that_answered(400);
     let reqs = requests(&drain(&mut s, t));
     assert!(reqs.iter().any(|r| r.1 == 0) && reqs.iter().any(|r| r.1 == 1));
     assert!(timeouts(&mut s, t + Duration::from_millis(1900)).is_empty());
@@ -424,14 +431,8 @@ fn a_source_left_alone_with_requests_in_flight_is_quiet_on_its_own() {
 
 #[test]
 fn a_stalled_request_times_out_and_is_handed_out_again() {
-    let (mut s, now) = sched(40);
-    connect_all(&mut s, 2, now);
     // Both peers answer at first, so their rates are known...
-    let mut t = now;
-    for r in requests(&drain(&mut s, now)) {
-        t += Duration::from_millis(1);
-        success(&mut s, r.0, t);
-    }
+    let (mut s, mut t) = two_sources_that_answered(40);
     // ...then peer 1 stops answering; peer 0 goes on.
     let reqs = requests(&drain(&mut s, t));
     let stalled: Vec<_> = reqs.iter().filter(|r| r.1 == 1).cloned().collect();
@@ -547,14 +548,8 @@ fn a_peer_that_trickles_loses_its_piece_at_the_minimum_rate_deadline() {
 
 #[test]
 fn a_source_gone_quiet_hands_its_requests_to_others_before_their_deadline() {
-    let (mut s, now) = sched(400);
-    connect_all(&mut s, 2, now);
     // Both answer at first...
-    let mut t = now;
-    for r in requests(&drain(&mut s, now)) {
-        t += Duration::from_millis(1);
-        success(&mut s, r.0, t);
-    }
+    let (mut s, t) = two_sources_that_answered(400);
     // ...then peer 1 delivers nothing more, while peer 0's requests, long ones, each bring
     // a chunk every 300 ms and never end.
     let reqs = requests(&drain(&mut s, t));
